@@ -10,7 +10,7 @@ every layer ``l' >= l`` (cross-layer transcoders, CLT)::
     y_l'   = sum_{l <= l'} a_l @ W_dec_l[:, l' - l] + b_dec_l' (+ x_l' @ W_skip_l')
 
 Encoders are resident; decoders may be lazy (read from safetensors rows on demand), so
-every decoder access goes through ``decoder_vectors`` / ``decode_sparse``.
+every decoder access goes through ``decoder_vectors`` / ``reconstruct``.
 """
 
 from __future__ import annotations
