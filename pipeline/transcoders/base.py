@@ -95,3 +95,16 @@ class Transcoders(ABC):
     @abstractmethod
     def digest(self) -> str:
         """A content digest (hex sha256) of every weight file, for caches and graph stores."""
+
+    def check_compatible(self, n_layers: int, d_model: int) -> None:
+        """Raise ValueError unless these transcoders fit a model with ``n_layers`` and ``d_model``."""
+        if d_model != self.d_model:
+            raise ValueError(
+                f"transcoders have d_model={self.d_model} but the model has d_model={d_model}; "
+                "load the transcoders trained for this model"
+            )
+        if n_layers != self.n_layers:
+            raise ValueError(
+                f"transcoders cover {self.n_layers} layers but the model has {n_layers}; load "
+                "transcoders with one layer per model block"
+            )

@@ -1,0 +1,416 @@
+"""Read tensors, or only some rows of them, straight from safetensors / npz files.
+
+A ``TensorFile`` parses the file's index once (the safetensors JSON header, or the zip
+directory and ``.npy`` headers of an ``.npz``) and validates it against the file size, so a
+truncated or foreign file fails at load time with a one-line error, before any data is read.
+
+Row reads use positional reads (``os.pread``) of the requested rows only, merged into runs
+of consecutive rows. Nothing is memory-mapped, so reading decoder rows leaves the process's
+resident set where it was (a memory map would count every page it ever touched).
+
+Layouts handled lazily: safetensors (any dtype safetensors stores, bf16 included) and
+uncompressed (``np.savez``) ``.npz`` members in C order. A compressed or Fortran-order
+``.npz`` member is read whole on first access and kept in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import TranscoderConfigError, TranscoderFileNotFoundError
+
+# safetensors dtype code -> (numpy dtype used to read the raw bytes, torch dtype of the tensor)
+_ST_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "F64": (np.dtype("<f8"), torch.float64),
+    "F32": (np.dtype("<f4"), torch.float32),
+    "F16": (np.dtype("<f2"), torch.float16),
+    "BF16": (np.dtype("<i2"), torch.bfloat16),
+    "I64": (np.dtype("<i8"), torch.int64),
+    "I32": (np.dtype("<i4"), torch.int32),
+    "I16": (np.dtype("<i2"), torch.int16),
+    "I8": (np.dtype("i1"), torch.int8),
+    "U8": (np.dtype("u1"), torch.uint8),
+    "BOOL": (np.dtype("?"), torch.bool),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in its file. ``offset`` is absolute; None = not lazily readable."""
+
+    name: str
+    shape: tuple[int, ...]
+    np_dtype: np.dtype
+    torch_dtype: torch.dtype
+    offset: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
+
+
+def _corrupt(path: Path, why: str) -> TranscoderConfigError:
+    return TranscoderConfigError(
+        f"{str(path)!r} is truncated or not a valid weight file ({why}); re-download or re-save it"
+    )
+
+
+def _read_safetensors_index(path: Path, size: int) -> dict[str, TensorInfo]:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"{size} bytes, shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or 8 + n > size:
+            raise _corrupt(path, f"header length {n} does not fit a file of {size} bytes")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    data_start = 8 + n
+    data_size = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code = entry["dtype"]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"bad header entry for {name!r}") from None
+        if code not in _ST_DTYPES:
+            raise _corrupt(path, f"tensor {name!r} has unsupported dtype {code}")
+        np_dtype, torch_dtype = _ST_DTYPES[code]
+        info = TensorInfo(name, shape, np_dtype, torch_dtype, data_start + begin)
+        if end < begin or end - begin != info.nbytes:
+            raise _corrupt(path, f"tensor {name!r} has inconsistent offsets")
+        if end > data_size:
+            raise _corrupt(
+                path, f"tensor {name!r} ends at byte {data_start + end} but the file has {size}"
+            )
+        end_max = max(end_max, end)
+        infos[name] = info
+    if end_max != data_size:
+        raise _corrupt(path, f"data section holds {data_size} bytes, tensors cover {end_max}")
+    return infos
+
+
+def _read_npz_index(path: Path) -> dict[str, TensorInfo]:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _corrupt(path, f"not a zip archive: {exc}") from None
+    infos: dict[str, TensorInfo] = {}
+    with zf, open(path, "rb") as fh:
+        for member in zf.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            name = member.filename[: -len(".npy")]
+            if member.compress_type == zipfile.ZIP_STORED:
+                fh.seek(member.header_offset)
+                local = fh.read(30)
+                if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    raise _corrupt(path, f"bad local header for {member.filename!r}")
+                n_name, n_extra = struct.unpack("<HH", local[26:30])
+                fh.seek(member.header_offset + 30 + n_name + n_extra)
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                except ValueError as exc:
+                    raise _corrupt(path, f"bad .npy header in {member.filename!r}: {exc}") from None
+                offset = fh.tell()
+                data_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if offset - (member.header_offset + 30 + n_name + n_extra) + data_bytes != member.file_size:
+                    raise _corrupt(path, f"member {member.filename!r} has an inconsistent size")
+                lazy_ok = not fortran and dtype.kind in "fiub" and not dtype.hasobject
+                infos[name] = TensorInfo(
+                    name, tuple(shape), dtype, _torch_dtype_of(dtype, path), offset if lazy_ok else None
+                )
+            else:
+                with zf.open(member) as mf:
+                    version = np.lib.format.read_magic(mf)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(mf)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(mf)
+                infos[name] = TensorInfo(name, tuple(shape), dtype, _torch_dtype_of(dtype, path), None)
+    return infos
+
+
+def _torch_dtype_of(dtype: np.dtype, path: Path) -> torch.dtype:
+    try:
+        return torch.from_numpy(np.zeros(0, dtype=dtype.newbyteorder("="))).dtype
+    except TypeError:
+        raise _corrupt(path, f"unsupported array dtype {dtype}") from None
+
+
+class TensorFile:
+    """Index of one weight file; reads whole tensors or selected rows on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TranscoderFileNotFoundError(
+                f"transcoder weight file {str(self.path)!r} not found; check the 'transcoders' "
+                "entries of config.yaml or re-download the transcoders"
+            )
+        self.size = self.path.stat().st_size
+        self.format = "npz" if self.path.suffix == ".npz" else "safetensors"
+        if self.format == "npz":
+            self.infos = _read_npz_index(self.path)
+        else:
+            self.infos = _read_safetensors_index(self.path, self.size)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._resident: dict[str, np.ndarray] = {}
+
+    # --- index -----------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.infos[name].shape
+
+    def is_lazy(self, name: str) -> bool:
+        return self.infos[name].offset is not None
+
+    # --- raw reads -------------------------------------------------------------------
+    def _pread(self, n: int, offset: int) -> bytes:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        if hasattr(os, "pread"):
+            out = os.pread(self._fd, n, offset)
+        else:  # pragma: no cover - Windows
+            with self._lock:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+                out = os.read(self._fd, n)
+        if len(out) != n:
+            raise _corrupt(self.path, f"short read at byte {offset}; the file changed on disk")
+        return out
+
+    def _to_torch(self, arr: np.ndarray, info: TensorInfo) -> Tensor:
+        if info.torch_dtype == torch.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(arr)).view(torch.bfloat16)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def _eager(self, name: str) -> np.ndarray:
+        """Whole array for members that cannot be read lazily (kept in memory)."""
+        arr = self._resident.get(name)
+        if arr is None:
+            with np.load(self.path, allow_pickle=False) as npz:
+                arr = np.ascontiguousarray(npz[name])
+            self._resident[name] = arr
+        return arr
+
+    def load(self, name: str) -> Tensor:
+        """The whole tensor, copied into memory (torch dtype as stored)."""
+        info = self.infos[name]
+        if info.offset is None:
+            return self._to_torch(self._eager(name), info)
+        if info.nbytes == 0:
+            arr = np.zeros(info.shape, dtype=info.np_dtype)
+        else:
+            buf = self._pread(info.nbytes, info.offset)
+            arr = np.frombuffer(buf, dtype=info.np_dtype).reshape(info.shape)
+        return self._to_torch(arr.copy(), info)
+
+    def rows(self, name: str, index: np.ndarray, sub: int | None = None) -> Tensor:
+        """Rows ``index`` (1-D int array) of tensor ``name`` along its first axis.
+
+        sub: if given, only ``tensor[index, sub]`` (for (d_transcoder, n_out, d_model) CLT
+        decoders: one output layer's slice). Returns (len(index), *rest) in the stored dtype.
+        """
+        info = self.infos[name]
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        n_rows = info.shape[0] if info.shape else 0
+        if index.size and (index.min() < 0 or index.max() >= n_rows):
+            bad = int(index[(index < 0) | (index >= n_rows)][0])
+            raise IndexError(f"feature index {bad} out of range for {name!r} with {n_rows} rows")
+        rest = info.shape[1:]
+        if sub is not None:
+            if not rest or not 0 <= sub < rest[0]:
+                raise IndexError(f"slice {sub} out of range for {name!r} of shape {info.shape}")
+        if info.offset is None:
+            arr = self._eager(name)
+            out = arr[index] if sub is None else arr[index, sub]
+            return self._to_torch(np.array(out), info)
+
+        itemsize = info.np_dtype.itemsize
+        row_elems = int(np.prod(rest, dtype=np.int64))
+        stride = row_elems * itemsize  # bytes between consecutive rows
+        if sub is None:
+            piece_shape: tuple[int, ...] = tuple(rest)
+            piece_off, piece_bytes = 0, stride
+        else:
+            piece_shape = tuple(rest[1:])
+            piece_bytes = int(np.prod(piece_shape, dtype=np.int64)) * itemsize
+            piece_off = sub * piece_bytes
+        out = np.empty((index.size, piece_bytes), dtype=np.uint8)
+        if index.size and piece_bytes:
+            uniq = np.unique(index)
+            # runs of consecutive feature ids -> one read each
+            breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [uniq.size]))
+            uniq_rows = np.empty((uniq.size, piece_bytes), dtype=np.uint8)
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                r0 = int(uniq[s])
+                n = e - s
+                span = (n - 1) * stride + piece_bytes
+                buf = self._pread(span, info.offset + r0 * stride + piece_off)
+                chunk = np.frombuffer(buf, dtype=np.uint8)
+                if piece_bytes == stride:
+                    uniq_rows[s:e] = chunk.reshape(n, stride)
+                else:
+                    padded = np.empty(n * stride, dtype=np.uint8)
+                    padded[:span] = chunk
+                    uniq_rows[s:e] = padded.reshape(n, stride)[:, :piece_bytes]
+            # map every requested index back to its unique row
+            inverse = np.searchsorted(uniq, index)
+            out = uniq_rows[inverse]
+        arr = out.view(info.np_dtype).reshape((index.size, *piece_shape))
+        return self._to_torch(arr, info)
+
+    # --- bookkeeping -----------------------------------------------------------------
+    def sha256(self) -> str:
+        """sha256 of the file's bytes, streamed."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fd"] = None
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class DecoderRows:
+    """One layer's decoder, lazy (rows read from the file) or resident.
+
+    The tensor is (d_transcoder, d_model) for a PLT or (d_transcoder, n_out, d_model) for a
+    CLT. ``rows`` always returns (k, n_out, d_model) (n_out = 1 for a PLT) and checks the rows
+    it read for NaN/inf, so a corrupt decoder fails on first use with the file named.
+    """
+
+    def __init__(
+        self,
+        file: TensorFile,
+        name: str,
+        *,
+        lazy: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.file = file
+        self.name = name
+        self.dtype = dtype
+        self.device = device
+        shape = file.shape(name)
+        self.n_out = 1 if len(shape) == 2 else shape[1]
+        self._plt = len(shape) == 2
+        self._resident: Tensor | None = None
+        if not lazy:
+            full = file.load(name).to(device=device, dtype=dtype)
+            if self._plt:
+                full = full.unsqueeze(1)
+            self._check(full, None)
+            self._resident = full
+
+    @property
+    def lazy(self) -> bool:
+        return self._resident is None
+
+    def _check(self, t: Tensor, index: np.ndarray | None) -> None:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            where = ""
+            if index is not None:
+                bad_rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()
+                where = f" (feature {int(index[int(bad_rows[0])])})"
+            raise TranscoderConfigError(
+                f"{str(self.file.path)!r}: {self.name} holds NaN or inf{where}; the weights are "
+                "corrupt, re-download or retrain them"
+            )
+
+    def rows(self, features: Tensor | np.ndarray, out_index: int | None = None) -> Tensor:
+        """(k,) feature ids -> (k, n_out, d_model), or (k, d_model) for one output slice."""
+        if isinstance(features, Tensor):
+            index = features.detach().to("cpu", torch.int64).numpy()
+        else:
+            index = np.asarray(features, dtype=np.int64)
+        index = index.reshape(-1)
+        if self._resident is not None:
+            idx = torch.from_numpy(index).to(self._resident.device)
+            if index.size and (index.min() < 0 or index.max() >= self._resident.shape[0]):
+                raise IndexError(
+                    f"feature index out of range for {self.name!r} with "
+                    f"{self._resident.shape[0]} rows"
+                )
+            out = self._resident[idx]
+            return out if out_index is None else out[:, out_index]
+        if self._plt:
+            if out_index not in (None, 0):
+                raise IndexError(f"output slice {out_index} out of range for a per-layer decoder")
+            t = self.file.rows(self.name, index)
+            t = t.unsqueeze(1) if out_index is None else t
+        else:
+            t = self.file.rows(self.name, index, out_index)
+        self._check(t, index)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def scan(self, chunk_rows: int = 4096) -> None:
+        """Stream the whole decoder through the NaN/inf check (bounded memory)."""
+        if self._resident is not None:
+            return
+        n = self.file.shape(self.name)[0]
+        for start in range(0, n, chunk_rows):
+            index = np.arange(start, min(n, start + chunk_rows))
+            t = self.file.rows(self.name, index)
+            self._check(t, index)
