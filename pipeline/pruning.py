@@ -1,0 +1,975 @@
+"""Influence-based pruning of attribution graphs (circuit-tracer semantics, out of core).
+
+Node order (circuit-tracer's): ``[selected features (n_features), errors layer-major
+(n_layers * n_pos), tokens (n_pos), logits (n_logits)]``.  ``A[t, s]`` is the direct effect
+of source ``s`` on target ``t`` (rows are targets, columns sources).
+
+The semantics mirror ``circuit_tracer/graph.py`` (decoderesearch/circuit-tracer, functions
+``normalize_matrix``, ``compute_influence``, ``compute_node_influence``,
+``compute_edge_influence``, ``find_threshold``, ``prune_graph``, ``compute_graph_scores``):
+
+* logit weights: a length-``n_nodes`` vector, zero except the last ``n_logits`` entries, which
+  hold the graph's ``logit_probabilities`` as stored (not renormalised).
+* ``normalize_matrix``: ``|A|`` divided by its row sums clamped below at ``1e-10``.
+* influence: ``w @ (A + A^2 + ...)``, accumulated term by term until the term is exactly zero.
+* node pruning: keep nodes whose influence is ``>= find_threshold(influence, node_threshold)``,
+  then force every token and logit node on.
+* edge scores: the adjacency with pruned nodes' rows *and* columns zeroed is normalised again,
+  its influence recomputed, and ``score[t, s] = normalized_pruned[t, s] * (influence_pruned[t]
+  + logit_weight[t])``; keep edges with ``score >= find_threshold(all n_nodes**2 scores,
+  edge_threshold)``.
+* dangling nodes: a feature or error node with no kept outgoing edge (column) is dropped, a
+  feature node with no kept incoming edge (row) is dropped, the dropped nodes' edges removed,
+  repeated until the node mask is stable (tokens and logits are never dropped).
+* ``cumulative_scores``: nodes sorted by influence (descending) get the running fraction of the
+  total influence.
+* ``compute_graph_scores``: replacement = token influence / (token + error influence);
+  completeness = sum_t (1 - sum_{s in errors} normalized[t, s]) * (influence[t] + w[t]) /
+  sum_t (influence[t] + w[t]), on the *unpruned* graph.
+
+Deliberate, documented differences:
+
+* Arithmetic is float64 (circuit-tracer uses the adjacency dtype, usually float32).
+* Only stored non-zero entries of ``A`` can be edges.  circuit-tracer's dense boolean edge mask
+  also turns on zero entries when the edge score threshold itself is 0 (possible only for
+  ``edge_threshold`` so close to 1 that the cumulative mass never reaches it in floating point);
+  a zero-weight entry is not an edge here.  For every threshold value > 0 (all ordinary
+  settings) the masks are identical.
+* The series is cut at ``max_iter = n_nodes`` terms (circuit-tracer: 1000).  The graph is a DAG
+  (edges go from earlier layers / positions to later ones), so the normalised adjacency is
+  nilpotent and the term becomes exactly zero after at most ``depth + 1`` products, ``depth``
+  being the longest path (``<= n_layers + 1``: logit -> features of layers L-1 ... 0 -> token).
+  Reaching ``max_iter`` means the adjacency has a cycle: ``RuntimeError``.
+* ``find_threshold`` with a fraction of exactly 1.0 returns the smallest positive score (keep
+  everything that carries mass).  circuit-tracer's answer there depends on rounding: the
+  float32 cumulative sum may or may not reach the separately computed total, giving either the
+  smallest positive score or 0 (which turns on every entry of its dense mask).
+* Ties: ``find_threshold`` returns a score *value* and masks keep every score ``>=`` it, so
+  ties never depend on the sort order (tied values contribute identical cumulative sums).
+  ``cumulative_scores`` do depend on the order among tied nodes: we use a stable sort by
+  descending influence, ties in ascending node index (``np.argsort(-x, kind="stable")``).
+  If the total influence is 0 the cumulative scores are 0 (circuit-tracer: NaN).
+
+Out of core: :func:`prune_graph` reads the graph one stored row block at a time
+(``graph.iter_row_blocks()``), keeping O(n_nodes) vectors plus one block (plus an optional
+in-memory block cache bounded by ``cache_bytes``).  Each power-series term is one pass over
+the blocks; the edge-score threshold is found by a streaming exact selection (radix histogram
+over the float64 bit patterns, then an exact sort of the candidates in the crossing bin).
+The results equal :func:`prune_graph_dense` up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "NORMALIZE_EPS",
+    "PruneResult",
+    "PrunedGraph",
+    "atomic_write_bytes",
+    "compute_edge_influence",
+    "compute_graph_scores",
+    "compute_graph_scores_dense",
+    "compute_influence",
+    "compute_node_influence",
+    "cumulative_influence_scores",
+    "find_threshold",
+    "load_pruned_graph",
+    "logit_weights_for",
+    "normalize_matrix",
+    "prune_graph",
+    "prune_graph_dense",
+    "save_pruned_graph",
+]
+
+NORMALIZE_EPS = 1e-10  # circuit-tracer clamps row sums below at this value
+PRUNED_FORMAT = "circuit-pipeline/pruned-graph"
+PRUNED_FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Pure (in-memory) functions
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_matrix(matrix):
+    """``|A|`` with each row divided by its sum (sums clamped below at 1e-10), in float64.
+
+    Accepts a dense array or a scipy sparse matrix (returns CSR for sparse input).
+    """
+    if sp.issparse(matrix):
+        m = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
+        m.data = np.abs(m.data)
+        sums = np.asarray(m.sum(axis=1)).ravel()
+        denom = np.maximum(sums, NORMALIZE_EPS)
+        m.data = m.data / np.repeat(denom, np.diff(m.indptr))
+        return m
+    a = np.abs(np.asarray(matrix, dtype=np.float64))
+    return a / np.maximum(a.sum(axis=1, keepdims=True), NORMALIZE_EPS)
+
+
+def compute_influence(A, logit_weights, max_iter: int | None = None, *, return_depth=False):
+    """``w @ (A + A^2 + ...)`` accumulated term by term until a term is exactly zero.
+
+    ``max_iter`` (default ``n_nodes``) bounds the number of non-zero terms; a nilpotent ``A``
+    (a DAG) never needs more than ``n_nodes - 1``.  ``RuntimeError`` if it is exceeded.
+    With ``return_depth`` also returns the number of non-zero terms.
+    """
+    w = np.asarray(logit_weights, dtype=np.float64)
+    if max_iter is None:
+        max_iter = max(int(w.shape[0]), 1)
+    current = np.asarray(w @ A, dtype=np.float64).ravel()
+    influence = np.zeros_like(current)
+    depth = 0
+    while current.any():
+        depth += 1
+        if depth > max_iter:
+            raise RuntimeError(
+                f"influence series did not terminate after {max_iter} terms: "
+                "the adjacency is not nilpotent (does the graph have a cycle?)"
+            )
+        influence += current
+        current = np.asarray(current @ A, dtype=np.float64).ravel()
+    return (influence, depth) if return_depth else influence
+
+
+def compute_node_influence(adjacency, logit_weights):
+    """Influence of every node on the logits: ``compute_influence(normalize_matrix(A), w)``."""
+    return compute_influence(normalize_matrix(adjacency), logit_weights)
+
+
+def compute_edge_influence(pruned_matrix, logit_weights):
+    """Edge scores ``normalize(P)[t, s] * (influence_P[t] + w[t])`` of an (already node-pruned)
+    adjacency ``P``.  Dense in, dense out; sparse in, CSR out."""
+    normalized = normalize_matrix(pruned_matrix)
+    target_weight = compute_influence(normalized, logit_weights) + np.asarray(
+        logit_weights, dtype=np.float64
+    )
+    if sp.issparse(normalized):
+        return sp.csr_matrix(sp.diags(target_weight) @ normalized)
+    return normalized * target_weight[:, None]
+
+
+def find_threshold(scores, threshold: float, n_implicit_zeros: int = 0) -> float:
+    """The score value that keeps ``threshold`` of the total score mass (circuit-tracer).
+
+    Scores sorted descending; ``cum = cumsum(sorted) / sum(sorted)``; the value at the first
+    index with ``cum >= threshold`` (clamped to the last element).  ``n_implicit_zeros`` counts
+    zero scores that are not in ``scores`` (a sparse matrix's structural zeros): they sit at the
+    end of the sorted order, so landing among them gives 0.0.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size == 0:
+        return 0.0
+    if threshold >= 1.0:  # keep every positive score (see module docstring)
+        positive = s[s > 0]
+        return float(positive.min()) if positive.size else 0.0
+    sorted_scores = np.sort(s)[::-1]
+    total = np.sum(sorted_scores)
+    if not total > 0:  # all zero: every index holds 0
+        return 0.0
+    cumulative = np.cumsum(sorted_scores) / total
+    idx = int(np.searchsorted(cumulative, threshold, side="left"))
+    if idx >= sorted_scores.size:
+        return 0.0 if n_implicit_zeros > 0 else float(sorted_scores[-1])
+    return float(sorted_scores[idx])
+
+
+def cumulative_influence_scores(node_influence) -> np.ndarray:
+    """Running fraction of total influence, nodes in descending influence (ties: lower index
+    first, stable sort), scattered back to node order."""
+    x = np.asarray(node_influence, dtype=np.float64)
+    order = np.argsort(-x, kind="stable")
+    sorted_x = x[order]
+    total = np.sum(sorted_x)
+    out = np.zeros_like(x)
+    if total > 0:
+        out[order] = np.cumsum(sorted_x) / total
+    return out
+
+
+def logit_weights_for(graph) -> np.ndarray:
+    """Length-``n_nodes`` vector, the logit probabilities on the logit nodes, 0 elsewhere."""
+    n_nodes = int(graph.n_nodes)
+    n_logits = int(graph.n_logits)
+    w = np.zeros(n_nodes, dtype=np.float64)
+    if n_logits:
+        w[n_nodes - n_logits :] = np.asarray(graph.logit_probabilities, dtype=np.float64)
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# Result type
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """Pruning result.  Unpacks like circuit-tracer's ``PruneResult``:
+    ``node_mask, edge_mask, cumulative_scores = result``.
+
+    ``edge_mask`` is a boolean CSR ``(n_nodes, n_nodes)`` (rows = targets, columns = sources,
+    canonical: sorted indices, no duplicates); ``edge_weights`` / ``edge_scores`` are CSR
+    matrices with exactly the same structure holding ``A[t, s]`` (the adjacency's dtype) and the
+    edge score (float64).
+    """
+
+    node_mask: np.ndarray
+    edge_mask: sp.csr_matrix
+    cumulative_scores: np.ndarray
+    node_influence: np.ndarray
+    edge_weights: sp.csr_matrix
+    edge_scores: sp.csr_matrix
+    node_threshold: float
+    edge_threshold: float
+    node_score_threshold: float
+    edge_score_threshold: float
+    replacement_score: float
+    completeness_score: float
+    n_features: int
+    n_errors: int
+    n_tokens: int
+    n_logits: int
+    depth: int  # number of non-zero terms of the node-influence series
+    extra: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.node_mask, self.edge_mask, self.cumulative_scores))
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.node_mask.shape[0])
+
+    def kept_edges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(targets, sources, weights)`` of the kept edges, row-major order."""
+        coo = self.edge_weights.tocoo()
+        return coo.row.astype(np.int64), coo.col.astype(np.int64), coo.data
+
+
+def _validate_thresholds(node_threshold: float, edge_threshold: float) -> None:
+    if not 0.0 <= node_threshold <= 1.0:
+        raise ValueError("node_threshold must be between 0.0 and 1.0")
+    if not 0.0 <= edge_threshold <= 1.0:
+        raise ValueError("edge_threshold must be between 0.0 and 1.0")
+
+
+def _prune_dangling(node_mask, rows, cols, n_features, fe_end):
+    """circuit-tracer's iterative removal on an explicit edge list (modifies ``node_mask``).
+
+    Returns the boolean selector of surviving edges."""
+    n = node_mask.shape[0]
+    alive = np.ones(rows.shape[0], dtype=bool)
+
+    def step():
+        has_out = np.bincount(cols[alive], minlength=n) > 0
+        has_in = np.bincount(rows[alive], minlength=n) > 0
+        node_mask[:fe_end] &= has_out[:fe_end]
+        node_mask[:n_features] &= has_in[:n_features]
+
+    old = node_mask.copy()
+    step()
+    while not np.array_equal(node_mask, old):
+        old[:] = node_mask
+        alive &= node_mask[rows] & node_mask[cols]
+        step()
+    return alive
+
+
+def _edge_csr(n, rows, cols, values, dtype) -> sp.csr_matrix:
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    values = np.asarray(values)[order]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
+    return sp.csr_matrix(
+        (values.astype(dtype, copy=False), cols.astype(np.int64), indptr), shape=(n, n)
+    )
+
+
+def _finish(
+    *,
+    n,
+    node_mask,
+    rows,
+    cols,
+    weights,
+    scores,
+    node_influence,
+    n_features,
+    n_errors,
+    n_tokens,
+    n_logits,
+    node_threshold,
+    edge_threshold,
+    node_thr,
+    edge_thr,
+    replacement,
+    completeness,
+    depth,
+    extra=None,
+) -> PruneResult:
+    fe_end = n_features + n_errors
+    alive = _prune_dangling(node_mask, rows, cols, n_features, fe_end)
+    rows, cols, weights, scores = rows[alive], cols[alive], weights[alive], scores[alive]
+    wdtype = weights.dtype if weights.dtype.kind == "f" else np.float64
+    edge_weights = _edge_csr(n, rows, cols, weights, wdtype)
+    edge_scores = _edge_csr(n, rows, cols, scores, np.float64)
+    edge_mask = sp.csr_matrix(
+        (np.ones(edge_weights.nnz, dtype=bool), edge_weights.indices, edge_weights.indptr),
+        shape=(n, n),
+    )
+    return PruneResult(
+        node_mask=node_mask,
+        edge_mask=edge_mask,
+        cumulative_scores=cumulative_influence_scores(node_influence),
+        node_influence=node_influence,
+        edge_weights=edge_weights,
+        edge_scores=edge_scores,
+        node_threshold=float(node_threshold),
+        edge_threshold=float(edge_threshold),
+        node_score_threshold=float(node_thr),
+        edge_score_threshold=float(edge_thr),
+        replacement_score=float(replacement),
+        completeness_score=float(completeness),
+        n_features=int(n_features),
+        n_errors=int(n_errors),
+        n_tokens=int(n_tokens),
+        n_logits=int(n_logits),
+        depth=int(depth),
+        extra=dict(extra or {}),
+    )
+
+
+def _scores_from(node_influence, logit_weights, non_error_fraction, n_features, n_errors, n_tokens):
+    error_end = n_features + n_errors
+    token_end = error_end + n_tokens
+    token_influence = node_influence[error_end:token_end].sum()
+    error_influence = node_influence[n_features:error_end].sum()
+    denom = token_influence + error_influence
+    replacement = token_influence / denom if denom != 0 else float("nan")
+    output_influence = node_influence + logit_weights
+    total = output_influence.sum()
+    completeness = (non_error_fraction * output_influence).sum() / total if total != 0 else float("nan")
+    return float(replacement), float(completeness)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense path (small graphs; the reference the out-of-core path must equal)
+# --------------------------------------------------------------------------------------------
+
+
+def compute_graph_scores_dense(adjacency, n_features, n_errors, n_tokens, logit_weights):
+    """(replacement_score, completeness_score) of a dense adjacency (circuit-tracer)."""
+    w = np.asarray(logit_weights, dtype=np.float64)
+    normalized = normalize_matrix(adjacency)
+    influence = compute_influence(normalized, w)
+    nef = 1.0 - normalized[:, n_features : n_features + n_errors].sum(axis=-1)
+    return _scores_from(influence, w, nef, n_features, n_errors, n_tokens)
+
+
+def prune_graph_dense(
+    adjacency,
+    n_logits: int,
+    n_tokens: int,
+    n_errors: int,
+    n_features: int,
+    logit_weights,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> PruneResult:
+    """circuit-tracer's ``prune_graph`` on a dense ``(n_nodes, n_nodes)`` adjacency, float64.
+
+    ``logit_weights`` is the full length-``n_nodes`` vector (see :func:`logit_weights_for`).
+    """
+    _validate_thresholds(node_threshold, edge_threshold)
+    A = np.asarray(adjacency)
+    n = A.shape[0]
+    if A.shape != (n, n):
+        raise ValueError(f"adjacency must be square, got {A.shape}")
+    if n != n_features + n_errors + n_tokens + n_logits:
+        raise ValueError("n_features + n_errors + n_tokens + n_logits != n_nodes")
+    w = np.asarray(logit_weights, dtype=np.float64)
+    fe_end = n_features + n_errors
+
+    normalized = normalize_matrix(A)
+    node_influence, depth = compute_influence(normalized, w, return_depth=True)
+    nef = 1.0 - normalized[:, n_features:fe_end].sum(axis=-1)
+    replacement, completeness = _scores_from(node_influence, w, nef, n_features, n_errors, n_tokens)
+
+    node_thr = find_threshold(node_influence, node_threshold)
+    node_mask = node_influence >= node_thr
+    node_mask[fe_end:] = True
+
+    pruned = np.array(A, dtype=np.float64)
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    edge_scores = compute_edge_influence(pruned, w)
+    edge_thr = find_threshold(edge_scores.ravel(), edge_threshold)
+    # only stored non-zero entries of A can be edges (see module docstring)
+    rows, cols = np.nonzero((edge_scores >= edge_thr) & (A != 0))
+    return _finish(
+        n=n,
+        node_mask=node_mask,
+        rows=rows.astype(np.int64),
+        cols=cols.astype(np.int64),
+        weights=A[rows, cols],
+        scores=edge_scores[rows, cols],
+        node_influence=node_influence,
+        n_features=n_features,
+        n_errors=n_errors,
+        n_tokens=n_tokens,
+        n_logits=n_logits,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        node_thr=node_thr,
+        edge_thr=edge_thr,
+        replacement=replacement,
+        completeness=completeness,
+        depth=depth,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-core path
+# --------------------------------------------------------------------------------------------
+
+
+class _Blocks:
+    """Re-iterable view of ``graph.iter_row_blocks()`` with canonical CSR blocks.
+
+    The first full pass also caches the blocks in memory while they fit in ``cache_bytes``;
+    later passes then read the cache (same blocks, same order, so the same arithmetic).
+    """
+
+    def __init__(self, graph, cache_bytes: int):
+        self.graph = graph
+        self.n = int(graph.n_nodes)
+        self.cache_bytes = int(cache_bytes)
+        self.cache: list | None = None
+        self.passes = 0
+
+    def _canonical(self, rows, block):
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        m = sp.csr_matrix(block, copy=True)
+        if m.shape != (rows.shape[0], self.n):
+            raise ValueError(f"row block has shape {m.shape}, expected ({rows.shape[0]}, {self.n})")
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        m.sort_indices()
+        return rows, m
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
+        self.passes += 1
+        if self.cache is not None:
+            yield from self.cache
+            return
+        building = self.cache_bytes > 0
+        cache, used = [], 0
+        for rows, block in self.graph.iter_row_blocks():
+            rows, m = self._canonical(rows, block)
+            if building:
+                used += rows.nbytes + m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+                if used > self.cache_bytes:
+                    building, cache = False, []
+                else:
+                    cache.append((rows, m))
+            yield rows, m
+        if building:
+            self.cache = cache
+
+
+def _abs64(m: sp.csr_matrix) -> np.ndarray:
+    return np.abs(m.data.astype(np.float64, copy=False))
+
+
+def _row_ids(m: sp.csr_matrix) -> np.ndarray:
+    return np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+
+
+def _normalized_data(rows, m, denom, keep=None) -> np.ndarray:
+    """Entries of the row-normalised |block| (optionally restricted to kept rows/columns)."""
+    data = _abs64(m)
+    if keep is not None:
+        data = data * (keep[m.indices] & np.repeat(keep[rows], np.diff(m.indptr)))
+    return data / np.repeat(denom[rows], np.diff(m.indptr))
+
+
+def _block_row_sums(m: sp.csr_matrix, data: np.ndarray) -> np.ndarray:
+    return np.bincount(_row_ids(m), weights=data, minlength=m.shape[0])
+
+
+def _row_sums(blocks: _Blocks, keep=None) -> np.ndarray:
+    sums = np.zeros(blocks.n, dtype=np.float64)
+    for rows, m in blocks:
+        data = _abs64(m)
+        if keep is not None:
+            data = data * (keep[m.indices] & np.repeat(keep[rows], np.diff(m.indptr)))
+        sums[rows] = _block_row_sums(m, data)
+    return sums
+
+
+def _series(blocks: _Blocks, denom, w, keep=None, max_iter=None):
+    """``w @ (N + N^2 + ...)`` for the row-normalised blocks, one pass per term."""
+    n = blocks.n
+    if max_iter is None:
+        max_iter = max(n, 1)
+    v = np.asarray(w, dtype=np.float64)
+    influence = np.zeros(n, dtype=np.float64)
+    depth = 0
+    while True:
+        nxt = np.zeros(n, dtype=np.float64)
+        for rows, m in blocks:
+            u = v[rows]
+            if not u.any():
+                continue
+            data = _normalized_data(rows, m, denom, keep)
+            nm = sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
+            nxt += nm.T @ u
+        if not nxt.any():
+            return influence, depth
+        depth += 1
+        if depth > max_iter:
+            raise RuntimeError(
+                f"influence series did not terminate after {max_iter} terms: "
+                "the adjacency is not nilpotent (does the graph have a cycle?)"
+            )
+        influence += nxt
+        v = nxt
+
+
+def streaming_threshold(
+    make_iter: Callable[[], Iterable[np.ndarray]],
+    threshold: float,
+    n_implicit_zeros: int = 0,
+    max_candidates: int = 1 << 22,
+) -> float:
+    """:func:`find_threshold` over scores produced in chunks, in bounded memory.
+
+    ``make_iter()`` must yield the same non-negative float64 chunks on every call.  One pass
+    sums the mass; while more than ``max_candidates`` scores could hold the answer, a pass
+    histograms the candidates' float64 bit patterns (monotone in value for non-negative
+    floats) into 4096 bins and narrows to the bin where the cumulative mass crosses
+    ``threshold``; a last pass collects that bin and sorts it exactly.
+    """
+    if threshold >= 1.0:  # keep every positive score, as find_threshold
+        smallest = None
+        for s in make_iter():
+            s = np.asarray(s, dtype=np.float64)
+            positive = s[s > 0]
+            if positive.size:
+                m = float(positive.min())
+                smallest = m if smallest is None else min(smallest, m)
+        return 0.0 if smallest is None else smallest
+    total, count = 0.0, 0
+    for s in make_iter():
+        total += float(np.sum(s))
+        count += int(np.size(s))
+    if count == 0 or not total > 0:
+        return 0.0
+
+    def bits_of(s):
+        s = np.asarray(s, dtype=np.float64) + 0.0  # -0.0 -> +0.0
+        return s, s.view(np.int64)
+
+    lo, hi = 0, 1 << 63  # candidate bit range [lo, hi)
+    mass_above = 0.0  # mass of scores whose bits are >= hi
+    n_in = count
+    nbins = 4096
+    crossed = True
+    while n_in > max_candidates and hi - lo > 1:
+        width = -(-(hi - lo) // nbins)
+        counts = np.zeros(nbins, dtype=np.int64)
+        sums = np.zeros(nbins, dtype=np.float64)
+        for chunk in make_iter():
+            s, b = bits_of(chunk)
+            sel = (b >= lo) & (b < hi)
+            idx = (b[sel] - lo) // width
+            counts += np.bincount(idx, minlength=nbins)
+            sums += np.bincount(idx, weights=s[sel], minlength=nbins)
+        cum = (mass_above + np.cumsum(sums[::-1])) / total
+        j = int(np.searchsorted(cum, threshold, side="left"))
+        if j >= nbins:  # the mass never reaches the threshold inside the range
+            crossed = False
+            break
+        b_idx = nbins - 1 - j
+        mass_above = mass_above + float(np.sum(sums[b_idx + 1 :]))
+        lo, hi = lo + b_idx * width, min(hi, lo + (b_idx + 1) * width)
+        n_in = int(counts[b_idx])
+
+    if not crossed:
+        vals = np.zeros(0)
+    else:
+        vals = [s[(b >= lo) & (b < hi)] for s, b in (bits_of(c) for c in make_iter())]
+        vals = np.sort(np.concatenate(vals) if vals else np.zeros(0))[::-1]
+        if vals.size:
+            cumulative = (mass_above + np.cumsum(vals)) / total
+            idx = int(np.searchsorted(cumulative, threshold, side="left"))
+            if idx < vals.size:
+                return float(vals[idx])
+    # floating-point rounding kept the cumulative mass below the threshold through the range:
+    # like find_threshold, continue with the next smaller score (an implicit zero, if any, or
+    # clamp to the smallest score)
+    below_max, range_min = None, None
+    for chunk in make_iter():
+        s, b = bits_of(chunk)
+        below = s[b < lo]
+        if below.size:
+            m = float(below.max())
+            below_max = m if below_max is None else max(below_max, m)
+        inside = s[(b >= lo) & (b < hi)]
+        if inside.size:
+            m = float(inside.min())
+            range_min = m if range_min is None else min(range_min, m)
+    if below_max is not None:
+        return below_max
+    if n_implicit_zeros > 0 or range_min is None:
+        return 0.0
+    return range_min
+
+
+def _graph_layout(graph):
+    n_layers, n_pos = int(graph.n_layers), int(graph.n_pos)
+    n_features, n_logits = int(graph.n_selected), int(graph.n_logits)
+    n_errors, n_tokens = n_layers * n_pos, n_pos
+    n = int(graph.n_nodes)
+    if n != n_features + n_errors + n_tokens + n_logits:
+        raise ValueError("graph.n_nodes != n_selected + n_layers*n_pos + n_pos + n_logits")
+    return n, n_features, n_errors, n_tokens, n_logits
+
+
+def _stats_pass(blocks: _Blocks, n_features: int, fe_end: int):
+    """Row sums of |A|, sum of normalised error-column entries per row, stored nnz."""
+    n = blocks.n
+    sums = np.zeros(n, dtype=np.float64)
+    err = np.zeros(n, dtype=np.float64)
+    seen = np.zeros(n, dtype=bool)
+    nnz = 0
+    for rows, m in blocks:
+        if seen[rows].any() or np.unique(rows).size != rows.size:
+            raise ValueError("graph.iter_row_blocks() yielded a row twice")
+        seen[rows] = True
+        nnz += m.nnz
+        counts = np.diff(m.indptr)
+        data = _abs64(m)
+        block_sums = _block_row_sums(m, data)
+        sums[rows] = block_sums
+        ndata = data / np.repeat(np.maximum(block_sums, NORMALIZE_EPS), counts)
+        is_err = (m.indices >= n_features) & (m.indices < fe_end)
+        err[rows] = np.bincount(_row_ids(m)[is_err], weights=ndata[is_err], minlength=rows.size)
+    return sums, err, nnz
+
+
+def compute_graph_scores(graph, *, cache_bytes: int = 512 << 20) -> tuple[float, float]:
+    """(replacement_score, completeness_score) of the unpruned graph, out of core."""
+    n, n_features, n_errors, n_tokens, _ = _graph_layout(graph)
+    blocks = _Blocks(graph, cache_bytes)
+    sums, err, _ = _stats_pass(blocks, n_features, n_features + n_errors)
+    w = logit_weights_for(graph)
+    influence, _ = _series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
+    return _scores_from(influence, w, 1.0 - err, n_features, n_errors, n_tokens)
+
+
+def prune_graph(
+    graph,
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+    *,
+    method: str = "auto",
+    cache_bytes: int = 512 << 20,
+    max_candidates: int = 1 << 22,
+    dense_max_nodes: int = 2048,
+) -> PruneResult:
+    """Prune a graph (circuit-tracer semantics; see the module docstring).
+
+    ``method``: ``"dense"`` (``graph.adjacency_dense()`` + :func:`prune_graph_dense`),
+    ``"blocks"`` (out of core, reading ``graph.iter_row_blocks()``), or ``"auto"`` (dense when
+    ``n_nodes <= dense_max_nodes``).  The blocks path caches blocks in memory up to
+    ``cache_bytes`` (0 = never: O(n_nodes) vectors plus one block) and sorts at most
+    ``max_candidates`` edge scores at once.
+    """
+    _validate_thresholds(node_threshold, edge_threshold)
+    n, n_features, n_errors, n_tokens, n_logits = _graph_layout(graph)
+    w = logit_weights_for(graph)
+    if method == "auto":
+        method = "dense" if n <= dense_max_nodes else "blocks"
+    if method == "dense":
+        return prune_graph_dense(
+            graph.adjacency_dense(), n_logits, n_tokens, n_errors, n_features, w,
+            node_threshold, edge_threshold,
+        )
+    if method != "blocks":
+        raise ValueError(f"unknown method {method!r}")
+
+    fe_end = n_features + n_errors
+    blocks = _Blocks(graph, cache_bytes)
+
+    # 1. node influence on the full graph (+ both graph scores, which share it)
+    sums, err, nnz = _stats_pass(blocks, n_features, fe_end)
+    node_influence, depth = _series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
+    replacement, completeness = _scores_from(node_influence, w, 1.0 - err, n_features, n_errors, n_tokens)
+
+    node_thr = find_threshold(node_influence, node_threshold)
+    node_mask = node_influence >= node_thr
+    node_mask[fe_end:] = True
+
+    # 2. influence on the node-pruned graph, edge scores, threshold
+    keep = node_mask.copy()
+    denom_p = np.maximum(_row_sums(blocks, keep), NORMALIZE_EPS)
+    infl_p, _ = _series(blocks, denom_p, w, keep)
+    target_weight = infl_p + w
+
+    def block_scores():
+        for rows, m in blocks:
+            data = _normalized_data(rows, m, denom_p, keep)
+            yield rows, m, data * np.repeat(target_weight[rows], np.diff(m.indptr))
+
+    def score_chunks():
+        for _, _, s in block_scores():
+            yield s
+
+    n_implicit_zeros = n * n - nnz
+    if blocks.cache is not None or nnz <= max_candidates:
+        chunks = list(score_chunks())
+        edge_thr = find_threshold(
+            np.concatenate(chunks) if chunks else np.zeros(0), edge_threshold, n_implicit_zeros
+        )
+    else:
+        edge_thr = streaming_threshold(score_chunks, edge_threshold, n_implicit_zeros, max_candidates)
+
+    # 3. collect the kept edges (output-sized)
+    r_parts, c_parts, w_parts, s_parts = [], [], [], []
+    for rows, m, s in block_scores():
+        sel = s >= edge_thr
+        if sel.any():
+            r_parts.append(rows[_row_ids(m)[sel]])
+            c_parts.append(m.indices[sel].astype(np.int64))
+            w_parts.append(m.data[sel])
+            s_parts.append(s[sel])
+
+    def cat(parts, dtype):
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+    return _finish(
+        n=n,
+        node_mask=node_mask,
+        rows=cat(r_parts, np.int64),
+        cols=cat(c_parts, np.int64),
+        weights=cat(w_parts, np.float32),
+        scores=cat(s_parts, np.float64),
+        node_influence=node_influence,
+        n_features=n_features,
+        n_errors=n_errors,
+        n_tokens=n_tokens,
+        n_logits=n_logits,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        node_thr=node_thr,
+        edge_thr=edge_thr,
+        replacement=replacement,
+        completeness=completeness,
+        depth=depth,
+        extra={"passes": blocks.passes, "cached": blocks.cache is not None},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Artifact
+# --------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A numpy-loadable .npz with deterministic bytes (sorted members, fixed timestamps)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, member.getvalue(), compresslevel=6)
+    return buf.getvalue()
+
+
+def _jsonable_attrs(attrs) -> dict:
+    out = {}
+    for key in sorted(attrs or {}):
+        value = attrs[key]
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        out[str(key)] = value
+    return out
+
+
+@dataclass(eq=False)
+class PrunedGraph:
+    """A loaded pruned-graph artifact.  Offers the parts of the graph protocol that export
+    needs (``n_layers``, ``n_pos``, ``n_logits``, ``n_selected``, ``n_nodes``, ``input_tokens``,
+    ``logit_tokens``, ``logit_probabilities``, ``attrs``) plus ``feature_info`` (layer, pos,
+    feature) and ``feature_activations`` of every selected feature, and ``result``."""
+
+    result: PruneResult
+    n_layers: int
+    n_pos: int
+    input_tokens: np.ndarray
+    logit_tokens: np.ndarray
+    logit_probabilities: np.ndarray
+    feature_info: np.ndarray
+    feature_activations: np.ndarray
+    attrs: dict
+
+    @property
+    def n_logits(self) -> int:
+        return self.result.n_logits
+
+    @property
+    def n_selected(self) -> int:
+        return self.result.n_features
+
+    @property
+    def n_nodes(self) -> int:
+        return self.result.n_nodes
+
+
+def _selected_feature_table(graph) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(graph, "feature_info"):
+        return np.asarray(graph.feature_info, np.int64), np.asarray(graph.feature_activations)
+    sel = np.asarray(graph.selected_features, dtype=np.int64)
+    info = np.asarray(graph.active_features, dtype=np.int64).reshape(-1, 3)[sel]
+    acts = np.asarray(graph.activation_values)[sel]
+    return info, acts
+
+
+def save_pruned_graph(graph, result: PruneResult, path) -> Path:
+    """Write the pruned graph as a small deterministic compressed ``.npz``, atomically.
+
+    Members: ``node_mask``, ``node_influence``, ``cumulative_scores`` (all nodes);
+    ``edge_targets``, ``edge_sources``, ``edge_weights``, ``edge_scores`` (kept edges,
+    row-major); ``kept_nodes``; ``input_tokens``, ``logit_tokens``, ``logit_probabilities``;
+    ``feature_info`` (n_selected, 3) and ``feature_activations``; ``metadata`` (UTF-8 JSON,
+    sorted keys: layout, thresholds, score thresholds, graph scores, depth, graph attrs).
+    """
+    rows, cols, weights = result.kept_edges()
+    scores = result.edge_scores.tocoo().data
+    info, acts = _selected_feature_table(graph)
+    meta = {
+        "format": PRUNED_FORMAT,
+        "format_version": PRUNED_FORMAT_VERSION,
+        "n_layers": int(graph.n_layers),
+        "n_pos": int(graph.n_pos),
+        "n_features": result.n_features,
+        "n_errors": result.n_errors,
+        "n_tokens": result.n_tokens,
+        "n_logits": result.n_logits,
+        "n_nodes": result.n_nodes,
+        "node_threshold": result.node_threshold,
+        "edge_threshold": result.edge_threshold,
+        "node_score_threshold": result.node_score_threshold,
+        "edge_score_threshold": result.edge_score_threshold,
+        "replacement_score": result.replacement_score,
+        "completeness_score": result.completeness_score,
+        "depth": result.depth,
+        "attrs": _jsonable_attrs(getattr(graph, "attrs", {})),
+    }
+    meta_bytes = json.dumps(meta, sort_keys=True, allow_nan=True).encode("utf-8")
+    arrays = {
+        "node_mask": np.asarray(result.node_mask, dtype=bool),
+        "node_influence": np.asarray(result.node_influence, dtype=np.float64),
+        "cumulative_scores": np.asarray(result.cumulative_scores, dtype=np.float64),
+        "kept_nodes": np.flatnonzero(result.node_mask).astype(np.int64),
+        "edge_targets": rows.astype(np.int64),
+        "edge_sources": cols.astype(np.int64),
+        "edge_weights": np.asarray(weights),
+        "edge_scores": np.asarray(scores, dtype=np.float64),
+        "input_tokens": np.asarray(graph.input_tokens, dtype=np.int64),
+        "logit_tokens": np.asarray(graph.logit_tokens, dtype=np.int64),
+        "logit_probabilities": np.asarray(graph.logit_probabilities),
+        "feature_info": info.astype(np.int64).reshape(-1, 3),
+        "feature_activations": np.asarray(acts),
+        "metadata": np.frombuffer(meta_bytes, dtype=np.uint8),
+    }
+    path = Path(path)
+    atomic_write_bytes(path, _npz_bytes(arrays))
+    return path
+
+
+def load_pruned_graph(path) -> PrunedGraph:
+    """Read an artifact written by :func:`save_pruned_graph`."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["metadata"].tobytes().decode("utf-8"))
+    if meta.get("format") != PRUNED_FORMAT:
+        raise ValueError(f"{path} is not a pruned-graph artifact")
+    if meta.get("format_version") != PRUNED_FORMAT_VERSION:
+        raise ValueError(f"unsupported pruned-graph format_version {meta.get('format_version')}")
+    n = int(meta["n_nodes"])
+    rows, cols = arrays["edge_targets"], arrays["edge_sources"]
+    edge_weights = _edge_csr(n, rows, cols, arrays["edge_weights"], arrays["edge_weights"].dtype)
+    edge_scores = _edge_csr(n, rows, cols, arrays["edge_scores"], np.float64)
+    edge_mask = sp.csr_matrix(
+        (np.ones(edge_weights.nnz, dtype=bool), edge_weights.indices, edge_weights.indptr),
+        shape=(n, n),
+    )
+    result = PruneResult(
+        node_mask=arrays["node_mask"],
+        edge_mask=edge_mask,
+        cumulative_scores=arrays["cumulative_scores"],
+        node_influence=arrays["node_influence"],
+        edge_weights=edge_weights,
+        edge_scores=edge_scores,
+        node_threshold=meta["node_threshold"],
+        edge_threshold=meta["edge_threshold"],
+        node_score_threshold=meta["node_score_threshold"],
+        edge_score_threshold=meta["edge_score_threshold"],
+        replacement_score=meta["replacement_score"],
+        completeness_score=meta["completeness_score"],
+        n_features=meta["n_features"],
+        n_errors=meta["n_errors"],
+        n_tokens=meta["n_tokens"],
+        n_logits=meta["n_logits"],
+        depth=meta["depth"],
+    )
+    return PrunedGraph(
+        result=result,
+        n_layers=int(meta["n_layers"]),
+        n_pos=int(meta["n_pos"]),
+        input_tokens=arrays["input_tokens"],
+        logit_tokens=arrays["logit_tokens"],
+        logit_probabilities=arrays["logit_probabilities"],
+        feature_info=arrays["feature_info"],
+        feature_activations=arrays["feature_activations"],
+        attrs=meta["attrs"],
+    )
