@@ -69,6 +69,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -435,6 +436,8 @@ class GraphStoreWriter:
         layout, other tables, or anything that is not a graph store.
         """
         path = Path(path)
+        if not path.name:  # "." or "/..."
+            path = path.resolve()
         if not isinstance(fingerprint, str) or not fingerprint:
             raise ValueError("fingerprint must be a non-empty string")
         layout = layout if isinstance(layout, NodeLayout) else NodeLayout.from_dict(layout)
@@ -647,9 +650,19 @@ class GraphStoreWriter:
                 f"{self.path}: compute-order nodes {nodes[:10].tolist()} have rows in more than "
                 f"one batch; each target must be written once"
             )
+        features = row_index[row_index[:, 0] < self.layout.n_active, 0]
         if not (self.path / _NODES / _SELECTED).exists():
-            features = row_index[row_index[:, 0] < self.layout.n_active, 0]
             self.write_table(_SELECTED, features)
+        else:
+            selected = _read_array(self._store, f"{_NODES}/{_SELECTED}")
+            hidden = np.setdiff1d(features, selected)
+            if len(hidden):
+                warnings.warn(
+                    f"{self.path}: {len(hidden)} stored feature rows (active features "
+                    f"{hidden[:5].tolist()}...) are not in selected_features; graph-order reads "
+                    f"leave them out (iter_compute_rows still has them)",
+                    stacklevel=2,
+                )
         self._write_array_atomic(_ROW_INDEX, row_index)
 
         current = _read_json(self.path / "zarr.json")["attributes"]

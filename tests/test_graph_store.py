@@ -275,6 +275,18 @@ def test_extra_arrays_and_default_selection(tmp_path: Path) -> None:
                                [np.abs(case.batches[1][3]).sum()])
 
 
+def test_rows_of_unselected_features_are_reported(case: Case, tmp_path: Path) -> None:
+    writer = case.write(tmp_path / "g")
+    writer.write_table("selected_features", case.selected[1:])
+    with pytest.warns(UserWarning, match="not in selected_features"):
+        g = writer.finalize()
+    assert g.n_selected == len(case.selected) - 1
+    assert sum(len(t) for t, _ in g.iter_compute_rows()) == len(case.selected) + 4
+    assert sum(len(r) for r, _ in g.iter_row_blocks()) == len(case.selected) + 3
+    with pytest.raises(ValueError, match="sorted, unique"):
+        case.open(tmp_path / "h").write_table("selected_features", case.selected[::-1])
+
+
 @pytest.mark.parametrize(
     "change, match",
     [
@@ -465,6 +477,27 @@ def test_full_disk_at_every_write_of_a_batch_leaves_it_unrecorded(
         assert resumed.done_batches == ({0, 1, 2} if fail_at % 3 == 0 else {0, 1})
         case.finish(case.write(path))
         assert_same_store(path, reference)
+
+
+def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, reference,
+                                                  monkeypatch) -> None:
+    path = tmp_path / "g"
+    real, calls = graph_store._write_bytes, []
+
+    def full_disk(p, data):
+        calls.append(p)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(p))
+        real(p, data)
+
+    monkeypatch.setattr(graph_store, "_write_bytes", full_disk)
+    with pytest.raises(OSError):
+        case.open(path)
+    monkeypatch.setattr(graph_store, "_write_bytes", real)
+    assert not path.exists() and (tmp_path / ".g.creating").exists()
+    case.finish(case.write(path))
+    assert not (tmp_path / ".g.creating").exists()
+    assert_same_store(path, reference)
 
 
 def test_full_disk_during_finalize_leaves_store_resumable(
