@@ -90,6 +90,8 @@ __all__ = [
     "prune_graph",
     "prune_graph_dense",
     "save_pruned_graph",
+    "selected_feature_table",
+    "streaming_threshold",
 ]
 
 NORMALIZE_EPS = 1e-10  # circuit-tracer clamps row sums below at this value
@@ -608,6 +610,8 @@ def streaming_threshold(
 
     if not crossed:
         vals = np.zeros(0)
+    elif hi - lo == 1 and n_in > max_candidates:  # one value, tied many times: it is the answer
+        return float(np.array([lo], dtype=np.int64).view(np.float64)[0])
     else:
         vals = [s[(b >= lo) & (b < hi)] for s, b in (bits_of(c) for c in make_iter())]
         vals = np.sort(np.concatenate(vals) if vals else np.zeros(0))[::-1]
@@ -864,7 +868,9 @@ class PrunedGraph:
         return self.result.n_nodes
 
 
-def _selected_feature_table(graph) -> tuple[np.ndarray, np.ndarray]:
+def selected_feature_table(graph) -> tuple[np.ndarray, np.ndarray]:
+    """``(layer, pos, feature)`` (n_selected, 3) and activation of every selected feature, in
+    graph order, for a graph-store ``Graph`` or a :class:`PrunedGraph`."""
     if hasattr(graph, "feature_info"):
         return np.asarray(graph.feature_info, np.int64), np.asarray(graph.feature_activations)
     sel = np.asarray(graph.selected_features, dtype=np.int64)
@@ -884,7 +890,7 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
     """
     rows, cols, weights = result.kept_edges()
     scores = result.edge_scores.tocoo().data
-    info, acts = _selected_feature_table(graph)
+    info, acts = selected_feature_table(graph)
     meta = {
         "format": PRUNED_FORMAT,
         "format_version": PRUNED_FORMAT_VERSION,

@@ -529,7 +529,7 @@ def test_save_load_roundtrip_and_determinism(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def write_store(g: FakeGraph, path: Path, batch_size=4):
+def write_store(g: FakeGraph, path: Path, batch_size=8):
     graph_store = pytest.importorskip("pipeline.graph_store")
     n_active = len(g.active_features)
     layout = dict(n_layers=g.n_layers, n_pos=g.n_pos, n_active=n_active, n_logits=g.n_logits)
@@ -563,3 +563,33 @@ def test_module_docstring_states_semantics():
     doc = pruning.__doc__
     for phrase in ("1e-10", "exactly zero", "stable sort", "RuntimeError", "n_layers + 1"):
         assert phrase in doc
+
+
+def test_streaming_threshold_many_ties():
+    x = np.concatenate([np.full(500, 0.5), np.full(300, 2.0), np.full(50, 1e-3), np.zeros(20)])
+    chunks = np.array_split(np.random.default_rng(1).permutation(x), 7)
+    for frac in (0.1, 0.5, 0.9, 0.99, 0.9999):
+        want = find_threshold(x, frac, n_implicit_zeros=5)
+        assert streaming_threshold(lambda: iter(chunks), frac, 5, max_candidates=10) == want
+
+
+def test_pure_functions_dense_and_sparse_agree():
+    g = make_graph(8, "clt")
+    A = g.dense.astype(np.float64)
+    w = logit_weights_for(g)
+    np.testing.assert_allclose(pruning.normalize_matrix(sp.csr_matrix(A)).toarray(),
+                               normalize_matrix(A), rtol=1e-15)
+    dense_scores = pruning.compute_edge_influence(A, w)
+    sparse_scores = pruning.compute_edge_influence(sp.csr_matrix(A), w)
+    assert sp.issparse(sparse_scores)
+    np.testing.assert_allclose(sparse_scores.toarray(), dense_scores, rtol=1e-12)
+    np.testing.assert_allclose(pruning.compute_node_influence(A, w),
+                               compute_influence(normalize_matrix(A), w), rtol=0)
+    # hand graph, node-pruned to {f0, e00, tokens, logit}: scores 1 (logit<-f0), .5, .25, .25
+    h = hand_graph().dense.astype(np.float64)
+    h[1, :] = 0
+    h[:, 1] = 0
+    h[:, 3] = 0
+    s = pruning.compute_edge_influence(h, logit_weights_for(hand_graph()))
+    assert s[6, 0] == 1.0 and s[0, 2] == 0.5 and s[0, 4] == s[0, 5] == 0.25
+    assert np.count_nonzero(s) == 4
