@@ -292,9 +292,11 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     g_out = [g[:B] if g is not None else None for g in grads[:-1]]
     g_embed = grads[-1]
 
-    values = torch.zeros(B, layout.n_cols, dtype=torch.float32)
+    # accumulate in the model's dtype; the store keeps float32
+    values = torch.zeros(B, layout.n_cols, dtype=ff.embed.dtype)
     for src_layer in range(len(writes)):
         dec = sources.decoders[src_layer]
+        base = layout.layer_features(src_layer).start
         for j, out_layer in enumerate(sources.out_layers[src_layer]):
             if out_layer >= len(writes) or g_out[out_layer] is None:
                 continue
@@ -303,14 +305,14 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
                 seg = layout.feature_segment(src_layer, pos)
                 if seg.start == seg.stop:
                     continue
-                values[:, seg] += (g[:, pos] @ dec[seg, j].T).float()
+                values[:, seg] += g[:, pos] @ dec[seg.start - base : seg.stop - base, j].T
         if g_out[src_layer] is not None:
             err = (g_out[src_layer] * sources.errors[src_layer][None]).sum(-1)  # (B, n_pos)
             start = layout.error_col(src_layer, 0)
-            values[:, start : start + layout.n_pos] = err.float()
+            values[:, start : start + layout.n_pos] = err
     if g_embed is not None:
         tok = (g_embed[:B] * sources.tokens[None]).sum(-1)
-        values[:, layout.token_start : layout.token_start + layout.n_pos] = tok.float()
+        values[:, layout.token_start : layout.token_start + layout.n_pos] = tok
     return values.numpy()
 
 
@@ -477,9 +479,10 @@ def attribute(
     def run(batch_index: int, batch: RowBatch) -> None:
         if batch_index in writer.done_batches:
             if keep_rows:
-                nodes, indptr, indices, vals = writer.read_batch(batch_index)
-                blocks.append(sp.csr_matrix((vals, indices, indptr), shape=(len(nodes), layout.n_cols)))
-                block_nodes.append(nodes)
+                rec = writer.read_batch(batch_index)
+                shape = (len(rec["targets"]), layout.n_cols)
+                blocks.append(sp.csr_matrix((rec["values"], rec["indices"], rec["indptr"]), shape=shape))
+                block_nodes.append(rec["targets"])
         else:
             dense = compute_rows(ff, batch, layout, sources)
             mask = layout.structural_mask(batch.layer, batch.pos)
@@ -530,7 +533,7 @@ def attribute(
 
     # Phase 6: finalize
     writer.write_table("selected_features", np.sort(np.nonzero(visited)[0]).astype(np.int64))
-    graph = writer.finalize({"wall_time_s": None})
+    graph = writer.finalize()
     log.info(
         "attribution of %d tokens: %d nodes in %.1f s", capture.n_pos, graph.n_nodes, time.perf_counter() - t0
     )

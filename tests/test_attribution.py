@@ -21,6 +21,19 @@ from pipeline.replacement import ReplacementModel
 PROMPT_WORDS = 7
 
 
+def tree_digest(root) -> dict:
+    """Relative path -> sha256 of every file under ``root``."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root)
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
 @pytest.fixture(scope="module")
 def fixture_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("attribution")
@@ -92,7 +105,7 @@ class FrozenReference:
                 skip_live = m.transcoders.skip(layer, reads[layer])
                 if skip_live is not None:
                     y = y + (skip_live - m.transcoders.skip(layer, cap.mlp_inputs[layer]))
-                return (y + additions.get(hook.name, 0))[None]
+                return (y + additions.get(m.output_hooks[layer], 0))[None]
 
             return hook
 
@@ -366,4 +379,4 @@ def test_interrupted_attribution_resumes_to_identical_store(fixture_dirs, tmp_pa
                         store=tmp_path / "g.zarr", verbose=False)
     np.testing.assert_array_equal(resumed.selected_features, reference.selected_features)
     np.testing.assert_array_equal(resumed.adjacency_dense(), reference.adjacency_dense())
-    assert testing.tree_digest(tmp_path / "g.zarr") == testing.tree_digest(tmp_path / "ref.zarr")
+    assert tree_digest(tmp_path / "g.zarr") == tree_digest(tmp_path / "ref.zarr")
