@@ -123,7 +123,9 @@ class CrossLayerTranscoder(LayeredTranscoders):
                     f"{str(dec_path)!r}: W_dec_{i} has shape {dec.shape(f'W_dec_{i}')}, expected "
                     f"{want} = (d_transcoder, n_layers - {i}, d_model)"
                 )
-            layer_activation, k = resolve_activation(config, threshold is not None, None, enc_path)
+            layer_activation, k = resolve_activation(
+                config, threshold is not None, None, enc_path, f"threshold_{i}"
+            )
             if activation is None:
                 activation = layer_activation
             elif layer_activation != activation:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .base import TranscoderKind, Transcoders
 from .config import TranscoderConfig, TranscoderConfigError
-from .lazy import DecoderRows, TensorFile
+from .lazy import DecoderRows, TensorFile, all_finite
 
 # (path, size, mtime_ns) -> sha256 hex, so one process hashes a large file once
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -50,7 +50,7 @@ class LayerWeights:
 
 
 def check_finite(t: Tensor, what: str, path: Path) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise TranscoderConfigError(
             f"{str(path)!r}: {what} holds NaN or inf; the weights are corrupt, re-download or "
             "retrain them"
@@ -75,7 +75,8 @@ def expect_shape(t: Tensor, shape: tuple[int, ...], what: str, path: Path) -> No
 
 
 def resolve_activation(config: TranscoderConfig, has_threshold: bool, file_k: int | None,
-                       where: Path) -> tuple[str, int | None]:
+                       where: Path, threshold_key: str = "activation_function.threshold"
+                       ) -> tuple[str, int | None]:
     """The activation of one layer from config.yaml and what its file stores."""
     if config.activation == "relu":
         return "relu", None
@@ -85,7 +86,7 @@ def resolve_activation(config: TranscoderConfig, has_threshold: bool, file_k: in
         if not has_threshold:
             raise TranscoderConfigError(
                 f"{str(where)!r}: config.yaml says activation jump_relu but the file stores no "
-                "threshold; add 'activation_function.threshold' or set activation: relu"
+                f"threshold; add {threshold_key!r} or set activation: relu"
             )
         return "jump_relu", None
     if has_threshold:

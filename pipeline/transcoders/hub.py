@@ -172,7 +172,9 @@ def resolve_file(entry: str, directory: Path) -> Path:
         root = _snapshot(HubRef(ref.repo_id, None, ref.revision), [ref.subfolder], repr(entry))
         return root / ref.subfolder
     path = Path(entry).expanduser()
-    return path if path.is_absolute() else directory / path
+    if path.is_absolute():
+        return path
+    return directory / posixpath.normpath(entry.replace("\\", "/"))
 
 
 def resolve_source(
@@ -194,6 +196,6 @@ def resolve_source(
                 f"{str(local)!r} is a file; pass the directory that holds config.yaml and the "
                 "weight files"
             )
-        return local, None
+        return local.absolute(), None
     ref = parse_hub_ref(text, revision=revision, subfolder=subfolder)
     return fetch_config_dir(ref), ref

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .lazy import all_finite
 from .config import CONFIG_NAME, TranscoderConfigError, dump_config, validate_hook
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -31,7 +32,7 @@ def _tensor(value: Any, name: str, shape: tuple[int, ...] | None = None) -> Tens
         t = t.float()
     if shape is not None and tuple(t.shape) != shape:
         raise TranscoderConfigError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise TranscoderConfigError(f"{name} holds NaN or inf; refusing to write it")
     return t
 

@@ -62,6 +62,18 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) * self.np_dtype.itemsize
 
 
+def all_finite(t: Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN/inf in ``t``, without a tensor-sized temporary (a float64 sum, then chunks)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk)
+    )
+
+
 def _corrupt(path: Path, why: str) -> TranscoderConfigError:
     return TranscoderConfigError(
         f"{str(path)!r} is truncated or not a valid weight file ({why}); re-download or re-save it"
@@ -169,7 +181,7 @@ class TensorFile:
     """Index of one weight file; reads whole tensors or selected rows on demand."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # lazy reads must not depend on the cwd
         if not self.path.is_file():
             raise TranscoderFileNotFoundError(
                 f"transcoder weight file {str(self.path)!r} not found; check the 'transcoders' "
@@ -199,19 +211,27 @@ class TensorFile:
         return self.infos[name].offset is not None
 
     # --- raw reads -------------------------------------------------------------------
-    def _pread(self, n: int, offset: int) -> bytes:
+    def _pread(self, n: int, offset: int) -> np.ndarray:
+        """``n`` bytes at ``offset`` into a fresh uint8 array (one allocation, no copies)."""
         if self._fd is None:
             with self._lock:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        if hasattr(os, "pread"):
-            out = os.pread(self._fd, n, offset)
-        else:  # pragma: no cover - Windows
-            with self._lock:
-                os.lseek(self._fd, offset, os.SEEK_SET)
-                out = os.read(self._fd, n)
-        if len(out) != n:
-            raise _corrupt(self.path, f"short read at byte {offset}; the file changed on disk")
+        out = np.empty(n, dtype=np.uint8)
+        done = 0
+        view = memoryview(out)
+        while done < n:
+            if hasattr(os, "preadv"):
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            else:  # pragma: no cover - no preadv (Windows)
+                with self._lock:
+                    os.lseek(self._fd, offset + done, os.SEEK_SET)
+                    chunk = os.read(self._fd, n - done)
+                got = len(chunk)
+                out[done : done + got] = np.frombuffer(chunk, dtype=np.uint8)
+            if got <= 0:
+                raise _corrupt(self.path, f"short read at byte {offset + done}; the file changed")
+            done += got
         return out
 
     def _to_torch(self, arr: np.ndarray, info: TensorInfo) -> Tensor:
@@ -238,9 +258,8 @@ class TensorFile:
         if info.nbytes == 0:
             arr = np.zeros(info.shape, dtype=info.np_dtype)
         else:
-            buf = self._pread(info.nbytes, info.offset)
-            arr = np.frombuffer(buf, dtype=info.np_dtype).reshape(info.shape)
-        return self._to_torch(arr.copy(), info)
+            arr = self._pread(info.nbytes, info.offset).view(info.np_dtype).reshape(info.shape)
+        return self._to_torch(arr, info)
 
     def rows(self, name: str, index: np.ndarray, sub: int | None = None) -> Tensor:
         """Rows ``index`` (1-D int array) of tensor ``name`` along its first axis.
@@ -285,8 +304,7 @@ class TensorFile:
                 r0 = int(uniq[s])
                 n = e - s
                 span = (n - 1) * stride + piece_bytes
-                buf = self._pread(span, info.offset + r0 * stride + piece_off)
-                chunk = np.frombuffer(buf, dtype=np.uint8)
+                chunk = self._pread(span, info.offset + r0 * stride + piece_off)
                 if piece_bytes == stride:
                     uniq_rows[s:e] = chunk.reshape(n, stride)
                 else:
@@ -369,7 +387,7 @@ class DecoderRows:
         return self._resident is None
 
     def _check(self, t: Tensor, index: np.ndarray | None) -> None:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             where = ""
             if index is not None:
                 bad_rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()

@@ -1,0 +1,326 @@
+"""Seeded, deterministic fixtures for tests and benchmarks: tiny models and random transcoders.
+
+* ``make_tiny_gpt2`` / ``make_tiny_llama``: randomly initialised Hugging Face models saved
+  with ``save_pretrained`` (float32, eval) plus a word-level tokenizer, loadable offline by
+  ``transformer_lens.TransformerBridge.boot_transformers(directory)``.
+  The GPT-2 tokenizer does not add BOS itself (like GPT-2's); the Llama tokenizer's
+  post-processor does (like Llama's). Either way the bridge's ``to_tokens`` yields exactly one
+  ``<bos>`` first: the bridge reloads a tokenizer that does not add BOS with
+  ``add_bos_token=True``.
+* ``make_random_plt`` / ``make_random_clt``: random transcoders written with the real
+  writers, encoder biases calibrated so that about ``density`` of the features fire on inputs
+  with per-coordinate scale ``input_scale`` (LayerNorm / RMSNorm outputs: ~1).
+
+Same arguments and seed -> byte-identical files. The global torch RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<bos>", "<eos>", "<pad>", "<unk>")
+BOS, EOS, PAD, UNK = SPECIAL_TOKENS
+
+#: A small toy-world vocabulary (states, cities, capitals, two languages' function words).
+DEFAULT_WORDS: tuple[str, ...] = (
+    "the", "a", "of", "is", "in", "and", "capital", "state", "city", "containing", "which",
+    "to", "from", "by", "it", "was", "la", "le", "de", "est", "capitale", "ville", "dans",
+    "texas", "california", "florida", "ohio", "oregon", "nevada", "utah", "georgia",
+    "austin", "sacramento", "tallahassee", "columbus", "salem", "carson", "atlanta", "boise",
+    "dallas", "houston", "miami", "tampa", "portland", "reno", "provo", "savannah",
+    "big", "small", "old", "new", "north", "south", "river", "lake", ".", ",",
+)
+
+DEFAULT_INPUT_HOOK = "ln2.hook_normalized"  # TL2 meaning: the MLP input
+DEFAULT_OUTPUT_HOOK = "hook_mlp_out"
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _vocab(words: Sequence[str] | None) -> dict[str, int]:
+    words = list(DEFAULT_WORDS if words is None else words)
+    for w in words:
+        if not isinstance(w, str) or not w or any(c.isspace() for c in w):
+            raise ValueError(f"vocabulary word {w!r} must be a non-empty string without spaces")
+        if w in SPECIAL_TOKENS:
+            raise ValueError(f"vocabulary word {w!r} clashes with a special token")
+    if len(set(words)) != len(words):
+        raise ValueError("vocabulary words must be unique")
+    return {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+
+
+def _save_tokenizer(directory: Path, vocab: dict[str, int], *, n_ctx: int, adds_bos: bool) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=n_ctx,
+    )
+    fast.save_pretrained(directory)
+
+
+def vocabulary_words(model_dir: str | os.PathLike) -> list[str]:
+    """The ordinary (non-special) words of a fixture model's tokenizer, in id order."""
+    data = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab: dict[str, int] = data["model"]["vocab"]
+    return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in SPECIAL_TOKENS]
+
+
+def _save_model(model, directory: Path) -> None:
+    model = model.eval().to(torch.float32)
+    model.generation_config.bos_token_id = model.config.bos_token_id
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id
+    model.save_pretrained(directory)
+
+
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def make_tiny_gpt2(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int = 2,
+    d_model: int = 16,
+    n_heads: int = 2,
+    n_ctx: int = 32,
+    vocab_words: Sequence[str] | None = None,
+    seed: int = 0,
+    tokenizer_adds_bos: bool = False,
+) -> Path:
+    """A randomly initialised GPT-2 (LayerNorm, learned positions, GELU MLP) + tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _quiet_hf()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(vocab_words)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=n_ctx,
+        n_embd=d_model,
+        n_layer=n_layers,
+        n_head=n_heads,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    _save_model(model, directory)
+    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=tokenizer_adds_bos)
+    return directory
+
+
+def make_tiny_llama(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int = 2,
+    d_model: int = 16,
+    n_heads: int = 2,
+    n_kv_heads: int | None = None,
+    d_mlp: int | None = None,
+    n_ctx: int = 32,
+    vocab_words: Sequence[str] | None = None,
+    seed: int = 0,
+    tokenizer_adds_bos: bool = True,
+) -> Path:
+    """A randomly initialised Llama (RMSNorm, rotary, grouped-query attention, SwiGLU) + tokenizer.
+
+    n_kv_heads defaults to n_heads // 2 (GQA) when n_heads is even, else n_heads.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _quiet_hf()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(vocab_words)
+    if n_kv_heads is None:
+        n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=d_model,
+        intermediate_size=d_mlp or 4 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=n_ctx,
+        tie_word_embeddings=False,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    _save_model(model, directory)
+    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=tokenizer_adds_bos)
+    return directory
+
+
+# --------------------------------------------------------------------------- transcoders
+def _gaussian_quantile(p: float) -> float:
+    return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
+
+
+def _random_encoder(
+    g: torch.Generator,
+    d_model: int,
+    d_transcoder: int,
+    *,
+    activation: str,
+    density: float,
+    input_scale: float,
+) -> dict[str, Tensor | int]:
+    """W_enc, b_enc (and threshold / top_k) with about ``density`` of features active.
+
+    For x with iid per-coordinate scale s, w . x ~ N(0, s^2 |w|^2); a feature fires when
+    w . x + b_enc > t (t = 0, or its JumpReLU threshold), so b_enc = t - s |w| z_{1-density}.
+    """
+    W_enc = torch.randn(d_transcoder, d_model, generator=g) / math.sqrt(d_model)
+    norm = W_enc.norm(dim=1) * input_scale
+    z = _gaussian_quantile(1.0 - density)
+    jitter = 0.1 * torch.randn(d_transcoder, generator=g)
+    out: dict[str, Tensor | int] = {"W_enc": W_enc}
+    if activation == "relu":
+        out["b_enc"] = -norm * (z + jitter)
+    elif activation == "jump_relu":
+        threshold = norm * (0.1 + 0.4 * torch.rand(d_transcoder, generator=g))
+        out["threshold"] = threshold
+        out["b_enc"] = threshold - norm * (z + jitter)
+    elif activation == "topk":
+        out["b_enc"] = 0.1 * norm * torch.randn(d_transcoder, generator=g)
+        out["top_k"] = max(1, round(density * d_transcoder))
+    else:
+        raise ValueError(f"activation {activation!r} is unknown; use relu, jump_relu or topk")
+    return out
+
+
+def _check_sizes(n_layers: int, d_model: int, d_transcoder: int, density: float) -> None:
+    if min(n_layers, d_model, d_transcoder) < 1:
+        raise ValueError("n_layers, d_model and d_transcoder must be positive")
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must be in (0, 1), got {density}")
+
+
+def make_random_plt(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int,
+    d_model: int,
+    d_transcoder: int,
+    activation: str = "relu",
+    skip: bool = False,
+    density: float = 0.1,
+    feature_input_hook: str = DEFAULT_INPUT_HOOK,
+    feature_output_hook: str = DEFAULT_OUTPUT_HOOK,
+    gemmascope: bool = False,
+    seed: int = 0,
+    scale: float = 0.05,
+    input_scale: float = 1.0,
+    model_name: str | None = None,
+    scan: str | None = None,
+) -> Path:
+    """Random per-layer transcoders in circuit-tracer's format (or GemmaScope's npz layout).
+
+    scale: norm of each decoder row (and about the norm of the skip term); b_dec has norm
+    0.1 * scale. activation: relu | jump_relu | topk (k = round(density * d_transcoder)).
+    """
+    _check_sizes(n_layers, d_model, d_transcoder, density)
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for _ in range(n_layers):
+        layer = _random_encoder(
+            g, d_model, d_transcoder, activation=activation, density=density,
+            input_scale=input_scale,
+        )
+        layer["W_dec"] = torch.randn(d_transcoder, d_model, generator=g) * (scale / math.sqrt(d_model))
+        layer["b_dec"] = torch.randn(d_model, generator=g) * (0.1 * scale / math.sqrt(d_model))
+        if skip:
+            layer["W_skip"] = torch.randn(d_model, d_model, generator=g) * (scale / d_model)
+        layers.append(layer)
+    return save_transcoder_set(
+        directory,
+        layers,
+        feature_input_hook=feature_input_hook,
+        feature_output_hook=feature_output_hook,
+        scan=scan,
+        model_name=model_name,
+        gemmascope=gemmascope,
+    )
+
+
+def make_random_clt(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int,
+    d_model: int,
+    d_transcoder: int,
+    activation: str = "relu",
+    skip: bool = False,
+    density: float = 0.1,
+    feature_input_hook: str = DEFAULT_INPUT_HOOK,
+    feature_output_hook: str = DEFAULT_OUTPUT_HOOK,
+    seed: int = 0,
+    scale: float = 0.05,
+    input_scale: float = 1.0,
+    model_name: str | None = None,
+    scan: str | None = None,
+) -> Path:
+    """Random cross-layer transcoders in circuit-tracer's W_enc_{i}/W_dec_{i} layout.
+
+    Each decoder slice row has norm scale / sqrt(n_layers - i), so the summed write of a
+    feature over its output layers has about the norm of a PLT feature's. activation: relu |
+    jump_relu. skip=True adds W_skip_{i} (our extension of the layout).
+    """
+    _check_sizes(n_layers, d_model, d_transcoder, density)
+    if activation not in ("relu", "jump_relu"):
+        raise ValueError(f"activation {activation!r} is not supported for a CLT; use relu or jump_relu")
+    g = torch.Generator().manual_seed(seed)
+    encoders, decoders = [], []
+    for i in range(n_layers):
+        enc = _random_encoder(
+            g, d_model, d_transcoder, activation=activation, density=density,
+            input_scale=input_scale,
+        )
+        n_out = n_layers - i
+        dec = torch.randn(d_transcoder, n_out, d_model, generator=g)
+        dec *= scale / math.sqrt(d_model * n_out)
+        enc["b_dec"] = torch.randn(d_model, generator=g) * (0.1 * scale / math.sqrt(d_model))
+        if skip:
+            enc["W_skip"] = torch.randn(d_model, d_model, generator=g) * (scale / d_model)
+        encoders.append(enc)
+        decoders.append(dec)
+    return save_cross_layer_transcoder(
+        directory,
+        encoders,
+        decoders,
+        feature_input_hook=feature_input_hook,
+        feature_output_hook=feature_output_hook,
+        scan=scan,
+        model_name=model_name,
+    )

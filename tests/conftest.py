@@ -1,0 +1,76 @@
+"""Shared, session-scoped fixtures: tiny models and random transcoders built once per run.
+
+All sizes match the tiny models (2 layers, d_model 16) so any model fixture pairs with any
+transcoder fixture. Builders are deterministic (seed 0), see ``pipeline.testing``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# `pytest` run from a checkout without `pip install -e .` must still import the package
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from pipeline import testing  # noqa: E402
+
+N_LAYERS = 2
+D_MODEL = 16
+D_TRANSCODER = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """GPT-2 (LayerNorm), 2 layers, d_model 16; its tokenizer does not add BOS itself."""
+    return testing.make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2",
+                                  n_layers=N_LAYERS, d_model=D_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """Llama (RMSNorm, rotary, GQA), 2 layers, d_model 16; its tokenizer adds BOS."""
+    return testing.make_tiny_llama(tmp_path_factory.mktemp("models") / "llama",
+                                   n_layers=N_LAYERS, d_model=D_MODEL)
+
+
+@pytest.fixture(scope="session")
+def plt_dir(tmp_path_factory):
+    """Per-layer ReLU transcoders, 64 features, ~10 % active."""
+    return testing.make_random_plt(
+        tmp_path_factory.mktemp("transcoders") / "plt",
+        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="relu",
+    )
+
+
+@pytest.fixture(scope="session")
+def plt_skip_dir(tmp_path_factory):
+    """Per-layer JumpReLU transcoders with a W_skip term."""
+    return testing.make_random_plt(
+        tmp_path_factory.mktemp("transcoders") / "plt_skip",
+        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
+        skip=True, seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def clt_dir(tmp_path_factory):
+    """Cross-layer JumpReLU transcoder (circuit-tracer's W_enc_{i} / W_dec_{i} files)."""
+    return testing.make_random_clt(
+        tmp_path_factory.mktemp("transcoders") / "clt",
+        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
+        seed=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def gemmascope_dir(tmp_path_factory):
+    """GemmaScope-style per-layer JumpReLU transcoders: layer_{i}/params.npz, W_enc transposed."""
+    return testing.make_random_plt(
+        tmp_path_factory.mktemp("transcoders") / "gemmascope",
+        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
+        gemmascope=True, seed=3,
+    )
