@@ -13,20 +13,17 @@ Mirrors ``circuit_tracer/utils/create_graph_files.py`` and the pydantic models i
      "links":    [{source, target, weight}, ...]}
 
 Nodes (in graph node order: features, errors, tokens, logits; only pruning survivors, and of
-those only nodes touched by a kept link plus every token and logit):
+those only nodes touched by a kept link plus every token and logit)::
 
-============  =========================  ============  ========  ==================  ===================
-kind          node_id                    feature       layer     ctx_idx             jsNodeId
-============  =========================  ============  ========  ==================  ===================
-feature       ``{layer}_{feature}_{pos}``  cantor(l, f)  ``"l"``   pos                 ``{layer}_{feature}-0``
-error         ``0_{layer}_{pos}``          -1            ``"l"``   pos                 ``{layer}_{pos}-0``
-token         ``E_{token_id}_{pos}``       pos           ``"E"``   pos                 ``E_{token_id}-{pos}``
-logit         ``{L+1}_{token_id}_{P-1}``   token_id      ``"L+1"`` n_pos - 1           ``L_{token_id}-{P-1}``
-============  =========================  ============  ========  ==================  ===================
+    kind     node_id                    feature       layer       ctx_idx     jsNodeId
+    feature  {layer}_{feature}_{pos}    cantor(l, f)  "{layer}"   pos         {layer}_{feature}-0
+    error    0_{layer}_{pos}            -1            "{layer}"   pos         {layer}_{pos}-0
+    token    E_{token_id}_{pos}         pos           "E"         pos         E_{token_id}-{pos}
+    logit    {L+1}_{token_id}_{P-1}     token_id      "{L+1}"     P - 1       L_{token_id}-{P-1}
 
-``feature_type``: "cross layer transcoder" (every feature, PLT or CLT, as circuit-tracer
-writes), "mlp reconstruction error", "embedding", "logit".  ``cantor(x, y) = (x + y)(x + y +
-1)/2 + y``.  ``influence`` is the node's *cumulative* influence score from pruning (null for
+(L = n_layers, P = n_pos.)  ``feature_type``: "cross layer transcoder" (every feature, PLT or
+CLT, as circuit-tracer writes), "mlp reconstruction error", "embedding", "logit".
+``cantor(x, y) = (x + y)(x + y + 1)/2 + y``.  ``influence`` is the node's *cumulative* influence score from pruning (null for
 logits); ``activation`` is set for features only (null otherwise).  Logits: ``token_prob`` is
 the probability, ``is_target_logit`` is true for the first logit, ``clerp`` is
 ``Output "{token}" (p={prob:.3f})``; other nodes: ``token_prob`` 0.0, ``clerp`` "" unless a
