@@ -1,0 +1,55 @@
+"""Stage attribute@<prompt id>: the attribution graph -> results/<id>/graph.zarr.
+
+The graph store is written under tmp/partial/<id>/graph.zarr (never a DVC output) and moved
+into place only when finished: a killed run leaves no graph.zarr, and the rerun resumes the
+partial store from its last finished batch (a partial store for other inputs is discarded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from pipeline.attribution import attribute
+from pipeline.graph_store import GraphStoreMismatchError
+from stages._config import load_config, parse_args
+from stages._io import PARTIAL, prompt_dir, setup_torch
+from stages._model import load_replacement_model, read_tokens
+
+
+def logit_targets(specs: list[str]):
+    """``"A"`` -> token A; ``"A,B"`` -> the logit difference A - B; none -> the top logits."""
+    if not specs:
+        return None
+    return [tuple(s.split(",", 1)) if "," in s else s for s in specs]
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, prompt=True, argv=argv)
+    cfg = load_config(args.params)
+    setup_torch(cfg.runtime)
+    model = load_replacement_model(cfg)
+    run = prompt_dir(args.prompt_id)
+    tokens = read_tokens(run / "tokens.safetensors")
+    a = cfg.attribution
+    partial = PARTIAL / args.prompt_id / "graph.zarr"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(max_n_logits=a.max_n_logits, desired_logit_prob=a.desired_logit_prob,
+                   batch_size=a.batch_size, max_feature_nodes=a.max_feature_nodes,
+                   update_interval=a.update_interval,
+                   logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
+                   verbose=False)
+    try:
+        graph = attribute(tokens, model, store=partial, **options)
+    except GraphStoreMismatchError:  # left by a run with other inputs: start afresh
+        shutil.rmtree(partial)
+        graph = attribute(tokens, model, store=partial, **options)
+    out = run / "graph.zarr"
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    print(f"graph: {out}  nodes {graph.n_nodes}  edges {graph.n_edges}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Stage export@<prompt id>: graph files for the viewer -> results/<id>/graph/.
+
+The folder holds ``<slug>.json`` (circuit-tracer / Neuronpedia graph JSON) and its
+``graph-metadata.json`` index; serve it with circuit-tracer's viewer or upload to Neuronpedia.
+Everything comes from the pruned graph; the tokenizer only names the tokens.
+"""
+
+from __future__ import annotations
+
+from pipeline.export import GRAPH_METADATA_FILE, create_graph_files
+from pipeline.pruning import load_pruned_graph
+from stages._config import load_config, parse_args
+from stages._io import atomic_path, prompt_dir
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(cfg.model.name, revision=cfg.model.revision)
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, prompt=True, argv=argv)
+    cfg = load_config(args.params)
+    run = prompt_dir(args.prompt_id)
+    pruned = load_pruned_graph(run / "pruned.npz")
+    scan = cfg.export.scan or pruned.attrs.get("scan") or cfg.transcoders.source
+    slug = f"{cfg.export.slug_prefix}{args.prompt_id}"
+    out = run / "graph"
+    with atomic_path(out) as tmp:
+        path = create_graph_files(None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan)
+        for extra in tmp.iterdir():  # keep only the graph and its index (the library's lock file goes)
+            if extra.name not in (path.name, GRAPH_METADATA_FILE):
+                extra.unlink()
+    print(f"graph files: {out / path.name}")
+
+
+if __name__ == "__main__":
+    main()

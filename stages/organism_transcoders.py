@@ -1,0 +1,39 @@
+"""Stage organism_transcoders@{plt,clt}: JumpReLU transcoders for the organism's MLPs.
+
+Outputs: models/organism/<kind> (circuit-tracer on-disk format) and metrics/organism/<kind>.json
+(FVE, L0, dead-feature share, next-token agreement of the replacement model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.organism.train_transcoders import TranscoderTrainConfig, train_clt, train_plt
+from stages._config import load_config, parse_args
+from stages._io import atomic_path, scalars, setup_torch, write_json
+from stages.organism_model import OUT as MODEL_DIR
+from stages.organism_model import load_world, strip_volatile
+
+TRAIN = {"plt": train_plt, "clt": train_clt}
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, argv=argv, kind="plt or clt")
+    if args.kind not in TRAIN:
+        raise SystemExit(f"--kind must be one of {sorted(TRAIN)}, got {args.kind!r}")
+    cfg = load_config(args.params)
+    setup_torch(cfg.runtime)
+    spec = getattr(cfg.organism, args.kind)
+    out = Path("models/organism") / args.kind
+    with atomic_path(out) as tmp:
+        TRAIN[args.kind](MODEL_DIR, load_world(), TranscoderTrainConfig(**asdict(spec), threads=cfg.runtime.threads),
+                         out_dir=tmp, progress=False)
+        metrics = strip_volatile(tmp / "metrics.json")
+    write_json(Path("metrics/organism") / f"{args.kind}.json", scalars(metrics, drop=("d_transcoder",)))
+    print(f"organism {args.kind}: {out}  FVE {metrics['fve']:.3f}  L0 {metrics['l0']:.1f}  "
+          f"dead {metrics['dead_share']:.3f}  agreement {metrics['agreement_answer_positions']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

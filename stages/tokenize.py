@@ -1,0 +1,35 @@
+"""Stage tokenize@<prompt id>: the prompt's token ids -> results/<id>/tokens.safetensors.
+
+Every later stage of the prompt reads these ids instead of the text, so the whole prompt
+chain sees one tokenization (BOS prepended as the replacement model does), and an edit of the
+prompt that leaves its tokens unchanged reruns nothing downstream.
+"""
+
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import save_file
+
+from stages._config import load_config, parse_args
+from stages._io import atomic_path, prompt_dir, setup_torch
+from stages._model import load_replacement_model
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, prompt=True, argv=argv)
+    cfg = load_config(args.params)
+    setup_torch(cfg.runtime)
+    prompt = cfg.prompts.items[args.prompt_id]
+    model = load_replacement_model(cfg)
+    tokens = model.tokenize(prompt.prompt).cpu().contiguous()
+    strings = model.tokenizer.convert_ids_to_tokens(tokens.tolist())
+    out = prompt_dir(args.prompt_id) / "tokens.safetensors"
+    with atomic_path(out) as tmp:
+        save_file({"tokens": tokens}, str(tmp), metadata={
+            "prompt": prompt.prompt, "token_strings": json.dumps(strings, ensure_ascii=False)})
+    print(f"tokens: {out}  {strings}")
+
+
+if __name__ == "__main__":
+    main()
