@@ -19,8 +19,8 @@ targets whose rows were computed (the selected features and the logits); error a
 are zero and never stored. In graph order the columns of unselected active features are dropped.
 :class:`NodeLayout` defines both orders and every index helper, once.
 
-On-disk layout (``<out>/`` is a Zarr v3 group, LocalStore, every array one chunk, Blosc-zstd
-with byte shuffle)::
+On-disk layout (``<out>/`` is a Zarr v3 group, LocalStore; every array is one chunk, Blosc-zstd
+with byte shuffle, "v2" chunk keys, so an array is a directory with ``zarr.json`` and ``0``)::
 
     zarr.json                         group; attributes (JSON, keys sorted):
                                         graph_store: {format, version, fingerprint, layout,
@@ -43,7 +43,8 @@ with byte shuffle)::
     progress/batch_{i:06d}.json       the batch's "done" record: {batch, n_rows, nnz, files:
                                       {relative path: {size, sha256}}}
 
-A store holds about 10 files per batch (for 25k selected features in batches of 256, ~1000).
+A store holds 10 files and 5 directories per batch (25k selected features in batches of 256:
+~1000 files), plus 2 files per node table.
 
 Durability and crash safety
 ---------------------------
@@ -328,6 +329,7 @@ def _create_array(store: LocalStore, name: str | None, data: np.ndarray) -> None
         chunks=chunks,
         compressors=_compressor(),
         fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "."},  # chunk file <array>/0: no c/ dirs
         config={"write_empty_chunks": True},
     )
     if data.size:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ class Case:
         return np.concatenate([self.selected, np.arange(lay.n_active, lay.n_compute)])
 
 
-def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=25,
+def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=20,
               batch_size=8, density=0.3) -> Case:
     rng = np.random.default_rng(seed)
     layout = NodeLayout(n_layers=n_layers, n_pos=n_pos, n_active=n_active, n_logits=n_logits)
@@ -308,7 +307,7 @@ def test_invalid_batches_are_rejected(case: Case, tmp_path: Path, change, match)
 def test_verify_detects_a_damaged_chunk(case: Case, tmp_path: Path) -> None:
     g = case.finish(case.write(tmp_path / "g"))
     g.verify()
-    chunk = tmp_path / "g/adjacency/batch_000001/values/c/0"
+    chunk = tmp_path / "g/adjacency/batch_000001/values/0"
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -323,12 +322,13 @@ def test_verify_detects_a_damaged_chunk(case: Case, tmp_path: Path) -> None:
 
 def test_resume_gives_byte_identical_store(case: Case, tmp_path: Path, reference) -> None:
     path = tmp_path / "resumed"
-    case.write(path, batches=[0, 1, 3])
+    case.write(path, batches=[0, 2])
     writer = case.open(path)
-    assert writer.done_batches == {0, 1, 3} and not writer.finished
-    writer.write_batch(1, *case.batches[1])  # already recorded: a no-op
+    assert writer.done_batches == {0, 2} and not writer.finished
+    writer.write_batch(2, *case.batches[2])  # already recorded: a no-op
+    t, p, i, v = case.batches[2]
     with pytest.raises(ValueError, match="deterministic"):
-        writer.write_batch(1, *case.batches[2])
+        writer.write_batch(2, t[:-1], p[:-1], i[: p[-2]], v[: p[-2]])
     for b in range(len(case.batches)):
         if b not in writer.done_batches:
             writer.write_batch(b, *case.batches[b])
@@ -349,7 +349,7 @@ def test_crash_between_chunks_and_record_rewrites_the_batch(
     with pytest.raises(KeyboardInterrupt):
         case.write(path)
     monkeypatch.undo()
-    assert (path / "adjacency/batch_000002/values/c/0").exists()  # chunks written, not recorded
+    assert (path / "adjacency/batch_000002/values/0").exists()  # chunks written, not recorded
     writer = case.open(path)
     assert writer.done_batches == {0, 1}
     assert not (path / "adjacency/batch_000002").exists()
@@ -631,7 +631,7 @@ def test_iter_row_blocks_holds_one_batch_at_a_time(tmp_path: Path, monkeypatch) 
     rng = np.random.default_rng(5)
     writer = GraphStoreWriter.open(tmp_path / "big", fingerprint="big", layout=lay, tables={},
                                    attrs={})
-    n_batches, rows_per_batch, nnz_per_row = 24, 32, 1500
+    n_batches, rows_per_batch, nnz_per_row = 16, 32, 1000
     for b in range(n_batches):
         targets = np.arange(b * rows_per_batch, (b + 1) * rows_per_batch)
         indptr = np.arange(rows_per_batch + 1, dtype=np.int64) * nnz_per_row
@@ -663,7 +663,7 @@ def test_iter_row_blocks_holds_one_batch_at_a_time(tmp_path: Path, monkeypatch) 
     finally:
         tracemalloc.stop()
     assert n_seen == n_batches * rows_per_batch
-    # a few temporaries of one batch's size (decoded chunks, mapped columns, the csr); the
-    # whole graph would be 24 batches
+    # a few temporaries of one batch's size (decoded chunks, mapped columns, the csr), far
+    # less than the 16 batches of the whole graph
     assert peak < 6 * batch_bytes, (peak, batch_bytes)
-    assert 6 * batch_bytes <= total_bytes / 4
+    assert 6 * batch_bytes < total_bytes / 2
