@@ -217,8 +217,28 @@ def test_plt_reconstruct_reads_only_active_rows_and_matches_dense(plt_skip_dir, 
         active = set(torch.nonzero(acts[layer].any(0)).flatten().tolist())
         assert active and len(active) < tc.d_transcoder
         assert set(np.concatenate(requested).tolist()) == active
+    for layer, y in enumerate(tc.reconstruct_all(acts, [x] * tc.n_layers)):
+        torch.testing.assert_close(y, tc.reconstruct(layer, acts, x))
     with pytest.raises(ValueError, match="skip connection"):
         tc.reconstruct(0, acts)
+
+
+@pytest.mark.parametrize("fixture", ["plt_dir", "clt_dir", "gemmascope_dir"])
+def test_no_active_features_and_empty_requests(fixture, request):
+    tc = load_transcoders(request.getfixturevalue(fixture))
+    zeros = [torch.zeros(3, tc.d_transcoder) for _ in range(tc.n_layers)]
+    for layer in range(tc.n_layers):
+        torch.testing.assert_close(tc.reconstruct(layer, zeros),
+                                   tc.decoder_bias(layer).expand(3, -1))
+        empty = tc.decoder_vectors(layer, torch.zeros(0, dtype=torch.long))
+        assert empty.shape == (0, len(tc.output_layers(layer)), tc.d_model)
+        assert tc.encoder_vectors(layer, torch.zeros(0, dtype=torch.long)).shape == (0, tc.d_model)
+    with pytest.raises(IndexError):
+        tc.decoder_vectors(0, torch.tensor([tc.d_transcoder]))
+    with pytest.raises(IndexError):
+        tc.encoder_vectors(0, torch.tensor([-1]))
+    with pytest.raises(IndexError):
+        tc.encode(tc.n_layers, torch.zeros(1, tc.d_model))
 
 
 def test_clt_reconstruct_equals_dense_computation(clt_dir):
@@ -305,7 +325,7 @@ def test_circuit_tracer_layouts_load_unchanged(tmp_path):
     # the file marks TopK (what circuit-tracer's to_safetensors writes for a TopK layer)
     layers = random_layers("relu", d_model=8, d_transcoder=12)
     for i, layer in enumerate(layers):
-        save_file({**{k: v for k, v in layer.items()}, "k": torch.tensor(4)},
+        save_file({**layer, "k": torch.tensor(4)},
                   str(tmp_path / f"layer_{i}.safetensors"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(
         {"model_name": "tiny", "model_kind": "transcoder_set", "scan": ["a", "b"], **HOOKS}))
@@ -324,8 +344,6 @@ def test_circuit_tracer_layouts_load_unchanged(tmp_path):
 def test_bf16_decoder_rows_are_read_lazily(tmp_path):
     layers = random_layers("relu", d_model=8, d_transcoder=12, n_layers=1)
     bf16 = [{k: v.to(torch.bfloat16) for k, v in layers[0].items()}]
-    for k, v in bf16[0].items():
-        pass
     save_file(bf16[0], str(tmp_path / "layer_0.safetensors"))
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set", **HOOKS}))
     tc = load_transcoders(tmp_path, dtype=torch.float32)
@@ -333,6 +351,23 @@ def test_bf16_decoder_rows_are_read_lazily(tmp_path):
     torch.testing.assert_close(tc.decoder_vectors(0, feats)[:, 0],
                                bf16[0]["W_dec"][feats].float())
     assert tc.decoder_vectors(0, feats).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(50, 7), (50, 1, 7), (50, 6, 7)])
+def test_row_reader_equals_indexing_the_dense_tensor(tmp_path, shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(*shape, generator=g).to(dtype)
+    save_file({"x": dense, "other": torch.zeros(3)}, str(tmp_path / "f.safetensors"))
+    tf = TensorFile(tmp_path / "f.safetensors")
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 5, 40):  # duplicates, runs and gaps
+        index = rng.integers(0, shape[0], size=size)
+        picked = dense[torch.from_numpy(index)]
+        assert torch.equal(tf.rows("x", index), picked)
+        for j in range(shape[1] if len(shape) == 3 else 0):
+            assert torch.equal(tf.rows("x", index, j), picked[:, j])
+    assert torch.equal(tf.load("x"), dense)
 
 
 def test_relative_paths_resolve_against_the_transcoder_directory(tmp_path, monkeypatch):

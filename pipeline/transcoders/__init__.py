@@ -27,7 +27,7 @@ from .config import (
     TranscoderSourceError,
     read_config,
 )
-from .hub import fetch_weight_files, resolve_file, resolve_source
+from .hub import fetch_weight_files, resolve_files, resolve_source
 from .io import save_cross_layer_transcoder, save_transcoder_set
 from .plt import TranscoderSet
 
@@ -49,7 +49,7 @@ __all__ = [
 def _plt_paths(config: TranscoderConfig):
     directory = config.directory
     if config.transcoders is not None:
-        return [resolve_file(entry, directory) for entry in config.transcoders]
+        return resolve_files(config.transcoders, directory)
     # circuit-tracer's fallback (and its cache layout): layer_{i}.safetensors next to config
     n = 0
     while (directory / f"layer_{n}.safetensors").is_file():

@@ -181,7 +181,7 @@ def parse_config_dict(raw: Any, directory: Path, where: str) -> TranscoderConfig
         scan=scan,
         model_name=model_name,
         activation=activation,
-        k=k if activation == "topk" or k is not None else None,
+        k=k,
         extra={key: value for key, value in raw.items() if key not in known},
     )
 

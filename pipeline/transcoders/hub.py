@@ -163,18 +163,31 @@ def parse_hf_uri(uri: str) -> HubRef:
     return HubRef(f"{parsed.netloc}/{parts[0]}", parts[1], revision)
 
 
-def resolve_file(entry: str, directory: Path) -> Path:
-    """A ``transcoders`` entry -> local path: hf:// URIs are fetched, relative paths resolve
-    against the transcoder directory (never the working directory)."""
-    if entry.startswith("hf://"):
-        ref = parse_hf_uri(entry)
-        assert ref.subfolder is not None
-        root = _snapshot(HubRef(ref.repo_id, None, ref.revision), [ref.subfolder], repr(entry))
-        return root / ref.subfolder
-    path = Path(entry).expanduser()
-    if path.is_absolute():
-        return path
-    return directory / posixpath.normpath(entry.replace("\\", "/"))
+def resolve_files(entries: list[str], directory: Path) -> list[Path]:
+    """``transcoders`` entries -> local paths. hf:// URIs are fetched (one snapshot_download per
+    repo and revision); relative paths resolve against the transcoder directory, never the
+    working directory."""
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    parsed: dict[str, HubRef] = {}
+    for entry in entries:
+        if entry.startswith("hf://"):
+            ref = parsed[entry] = parse_hf_uri(entry)
+            groups.setdefault((ref.repo_id, ref.revision), []).append(str(ref.subfolder))
+    roots = {
+        key: _snapshot(HubRef(key[0], None, key[1]), sorted(set(files)),
+                       f"{len(set(files))} transcoder file(s)")
+        for key, files in groups.items()
+    }
+    out = []
+    for entry in entries:
+        if entry in parsed:
+            ref = parsed[entry]
+            out.append(roots[(ref.repo_id, ref.revision)] / str(ref.subfolder))
+            continue
+        path = Path(entry).expanduser()
+        out.append(path if path.is_absolute()
+                   else directory / posixpath.normpath(entry.replace("\\", "/")))
+    return out
 
 
 def resolve_source(

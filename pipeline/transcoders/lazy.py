@@ -295,8 +295,11 @@ class TensorFile:
         out = np.empty((index.size, piece_bytes), dtype=np.uint8)
         if index.size and piece_bytes:
             uniq = np.unique(index)
-            # runs of consecutive feature ids -> one read each
-            breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+            if piece_bytes == stride or stride < 4 * piece_bytes:
+                # runs of consecutive feature ids -> one read each
+                breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+            else:  # one narrow slice of wide rows: read each row's slice alone
+                breaks = np.arange(1, uniq.size)
             starts = np.concatenate(([0], breaks))
             ends = np.concatenate((breaks, [uniq.size]))
             uniq_rows = np.empty((uniq.size, piece_bytes), dtype=np.uint8)

@@ -214,3 +214,12 @@ class TranscoderSet(LayeredTranscoders):
                 f"got {len(acts)}"
             )
         return self._add_bias_and_skip(out_layer, self.decode(out_layer, acts[out_layer]), x)
+
+    def reconstruct_all(self, acts: list[Tensor], xs: list[Tensor] | None = None) -> list[Tensor]:
+        """reconstruct(l, acts, xs[l]) for every layer l."""
+        if len(acts) != self.n_layers:
+            raise ValueError(f"reconstruct_all needs {self.n_layers} activation tensors")
+        return [
+            self._add_bias_and_skip(l, self.decode(l, acts[l]), None if xs is None else xs[l])
+            for l in range(self.n_layers)
+        ]
