@@ -228,14 +228,17 @@ class NodeLayout:
 # ---------------------------------------------------------------------------- sources
 @dataclass
 class Sources:
-    """Output vectors of every source node, as the rows of the adjacency need them.
+    """Output vectors of every source node, laid out for one batched matmul per layer pair.
 
-    decoders[l]: (n_active_l, n_out_l, d_model) activation × decoder rows of layer l's active
-    features (n_out_l output layers: 1 for a PLT, n_layers - l for a CLT)
+    decoders[l]: (n_pos, k_max, n_out_l, d_model) activation × decoder rows of layer l's active
+    features grouped by position and zero-padded to k_max per position (n_out_l output layers:
+    1 for a PLT, n_layers - l for a CLT)
+    columns[l]: (n_pos * k_max,) compute-order column of each padded slot, -1 for padding
     errors: (n_layers, n_pos, d_model); tokens: (n_pos, d_model)
     """
 
     decoders: list[Tensor]
+    columns: list[Tensor]
     out_layers: list[range]
     errors: Tensor
     tokens: Tensor
@@ -243,14 +246,24 @@ class Sources:
 
 def build_sources(model: ReplacementModel, capture: Capture, layout: NodeLayout, values: Tensor) -> Sources:
     tc = model.transcoders
-    decoders, out_layers = [], []
+    decoders, columns, out_layers = [], [], []
     for layer in range(layout.n_layers):
         seg = layout.layer_features(layer)
         feats = torch.as_tensor(layout.feature_index[seg], dtype=torch.long)
         dec = tc.decoder_vectors(layer, feats).to(capture.errors.dtype)  # (k, n_out, d_model)
-        decoders.append(dec * values[seg, None, None].to(dec.dtype))
+        dec = dec * values[seg, None, None].to(dec.dtype)
+        counts = [layout.feature_segment(layer, p) for p in range(layout.n_pos)]
+        k_max = max([c.stop - c.start for c in counts] + [1])
+        padded = dec.new_zeros(layout.n_pos, k_max, dec.shape[1], dec.shape[2])
+        cols = torch.full((layout.n_pos, k_max), -1, dtype=torch.long)
+        for pos, c in enumerate(counts):
+            n = c.stop - c.start
+            padded[pos, :n] = dec[c.start - seg.start : c.stop - seg.start]
+            cols[pos, :n] = torch.arange(c.start, c.stop)
+        decoders.append(padded)
+        columns.append(cols.flatten())
         out_layers.append(tc.output_layers(layer))
-    return Sources(decoders, out_layers, capture.errors, capture.token_embeddings)
+    return Sources(decoders, columns, out_layers, capture.errors, capture.token_embeddings)
 
 
 # ---------------------------------------------------------------------------- one row batch
@@ -295,17 +308,19 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     # accumulate in the model's dtype; the store keeps float32
     values = torch.zeros(B, layout.n_cols, dtype=ff.embed.dtype)
     for src_layer in range(len(writes)):
-        dec = sources.decoders[src_layer]
-        base = layout.layer_features(src_layer).start
+        dec = sources.decoders[src_layer]  # (n_pos, k_max, n_out, d_model)
+        effect = None  # (n_pos, B, k_max): each padded feature slot's effect on each row
         for j, out_layer in enumerate(sources.out_layers[src_layer]):
             if out_layer >= len(writes) or g_out[out_layer] is None:
                 continue
-            g = g_out[out_layer]  # (B, n_pos, d_model)
-            for pos in range(layout.n_pos):
-                seg = layout.feature_segment(src_layer, pos)
-                if seg.start == seg.stop:
-                    continue
-                values[:, seg] += g[:, pos] @ dec[seg.start - base : seg.stop - base, j].T
+            g = g_out[out_layer].transpose(0, 1)  # (n_pos, B, d_model)
+            term = torch.bmm(g, dec[:, :, j].transpose(1, 2))
+            effect = term if effect is None else effect + term
+        if effect is not None:
+            cols = sources.columns[src_layer]
+            valid = cols >= 0
+            flat = effect.transpose(0, 1).reshape(B, -1)
+            values[:, cols[valid]] = flat[:, valid]
         if g_out[src_layer] is not None:
             err = (g_out[src_layer] * sources.errors[src_layer][None]).sum(-1)  # (B, n_pos)
             start = layout.error_col(src_layer, 0)
