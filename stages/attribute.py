@@ -39,6 +39,8 @@ def main(argv=None) -> None:
                    update_interval=a.update_interval,
                    logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
                    verbose=False)
+    if partial.exists():
+        print(f"resuming the partial graph store {partial}")
     try:
         graph = attribute(tokens, model, store=partial, **options)
     except GraphStoreMismatchError:  # left by a run with other inputs: start afresh
@@ -48,7 +50,7 @@ def main(argv=None) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
-    print(f"graph: {out}  nodes {graph.n_nodes}  edges {graph.n_edges}")
+    print(f"graph: {out}  nodes {graph.n_nodes}  features with rows {graph.n_selected}")
 
 
 if __name__ == "__main__":

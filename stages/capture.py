@@ -7,8 +7,8 @@ Output results/<id>/capture.safetensors:
     errors             (n_layers, n_pos, d_model)   true MLP output - transcoder reconstruction
     token_embeddings   (n_pos, d_model)
     last_logits        (d_vocab,)            next-token logits at the last position
-metadata: activations_shape (n_layers, n_pos, d_transcoder) as JSON. Activations are stored
-sparse: a real model's dense activations would be tens of MB per prompt.
+metadata "info": JSON {"activations_shape": [n_layers, n_pos, d_transcoder]}. Activations are
+stored sparse: a real model's dense activations would be tens of MB per prompt.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     out = run / "capture.safetensors"
     with atomic_path(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"activations_shape": json.dumps(list(cap.activations.shape))})
+                  metadata={"info": json.dumps({"activations_shape": list(cap.activations.shape)})})
     print(f"capture: {out}  active features {len(values)}")
 
 

@@ -26,8 +26,9 @@ def main(argv=None) -> None:
     strings = model.tokenizer.convert_ids_to_tokens(tokens.tolist())
     out = prompt_dir(args.prompt_id) / "tokens.safetensors"
     with atomic_path(out) as tmp:
-        save_file({"tokens": tokens}, str(tmp), metadata={
-            "prompt": prompt.prompt, "token_strings": json.dumps(strings, ensure_ascii=False)})
+        # one metadata entry: safetensors writes several in no fixed order
+        info = json.dumps({"prompt": prompt.prompt, "token_strings": strings}, sort_keys=True, ensure_ascii=False)
+        save_file({"tokens": tokens}, str(tmp), metadata={"info": info})
     print(f"tokens: {out}  {strings}")
 
 
