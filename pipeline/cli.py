@@ -99,6 +99,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the graph viewer for the graph JSON files of a folder (see pipeline.viewer.server)."""
+    from pipeline.viewer.server import serve
+
+    return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-pipeline", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -115,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="attribute a prompt on a tiny built-in model (no downloads)")
     p.add_argument("--out", default="demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="open exported graph JSON files in the local viewer")
+    p.add_argument("graph_dir", help="folder with graph-metadata.json and {slug}.json files")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
