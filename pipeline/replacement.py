@@ -373,6 +373,19 @@ class ReplacementModel:
             with self.bridge.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks or []):
                 yield
 
+    # ------------------------------------------------------------------ interventions
+    def feature_intervention(self, prompt: str | Tensor, interventions, **kwargs):
+        """See :func:`pipeline.interventions.feature_intervention`."""
+        from pipeline.interventions import feature_intervention
+
+        return feature_intervention(self, prompt, interventions, **kwargs)
+
+    def feature_intervention_generate(self, prompt: str | Tensor, interventions, **kwargs):
+        """See :func:`pipeline.interventions.feature_intervention_generate`."""
+        from pipeline.interventions import feature_intervention_generate
+
+        return feature_intervention_generate(self, prompt, interventions, **kwargs)
+
 
 def _check_local_model_dir(path: Path) -> None:
     if not path.is_dir():
