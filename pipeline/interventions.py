@@ -602,15 +602,19 @@ class _Pass:
                     self._add_write(layer, rows, feat, diff[rows, feat], "free")
             # open-ended interventions at generated positions
             if n_pr < self.length:
+                chosen: dict[tuple[int, int], tuple[float, float]] = {}  # the last entry wins
                 for op in self.plan.open:
                     if op.layer != layer:
                         continue
-                    rows = [r for r in range(n_pr, self.length) if op.applies(lo + r)]
-                    if not rows:
-                        continue
-                    r = torch.tensor(rows, dtype=torch.long).repeat_interleave(len(op.feature))
-                    feat = op.feature.repeat(len(rows))
-                    mul, add = op.mul.repeat(len(rows)), op.add.repeat(len(rows))
+                    for r in range(n_pr, self.length):
+                        if op.applies(lo + r):
+                            for f, mu, ad in zip(op.feature.tolist(), op.mul.tolist(), op.add.tolist()):
+                                chosen[r, f] = (mu, ad)
+                if chosen:
+                    r = torch.tensor([k[0] for k in chosen], dtype=torch.long)
+                    feat = torch.tensor([k[1] for k in chosen], dtype=torch.long)
+                    mul = torch.tensor([v[0] for v in chosen.values()], dtype=torch.float64)
+                    add = torch.tensor([v[1] for v in chosen.values()], dtype=torch.float64)
                     ref = acts[r, feat].double()
                     self._add_write(layer, r, feat, mul * ref + add - ref, "all")
 

@@ -375,6 +375,10 @@ def test_open_ended_interventions_apply_at_generated_positions(load):
     assert not torch.allclose(gen.logits[1:], closed.logits[1:])  # generated positions differ
     torch.testing.assert_close(gen.logits[0], closed.logits[0], rtol=0, atol=0)
     assert not torch.allclose(plain.logits[0], gen.logits[0])
+    # duplicated open-ended entries: the last one wins at generated positions too
+    dup = feature_intervention_generate(model, prompt, [(0, slice(2, None), 11, 9.0)] + ivs,
+                                        max_new_tokens=5, stop_at_eos=False, **kw)
+    torch.testing.assert_close(dup.logits, gen.logits, rtol=0, atol=0)
 
 
 def test_generation_stops_at_eos_and_samples_reproducibly(load):
