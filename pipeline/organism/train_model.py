@@ -1,0 +1,265 @@
+"""Train the organism: a small GPT-2-style language model on the toy world's corpus.
+
+1. Build the world's word-level tokenizer and tokenize every distinct training sentence once
+   (``<bos>`` prepended, right-padded to the longest sentence).
+2. Sample ``steps * batch_size`` sentences with ``World.corpus`` (seeded, kind-weighted).
+3. Train a ``GPT2LMHeadModel`` (dropout 0, tied embeddings) with AdamW, linear warmup then
+   cosine decay, next-token loss on every real token after ``<bos>`` (``loss_on="all"``: the
+   model is a language model of the corpus, not only a fact classifier; template words are
+   deterministic given their prefix and cost nothing to learn, names after the template
+   carry the facts). ``loss_on="answer"`` trains only the final word.
+4. Evaluate greedily on the canonical-template prompts (one-hop, two-hop trained/held out, per
+   language, and the default prompt set) and save model + tokenizer with ``save_pretrained``
+   (safetensors) into ``out_dir`` atomically, with ``metrics.json`` and ``organism.json``
+   (the configs).
+
+Deterministic: same configs and thread count -> identical ``model.safetensors`` bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from ._util import atomic_directory, read_json, torch_scope, write_json
+from .tokenizer import build_tokenizer, save_tokenizer
+from .world import Sentence, World, WorldConfig, make_world
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""
+
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int | None = None
+    n_ctx: int = 16
+    activation: str = "gelu_new"
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        if self.n_layers < 1 or self.n_ctx < 2:
+            raise ValueError("n_layers >= 1 and n_ctx >= 2 required")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization. The learning rate warms up linearly for ``warmup_steps`` then follows a
+    cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``."""
+
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    loss_on: Literal["all", "answer"] = "all"
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.loss_on not in ("all", "answer"):
+            raise ValueError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at (0-based) ``step``: linear warmup, then cosine to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
+
+
+def gpt2_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=model_cfg.n_ctx,
+        n_embd=model_cfg.d_model,
+        n_layer=model_cfg.n_layers,
+        n_head=model_cfg.n_heads,
+        n_inner=model_cfg.d_mlp,
+        activation_function=model_cfg.activation,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=model_cfg.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# --- tokenized batches ---------------------------------------------------------------------------
+def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """``<bos>`` + words, right-padded. returns ids (n, L) and lengths (n,) including BOS."""
+    rows = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"]] for t in texts]
+    if any(tokenizer.unk_token_id in r for r in rows):
+        raise ValueError("a text contains words outside the tokenizer's vocabulary")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, torch.tensor([len(r) for r in rows])
+
+
+@torch.no_grad()
+def last_position_logits(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor, batch: int = 512) -> Tensor:
+    """Next-token logits after the last real token of each row. ids (n, L) -> (n, vocab)."""
+    out = []
+    for i in range(0, len(ids), batch):
+        x, n = ids[i : i + batch], lengths[i : i + batch]
+        mask = (torch.arange(x.shape[1]) < n[:, None]).long()
+        logits = model(input_ids=x, attention_mask=mask).logits
+        out.append(logits[torch.arange(len(x)), n - 1])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def prompt_accuracy(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str],
+                    answers: list[str]) -> tuple[float, list[str]]:
+    """Greedy next-token accuracy; also returns the predicted words."""
+    if not prompts:
+        return float("nan"), []
+    ids, lengths = encode_texts(tokenizer, prompts)
+    pred = last_position_logits(model, ids, lengths).argmax(-1)
+    words = tokenizer.convert_ids_to_tokens(pred.tolist())
+    return sum(w == a for w, a in zip(words, answers)) / len(prompts), words
+
+
+def evaluate_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World) -> dict:
+    """Greedy next-token accuracies on the canonical-template prompts and the prompt set."""
+    model.eval()
+    metrics: dict = {}
+    sets = world.eval_sets()
+
+    def acc(sents: list[Sentence]) -> float:
+        return prompt_accuracy(model, tokenizer, [s.prompt for s in sents], [s.answer for s in sents])[0]
+
+    metrics["one_hop_accuracy"] = acc(sets["one_hop"])
+    metrics["two_hop_trained_accuracy"] = acc(sets["two_hop_trained"])
+    metrics["two_hop_heldout_accuracy"] = acc(sets["two_hop_heldout"])
+    for lang in world.languages:
+        for name, sents in sets.items():
+            metrics[f"{name}_accuracy_{lang}"] = acc([s for s in sents if s.language == lang])
+        metrics[f"language_accuracy_{lang}"] = acc([s for v in sets.values() for s in v if s.language == lang])
+    ps = world.prompt_set()
+    a, words = prompt_accuracy(model, tokenizer, [p["prompt"] for p in ps], [p["answer"] for p in ps])
+    metrics["prompt_set_accuracy"] = a
+    metrics["prompt_set_predictions"] = {p["id"]: w for p, w in zip(ps, words)}
+    metrics["n_eval_prompts"] = {k: len(v) for k, v in sets.items()}
+    return metrics
+
+
+# --- training ------------------------------------------------------------------------------------
+def train_model(world: World, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
+                out_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train the organism on ``world``'s corpus; save it to ``out_dir`` (if given); return metrics.
+
+    The saved directory holds ``config.json``, ``model.safetensors``, the tokenizer files,
+    ``metrics.json`` and ``organism.json`` (world, model and train configs).
+    """
+    model_cfg = model_cfg or ModelConfig()
+    train_cfg = train_cfg or TrainConfig()
+    t0 = time.perf_counter()
+    with torch_scope(train_cfg.threads):
+        model, tokenizer, metrics = _train(world, model_cfg, train_cfg, progress)
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        if out_dir is not None:
+            with atomic_directory(out_dir) as tmp:
+                model.save_pretrained(str(tmp))
+                save_tokenizer(tokenizer, tmp)
+                write_json(tmp / "metrics.json", metrics)
+                write_json(tmp / "organism.json", {
+                    "world": world.config.to_dict(),
+                    "model": asdict(model_cfg),
+                    "train": asdict(train_cfg),
+                })
+    return metrics
+
+
+def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: bool):
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer(world.vocabulary())
+
+    # 1. distinct sentences, tokenized once
+    distinct = sorted({s.text for s in world.training_sentences()})
+    row_of = {t: i for i, t in enumerate(distinct)}
+    ids, lengths = encode_texts(tokenizer, distinct)
+    if ids.shape[1] > model_cfg.n_ctx:
+        raise ValueError(f"n_ctx {model_cfg.n_ctx} < longest sentence ({ids.shape[1]} tokens with BOS)")
+    labels = ids.clone()
+    pos = torch.arange(ids.shape[1])
+    labels[pos[None, :] >= lengths[:, None]] = -100  # padding
+    labels[:, 0] = -100  # BOS is never predicted
+    if cfg.loss_on == "answer":
+        labels[pos[None, :] != (lengths[:, None] - 1)] = -100
+    attn = (pos[None, :] < lengths[:, None]).long()
+
+    # 2. the sampled corpus, as rows of the table above
+    order = torch.tensor([row_of[t] for t in world.corpus(cfg.steps * cfg.batch_size, seed=cfg.seed)])
+
+    # 3. model and optimizer
+    model = GPT2LMHeadModel(gpt2_config(model_cfg, tokenizer))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas,
+    )
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        width = int(lengths[rows].max())
+        out = model(input_ids=ids[rows, :width], attention_mask=attn[rows, :width], labels=labels[rows, :width])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(out.loss.item())
+        if step % 20 == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+
+    # 4. evaluation
+    model.eval()
+    metrics = evaluate_model(model, tokenizer, world)
+    tail = losses[-max(1, cfg.steps // 20):]
+    metrics["final_loss"] = sum(tail) / len(tail)
+    metrics["loss_on"] = cfg.loss_on
+    metrics["n_parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["n_distinct_sentences"] = len(distinct)
+    metrics["steps"] = cfg.steps
+    return model, tokenizer, metrics
+
+
+def load_organism(model_dir: str | Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, World]:
+    """Load a saved organism: the HF model (eval mode), its tokenizer and its world."""
+    from .tokenizer import load_tokenizer
+
+    model = GPT2LMHeadModel.from_pretrained(str(model_dir))
+    model.eval()
+    info = read_json(Path(model_dir) / "organism.json")
+    return model, load_tokenizer(model_dir), make_world(WorldConfig.from_dict(info["world"]))

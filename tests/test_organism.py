@@ -1,0 +1,231 @@
+"""The model organism: world, tokenizer, model training, transcoder training.
+
+Fast tests use a tiny world (3 states x 2 cities) and tiny models trained for a few dozen
+steps on one thread; the full default build is marked slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.organism import (
+    ModelConfig,
+    TrainConfig,
+    TranscoderTrainConfig,
+    WorldConfig,
+    build_tokenizer,
+    collect_activations,
+    load_tokenizer,
+    make_world,
+    save_tokenizer,
+    train_clt,
+    train_model,
+    train_plt,
+)
+from pipeline.organism.train_model import encode_texts
+
+TINY_WORLD = WorldConfig(n_states=3, cities_per_state=3, held_out_per_state=1, seed=1)
+TINY_MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=16)
+TINY_TRAIN = TrainConfig(steps=25, batch_size=32, warmup_steps=5, threads=1)
+TINY_TC = TranscoderTrainConfig(d_transcoder=32, steps=30, batch_size=128, warmup_steps=5, threads=1)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_world():
+    return make_world(TINY_WORLD)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tiny_world):
+    out = tmp_path_factory.mktemp("organism") / "model"
+    metrics = train_model(tiny_world, TINY_MODEL, TINY_TRAIN, out, progress=False)
+    return out, metrics
+
+
+# --- world ---------------------------------------------------------------------------------------
+def test_world_is_deterministic_for_a_seed():
+    a, b = make_world(WorldConfig(seed=3)), make_world(WorldConfig(seed=3))
+    assert "\n".join(a.corpus(300)).encode() == "\n".join(b.corpus(300)).encode()
+    assert a.held_out == b.held_out
+    assert json.dumps(a.prompt_set()) == json.dumps(b.prompt_set())
+    c = make_world(WorldConfig(seed=4))
+    assert (c.held_out, c.corpus(300)) != (a.held_out, a.corpus(300))
+    # the seed never changes the names
+    assert a.vocabulary() == c.vocabulary()
+
+
+def test_every_name_is_one_token_of_the_tokenizer():
+    world = make_world()
+    tok = build_tokenizer(world.vocabulary())
+    for s in world.training_sentences() + world.sentences("two_hop", split="heldout"):
+        ids = tok(s.text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(s.text.split())
+        assert tok.unk_token_id not in ids
+    for name in (world.state_by_name("Texas").capital, "Dallas", "Texas", "Easton", "Tixes"):
+        assert len(tok(name, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_held_out_two_hop_is_disjoint_from_training():
+    world = make_world()
+    train = {s.text for s in world.training_sentences()}
+    held = world.sentences("two_hop", split="heldout")
+    assert held and not any(s.text in train for s in held)
+    for state, cities in world.held_out.items():
+        assert len(cities) == world.config.held_out_per_state
+        for city in cities:  # the one-hop fact of a held-out city is still trained
+            assert any(s.city == city and s.kind == "city_state" for s in world.training_sentences())
+    assert not world.is_held_out("Dallas")
+
+
+def test_evaluation_prompts_have_one_continuation_in_the_corpus():
+    world = make_world()
+    following = defaultdict(set)
+    for s in world.training_sentences():
+        words = s.text.split()
+        for i in range(1, len(words)):
+            following[" ".join(words[:i])].add(words[i])
+    for sents in world.eval_sets().values():
+        for s in sents:
+            assert following.get(s.prompt, {s.answer}) == {s.answer}, s.prompt
+
+
+def test_default_prompt_set_names_the_case_studies():
+    world = make_world()
+    prompts = {p["id"]: p for p in world.prompt_set()}
+    assert 6 <= len(prompts) <= 10
+    dallas = prompts["two_hop_dallas_en"]
+    assert dallas["prompt"] == "the capital of the state containing Dallas is"
+    assert dallas["answer"] == "Austin" and dallas["kind"] == "two_hop"
+    assert "counterfactual_answer=Sacramento" in dallas["tags"]
+    toy = prompts["two_hop_dallas_toy"]
+    assert toy["answer"] == "Easton" and toy["language"] == "toy"
+    assert "other_language_answer=Austin" in toy["tags"]
+    kinds = {p["kind"] for p in prompts.values()}
+    assert kinds == {"one_hop", "two_hop", "two_hop_heldout", "language"}
+    vocab = set(world.vocabulary())
+    for p in prompts.values():
+        assert set(p["prompt"].split()) <= vocab and p["answer"] in vocab
+
+
+def test_world_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        WorldConfig(n_states=1)
+    with pytest.raises(ValueError):
+        WorldConfig(held_out_per_state=6)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+def test_tokenizer_round_trip_and_bridge_prepends_bos_once(tmp_path):
+    from transformer_lens import TransformerBridge
+    from transformers import GPT2LMHeadModel
+
+    from pipeline.organism.train_model import gpt2_config
+
+    world = make_world(TINY_WORLD)
+    tok = build_tokenizer(world.vocabulary())
+    save_tokenizer(tok, tmp_path)
+    tok2 = load_tokenizer(tmp_path)
+    text = "the capital of the state containing Dallas is Austin"
+    ids = tok2(text)["input_ids"]
+    assert tok2.decode(ids) == text and ids == tok(text)["input_ids"]
+    assert tok2.bos_token == "<bos>" and tok2.pad_token == "<pad>" and tok2.unk_token == "<unk>"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config(TINY_MODEL, tok2)).save_pretrained(str(tmp_path))
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu")
+    toks = bridge.to_tokens("the capital of Texas is")
+    assert toks[0].tolist() == [tok2.bos_token_id, *tok2("the capital of Texas is")["input_ids"]]
+
+
+# --- model training ------------------------------------------------------------------------------
+def test_trained_model_loads_in_the_bridge_with_hf_logits(tiny_model_dir):
+    from transformer_lens import TransformerBridge
+    from transformers import GPT2LMHeadModel
+
+    out, metrics = tiny_model_dir
+    for key in ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy",
+                "language_accuracy_en", "language_accuracy_toy", "final_loss", "wall_time_s"):
+        assert key in metrics
+    assert json.loads((out / "metrics.json").read_text())["final_loss"] == metrics["final_loss"]
+    hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    assert hf.config.bos_token_id == load_tokenizer(out).bos_token_id
+    bridge = TransformerBridge.boot_transformers(str(out), device="cpu")
+    toks = bridge.to_tokens("the capital of the state containing Dallas is")
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(toks), hf(toks).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_model_training_is_deterministic(tmp_path, tiny_world, tiny_model_dir):
+    out, _ = tiny_model_dir
+    train_model(tiny_world, TINY_MODEL, TINY_TRAIN, tmp_path / "again", progress=False)
+    assert _sha(tmp_path / "again" / "model.safetensors") == _sha(out / "model.safetensors")
+
+
+# --- transcoders ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world, tiny_model_dir, kind):
+    from transformers import GPT2LMHeadModel
+
+    from pipeline.transcoders import load_transcoders
+
+    model_dir, _ = tiny_model_dir
+    train = train_plt if kind == "plt" else train_clt
+    cfg = TINY_TC if kind == "plt" else TranscoderTrainConfig(**{**TINY_TC.__dict__, "skip": False})
+    metrics = train(model_dir, tiny_world, cfg, tmp_path / kind, progress=False)
+    tc = load_transcoders(tmp_path / kind)
+    assert tc.kind == ("transcoder_set" if kind == "plt" else "cross_layer_transcoder")
+    assert tc.feature_input_hook == "ln2.hook_normalized" and tc.feature_output_hook == "hook_mlp_out"
+    assert tc.has_skip == (kind == "plt")
+    assert tc.d_transcoder == 32 and tc.n_layers == TINY_MODEL.n_layers
+
+    hf = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    tok = load_tokenizer(model_dir)
+    texts = sorted({s.text for s in tiny_world.training_sentences()}
+                   | {s.text for s in tiny_world.sentences("two_hop", split="heldout")})
+    x, y = collect_activations(hf, *encode_texts(tok, texts))
+    with torch.no_grad():
+        acts = [tc.activations(l, x[l]) for l in range(tc.n_layers)]
+        for l in range(tc.n_layers):
+            yhat = tc.reconstruct(l, acts, x[l])
+            fve = 1 - (yhat - y[l]).pow(2).sum(-1).mean() / (y[l] - y[l].mean(0)).pow(2).sum(-1).mean()
+            assert abs(fve.item() - metrics["fve_per_layer"][l]) < 1e-3
+            l0 = (acts[l] > 0).float().sum(-1).mean().item()
+            assert abs(l0 - metrics["l0_per_layer"][l]) < 1e-3
+    for key in ("dead_share", "agreement_answer_positions", "agreement_all_positions", "kl_all_positions",
+                "state_swap_rate", "language_swap_rate"):
+        assert key in metrics
+    assert json.loads((tmp_path / kind / "metrics.json").read_text())["fve"] == metrics["fve"]
+
+
+def test_transcoder_training_is_deterministic(tmp_path, tiny_world, tiny_model_dir):
+    model_dir, _ = tiny_model_dir
+    cfg = TranscoderTrainConfig(**{**TINY_TC.__dict__, "steps": 10})
+    train_plt(model_dir, tiny_world, cfg, tmp_path / "a", progress=False)
+    train_plt(model_dir, tiny_world, cfg, tmp_path / "b", progress=False)
+    for name in ("layer_0.safetensors", "layer_1.safetensors", "config.yaml"):
+        assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
+
+
+# --- the full default build ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_default_organism_meets_its_targets(tmp_path):
+    from pipeline.organism import OrganismConfig, build_organism
+
+    m = build_organism(tmp_path, OrganismConfig(), progress=False)
+    assert m["model"]["one_hop_accuracy"] >= 0.95
+    assert m["model"]["two_hop_trained_accuracy"] >= 0.90
+    for kind in ("plt", "clt"):
+        assert m[kind]["agreement_answer_positions"] >= 0.90
+        assert min(m[kind]["fve_per_layer"]) >= 0.9
+        assert m[kind]["state_swap_rate"] >= 0.8
+    assert m["total_wall_time_s"] < 300
+    assert (tmp_path / "prompts.json").is_file()
