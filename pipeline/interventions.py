@@ -100,7 +100,6 @@ import json
 import math
 import numbers
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
@@ -116,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Add",
+    "Annotations",
     "CleanRun",
     "GenerationResult",
     "InterventionResult",
@@ -582,17 +582,18 @@ class _Pass:
                 self.reported[layer] = rep
             self.x[layer] = x
             lo, n_pr = self.offset, self.n_pr
+            dev = acts.device
             # prompt interventions
             entries = self.plan.closed.get(layer)
             if n_pr and entries is not None:
                 sel = (entries.pos >= lo) & (entries.pos < lo + n_pr)
                 if sel.any():
-                    pos, feat = entries.pos[sel], entries.feature[sel]
+                    pos, feat = entries.pos[sel].to(dev), entries.feature[sel].to(dev)
                     if mode.reference == "live":
                         ref = acts[pos - lo, feat].double()
                     else:
                         ref = clean.activations[layer, pos, feat].double()
-                    coeff = entries.mul[sel] * ref + entries.add[sel] - ref
+                    coeff = entries.mul[sel].to(dev) * ref + entries.add[sel].to(dev) - ref
                     self._add_write(layer, pos - lo, feat, coeff, "write")
             # live feature changes (frozen errors in free layers)
             if n_pr and self.track_live[layer]:
@@ -611,10 +612,10 @@ class _Pass:
                             for f, mu, ad in zip(op.feature.tolist(), op.mul.tolist(), op.add.tolist()):
                                 chosen[r, f] = (mu, ad)
                 if chosen:
-                    r = torch.tensor([k[0] for k in chosen], dtype=torch.long)
-                    feat = torch.tensor([k[1] for k in chosen], dtype=torch.long)
-                    mul = torch.tensor([v[0] for v in chosen.values()], dtype=torch.float64)
-                    add = torch.tensor([v[1] for v in chosen.values()], dtype=torch.float64)
+                    r = torch.tensor([k[0] for k in chosen], dtype=torch.long, device=dev)
+                    feat = torch.tensor([k[1] for k in chosen], dtype=torch.long, device=dev)
+                    mul = torch.tensor([v[0] for v in chosen.values()], dtype=torch.float64, device=dev)
+                    add = torch.tensor([v[1] for v in chosen.values()], dtype=torch.float64, device=dev)
                     ref = acts[r, feat].double()
                     self._add_write(layer, r, feat, mul * ref + add - ref, "all")
 
@@ -674,7 +675,8 @@ def _effective_mode(mode: Mode, plan: _Plan, clean: CleanRun) -> Mode:
     if not mode.freeze_scales or mode.reference != "clean" or plan.open:
         return mode
     for layer, e in plan.closed.items():
-        ref = clean.activations[layer, e.pos, e.feature].double()
+        ref = clean.activations[layer, e.pos.to(clean.activations.device),
+                                e.feature.to(clean.activations.device)].double().cpu()
         if bool(((e.mul * ref + e.add - ref) != 0).any()):
             return mode
     return dataclasses.replace(mode, freeze_scales=False)
@@ -714,6 +716,7 @@ class InterventionRunner:
         sparse: bool = False,
         errors: str = "frozen",
     ) -> InterventionResult:
+        """One intervention run on this prompt; arguments as :func:`feature_intervention`."""
         m = self.model
         mode = resolve_mode(m, constrained_layers=constrained_layers, freeze_attention=freeze_attention,
                             direct_effects=direct_effects, errors=errors)

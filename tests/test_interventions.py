@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hooks as H
-from pipeline import testing
 from pipeline.attribution import attribute
 from pipeline.interventions import (
     Add,
