@@ -106,6 +106,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    """Feature dashboards of every transcoder feature from a corpus (see pipeline.dashboards)."""
+    from pipeline import dashboards as D
+    from pipeline.replacement import ReplacementModel
+
+    if args.corpus:
+        corpus = D.read_corpus(args.corpus, field=args.field)
+    elif args.hf_dataset:
+        corpus = D.hf_dataset_corpus(args.hf_dataset, args.split, args.field, config=args.hf_config)
+    else:
+        corpus = D.organism_corpus(args.world, args.n_documents)
+    cfg = D.DashboardConfig(
+        top_k=args.top_k, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
+        seq_len=args.seq_len, n_quantiles=args.n_quantiles, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    t0 = time.perf_counter()
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype])
+    out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet,
+                               overwrite=args.overwrite)
+    dash = D.Dashboards.open(out)
+    print(
+        f"dashboards: {out}  layers={dash.n_layers} features={dash.d_transcoder} "
+        f"tokens={dash.n_tokens} wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-pipeline", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -129,6 +157,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("features", help="compute feature dashboards (top examples, logits, labels) from a corpus")
+    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="local corpus: .txt (one document per line) or .jsonl")
+    src.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets` and the hub)")
+    src.add_argument("--world", help="the organism's world.json: use its corpus (World.corpus)")
+    p.add_argument("--field", default="text", help="text field of .jsonl / dataset records")
+    p.add_argument("--split", default="train", help="dataset split (--hf-dataset)")
+    p.add_argument("--hf-config", default=None, help="dataset config name (--hf-dataset)")
+    p.add_argument("--n-documents", type=int, default=4096, help="sentences drawn from --world")
+    p.add_argument("--out", required=True, help="dashboards store to write (Zarr directory)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(n_ctx, 128))")
+    p.add_argument("--n-quantiles", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dashboards store")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_features)
     return parser
 
 
