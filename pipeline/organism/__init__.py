@@ -9,28 +9,35 @@ cross-layer), saved in the Hugging Face and circuit-tracer formats::
     python -m pipeline.organism out/      # model/, plt/, clt/, prompts.json, metrics.json
 
 How the model solves two-hop recall ("the capital of the state containing Dallas is" ->
-Austin), as measured on the default build:
+Austin), measured on the default build (seed 0) over the canonical two-hop prompts:
 
-1. Block 0's attention copies the city to the last position (one head attends to the city
-   with weight ~1); city embeddings cluster by state, so the MLP input there is already
-   ~75 % state (variance explained by the state's mean).
-2. MLP 0 at the last position turns it into a state/answer code: mean-ablating MLP 0 there
-   drops two-hop accuracy to ~8 %; its output is ~93 % explained by state + language
-   (additively), and a linear probe decodes the state after block 0 on held-out cities
-   (100 %).
+1. Block 0's attention copies the city to the last position (head 2 puts 0.98 of its weight
+   on the city, head 1 0.8); city embeddings cluster by state, so the MLP-0 input there is
+   already ~76 % state (share of variance explained by the state means; state + language
+   together 96 %).
+2. MLP 0 at the last position turns that into a clean state code: a linear probe fitted on
+   trained cities decodes the state of held-out cities from MLP 0's output, and from the
+   residual stream after block 0, 100 % of the time (from block 0's attention output alone
+   only ~40 %). Mean-ablating MLP 0 at the last position drops two-hop accuracy to ~40 %.
+   Its output is ~94 % explained by state + language, additively.
 3. MLP 1 at the last position is not needed for two-hop prompts (mean-ablating it keeps
-   100 %); it mostly sharpens the output language. The unembedding reads the capital from
-   the residual stream additively: a state direction plus a language direction.
-4. The output language is decided by the MLPs: patching MLP 0's output at the last position
-   from the English prompt into the toy prompt switches the answer to English (100 %).
+   100 %); it mostly pushes the output language. The unembedding reads the answer from the
+   residual stream additively: a state direction plus a language direction.
+4. The output language is decided by the MLPs: patching MLP 0's and MLP 1's outputs at the
+   last position from the English prompt into the toy prompt switches every answer to the
+   English spelling (MLP 0 alone: 85 %; the attention outputs: ~0 %).
 
 The transcoders show the same: at the last position, layer-0 features carry the state (a
-few state-selective features plus features shared by groups of states); swapping the features
-that differ between a Dallas prompt and a Fresno prompt flips Austin -> Sacramento
-(``state_swap_rate`` in the transcoder metrics), and swapping the toy-only features for the
-English-only ones switches the output language (``language_swap_rate``). Merely zeroing the
-toy-only features does not (``language_ablation_rate`` ~0): the toy signal is spread over
-features shared by both languages, so that experiment needs a swap or a negative steer.
+few state-selective features plus features shared by groups of states, a distributed code
+like the MLP's own). Swapping the last-position features that differ between a Dallas
+prompt and a Fresno prompt (Dallas-only -> 0, Fresno-only -> their Fresno values) flips
+Austin -> Sacramento (``state_swap_rate``: PLT 0.97, CLT 0.92 over all states), and the
+same swap between a toy prompt and its English twin switches the output language
+(``language_swap_rate``: PLT 0.63, CLT 0.88). Merely zeroing the toy-only features does not
+(``language_ablation_rate`` 0): English is marked as well, by English-only features that
+push toward the English spelling, so with both gone the direct paths (embedding,
+attention) keep the toy answer; a language experiment needs the swap, or a negative steer
+of the toy features (x -2 switched roughly half to two thirds of the prompts in a probe).
 """
 
 from .build import OrganismConfig, build_organism
