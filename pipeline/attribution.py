@@ -290,19 +290,29 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     B = len(batch.nodes)
     top = int(batch.layer.max())  # layers >= top cannot reach any target of this batch
     n_layers = layout.n_layers
+    # With a single-copy forward, one vmapped backward serves the whole batch (one target per
+    # batch element); with `batch` copies of the prompt, element i of the copies is row i.
+    vmapped = ff.batch == 1
     outputs, grad_outputs = [], []
     for layer in sorted(set(batch.layer.tolist())):
         rows = np.nonzero(batch.layer == layer)[0]
         read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
-        g = torch.zeros_like(read)
-        g[torch.as_tensor(rows), torch.as_tensor(batch.pos[rows])] = batch.vectors[rows].to(g.dtype)
+        g = read.new_zeros((B, *read.shape)) if vmapped else torch.zeros_like(read)
+        pos = torch.as_tensor(batch.pos[rows])
+        vecs = batch.vectors[rows].to(g.dtype)
+        if vmapped:
+            g[torch.as_tensor(rows), 0, pos] = vecs
+        else:
+            g[torch.as_tensor(rows), pos] = vecs
         outputs.append(read)
         grad_outputs.append(g)
     writes = ff.mlp_outputs[: min(top, n_layers)]
     grads = torch.autograd.grad(
-        outputs, writes + [ff.embed], grad_outputs, retain_graph=True, allow_unused=True
+        outputs, writes + [ff.embed], grad_outputs,
+        retain_graph=True, allow_unused=True, is_grads_batched=vmapped,
     )
-    g_out = [g[:B] if g is not None else None for g in grads[:-1]]
+    grads = [None if g is None else (g[:, 0] if vmapped else g[:B]) for g in grads]
+    g_out = grads[:-1]
     g_embed = grads[-1]
 
     # accumulate in the model's dtype; the store keeps float32
@@ -470,7 +480,8 @@ def attribute(
 
     # Phase 3: the frozen forward pass that every row batch differentiates
     sources = build_sources(model, capture, layout, values)
-    ff = model.frozen_forward(capture, batch=min(cfg.batch_size, max(len(targets), n_features_to_visit, 1)))
+    ff = model.frozen_forward(capture, batch=1)  # every row batch is one vmapped backward of it
+    row_batch = cfg.batch_size
     enc_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def feature_batch(ids: np.ndarray) -> RowBatch:
@@ -482,8 +493,8 @@ def attribute(
             vecs[torch.as_tensor(sel)] = model.transcoders.encoder_vectors(int(layer), feats).to(vecs.dtype)
         return RowBatch(layers.astype(np.int64), layout.feature_pos[ids].astype(np.int64), vecs, ids.astype(np.int64))
 
-    n_logit_batches = -(-len(targets) // ff.batch)
-    n_feature_batches = _count_feature_batches(layout, n_features_to_visit, ff.batch, cfg)
+    n_logit_batches = -(-len(targets) // row_batch)
+    n_feature_batches = _count_feature_batches(layout, n_features_to_visit, row_batch, cfg)
     progress = tqdm(
         total=n_logit_batches + n_feature_batches, desc="attribution", unit="batch", disable=not verbose
     )
@@ -512,8 +523,8 @@ def attribute(
         # Phase 4: logit rows
         batch_index = 0
         logit_vecs = torch.stack([t.vector for t in targets]).to(capture.errors.dtype)
-        for start in range(0, len(targets), ff.batch):
-            idx = np.arange(start, min(start + ff.batch, len(targets)))
+        for start in range(0, len(targets), row_batch):
+            idx = np.arange(start, min(start + row_batch, len(targets)))
             run(
                 batch_index,
                 RowBatch(
@@ -537,8 +548,8 @@ def attribute(
                     blocks, block_nodes, logit_weights, layout.logit_start, layout.n_cols
                 )[: layout.n_active]
                 rank = np.argsort(-influence, kind="stable")
-                pending = rank[~visited[rank]][: min(cfg.update_interval * ff.batch, n_features_to_visit - n_visited)]
-            for ids in _layer_grouped_batches(pending, layout.feature_layer, ff.batch):
+                pending = rank[~visited[rank]][: min(cfg.update_interval * row_batch, n_features_to_visit - n_visited)]
+            for ids in _layer_grouped_batches(pending, layout.feature_layer, row_batch):
                 run(batch_index, feature_batch(ids))
                 visited[ids] = True
                 n_visited += len(ids)
