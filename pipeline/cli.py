@@ -134,6 +134,61 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run a prompt set as a batch study on a launcher (see pipeline.study)."""
+    from pipeline.prompt_sets import load_prompt_set
+    from pipeline.study import StudySettings, load_launcher, run_study
+
+    prompt_set = load_prompt_set(args.prompts)
+    overrides = list(args.launcher_opt or [])
+    if args.jobs is not None:
+        overrides.append(f"jobs={args.jobs}")
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    launcher = load_launcher(args.launcher, overrides)
+    settings = StudySettings(
+        model=args.model, transcoders=args.transcoders, dtype=args.dtype, max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes, update_interval=args.update_interval,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, scan=args.scan,
+    )
+    only = [i for i in args.only.split(",") if i] if args.only else None
+    # the same study, spelled out: the rerun command of the failed prompts appends --only
+    command = ["circuit-pipeline", "study", "--prompts", args.prompts, "--model", args.model, "--transcoders",
+               args.transcoders, "--out", args.out, "--launcher", args.launcher]
+    for flag in ("jobs", "graphs", "threads", "scan", "max_feature_nodes"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for opt in args.launcher_opt or []:
+        command += ["--launcher-opt", opt]
+    for flag, default in (("node_threshold", 0.8), ("edge_threshold", 0.98), ("max_n_logits", 10),
+                          ("desired_logit_prob", 0.95), ("batch_size", 256), ("update_interval", 4),
+                          ("dtype", "float32")):
+        if getattr(args, flag) != default:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    result = run_study(prompt_set, settings, args.out, launcher, graphs_dir=args.graphs, only=only,
+                       command=command, progress=not args.quiet)
+    print(f"study: {Path(args.out) / 'study.json'}  graphs: {Path(args.out) / 'viewer'} "
+          f"(circuit-pipeline serve {Path(args.out) / 'viewer'})")
+    return 1 if result.failed else 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """Recurring features, the union task circuit and figures of a study (see pipeline.aggregate)."""
+    from pipeline.aggregate import aggregate_study
+
+    out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"
+    agg = aggregate_study(args.study_dir, out, align=args.align, min_prompts=args.min_prompts, top=args.top,
+                          labels=args.labels, figures_dir=args.figures_dir, figures=not args.no_figures)
+    top = agg["features"][:5]
+    print(f"aggregate of {agg['n_prompts']} prompts: {out / 'aggregate.json'}  task circuit "
+          f"{out / 'graph'} ({agg['task_circuit']['nodes']} nodes, {agg['task_circuit']['links']} links)")
+    for r in top:
+        print(f"  L{r['layer']} F{r['feature']}: {r['n_prompts']}/{agg['n_prompts']} prompts, mean influence "
+              f"{r['mean_influence']:.3g}  {r['label']}".rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuit-pipeline", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -181,6 +236,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("study", help="run a prompt set (batch study) on local processes, SLURM or Ray")
+    p.add_argument("--prompts", required=True, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
+    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
+    p.add_argument("--out", required=True, help="study folder (study.json, viewer/, graphs/)")
+    p.add_argument("--launcher", default="local", help="conf/launcher choice: sequential, local, submitit_local, "
+                   "submitit_slurm, ray (or a launcher .yaml file)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
+    p.add_argument("--launcher-opt", action="append", metavar="KEY=VALUE",
+                   help="launcher setting, repeatable (e.g. slurm.partition=gpu, prompts_per_job=4)")
+    p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
+    p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
+    p.add_argument("--node-threshold", type=float, default=0.8)
+    p.add_argument("--edge-threshold", type=float, default=0.98)
+    p.add_argument("--scan", default=None, help="transcoder set name in graph JSON (default: the source)")
+    p.add_argument("--max-n-logits", type=int, default=10)
+    p.add_argument("--desired-logit-prob", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--update-interval", type=int, default=4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (overrides the launcher's)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("aggregate", help="recurring features, union task circuit and figures of a study")
+    p.add_argument("study_dir", help="a study folder (with study.json)")
+    p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/aggregate)")
+    p.add_argument("--align", choices=["end", "start"], default="end", help="align positions at the prompt's end or start")
+    p.add_argument("--min-prompts", type=int, default=1, help="task circuit: features in at least this many prompts")
+    p.add_argument("--top", type=int, default=30, help="features in the heatmap")
+    p.add_argument("--labels", default=None, help="feature labels: a dashboards store or a labels JSON file")
+    p.add_argument("--figures-dir", default=None, help="where figures go (default OUT/figures)")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=cmd_aggregate)
     return parser
 
 
