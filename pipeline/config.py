@@ -164,6 +164,7 @@ class WorldSpec:
     held_out_per_state: int = 2
     templates_per_kind: List[int] = field(default_factory=lambda: [4, 3, 3])
     kind_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 2.0])
+    language_weights: List[float] = field(default_factory=lambda: [1.0, 0.5])
     pinned_trained: List[str] = field(default_factory=lambda: ["Dallas", "Fresno"])
 
 
@@ -201,19 +202,21 @@ class OrganismTrainSpec:
 class TranscoderTrainSpec:
     """``pipeline.organism.TranscoderTrainConfig`` (same fields except ``threads``)."""
 
-    d_transcoder: int = 512
-    steps: int = 1500
-    batch_size: int = 1024
+    d_transcoder: int = 256
+    steps: int = 500
+    batch_size: int = 512
     lr: float = 2e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    sparsity_coefficient: float = 0.02
+    sparsity_coefficient: float = 0.005
     tanh_scale: float = 1.0
     bandwidth: float = 0.1
     threshold_init: float = 0.1
     sparsity_warmup: float = 0.2
     skip: bool = True
+    skip_init: str = "zero"
+    skip_l2: float = 0.01
     n_tokens: Optional[int] = None
     seed: int = 0
 

@@ -34,7 +34,6 @@ def setup_torch(runtime: RuntimeConfig, seed: int = 0) -> None:
     import torch
 
     torch.set_num_threads(runtime.threads)
-    torch.set_num_interop_threads(1) if torch.get_num_interop_threads() != 1 else None
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -87,3 +86,9 @@ def scalars(metrics: dict, drop: tuple[str, ...] = ()) -> dict:
     """The numeric top-level entries of a metrics dict (what ``dvc metrics show`` tabulates)."""
     return {k: v for k, v in sorted(metrics.items())
             if k not in drop and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def shown(metrics: dict, keys: tuple[str, ...]) -> str:
+    """``key value`` for those of ``keys`` the metrics hold as numbers (for a stage's log line)."""
+    return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys
+                     if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool))

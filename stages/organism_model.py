@@ -6,17 +6,17 @@ and metrics/organism/model.json (accuracies, for ``dvc metrics show``).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.organism.train_model import ModelConfig, TrainConfig, train_model
 from pipeline.organism.world import WorldConfig, make_world
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, read_json, scalars, setup_torch, write_json
+from stages._config import library_config, load_config, parse_args
+from stages._io import atomic_path, read_json, scalars, setup_torch, shown, write_json
 
 WORLD = Path("data/organism/world.json")
 OUT = Path("models/organism/model")
 METRICS = Path("metrics/organism/model.json")
+SHOWN = ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy")
 #: run-dependent entries the library writes into its metrics; dropped so outputs are byte-stable
 VOLATILE = ("wall_time_s",)
 
@@ -39,16 +39,13 @@ def main(argv=None) -> None:
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
     spec = cfg.organism
-    train = asdict(spec.train)
     with atomic_path(OUT) as tmp:
-        train_model(load_world(), ModelConfig(**asdict(spec.model)),
-                    TrainConfig(**{**train, "betas": tuple(train["betas"])}, threads=cfg.runtime.threads),
+        train_model(load_world(), library_config(spec.model, ModelConfig),
+                    library_config(spec.train, TrainConfig, threads=cfg.runtime.threads),
                     out_dir=tmp, progress=False)
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(METRICS, scalars(metrics))
-    print(f"organism model: {OUT}  one-hop {metrics['one_hop_accuracy']:.3f}  "
-          f"two-hop trained {metrics['two_hop_trained_accuracy']:.3f}  "
-          f"held out {metrics['two_hop_heldout_accuracy']:.3f}")
+    print(f"organism model: {OUT}  {shown(metrics, SHOWN)}")
 
 
 if __name__ == "__main__":

@@ -6,16 +6,16 @@ Outputs: models/organism/<kind> (circuit-tracer on-disk format) and metrics/orga
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.organism.train_transcoders import TranscoderTrainConfig, train_clt, train_plt
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, scalars, setup_torch, write_json
+from stages._config import library_config, load_config, parse_args
+from stages._io import atomic_path, scalars, setup_torch, shown, write_json
 from stages.organism_model import OUT as MODEL_DIR
 from stages.organism_model import load_world, strip_volatile
 
 TRAIN = {"plt": train_plt, "clt": train_clt}
+SHOWN = ("fve", "l0_total", "dead_share", "agreement_answer_positions")
 
 
 def main(argv=None) -> None:
@@ -27,12 +27,12 @@ def main(argv=None) -> None:
     spec = getattr(cfg.organism, args.kind)
     out = Path("models/organism") / args.kind
     with atomic_path(out) as tmp:
-        TRAIN[args.kind](MODEL_DIR, load_world(), TranscoderTrainConfig(**asdict(spec), threads=cfg.runtime.threads),
+        TRAIN[args.kind](MODEL_DIR, load_world(),
+                         library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
                          out_dir=tmp, progress=False)
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(Path("metrics/organism") / f"{args.kind}.json", scalars(metrics, drop=("d_transcoder",)))
-    print(f"organism {args.kind}: {out}  FVE {metrics['fve']:.3f}  L0 {metrics['l0']:.1f}  "
-          f"dead {metrics['dead_share']:.3f}  agreement {metrics['agreement_answer_positions']:.3f}")
+    print(f"organism {args.kind}: {out}  {shown(metrics, SHOWN)}")
 
 
 if __name__ == "__main__":

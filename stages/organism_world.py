@@ -6,20 +6,17 @@ this file rather than on the ``organism.world`` params.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.organism.world import SENTENCE_KINDS, WorldConfig, make_world
-from stages._config import load_config, parse_args
+from stages._config import library_config, load_config, parse_args
 from stages._io import write_json
 
 OUT = Path("data/organism/world.json")
 
 
 def world_config(spec) -> WorldConfig:
-    d = asdict(spec)
-    return WorldConfig(**{**d, "templates_per_kind": tuple(d["templates_per_kind"]),
-                          "kind_weights": tuple(d["kind_weights"]), "pinned_trained": tuple(d["pinned_trained"])})
+    return library_config(spec, WorldConfig)
 
 
 def main(argv=None) -> None:

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 from stages._config import load_config, parse_args
-from stages._io import prompt_dir, read_json
+from stages._io import prompt_dir, read_json, shown
 
 ORGANISM_METRICS = {
     "model": ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy", "prompt_set_accuracy"),
-    "plt": ("fve", "l0", "dead_share", "agreement_answer_positions"),
-    "clt": ("fve", "l0", "dead_share", "agreement_answer_positions"),
+    "plt": ("fve", "l0_total", "dead_share", "agreement_answer_positions"),
+    "clt": ("fve", "l0_total", "dead_share", "agreement_answer_positions"),
 }
 
 
@@ -27,9 +27,7 @@ def main(argv=None) -> int:
         for name, keys in ORGANISM_METRICS.items():
             path = Path("metrics/organism") / f"{name}.json"
             if path.exists():
-                m = read_json(path)
-                shown = "  ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), (int, float)))
-                print(f"organism {name:5s} {path}  {shown}")
+                print(f"organism {name:5s} {path}  {shown(read_json(path), keys)}")
             else:
                 print(f"organism {name:5s} {path}  (missing: run dvc repro)")
                 missing += 1
@@ -47,7 +45,7 @@ def main(argv=None) -> int:
               f"kept {s['kept_nodes']}/{s['nodes']} nodes")
         print(f"      graph      {graph}")
         print(f"      pruned     {run / 'pruned.npz'}  (full graph {run / 'graph.zarr'})")
-        print(f"      activations {run / 'capture.safetensors'}")
+        print(f"      capture    {run / 'capture.safetensors'}")
     print("\nGraph folders open in circuit-tracer's viewer (each holds graph-metadata.json).")
     print("Intervention reports and figures: not produced by this pipeline yet.")
     return 1 if missing else 0

@@ -1,0 +1,315 @@
+"""The DVC + Hydra pipeline, with real DVC and Hydra.
+
+Fast tests check the configuration: the committed params.yaml is DVC's composition of conf/,
+bad overrides fail at composition naming the key, the schema mirrors the library's config
+classes, the default prompt set is the organism world's. Slow tests build a temporary git
+repository holding conf/, stages/, pipeline/ and dvc.yaml, compose the tiny configuration
+(``experiment=tiny``: a tiny organism, three prompts) and run ``dvc`` in subprocesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dvc.utils.hydra import compose_and_dump  # noqa: E402
+
+from pipeline import config as schema  # noqa: E402
+from stages._config import ConfigError, load_config, register_configs  # noqa: E402
+
+TINY = ["experiment=tiny"]
+PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
+PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export")
+
+
+def dvc_compose(out: Path, overrides: list[str], conf: Path = ROOT / "conf") -> str:
+    """Compose exactly as ``dvc exp run`` does (DVC's own function), return the text."""
+    register_configs()  # the plugin scan imports it only once per process
+    compose_and_dump(out, str(conf), None, "config", str(conf.parent / "stages"), overrides)
+    return out.read_text()
+
+
+# ------------------------------------------------------------------------------------ fast
+def test_committed_params_equal_composition_of_conf(tmp_path):
+    assert dvc_compose(tmp_path / "params.yaml", []) == (ROOT / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize("override, names", [
+    ("attribution.batch_sise=3", "attribution.batch_sise"),
+    ("attribution.batch_size=abc", "attribution.batch_size"),
+    ("pruning.node_threshold=high", "pruning.node_threshold"),
+    ("prompts=no_such_set", "prompts/no_such_set"),
+    ("model=no_such_model", "model/no_such_model"),
+    ("transcoders=no_such_set", "transcoders/no_such_set"),
+])
+def test_bad_override_fails_at_composition_naming_the_key(tmp_path, override, names):
+    with pytest.raises(Exception) as info:
+        dvc_compose(tmp_path / "params.yaml", [override])
+    text = " ".join(str(e) for e in _chain(info.value))
+    assert names in text
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def _chain(exc):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def test_added_unknown_key_fails_when_a_stage_loads_it(tmp_path):
+    # `+key=value` asks Hydra to add a key; the schema then refuses it at load time
+    path = tmp_path / "params.yaml"
+    dvc_compose(path, ["+attribution.batch_sise=3"])
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(path)
+
+
+def test_real_model_choice_brings_its_transcoders(tmp_path):
+    cfg = yaml.safe_load(dvc_compose(tmp_path / "p.yaml", ["model=gemma-2-2b"]))
+    assert cfg["transcoders"]["source"] == "mntss/gemma-scope-transcoders"
+    cfg = yaml.safe_load(dvc_compose(tmp_path / "p.yaml", ["model=gemma-2-2b", "transcoders=gemma_clt_426k"]))
+    assert cfg["transcoders"]["source"] == "mntss/clt-gemma-2-2b-426k"
+
+
+def test_missing_required_value_is_named_when_loaded(tmp_path):
+    path = tmp_path / "params.yaml"
+    dvc_compose(path, ["transcoders=local"])
+    with pytest.raises(ConfigError, match="transcoders.source"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("part", ["world", "model", "train", "plt", "clt"])
+def test_organism_schema_and_default_conf_follow_the_library(part):
+    """Same fields as the library's configs (``threads`` comes from runtime.threads); the
+    schema's defaults and conf/organism/default.yaml are the library's defaults
+    (``pipeline.organism.OrganismConfig``)."""
+    from pipeline.organism import OrganismConfig
+
+    lib = dataclasses.asdict(getattr(OrganismConfig(), part))
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in lib.items() if k != "threads"}
+    assert dataclasses.asdict(getattr(schema.OrganismSpec(), part)) == expected
+    composed = load_config(ROOT / "params.yaml").organism
+    assert dataclasses.asdict(getattr(composed, part)) == expected
+
+
+def test_default_prompt_set_is_the_organism_worlds():
+    from pipeline.organism.world import make_world
+    from stages.organism_world import world_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    world = make_world(world_config(cfg.organism.world))
+    expected = {p["id"]: p for p in world.prompt_set()}
+    assert list(cfg.prompts.items) == list(expected)
+    for pid, p in cfg.prompts.items.items():
+        assert (p.prompt, p.answer, p.kind, p.language, p.tags) == (
+            expected[pid]["prompt"], expected[pid]["answer"], expected[pid]["kind"],
+            expected[pid]["language"], expected[pid]["tags"])
+
+
+def test_dvc_yaml_stage_params_exist_in_params():
+    """Every params key a stage lists resolves in params.yaml (a typo would make DVC fail)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        keys = [k.replace("${item}", "plt").replace("${key}", next(iter(params["prompts"]["items"])))
+                for k in body.get("params", [])]
+        for key in keys:
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{name}: params key {key}"
+                node = node[part]
+
+
+# ------------------------------------------------------------------------------------ slow
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(),
+                          capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran(proc: subprocess.CompletedProcess) -> set[str]:
+    """Stages whose command ran (not skipped, not restored from the run cache)."""
+    return set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """{out path: md5} from dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+
+
+def per_prompt(pid: str, stages=PER_PROMPT) -> set[str]:
+    return {f"{s}@{pid}" for s in stages}
+
+
+def set_params(repo: Path, overrides: list[str]) -> None:
+    dvc_compose(repo / "params.yaml", TINY + overrides, conf=repo / "conf")
+
+
+def restore(repo: Path) -> None:
+    """Back to the tiny baseline: conf/ and params.yaml as committed, outputs from the cache."""
+    subprocess.run(["git", "checkout", "--", "conf", "params.yaml"], cwd=repo, check=True)
+    dvc(repo, "repro")
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git repo with the pipeline, the tiny config composed into params.yaml, reproduced once."""
+    repo = tmp_path_factory.mktemp("study")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("conf", "stages", "pipeline"):
+        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    (repo / ".gitignore").write_text("__pycache__/\n/tmp/\n")
+    set_params(repo, [])
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.name", "test"], cwd=repo, check=True)
+    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "tiny study"], cwd=repo, check=True)
+    first = dvc(repo, "repro")
+    expected = {"organism_world", "organism_model", "organism_transcoders@plt", "organism_transcoders@clt"}
+    expected |= {s for pid in PROMPTS for s in per_prompt(pid)}
+    assert ran(first) == expected
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "reproduced"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.slow
+def test_second_repro_recomputes_nothing(repo):
+    t0 = time.perf_counter()
+    proc = dvc(repo, "repro")
+    wall = time.perf_counter() - t0
+    assert ran(proc) == set()
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+    print(f"no-op dvc repro: {wall:.1f}s")
+
+
+@pytest.mark.slow
+def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
+    conf = repo / "conf" / "prompts" / "organism_small.yaml"
+    conf.write_text(conf.read_text().replace("prompt: Dallas esta en", "prompt: Dallas esta urbo en"))
+    set_params(repo, [])
+    proc = dvc(repo, "repro")
+    assert ran(proc) == per_prompt("state_dallas_toy")
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_pruning_param_reruns_prune_and_export_not_attribution(repo):
+    set_params(repo, ["pruning.node_threshold=0.7"])
+    proc = dvc(repo, "repro")
+    assert ran(proc) == {s for pid in PROMPTS for s in per_prompt(pid, ("prune", "export"))}
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_attribution_param_reruns_attribution(repo):
+    set_params(repo, ["attribution.max_n_logits=3"])
+    changed = set(re.findall(r"^(\S+):$", dvc(repo, "status").stdout, re.M))
+    assert changed == {f"attribute@{pid}" for pid in PROMPTS}  # and nothing upstream
+    pid = PROMPTS[0]
+    proc = dvc(repo, "repro", f"export@{pid}")  # one prompt's chain is enough to see it rerun
+    assert f"attribute@{pid}" in ran(proc)
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_exp_run_applies_override_through_hydra(repo):
+    proc = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "pruning.edge_threshold=0.9")
+    assert ran(proc) == {s for pid in PROMPTS for s in per_prompt(pid, ("prune", "export"))}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["pruning"]["edge_threshold"] == 0.9
+    assert params["prompts"]["name"] == "organism_small"  # the whole of conf/ was composed
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    assert '"edge_threshold": 0.9' in shown
+    bad = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "attribution.batch_sise=3", check=False)
+    assert bad.returncode != 0 and "attribution.batch_sise" in bad.stdout + bad.stderr
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_killed_stage_leaves_no_finished_output_and_rerun_completes(repo):
+    pid = "two_hop_dallas_en"
+    stage, out = f"attribute@{pid}", repo / "results" / pid / "graph.zarr"
+    set_params(repo, ["attribution.batch_size=4"])  # many small batches: time to kill it
+    progress = repo / "tmp" / "partial" / pid / "graph.zarr" / "progress"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (progress.is_dir() and any(progress.glob("*.json"))):
+            assert proc.poll() is None, "the stage ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    assert stage in dvc(repo, "status", stage).stdout  # DVC does not take it as finished
+    resumed = dvc(repo, "repro", stage)
+    assert ran(resumed) == {stage} and "resuming" in resumed.stdout
+    from pipeline.graph_store import Graph
+
+    Graph.open(out).verify()
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_rerunning_stages_gives_byte_identical_outputs(repo):
+    before = lock_outs(repo)
+    pid = "capital_texas_en"
+    stages = ["organism_model", "organism_transcoders@plt", f"capture@{pid}", f"attribute@{pid}"]
+    proc = dvc(repo, "repro", "--force", "--single-item", *stages)
+    assert ran(proc) == set(stages)
+    assert lock_outs(repo) == before
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+
+
+@pytest.mark.slow
+def test_a_clone_pulls_the_study_from_the_remote(repo, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(repo, "push")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "study"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    dvc(clone, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
+    assert (clone / "results" / PROMPTS[0] / "graph" / f"{PROMPTS[0]}.json").is_file()
