@@ -62,6 +62,12 @@ CT_VENV = BENCH / ".ct-venv"
 CT_RUNNER = BENCH / "ct_runner.py"
 RESULTS = BENCH / "results"
 SCAN = "circuit-pipeline-bench"
+SECTION_KEYS = {  # report sections, in table order, and the report keys each one fills
+    "exactness": ["exactness", "exactness_status", "verify_by_intervention", "versions"],
+    "big-exactness": ["exactness_big", "exactness_big_settings"],
+    "speed": ["speed", "speed_settings"],
+    "scale": ["scale", "scale_settings"],
+}
 
 BASE_WORDS = ("the capital of the state containing dallas is austin . la capitale de texas est "
               "big city of the south in texas and the river").split()
@@ -234,6 +240,16 @@ def worker(job_path: str) -> None:
         t0 = time.perf_counter()
         model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"])
         res.update(load_s=time.perf_counter() - t0, peak_rss_mb_after_load=_peak_rss_mb())
+        if setup.get("check_hf_logits") and setup["runs"]:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(setup["model_dir"], dtype=torch.float32).eval()
+            tok = torch.tensor(setup["runs"][0]["tokens"], dtype=torch.long)
+            with torch.no_grad():
+                ref = hf(tok[None]).logits[0]
+            res["hf_logits"] = {"max_abs_diff": float((model.capture(tok).logits - ref).abs().max()),
+                                "max_abs_logit": float(ref.abs().max())}
+            del hf
         save()
         for spec in setup["runs"]:
             info: dict = {}
@@ -642,7 +658,8 @@ def exactness_rows(ours: dict, theirs: dict, setups: list[dict], work: Path) -> 
         for r in s["runs"]:
             row = {"setup": s["name"], "run": r["name"], "n_pos": len(r["tokens"]),
                    "max_feature_nodes": r["max_feature_nodes"],
-                   "hf_logits_max_abs_ct": st.get("hf_logits", {}).get("max_abs_diff")}
+                   "hf_logits_max_abs_ct": st.get("hf_logits", {}).get("max_abs_diff"),
+                   "hf_logits_max_abs_ours": so.get("hf_logits", {}).get("max_abs_diff")}
             io, it = so.get("runs", {}).get(r["name"], {}), st.get("runs", {}).get(r["name"], {})
             row["ours_info"], row["theirs_info"] = io, it
             if "error" in io or "error" in it or not io or not it:
@@ -683,13 +700,13 @@ def _fmt(x, nd=2) -> str:
 
 
 def exactness_table(rows: list[dict]) -> list[str]:
-    head = ("| fixture | max_feature_nodes | tokens | active | selected | logits (tok, max Δp) | "
+    head = ("| fixture | max_feature_nodes | logits vs HF (ours, ct) | tokens | active | selected | logits (tok, max Δp) | "
             "adjacency max abs / rel / rel_entry | rel without BOS-error columns | pruning: nodes, edges | "
             "our pruning on ct's adjacency = ct's | replacement, completeness (ours / ct) | graph JSON |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {r['n_pos']} | error: {r['error']} |||||||")
+            lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {r['n_pos']} | error: {r['error']} |||||||||")
             continue
         logits = f"{_fmt(r.get('same_logit_tokens'))}, {_fmt(r.get('logit_prob_max_abs'))}"
         adj = (f"{_fmt(r.get('adj_max_abs'))} / {_fmt(r.get('adj_rel'))} / {_fmt(r.get('adj_rel_entry'))}"
@@ -702,12 +719,22 @@ def exactness_table(rows: list[dict]) -> list[str]:
         cs = r.get("completeness_score", [None, None])
         sc = f"{_fmt(rs[0], 4)}/{_fmt(rs[1], 4)}, {_fmt(cs[0], 4)}/{_fmt(cs[1], 4)}"
         j = r.get("json", {})
-        js = "-" if not j else (_fmt(j.get("same")) + (f" (nodes {j['nodes'][0]}/{j['nodes'][1]}, links {j['links'][0]}/{j['links'][1]})"))
+        js = "-"
+        if j:
+            why = [f"{k} x{v}" for k, v in j.get("node_field_diffs", {}).items()]
+            if j.get("nodes_only_ours") or j.get("nodes_only_theirs"):
+                why.append(f"node sets differ ({len(j['nodes_only_ours'])}+/{len(j['nodes_only_theirs'])}-)")
+            if j.get("links_only_ours") or j.get("links_only_theirs"):
+                why.append(f"links differ ({j['links_only_ours']}+/{j['links_only_theirs']}-)")
+            why += [f"metadata.{k}" for k in j.get("metadata_diffs", {})]
+            js = (_fmt(j.get("same")) + f" (nodes {j['nodes'][0]}/{j['nodes'][1]}, links {j['links'][0]}/{j['links'][1]}, "
+                  f"weights rel {_fmt(j.get('link_weight_max_rel'))}" + (f"; {', '.join(why)}" if why else "") + ")")
         sel = _fmt(r.get("same_selected_features"))
         if not r.get("same_selected_features"):
             sel += f" ({r.get('selected_only_ours')}/{r.get('selected_only_theirs')} differ)"
         cross = r.get("our_pruning_on_ct_adjacency", {}).get("same_masks_as_ct")
-        lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {_fmt(r.get('same_input_tokens'))} | "
+        hf = f"{_fmt(r.get('hf_logits_max_abs_ours'))}, {_fmt(r.get('hf_logits_max_abs_ct'))}"
+        lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {hf} | {_fmt(r.get('same_input_tokens'))} | "
                      f"{_fmt(r.get('same_active_features'))} | {sel} | {logits} | {adj} | "
                      f"{_fmt(r.get('adj_rel_excl_bos_error'))} | {prune} | {_fmt(cross)} | {sc} | {js} |")
     return lines
@@ -732,10 +759,66 @@ def speed_table(rows: list[dict]) -> list[str]:
 
 
 def scale_table(rows: list[dict]) -> list[str]:
-    lines = ["| engine | fixture | tokens | nodes | status | attribute s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+    """One line per prompt length: both engines side by side (all features, full graphs)."""
+    lines = ["| tokens | nodes | ours: status, attribute s, peak RSS MB | circuit-tracer: status, attribute s, peak RSS MB | "
+             "time ours/ct | RSS ours/ct |", "|---|---|---|---|---|---|"]
+    by_n: dict[int, dict] = {}
     for r in rows:
-        lines.append(f"| {r['engine']} | {r['setup']} | {r['n_pos']} | {r.get('n_nodes', '-')} | {r['status']} | "
-                     f"{_fmt(r.get('attribute_s'), 1)} | {_fmt(r.get('peak_rss_mb'), 0)} |")
+        by_n.setdefault(r["n_pos"], {})[r["engine"]] = r
+    for n in sorted(by_n):
+        o, t = by_n[n].get("ours", {}), by_n[n].get("theirs", {})
+
+        def cell(r):
+            if not r:
+                return "not run (a shorter prompt already failed)"
+            return f"{_short_status(str(r['status']))}, {_fmt(r.get('attribute_s'), 1)}, {_fmt(r.get('peak_rss_mb'), 0)}"
+
+        tr = o["attribute_s"] / t["attribute_s"] if o.get("attribute_s") and t.get("attribute_s") else None
+        mr = o["peak_rss_mb"] / t["peak_rss_mb"] if o.get("peak_rss_mb") and t.get("peak_rss_mb") else None
+        lines.append(f"| {n} | {o.get('n_nodes') or t.get('n_nodes') or '-'} | {cell(o)} | {cell(t)} | {_fmt(tr)} | {_fmt(mr)} |")
+    return lines
+
+
+def build_tables(report: dict) -> list[str]:
+    """The printed table, from the report's data (so reused sections print the same way)."""
+    lines: list[str] = []
+    if report.get("exactness"):
+        lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20):", ""]
+        lines += exactness_table(report["exactness"])
+        bos = [r for r in report["exactness"] if r.get("ct_string_tokens_equal_ids") is False]
+        if bos:
+            r = bos[0]
+            lines += ["", f"Input ids: both engines were given the same ids (BOS first). From the prompt text, our "
+                      f"tokenization gives those ids in {sum(bool(x.get('our_string_tokens_equal_ids')) for x in report['exactness'])}"
+                      f"/{len(report['exactness'])} runs; circuit-tracer's gives different ids in {len(bos)} runs: its first "
+                      f"id is {r['theirs_info'].get('ct_string_tokens', [None])[0]} instead of BOS "
+                      f"{r['ours_info'].get('string_tokens', [None])[0]} (it prepends the first non-zero special-token "
+                      "id, so a BOS id of 0 is skipped)."]
+    verify = report.get("verify_by_intervention") or {}
+    if verify:
+        lines += ["", "Differences checked by intervention on the frozen model (our engine in float64, circuit-tracer's "
+                  "float32 graph; relative error of each column against the measured change of every target):", "",
+                  "| fixture | source | max change | ours rel err | circuit-tracer rel err |", "|---|---|---|---|---|"]
+        for name, checks in verify.items():
+            if "error" in checks:
+                lines.append(f"| {name} | error: {checks['error']} ||||")
+                continue
+            for label, c in checks.items():
+                lines.append(f"| {name} | {label} | {_fmt(c['intervention_max_abs_change'])} | "
+                             f"{_fmt(c['ours_rel_err'])} | {_fmt(c['ct_rel_err'])} |")
+    if report.get("exactness_big"):
+        st = report.get("exactness_big_settings", {"n_tokens": 8, "max_feature_nodes": 128})
+        lines += ["", f"Exactness on the GPT-2-small-shaped fixture ({st['n_tokens']} tokens, max_feature_nodes "
+                  f"{st['max_feature_nodes']}):", ""] + exactness_table(report["exactness_big"])
+    if report.get("speed"):
+        st = report.get("speed_settings") or {}
+        lines += ["", f"Speed and memory (GPT-2-small shape, max_feature_nodes={st.get('max_feature_nodes')}, batch "
+                  f"{st.get('batch_size')}, {st.get('threads')} threads; each engine in its own process, one after the "
+                  "other; RSS = peak of the process, model loading included):", ""] + speed_table(report["speed"])
+    if report.get("scale"):
+        st = report.get("scale_settings") or {}
+        lines += ["", f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; time cap "
+                  f"{st.get('cap_s')} s, address-space cap {st.get('mem_cap_gb')} GB):", ""] + scale_table(report["scale"])
     return lines
 
 
@@ -772,10 +855,25 @@ def ensure_ct_venv() -> None:
         subprocess.run(["bash", str(BENCH / "circuit_tracer_env.sh"), str(CT_VENV)], check=True)
 
 
+def _short_status(text: str) -> str:
+    """A failure reason short enough for a table cell (the full text stays in the JSON)."""
+    import re
+
+    m = re.search(r"tried to allocate (\d+) bytes", text)
+    if m:
+        return f"out of memory (an allocation of {int(m.group(1)) / 2**30:.1f} GiB failed)"
+    if "can't allocate memory" in text or "MemoryError" in text:
+        return "out of memory"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _single(engine_result: dict, setup: str, run: str) -> dict:
     info = dict(engine_result.get("setups", {}).get(setup, {}).get("runs", {}).get(run, {}))
     if not info or "attribute_s" not in info:
-        info["status"] = engine_result.get("status") if engine_result.get("status") != "ok" else info.get("error", "failed")
+        reason = engine_result.get("status") if engine_result.get("status") != "ok" else info.get("error", "failed")
+        info["status"] = _short_status(str(reason))
+        if "error" in info:
+            info["error_full"] = info["error"]
     info["peak_rss_mb"] = engine_result.get("peak_rss_mb") if "attribute_s" in info else None
     return info
 
@@ -797,7 +895,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     ap.add_argument("--scale-cap-s", type=float, default=600)
     ap.add_argument("--mem-cap-gb", type=float, default=14.0)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["exactness", "big-exactness", "speed", "scale"])
+    ap.add_argument("--scale-append", action="store_true",
+                    help="with --reuse: keep the earlier scale rows of other lengths (rerun some lengths with a longer cap)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(SECTION_KEYS))
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="take the skipped sections from this earlier results JSON (to rerun one section)")
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -810,7 +912,6 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "machine": _machine(), "load_avg_start": _loadavg(), "quick": args.quick,
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    lines: list[str] = []
 
     # ---------------------------------------------------------------- exactness (tiny)
     print("[compare] fixtures ...", flush=True)
@@ -823,7 +924,6 @@ def main(argv: list[str] | None = None) -> int:
         report["versions"] = {"ours": ours.get("versions"), "circuit_tracer_env": theirs.get("versions")}
         report["exactness"] = exactness_rows(ours, theirs, ex, work / "exact")
         report["exactness_status"] = {"ours": ours["status"], "theirs": theirs["status"]}
-        lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens):", ""] + exactness_table(report["exactness"])
         # where the adjacency differs: which side is right, by intervention on the frozen model
         verify = {}
         for st, row in zip(tiny, [r for r in report["exactness"] if r["run"] == "all"]):
@@ -836,17 +936,6 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # report, do not hide the table
                 verify[st.name] = {"error": f"{type(exc).__name__}: {exc}"}
         report["verify_by_intervention"] = verify
-        if verify:
-            lines += ["", "Differences checked by intervention on the frozen model (float64; relative error of each "
-                      "engine's column against the measured change of every target):", "",
-                      "| fixture | source | max change | ours rel err | circuit-tracer rel err |", "|---|---|---|---|---|"]
-            for name, checks in verify.items():
-                if "error" in checks:
-                    lines.append(f"| {name} | error: {checks['error']} ||||")
-                    continue
-                for label, c in checks.items():
-                    lines.append(f"| {name} | {label} | {_fmt(c['intervention_max_abs_change'])} | "
-                                 f"{_fmt(c['ours_rel_err'])} | {_fmt(c['ct_rel_err'])} |")
 
     if not args.quick:
         big = build_big(work, "gpt2small", with_clt=True)
@@ -863,11 +952,13 @@ def main(argv: list[str] | None = None) -> int:
             theirs = run_engine("theirs", ex, work / "exact-big" / "theirs", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb)
             rows = exactness_rows(ours, theirs, ex, work / "exact-big")
             report["exactness_big"] = rows
-            lines += ["", "Exactness on the GPT-2-small-shaped fixture (8 tokens):", ""] + exactness_table(rows)
+            report["exactness_big_settings"] = {"n_tokens": 8, "max_feature_nodes": 128, "batch_size": 64}
 
         # ------------------------------------------------------------ speed
         if "speed" not in args.skip:
             speed_rows = []
+            report["speed_settings"] = {"max_feature_nodes": args.speed_mfn, "batch_size": args.batch_size,
+                                        "threads": args.threads, "cap_s": args.speed_cap_s}
             for s in big:
                 if s.name.endswith("clt") and args.no_clt_speed:
                     continue
@@ -889,13 +980,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "ours": _single(ro, s.name, f"n{n}"), "theirs": _single(rt, s.name, f"n{n}")})
                         report["speed"] = speed_rows
                         _write(report, args)
-            lines += ["", f"Speed and memory (GPT-2-small shape, max_feature_nodes={args.speed_mfn}, batch {args.batch_size}, "
-                      f"{args.threads} threads; RSS includes model loading):", ""] + speed_table(speed_rows)
 
         # ------------------------------------------------------------ scale
         if "scale" not in args.skip:
             sc = build_big(work, "scale", with_clt=False)[0]
             scale_rows = []
+            report["scale_settings"] = {"cap_s": args.scale_cap_s, "mem_cap_gb": args.mem_cap_gb,
+                                        "batch_size": args.batch_size, "lengths": args.scale_lengths}
             for engine in ("ours", "theirs"):
                 for n in args.scale_lengths:
                     n = min(n, 1024)
@@ -909,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
                                    timeout_s=args.scale_cap_s, mem_cap_gb=args.mem_cap_gb)
                     info = _single(r, sc.name, f"n{n}")
                     row = {"engine": engine, "setup": sc.name, "n_pos": n, "status": info.get("status", "ok"),
-                           **{k: info.get(k) for k in ("attribute_s", "peak_rss_mb", "n_nodes", "n_active")},
+                           **{k: info.get(k) for k in ("attribute_s", "peak_rss_mb", "n_nodes", "n_active", "store_bytes")},
                            "load_avg": _loadavg()}
                     if row["status"] != "ok":
                         row["log_tail"] = r.get("log_tail", "")[-600:]
@@ -918,11 +1009,32 @@ def main(argv: list[str] | None = None) -> int:
                     _write(report, args)
                     if row["status"] != "ok":
                         break
-            lines += ["", f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; "
-                      f"time cap {args.scale_cap_s:.0f} s, address-space cap {args.mem_cap_gb} GB):", ""] + scale_table(scale_rows)
 
     report["load_avg_end"] = _loadavg()
     report["total_s"] = round(time.perf_counter() - t_all, 1)
+    if args.reuse:  # sections not rerun now come from an earlier results file
+        old = json.loads(Path(args.reuse).read_text())
+        if args.scale_append and "scale" not in args.skip and old.get("scale"):
+            new_keys = {(r["engine"], r["n_pos"]) for r in report.get("scale", [])}
+            kept = [r for r in old["scale"] if (r["engine"], r["n_pos"]) not in new_keys]
+            report["scale"] = kept + report.get("scale", [])
+            report["scale_settings_earlier"] = old.get("scale_settings")
+        for section in args.skip:
+            for key in SECTION_KEYS[section]:
+                if key in old and key not in report:
+                    report[key] = old[key]
+            if section == "speed" and "speed_settings" not in report and "settings" in old:
+                st = old["settings"]
+                report["speed_settings"] = {"max_feature_nodes": st.get("speed_mfn"), "batch_size": st.get("batch_size"),
+                                            "threads": st.get("threads"), "cap_s": st.get("speed_cap_s")}
+            if section == "speed":
+                for row in report.get("speed", []):
+                    for side in ("ours", "theirs"):
+                        if "status" in row[side]:
+                            row[side]["status"] = _short_status(str(row[side].get("error_full") or row[side]["status"]))
+            report.setdefault("reused", {})[section] = {"from": str(args.reuse), "date": old.get("date"),
+                                                        "load_avg": [old.get("load_avg_start"), old.get("load_avg_end")]}
+    lines = build_tables(report)
     report["table"] = "\n".join(lines)
     path = _write(report, args)
     print("\n".join(lines))
