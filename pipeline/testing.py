@@ -182,6 +182,48 @@ def make_tiny_llama(
     return directory
 
 
+def make_tiny_gemma2(
+    directory: str | os.PathLike,
+    *,
+    n_layers: int = 2,
+    d_model: int = 16,
+    n_heads: int = 2,
+    n_ctx: int = 32,
+    vocab_words: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """A randomly initialised Gemma-2 (RMSNorm with post-attention and post-MLP norms, logit
+    soft-capping, sliding-window layers) + tokenizer that adds BOS."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    _quiet_hf()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(vocab_words)
+    head_dim = d_model // n_heads
+    config = Gemma2Config(
+        vocab_size=len(vocab),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=max(1, n_heads // 2),
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=max(2, n_ctx // 2),
+        max_position_embeddings=n_ctx,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma2ForCausalLM(config)
+    _save_model(model, directory)
+    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=True)
+    return directory
+
+
 # --------------------------------------------------------------------------- transcoders
 def _gaussian_quantile(p: float) -> float:
     return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))

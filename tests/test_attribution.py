@@ -40,8 +40,9 @@ def fixture_dirs(tmp_path_factory):
     dirs = {
         "gpt2": testing.make_tiny_gpt2(root / "gpt2", n_layers=3, d_model=16, n_heads=2, n_ctx=32),
         "llama": testing.make_tiny_llama(root / "llama", n_layers=3, d_model=16, n_heads=2, n_ctx=32),
+        "gemma2": testing.make_tiny_gemma2(root / "gemma2", n_layers=3, d_model=16, n_heads=2, n_ctx=32),
     }
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2", "llama", "gemma2"):
         common = dict(n_layers=3, d_model=16, d_transcoder=24, density=0.3)
         dirs[arch, "plt"] = testing.make_random_plt(root / f"{arch}_plt", activation="relu", **common)
         dirs[arch, "plt_skip"] = testing.make_random_plt(
@@ -191,6 +192,17 @@ def test_edges_match_intervention_on_frozen_model_float64(fixture_dirs, tmp_path
     graph = attribute(prompt, model, batch_size=16, store=tmp_path / "g.zarr", verbose=False)
     assert graph.n_selected > 0
     check_columns_by_intervention(model, prompt, graph, n_samples=6, rtol=1e-6)
+
+
+def test_gemma2_post_norms_are_frozen_and_edges_stay_exact(fixture_dirs, tmp_path):
+    model = load(fixture_dirs, "gemma2", "plt_skip", torch.float64)
+    assert any("ln2_post" in n for n in model._scale_hooks)
+    prompt = prompt_for(fixture_dirs["gemma2"])
+    cap = model.capture(prompt)
+    # Gemma-2's own norm code computes in float32 even in a float64 model
+    assert (model.run_replacement(prompt, errors=cap.errors) - cap.logits).abs().max() <= 1e-5
+    graph = attribute(prompt, model, batch_size=16, store=tmp_path / "g.zarr", verbose=False)
+    check_columns_by_intervention(model, prompt, graph, n_samples=4, rtol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
