@@ -304,10 +304,11 @@ def _slot_feature_table(tables: _Tables, n_graphs: int, slot_labels: dict[int, s
     return rows
 
 
-def _heatmap(study_dir, top: list[dict[str, Any]], align: str) -> dict[str, Any]:
-    """Second pass: per-prompt influence of the top features (0 where absent)."""
+def _heatmap(study_dir, top: list[dict[str, Any]], group_by: str | None) -> dict[str, Any]:
+    """Second pass: per-prompt influence of the top features (0 where absent). Columns in
+    study order, or grouped by the value of the tag ``group_by`` (stable)."""
     index = {(r["layer"], r["feature"]): i for i, r in enumerate(top)}
-    prompts, columns = [], []
+    prompts, groups, columns = [], [], []
     for g in iter_study_graphs(study_dir):
         r = g.pruned.result
         info = np.asarray(g.pruned.feature_info, dtype=np.int64).reshape(-1, 3)
@@ -318,9 +319,12 @@ def _heatmap(study_dir, top: list[dict[str, Any]], align: str) -> dict[str, Any]
             if j is not None:
                 col[j] += infl[i]
         prompts.append(g.id)
+        groups.append(g.tags.get(group_by, "") if group_by else "")
         columns.append(col)
-    values = np.stack(columns, axis=1) if columns else np.zeros((len(top), 0))
-    return {"features": [f"L{r['layer']} F{r['feature']}" for r in top], "prompts": prompts,
+    order = sorted(range(len(prompts)), key=lambda i: groups[i]) if group_by else list(range(len(prompts)))
+    values = np.stack([columns[i] for i in order], axis=1) if columns else np.zeros((len(top), 0))
+    return {"features": [f"L{r['layer']} F{r['feature']}" for r in top], "prompts": [prompts[i] for i in order],
+            "group_by": group_by, "groups": [groups[i] for i in order],
             "values": [[_r(v) for v in row] for row in values.tolist()]}
 
 
@@ -419,11 +423,13 @@ def aggregate_study(
     labels=None,
     figures_dir: str | os.PathLike | None = None,
     figures: bool = True,
+    group_by: str | None = None,
 ) -> dict[str, Any]:
     """Aggregate the finished prompts of a study (see the module docstring); returns the
     ``aggregate.json`` document. ``out`` defaults to ``STUDY_DIR/aggregate``; ``labels``: a
     dashboards store, a labels JSON file or mapping (feature labels in tables, figures and
-    the task circuit)."""
+    the task circuit); ``group_by``: a tag whose value orders and labels the heatmap's
+    columns (e.g. ``state``)."""
     if align not in ALIGNS:
         raise ValueError(f"align must be one of {ALIGNS}, got {align!r}")
     if min_prompts < 1:
@@ -461,7 +467,7 @@ def aggregate_study(
         "slots": [{"slot": s, "label": slot_labels[s]} for s in sorted(slot_labels)],
         "features": features,
         "slot_features": _slot_feature_table(tables, n, slot_labels),
-        "heatmap": _heatmap(study_dir, features[:top], align),
+        "heatmap": _heatmap(study_dir, features[:top], group_by),
         "task_circuit": {"slug": slug, "nodes": len(union["nodes"]), "links": len(union["links"])},
     }
     atomic_write_bytes(out / "aggregate.json", _json_bytes(result))
@@ -517,7 +523,12 @@ def _fig_heatmap(agg: Mapping[str, Any]):
     fig = Figure(figsize=(max(4.0, 1.8 + 0.28 * len(hm["prompts"])), max(2.5, 1.2 + 0.22 * len(rows))))
     ax = fig.add_subplot()
     im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xticks(range(len(hm["prompts"])), hm["prompts"], rotation=90)
+    groups = hm.get("groups") or [""] * len(hm["prompts"])
+    ax.set_xticks(range(len(hm["prompts"])), [f"{p} ({g})" if g else p for p, g in zip(hm["prompts"], groups)],
+                  rotation=90)
+    for i in range(1, len(groups)):
+        if groups[i] != groups[i - 1]:
+            ax.axvline(i - 0.5, color="white", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [_feature_name(r, 24) for r in rows])
     ax.set_xlabel("prompt")
     ax.set_title(f"Influence of the {len(rows)} most recurring features ({agg['study']}, "
@@ -531,7 +542,7 @@ def _fig_top_features(agg: Mapping[str, Any], top: int = 20):
     from matplotlib.figure import Figure
 
     rows = agg["features"][:top]
-    fig = Figure(figsize=(6.5, max(2.5, 1.0 + 0.25 * len(rows))))
+    fig = Figure(figsize=(8.0, max(2.5, 1.0 + 0.25 * len(rows))))
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]
     ax.barh(y, [r["n_prompts"] for r in rows], color="#4c72b0")
@@ -539,9 +550,8 @@ def _fig_top_features(agg: Mapping[str, Any], top: int = 20):
     for yi, r in zip(y, rows):
         ax.text(r["n_prompts"], yi, f" {r['mean_influence']:.3g}", va="center", fontsize=7)
     ax.set_xlim(0, agg["n_prompts"] * 1.15)
-    ax.set_xlabel(f"prompts whose pruned circuit holds the feature (of {agg['n_prompts']}); "
-                  "text: mean influence")
-    ax.set_title(f"Top recurring features ({agg['study']})")
+    ax.set_xlabel(f"prompts whose pruned circuit keeps the feature (of {agg['n_prompts']})")
+    ax.set_title(f"Top recurring features ({agg['study']}); at each bar its mean influence on the logits")
     fig.tight_layout()
     return fig
 

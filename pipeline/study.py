@@ -50,6 +50,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -126,6 +127,8 @@ class LauncherConfig:
     timeout_min: wall-time limit of a submitit job (SLURM ``--time``).
     ray_address: None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster.
     ray_gpus_per_job: GPUs Ray reserves per job.
+    start_method: local: how worker processes start (fork, spawn, forkserver); None: fork on
+        Linux for CPU jobs (workers inherit the planning process's loaded model), else spawn.
     folder: submitit's job folder (logs, pickles); None: ``STUDY_DIR/submitit``.
     """
 
@@ -138,6 +141,7 @@ class LauncherConfig:
     ray_address: str | None = None
     ray_gpus_per_job: float = 0.0
     folder: str | None = None
+    start_method: str | None = None
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
 
     def __post_init__(self) -> None:
@@ -151,6 +155,8 @@ class LauncherConfig:
             raise ValueError(f"launcher.prompts_per_job must be >= 1 or null, got {self.prompts_per_job}")
         if self.threads < 1:
             raise ValueError(f"launcher.threads must be >= 1, got {self.threads}")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}")
         if self.timeout_min <= 0:
             raise ValueError(f"launcher.timeout_min must be positive, got {self.timeout_min}")
 
@@ -452,7 +458,7 @@ def run_task(task: Task) -> list[dict[str, Any]]:
 def _job_environment(threads: int) -> Iterator[dict[str, str]]:
     """Environment job processes inherit: the package importable, BLAS threads pinned."""
     env = {"PYTHONPATH": os.pathsep.join([str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -476,14 +482,23 @@ def _run_sequential(tasks: list[Task], cfg: LauncherConfig, folder: Path) -> Ite
             yield t, exc
 
 
+def _start_method(cfg: LauncherConfig) -> str:
+    """``fork`` on Linux for CPU jobs (workers inherit the imported modules and the model the
+    study loaded for planning: no per-worker start-up), else ``spawn`` (CUDA must not be
+    initialised before a fork; other systems do not fork safely)."""
+    if cfg.start_method is not None:
+        return cfg.start_method
+    return "fork" if sys.platform.startswith("linux") and cfg.device == "cpu" else "spawn"
+
+
 def _run_local(tasks: list[Task], cfg: LauncherConfig, folder: Path) -> Iterator[Outcome]:
-    """concurrent.futures process pool (spawn). A worker that dies breaks the pool: the tasks
-    it took down are retried, each alone in a fresh one-process pool, so only the culprit fails."""
+    """concurrent.futures process pool. A worker that dies breaks the pool: the tasks it took
+    down are retried, each alone in a fresh one-process pool, so only the culprit fails."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_start_method(cfg))
     broken: list[Task] = []
     with _job_environment(cfg.threads):
         with ProcessPoolExecutor(max_workers=min(cfg.jobs, len(tasks)), mp_context=ctx) as pool:
@@ -682,8 +697,11 @@ def _plan(prompt_set: PromptSet, settings: StudySettings, graphs_dir: Path,
         st = statuses[rec.id]
         try:
             tokens = model.tokenize(rec.prompt)
-        except PromptError as exc:
+        except PromptError as exc:  # too long, empty: this prompt fails, the others go on
             st.status, st.reason = "failed", f"PromptError: {exc}"
+            continue
+        except Exception as exc:  # noqa: BLE001 - isolate the prompt
+            st.status, st.reason = "failed", _one_line(exc)
             continue
         st.n_tokens = int(tokens.numel())
         st.key = fingerprint(model, tokens, attr_cfg, _logit_targets(rec.logit_targets))[:KEY_LENGTH]
@@ -719,6 +737,7 @@ def _write_viewer(out: Path, statuses: list[PromptStatus], graphs_dir: Path) -> 
 
     viewer = out / "viewer"
     tmp = Path(tempfile.mkdtemp(prefix=".viewer.", dir=out))
+    os.chmod(tmp, 0o755)
     try:
         for p in statuses:
             if p.status not in ("done", "skipped") or p.key is None:
@@ -799,7 +818,9 @@ def run_study(
                     st.scores = res.get("scores")
                 n_done += 1
                 if progress:
-                    say(f"  [{n_done}/{len(run_items)}] {res['key'][:12]} {res['status']}"
+                    ids = ",".join(st.id for st in by_key.get(res["key"], []))
+                    secs = f" {res['seconds']:.1f} s" if res.get("seconds") is not None else ""
+                    say(f"  [{n_done}/{len(run_items)}] {ids} {res['status']}{secs}"
                         + (f" ({res['reason']})" if res.get("reason") else ""))
 
     ordered = [statuses[i] for i in prompt_set.ids]

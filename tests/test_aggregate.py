@@ -93,6 +93,16 @@ def test_heatmap_holds_each_prompts_influence_of_the_top_features(study_dir, agg
             assert value == pytest.approx(expect, rel=1e-5, abs=1e-12)
 
 
+def test_heatmap_columns_group_by_a_tag(study_dir, aggregated, tmp_path):
+    _, agg = aggregated
+    grouped = aggregate_study(study_dir, tmp_path, top=10, figures=False, group_by="state")
+    assert grouped["heatmap"]["groups"] == sorted(STATES)
+    assert grouped["heatmap"]["prompts"] == [f"capital_{s}" for s in sorted(STATES)]
+    column = {p: [row[i] for row in agg["heatmap"]["values"]] for i, p in enumerate(agg["heatmap"]["prompts"])}
+    for i, p in enumerate(grouped["heatmap"]["prompts"]):
+        assert [row[i] for row in grouped["heatmap"]["values"]] == column[p]
+
+
 def test_task_circuit_is_graph_json_with_mean_edge_weights(study_dir, aggregated):
     out, agg = aggregated
     doc = json.loads((out / "graph" / f"{agg['task_circuit']['slug']}.json").read_text())

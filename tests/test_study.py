@@ -90,9 +90,12 @@ def test_sequential_study_finishes_good_prompts_and_reports_bad_ones(tmp_path, t
     assert {p.id: p.status for p in result.prompts if p.id in GOOD} == dict.fromkeys(GOOD, "done")
 
 
-def test_local_process_pool_runs_the_study(tmp_path, tiny_set, settings):
+@pytest.mark.parametrize("start_method", [None, pytest.param("spawn", marks=pytest.mark.slow)])
+def test_local_process_pool_runs_the_study(tmp_path, tiny_set, settings, start_method):
+    # None: fork on Linux (workers inherit the planning model); spawn: each worker loads it
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="local", jobs=2, threads=1),
+    result = run_study(tiny_set, settings, out, LauncherConfig(name="local", jobs=2, threads=1,
+                                                               start_method=start_method),
                        command=["circuit-pipeline", "study"], log=None)
     _check_tiny_outcome(result, out)
 
@@ -244,6 +247,7 @@ def test_every_launcher_file_loads_and_overrides_apply():
     (["jobs=0"], "jobs must be >= 1"),
     (["name=kubernetes"], "launcher must be one of"),
     (["jobs"], "not key=value"),
+    (["start_method=thread"], "start_method must be"),
 ])
 def test_bad_launcher_settings_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
