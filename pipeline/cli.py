@@ -179,7 +179,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"
     agg = aggregate_study(args.study_dir, out, align=args.align, min_prompts=args.min_prompts, top=args.top,
-                          labels=args.labels, figures_dir=args.figures_dir, figures=not args.no_figures)
+                          labels=args.labels, figures_dir=args.figures_dir, figures=not args.no_figures,
+                          group_by=args.group_by)
     top = agg["features"][:5]
     print(f"aggregate of {agg['n_prompts']} prompts: {out / 'aggregate.json'}  task circuit "
           f"{out / 'graph'} ({agg['task_circuit']['nodes']} nodes, {agg['task_circuit']['links']} links)")
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=30, help="features in the heatmap")
     p.add_argument("--labels", default=None, help="feature labels: a dashboards store or a labels JSON file")
     p.add_argument("--figures-dir", default=None, help="where figures go (default OUT/figures)")
+    p.add_argument("--group-by", default=None, metavar="TAG", help="order the heatmap's prompts by this tag (e.g. state)")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_aggregate)
     return parser
