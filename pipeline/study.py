@@ -70,11 +70,13 @@ __all__ = [
     "SlurmSettings",
     "StudyResult",
     "StudySettings",
+    "conf_choice",
     "graph_done",
     "load_launcher",
     "load_study",
     "run_study",
     "run_task",
+    "study_overrides",
 ]
 
 KEY_LENGTH = 32
@@ -86,7 +88,7 @@ FORMAT_VERSION = 1
 _ROOT = Path(__file__).resolve().parents[1]  # put on PYTHONPATH of job processes
 
 
-class LauncherError(RuntimeError):
+class LauncherError(ValueError):
     """The chosen engine cannot start here (not installed, no SLURM, bad settings)."""
 
 
@@ -205,6 +207,72 @@ def load_launcher(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()
         return _from_mapping(LauncherConfig, data, str(path))
     except TypeError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def conf_choice(group: str, choice: str, *, conf_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a ``conf/<group>/<choice>.yaml`` of the DVC pipeline names, for the study command:
+    ``model``: ``{"model": name, "revision", "transcoders": its default transcoders choice}``;
+    ``transcoders``: ``{"transcoders": source, "revision"}``."""
+    path = Path(conf_dir or _CONF) / group / f"{choice}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem for q in path.parent.glob("*.yaml"))
+        raise ValueError(f"no {group} choice {choice!r} (conf/{group} has {known})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if group == "model":
+        default_tc = None
+        for entry in data.get("defaults", []) or []:
+            if isinstance(entry, dict):
+                for k, v in entry.items():
+                    if "transcoders" in k:
+                        default_tc = v
+        return {"model": data["name"], "revision": data.get("revision"), "transcoders": default_tc}
+    if group == "transcoders":
+        if data.get("source") in (None, "???"):
+            raise ValueError(f"conf/transcoders/{choice}.yaml needs a source: give --transcoders DIR")
+        return {"transcoders": data["source"], "revision": data.get("revision")}
+    raise ValueError(f"conf_choice reads model or transcoders, not {group!r}")
+
+
+def study_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Hydra-style words of the study command (``prompts=capitals launcher=submitit_slurm
+    launcher.slurm.partition=gpu model=organism transcoders=organism_plt out=DIR``;
+    ``hydra/launcher=NAME`` is read as ``launcher=NAME``) as ``{prompts, launcher,
+    launcher_opts, model, transcoders, model_revision, transcoders_revision, out}`` (only
+    the keys given, model and transcoders resolved through ``conf/``)."""
+    out: dict[str, Any] = {}
+    opts: list[str] = []
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"{ov!r} is not key=value (e.g. prompts=capitals launcher=local)")
+        key, value = ov.split("=", 1)
+        key = key.removeprefix("+")
+        if key in ("launcher", "hydra/launcher"):
+            out["launcher"] = value
+        elif key.startswith("launcher."):
+            opts.append(f"{key.removeprefix('launcher.')}={value}")
+        elif key in ("prompts", "out"):
+            out[key] = value
+        elif key == "model":
+            m = conf_choice("model", value)
+            out["model"], out["model_revision"] = m["model"], m["revision"]
+            if m["transcoders"]:
+                out.setdefault("_model_transcoders", m["transcoders"])
+        elif key == "transcoders":
+            t = conf_choice("transcoders", value)
+            out["transcoders"], out["transcoders_revision"] = t["transcoders"], t["revision"]
+        else:
+            raise ValueError(f"unknown study setting {key!r}: give prompts=, launcher=, launcher.KEY=, model=, "
+                             "transcoders= or out=")
+    if "transcoders" not in out and "_model_transcoders" in out:
+        t = conf_choice("transcoders", out["_model_transcoders"])
+        out["transcoders"], out["transcoders_revision"] = t["transcoders"], t["revision"]
+    out.pop("_model_transcoders", None)
+    if opts:
+        out["launcher_opts"] = opts
+    return out
 
 
 @dataclass
@@ -779,15 +847,15 @@ def run_study(
     """
     t0 = time.perf_counter()
     launcher = launcher or LauncherConfig(name="sequential")
+    _check_engine(launcher)  # before anything is written
+    if only is not None:
+        prompt_set.subset(only)  # unknown ids are an error
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     graphs = Path(graphs_dir) if graphs_dir is not None else out / "graphs"
     graphs.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _m: None)
-    _check_engine(launcher)
     _set_threads(launcher.threads)
-    if only is not None:
-        prompt_set.subset(only)  # unknown ids are an error
     selected = set(prompt_set.ids if only is None else only)
 
     statuses = {r.id: PromptStatus(r.id, r.prompt) for r in prompt_set}

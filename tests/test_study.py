@@ -128,7 +128,7 @@ def test_submitit_slurm_without_sbatch_is_a_clear_error_before_any_work(tmp_path
     with pytest.raises(LauncherError, match="no `sbatch`") as info:
         run_study(tiny_set, settings, out, load_launcher("submitit_slurm"), log=None)
     assert "submitit_local" in str(info.value)
-    assert not (out / "study.json").exists() and not any((out / "graphs").iterdir())
+    assert not out.exists()  # nothing written
 
 
 def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
@@ -232,6 +232,24 @@ def test_study_command_prints_the_table_and_the_rerun_command(tmp_path, tiny_set
 
 
 # ------------------------------------------------------------------------------------ launchers
+def test_study_command_takes_hydra_style_words(tmp_path, tiny_gpt2_dir, plt_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["-q", "study", "prompts=capitals", "launcher=submitit_slurm", "launcher.slurm.partition=gpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no `sbatch`" in err and "\n" not in err.strip()  # the organism is the default model
+    assert not (tmp_path / "studies").exists()
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "the capital of texas is"}) + "\n")
+    rc = main(["-q", "study", f"prompts={prompts}", "hydra/launcher=sequential", "launcher.threads=1",
+               "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir), "--batch-size", "32"])
+    assert rc == 0 and (tmp_path / "studies" / "one" / "study.json").is_file()
+    for bad, match in ((["prompts=capitals", "--prompts", "capitals"], "given twice"),
+                       (["prompts=capitals", "colour=red"], "unknown study setting"),
+                       (["prompts=capitals", "model=no_such_model"], "conf/model has")):
+        assert main(["-q", "study", *bad]) == 2
+        assert match in capsys.readouterr().err
+
+
 def test_every_launcher_file_loads_and_overrides_apply():
     for path in sorted((ROOT / "conf" / "launcher").glob("*.yaml")):
         cfg = load_launcher(path.stem)
