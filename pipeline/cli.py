@@ -137,39 +137,55 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a prompt set as a batch study on a launcher (see pipeline.study)."""
     from pipeline.prompt_sets import load_prompt_set
-    from pipeline.study import StudySettings, load_launcher, run_study
+    from pipeline.study import StudySettings, conf_choice, load_launcher, run_study, study_overrides
 
-    prompt_set = load_prompt_set(args.prompts)
-    overrides = list(args.launcher_opt or [])
+    # Hydra-style words (prompts=capitals launcher=submitit_slurm ...) fill what no flag gives
+    words = study_overrides(args.overrides)
+    for name in ("prompts", "launcher", "model", "transcoders", "out"):
+        if getattr(args, name) is not None and name in words:
+            raise ValueError(f"{name} given twice (--{name} and {name}=)")
+    organism = conf_choice("model", "organism")
+    prompts = args.prompts or words.get("prompts")
+    if prompts is None:
+        raise ValueError("give the prompt set: --prompts FILE_OR_SET (or prompts=NAME)")
+    prompt_set = load_prompt_set(prompts)
+    model = args.model or words.get("model") or organism["model"]
+    transcoders = args.transcoders or words.get("transcoders") or conf_choice(
+        "transcoders", organism["transcoders"] or "organism_plt")["transcoders"]
+    out = args.out or words.get("out") or str(Path("studies") / prompt_set.name)
+    launcher_name = args.launcher or words.get("launcher") or "local"
+    opts = [*words.get("launcher_opts", []), *(args.launcher_opt or [])]
+    overrides = list(opts)
     if args.jobs is not None:
         overrides.append(f"jobs={args.jobs}")
     if args.threads is not None:
         overrides.append(f"threads={args.threads}")
-    launcher = load_launcher(args.launcher, overrides)
+    launcher = load_launcher(launcher_name, overrides)
     settings = StudySettings(
-        model=args.model, transcoders=args.transcoders, dtype=args.dtype, max_n_logits=args.max_n_logits,
+        model=model, transcoders=transcoders, dtype=args.dtype, max_n_logits=args.max_n_logits,
         desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
         max_feature_nodes=args.max_feature_nodes, update_interval=args.update_interval,
         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, scan=args.scan,
+        model_revision=words.get("model_revision"), transcoders_revision=words.get("transcoders_revision"),
     )
     only = [i for i in args.only.split(",") if i] if args.only else None
     # the same study, spelled out: the rerun command of the failed prompts appends --only
-    command = ["circuit-pipeline", "study", "--prompts", args.prompts, "--model", args.model, "--transcoders",
-               args.transcoders, "--out", args.out, "--launcher", args.launcher]
+    command = ["circuit-pipeline", "study", "--prompts", prompts, "--model", model, "--transcoders", transcoders,
+               "--out", out, "--launcher", launcher_name]
     for flag in ("jobs", "graphs", "threads", "scan", "max_feature_nodes"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    for opt in args.launcher_opt or []:
+    for opt in opts:
         command += ["--launcher-opt", opt]
     for flag, default in (("node_threshold", 0.8), ("edge_threshold", 0.98), ("max_n_logits", 10),
                           ("desired_logit_prob", 0.95), ("batch_size", 256), ("update_interval", 4),
                           ("dtype", "float32")):
         if getattr(args, flag) != default:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    result = run_study(prompt_set, settings, args.out, launcher, graphs_dir=args.graphs, only=only,
+    result = run_study(prompt_set, settings, out, launcher, graphs_dir=args.graphs, only=only,
                        command=command, progress=not args.quiet)
-    print(f"study: {Path(args.out) / 'study.json'}  graphs: {Path(args.out) / 'viewer'} "
-          f"(circuit-pipeline serve {Path(args.out) / 'viewer'})")
+    print(f"study: {Path(out) / 'study.json'}  graphs: {Path(out) / 'viewer'} "
+          f"(circuit-pipeline serve {Path(out) / 'viewer'})")
     return 1 if result.failed else 0
 
 
@@ -239,12 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("study", help="run a prompt set (batch study) on local processes, SLURM or Ray")
-    p.add_argument("--prompts", required=True, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
-    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
-    p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
-    p.add_argument("--out", required=True, help="study folder (study.json, viewer/, graphs/)")
-    p.add_argument("--launcher", default="local", help="conf/launcher choice: sequential, local, submitit_local, "
-                   "submitit_slurm, ray (or a launcher .yaml file)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra-style: prompts=capitals launcher=submitit_slurm launcher.slurm.partition=gpu "
+                        "model=<conf/model choice> transcoders=<conf/transcoders choice> out=DIR")
+    p.add_argument("--prompts", default=None, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
+    p.add_argument("--model", default=None, help="Hugging Face model name or local directory (default: the organism)")
+    p.add_argument("--transcoders", default=None, help="transcoder directory or HF repo id (default: the model's)")
+    p.add_argument("--out", default=None, help="study folder (study.json, viewer/, graphs/); default studies/<set>")
+    p.add_argument("--launcher", default=None, help="conf/launcher choice: sequential, local (default), "
+                   "submitit_local, submitit_slurm, ray (or a launcher .yaml file)")
     p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
     p.add_argument("--launcher-opt", action="append", metavar="KEY=VALUE",
                    help="launcher setting, repeatable (e.g. slurm.partition=gpu, prompts_per_job=4)")
