@@ -149,16 +149,20 @@ class LauncherConfig:
     def __post_init__(self) -> None:
         if isinstance(self.slurm, Mapping):
             self.slurm = _from_mapping(SlurmSettings, self.slurm, "launcher.slurm")
+        if not isinstance(self.slurm, SlurmSettings):
+            raise ValueError(f"launcher.slurm must be a mapping of sbatch settings, got {self.slurm!r}")
         if self.name not in LAUNCHERS:
             raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.name!r}")
-        if self.jobs < 1:
-            raise ValueError(f"launcher.jobs must be >= 1, got {self.jobs}")
-        if self.prompts_per_job is not None and self.prompts_per_job < 1:
-            raise ValueError(f"launcher.prompts_per_job must be >= 1 or null, got {self.prompts_per_job}")
-        if self.threads < 1:
-            raise ValueError(f"launcher.threads must be >= 1, got {self.threads}")
+        for name in ("jobs", "threads", "prompts_per_job"):
+            value = getattr(self, name)
+            if value is None and name == "prompts_per_job":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"launcher.{name} must be an integer >= 1, got {value!r}")
         if self.start_method not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}")
+        if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, (int, float)):
+            raise ValueError(f"launcher.timeout_min must be a number, got {self.timeout_min!r}")
         if self.timeout_min <= 0:
             raise ValueError(f"launcher.timeout_min must be positive, got {self.timeout_min}")
 

@@ -262,10 +262,12 @@ def test_every_launcher_file_loads_and_overrides_apply():
 @pytest.mark.parametrize("overrides, match", [
     (["jbos=3"], "unknown key"),
     (["slurm.partiton=x"], "unknown key"),
-    (["jobs=0"], "jobs must be >= 1"),
+    (["jobs=0"], "jobs must be an integer >= 1"),
     (["name=kubernetes"], "launcher must be one of"),
     (["jobs"], "not key=value"),
     (["start_method=thread"], "start_method must be"),
+    (["slurm=3"], "launcher.slurm must be a mapping"),
+    (["jobs=many"], "jobs must be an integer >= 1, got 'many'"),
 ])
 def test_bad_launcher_settings_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
