@@ -100,6 +100,26 @@ def test_local_process_pool_runs_the_study(tmp_path, tiny_set, settings, start_m
     _check_tiny_outcome(result, out)
 
 
+def test_a_worker_that_dies_fails_only_its_own_prompt(tmp_path, tiny_set, settings, monkeypatch):
+    # fork: the workers inherit this patch; the job of p1 kills its worker process outright
+    import os
+
+    real = S._compute_key
+
+    def crash_on_p1(model, item, *a):
+        if item.prompt_id == "p1":
+            os._exit(3)
+        return real(model, item, *a)
+
+    monkeypatch.setattr(S, "_compute_key", crash_on_p1)
+    out = tmp_path / "study"
+    result = run_study(tiny_set.subset(GOOD), settings, out, LauncherConfig(name="local", jobs=2, threads=1,
+                                                                             start_method="fork"), log=None)
+    st = _by_id(result)
+    assert st["p1"].status == "failed" and "worker process died" in st["p1"].reason
+    assert st["p0"].status == "done" and st["p2"].status == "done"
+
+
 def test_submitit_local_executor_runs_the_study(tmp_path, tiny_set, settings):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     out = tmp_path / "study"
