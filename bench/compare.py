@@ -33,6 +33,13 @@ in one invocation, the two engines alternating; the load average is recorded wit
 Scale: prompt lengths double until a run fails, exceeds the time cap (``--scale-cap-s``) or the
 address-space cap (``--mem-cap-gb``, RLIMIT_AS, so an allocation fails cleanly instead of the
 kernel's OOM killer hitting other processes).
+
+Where the adjacency differs, the differing columns are checked by intervention on the frozen
+model (the test suite's ``FrozenReference``). ``--zero-bos-errors`` zeroes our engine's
+BOS-position error vectors from outside, as circuit-tracer does, to show whether that alone
+explains the differences. Sections can be rerun alone: ``--skip`` the others and ``--reuse`` an
+earlier results JSON for them (``--scale-append`` keeps earlier scale rows of other lengths).
+A full run takes 1.5-2 hours on 2 busy cores; ``--quick`` about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ SECTION_KEYS = {  # report sections, in table order, and the report keys each on
     "exactness": ["exactness", "exactness_status", "verify_by_intervention", "versions"],
     "big-exactness": ["exactness_big", "exactness_big_settings"],
     "speed": ["speed", "speed_settings"],
-    "scale": ["scale", "scale_settings"],
+    "scale": ["scale", "scale_settings", "scale_settings_earlier"],
 }
 
 BASE_WORDS = ("the capital of the state containing dallas is austin . la capitale de texas est "
@@ -239,6 +246,18 @@ def worker(job_path: str) -> None:
         sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"])
+        if job.get("zero_bos_errors"):
+            # what circuit-tracer does (error_vectors[:, zero_positions] = 0): the fix this
+            # benchmark proposes for our engine, applied from outside for a side-by-side check
+            original_capture = model.capture
+
+            def capture_zero_bos(prompt, _capture=original_capture):
+                cap = _capture(prompt)
+                cap.errors[:, 0] = 0
+                return cap
+
+            model.capture = capture_zero_bos
+            res["zero_bos_errors"] = True
         res.update(load_s=time.perf_counter() - t0, peak_rss_mb_after_load=_peak_rss_mb())
         if setup.get("check_hf_logits") and setup["runs"]:
             from transformers import AutoModelForCausalLM
@@ -330,12 +349,13 @@ def _limits(mem_cap_bytes: int | None):
 
 
 def run_engine(engine: str, setups: list[dict], out_dir: Path, *, threads: int, timeout_s: float,
-               mem_cap_gb: float | None, log=print) -> dict:
+               mem_cap_gb: float | None, zero_bos_errors: bool = False) -> dict:
     """Run one engine's subprocess on ``setups``; returns its result.json plus a ``status``."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    job = {"out_dir": str(out_dir), "threads": threads, "scan": SCAN, "setups": setups}
+    job = {"out_dir": str(out_dir), "threads": threads, "scan": SCAN, "setups": setups,
+           "zero_bos_errors": zero_bos_errors}
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job))
     if engine == "ours":
@@ -783,7 +803,9 @@ def build_tables(report: dict) -> list[str]:
     """The printed table, from the report's data (so reused sections print the same way)."""
     lines: list[str] = []
     if report.get("exactness"):
-        lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20):", ""]
+        zb = (report.get("settings") or {}).get("zero_bos_errors")
+        lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20)"
+                  + ("; OUR BOS-POSITION ERROR VECTORS ZEROED FROM OUTSIDE (--zero-bos-errors)" if zb else "") + ":", ""]
         lines += exactness_table(report["exactness"])
         bos = [r for r in report["exactness"] if r.get("ct_string_tokens_equal_ids") is False]
         if bos:
@@ -808,8 +830,10 @@ def build_tables(report: dict) -> list[str]:
                              f"{_fmt(c['ours_rel_err'])} | {_fmt(c['ct_rel_err'])} |")
     if report.get("exactness_big"):
         st = report.get("exactness_big_settings", {"n_tokens": 8, "max_feature_nodes": 128})
+        zb = (report.get("settings") or {}).get("zero_bos_errors")
         lines += ["", f"Exactness on the GPT-2-small-shaped fixture ({st['n_tokens']} tokens, max_feature_nodes "
-                  f"{st['max_feature_nodes']}):", ""] + exactness_table(report["exactness_big"])
+                  f"{st['max_feature_nodes']})" + ("; our BOS-position error vectors zeroed (--zero-bos-errors)" if zb else "")
+                  + ":", ""] + exactness_table(report["exactness_big"])
     if report.get("speed"):
         st = report.get("speed_settings") or {}
         lines += ["", f"Speed and memory (GPT-2-small shape, max_feature_nodes={st.get('max_feature_nodes')}, batch "
@@ -817,8 +841,13 @@ def build_tables(report: dict) -> list[str]:
                   "other; RSS = peak of the process, model loading included):", ""] + speed_table(report["speed"])
     if report.get("scale"):
         st = report.get("scale_settings") or {}
-        lines += ["", f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; time cap "
-                  f"{st.get('cap_s')} s, address-space cap {st.get('mem_cap_gb')} GB):", ""] + scale_table(report["scale"])
+        cap = f"time cap {st.get('cap_s')} s"
+        early = report.get("scale_settings_earlier")
+        if early and early.get("cap_s") != st.get("cap_s"):
+            cap = (f"time cap {early.get('cap_s')} s, rerun with {st.get('cap_s')} s at "
+                   f"{', '.join(str(n) for n in st.get('lengths', []))} tokens")
+        lines += ["", f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; {cap}, "
+                  f"address-space cap {st.get('mem_cap_gb')} GB):", ""] + scale_table(report["scale"])
     return lines
 
 
@@ -895,6 +924,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     ap.add_argument("--scale-cap-s", type=float, default=600)
     ap.add_argument("--mem-cap-gb", type=float, default=14.0)
+    ap.add_argument("--zero-bos-errors", action="store_true",
+                    help="exactness runs: zero our engine's BOS-position error vectors (as circuit-tracer does) "
+                         "from outside, to check that this alone explains the differences")
     ap.add_argument("--scale-append", action="store_true",
                     help="with --reuse: keep the earlier scale rows of other lengths (rerun some lengths with a longer cap)")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(SECTION_KEYS))
@@ -919,7 +951,8 @@ def main(argv: list[str] | None = None) -> int:
     if "exactness" not in args.skip:
         ex = exactness_setups(tiny, n_tokens=12, mfn=20, batch_size=16)
         print(f"[compare] exactness on {len(ex)} tiny setups (ours, then circuit-tracer) ...", flush=True)
-        ours = run_engine("ours", ex, work / "exact" / "ours", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb)
+        ours = run_engine("ours", ex, work / "exact" / "ours", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb,
+                          zero_bos_errors=args.zero_bos_errors)
         theirs = run_engine("theirs", ex, work / "exact" / "theirs", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb)
         report["versions"] = {"ours": ours.get("versions"), "circuit_tracer_env": theirs.get("versions")}
         report["exactness"] = exactness_rows(ours, theirs, ex, work / "exact")
@@ -948,7 +981,8 @@ def main(argv: list[str] | None = None) -> int:
                            "check_hf_logits": True,
                            "runs": [_run_spec("mfn128", toks, text, batch_size=64, max_feature_nodes=128)]})
             print("[compare] exactness on gpt2small (8 tokens, 128 feature rows) ...", flush=True)
-            ours = run_engine("ours", ex, work / "exact-big" / "ours", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb)
+            ours = run_engine("ours", ex, work / "exact-big" / "ours", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb,
+                              zero_bos_errors=args.zero_bos_errors)
             theirs = run_engine("theirs", ex, work / "exact-big" / "theirs", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb)
             rows = exactness_rows(ours, theirs, ex, work / "exact-big")
             report["exactness_big"] = rows
