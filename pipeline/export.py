@@ -376,12 +376,16 @@ def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, l
     used_nodes = [node for idx, node in nodes.items()
                   if idx in used or node["feature_type"] in ("embedding", "logit")]
 
+    prompt_tokens = decode_inputs(input_tokens.tolist())
+    prompt = (getattr(graph, "attrs", {}) or {}).get("prompt")
+    if prompt is None:  # attributed from token ids: the decoded tokens are the prompt
+        prompt = "".join(prompt_tokens)
     metadata = {
         "slug": slug,
         "scan": scan_name,
         "transcoder_list": transcoder_list,
-        "prompt_tokens": decode_inputs(input_tokens.tolist()),
-        "prompt": str((getattr(graph, "attrs", {}) or {}).get("prompt", "")),
+        "prompt_tokens": prompt_tokens,
+        "prompt": str(prompt),
         "node_threshold": float(pruned.node_threshold),
         "schema_version": SCHEMA_VERSION,
     }
