@@ -193,18 +193,15 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
     (repo / ".gitignore").write_text("__pycache__/\n/tmp/\n")
     set_params(repo, [])
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "config", "user.name", "test"], cwd=repo, check=True)
-    subprocess.run(["git", "config", "user.email", "test@example.com"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "tiny study"], cwd=repo, check=True)
+    for cmd in (["init", "-q"], ["config", "user.name", "test"], ["config", "user.email", "test@example.com"],
+                ["add", "-A"], ["commit", "-q", "-m", "tiny study"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
     first = dvc(repo, "repro")
     expected = {"organism_world", "organism_model", "organism_transcoders@plt", "organism_transcoders@clt"}
     expected |= {s for pid in PROMPTS for s in per_prompt(pid)}
     assert ran(first) == expected
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "reproduced"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "reproduced"], cwd=repo, check=True)
     return repo
 
 
