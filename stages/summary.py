@@ -46,8 +46,12 @@ def main(argv=None) -> int:
         print(f"      graph      {graph}")
         print(f"      pruned     {run / 'pruned.npz'}  (full graph {run / 'graph.zarr'})")
         print(f"      capture    {run / 'capture.safetensors'}")
-    print("\nGraph folders open in circuit-tracer's viewer (each holds graph-metadata.json).")
-    print("Intervention reports and figures: not produced by this pipeline yet.")
+    print("\nEach graph folder holds graph-metadata.json: circuit-pipeline serve <folder>, or any "
+          "circuit-tracer / Neuronpedia viewer.")
+    figures = Path("studies/figures")
+    if figures.is_dir():
+        print(f"Study figures: {figures}/ (studies/dvc.yaml)")
+    print("Intervention reports: not produced by the pipeline yet.")
     return 1 if missing else 0
 
 
