@@ -377,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
                             threads=args.threads, label="dense")
         if not args.keep_stores:
             shutil.rmtree(store, ignore_errors=True)
-        if ours["pipeline"] != dense["pipeline"]:
-            print(f"WARNING: pipeline/ changed between the two cases: {ours['pipeline']} vs "
+        if ours["pipeline"]["engine_sources_sha256"] != dense["pipeline"]["engine_sources_sha256"]:
+            print(f"WARNING: the engine's sources changed between the two cases: {ours['pipeline']} vs "
                   f"{dense['pipeline']}", flush=True)
         result["main"] = {
             "fixture": spec.__dict__, "prompt_tokens": m["prompt_tokens"],
