@@ -34,7 +34,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SECRET = "TOP-SECRET-OUTSIDE-THE-GRAPH-FOLDER"
 SCRIPT_LABEL = "<script>window.pwned=1</script>"
 IMG_LABEL = '<img src=x onerror="window.pwned=2">'
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +361,8 @@ def browser_context(site):
         context = p.chromium.launch_persistent_context(
             user_data, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1400, "height": 860})
-        # nothing may leave this machine: every request must go to the local server
-        context.route(lambda url: not url.startswith(site["url"]), lambda route: route.abort())
+        # nothing may leave this machine: every request must go to a local test server
+        context.route(lambda url: not url.startswith("http://127.0.0.1:"), lambda route: route.abort())
         yield context
         context.close()
     shutil.rmtree(user_data, ignore_errors=True)
@@ -448,7 +447,10 @@ def test_clicking_a_node_shows_its_edges(site, page):
     assert page.locator("#edges-in .edge-row").count() == min(25, len(ins))
     fields = page.locator("#details-fields dd").all_text_contents()
     assert best["node_id"] in fields and str(best["activation"])[:4] in " ".join(fields)
-    assert page.locator("#feature-dashboard").text_content().startswith("feature dashboard: none")
+    page.wait_for_selector('#feature-dashboard[data-state="none"]', timeout=10_000)
+    layer, feature, _ = best["node_id"].split("_")
+    assert page.locator("#feature-dashboard").text_content().startswith(
+        f"No feature dashboard: features/{layer}_{feature}.json is not in the graph folder")
     assert f"clickedId={best['node_id']}" in page.url
     # an incoming-edge row navigates to that node
     first_source = max(ins, key=lambda lk: abs(lk["weight"]))["source"]
@@ -504,13 +506,10 @@ def test_pin_group_label_saved_and_restored(site, page, tmp_path):
     open_graph(page, site, "slug=toy")
     assert page.locator("#graph g.node.pinned").count() == 2
     assert page.locator("#graph g.node.selected").get_attribute("data-id") == b
-    # a screenshot for people: the test artifact, and docs/ when asked for
+    # a screenshot for people (a test artifact; docs/viewer.png comes from docs/make_screenshot.py)
     shot = tmp_path / "viewer.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "viewer.png")
 
 
 def test_script_labels_render_as_text(site, page):
@@ -554,3 +553,192 @@ def test_traversal_from_the_page(site, page):
     for path, status, body in results:
         assert status in (403, 404), (path, status)
         assert SECRET not in body
+
+
+# --------------------------------------------------------------------------------------------
+# Feature dashboards in the node pane: a real (tiny) dashboards store, a real attributed graph
+# --------------------------------------------------------------------------------------------
+
+SCRIPT_TOKEN = "<script>window.pwned=3</script>"
+IMG_TOKEN = "<img/src=x/onerror=window.pwned=4>"
+DASH_CFG = dict(top_k=8, context_before=3, context_after=2, n_quantiles=3, examples_per_quantile=3,
+                hist_bins=12, hist_min=1e-2, hist_max=10.0, n_logits=5, batch_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def dash_site(tmp_path_factory):
+    """A tiny GPT-2 whose vocabulary holds markup tokens, a random CLT, dashboards computed
+    from a corpus full of those tokens, the attribution graph of a prompt exported with the
+    dashboards' labels, and ``features/*.json`` written by ``export_feature_json``."""
+    import random
+
+    import torch
+
+    from pipeline import dashboards as D
+    from pipeline import testing
+    from pipeline.attribution import attribute
+    from pipeline.replacement import ReplacementModel
+
+    base = tmp_path_factory.mktemp("viewer-dash")
+    words = list(testing.DEFAULT_WORDS)
+    model_dir = testing.make_tiny_gpt2(base / "model", n_layers=2, d_model=16,
+                                       vocab_words=[*words, SCRIPT_TOKEN, IMG_TOKEN])
+    clt_dir = testing.make_random_clt(base / "clt", n_layers=2, d_model=16, d_transcoder=64,
+                                      activation="jump_relu", seed=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = ReplacementModel.from_pretrained(model_dir, clt_dir)
+        rng = random.Random(0)
+        corpus = [" ".join([*(rng.choice(words) for _ in range(rng.randint(2, 6))), SCRIPT_TOKEN,
+                            *(rng.choice(words) for _ in range(rng.randint(1, 4))), IMG_TOKEN])
+                  for _ in range(40)]
+        store = D.compute_dashboards(model, corpus, base / "dash.zarr", D.DashboardConfig(**DASH_CFG),
+                                     progress=False)
+        dash = D.Dashboards.open(store)
+        graph = attribute("the capital of the state containing dallas is", model,
+                          store=base / "graph.zarr", batch_size=64, verbose=False)
+    finally:
+        torch.set_num_threads(threads)
+    graphs = base / "graphs"
+    path = create_graph_files(graph, "tiny", graphs, tokenizer=dash.vocab, labels=dash.labels(),
+                              scan="tiny-clt")
+    written = D.export_feature_json(dash, path, graphs)
+    doc = json.loads(path.read_text())
+    records = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in written}
+
+    def key(node):
+        layer, feature, _ = node["node_id"].split("_")
+        return f"{layer}_{feature}"
+
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert {key(n) for n in feats} == set(records) and len(records) >= 3
+
+    def score(n):  # the most telling feature: markup in its top examples, many firings
+        rec = records[key(n)]
+        markup = any(SCRIPT_TOKEN in ex["tokens"] for ex in rec["top_examples"])
+        return (markup, len(rec["top_examples"]), rec["n_firing"], n["node_id"])
+
+    shown, *others = sorted(feats, key=score, reverse=True)
+    missing = next(n for n in others if key(n) != key(shown))
+    broken = next(n for n in others if key(n) not in (key(shown), key(missing)))
+    (graphs / "features" / f"{key(missing)}.json").unlink()
+    (graphs / "features" / f"{key(broken)}.json").write_text("{not json")
+
+    server = make_server(graphs, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": server.url, "graphs": graphs, "doc": doc, "n_layers": 2,
+           "shown": shown, "record": records[key(shown)], "missing": missing, "broken": broken}
+    server.shutdown()
+    server.server_close()
+
+
+def click_node(page, node_id):
+    page.locator(f'#graph g.node[data-id="{node_id}"]').dispatch_event("click")
+
+
+def test_feature_dashboard_in_the_node_pane(dash_site, page, tmp_path):
+    rec, node = dash_site["record"], dash_site["shown"]
+    page.goto(f"{dash_site['url']}?slug=tiny")
+    page.wait_for_selector('body[data-ready="1"]', timeout=10_000)
+    click_node(page, node["node_id"])
+    page.wait_for_selector('#feature-dashboard[data-state="ok"]', timeout=10_000)
+    fd = page.locator("#feature-dashboard")
+    # the label (also the node's clerp, from the same store), density and histogram
+    assert rec["label"] and fd.locator(".fd-label").text_content() == rec["label"]
+    assert page.text_content("#details-title") == rec["label"]
+    stats = fd.locator(".fd-stats").text_content()
+    assert f"of {rec['n_tokens']:,} tokens" in stats and "fires on " in stats
+    v = 100 * rec["density"]
+    assert 0.01 < v < 100
+    share = f"{v:.2f}%" if v < 1 else f"{v:.1f}%" if v < 10 else f"{v:.0f}%"
+    assert fd.locator(".fd-density").text_content() == f"fires on {share}"
+    assert fd.locator("svg.fd-hist rect.fd-bar").count() == len(rec["histogram"]["counts"]) > 0
+    assert fd.locator("svg.fd-hist line.fd-marker").count() == 1  # this node's activation
+
+    # top examples: six shown, the rest behind a button; every token's text and shading
+    top = rec["top_examples"]
+    rows = fd.locator(".fd-examples").first.locator("li.fd-example")
+    assert rows.count() == min(6, len(top))
+    if len(top) > 6:
+        fd.locator(".fd-examples").first.locator("button.fd-more").click()
+    assert rows.count() == len(top)
+    for i, ex in enumerate(top):
+        row = rows.nth(i)
+        toks = row.locator(".fd-tok")
+        assert toks.all_text_contents() == ex["tokens"]
+        assert row.locator(".fd-value").text_content() == f"{ex['value']:.2f}"
+        on = [j for j, a in enumerate(ex["activations"]) if a is not None and a > 0]
+        assert [j for j in range(toks.count()) if "on" in toks.nth(j).get_attribute("class").split()] == on
+        assert row.locator(".fd-tok.max").text_content() == ex["tokens"][ex["max_index"]]
+        colours = toks.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        for j, colour in enumerate(colours):
+            assert (colour != "rgba(0, 0, 0, 0)") == (j in on), (i, j, colour)
+    # shading grows with the activation: the feature's strongest token is the most opaque
+    alpha = rows.first.locator(".fd-tok.max").evaluate("e => getComputedStyle(e).backgroundColor")
+    assert alpha.startswith("rgba(245, 130, 32, 0.9")
+
+    # quantile groups, strongest first, each with its sampled examples
+    quant = fd.locator("details.fd-quantile")
+    assert quant.count() == len(rec["quantiles"])
+    for i, q in enumerate(reversed(rec["quantiles"])):
+        det = quant.nth(i)
+        assert det.get_attribute("data-index") == str(q["index"])
+        assert f"{q['count']} token(s)" in det.locator("summary").text_content()
+        det.locator("summary").click()
+        texts = [r.locator(".fd-tok").all_text_contents() for r in det.locator("li.fd-example").all()]
+        assert texts == [ex["tokens"] for ex in q["examples"]]
+
+    # output logits: total direction, then per output layer (a CLT)
+    table = fd.locator("table.fd-logits").first
+    assert table.locator("td.fd-logit-tok.pos").all_text_contents() == [lg["token"] for lg in rec["logits"]["top"]]
+    assert table.locator("td.fd-logit-tok.neg").all_text_contents() == [lg["token"] for lg in rec["logits"]["bottom"]]
+    values = [float(t) for t in table.locator("td.fd-logit-val").all_text_contents()]
+    expected = [v for b, t in zip(rec["logits"]["bottom"], rec["logits"]["top"]) for v in (b["value"], t["value"])]
+    assert values == pytest.approx(expected, rel=6e-3, abs=1e-12)
+    per = rec["logits"]["per_output_layer"]
+    assert len(per) == dash_site["n_layers"] - rec["layer"]
+    fd.locator("details.fd-per-layer summary").click()
+    sections = fd.locator(".fd-out-layer")
+    assert sections.count() == len(per)
+    for i, p in enumerate(per):
+        assert sections.nth(i).get_attribute("data-layer") == str(p["layer"])
+        assert sections.nth(i).locator("td.fd-logit-tok.pos").all_text_contents() == [lg["token"] for lg in p["top"]]
+
+    # markup tokens in examples are text: shown literally, nothing ran, no element was made
+    markup = fd.locator(".fd-tok", has_text=SCRIPT_TOKEN)
+    assert markup.count() >= 1 and markup.first.text_content() == SCRIPT_TOKEN
+    assert fd.locator(".fd-tok", has_text=IMG_TOKEN).count() >= 1
+    assert page.evaluate("typeof window.pwned") == "undefined"
+    assert page.locator("body script").count() == 0 and page.locator("body img").count() == 0
+    shot = tmp_path / "viewer-dashboard.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+
+
+def test_feature_dashboard_missing_broken_and_non_features(dash_site, page):
+    page.goto(f"{dash_site['url']}?slug=tiny")
+    page.wait_for_selector('body[data-ready="1"]', timeout=10_000)
+    fd = page.locator("#feature-dashboard")
+    missing = dash_site["missing"]["node_id"]
+    layer, feature, _ = missing.split("_")
+    click_node(page, missing)
+    page.wait_for_selector('#feature-dashboard[data-state="none"]', timeout=10_000)
+    assert fd.text_content().startswith(f"No feature dashboard: features/{layer}_{feature}.json is not in")
+    click_node(page, dash_site["broken"]["node_id"])
+    page.wait_for_selector('#feature-dashboard[data-state="error"]', timeout=10_000)
+    assert fd.text_content().startswith("Feature dashboard unreadable: HTTP 500")
+    # tokens, errors and logits have no dashboard (and no stale one from the last feature)
+    click_node(page, dash_site["shown"]["node_id"])
+    page.wait_for_selector('#feature-dashboard[data-state="ok"]', timeout=10_000)
+    for kind in ("embedding", "mlp reconstruction error", "logit"):
+        other = next((n for n in dash_site["doc"]["nodes"] if n["feature_type"] == kind), None)
+        if other is None:
+            continue
+        click_node(page, other["node_id"])
+        assert fd.text_content() == "" and fd.get_attribute("data-state") is None
+    # a cached record comes back at once on a second click
+    click_node(page, dash_site["shown"]["node_id"])
+    assert fd.get_attribute("data-state") == "ok"
+    assert fd.locator(".fd-label").text_content() == dash_site["record"]["label"]

@@ -623,37 +623,254 @@
     renderFeatureDashboard(n);
   }
 
-  // The slot for the feature dashboard (feature-dashboard issue): a JSON per feature at
-  // GRAPH_DIR/features/<layer>_<feature>.json, shown as plain key/value text when present.
+  // ---------------------------------------------------------------------------------------
+  // feature dashboard: GRAPH_DIR/features/<layer>_<feature>.json, the record written by
+  // pipeline.dashboards.export_feature_json (Dashboards.feature):
+  //   {layer, feature, label, n_tokens, n_firing, density, mean_activation, max_activation,
+  //    histogram: {edges: [H+1], counts: [H]},            log-spaced bins (non-empty span)
+  //    top_examples: [EXAMPLE],                           best first
+  //    quantiles: [{index, range: [lo, hi|null], cdf: [p_lo, p_hi], count, examples: [EXAMPLE]}],
+  //    logits: {top: [LOGIT], bottom: [LOGIT], per_output_layer?: [{layer, top, bottom}]}}
+  //   EXAMPLE = {value, document, position, max_index, tokens: [..], activations: [..], ...}
+  //   LOGIT = {token, token_id, value}
+  // Everything from the file is put on the page as text nodes (textContent) or attribute
+  // values; token shading is a CSSOM style property, never markup.
+  // ---------------------------------------------------------------------------------------
+
+  const arr = (x) => (Array.isArray(x) ? x : []);
+  const num = (x) => (typeof x === "number" && isFinite(x) ? x : null);
+
+  // three significant digits (logit values span orders of magnitude)
+  function sig(x) {
+    if (typeof x !== "number" || !isFinite(x)) return "–";
+    const a = Math.abs(x);
+    if (a !== 0 && (a < 1e-3 || a >= 1e4)) return x.toExponential(2);
+    return x.toPrecision(3);
+  }
+
+  function pct(x) {
+    if (num(x) === null) return "–";
+    const v = 100 * x;
+    if (v === 0) return "0%";
+    if (v < 0.01) return "<0.01%";
+    return `${v < 1 ? v.toFixed(2) : v < 10 ? v.toFixed(1) : v.toFixed(0)}%`;
+  }
+
+  // activation -> background: transparent at 0, saturated orange at the feature's max
+  function shade(el, act, max) {
+    const a = num(act);
+    if (a === null || a <= 0 || !(max > 0)) return;
+    const t = Math.min(1, a / max);
+    el.style.backgroundColor = `rgba(245, 130, 32, ${(0.12 + 0.78 * t).toFixed(3)})`;
+  }
+
+  function exampleRow(ex, max) {
+    const li = h("li", { class: "fd-example" });
+    li.append(h("span", { class: "fd-value" }, fmt(num(ex.value), 2)));
+    const ctx = h("span", { class: "fd-context" });
+    const toks = arr(ex.tokens);
+    const acts = arr(ex.activations);
+    toks.forEach((t, i) => {
+      const a = num(acts[i]);
+      const tok = h("span", { class: "fd-tok", title: `${showToken(t)}: ${a === null ? "–" : fmt(a)}` },
+        showToken(t));
+      if (a !== null && a > 0) tok.classList.add("on");
+      if (i === ex.max_index) tok.classList.add("max");
+      shade(tok, a, max);
+      ctx.append(tok);
+    });
+    li.append(ctx);
+    li.title = `document ${ex.document}, token ${ex.position}`;
+    return li;
+  }
+
+  function exampleList(examples, max, shown) {
+    const ol = h("ol", { class: "fd-examples" });
+    const rows = arr(examples).filter((ex) => ex && typeof ex === "object");
+    rows.slice(0, shown).forEach((ex) => ol.append(exampleRow(ex, max)));
+    if (rows.length > shown) {
+      const more = h("button", { type: "button", class: "fd-more" }, `show all ${rows.length}`);
+      more.addEventListener("click", () => {
+        rows.slice(shown).forEach((ex) => ol.insertBefore(exampleRow(ex, max), more.parentNode));
+        more.parentNode.remove();
+      });
+      const li = h("li", { class: "fd-more-row" });
+      li.append(more);
+      ol.append(li);
+    }
+    return ol;
+  }
+
+  // bars over the log-spaced bins (equal widths: a log axis), the node's activation marked
+  function histogram(hist, marker) {
+    const edges = arr(hist && hist.edges).map(Number);
+    const counts = arr(hist && hist.counts).map(Number);
+    const W = 340;
+    const H = 64;
+    const m = { l: 4, r: 4, t: 4, b: 16 };
+    const svg = s("svg", { class: "fd-hist", viewBox: `0 0 ${W} ${H}`, role: "img",
+      "aria-label": "activation histogram" });
+    if (!counts.length || edges.length !== counts.length + 1) {
+      svg.append(s("text", { x: W / 2, y: H / 2, class: "muted-text", "text-anchor": "middle" }, "never fires"));
+      return svg;
+    }
+    const bw = (W - m.l - m.r) / counts.length;
+    const cmax = maxOf(counts);
+    const g = s("g", {});
+    counts.forEach((c, i) => {
+      const bh = c > 0 ? Math.max(1, (H - m.t - m.b) * Math.sqrt(c / cmax)) : 0;
+      const r = s("rect", { x: m.l + i * bw + 0.5, y: H - m.b - bh, width: Math.max(0.5, bw - 1), height: bh,
+        class: "fd-bar" });
+      r.append(s("title", {}, `[${fmt(edges[i])}, ${fmt(edges[i + 1])}): ${c} token(s)`));
+      g.append(r);
+    });
+    svg.append(g);
+    svg.append(s("line", { x1: m.l, x2: W - m.r, y1: H - m.b, y2: H - m.b, class: "fd-axis" }));
+    svg.append(s("text", { x: m.l, y: H - 3, class: "fd-tick" }, fmt(edges[0], 2)));
+    svg.append(s("text", { x: W - m.r, y: H - 3, class: "fd-tick", "text-anchor": "end" },
+      fmt(edges[edges.length - 1], 2)));
+    svg.append(s("text", { x: W / 2, y: H - 3, class: "fd-tick", "text-anchor": "middle" }, "activation (log bins)"));
+    const a = num(marker);
+    if (a !== null && a > 0) {
+      let i = counts.length - 1;
+      for (let k = 0; k < counts.length; k++) if (a < edges[k + 1]) { i = k; break; }
+      const lo = edges[i];
+      const hi = edges[i + 1];
+      let f = 0.5;
+      if (a < edges[0]) f = 0;
+      else if (a >= edges[edges.length - 1]) f = 1;
+      else if (lo > 0 && hi > lo) f = Math.log(a / lo) / Math.log(hi / lo);
+      else if (hi > lo) f = (a - lo) / (hi - lo);
+      const x = a < edges[0] ? m.l : m.l + (i + Math.min(1, Math.max(0, f))) * bw;
+      const mk = s("line", { x1: x, x2: x, y1: m.t, y2: H - m.b, class: "fd-marker" });
+      mk.append(s("title", {}, `this node: ${fmt(a)}`));
+      svg.append(mk);
+    }
+    return svg;
+  }
+
+  function logitTable(top, bottom) {
+    const table = h("table", { class: "fd-logits" });
+    const head = h("tr", {});
+    head.append(h("th", { class: "neg" }, "bottom (−)"), h("th", {}, ""), h("th", { class: "pos" }, "top (+)"), h("th", {}, ""));
+    table.append(head);
+    const tops = arr(top);
+    const bots = arr(bottom);
+    for (let i = 0; i < Math.max(tops.length, bots.length); i++) {
+      const tr = h("tr", {});
+      for (const [lg, cls] of [[bots[i], "neg"], [tops[i], "pos"]]) {
+        if (lg && typeof lg === "object") {
+          tr.append(h("td", { class: `fd-logit-tok ${cls}`, title: `token id ${lg.token_id}` }, showToken(lg.token)),
+            h("td", { class: `fd-logit-val ${cls}` }, sig(num(lg.value))));
+        } else {
+          tr.append(h("td", {}), h("td", {}));
+        }
+      }
+      table.append(tr);
+    }
+    return table;
+  }
+
+  function buildDashboard(data, n, key) {
+    const box = h("div", { class: "fd", "data-key": key });
+    // word-level vocabularies (no token starts with a space): a gap between tokens
+    const allToks = [...arr(data.top_examples), ...arr(data.quantiles).flatMap((q) => arr(q && q.examples))]
+      .flatMap((ex) => arr(ex && ex.tokens));
+    if (allToks.length && !allToks.some((t) => /^[\sĠ▁]/.test(String(t)))) box.classList.add("words");
+    const title = h("h3", {}, "Feature dashboard ");
+    title.append(h("span", { class: "muted" }, `L${data.layer} #${data.feature}`));
+    box.append(title);
+    if (typeof data.label === "string" && data.label) box.append(h("div", { class: "fd-label" }, data.label));
+    const stats = h("div", { class: "fd-stats" });
+    stats.append(h("span", { class: "fd-density" }, `fires on ${pct(num(data.density))}`),
+      h("span", { class: "muted" }, ` of ${num(data.n_tokens) === null ? "–" : data.n_tokens.toLocaleString("en-US")} tokens`
+        + ` · mean ${fmt(num(data.mean_activation), 2)} · max ${fmt(num(data.max_activation), 2)}`));
+    if (typeof n.activation === "number") stats.append(h("span", { class: "muted" }, ` · here ${fmt(n.activation, 2)}`));
+    box.append(stats);
+    box.append(histogram(data.histogram, n.activation));
+    const max = num(data.max_activation) || 0;
+
+    const top = arr(data.top_examples);
+    box.append(h("h4", {}, `Top activations (${top.length})`));
+    if (top.length) box.append(exampleList(top, max, 6));
+    else box.append(h("div", { class: "muted" }, "no examples"));
+
+    const logits = data.logits && typeof data.logits === "object" ? data.logits : {};
+    box.append(h("h4", {}, "Output logits"));
+    box.append(logitTable(logits.top, logits.bottom));
+    const per = arr(logits.per_output_layer).filter((p) => p && typeof p === "object");
+    if (per.length) {
+      const det = h("details", { class: "fd-per-layer" });
+      det.append(h("summary", {}, `per output layer (${per.length})`));
+      for (const p of per) {
+        const sec = h("div", { class: "fd-out-layer", "data-layer": String(p.layer) });
+        sec.append(h("div", { class: "fd-sub" }, `writes to layer ${p.layer}`));
+        sec.append(logitTable(p.top, p.bottom));
+        det.append(sec);
+      }
+      box.append(det);
+    }
+
+    const qs = arr(data.quantiles).filter((q) => q && typeof q === "object");
+    if (qs.length) {
+      box.append(h("h4", {}, "Quantile examples"));
+      for (const q of [...qs].reverse()) {  // strongest group first, like the top examples
+        const det = h("details", { class: "fd-quantile", "data-index": String(q.index) });
+        const range = arr(q.range);
+        const cdf = arr(q.cdf);
+        det.append(h("summary", {},
+          `[${fmt(num(range[0]), 2)}, ${range[1] === null ? "∞" : fmt(num(range[1]), 2)}) · `
+          + `${pct(num(cdf[0]))}–${pct(num(cdf[1]))} of firings · ${q.count} token(s)`));
+        det.append(exampleList(q.examples, max, 8));
+        box.append(det);
+      }
+    }
+    return box;
+  }
+
   function renderFeatureDashboard(n) {
     const slot = $("feature-dashboard");
     slot.replaceChildren();
+    delete slot.dataset.state;
     const fi = featureIndex(n);
     if (fi === null) return;
     const key = `${n.layer}_${fi}`;
-    const show = (data) => {
+    const show = (entry) => {
       if (state.clicked !== n.node_id) return;
       slot.replaceChildren();
-      if (!data) {
-        slot.append(h("div", { class: "muted" }, `feature dashboard: none (features/${key}.json)`));
-        return;
+      slot.dataset.state = entry.status;
+      if (entry.status === "none") {
+        slot.append(h("div", { class: "muted fd-none" },
+          `No feature dashboard: features/${key}.json is not in the graph folder `
+          + "(write it with pipeline.dashboards.export_feature_json)."));
+      } else if (entry.status === "error") {
+        slot.append(h("div", { class: "fd-none error" }, `Feature dashboard unreadable: ${entry.error}`));
+      } else {
+        try {
+          slot.append(buildDashboard(entry.data, n, key));
+        } catch (e) {
+          slot.replaceChildren(h("div", { class: "fd-none error" }, `Feature dashboard unreadable: ${e.message}`));
+          slot.dataset.state = "error";
+        }
       }
-      slot.append(h("h3", {}, "Feature dashboard"));
-      const dl = h("dl", {});
-      for (const [k, v] of Object.entries(data).slice(0, 20)) {
-        const text = typeof v === "string" ? v : JSON.stringify(v);
-        dl.append(h("dt", {}, k), h("dd", {}, text.length > 400 ? text.slice(0, 399) + "…" : text));
-      }
-      slot.append(dl);
     };
     if (state.featureCache.has(key)) { show(state.featureCache.get(key)); return; }
-    fetch(`/data/features/${encodeURIComponent(key)}.json`, { cache: "no-store" })
-      .then((r) => (r.ok ? r.json() : null))
-      .catch(() => null)
-      .then((data) => {
-        const v = data && typeof data === "object" && !Array.isArray(data) ? data : null;
-        state.featureCache.set(key, v);
-        show(v);
+    slot.dataset.state = "loading";
+    slot.append(h("div", { class: "muted" }, "loading feature dashboard…"));
+    fetch(`/data/features/${encodeURIComponent(key)}.json`, { cache: "no-store", credentials: "same-origin" })
+      .then(async (r) => {
+        if (r.status === 404) return { status: "none" };
+        if (!r.ok) return { status: "error", error: `HTTP ${r.status}` };
+        const data = await r.json();
+        if (!data || typeof data !== "object" || Array.isArray(data)) {
+          return { status: "error", error: "not a feature record" };
+        }
+        return { status: "ok", data };
+      })
+      .catch((e) => ({ status: "error", error: e.message }))
+      .then((entry) => {
+        state.featureCache.set(key, entry);
+        show(entry);
       });
   }
 
