@@ -12,18 +12,17 @@ import json
 from safetensors.torch import save_file
 
 from stages._config import load_config, parse_args
-from stages._io import atomic_path, prompt_dir, setup_torch
-from stages._model import load_replacement_model
+from stages._io import atomic_path, prompt_dir
+from stages._model import load_prompt_tokenizer
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
-    setup_torch(cfg.runtime)
     prompt = cfg.prompts.items[args.prompt_id]
-    model = load_replacement_model(cfg)
-    tokens = model.tokenize(prompt.prompt).cpu().contiguous()
-    strings = model.tokenizer.convert_ids_to_tokens(tokens.tolist())
+    tokenizer = load_prompt_tokenizer(cfg)
+    tokens = tokenizer.tokenize(prompt.prompt).cpu().contiguous()
+    strings = tokenizer.convert_ids_to_tokens(tokens.tolist())
     out = prompt_dir(args.prompt_id) / "tokens.safetensors"
     with atomic_path(out) as tmp:
         # one metadata entry: safetensors writes several in no fixed order

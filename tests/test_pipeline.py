@@ -135,6 +135,55 @@ def test_dvc_yaml_stage_params_exist_in_params():
                 node = node[part]
 
 
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir", "gpt2_adds_bos"])
+def test_tokenize_stage_tokenizer_gives_the_replacement_models_ids(fixture, request, plt_dir, tmp_path):
+    """The tokenize stage reads only the tokenizer and config, yet gives the ids (BOS handling,
+    errors) of ``ReplacementModel.tokenize``, for tokenizers that add BOS and ones that do not."""
+    from pipeline import testing
+    from pipeline.replacement import PromptError, ReplacementModel
+    from stages._model import PromptTokenizer
+
+    if fixture == "gpt2_adds_bos":
+        model_dir = testing.make_tiny_gpt2(tmp_path / "gpt2_bos", n_layers=2, d_model=16, tokenizer_adds_bos=True)
+    else:
+        model_dir = request.getfixturevalue(fixture)
+    tok = PromptTokenizer(str(model_dir))
+    model = ReplacementModel.from_pretrained(model_dir, plt_dir)
+    for prompt in ("the a of is in and", "the", " river  lake "):
+        assert tok.tokenize(prompt).tolist() == model.tokenize(prompt).cpu().tolist()
+    assert tok.tokenize("the")[0].item() == model.tokenizer.bos_token_id
+    assert tok.n_ctx == model.n_ctx
+    for bad in ("", "   ", "the " * model.n_ctx):
+        with pytest.raises(PromptError):
+            tok.tokenize(bad)
+
+
+def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """No transcoders on disk: the stage still writes the tokens (it never loads them)."""
+    from safetensors.torch import load_file
+
+    from stages import tokenize
+
+    text = (ROOT / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["model"].update(name=str(tiny_gpt2_dir), dep=str(tiny_gpt2_dir))
+    params["transcoders"].update(source=str(tmp_path / "absent"), dep=str(tmp_path / "absent"))
+    params["prompts"]["items"] = {"p": {"prompt": "the river"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    tokenize.main(["--prompt-id", "p"])
+    from stages._model import PromptTokenizer
+
+    expected = PromptTokenizer(str(tiny_gpt2_dir)).tokenize("the river").tolist()
+    assert load_file("results/p/tokens.safetensors")["tokens"].tolist() == expected and len(expected) == 3
+
+
+def test_tokenize_stage_deps_leave_out_the_transcoders():
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["do"]
+    assert "${transcoders.dep}" not in body["deps"] and "pipeline/transcoders" not in body["deps"]
+    assert not any(p.startswith(("transcoders", "attribution")) for p in body["params"])
+
+
 # ------------------------------------------------------------------------------------ slow
 def _env() -> dict:
     env = dict(os.environ)
