@@ -19,19 +19,22 @@ Optional, List, Dict, nested dataclasses); the library's own config classes (for
       pruning       PruningSpec          node/edge thresholds
       export        ExportSpec           graph files
       organism      OrganismSpec         the embedded toy world, its model and transcoders
+      intervention  InterventionSpec     the intervene stage's checks (experiments: per prompt)
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 #: A prompt id names DVC stages (``attribute@<id>``), params keys (``prompts.items.<id>``) and
 #: output folders, so it is restricted to characters that are safe in all three.
 PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.evaluation.KINDS
+EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.evaluation.MODES
 
 
 @dataclass
@@ -87,6 +90,42 @@ class TranscodersSpec:
 
 
 @dataclass
+class ExperimentSpec:
+    """A named intervention experiment on one prompt, run by the ``intervene`` stage
+    (``pipeline.evaluation.Experiment``, same fields; checked there when the stage runs).
+
+    source / target: entries are ``[layer, pos, feature]`` triples, supernode names, or
+        selectors ``{pos: P, layers: [..], not_on_donor: bool}`` (every feature active at
+        position P of this prompt (source) or of ``donor_prompt`` (target), in those layers,
+        all when omitted; ``not_on_donor``: only those inactive on the donor prompt).
+    kind: ``ablate`` | ``steer`` | ``swap``; expected_before / expected_after: the top token
+        before / after, for the flip check; group: a label for per-group flip rates.
+    """
+
+    name: str
+    kind: str = "ablate"
+    source: List[Any] = field(default_factory=list)
+    target: List[Any] = field(default_factory=list)
+    donor_prompt: Optional[str] = None
+    source_factor: Optional[float] = None
+    target_factor: float = 1.0
+    value: Optional[float] = None
+    open_ended: bool = False
+    expected_before: Optional[str] = None
+    expected_after: Optional[str] = None
+    mode: str = "iterative"
+    constrained_layers: Optional[List[int]] = None
+    max_new_tokens: Optional[int] = None
+    group: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXPERIMENT_KINDS:
+            raise ValueError(f"experiment {self.name!r}: kind must be one of {EXPERIMENT_KINDS}, got {self.kind!r}")
+        if self.mode not in EXPERIMENT_MODES:
+            raise ValueError(f"experiment {self.name!r}: mode must be one of {EXPERIMENT_MODES}, got {self.mode!r}")
+
+
+@dataclass
 class PromptSpec:
     """One prompt. Its id is its key in ``PromptSetSpec.items``.
 
@@ -94,6 +133,7 @@ class PromptSpec:
     kind, language, tags: free-form labels for reports and figures.
     logit_targets: attribute from these tokens instead of the top logits; ``"A,B"`` is the
         difference of the logits of A and B.
+    experiments: the intervention experiments the ``intervene`` stage runs on this prompt.
     """
 
     prompt: str
@@ -102,6 +142,7 @@ class PromptSpec:
     language: str = ""
     tags: List[str] = field(default_factory=list)
     logit_targets: List[str] = field(default_factory=list)
+    experiments: List[ExperimentSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -233,6 +274,34 @@ class OrganismSpec:
 
 
 @dataclass
+class InterventionSpec:
+    """The ``intervene`` stage (``pipeline.evaluation.EvaluationSpec``; the experiments are
+    per prompt, in ``prompts.items.<id>.experiments``).
+
+    top_k: features (by influence) ablated one at a time and compared with the attribution.
+    faithfulness: run the circuit-only / circuit-ablated / all-ablated comparison.
+    freeze_attention: attention patterns frozen in the iterative runs.
+    errors: ``frozen`` (the local replacement model) or ``recomputed`` error vectors.
+    n_top_tokens: rows of the before / after top-token tables.
+    max_new_tokens: greedy generation length per experiment (clean and steered; 0: none).
+    """
+
+    top_k: int = 10
+    faithfulness: bool = True
+    freeze_attention: bool = True
+    errors: str = "frozen"
+    n_top_tokens: int = 5
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        if self.errors not in ("frozen", "recomputed"):
+            raise ValueError(f"intervention.errors must be 'frozen' or 'recomputed', got {self.errors!r}")
+        for name in ("top_k", "n_top_tokens", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"intervention.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class PipelineConfig:
     """The whole composed configuration (``params.yaml``)."""
 
@@ -244,3 +313,4 @@ class PipelineConfig:
     pruning: PruningSpec = field(default_factory=PruningSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
+    intervention: InterventionSpec = field(default_factory=InterventionSpec)

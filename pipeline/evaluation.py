@@ -26,10 +26,18 @@ Steps of :func:`evaluate`:
    positions (as its graph / annotations name them) and applied end-aligned: donor position
    ``q`` maps to ``q + n_pos - n_donor`` (the last token to the last token). Top tokens
    before / after, whether the expected tokens came out (``flipped``), and greedy generations
-   without and with the intervention (open-ended when ``open_ended``).
+   without and with the intervention (open-ended when ``open_ended``). Source and target
+   entries are supernode names, ``[layer, pos, feature]`` triples, or *selectors*
+   ``{"pos": P, "layers": [...], "not_on_donor": bool}``: every feature active at position
+   ``P`` (negative: from the end) of this prompt (source) or of the donor prompt (target), in
+   those layers (all when omitted); ``not_on_donor`` (source only) keeps the features that
+   are not active at the end-aligned position of ``donor_prompt`` (the features specific to
+   this prompt, e.g. its language's). So a config can say "swap everything active at the
+   last position" without naming feature indices of one particular set of transcoders. An
+   optional ``group`` labels experiments for the per-group flip rates (``by_group``).
 5. Summary: flip rate (experiments with an ``expected_after`` whose top token after the
-   intervention is it, and before it ``expected_before`` when given), faithfulness,
-   correlations.
+   intervention is it, and before it ``expected_before`` when given), overall and per
+   experiment kind, faithfulness, correlations. :func:`study_metrics` sums them over a study.
 
 :func:`write_report` writes ``report.json`` (sorted keys, floats to 6 significant digits),
 ``report.md``, ``metrics.json`` (the summary, for ``dvc metrics``) and
@@ -90,8 +98,9 @@ FIGURES = ("top_features", "faithfulness", "experiments")
 class Experiment:
     """One named intervention experiment on the graph's prompt.
 
-    source: supernode names and/or [layer, pos, feature] triples (this prompt's positions)
-    target: swap only: supernode names and/or triples in ``donor_prompt``'s positions
+    source: supernode names, [layer, pos, feature] triples (this prompt's positions) and/or
+    selectors {"pos": P, "layers": [...]} (every feature active there on this prompt)
+    target: swap only: the same forms, in ``donor_prompt``'s positions and activations
     source_factor: multiplier for the source features (ablate / swap default 0; steer: used
     when ``value`` is None)
     value: steer: the value the source features are set to
@@ -100,6 +109,7 @@ class Experiment:
     without surrounding whitespace)
     mode: "iterative" | "constrained" (with constrained_layers) | "direct"
     max_new_tokens: steered generation length (None: the spec's; 0: none)
+    group: a label for the per-group flip rates (e.g. "state_swap", "language_swap")
     """
 
     name: str
@@ -116,6 +126,7 @@ class Experiment:
     mode: str = "iterative"
     constrained_layers: list[int] | None = None
     max_new_tokens: int | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -156,10 +167,13 @@ class EvaluationSpec:
     supernodes: {name: [[layer, pos, feature], ...]} defined in the config (they override
     annotation supernodes of the same name)
     node_threshold / edge_threshold: pruning of a raw Graph (a pruned graph keeps its own)
+    faithfulness: run the four faithfulness conditions (False: the report's ``faithfulness``
+    section is None)
     """
 
     top_k: int = 10
     experiments: list[Experiment] = field(default_factory=list)
+    faithfulness: bool = True
     supernodes: dict = field(default_factory=dict)
     freeze_attention: bool = True
     errors: str = "frozen"
@@ -397,6 +411,51 @@ def evaluate(
     }
 
     # Phase 3: faithfulness
+    report["faithfulness"] = _faithfulness(model, runner, c, target_of, common) if spec.faithfulness else None
+    faith = report["faithfulness"] or {"faithfulness": None, "circuit_ablation_effect": None}
+
+    # Phase 4: named experiments
+    clean_generation: dict[int, str] = {}
+    experiments = []
+    for exp in spec.experiments:
+        experiments.append(_run_experiment(model, runner, exp, spec, supernodes, n_pos, clean_generation))
+    report["experiments"] = experiments
+
+    # Phase 5: summary
+    report["summary"] = {
+        **_flip_counts(experiments),
+        **_by_kind_and_group(experiments),
+        "faithfulness": faith["faithfulness"],
+        "circuit_ablation_effect": faith["circuit_ablation_effect"],
+        "correlation_direct": report["top_features"]["correlation_direct"],
+        "correlation_iterative": report["top_features"]["correlation_iterative"],
+    }
+    return report
+
+
+def _by_kind_and_group(experiments: Sequence[Mapping[str, Any]]) -> dict:
+    """Flip counts per experiment kind and per group (experiments without a group: none)."""
+    groups = sorted({e.get("group") for e in experiments} - {None})
+    return {
+        "by_kind": {kind: _flip_counts([e for e in experiments if e["kind"] == kind])
+                    for kind in sorted({e["kind"] for e in experiments})},
+        "by_group": {g: _flip_counts([e for e in experiments if e.get("group") == g]) for g in groups},
+    }
+
+
+def _flip_counts(experiments: Sequence[Mapping[str, Any]]) -> dict:
+    checked = [e for e in experiments if e["expected_after"] is not None]
+    flipped = [e for e in checked if e["flipped"]]
+    return {
+        "n_experiments": len(experiments),
+        "n_checked": len(checked),
+        "n_flipped": len(flipped),
+        "flip_rate": _r(len(flipped) / len(checked)) if checked else None,
+    }
+
+
+def _faithfulness(model, runner: InterventionRunner, c: _Circuit, target_of, common) -> dict:
+    clean = runner.clean
     active = clean.activations.nonzero().tolist()  # (layer, pos, feature), BOS excluded
     circuit = {tuple(int(v) for v in f) for f in c.features[c.in_circuit]}
     outside = [tuple(f) for f in active if tuple(f) not in circuit]
@@ -424,40 +483,58 @@ def evaluate(
     span = values["clean"] - values["all_ablated"]
     faith["faithfulness"] = _r((values["circuit_only"] - values["all_ablated"]) / span) if span else None
     faith["circuit_ablation_effect"] = _r((values["clean"] - values["circuit_ablated"]) / span) if span else None
-    report["faithfulness"] = faith
-
-    # Phase 4: named experiments
-    clean_generation: dict[int, str] = {}
-    experiments = []
-    for exp in spec.experiments:
-        experiments.append(_run_experiment(model, runner, exp, spec, supernodes, n_pos, clean_generation))
-    report["experiments"] = experiments
-
-    # Phase 5: summary
-    checked = [e for e in experiments if e["expected_after"] is not None]
-    flipped = [e for e in checked if e["flipped"]]
-    report["summary"] = {
-        "n_experiments": len(experiments),
-        "n_checked": len(checked),
-        "n_flipped": len(flipped),
-        "flip_rate": _r(len(flipped) / len(checked)) if checked else None,
-        "faithfulness": faith["faithfulness"],
-        "circuit_ablation_effect": faith["circuit_ablation_effect"],
-        "correlation_direct": report["top_features"]["correlation_direct"],
-        "correlation_iterative": report["top_features"]["correlation_iterative"],
-    }
-    return report
+    return faith
 
 
-def _features_of(items: Sequence, supernodes: Mapping[str, Supernode], what: str) -> list[tuple[int, int, int]]:
+_SELECTOR_KEYS = ("pos", "layers", "not_on_donor")
+
+
+def _select(item: Mapping[str, Any], activations: Tensor, what: str,
+            donor: Tensor | None = None) -> list[tuple[int, int, int]]:
+    """Every feature active at ``item["pos"]`` in ``item["layers"]`` (all layers if absent);
+    with ``not_on_donor``, only those inactive at the end-aligned position of ``donor``."""
+    unknown = sorted(set(item) - set(_SELECTOR_KEYS))
+    if unknown or "pos" not in item:
+        raise ValueError(f"{what}: a selector is {{pos: P, layers: [...], not_on_donor: bool}} "
+                         f"(layers, not_on_donor optional), got {dict(item)!r}")
+    n_layers, n_pos = int(activations.shape[0]), int(activations.shape[1])
+    pos = item["pos"]
+    if isinstance(pos, bool) or not isinstance(pos, int) or not -n_pos <= pos < n_pos:
+        raise ValueError(f"{what}: selector position {pos!r} is not a position of the {n_pos}-token prompt")
+    pos %= n_pos
+    layers = item.get("layers")
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise ValueError(f"{what}: selector layer {layer!r} is out of range (0..{n_layers - 1})")
+    exclude = None
+    if item.get("not_on_donor"):
+        if donor is None:
+            raise ValueError(f"{what}: not_on_donor needs a donor_prompt (and is for the source only)")
+        dpos = pos - n_pos + int(donor.shape[1])
+        exclude = donor[:, dpos] if 0 <= dpos < donor.shape[1] else torch.zeros_like(activations[:, pos])
+    out = []
+    for layer in layers:
+        active = activations[layer, pos] != 0
+        if exclude is not None:
+            active &= exclude[layer] == 0
+        out += [(layer, pos, int(f)) for f in torch.nonzero(active).reshape(-1).tolist()]
+    return out
+
+
+def _features_of(items: Sequence, supernodes: Mapping[str, Supernode], what: str,
+                 activations: Tensor | None = None, donor: Tensor | None = None) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
     for item in items:
         if isinstance(item, str):  # a supernode (unknown names: intervene's clear error)
             out += [(layer, pos, feat) for layer, pos, feat, _ in intervene(supernodes, item, 0.0)]
+        elif isinstance(item, Mapping) and activations is not None:
+            out += _select(item, activations, what, donor)
         elif isinstance(item, (list, tuple)) and len(item) == 3:
             out.append(tuple(int(v) for v in item))
         else:
-            raise ValueError(f"{what}: each entry is a supernode name or [layer, pos, feature], got {item!r}")
+            raise ValueError(f"{what}: each entry is a supernode name, [layer, pos, feature] or "
+                             f"{{pos: P, layers: [...]}}, got {item!r}")
     return out
 
 
@@ -469,7 +546,9 @@ def _matches(token: str, expected: str | None) -> bool | None:
 
 def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: EvaluationSpec,
                     supernodes, n_pos: int, clean_generation: dict) -> dict:
-    src = _features_of(exp.source, supernodes, f"experiment {exp.name!r} source")
+    donor = InterventionRunner(model, exp.donor_prompt).clean if exp.donor_prompt is not None else None
+    src = _features_of(exp.source, supernodes, f"experiment {exp.name!r} source", runner.clean.activations,
+                       None if donor is None else donor.activations)
     ivs: list[tuple] = []
     if exp.kind == "steer" and exp.value is not None:
         src_value: Any = float(exp.value)
@@ -479,9 +558,9 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
         ivs.append((layer, slice(pos, None) if exp.open_ended else pos, feat, src_value))
     n_target_inactive = 0
     if exp.kind == "swap":
-        donor = InterventionRunner(model, exp.donor_prompt).clean
         shift = n_pos - donor.n_pos
-        for layer, dpos, feat in _features_of(exp.target, supernodes, f"experiment {exp.name!r} target"):
+        for layer, dpos, feat in _features_of(exp.target, supernodes, f"experiment {exp.name!r} target",
+                                              donor.activations):
             if not 0 <= dpos < donor.n_pos or not 0 <= dpos + shift < n_pos:
                 raise ValueError(
                     f"experiment {exp.name!r}: target feature ({layer}, {dpos}, {feat}) has no "
@@ -505,7 +584,7 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
     ok_after = _matches(after[0]["token"], exp.expected_after)
     flipped = None if ok_after is None else bool(ok_after and ok_before is not False)
     out = {
-        "name": exp.name, "kind": exp.kind, "mode": exp.mode,
+        "name": exp.name, "kind": exp.kind, "mode": exp.mode, "group": exp.group,
         "n_source_features": len(src), "n_interventions": len(ivs),
         "n_target_inactive_on_donor": int(n_target_inactive),
         "before": before, "after": after,
@@ -526,26 +605,30 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
     return out
 
 
-def study_metrics(reports: Sequence[Mapping[str, Any]]) -> dict:
-    """Summary over the reports of a study: flip rate over all checked experiments, mean
-    faithfulness and correlations (None where no report has the value)."""
+def study_metrics(reports: Sequence[Mapping[str, Any]],
+                  prompt_groups: Mapping[str, Sequence[int]] | None = None) -> dict:
+    """Summary over the reports of a study: flip rate over all checked experiments and per
+    experiment kind (``by_kind``) and experiment group (``by_group``), mean faithfulness and
+    correlations (None where no report has the value). ``prompt_groups``: {name: indices into
+    ``reports``} adds ``by_prompt_group`` (for example the flip rate per prompt kind)."""
 
     def mean(key):
         vals = [r["summary"][key] for r in reports if r["summary"].get(key) is not None]
         return _r(sum(vals) / len(vals)) if vals else None
 
-    checked = sum(r["summary"]["n_checked"] for r in reports)
-    flipped = sum(r["summary"]["n_flipped"] for r in reports)
-    return {
+    experiments = [e for r in reports for e in r["experiments"]]
+    out = {
         "n_prompts": len(reports),
-        "n_experiments": sum(r["summary"]["n_experiments"] for r in reports),
-        "n_checked": checked,
-        "n_flipped": flipped,
-        "flip_rate": _r(flipped / checked) if checked else None,
+        **_flip_counts(experiments),
+        **_by_kind_and_group(experiments),
         "mean_faithfulness": mean("faithfulness"),
         "mean_correlation_direct": mean("correlation_direct"),
         "mean_correlation_iterative": mean("correlation_iterative"),
     }
+    if prompt_groups is not None:
+        out["by_prompt_group"] = {name: _flip_counts([e for i in sorted(idx) for e in reports[i]["experiments"]])
+                                  for name, idx in sorted(prompt_groups.items())}
+    return out
 
 
 # ------------------------------------------------------------------------------------ markdown
@@ -569,6 +652,17 @@ def _quote(s: str | None) -> str:
     return "–" if s is None else "`" + s.replace("`", "'") + "`"
 
 
+def _md_faithfulness(f: Mapping[str, Any]) -> list[str]:
+    L = [f"{f['n_circuit_features']} circuit features of {f['n_active_features']} active features.", ""]
+    L += _md_table(["run", "features ablated", "de-meaned target logit", "p(clean top)", "top token", "KL from clean"],
+                   [[name, c["n_ablated"], c["demeaned_logit"], c["prob_clean_top"], _quote(c["top_token"]),
+                     c["kl_from_clean"]] for name, c in f["conditions"].items()])
+    L += ["", f"Faithfulness (circuit only vs all ablated, on the target logit): {_md_cell(f['faithfulness'])}; "
+              f"effect of ablating the circuit: {_md_cell(f['circuit_ablation_effect'])}.", "",
+          "![faithfulness](figures/faithfulness.png)", ""]
+    return L
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown (figures linked from ``figures/``)."""
     L: list[str] = []
@@ -586,6 +680,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ["experiments with an expected flip", s["n_checked"]],
         ["flipped as expected", s["n_flipped"]],
         ["flip rate", s["flip_rate"]],
+        *[[f"flip rate, {kind} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
+          for kind, k in s.get("by_kind", {}).items()],
+        *[[f"flip rate, group {g} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
+          for g, k in s.get("by_group", {}).items()],
         ["faithfulness (circuit only)", s["faithfulness"]],
         ["circuit ablation effect", s["circuit_ablation_effect"]],
         ["correlation, predicted vs direct", s["correlation_direct"]],
@@ -606,14 +704,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
               f"iterative {_md_cell(tf['correlation_iterative'])}; largest direct-effect error "
               f"{_md_cell(tf['max_abs_error_direct'])}.", "", "![top features](figures/top_features.png)", ""]
     f = report["faithfulness"]
-    L += ["## Faithfulness", "",
-          f"{f['n_circuit_features']} circuit features of {f['n_active_features']} active features.", ""]
-    L += _md_table(["run", "features ablated", "de-meaned target logit", "p(clean top)", "top token", "KL from clean"],
-                   [[name, c["n_ablated"], c["demeaned_logit"], c["prob_clean_top"], _quote(c["top_token"]),
-                     c["kl_from_clean"]] for name, c in f["conditions"].items()])
-    L += ["", f"Faithfulness (circuit only vs all ablated, on the target logit): {_md_cell(f['faithfulness'])}; "
-              f"effect of ablating the circuit: {_md_cell(f['circuit_ablation_effect'])}.", "",
-          "![faithfulness](figures/faithfulness.png)", ""]
+    L += ["## Faithfulness", ""]
+    if f is None:
+        L += ["Not run (intervention.faithfulness is false).", ""]
+    else:
+        L += _md_faithfulness(f)
     L += ["## Experiments", ""]
     if not report["experiments"]:
         L += ["No experiments configured.", ""]
@@ -724,6 +819,8 @@ def render_figures(report: Mapping[str, Any]) -> dict[str, bytes]:
     with matplotlib.rc_context(_RC):
         for name, make in (("top_features", _fig_top_features), ("faithfulness", _fig_faithfulness),
                            ("experiments", _fig_experiments)):
+            if name == "faithfulness" and report["faithfulness"] is None:
+                continue
             for fmt, data in _save(make(report)).items():
                 out[f"{name}.{fmt}"] = data
     return out

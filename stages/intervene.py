@@ -1,0 +1,77 @@
+"""Stage intervene@<prompt id>: check the pruned circuit causally -> results/<id>/report/.
+
+Reads the pruned graph (results/<id>/pruned.npz) and the replacement model, and runs
+``pipeline.evaluation.evaluate`` with the ``intervention`` config group and the prompt's own
+experiments (``prompts.items.<id>.experiments``): top-k ablations against the attribution's
+prediction, faithfulness of the circuit, and the named swap / ablate / steer experiments.
+
+Outputs:
+  results/<id>/report/       report.json, report.md, metrics.json, figures/*.png|svg
+                             (deterministic bytes: sorted keys, fixed figure metadata)
+  metrics/interventions/<id>.json
+                             this prompt's flip counts and scores, with its kind, for
+                             ``intervene_summary`` and ``dvc metrics show``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+from pipeline.evaluation import EvaluationSpec, evaluate, write_report
+from pipeline.pruning import load_pruned_graph
+from stages._config import load_config, parse_args
+from stages._io import atomic_path, prompt_dir, setup_torch, write_json
+from stages._model import load_replacement_model
+
+#: Per-prompt summaries (one file per prompt id); intervene_summary reads this folder.
+METRICS_DIR = Path("metrics") / "interventions"
+
+
+def evaluation_spec(cfg: PipelineConfig, prompt_id: str) -> EvaluationSpec:
+    """The library's spec from ``intervention`` + the prompt's experiments (errors name the prompt)."""
+    iv = cfg.intervention
+    item = cfg.prompts.items[prompt_id]
+    try:
+        return EvaluationSpec.from_dict({
+            "top_k": iv.top_k, "faithfulness": iv.faithfulness, "freeze_attention": iv.freeze_attention,
+            "errors": iv.errors, "n_top_tokens": iv.n_top_tokens, "max_new_tokens": iv.max_new_tokens,
+            "experiments": [dataclasses.asdict(e) for e in item.experiments],
+        })
+    except ValueError as exc:
+        raise ValueError(f"prompts.items.{prompt_id}.experiments: {exc}") from None
+
+
+def prompt_metrics(report: dict, kind: str) -> dict:
+    """What intervene_summary aggregates: the report's summary and each experiment's outcome."""
+    return {
+        "prompt_kind": kind,
+        "summary": report["summary"],
+        "experiments": [{"name": e["name"], "kind": e["kind"], "group": e["group"],
+                         "expected_after": e["expected_after"],
+                         "flipped": e["flipped"], "top_after": e["after"][0]["token"]}
+                        for e in report["experiments"]],
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, prompt=True, argv=argv)
+    cfg = load_config(args.params)
+    setup_torch(cfg.runtime)
+    item = cfg.prompts.items[args.prompt_id]
+    spec = evaluation_spec(cfg, args.prompt_id)  # before the model loads: a bad spec fails fast
+    model = load_replacement_model(cfg)
+    run = prompt_dir(args.prompt_id)
+    report = evaluate(model, load_pruned_graph(run / "pruned.npz"), spec, prompt=item.prompt)
+    with atomic_path(run / "report") as tmp:
+        write_report(report, tmp)
+    write_json(METRICS_DIR / f"{args.prompt_id}.json", prompt_metrics(report, item.kind))
+    s = report["summary"]
+    rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"
+    print(f"report: {run / 'report' / 'report.md'}  flipped {s['n_flipped']}/{s['n_checked']} ({rate})  "
+          f"faithfulness {s['faithfulness']}  correlation (direct) {s['correlation_direct']}")
+
+
+if __name__ == "__main__":
+    main()

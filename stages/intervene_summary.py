@@ -1,0 +1,41 @@
+"""Stage intervene_summary: the study's intervention metrics -> metrics/interventions.json.
+
+Reads metrics/interventions/<id>.json (written by intervene@<id>) for every prompt of the
+prompt set and writes, as a DVC metric (``dvc metrics show``): the share of experiments
+whose expected flip happened, overall, per experiment kind (``by_kind``: swap, ablate,
+steer), per experiment group (``by_group``: state_swap, language_swap, ...) and per prompt
+kind (``by_prompt_kind``: two_hop, one_hop, language, ...), plus mean
+faithfulness and mean correlations of the top-k ablations with the attribution.
+"""
+
+from __future__ import annotations
+
+from pipeline.evaluation import study_metrics
+from stages._config import load_config, parse_args
+from stages._io import read_json, write_json
+from stages.intervene import METRICS_DIR
+
+OUT = METRICS_DIR.parent / "interventions.json"
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, argv=argv)
+    cfg = load_config(args.params)
+    ids = list(cfg.prompts.items)
+    missing = [pid for pid in ids if not (METRICS_DIR / f"{pid}.json").is_file()]
+    if missing:
+        raise SystemExit(f"no intervention metrics for {missing}: run intervene@<id> first (dvc repro)")
+    per_prompt = [read_json(METRICS_DIR / f"{pid}.json") for pid in ids]
+    reports = [{"summary": m["summary"], "experiments": m["experiments"]} for m in per_prompt]
+    kinds: dict[str, list[int]] = {}
+    for i, m in enumerate(per_prompt):
+        kinds.setdefault(m["prompt_kind"] or "unlabelled", []).append(i)
+    metrics = study_metrics(reports, prompt_groups=kinds)
+    metrics["by_prompt_kind"] = metrics.pop("by_prompt_group")
+    write_json(OUT, metrics)
+    by_kind = "  ".join(f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in metrics["by_kind"].items())
+    print(f"interventions: {OUT}  flipped {metrics['n_flipped']}/{metrics['n_checked']}  {by_kind}")
+
+
+if __name__ == "__main__":
+    main()
