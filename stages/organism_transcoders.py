@@ -1,7 +1,8 @@
 """Stage organism_transcoders@{plt,clt}: JumpReLU transcoders for the organism's MLPs.
 
 Outputs: models/organism/<kind> (circuit-tracer on-disk format) and metrics/organism/<kind>.json
-(FVE, L0, dead-feature share, next-token agreement of the replacement model).
+(FVE, L0, dead-feature share, next-token agreement of the replacement model). No wall time in
+either (byte-identical reruns); the training time is printed to the log.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def main(argv=None) -> None:
     spec = getattr(cfg.organism, args.kind)
     out = Path("models/organism") / args.kind
     with atomic_path(out) as tmp:
-        TRAIN[args.kind](MODEL_DIR, load_world(),
-                         library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
-                         out_dir=tmp, progress=False)
+        result = TRAIN[args.kind](MODEL_DIR, load_world(),
+                                  library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
+                                  out_dir=tmp, progress=False)
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(Path("metrics/organism") / f"{args.kind}.json", scalars(metrics, drop=("d_transcoder",)))
-    print(f"organism {args.kind}: {out}  {shown(metrics, SHOWN)}")
+    print(f"organism {args.kind}: {out}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")
 
 
 if __name__ == "__main__":

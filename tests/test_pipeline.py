@@ -184,6 +184,25 @@ def test_tokenize_stage_deps_leave_out_the_transcoders():
     assert not any(p.startswith(("transcoders", "attribution")) for p in body["params"])
 
 
+def test_organism_training_saves_no_wall_time(tmp_path):
+    """Same params -> byte-identical outputs: the wall time is returned (the stages log it) but
+    never written into a saved metrics.json."""
+    import json
+
+    from pipeline.organism import ModelConfig, TrainConfig, TranscoderTrainConfig, train_model, train_plt
+    from pipeline.organism.world import WorldConfig, make_world
+
+    world = make_world(WorldConfig(n_states=2, cities_per_state=3, held_out_per_state=1, seed=1))
+    m = train_model(world, ModelConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=16),
+                    TrainConfig(steps=3, batch_size=8, warmup_steps=1, threads=1), tmp_path / "model", progress=False)
+    t = train_plt(tmp_path / "model", world, TranscoderTrainConfig(d_transcoder=8, steps=3, batch_size=32,
+                                                                   warmup_steps=1, threads=1),
+                  tmp_path / "plt", progress=False)
+    for returned, saved in ((m, tmp_path / "model" / "metrics.json"), (t, tmp_path / "plt" / "metrics.json")):
+        assert returned["wall_time_s"] > 0
+        assert not [k for k in json.loads(saved.read_text()) if "time" in k]
+
+
 # ------------------------------------------------------------------------------------ slow
 def _env() -> dict:
     env = dict(os.environ)

@@ -181,8 +181,7 @@ def train_model(world: World, model_cfg: ModelConfig | None = None, train_cfg: T
     t0 = time.perf_counter()
     with torch_scope(train_cfg.threads):
         model, tokenizer, metrics = _train(world, model_cfg, train_cfg, progress)
-        metrics["wall_time_s"] = time.perf_counter() - t0
-        if out_dir is not None:
+        if out_dir is not None:  # metrics.json holds no wall time: same configs -> same bytes
             with atomic_directory(out_dir) as tmp:
                 model.save_pretrained(str(tmp))
                 save_tokenizer(tokenizer, tmp)
@@ -192,6 +191,7 @@ def train_model(world: World, model_cfg: ModelConfig | None = None, train_cfg: T
                     "model": asdict(model_cfg),
                     "train": asdict(train_cfg),
                 })
+    metrics["wall_time_s"] = time.perf_counter() - t0  # returned (and logged by callers), never saved
     return metrics
 
 

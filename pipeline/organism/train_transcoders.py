@@ -519,9 +519,9 @@ def _train_and_save(model_dir: str | Path, world: World, cfg: TranscoderTrainCon
             metrics.update(intervention_metrics(hf, tokenizer, world, weights, cross_layer))
         metrics["final_nmse"] = sum(losses[-20:]) / len(losses[-20:]) / x.shape[0]
         metrics["train_config"] = asdict(cfg)
-        metrics["wall_time_s"] = time.perf_counter() - t0
-        if out_dir is not None:
+        if out_dir is not None:  # metrics.json holds no wall time: same configs -> same bytes
             _save(out_dir, weights, cross_layer, metrics, model_name=str(model_dir))
+    metrics["wall_time_s"] = time.perf_counter() - t0  # returned (and logged by callers), never saved
     return metrics
 
 
