@@ -7,8 +7,9 @@ The algorithm (DESIGN.md section 2; circuit-tracer's ``attribute``):
 2. Logit targets: the top next-token logits (at most ``max_n_logits``, stopping at
    cumulative probability ``desired_logit_prob``) or the targets the user gives. Their
    vectors are de-meaned unembedding columns, read at the unembedding's input.
-3. Frozen forward: ``batch_size`` copies of the prompt through the linearised model
-   (attention patterns and norm scales frozen, MLPs replaced by their skip path).
+3. Frozen forward: the prompt through the linearised model (attention patterns and norm
+   scales frozen, MLPs replaced by their skip path); each row batch is one vmapped backward
+   pass of it, ``batch_size`` targets at once.
 4. Logit rows: inject each logit vector as the gradient at the last position of the
    unembedding's input; the gradient at every write location, dotted with each source's
    output vector, is that source's direct effect on the logit.
@@ -20,7 +21,8 @@ The algorithm (DESIGN.md section 2; circuit-tracer's ``attribute``):
 Only structurally possible edges are computed and stored: a target at (layer l, pos p)
 has sources at layers < l and positions <= p (tokens: positions <= p). A batch holds targets
 of one layer whenever the visiting order allows it, and its backward pass starts at that
-layer, so no work is spent above it.
+layer, so no work is spent above it; and it differentiates only the prompt prefix that ends
+at its last target's position (the model is causal), so no work is spent after it.
 
 Every row batch is durably recorded in the store as it finishes: a killed run, rerun with
 the same inputs, resumes from the last finished batch.
@@ -55,6 +57,7 @@ class AttributionConfig:
     batch_size: int = 256
     max_feature_nodes: int | None = None
     update_interval: int = 4
+    zero_bos_errors: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -244,7 +247,9 @@ class Sources:
     tokens: Tensor
 
 
-def build_sources(model: ReplacementModel, capture: Capture, layout: NodeLayout, values: Tensor) -> Sources:
+def build_sources(model: ReplacementModel, capture: Capture, layout: NodeLayout, values: Tensor,
+                  errors: Tensor | None = None) -> Sources:
+    """``errors``: the error nodes' output vectors (default: the capture's)."""
     tc = model.transcoders
     decoders, columns, out_layers = [], [], []
     for layer in range(layout.n_layers):
@@ -263,7 +268,8 @@ def build_sources(model: ReplacementModel, capture: Capture, layout: NodeLayout,
         decoders.append(padded)
         columns.append(cols.flatten())
         out_layers.append(tc.output_layers(layer))
-    return Sources(decoders, columns, out_layers, capture.errors, capture.token_embeddings)
+    errors = capture.errors if errors is None else errors
+    return Sources(decoders, columns, out_layers, errors, capture.token_embeddings)
 
 
 # ---------------------------------------------------------------------------- one row batch
@@ -285,11 +291,16 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     """Direct effects of every source on each target of ``batch``: (B, n_cols) float32.
 
     One backward pass from the targets' read locations; columns that the structural mask
-    excludes are left at zero (the caller never stores them).
+    excludes are left at zero (the caller never stores them). ``ff`` may be the frozen
+    forward of a prefix of the prompt that holds every target's position: sources at later
+    positions are structural zeros, so only the prefix is differentiated.
     """
     B = len(batch.nodes)
     top = int(batch.layer.max())  # layers >= top cannot reach any target of this batch
     n_layers = layout.n_layers
+    n = int(ff.embed.shape[1])  # positions in the frozen forward
+    if int(batch.pos.max()) >= n:
+        raise ValueError(f"a target at position {int(batch.pos.max())} is outside the {n}-token frozen forward")
     # With a single-copy forward, one vmapped backward serves the whole batch (one target per
     # batch element); with `batch` copies of the prompt, element i of the copies is row i.
     vmapped = ff.batch == 1
@@ -312,33 +323,55 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         retain_graph=True, allow_unused=True, is_grads_batched=vmapped,
     )
     grads = [None if g is None else (g[:, 0] if vmapped else g[:B]) for g in grads]
-    g_out = grads[:-1]
+    g_out = grads[:-1]  # (B, n, d_model) per write layer
     g_embed = grads[-1]
 
     # accumulate in the model's dtype; the store keeps float32
     values = torch.zeros(B, layout.n_cols, dtype=ff.embed.dtype)
     for src_layer in range(len(writes)):
-        dec = sources.decoders[src_layer]  # (n_pos, k_max, n_out, d_model)
-        effect = None  # (n_pos, B, k_max): each padded feature slot's effect on each row
+        dec = sources.decoders[src_layer][:n]  # (n, k_max, n_out, d_model)
+        effect = None  # (n, B, k_max): each padded feature slot's effect on each row
         for j, out_layer in enumerate(sources.out_layers[src_layer]):
             if out_layer >= len(writes) or g_out[out_layer] is None:
                 continue
-            g = g_out[out_layer].transpose(0, 1)  # (n_pos, B, d_model)
+            g = g_out[out_layer].transpose(0, 1)  # (n, B, d_model)
             term = torch.bmm(g, dec[:, :, j].transpose(1, 2))
             effect = term if effect is None else effect + term
         if effect is not None:
-            cols = sources.columns[src_layer]
+            cols = sources.columns[src_layer][: n * dec.shape[1]]
             valid = cols >= 0
             flat = effect.transpose(0, 1).reshape(B, -1)
             values[:, cols[valid]] = flat[:, valid]
         if g_out[src_layer] is not None:
-            err = (g_out[src_layer] * sources.errors[src_layer][None]).sum(-1)  # (B, n_pos)
+            err = (g_out[src_layer] * sources.errors[src_layer][None, :n]).sum(-1)  # (B, n)
             start = layout.error_col(src_layer, 0)
-            values[:, start : start + layout.n_pos] = err
+            values[:, start : start + n] = err
     if g_embed is not None:
-        tok = (g_embed[:B] * sources.tokens[None]).sum(-1)
-        values[:, layout.token_start : layout.token_start + layout.n_pos] = tok
+        tok = (g_embed[:B] * sources.tokens[None, :n]).sum(-1)
+        values[:, layout.token_start : layout.token_start + n] = tok
     return values.numpy()
+
+
+class FrozenPrefixes:
+    """Frozen forwards of prompt prefixes, built on demand and kept for a few batches.
+
+    Batches visit targets in (layer, position) order, so consecutive batches mostly share a
+    prefix length; a forward of one copy costs little next to a batched backward.
+    """
+
+    def __init__(self, model: ReplacementModel, capture: Capture, keep: int = 4):
+        self.model, self.capture, self.keep = model, capture, keep
+        self._cache: dict[int, FrozenForward] = {}
+
+    def covering(self, batch: RowBatch) -> FrozenForward:
+        n = int(batch.pos.max()) + 1
+        ff = self._cache.pop(n, None)
+        if ff is None:
+            ff = self.model.frozen_forward(self.capture, batch=1, n_pos=n)
+        self._cache[n] = ff  # most recently used last
+        while len(self._cache) > self.keep:
+            self._cache.pop(next(iter(self._cache)))
+        return ff
 
 
 def to_csr(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -416,6 +449,7 @@ def attribute(
     max_feature_nodes: int | None = None,
     update_interval: int = 4,
     logit_targets: Sequence | None = None,
+    zero_bos_errors: bool = False,
     store,
     verbose: bool = True,
 ) -> Graph:
@@ -423,12 +457,22 @@ def attribute(
 
     Returns the finished ``Graph`` (circuit-tracer's node order). Rerunning with the same
     inputs on an interrupted store resumes it; on a finished store returns it at once.
+
+    ``zero_bos_errors``: give the error nodes at the BOS position zero output vectors, as
+    circuit-tracer 0.5.0 does, so every edge out of them is 0. By default they keep their
+    true error vectors, whose edges are exact direct effects like any other (README,
+    "Differences from circuit-tracer").
     """
-    cfg = AttributionConfig(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes, update_interval)
+    cfg = AttributionConfig(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes, update_interval,
+                            zero_bos_errors)
     t0 = time.perf_counter()
 
     # Phase 1: precompute activations, error vectors and token vectors
     capture = model.capture(prompt)
+    errors = capture.errors
+    if cfg.zero_bos_errors:
+        errors = errors.clone()
+        errors[:, 0] = 0
     active, values = capture.active_features()
     active_np = active.cpu().numpy()
     layout = NodeLayout(
@@ -469,7 +513,7 @@ def attribute(
             "logit_tokens": np.array([t.token_id for t in targets], dtype=np.int64),
             "logit_probabilities": np.array([t.probability for t in targets], dtype=np.float32),
             "logit_vectors": torch.stack([t.vector for t in targets]).float().cpu().numpy(),
-            "error_vectors": capture.errors.float().cpu().numpy(),
+            "error_vectors": errors.float().cpu().numpy(),
             "token_embeddings": capture.token_embeddings.float().cpu().numpy(),
         },
         attrs=_store_attrs(model, prompt, capture, cfg, targets),
@@ -478,9 +522,9 @@ def attribute(
         log.info("graph store %s is already finished: nothing to compute", store)
         return Graph.open(store)
 
-    # Phase 3: the frozen forward pass that every row batch differentiates
-    sources = build_sources(model, capture, layout, values)
-    ff = model.frozen_forward(capture, batch=1)  # every row batch is one vmapped backward of it
+    # Phase 3: the frozen forward passes that row batches differentiate (one per prefix length)
+    sources = build_sources(model, capture, layout, values, errors)
+    frozen = FrozenPrefixes(model, capture)  # each row batch is one vmapped backward of one
     row_batch = cfg.batch_size
     enc_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -510,7 +554,7 @@ def attribute(
                 blocks.append(sp.csr_matrix((rec["values"], rec["indices"], rec["indptr"]), shape=shape))
                 block_nodes.append(rec["targets"])
         else:
-            dense = compute_rows(ff, batch, layout, sources)
+            dense = compute_rows(frozen.covering(batch), batch, layout, sources)
             mask = layout.structural_mask(batch.layer, batch.pos)
             indptr, indices, vals = to_csr(dense, mask)
             writer.write_batch(batch_index, batch.nodes, indptr, indices, vals)
@@ -549,7 +593,7 @@ def attribute(
                 )[: layout.n_active]
                 rank = np.argsort(-influence, kind="stable")
                 pending = rank[~visited[rank]][: min(cfg.update_interval * row_batch, n_features_to_visit - n_visited)]
-            for ids in _layer_grouped_batches(pending, layout.feature_layer, row_batch):
+            for ids in _layer_grouped_batches(pending, layout.feature_layer, layout.feature_pos, row_batch):
                 run(batch_index, feature_batch(ids))
                 visited[ids] = True
                 n_visited += len(ids)
@@ -566,14 +610,15 @@ def attribute(
     return graph
 
 
-def _layer_grouped_batches(ids: np.ndarray, feature_layer: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Split ``ids`` (in visiting order) into batches that do not straddle layers.
+def _layer_grouped_batches(ids: np.ndarray, feature_layer: np.ndarray, feature_pos: np.ndarray,
+                           batch_size: int) -> list[np.ndarray]:
+    """Split ``ids`` (one queue of the visiting order) into batches that do not straddle layers.
 
-    Within one queue the order of rows does not change any row, so sorting the queue by layer
-    (stable, keeping the ranking within a layer) lets each backward pass stop at its layer.
+    Within one queue the order of rows does not change any row, so sorting the queue by
+    (layer, position) lets each backward pass stop at its layer and run over the shortest
+    prompt prefix that holds its targets.
     """
-    order = np.argsort(feature_layer[ids], kind="stable")
-    ids = ids[order]
+    ids = ids[np.lexsort((feature_pos[ids], feature_layer[ids]))]
     layers = feature_layer[ids]
     batches = []
     for layer in np.unique(layers):

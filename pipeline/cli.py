@@ -28,6 +28,8 @@ def _add_attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-feature-nodes", type=int, default=None)
     p.add_argument("--update-interval", type=int, default=4)
+    p.add_argument("--zero-bos-errors", action="store_true",
+                   help="no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)")
     p.add_argument(
         "--logit-target",
         action="append",
@@ -65,6 +67,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         max_feature_nodes=args.max_feature_nodes,
         update_interval=args.update_interval,
         logit_targets=_logit_targets(args.logit_target),
+        zero_bos_errors=args.zero_bos_errors,
         store=args.out,
         verbose=not args.quiet,
     )

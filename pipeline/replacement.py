@@ -307,14 +307,22 @@ class ReplacementModel:
             return self.bridge(tokens[None])[0]
 
     # ------------------------------------------------------------------ linearised run
-    def frozen_forward(self, capture: Capture, batch: int) -> FrozenForward:
+    def frozen_forward(self, capture: Capture, batch: int, n_pos: int | None = None) -> FrozenForward:
         """Forward ``batch`` copies of the prompt through the frozen, linearised model.
 
         The returned tensors keep the autograd graph: inject a gradient at a read location
         (``mlp_inputs[l]`` or ``unembed_in``) and ``torch.autograd.grad`` to the write
         locations gives direct effects. Values equal the clean run's.
+
+        ``n_pos``: run only the first ``n_pos`` tokens. The model is causal, so every tensor
+        at those positions equals the full prompt's, and a target at a position below
+        ``n_pos`` has all its sources there: attribution differentiates the shortest prefix
+        that holds a batch's targets.
         """
-        tokens = capture.tokens[None].expand(batch, -1)
+        n = capture.n_pos if n_pos is None else int(n_pos)
+        if not 0 < n <= capture.n_pos:
+            raise ValueError(f"n_pos must be in [1, {capture.n_pos}], got {n_pos!r}")
+        tokens = capture.tokens[None, :n].expand(batch, -1)
         reads: dict[int, Tensor] = {}
         writes: dict[int, Tensor] = {}
         grabbed: dict[str, Tensor] = {}
@@ -335,7 +343,7 @@ class ReplacementModel:
 
         def write(layer: int):
             def hook(tensor: Tensor, *, hook) -> Tensor:
-                leaf = capture.mlp_outputs[layer].expand(batch, -1, -1).clone().requires_grad_(True)
+                leaf = capture.mlp_outputs[layer][:n].expand(batch, -1, -1).clone().requires_grad_(True)
                 writes[layer] = leaf
                 skip = self.transcoders.skip(layer, reads[layer])
                 if skip is None:

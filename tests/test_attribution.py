@@ -249,6 +249,46 @@ def test_logit_rows_are_demeaned_unembedding_reads(fixture_dirs, tmp_path):
     np.testing.assert_allclose(graph.table("logit_vectors")[0], vec, rtol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_from_a_prompt_prefix_equal_rows_from_the_whole_prompt(fixture_dirs, arch):
+    """The engine differentiates the shortest prefix holding a batch's targets: exact because
+    the model is causal."""
+    from pipeline.attribution import NodeLayout, RowBatch, build_sources, compute_rows
+
+    model = load(fixture_dirs, arch, "clt")
+    capture = model.capture(prompt_for(fixture_dirs[arch]))
+    active, values = capture.active_features()
+    a = active.numpy()
+    layout = NodeLayout(model.n_layers, capture.n_pos, 1, a[:, 0], a[:, 1], a[:, 2])
+    sources = build_sources(model, capture, layout, values)
+    ids = np.nonzero((a[:, 0] == model.n_layers - 1) & (a[:, 1] < capture.n_pos - 2))[0]
+    assert len(ids) > 0
+    feats = torch.as_tensor(a[ids, 2])
+    batch = RowBatch(a[ids, 0].astype(np.int64), a[ids, 1].astype(np.int64),
+                     model.transcoders.encoder_vectors(model.n_layers - 1, feats), ids.astype(np.int64))
+    n = int(batch.pos.max()) + 1
+    full = compute_rows(model.frozen_forward(capture, batch=1), batch, layout, sources)
+    prefix = compute_rows(model.frozen_forward(capture, batch=1, n_pos=n), batch, layout, sources)
+    np.testing.assert_allclose(prefix, full, rtol=1e-12, atol=1e-12)
+    assert np.abs(full).sum() > 0
+    with pytest.raises(ValueError, match="outside the"):
+        compute_rows(model.frozen_forward(capture, batch=1, n_pos=n - 1), batch, layout, sources)
+
+
+def test_zero_bos_errors_removes_exactly_the_bos_error_edges(fixture_dirs, tmp_path):
+    model = load(fixture_dirs, "gpt2", "plt_skip")
+    prompt = prompt_for(fixture_dirs["gpt2"])
+    ours = attribute(prompt, model, store=tmp_path / "a.zarr", verbose=False).adjacency_dense()
+    graph = attribute(prompt, model, zero_bos_errors=True, store=tmp_path / "b.zarr", verbose=False)
+    theirs = graph.adjacency_dense()
+    bos_errors = [graph.error_slice.start + layer * graph.n_pos for layer in range(graph.n_layers)]
+    assert np.abs(ours[:, bos_errors]).sum() > 0
+    assert not theirs[:, bos_errors].any()
+    keep = np.setdiff1d(np.arange(ours.shape[1]), bos_errors)
+    np.testing.assert_array_equal(theirs[:, keep], ours[:, keep])
+    assert not graph.table("error_vectors")[:, 0].any()
+
+
 # ---------------------------------------------------------------------------- selection
 def greedy_reference(A_full: np.ndarray, n_active: int, logit_weights, k, batch, interval):
     """circuit-tracer's greedy visiting order, recomputed on the full dense graph.
