@@ -285,10 +285,27 @@ class _Circuit:
     pruning: dict
 
 
-def _circuit(model, graph, spec: EvaluationSpec) -> _Circuit:
+def _full_row(edges, feats: np.ndarray, n_f: int) -> tuple[np.ndarray, Tensor | None]:
+    """The first logit's edges from every feature, and its read vector, from the unpruned store."""
+    efeats, _ = selected_feature_table(edges)
+    if efeats.shape != feats.shape or not np.array_equal(efeats, feats):
+        raise ValueError("edges: the graph store does not hold the pruned graph's features (same "
+                         "prompt, model and attribution run?)")
+    cols, vals = edges.row(edges.logit_node(0))
+    edge = np.zeros(n_f)
+    sel = cols < n_f
+    edge[cols[sel]] = vals[sel]
+    vector = torch.as_tensor(edges.table("logit_vectors")[0]) if "logit_vectors" in edges.table_names else None
+    return edge, vector
+
+
+def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
     feats, acts = selected_feature_table(graph)
     n_f = len(feats)
-    if hasattr(graph, "result"):  # a pruned-graph artifact: its kept edges only
+    if hasattr(graph, "result") and edges is not None:  # pruned circuit, full attribution row
+        result = graph.result
+        edge, vector = _full_row(edges, np.asarray(feats, np.int64).reshape(-1, 3), n_f)
+    elif hasattr(graph, "result"):  # a pruned-graph artifact: its kept edges only
         result = graph.result
         logit0 = result.n_nodes - result.n_logits
         row = result.edge_weights.getrow(logit0).tocoo()
@@ -339,16 +356,20 @@ def evaluate(
     *,
     prompt: str | None = None,
     annotations=None,
+    edges=None,
 ) -> dict:
     """Run the checks of the module docstring and return the report (a JSON-ready dict).
 
     graph: a Graph, a PrunedGraph, or a path to either (a graph store directory or a pruned
     ``.npz``); annotations: a viewer annotations file / mapping whose supernodes the
-    experiments may name.
+    experiments may name; edges: with a pruned graph, the unpruned graph store (a Graph or
+    its path) it was pruned from, so the top-k predictions use the target's full row of
+    attribution edges (a pruned graph keeps only its kept edges: a feature whose edge to the
+    target was pruned would be predicted 0).
     """
     spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
     graph = _load_graph(graph)
-    c = _circuit(model, graph, spec)
+    c = _circuit(model, graph, spec, None if edges is None else _load_graph(edges))
 
     # Phase 1: the prompt and its clean run
     text = prompt if prompt is not None else c.prompt
@@ -737,12 +758,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 _RC = {"svg.hashsalt": "circuit-pipeline", "font.size": 9, "axes.titlesize": 10, "path.simplify": True}
 
 
-def _save(fig) -> dict[str, bytes]:
+def _save(fig, formats: Sequence[str] = ("png", "svg")) -> dict[str, bytes]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     out = {}
     for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+        if fmt not in formats:
+            continue
         buf = io.BytesIO()
         fig.savefig(buf, format=fmt, dpi=100, metadata=meta)
         out[fmt] = buf.getvalue()
@@ -811,8 +834,12 @@ def _fig_experiments(report):
     return fig
 
 
-def render_figures(report: Mapping[str, Any]) -> dict[str, bytes]:
-    """``{"top_features.png": bytes, "top_features.svg": ..., ...}`` for every figure."""
+def render_figures(report: Mapping[str, Any], formats: Sequence[str] = ("png", "svg")) -> dict[str, bytes]:
+    """``{"top_features.png": bytes, "top_features.svg": ..., ...}`` for every figure, in
+    ``formats`` (png and/or svg)."""
+    bad = sorted(set(formats) - {"png", "svg"})
+    if bad:
+        raise ValueError(f"figure formats are png and svg, got {bad}")
     import matplotlib
 
     out: dict[str, bytes] = {}
@@ -821,7 +848,7 @@ def render_figures(report: Mapping[str, Any]) -> dict[str, bytes]:
                            ("experiments", _fig_experiments)):
             if name == "faithfulness" and report["faithfulness"] is None:
                 continue
-            for fmt, data in _save(make(report)).items():
+            for fmt, data in _save(make(report), formats).items():
                 out[f"{name}.{fmt}"] = data
     return out
 
@@ -831,16 +858,17 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write report.json, report.md, metrics.json and figures/* under ``out_dir``, each
-    atomically; returns {name: path}."""
+def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike,
+                 figure_formats: Sequence[str] = ("png", "svg")) -> dict[str, Path]:
+    """Write report.json, report.md, metrics.json and figures/* (``figure_formats``) under
+    ``out_dir``, each atomically; returns {name: path}."""
     out = Path(out_dir)
     files: dict[str, bytes] = {
         "report.json": _json_bytes(report),
         "report.md": render_markdown(report).encode("utf-8"),
         "metrics.json": _json_bytes(report["summary"]),
     }
-    for name, data in render_figures(report).items():
+    for name, data in render_figures(report, figure_formats).items():
         files[f"figures/{name}"] = data
     paths = {}
     for name, data in files.items():

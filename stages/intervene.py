@@ -1,12 +1,13 @@
 """Stage intervene@<prompt id>: check the pruned circuit causally -> results/<id>/report/.
 
-Reads the pruned graph (results/<id>/pruned.npz) and the replacement model, and runs
+Reads the pruned graph (results/<id>/pruned.npz; the attribution's full row of the target
+logit from results/<id>/graph.zarr) and the replacement model, and runs
 ``pipeline.evaluation.evaluate`` with the ``intervention`` config group and the prompt's own
 experiments (``prompts.items.<id>.experiments``): top-k ablations against the attribution's
 prediction, faithfulness of the circuit, and the named swap / ablate / steer experiments.
 
 Outputs:
-  results/<id>/report/       report.json, report.md, metrics.json, figures/*.png|svg
+  results/<id>/report/       report.json, report.md, metrics.json, figures/*.png
                              (deterministic bytes: sorted keys, fixed figure metadata)
   metrics/interventions/<id>.json
                              this prompt's flip counts and scores, with its kind, for
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.evaluation import EvaluationSpec, evaluate, write_report
+from pipeline.graph_store import Graph
 from pipeline.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir, setup_torch, write_json
@@ -63,9 +65,10 @@ def main(argv=None) -> None:
     spec = evaluation_spec(cfg, args.prompt_id)  # before the model loads: a bad spec fails fast
     model = load_replacement_model(cfg)
     run = prompt_dir(args.prompt_id)
-    report = evaluate(model, load_pruned_graph(run / "pruned.npz"), spec, prompt=item.prompt)
+    report = evaluate(model, load_pruned_graph(run / "pruned.npz"), spec, prompt=item.prompt,
+                      edges=Graph.open(run / "graph.zarr"))
     with atomic_path(run / "report") as tmp:
-        write_report(report, tmp)
+        write_report(report, tmp, figure_formats=("png",))
     write_json(METRICS_DIR / f"{args.prompt_id}.json", prompt_metrics(report, item.kind))
     s = report["summary"]
     rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"

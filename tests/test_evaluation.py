@@ -147,6 +147,38 @@ def test_pruned_graph_artifact_is_evaluated_with_its_kept_edges(setup, tmp_path)
     logit0 = result.n_nodes - result.n_logits
     for r in report["top_features"]["rows"]:
         assert r["predicted"] == pytest.approx(-float(kept[logit0, r["node"]]), rel=1e-5, abs=1e-12)
+    # with the unpruned store as edges: the full row, so the same predictions as the Graph's
+    with_edges = evaluate(model, path, {"top_k": 4, "max_new_tokens": 0}, prompt=prompt, edges=graph)
+    assert with_edges["top_features"] == full["top_features"]
+
+
+def test_selectors_pick_active_features_and_not_on_donor_excludes_the_donors(setup):
+    model, prompt, donor, graph = setup
+    from pipeline.interventions import clean_run
+
+    acts, dacts = clean_run(model, prompt).activations, clean_run(model, donor).activations
+    n, nd = acts.shape[1], dacts.shape[1]
+    spec = {"top_k": 0, "max_new_tokens": 0, "faithfulness": False, "experiments": [
+        {"name": "all last", "source": [{"pos": -1}]},
+        {"name": "layer 1 at 2", "source": [{"pos": 2, "layers": [1]}]},
+        {"name": "specific", "source": [{"pos": -1, "not_on_donor": True}], "donor_prompt": donor},
+        {"name": "swap", "kind": "swap", "source": [{"pos": -1, "layers": [0]}], "target": [{"pos": -1, "layers": [0]}],
+         "donor_prompt": donor},
+    ]}
+    report = evaluate(model, graph, spec)
+    e = {x["name"]: x for x in report["experiments"]}
+    assert e["all last"]["n_source_features"] == int((acts[:, -1] != 0).sum())
+    assert e["layer 1 at 2"]["n_source_features"] == int((acts[1, 2] != 0).sum())
+    specific = int(((acts[:, -1] != 0) & (dacts[:, nd - 1] == 0)).sum())
+    assert e["specific"]["n_source_features"] == specific
+    assert e["swap"]["n_interventions"] == int((acts[0, -1] != 0).sum() + (dacts[0, -1] != 0).sum())
+    assert report["faithfulness"] is None and "Not run" in render_markdown(report)
+    with pytest.raises(ValueError, match="not a position"):
+        evaluate(model, graph, {"top_k": 0, "max_new_tokens": 0, "experiments": [
+            {"name": "x", "source": [{"pos": n}]}]})
+    with pytest.raises(ValueError, match="needs a donor_prompt"):
+        evaluate(model, graph, {"top_k": 0, "max_new_tokens": 0, "experiments": [
+            {"name": "x", "source": [{"pos": -1, "not_on_donor": True}]}]})
 
 
 @pytest.mark.parametrize(

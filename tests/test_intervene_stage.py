@@ -45,7 +45,7 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
     model = ReplacementModel.from_pretrained(tiny_gpt2_dir, plt_dir, dtype=torch.float32)
     tops = {}
     for pid, text in prompts.items():
-        graph = attribute(text, model, store=root / "tmp" / pid / "graph.zarr", verbose=False)
+        graph = attribute(text, model, store=root / "results" / pid / "graph.zarr", verbose=False)
         save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), root / "results" / pid / "pruned.npz")
         clean = clean_run(model, text)
         tops[pid] = model.tokenizer.decode([int(torch.argmax(clean.logits[-1]))])
@@ -93,8 +93,11 @@ def test_stages_write_report_and_study_metrics_byte_identical_on_rerun(study, mo
                      "figures/faithfulness.png", "figures/experiments.png"):
             assert f"results/{pid}/report/{name}" in first
         assert f"metrics/interventions/{pid}.json" in first
+    assert not any(name.endswith(".svg") for name in first)
     report = json.loads((study / "results/a/report/report.json").read_text())
     assert report["spec"]["top_k"] == 4 and len(report["top_features"]["rows"]) == 4
+    # predictions from the full attribution row: direct-effect ablations match them
+    assert report["top_features"]["max_abs_error_direct"] < 1e-4
     swap = report["experiments"][0]
     assert swap["n_interventions"] > 0 and swap["flipped"] is None and swap["group"] == "swap_last"
     assert report["experiments"][1]["flipped"] is False
