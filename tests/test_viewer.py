@@ -634,6 +634,21 @@ def dash_site(tmp_path_factory):
     server.server_close()
 
 
+def distinct(examples):
+    """Examples as the viewer lists them: identical contexts once, in order, with counts."""
+    out, counts = [], []
+    for ex in examples:
+        key = (ex["tokens"], ex["max_index"], ex["value"])
+        for i, seen in enumerate(out):
+            if (seen["tokens"], seen["max_index"], seen["value"]) == key:
+                counts[i] += 1
+                break
+        else:
+            out.append(ex)
+            counts.append(1)
+    return out, counts
+
+
 def click_node(page, node_id):
     page.locator(f'#graph g.node[data-id="{node_id}"]').dispatch_event("click")
 
@@ -642,14 +657,31 @@ def test_feature_dashboard_in_the_node_pane(dash_site, page, tmp_path):
     rec, node = dash_site["record"], dash_site["shown"]
     page.goto(f"{dash_site['url']}?slug=tiny")
     page.wait_for_selector('body[data-ready="1"]', timeout=10_000)
+    # a crowded cell wraps into sub-rows: no two node centres closer than 8 px, rows kept apart
+    boxes = page.locator("#graph g.node").evaluate_all(
+        "els => els.map(e => { const b = e.getBoundingClientRect(); "
+        "return [e.dataset.id, b.x + b.width / 2, b.y + b.height / 2]; })")
+    centres = {nid: (x, y) for nid, x, y in boxes}
+    assert len(centres) == len(dash_site["doc"]["nodes"])
+    pts = list(centres.values())
+    assert min(((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
+               for i, a in enumerate(pts) for b in pts[i + 1:]) >= 8
+    ys = {}
+    for n in dash_site["doc"]["nodes"]:
+        row = 0 if n["feature_type"] == "embedding" else 99 if n["feature_type"] == "logit" else int(n["layer"]) + 1
+        ys.setdefault(row, []).append(centres[n["node_id"]][1])
+    order = sorted(ys)
+    for lower, upper in zip(order, order[1:]):
+        assert min(ys[lower]) > max(ys[upper])  # every node of a lower row is below
     click_node(page, node["node_id"])
     page.wait_for_selector('#feature-dashboard[data-state="ok"]', timeout=10_000)
     fd = page.locator("#feature-dashboard")
     # the label (also the node's clerp, from the same store), density and histogram
     assert rec["label"] and fd.locator(".fd-label").text_content() == rec["label"]
     assert page.text_content("#details-title") == rec["label"]
-    stats = fd.locator(".fd-stats").text_content()
-    assert f"of {rec['n_tokens']:,} tokens" in stats and "fires on " in stats
+    stats = fd.locator(".fd-stats").all_text_contents()
+    assert f"of {rec['n_tokens']:,} tokens" in stats[0] and "fires on " in stats[0]
+    assert f"max {rec['max_activation']:.2f}" in stats[1] and f"this node {node['activation']:.2f}" in stats[1]
     v = 100 * rec["density"]
     assert 0.01 < v < 100
     share = f"{v:.2f}%" if v < 1 else f"{v:.1f}%" if v < 10 else f"{v:.0f}%"
@@ -657,15 +689,17 @@ def test_feature_dashboard_in_the_node_pane(dash_site, page, tmp_path):
     assert fd.locator("svg.fd-hist rect.fd-bar").count() == len(rec["histogram"]["counts"]) > 0
     assert fd.locator("svg.fd-hist line.fd-marker").count() == 1  # this node's activation
 
-    # top examples: six shown, the rest behind a button; every token's text and shading
-    top = rec["top_examples"]
+    # top examples (identical contexts once, with a count): five shown, the rest behind a
+    # button; every token's text and shading
+    top, counts = distinct(rec["top_examples"])
     rows = fd.locator(".fd-examples").first.locator("li.fd-example")
-    assert rows.count() == min(6, len(top))
-    if len(top) > 6:
+    assert rows.count() == min(5, len(top))
+    if len(top) > 5:
         fd.locator(".fd-examples").first.locator("button.fd-more").click()
     assert rows.count() == len(top)
     for i, ex in enumerate(top):
         row = rows.nth(i)
+        assert row.get_attribute("data-count") == (str(counts[i]) if counts[i] > 1 else None)
         toks = row.locator(".fd-tok")
         assert toks.all_text_contents() == ex["tokens"]
         assert row.locator(".fd-value").text_content() == f"{ex['value']:.2f}"
@@ -688,7 +722,7 @@ def test_feature_dashboard_in_the_node_pane(dash_site, page, tmp_path):
         assert f"{q['count']} token(s)" in det.locator("summary").text_content()
         det.locator("summary").click()
         texts = [r.locator(".fd-tok").all_text_contents() for r in det.locator("li.fd-example").all()]
-        assert texts == [ex["tokens"] for ex in q["examples"]]
+        assert texts == [ex["tokens"] for ex in distinct(q["examples"])[0]]
 
     # output logits: total direction, then per output layer (a CLT)
     table = fd.locator("table.fd-logits").first

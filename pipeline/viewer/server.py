@@ -9,9 +9,9 @@ Routes::
 
     GET  /                          the viewer page
     GET  /static/viewer.js|.css     its assets (a fixed list; nothing else under static/)
-    GET  /data/<path>.json          a JSON file inside GRAPH_DIR (sub-folders allowed, e.g. a
-                                    future features/ folder); checked to parse as JSON before
-                                    it is sent, as application/json
+    GET  /data/<path>.json          a JSON file inside GRAPH_DIR (sub-folders allowed, e.g. the
+                                    features/ folder of feature dashboards); checked to parse
+                                    as JSON before it is sent, as application/json
     GET  /api/annotations/<slug>    the graph's sidecar annotations (an empty document when
                                     there is none yet)
     POST /api/annotations/<slug>    save them (body: application/json, at most

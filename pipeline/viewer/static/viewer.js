@@ -2,14 +2,16 @@
 //
 // Data comes from the local server only: /data/graph-metadata.json (the graph list),
 // /data/<slug>.json (a graph JSON: metadata, qParams, nodes, links) and
-// /api/annotations/<slug> (the sidecar: pinned, clicked, labels, supernodes, thresholds).
+// /api/annotations/<slug> (the sidecar: pinned, clicked, labels, supernodes, thresholds) and
+// /data/features/<layer>_<feature>.json (a feature's dashboard, fetched when it is clicked).
 // Every text taken from data is rendered with textContent / SVG text nodes, never as HTML.
 //
 // Layout: rows are layers, bottom to top (token embeddings at the bottom, transcoder layers,
 // logits at the top); columns are prompt positions, left to right.  Node size: features and
 // errors by their own influence, estimated from the cumulative influence the export writes
 // (nodes sorted by cumulative influence; own = cumulative - previous cumulative); logits by
-// probability.  Edges: blue positive, red negative, width by |weight|.
+// probability.  Edges: blue positive, red negative, width by |weight|.  A crowded cell (many
+// nodes of one layer at one position) wraps into sub-rows.
 //
 // Sliders (client-side pruning): "nodes" keeps feature / error nodes whose cumulative
 // influence is <= the value (tokens, logits and pinned nodes always stay); "edges" keeps the
@@ -394,9 +396,19 @@
       const n0 = list[0];
       const cx = m.left + (n0.ctx_idx + 0.5) * colW;
       const y = yOf(rowOf(n0));
-      const step = Math.min((colW * 0.92) / list.length, 20);
+      // a crowded cell wraps into sub-rows (most influential nodes in the middle one)
+      const perRow = Math.max(1, Math.min(list.length, Math.floor((colW * 0.92) / 13)));
+      const nSub = Math.min(Math.ceil(list.length / perRow), Math.max(1, Math.floor((rowH * 0.7) / 14)));
+      const perSub = Math.ceil(list.length / nSub);
+      const subOrder = [...Array(nSub).keys()].sort((a, b) => Math.abs(a - (nSub - 1) / 2) - Math.abs(b - (nSub - 1) / 2) || a - b);
+      const dy = nSub > 1 ? Math.min((rowH * 0.7) / (nSub - 1), 18) : 0;
       list.forEach((n, i) => {
-        pos.set(n.node_id, { x: cx + (i - (list.length - 1) / 2) * step, y, r: radius(n) });
+        const sub = Math.floor(i / perSub);
+        const inSub = Math.min(perSub, list.length - sub * perSub);
+        const step = Math.min((colW * 0.92) / inSub, 20);
+        const j = i - sub * perSub;
+        const row = subOrder[sub];
+        pos.set(n.node_id, { x: cx + (j - (inSub - 1) / 2) * step, y: y + (row - (nSub - 1) / 2) * dy, r: radius(n) });
       });
     }
     logits.sort((a, b) => (Number(b.token_prob) || 0) - (Number(a.token_prob) || 0));
@@ -664,9 +676,10 @@
     el.style.backgroundColor = `rgba(245, 130, 32, ${(0.12 + 0.78 * t).toFixed(3)})`;
   }
 
-  function exampleRow(ex, max) {
+  function exampleRow(ex, max, count, words) {
     const li = h("li", { class: "fd-example" });
     li.append(h("span", { class: "fd-value" }, fmt(num(ex.value), 2)));
+    if (count > 1) li.dataset.count = String(count);
     const ctx = h("span", { class: "fd-context" });
     const toks = arr(ex.tokens);
     const acts = arr(ex.activations);
@@ -677,21 +690,38 @@
       if (a !== null && a > 0) tok.classList.add("on");
       if (i === ex.max_index) tok.classList.add("max");
       shade(tok, a, max);
+      if (words && i > 0) ctx.append(document.createTextNode(" "));
       ctx.append(tok);
     });
     li.append(ctx);
+    if (count > 1) li.append(h("span", { class: "fd-count", title: `${count} identical contexts` }, `×${count}`));
     li.title = `document ${ex.document}, token ${ex.position}`;
     return li;
   }
 
-  function exampleList(examples, max, shown) {
+  // identical contexts (a corpus that repeats sentences) are shown once, with their count
+  function distinctExamples(examples) {
+    const seen = new Map();
+    const out = [];
+    for (const ex of arr(examples)) {
+      if (!ex || typeof ex !== "object") continue;
+      const k = JSON.stringify([arr(ex.tokens), ex.max_index, ex.value]);
+      if (seen.has(k)) { seen.get(k).count++; continue; }
+      const row = { ex, count: 1 };
+      seen.set(k, row);
+      out.push(row);
+    }
+    return out;
+  }
+
+  function exampleList(examples, max, shown, words) {
     const ol = h("ol", { class: "fd-examples" });
-    const rows = arr(examples).filter((ex) => ex && typeof ex === "object");
-    rows.slice(0, shown).forEach((ex) => ol.append(exampleRow(ex, max)));
+    const rows = distinctExamples(examples);
+    rows.slice(0, shown).forEach((r) => ol.append(exampleRow(r.ex, max, r.count, words)));
     if (rows.length > shown) {
       const more = h("button", { type: "button", class: "fd-more" }, `show all ${rows.length}`);
       more.addEventListener("click", () => {
-        rows.slice(shown).forEach((ex) => ol.insertBefore(exampleRow(ex, max), more.parentNode));
+        rows.slice(shown).forEach((r) => ol.insertBefore(exampleRow(r.ex, max, r.count, words), more.parentNode));
         more.parentNode.remove();
       });
       const li = h("li", { class: "fd-more-row" });
@@ -776,23 +806,26 @@
     // word-level vocabularies (no token starts with a space): a gap between tokens
     const allToks = [...arr(data.top_examples), ...arr(data.quantiles).flatMap((q) => arr(q && q.examples))]
       .flatMap((ex) => arr(ex && ex.tokens));
-    if (allToks.length && !allToks.some((t) => /^[\sĠ▁]/.test(String(t)))) box.classList.add("words");
+    const words = allToks.length > 0 && !allToks.some((t) => /^[\sĠ▁]/.test(String(t)));
+    if (words) box.classList.add("words");
     const title = h("h3", {}, "Feature dashboard ");
     title.append(h("span", { class: "muted" }, `L${data.layer} #${data.feature}`));
     box.append(title);
     if (typeof data.label === "string" && data.label) box.append(h("div", { class: "fd-label" }, data.label));
     const stats = h("div", { class: "fd-stats" });
     stats.append(h("span", { class: "fd-density" }, `fires on ${pct(num(data.density))}`),
-      h("span", { class: "muted" }, ` of ${num(data.n_tokens) === null ? "–" : data.n_tokens.toLocaleString("en-US")} tokens`
-        + ` · mean ${fmt(num(data.mean_activation), 2)} · max ${fmt(num(data.max_activation), 2)}`));
-    if (typeof n.activation === "number") stats.append(h("span", { class: "muted" }, ` · here ${fmt(n.activation, 2)}`));
-    box.append(stats);
+      h("span", { class: "muted" }, ` of ${num(data.n_tokens) === null ? "–" : data.n_tokens.toLocaleString("en-US")} tokens`));
+    const acts = h("div", { class: "fd-stats muted" },
+      `activation: mean ${fmt(num(data.mean_activation), 2)} · max ${fmt(num(data.max_activation), 2)}`
+      + (typeof n.activation === "number" ? ` · this node ${fmt(n.activation, 2)}` : ""));
+    box.append(stats, acts);
     box.append(histogram(data.histogram, n.activation));
     const max = num(data.max_activation) || 0;
 
     const top = arr(data.top_examples);
-    box.append(h("h4", {}, `Top activations (${top.length})`));
-    if (top.length) box.append(exampleList(top, max, 6));
+    const distinct = distinctExamples(top).length;
+    box.append(h("h4", {}, `Top activations (${top.length}${distinct < top.length ? `, ${distinct} distinct` : ""})`));
+    if (top.length) box.append(exampleList(top, max, 5, words));
     else box.append(h("div", { class: "muted" }, "no examples"));
 
     const logits = data.logits && typeof data.logits === "object" ? data.logits : {};
@@ -821,7 +854,7 @@
         det.append(h("summary", {},
           `[${fmt(num(range[0]), 2)}, ${range[1] === null ? "∞" : fmt(num(range[1]), 2)}) · `
           + `${pct(num(cdf[0]))}–${pct(num(cdf[1]))} of firings · ${q.count} token(s)`));
-        det.append(exampleList(q.examples, max, 8));
+        det.append(exampleList(q.examples, max, 8, words));
         box.append(det);
       }
     }
