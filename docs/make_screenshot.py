@@ -6,8 +6,8 @@
 Steps, all offline and on CPU:
 
 1. the model organism: ``--organism DIR`` (or ``models/organism`` when it holds ``model/``)
-   with ``model/`` and ``plt/`` / ``clt/``; when ``DIR/model`` is missing it is built there as
-   ``python -m pipeline.organism DIR`` does (a few minutes);
+   with ``model/`` and ``plt/`` / ``clt/`` (``--kind``, default ``clt``); when ``DIR/model``
+   is missing it is built there as ``python -m pipeline.organism DIR`` does (a few minutes);
 2. the attribution graph of the prompt (default: ``two_hop_dallas_en`` of
    ``conf/prompts/organism.yaml``, "the capital of the state containing Dallas is");
 3. feature dashboards of the transcoders over the organism's corpus
@@ -67,7 +67,10 @@ def organism_dir(arg: str | None, work: Path, threads: int) -> Path:
 
 def world_of(org: Path):
     """The organism's world config: the DVC stage's world.json, else the model's organism.json."""
-    for candidate in (org.parent.parent / "data" / "organism" / "world.json", org / "world.json"):
+    candidates = [org / "world.json"]
+    if org.parent.name == "models":  # a DVC checkout: models/organism next to data/organism
+        candidates.insert(0, org.parent.parent / "data" / "organism" / "world.json")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     return json.loads((org / "model" / "organism.json").read_text(encoding="utf-8"))["world"]
@@ -126,7 +129,8 @@ def screenshot(graph_dir: Path, slug: str, node_id: str, out: Path, width: int, 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organism", help="organism folder (model/, plt/, clt/); built there if missing")
-    ap.add_argument("--kind", choices=["plt", "clt"], default="plt", help="transcoders (default plt)")
+    ap.add_argument("--kind", choices=["plt", "clt"], default="clt",
+                    help="transcoders (default clt: its dashboards have per-output-layer logits)")
     ap.add_argument("--prompt-id", default="two_hop_dallas_en", help="prompt of conf/prompts/organism.yaml")
     ap.add_argument("--prompt", help="any prompt instead of --prompt-id's")
     ap.add_argument("--node", help="node id to click (default: strongest direct feature on the top logit)")
