@@ -35,9 +35,9 @@ address-space cap (``--mem-cap-gb``, RLIMIT_AS, so an allocation fails cleanly i
 kernel's OOM killer hitting other processes).
 
 Where the adjacency differs, the differing columns are checked by intervention on the frozen
-model (the test suite's ``FrozenReference``). ``--zero-bos-errors`` zeroes our engine's
-BOS-position error vectors from outside, as circuit-tracer does, to show whether that alone
-explains the differences. Sections can be rerun alone: ``--skip`` the others and ``--reuse`` an
+model (the test suite's ``FrozenReference``). ``--zero-bos-errors`` runs our engine with
+``attribute(..., zero_bos_errors=True)`` (zero BOS-position error vectors, as circuit-tracer
+does) in the exactness sections, to show that this alone explains the differences. Sections can be rerun alone: ``--skip`` the others and ``--reuse`` an
 earlier results JSON for them (``--scale-append`` keeps earlier scale rows of other lengths).
 A full run takes 1.5-2 hours on 2 busy cores; ``--quick`` about 2.5 minutes.
 """
@@ -246,18 +246,10 @@ def worker(job_path: str) -> None:
         sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"])
-        if job.get("zero_bos_errors"):
-            # what circuit-tracer does (error_vectors[:, zero_positions] = 0): the fix this
-            # benchmark proposes for our engine, applied from outside for a side-by-side check
-            original_capture = model.capture
-
-            def capture_zero_bos(prompt, _capture=original_capture):
-                cap = _capture(prompt)
-                cap.errors[:, 0] = 0
-                return cap
-
-            model.capture = capture_zero_bos
-            res["zero_bos_errors"] = True
+        # attribute(zero_bos_errors=True) gives the BOS-position error nodes zero output vectors,
+        # as circuit-tracer 0.5.0 does (error_vectors[:, zero_positions] = 0)
+        zero_bos = bool(job.get("zero_bos_errors"))
+        res["zero_bos_errors"] = zero_bos
         res.update(load_s=time.perf_counter() - t0, peak_rss_mb_after_load=_peak_rss_mb())
         if setup.get("check_hf_logits") and setup["runs"]:
             from transformers import AutoModelForCausalLM
@@ -289,6 +281,7 @@ def worker(job_path: str) -> None:
                     batch_size=spec.get("batch_size", 256),
                     max_feature_nodes=spec.get("max_feature_nodes"),
                     update_interval=spec.get("update_interval", 4),
+                    zero_bos_errors=zero_bos,
                 )
                 info["attribute_s"] = time.perf_counter() - t0
                 info.update(n_nodes=int(graph.n_nodes), n_active=int(graph.n_active),
@@ -805,7 +798,7 @@ def build_tables(report: dict) -> list[str]:
     if report.get("exactness"):
         zb = (report.get("settings") or {}).get("zero_bos_errors")
         lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20)"
-                  + ("; OUR BOS-POSITION ERROR VECTORS ZEROED FROM OUTSIDE (--zero-bos-errors)" if zb else "") + ":", ""]
+                  + ("; OURS WITH zero_bos_errors=True (--zero-bos-errors: BOS-position error vectors zeroed, as circuit-tracer does)" if zb else "") + ":", ""]
         lines += exactness_table(report["exactness"])
         bos = [r for r in report["exactness"] if r.get("ct_string_tokens_equal_ids") is False]
         if bos:
@@ -832,7 +825,7 @@ def build_tables(report: dict) -> list[str]:
         st = report.get("exactness_big_settings", {"n_tokens": 8, "max_feature_nodes": 128})
         zb = (report.get("settings") or {}).get("zero_bos_errors")
         lines += ["", f"Exactness on the GPT-2-small-shaped fixture ({st['n_tokens']} tokens, max_feature_nodes "
-                  f"{st['max_feature_nodes']})" + ("; our BOS-position error vectors zeroed (--zero-bos-errors)" if zb else "")
+                  f"{st['max_feature_nodes']})" + ("; ours with zero_bos_errors=True (--zero-bos-errors)" if zb else "")
                   + ":", ""] + exactness_table(report["exactness_big"])
     if report.get("speed"):
         st = report.get("speed_settings") or {}
@@ -925,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-cap-s", type=float, default=600)
     ap.add_argument("--mem-cap-gb", type=float, default=14.0)
     ap.add_argument("--zero-bos-errors", action="store_true",
-                    help="exactness runs: zero our engine's BOS-position error vectors (as circuit-tracer does) "
-                         "from outside, to check that this alone explains the differences")
+                    help="exactness runs: our engine with attribute(zero_bos_errors=True) (zero BOS-position error "
+                         "vectors, as circuit-tracer does), to check that this alone explains the differences")
     ap.add_argument("--scale-append", action="store_true",
                     help="with --reuse: keep the earlier scale rows of other lengths (rerun some lengths with a longer cap)")
     ap.add_argument("--skip", nargs="*", default=[], choices=list(SECTION_KEYS))
