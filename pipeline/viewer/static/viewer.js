@@ -853,7 +853,7 @@
         const cdf = arr(q.cdf);
         det.append(h("summary", {},
           `[${fmt(num(range[0]), 2)}, ${range[1] === null ? "∞" : fmt(num(range[1]), 2)}) · `
-          + `${pct(num(cdf[0]))}–${pct(num(cdf[1]))} of firings · ${q.count} token(s)`));
+          + `${pct(num(cdf[0]))}–${pct(num(cdf[1]))} of firings · ${num(q.count) === null ? "–" : q.count} token(s)`));
         det.append(exampleList(q.examples, max, 8, words));
         box.append(det);
       }
