@@ -18,6 +18,7 @@ Optional, List, Dict, nested dataclasses); the library's own config classes (for
       attribution   AttributionSpec      options of pipeline.attribution.attribute
       pruning       PruningSpec          node/edge thresholds
       export        ExportSpec           graph files
+      features      FeaturesSpec         feature dashboards: corpus and what they record
       organism      OrganismSpec         the embedded toy world, its model and transcoders
       intervention  InterventionSpec     the intervene stage's checks (experiments: per prompt)
 """
@@ -194,6 +195,54 @@ class ExportSpec:
     scan: Optional[str] = None
 
 
+FEATURE_CORPORA: tuple[str, ...] = ("organism", "file", "hf")
+
+
+@dataclass
+class FeaturesSpec:
+    """Feature dashboards of the configured transcoders (the ``features`` stage, see
+    ``pipeline.dashboards``): one store, ``data/dashboards/<name>.zarr``, whose labels and
+    per-feature records the export stage uses.
+
+    name: the store's name (default: the transcoders' kind, so the organism's PLT and CLT
+        stores sit side by side).
+    source: where the texts come from: ``organism`` (sentences of the world's corpus,
+        ``corpus`` = the world.json), ``file`` (``corpus`` = a .txt, one document per line, or
+        a .jsonl with a ``field``), ``hf`` (``corpus`` = a Hugging Face dataset name).
+    corpus / dep: see source; dep is the path DVC tracks (the file; for ``hf``, a conf file).
+    n_documents: sentences drawn from the organism's world. split: the dataset split (hf).
+    dtype: the model's dtype while streaming the corpus.
+    The rest are ``pipeline.dashboards.DashboardConfig`` fields (same meaning).
+    """
+
+    name: str = "plt"
+    source: str = "organism"
+    corpus: str = "data/organism/world.json"
+    dep: str = "data/organism/world.json"
+    n_documents: int = 2048
+    field: str = "text"
+    split: str = "train"
+    dtype: str = "float32"
+    top_k: int = 20
+    n_quantiles: int = 5
+    examples_per_quantile: int = 4
+    context_before: int = 8
+    context_after: int = 4
+    n_logits: int = 10
+    batch_tokens: int = 2048
+    seq_len: Optional[int] = None
+    max_tokens: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in FEATURE_CORPORA:
+            raise ValueError(f"features.source must be one of {FEATURE_CORPORA}, got {self.source!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"features.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not PROMPT_ID.match(self.name):
+            raise ValueError(f"features.name names a file: it must match {PROMPT_ID.pattern}, got {self.name!r}")
+
+
 @dataclass
 class WorldSpec:
     """``pipeline.organism.WorldConfig`` (same fields)."""
@@ -312,5 +361,6 @@ class PipelineConfig:
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
     pruning: PruningSpec = field(default_factory=PruningSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    features: FeaturesSpec = field(default_factory=FeaturesSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
     intervention: InterventionSpec = field(default_factory=InterventionSpec)

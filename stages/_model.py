@@ -14,12 +14,13 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_replacement_model(cfg: PipelineConfig):
-    """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype from attribution)."""
+def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None):
+    """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype: ``attribution.dtype``
+    unless given)."""
     from pipeline.replacement import ReplacementModel
     from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 
-    dtype = torch_dtype(cfg.attribution.dtype)
+    dtype = torch_dtype(dtype or cfg.attribution.dtype)
     tc = load_transcoders(cfg.transcoders.source, revision=cfg.transcoders.revision,
                           device=cfg.runtime.device, dtype=dtype)
     is_clt = isinstance(tc, CrossLayerTranscoder)

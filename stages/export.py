@@ -1,18 +1,24 @@
 """Stage export@<prompt id>: graph files for the viewer -> results/<id>/graph/.
 
-The folder holds ``<slug>.json`` (circuit-tracer / Neuronpedia graph JSON) and its
-``graph-metadata.json`` index; serve it with circuit-tracer's viewer or upload to Neuronpedia.
-Everything comes from the pruned graph; the tokenizer only names the tokens.
+The folder holds ``<slug>.json`` (circuit-tracer / Neuronpedia graph JSON), its
+``graph-metadata.json`` index, and ``features/<layer>_<feature>.json``: the dashboard of every
+feature in the pruned graph (what the viewer's node pane fetches). Serve it with
+``circuit-pipeline serve`` or circuit-tracer's viewer, or upload to Neuronpedia.
+Everything comes from the pruned graph and the features stage's dashboards store (the
+features' ``clerp`` labels: its automatic labels); the tokenizer only names the tokens.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.export import GRAPH_METADATA_FILE, create_graph_files
 from pipeline.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir
+from stages.features import store_path
 
 
 class TokenDecoder:
@@ -47,20 +53,34 @@ def load_tokenizer(cfg):
     return AutoTokenizer.from_pretrained(cfg.model.name, revision=cfg.model.revision)
 
 
+def kept_features(pruned) -> list[tuple[int, int]]:
+    """(layer, feature) of every feature node the pruning kept, sorted, unique."""
+    n = pruned.result.n_features
+    keep = np.asarray(pruned.result.node_mask[:n], dtype=bool)
+    info = np.asarray(pruned.feature_info, dtype=np.int64).reshape(-1, 3)[keep]
+    return sorted({(int(l), int(f)) for l, _pos, f in info.tolist()})
+
+
 def main(argv=None) -> None:
+    from pipeline.dashboards import Dashboards, export_feature_json
+
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
     run = prompt_dir(args.prompt_id)
     pruned = load_pruned_graph(run / "pruned.npz")
     scan = cfg.export.scan or pruned.attrs.get("scan") or cfg.transcoders.source
     slug = f"{cfg.export.slug_prefix}{args.prompt_id}"
+    dash = Dashboards.open(store_path(cfg.features))
+    labels = {key: dash.label(*key) for key in kept_features(pruned)}
     out = run / "graph"
     with atomic_path(out) as tmp:
-        path = create_graph_files(None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan)
-        for extra in tmp.iterdir():  # keep only the graph and its index (the library's lock file goes)
-            if extra.name not in (path.name, GRAPH_METADATA_FILE):
+        path = create_graph_files(None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan,
+                                  labels=labels)
+        features = export_feature_json(dash, path, tmp)  # the graph's feature nodes only
+        for extra in tmp.iterdir():  # keep the graph, its index and features/ (the library's lock file goes)
+            if extra.name not in (path.name, GRAPH_METADATA_FILE, "features"):
                 extra.unlink()
-    print(f"graph files: {out / path.name}")
+    print(f"graph files: {out / path.name}  ({len(features)} feature dashboards in {out / 'features'})")
 
 
 if __name__ == "__main__":

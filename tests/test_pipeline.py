@@ -10,6 +10,7 @@ repository holding conf/, stages/, pipeline/ and dvc.yaml, compose the tiny conf
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -33,7 +34,10 @@ from stages._config import ConfigError, load_config, register_configs  # noqa: E
 
 TINY = ["experiment=tiny"]
 PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
-PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export")
+PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "figures", "intervene")
+AFTER_PRUNE = ("prune", "export", "figures", "intervene")  # what a pruning parameter reruns
+#: stages over all prompts: dashboards (before export) and the interventions' summary (after)
+GLOBAL = ("features", "intervene_summary")
 
 
 def dvc_compose(out: Path, overrides: list[str], conf: Path = ROOT / "conf") -> str:
@@ -203,6 +207,97 @@ def test_organism_training_saves_no_wall_time(tmp_path):
         assert not [k for k in json.loads(saved.read_text()) if "time" in k]
 
 
+# The per-prompt chain run in-process on tiny fixtures (no DVC): tokenize -> attribute -> prune,
+# features -> export -> figures, in a temporary working directory.
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
+    import numpy as np
+
+    from pipeline.testing import DEFAULT_WORDS
+    from stages import attribute, export, features, figures, prune, tokenize
+
+    work = tmp_path_factory.mktemp("stage_run")
+    rng = np.random.default_rng(0)
+    corpus = work / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(DEFAULT_WORDS, size=int(rng.integers(3, 12)))) + "\n"
+                              for _ in range(120)))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(name=str(tiny_gpt2_dir), dep=str(tiny_gpt2_dir), revision=None)
+    params["transcoders"].update(source=str(plt_dir), kind="plt", dep=str(plt_dir), revision=None)
+    params["prompts"]["items"] = {"p": {"prompt": "the capital of the state is in"}}
+    params["features"].update(source="file", corpus=str(corpus), dep=str(corpus), top_k=5, batch_tokens=256)
+    params["runtime"]["threads"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        for stage in (tokenize, attribute, prune, features, export, figures):
+            stage.main(["--prompt-id", "p"] if stage is not features else [])
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_features_stage_writes_one_store_named_after_the_transcoders(stage_run):
+    from pipeline.dashboards import Dashboards
+
+    assert load_config(ROOT / "params.yaml").features.name == load_config(ROOT / "params.yaml").transcoders.kind
+    stores = sorted(p.name for p in (stage_run / "data" / "dashboards").iterdir())
+    assert stores == ["plt.zarr"]  # no partial checkpoint left behind
+    dash = Dashboards.open(stage_run / "data" / "dashboards" / "plt.zarr")
+    assert dash.n_layers == 2 and dash.config.top_k == 5 and dash.n_tokens > 0
+
+
+def test_export_stage_labels_and_feature_files_come_from_the_dashboards(stage_run):
+    from pipeline.dashboards import Dashboards, feature_json_bytes, graph_features
+
+    dash = Dashboards.open(stage_run / "data" / "dashboards" / "plt.zarr")
+    folder = stage_run / "results" / "p" / "graph"
+    doc = json.loads((folder / "p.json").read_text())
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feats, "the tiny graph should keep some features"
+    for node in feats:
+        layer, feature, _ = (int(v) for v in node["node_id"].split("_"))
+        assert node["clerp"] == dash.label(layer, feature) != ""
+    assert sorted(p.name for p in folder.iterdir()) == ["features", "graph-metadata.json", "p.json"]
+    pairs = graph_features(doc)
+    assert sorted(p.name for p in (folder / "features").iterdir()) == sorted(f"{l}_{f}.json" for l, f in pairs)
+    for l, f in pairs:
+        assert (folder / "features" / f"{l}_{f}.json").read_bytes() == feature_json_bytes(dash.feature(l, f))
+
+
+def test_figures_stage_draws_the_pruned_graph_deterministically(stage_run):
+    from pipeline.figures import draw_graph, render_graph
+    from stages import figures
+
+    run = stage_run / "results" / "p"
+    kept = json.loads((run / "scores.json").read_text())["kept_nodes"]
+    assert draw_graph(run / "graph" / "p.json").n_nodes == kept
+    before = {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")}
+    assert before == render_graph(run / "graph" / "p.json")
+    cwd = os.getcwd()
+    os.chdir(stage_run)
+    try:
+        figures.main(["--prompt-id", "p"])
+    finally:
+        os.chdir(cwd)
+    assert {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")} == before
+
+
+def test_dvc_yaml_features_export_figures_dependencies():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    feat = stages["features"]
+    for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/dashboards.py"):
+        assert dep in feat["deps"]
+    assert feat["params"] == ["features", "model", "transcoders", "runtime"]  # not attribution, pruning...
+    assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
+    export = stages["export"]["do"]
+    assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in export["params"]
+    fig = stages["figures"]["do"]
+    assert fig["deps"][-1] == "results/${key}/graph/${export.slug_prefix}${key}.json"
+    assert fig["outs"] == ["results/${key}/graph.png", "results/${key}/graph.svg"]
+
+
 # ------------------------------------------------------------------------------------ slow
 def _env() -> dict:
     env = dict(os.environ)
@@ -266,7 +361,7 @@ def repo(tmp_path_factory) -> Path:
         subprocess.run(["git", *cmd], cwd=repo, check=True)
     first = dvc(repo, "repro")
     expected = {"organism_world", "organism_model", "organism_transcoders@plt", "organism_transcoders@clt"}
-    expected |= {s for pid in PROMPTS for s in per_prompt(pid)}
+    expected |= {s for pid in PROMPTS for s in per_prompt(pid)} | set(GLOBAL)
     assert ran(first) == expected
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "reproduced"], cwd=repo, check=True)
@@ -290,7 +385,7 @@ def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
     conf.write_text(conf.read_text().replace("prompt: Dallas esta en", "prompt: Dallas esta urbo en"))
     set_params(repo, [])
     proc = dvc(repo, "repro")
-    assert ran(proc) == per_prompt("state_dallas_toy")
+    assert ran(proc) - {"intervene_summary"} == per_prompt("state_dallas_toy")
     restore(repo)
 
 
@@ -298,7 +393,7 @@ def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
 def test_pruning_param_reruns_prune_and_export_not_attribution(repo):
     set_params(repo, ["pruning.node_threshold=0.7"])
     proc = dvc(repo, "repro")
-    assert ran(proc) == {s for pid in PROMPTS for s in per_prompt(pid, ("prune", "export"))}
+    assert ran(proc) - {"intervene_summary"} == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
     restore(repo)
 
 
@@ -316,7 +411,7 @@ def test_attribution_param_reruns_attribution(repo):
 @pytest.mark.slow
 def test_exp_run_applies_override_through_hydra(repo):
     proc = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "pruning.edge_threshold=0.9")
-    assert ran(proc) == {s for pid in PROMPTS for s in per_prompt(pid, ("prune", "export"))}
+    assert ran(proc) - {"intervene_summary"} == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["pruning"]["edge_threshold"] == 0.9
     assert params["prompts"]["name"] == "organism_small"  # the whole of conf/ was composed

@@ -1,0 +1,26 @@
+"""Stage figures@<prompt id>: a static picture of the pruned graph -> results/<id>/graph.{png,svg}.
+
+Drawn from the graph JSON the export stage wrote (``pipeline.figures``: layers bottom to top,
+tokens left to right, nodes sized by influence, edges coloured by sign and sized by weight,
+the prompt under it and the top logits above), for papers and CI: no browser needed.
+Deterministic: the same graph gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+from pipeline.figures import write_graph_figures
+from stages._config import load_config, parse_args
+from stages._io import prompt_dir
+
+
+def main(argv=None) -> None:
+    args = parse_args(__doc__, prompt=True, argv=argv)
+    cfg = load_config(args.params)
+    run = prompt_dir(args.prompt_id)
+    graph = run / "graph" / f"{cfg.export.slug_prefix}{args.prompt_id}.json"
+    paths = write_graph_figures(graph, run, stem="graph")  # atomic
+    print(f"figures: {'  '.join(str(p) for p in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()
