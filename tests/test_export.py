@@ -321,6 +321,27 @@ def test_export_from_saved_pruned_graph(graph, tmp_path):
     assert direct.read_bytes() == with_graph.read_bytes()
 
 
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_export_stage_labels_cover_exactly_the_exported_features(kind, tmp_path):
+    """The export stage labels the pruned graph's features (stages.export.kept_features) before
+    writing; those are exactly the feature nodes of the graph JSON, each with its label."""
+    from pipeline.dashboards import graph_features
+    from pipeline.pruning import load_pruned_graph
+    from stages.export import kept_features
+
+    g = make_graph(11, kind, n_layers=3, n_pos=5, d_transcoder=40)
+    saved = save_pruned_graph(g, prune_graph(g, 0.8, 0.98), tmp_path / "pruned.npz")
+    pruned = load_pruned_graph(saved)
+    pairs = kept_features(pruned)
+    labels = {key: f"L{key[0]} F{key[1]} <b>" for key in pairs}
+    doc = read(create_graph_files(None, "g", tmp_path, pruned=pruned, tokenizer=Tok(), labels=labels))
+    assert graph_features(doc) == pairs
+    for node in doc["nodes"]:
+        if node["feature_type"] == "cross layer transcoder":
+            layer, feature, _ = node["node_id"].split("_")
+            assert node["clerp"] == f"L{layer} F{feature} <b>"
+
+
 def test_hand_graph_file_exactly(tmp_path):
     g = hand_graph()
     doc = read(create_graph_files(g, "hand", tmp_path, 0.7, 0.7, tokenizer=list("abcdefghiX")))
