@@ -231,8 +231,9 @@ def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        for stage in (tokenize, attribute, prune, features, export, figures):
+        for stage in (tokenize, attribute, prune, features, export):
             stage.main(["--prompt-id", "p"] if stage is not features else [])
+        figures.main(["--prompt-id", "p", "--graph", "results/p/graph/p.json"])
     finally:
         os.chdir(cwd)
     return work
@@ -278,7 +279,7 @@ def test_figures_stage_draws_the_pruned_graph_deterministically(stage_run):
     cwd = os.getcwd()
     os.chdir(stage_run)
     try:
-        figures.main(["--prompt-id", "p"])
+        figures.main(["--prompt-id", "p", "--graph", "results/p/graph/p.json"])
     finally:
         os.chdir(cwd)
     assert {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")} == before
@@ -294,7 +295,9 @@ def test_dvc_yaml_features_export_figures_dependencies():
     export = stages["export"]["do"]
     assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in export["params"]
     fig = stages["figures"]["do"]
-    assert fig["deps"][-1] == "results/${key}/graph/${export.slug_prefix}${key}.json"
+    graph = "results/${key}/graph/${export.slug_prefix}${key}.json"
+    assert fig["deps"][-1] == graph and fig["cmd"].endswith(f"--graph {graph}")
+    assert "params" not in fig  # a no-op repro parses params.yaml once less per prompt
     assert fig["outs"] == ["results/${key}/graph.png", "results/${key}/graph.svg"]
 
 
