@@ -169,6 +169,7 @@ class AttributionSpec:
     batch_size: int = 256
     max_feature_nodes: Optional[int] = None
     update_interval: int = 4
+    zero_bos_errors: bool = False
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
