@@ -626,28 +626,39 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
     return out
 
 
-def study_metrics(reports: Sequence[Mapping[str, Any]],
+def _sum_counts(counts: Sequence[Mapping[str, Any]]) -> dict:
+    n = {k: sum(c[k] for c in counts) for k in ("n_experiments", "n_checked", "n_flipped")}
+    return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None}
+
+
+def study_metrics(summaries: Sequence[Mapping[str, Any]],
                   prompt_groups: Mapping[str, Sequence[int]] | None = None) -> dict:
-    """Summary over the reports of a study: flip rate over all checked experiments and per
-    experiment kind (``by_kind``) and experiment group (``by_group``), mean faithfulness and
-    correlations (None where no report has the value). ``prompt_groups``: {name: indices into
-    ``reports``} adds ``by_prompt_group`` (for example the flip rate per prompt kind)."""
+    """Summary over a study, from each prompt's report ``summary`` (or the whole report):
+    flip rate over all checked experiments, per experiment kind (``by_kind``) and group
+    (``by_group``), mean faithfulness and correlations (None where no prompt has the value).
+    ``prompt_groups``: {name: indices into ``summaries``} adds ``by_prompt_group`` (for
+    example the flip rate per prompt kind)."""
+    summaries = [r["summary"] if "summary" in r else r for r in summaries]
 
     def mean(key):
-        vals = [r["summary"][key] for r in reports if r["summary"].get(key) is not None]
+        vals = [s[key] for s in summaries if s.get(key) is not None]
         return _r(sum(vals) / len(vals)) if vals else None
 
-    experiments = [e for r in reports for e in r["experiments"]]
+    def per(field):
+        names = sorted({name for s in summaries for name in s.get(field, {})})
+        return {name: _sum_counts([s[field][name] for s in summaries if name in s.get(field, {})]) for name in names}
+
     out = {
-        "n_prompts": len(reports),
-        **_flip_counts(experiments),
-        **_by_kind_and_group(experiments),
+        "n_prompts": len(summaries),
+        **_sum_counts(summaries),
+        "by_kind": per("by_kind"),
+        "by_group": per("by_group"),
         "mean_faithfulness": mean("faithfulness"),
         "mean_correlation_direct": mean("correlation_direct"),
         "mean_correlation_iterative": mean("correlation_iterative"),
     }
     if prompt_groups is not None:
-        out["by_prompt_group"] = {name: _flip_counts([e for i in sorted(idx) for e in reports[i]["experiments"]])
+        out["by_prompt_group"] = {name: _sum_counts([summaries[i] for i in sorted(idx)])
                                   for name, idx in sorted(prompt_groups.items())}
     return out
 

@@ -10,8 +10,8 @@ Outputs:
   results/<id>/report/       report.json, report.md, metrics.json, figures/*.png
                              (deterministic bytes: sorted keys, fixed figure metadata)
   metrics/interventions/<id>.json
-                             this prompt's flip counts and scores, with its kind, for
-                             ``intervene_summary`` and ``dvc metrics show``
+                             the report's summary (flip counts overall, per experiment kind
+                             and group; faithfulness; correlations) for intervene_summary
 """
 
 from __future__ import annotations
@@ -45,18 +45,6 @@ def evaluation_spec(cfg: PipelineConfig, prompt_id: str) -> EvaluationSpec:
         raise ValueError(f"prompts.items.{prompt_id}.experiments: {exc}") from None
 
 
-def prompt_metrics(report: dict, kind: str) -> dict:
-    """What intervene_summary aggregates: the report's summary and each experiment's outcome."""
-    return {
-        "prompt_kind": kind,
-        "summary": report["summary"],
-        "experiments": [{"name": e["name"], "kind": e["kind"], "group": e["group"],
-                         "expected_after": e["expected_after"],
-                         "flipped": e["flipped"], "top_after": e["after"][0]["token"]}
-                        for e in report["experiments"]],
-    }
-
-
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
@@ -69,7 +57,7 @@ def main(argv=None) -> None:
                       edges=Graph.open(run / "graph.zarr"))
     with atomic_path(run / "report") as tmp:
         write_report(report, tmp, figure_formats=("png",))
-    write_json(METRICS_DIR / f"{args.prompt_id}.json", prompt_metrics(report, item.kind))
+    write_json(METRICS_DIR / f"{args.prompt_id}.json", report["summary"])
     s = report["summary"]
     rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"
     print(f"report: {run / 'report' / 'report.md'}  flipped {s['n_flipped']}/{s['n_checked']} ({rate})  "

@@ -1,7 +1,7 @@
 """Stage intervene_summary: the study's intervention metrics -> metrics/interventions.json.
 
-Reads metrics/interventions/<id>.json (written by intervene@<id>) for every prompt of the
-prompt set and writes, as a DVC metric (``dvc metrics show``): the share of experiments
+Reads metrics/interventions/<id>.json (each prompt's report summary, written by
+intervene@<id>) for every prompt of the prompt set and writes, as a DVC metric (``dvc metrics show``): the share of experiments
 whose expected flip happened, overall, per experiment kind (``by_kind``: swap, ablate,
 steer), per experiment group (``by_group``: state_swap, language_swap, ...) and per prompt
 kind (``by_prompt_kind``: two_hop, one_hop, language, ...), plus mean
@@ -25,12 +25,11 @@ def main(argv=None) -> None:
     missing = [pid for pid in ids if not (METRICS_DIR / f"{pid}.json").is_file()]
     if missing:
         raise SystemExit(f"no intervention metrics for {missing}: run intervene@<id> first (dvc repro)")
-    per_prompt = [read_json(METRICS_DIR / f"{pid}.json") for pid in ids]
-    reports = [{"summary": m["summary"], "experiments": m["experiments"]} for m in per_prompt]
+    summaries = [read_json(METRICS_DIR / f"{pid}.json") for pid in ids]
     kinds: dict[str, list[int]] = {}
-    for i, m in enumerate(per_prompt):
-        kinds.setdefault(m["prompt_kind"] or "unlabelled", []).append(i)
-    metrics = study_metrics(reports, prompt_groups=kinds)
+    for i, pid in enumerate(ids):
+        kinds.setdefault(cfg.prompts.items[pid].kind or "unlabelled", []).append(i)
+    metrics = study_metrics(summaries, prompt_groups=kinds)
     metrics["by_prompt_kind"] = metrics.pop("by_prompt_group")
     write_json(OUT, metrics)
     by_kind = "  ".join(f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in metrics["by_kind"].items())
