@@ -341,7 +341,7 @@ class InterventionSpec:
     freeze_attention: bool = True
     errors: str = "frozen"
     n_top_tokens: int = 5
-    max_new_tokens: int = 8
+    max_new_tokens: int = 5
 
     def __post_init__(self) -> None:
         if self.errors not in ("frozen", "recomputed"):

@@ -65,6 +65,7 @@ from pipeline.interventions import (
     InterventionRunner,
     Scale,
     Supernode,
+    clean_run,
     feature_intervention_generate,
     intervene,
     load_supernodes,
@@ -437,9 +438,10 @@ def evaluate(
 
     # Phase 4: named experiments
     clean_generation: dict[int, str] = {}
+    donors: dict[str, Any] = {}
     experiments = []
     for exp in spec.experiments:
-        experiments.append(_run_experiment(model, runner, exp, spec, supernodes, n_pos, clean_generation))
+        experiments.append(_run_experiment(model, runner, exp, spec, supernodes, n_pos, clean_generation, donors))
     report["experiments"] = experiments
 
     # Phase 5: summary
@@ -566,8 +568,12 @@ def _matches(token: str, expected: str | None) -> bool | None:
 
 
 def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: EvaluationSpec,
-                    supernodes, n_pos: int, clean_generation: dict) -> dict:
-    donor = InterventionRunner(model, exp.donor_prompt).clean if exp.donor_prompt is not None else None
+                    supernodes, n_pos: int, clean_generation: dict, donors: dict) -> dict:
+    donor = None
+    if exp.donor_prompt is not None:  # donors' clean runs are shared by the prompt's experiments
+        if exp.donor_prompt not in donors:
+            donors[exp.donor_prompt] = clean_run(model, exp.donor_prompt)
+        donor = donors[exp.donor_prompt]
     src = _features_of(exp.source, supernodes, f"experiment {exp.name!r} source", runner.clean.activations,
                        None if donor is None else donor.activations)
     ivs: list[tuple] = []
@@ -619,8 +625,8 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
         n_new = min(n_new, model.n_ctx - n_pos + 1)
         if n_new not in clean_generation:
             clean_generation[n_new] = feature_intervention_generate(
-                model, clean.tokens, [], max_new_tokens=n_new).completion
-        steered = feature_intervention_generate(model, clean.tokens, ivs, max_new_tokens=n_new, **mode)
+                model, clean.tokens, [], max_new_tokens=n_new, clean=clean).completion
+        steered = feature_intervention_generate(model, clean.tokens, ivs, max_new_tokens=n_new, clean=clean, **mode)
         out["generation"] = {"max_new_tokens": n_new, "clean": clean_generation[n_new],
                              "steered": steered.completion}
     return out

@@ -813,6 +813,7 @@ def feature_intervention_generate(
     apply_activation_function: bool = True,
     sparse: bool = False,
     errors: str = "frozen",
+    clean: CleanRun | None = None,
 ) -> GenerationResult:
     """Generate with interventions (circuit-tracer's ``feature_intervention_generate``).
 
@@ -820,7 +821,9 @@ def feature_intervention_generate(
     interventions (``pos=slice(k, None)``) also apply at every generated position, which runs
     live (see the module docstring). Sampling: greedy unless ``do_sample``; then softmax of
     logits / ``temperature`` over the ``top_k`` best, drawn from a generator seeded with
-    ``seed`` (the global RNG when None).
+    ``seed`` (the global RNG when None). ``clean``: the prompt's :func:`clean_run`, when the
+    caller has it (an :class:`InterventionRunner`'s ``clean``), so it is not recomputed; it
+    must be the run of this ``prompt``.
     """
     if _int(max_new_tokens, "max_new_tokens") <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -829,7 +832,10 @@ def feature_intervention_generate(
     if top_k is not None and _int(top_k, "top_k") <= 0:
         raise ValueError(f"top_k must be positive or None, got {top_k}")
     m = model
-    clean = clean_run(m, prompt)
+    if clean is None:
+        clean = clean_run(m, prompt)
+    elif isinstance(prompt, Tensor) and not torch.equal(prompt.to(clean.tokens.device).reshape(-1), clean.tokens):
+        raise ValueError("clean is the run of another prompt than the one given")
     n_prompt = clean.n_pos
     if n_prompt + max_new_tokens - 1 > m.n_ctx:
         raise ValueError(

@@ -355,6 +355,21 @@ def test_generation_with_kv_cache_equals_without(load, arch, open_ended):
         torch.testing.assert_close(a.activations[:, : cap.n_pos], acts, rtol=0, atol=1e-12)
 
 
+def test_generation_reuses_a_given_clean_run_exactly(load):
+    model = load("tiny_gpt2_dir", "plt_dir")
+    prompt = prompt_for(model, 4)
+    ivs = [(0, slice(2, None), 11, 4.0)]
+    runner = InterventionRunner(model, prompt)
+    a = feature_intervention_generate(model, prompt, ivs, max_new_tokens=4, stop_at_eos=False)
+    b = feature_intervention_generate(model, runner.tokens, ivs, max_new_tokens=4, stop_at_eos=False,
+                                      clean=runner.clean)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    other = InterventionRunner(model, prompt_for(model, 5)).clean
+    with pytest.raises(ValueError, match="another prompt"):
+        feature_intervention_generate(model, runner.tokens, ivs, max_new_tokens=2, clean=other)
+
+
 def test_open_ended_interventions_apply_at_generated_positions(load):
     # with attention free and the model's own MLPs, prompt and generated positions follow the
     # same rule, so generating equals one intervention pass over the generated sequence
