@@ -707,7 +707,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     prompt = report["prompt"] if report["prompt"] is not None else "".join(report["tokens"])
     L += [f"# Intervention report: {_quote(prompt)}", ""]
     t = report["target"]
-    L += [f"Model `{report['model']}`, {report['transcoders']['kind']} transcoders. Target: the top "
+    L += [f"Model `{report['model']}`, transcoders: {report['transcoders']['kind']}. Target: the top "
           f"token {_quote(t['token'])} (id {t['id']}), de-meaned logit {_md_cell(t['demeaned_logit'])}. "
           f"Iterative runs: attention {'frozen' if report['spec']['freeze_attention'] else 'free'}, "
           f"error vectors {report['spec']['errors']}.", ""]
@@ -833,7 +833,7 @@ def _fig_experiments(report):
 
     exps = report["experiments"]
     n = max(len(exps), 1)
-    fig = Figure(figsize=(6, 2.2 * n))
+    fig = Figure(figsize=(8, 2.4 * n))
     if not exps:
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no experiments configured", ha="center", va="center")
@@ -846,7 +846,8 @@ def _fig_experiments(report):
             ax.barh(range(len(toks)), [t["prob"] or 0.0 for t in toks], color="#4c72b0" if j == 0 else "#c44e52")
             ax.set_yticks(range(len(toks)), [repr(t["token"]) for t in toks])
             ax.set_xlim(0, 1)
-            ax.set_title(f"{e['name']}: {title}" + (f" (flipped: {_md_cell(e['flipped'])})" if j else ""))
+            ax.set_title(f"{e['name']}\n{title}" + (f" (flipped: {_md_cell(e['flipped'])})" if j else ""),
+                         fontsize=8)
     fig.tight_layout()
     return fig
 
