@@ -39,7 +39,8 @@ model (the test suite's ``FrozenReference``). ``--zero-bos-errors`` runs our eng
 ``attribute(..., zero_bos_errors=True)`` (zero BOS-position error vectors, as circuit-tracer
 does) in the exactness sections, to show that this alone explains the differences. Sections can be rerun alone: ``--skip`` the others and ``--reuse`` an
 earlier results JSON for them (``--scale-append`` keeps earlier scale rows of other lengths).
-A full run takes 1.5-2 hours on 2 busy cores; ``--quick`` about 2.5 minutes.
+A full run takes about 66 minutes on 2 busy cores (2026-11-26, load average 4-10);
+``--quick`` about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -915,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-cap-s", type=float, default=900)
     ap.add_argument("--no-clt-speed", action="store_true")
     ap.add_argument("--scale-lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    ap.add_argument("--scale-cap-s", type=float, default=600)
+    ap.add_argument("--scale-cap-s", type=float, default=1200)
     ap.add_argument("--mem-cap-gb", type=float, default=14.0)
     ap.add_argument("--zero-bos-errors", action="store_true",
                     help="exactness runs: our engine with attribute(zero_bos_errors=True) (zero BOS-position error "
