@@ -1,7 +1,8 @@
 """Where the results of the last ``dvc repro`` are: ``python -m stages.summary``.
 
-Not a DVC stage (it writes nothing): it reads params.yaml and the stage outputs and prints,
-per prompt, the graph files, the pruned graph and its scores, and the organism's metrics.
+Not a DVC stage (it writes nothing): it reads params.yaml and the stage outputs and prints
+the organism's metrics, the feature dashboards, per prompt the graph files, the pruned graph
+and its scores, the static figure and the intervention report, and the study's flip rates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ ORGANISM_METRICS = {
     "plt": ("fve", "l0_total", "dead_share", "agreement_answer_positions"),
     "clt": ("fve", "l0_total", "dead_share", "agreement_answer_positions"),
 }
+
+
+def shown_if(path: Path) -> str:
+    return str(path) if path.exists() else "(missing)"
+
+
+def flips(metrics: Path) -> str:
+    """The report's experiment outcome in a few words."""
+    if not metrics.exists():
+        return "(missing)"
+    m = read_json(metrics)
+    n, k = m.get("n_checked"), m.get("n_flipped")
+    return f"(experiments: {k}/{n} flipped)" if n else ""
 
 
 def main(argv=None) -> int:
@@ -44,14 +58,26 @@ def main(argv=None) -> int:
         print(f"  {pid}: replacement {s['replacement_score']:.3f}  completeness {s['completeness_score']:.3f}  "
               f"kept {s['kept_nodes']}/{s['nodes']} nodes")
         print(f"      graph      {graph}")
+        print(f"      figure     {run / 'graph.png'}  {shown_if(run / 'graph.svg')}")
+        print(f"      report     {run / 'report' / 'report.md'}  {flips(run / 'report' / 'metrics.json')}")
         print(f"      pruned     {run / 'pruned.npz'}  (full graph {run / 'graph.zarr'})")
         print(f"      capture    {run / 'capture.safetensors'}")
-    print("\nEach graph folder holds graph-metadata.json: circuit-pipeline serve <folder>, or any "
-          "circuit-tracer / Neuronpedia viewer.")
+    dashboards = Path("data/dashboards") / f"{cfg.features.name}.zarr"
+    print(f"\nfeature dashboards: {dashboards}{'' if dashboards.exists() else '  (missing: run dvc repro)'}")
+    summary = Path("metrics/interventions.json")
+    if summary.exists():
+        m = read_json(summary)
+        print(f"interventions: {summary}  {m['n_flipped']}/{m['n_checked']} expected flips happened "
+              f"({m['flip_rate']:.0%}); by kind " + ", ".join(
+                  f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in sorted(m.get("by_kind", {}).items())))
+    else:
+        print(f"interventions: {summary}  (missing: run dvc repro)")
+        missing += 1
+    print("\nView a graph: circuit-pipeline serve results/<id>/graph  (or any circuit-tracer / Neuronpedia "
+          "viewer: each graph folder holds graph-metadata.json)")
     figures = Path("studies/figures")
     if figures.is_dir():
-        print(f"Study figures: {figures}/ (studies/dvc.yaml)")
-    print("Intervention reports: not produced by the pipeline yet.")
+        print(f"Study figures: {figures}/ (dvc repro studies/dvc.yaml:figures)")
     return 1 if missing else 0
 
 
