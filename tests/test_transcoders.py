@@ -3,17 +3,17 @@ hub resolution and one-line errors for every bad input."""
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 import yaml
@@ -462,7 +462,37 @@ def _stream_plt_file(path: Path, d_transcoder: int, d_model: int) -> None:
                 left -= n
 
 
+_RSS_PROBE = """
+import json, sys
+import psutil, torch
+from pipeline.transcoders import load_transcoders
+
+path, small_dir, d_model = sys.argv[1], sys.argv[2], int(sys.argv[3])
+small = load_transcoders(small_dir)  # warm up the loader's code paths
+small.reconstruct(0, [small.activations(0, torch.randn(2, small.d_model))])
+proc = psutil.Process()
+before = proc.memory_info().rss
+tc = load_transcoders(path)
+loaded = proc.memory_info().rss
+xs = torch.randn(6, 8, d_model)
+tc.reconstruct(0, [tc.activations(0, xs[0])])  # warm up torch's kernels
+warm = proc.memory_info().rss
+n_read = 0
+for x in xs:
+    acts = tc.activations(0, x)
+    n_read += int((acts != 0).any(0).sum())
+    assert tc.reconstruct(0, [acts]).shape == (8, d_model)
+used = proc.memory_info().rss - warm
+eager = load_transcoders(path, lazy_decoder=False)
+print(json.dumps({"load": loaded - before, "read": used, "n_read": n_read,
+                  "eager": proc.memory_info().rss - loaded}))
+"""
+
+
 def test_lazy_decoder_keeps_resident_memory_near_the_encoder_size(tmp_path, plt_dir):
+    """RSS is measured in a fresh interpreter with a fixed mmap threshold: in the test process,
+    memory freed by earlier tests (and glibc raising its mmap threshold after large frees)
+    lets a load reuse pages without growing RSS, which would hide what is measured."""
     d_model, d_t = 256, 16384  # 16 MiB encoder, 16 MiB decoder
     mib = 1 << 20
     decoder_bytes = d_t * d_model * 4
@@ -470,35 +500,16 @@ def test_lazy_decoder_keeps_resident_memory_near_the_encoder_size(tmp_path, plt_
     path.mkdir()
     _stream_plt_file(path / "layer_0.safetensors", d_t, d_model)
     (path / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set", **HOOKS}))
-    small = load_transcoders(plt_dir)  # warm up the loader's code paths
-    small.reconstruct(0, [small.activations(0, torch.randn(2, small.d_model))])
-    gc.collect()
-    proc = psutil.Process()
-
-    before = proc.memory_info().rss
-    tc = load_transcoders(path)
-    loaded = proc.memory_info().rss
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(plt_dir), str(d_model)],
+                         env=env, capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
     # the encoder is resident, the decoder is not
-    assert decoder_bytes // 2 < loaded - before < decoder_bytes * 3 // 2, (
-        f"load grew RSS {(loaded - before) / mib:.1f} MiB"
-    )
-
-    xs = torch.randn(6, 8, d_model)
-    tc.reconstruct(0, [tc.activations(0, xs[0])])  # warm up torch's kernels
-    warm = proc.memory_info().rss
-    n_read = 0
-    for x in xs:
-        acts = tc.activations(0, x)
-        n_read += int((acts != 0).any(0).sum())
-        assert tc.reconstruct(0, [acts]).shape == (8, d_model)
-    used = proc.memory_info().rss - warm
-    assert 0 < n_read < d_t // 2
-    assert used < decoder_bytes // 3, f"reading {n_read} rows grew RSS {used / mib:.1f} MiB"
-
-    eager = load_transcoders(path, lazy_decoder=False)
-    grown_eager = proc.memory_info().rss - loaded
-    assert grown_eager > decoder_bytes * 3 // 2, "the measurement cannot see a loaded decoder"
-    del eager, tc
+    assert decoder_bytes // 2 < m["load"] < decoder_bytes * 3 // 2, f"load grew RSS {m['load'] / mib:.1f} MiB"
+    assert 0 < m["n_read"] < d_t // 2
+    assert m["read"] < decoder_bytes // 3, f"reading {m['n_read']} rows grew RSS {m['read'] / mib:.1f} MiB"
+    assert m["eager"] > decoder_bytes * 3 // 2, "the measurement cannot see a loaded decoder"
 
 
 # ----------------------------------------------------------------------------- digests
