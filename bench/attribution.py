@@ -45,10 +45,9 @@ DENSE_48GB_NODES = 109_545  # n_nodes**2 * 4 bytes >= 48e9
 def dense_rows(ff, batch, layout, sources):
     """(B, n_cols) direct effects, computed the dense way.
 
-    The same arithmetic as ``pipeline.attribution.compute_rows`` (including its two modes: a
-    single-copy frozen forward with one vmapped backward per batch, ``is_grads_batched``, or
-    ``batch`` copies of the prompt), except in the two respects the baseline exists to
-    measure: (1) the backward pass always starts at the top of the model (``ff.unembed_in`` is
+    The same arithmetic as ``pipeline.attribution.compute_rows`` (a single-copy frozen forward
+    with one vmapped backward per batch, ``is_grads_batched``), except in the two respects the
+    baseline exists to measure: (1) the backward pass always starts at the top of the model (``ff.unembed_in`` is
     an output, with a zero gradient unless the batch holds logit rows), so it runs through
     every layer, and (2) every column is computed for every row, including those at later
     layers / positions (structural zeros).
@@ -57,17 +56,12 @@ def dense_rows(ff, batch, layout, sources):
 
     B = len(batch.nodes)
     n_layers = layout.n_layers
-    vmapped = ff.batch == 1
 
     def zeros_for(read):
-        return read.new_zeros((B, *read.shape)) if vmapped else torch.zeros_like(read)
+        return read.new_zeros((B, *read.shape))
 
     def inject(g, rows, vecs):
-        pos = torch.as_tensor(batch.pos[rows])
-        if vmapped:
-            g[torch.as_tensor(rows), 0, pos] = vecs.to(g.dtype)
-        else:
-            g[torch.as_tensor(rows), pos] = vecs.to(g.dtype)
+        g[torch.as_tensor(rows), 0, torch.as_tensor(batch.pos[rows])] = vecs.to(g.dtype)
 
     g_unembed = zeros_for(ff.unembed_in)
     outputs, grad_outputs = [ff.unembed_in], [g_unembed]
@@ -82,8 +76,8 @@ def dense_rows(ff, batch, layout, sources):
         outputs.append(read)
         grad_outputs.append(g)
     grads = torch.autograd.grad(outputs, list(ff.mlp_outputs) + [ff.embed], grad_outputs,
-                                retain_graph=True, allow_unused=True, is_grads_batched=vmapped)
-    grads = [g[:, 0] if vmapped else g[:B] for g in grads]
+                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    grads = [g[:, 0] for g in grads]
     g_out, g_embed = grads[:-1], grads[-1]
 
     values = torch.zeros(B, layout.n_cols, dtype=ff.embed.dtype)

@@ -299,30 +299,25 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     top = int(batch.layer.max())  # layers >= top cannot reach any target of this batch
     n_layers = layout.n_layers
     n = int(ff.embed.shape[1])  # positions in the frozen forward
+    if ff.batch != 1:
+        raise ValueError(f"compute_rows needs a single-copy frozen forward (batch=1), got {ff.batch} copies")
     if int(batch.pos.max()) >= n:
         raise ValueError(f"a target at position {int(batch.pos.max())} is outside the {n}-token frozen forward")
-    # With a single-copy forward, one vmapped backward serves the whole batch (one target per
-    # batch element); with `batch` copies of the prompt, element i of the copies is row i.
-    vmapped = ff.batch == 1
+    # one vmapped backward serves the whole batch: batch element i carries row i's gradient
     outputs, grad_outputs = [], []
     for layer in sorted(set(batch.layer.tolist())):
         rows = np.nonzero(batch.layer == layer)[0]
         read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
-        g = read.new_zeros((B, *read.shape)) if vmapped else torch.zeros_like(read)
-        pos = torch.as_tensor(batch.pos[rows])
-        vecs = batch.vectors[rows].to(g.dtype)
-        if vmapped:
-            g[torch.as_tensor(rows), 0, pos] = vecs
-        else:
-            g[torch.as_tensor(rows), pos] = vecs
+        g = read.new_zeros((B, *read.shape))
+        g[torch.as_tensor(rows), 0, torch.as_tensor(batch.pos[rows])] = batch.vectors[rows].to(g.dtype)
         outputs.append(read)
         grad_outputs.append(g)
     writes = ff.mlp_outputs[: min(top, n_layers)]
     grads = torch.autograd.grad(
         outputs, writes + [ff.embed], grad_outputs,
-        retain_graph=True, allow_unused=True, is_grads_batched=vmapped,
+        retain_graph=True, allow_unused=True, is_grads_batched=True,
     )
-    grads = [None if g is None else (g[:, 0] if vmapped else g[:B]) for g in grads]
+    grads = [None if g is None else g[:, 0] for g in grads]
     g_out = grads[:-1]  # (B, n, d_model) per write layer
     g_embed = grads[-1]
 
@@ -347,7 +342,7 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
             start = layout.error_col(src_layer, 0)
             values[:, start : start + n] = err
     if g_embed is not None:
-        tok = (g_embed[:B] * sources.tokens[None, :n]).sum(-1)
+        tok = (g_embed * sources.tokens[None, :n]).sum(-1)
         values[:, layout.token_start : layout.token_start + n] = tok
     return values.numpy()
 

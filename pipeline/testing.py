@@ -100,6 +100,23 @@ def _quiet_hf():
     hf_logging.disable_progress_bar()
 
 
+def _write_tiny_model(directory, vocab_words, n_ctx: int, seed: int, adds_bos: bool, build) -> Path:
+    """The body every ``make_tiny_*`` shares: the vocabulary, ``build(vocab_size, special)`` (a
+    model from its config; ``special`` holds the BOS/EOS/PAD token ids) under ``seed``, and the
+    Hugging Face files with a word-level tokenizer."""
+    _quiet_hf()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(vocab_words)
+    special = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(len(vocab), special)
+    _save_model(model, directory)
+    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=adds_bos)
+    return directory
+
+
 def make_tiny_gpt2(
     directory: str | os.PathLike,
     *,
@@ -114,26 +131,11 @@ def make_tiny_gpt2(
     """A randomly initialised GPT-2 (LayerNorm, learned positions, GELU MLP) + tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _quiet_hf()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab(vocab_words)
-    config = GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=n_ctx,
-        n_embd=d_model,
-        n_layer=n_layers,
-        n_head=n_heads,
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[PAD],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    _save_model(model, directory)
-    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=tokenizer_adds_bos)
-    return directory
+    def build(vocab_size, special):
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model,
+                                          n_layer=n_layers, n_head=n_heads, **special))
+
+    return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
 
 
 def make_tiny_llama(
@@ -155,31 +157,16 @@ def make_tiny_llama(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _quiet_hf()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab(vocab_words)
     if n_kv_heads is None:
         n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=d_model,
-        intermediate_size=d_mlp or 4 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=n_ctx,
-        tie_word_embeddings=False,
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[PAD],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    _save_model(model, directory)
-    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=tokenizer_adds_bos)
-    return directory
+
+    def build(vocab_size, special):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+            max_position_embeddings=n_ctx, tie_word_embeddings=False, **special))
+
+    return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
 
 
 def make_tiny_gemma2(
@@ -196,32 +183,16 @@ def make_tiny_gemma2(
     soft-capping, sliding-window layers) + tokenizer that adds BOS."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    _quiet_hf()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab(vocab_words)
     head_dim = d_model // n_heads
-    config = Gemma2Config(
-        vocab_size=len(vocab),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=max(1, n_heads // 2),
-        head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
-        sliding_window=max(2, n_ctx // 2),
-        max_position_embeddings=n_ctx,
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[PAD],
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Gemma2ForCausalLM(config)
-    _save_model(model, directory)
-    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=True)
-    return directory
+
+    def build(vocab_size, special):
+        return Gemma2ForCausalLM(Gemma2Config(
+            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2), head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            sliding_window=max(2, n_ctx // 2), max_position_embeddings=n_ctx, **special))
+
+    return _write_tiny_model(directory, vocab_words, n_ctx, seed, True, build)
 
 
 # --------------------------------------------------------------------------- transcoders

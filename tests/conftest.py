@@ -23,6 +23,18 @@ D_MODEL = 16
 D_TRANSCODER = 64
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: threads only contend (10x slower on a loaded 2-core machine). A module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """GPT-2 (LayerNorm), 2 layers, d_model 16; its tokenizer does not add BOS itself."""

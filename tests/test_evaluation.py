@@ -24,12 +24,7 @@ from pipeline.pruning import prune_graph, save_pruned_graph
 from pipeline.replacement import ReplacementModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from stages import intervene, intervene_summary  # noqa: E402
 from stages._config import ConfigError, load_config, register_configs  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
