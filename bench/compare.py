@@ -223,6 +223,9 @@ def worker(job_path: str) -> None:
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(job.get("threads", 2)))
+    from pipeline.memory import release_freed_buffers
+
+    release_freed_buffers()  # as `circuit-pipeline attribute` and the pipeline stages do
     import importlib.metadata as md
 
     result: dict = {"engine": "circuit-pipeline", "setups": {}, "versions": {
@@ -246,7 +249,10 @@ def worker(job_path: str) -> None:
         sdir = out_dir / setup["name"]
         sdir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"])
+        # encoders on disk, as `circuit-pipeline attribute` and the attribute stage load them
+        # (circuit-tracer's load_transcoder_set defaults to lazy encoders too)
+        model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"],
+                                                 lazy_encoder=True)
         # attribute(zero_bos_errors=True) gives the BOS-position error nodes zero output vectors,
         # as circuit-tracer 0.5.0 does (error_vectors[:, zero_positions] = 0)
         zero_bos = bool(job.get("zero_bos_errors"))

@@ -56,8 +56,12 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from pipeline.attribution import attribute
     from pipeline.replacement import ReplacementModel
 
+    from pipeline.memory import release_freed_buffers
+
+    release_freed_buffers()
     t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype])
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype],
+                                             lazy_encoder=True)  # attribution encodes once
     graph = attribute(
         args.prompt,
         model,

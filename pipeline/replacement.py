@@ -145,15 +145,22 @@ class ReplacementModel:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
+        lazy_encoder: bool = False,
     ) -> "ReplacementModel":
-        """Load a Hugging Face model (hub name or local directory, offline) and its transcoders."""
+        """Load a Hugging Face model (hub name or local directory, offline) and its transcoders.
+
+        lazy_encoder: when ``transcoders`` is a path, leave the encoders on disk (streamed per
+        forward, rows read on demand; see ``load_transcoders``). Attribution encodes once, so
+        this lowers its peak memory by the encoders' size at no measurable cost.
+        """
         from transformer_lens import TransformerBridge
 
         source = str(model_name_or_dir)
         if Path(source).exists():
             _check_local_model_dir(Path(source))
         if not isinstance(transcoders, Transcoders):
-            transcoders = load_transcoders(transcoders, device=device, dtype=dtype)
+            transcoders = load_transcoders(transcoders, device=device, dtype=dtype,
+                                           lazy_encoder=lazy_encoder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -189,7 +196,9 @@ class ReplacementModel:
             for name, tensor in sorted(self.bridge.original_model.state_dict().items()):
                 h.update(name.encode())
                 h.update(str(tuple(tensor.shape)).encode())
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                # hashed through the buffer, not .tobytes(): a copy of the embedding would be
+                # the largest allocation of a whole attribution run
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
             self._digest = h.hexdigest()
         return self._digest
 

@@ -363,8 +363,9 @@ def _model(settings: StudySettings, device: str):
     if ident not in _MODELS:
         _MODELS.clear()
         dtype = _dtype(settings.dtype)
+        # a study attributes each prompt (one encode each): encoders stay on disk
         tc = load_transcoders(settings.transcoders, revision=settings.transcoders_revision, device=device,
-                              dtype=dtype)
+                              dtype=dtype, lazy_encoder=True)
         _MODELS[ident] = ReplacementModel.from_pretrained(settings.model, tc, dtype=dtype, device=device,
                                                           revision=settings.model_revision)
     return _MODELS[ident]
@@ -372,6 +373,10 @@ def _model(settings: StudySettings, device: str):
 
 def _set_threads(threads: int) -> None:
     import torch
+
+    from pipeline.memory import release_freed_buffers
+
+    release_freed_buffers()
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -30,8 +30,13 @@ def prompt_dir(prompt_id: str) -> Path:
 
 
 def setup_torch(runtime: RuntimeConfig, seed: int = 0) -> None:
-    """Fix torch's thread count, seed and deterministic mode for this process."""
+    """Fix torch's thread count, seed and deterministic mode for this process, and let freed
+    buffers leave its resident set (pipeline.memory)."""
     import torch
+
+    from pipeline.memory import release_freed_buffers
+
+    release_freed_buffers()
 
     torch.set_num_threads(runtime.threads)
     torch.manual_seed(seed)

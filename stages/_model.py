@@ -14,15 +14,15 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None):
+def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_encoder: bool = False):
     """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype: ``attribution.dtype``
-    unless given)."""
+    unless given; lazy_encoder for stages that encode once)."""
     from pipeline.replacement import ReplacementModel
     from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 
     dtype = torch_dtype(dtype or cfg.attribution.dtype)
     tc = load_transcoders(cfg.transcoders.source, revision=cfg.transcoders.revision,
-                          device=cfg.runtime.device, dtype=dtype)
+                          device=cfg.runtime.device, dtype=dtype, lazy_encoder=lazy_encoder)
     is_clt = isinstance(tc, CrossLayerTranscoder)
     if is_clt != (cfg.transcoders.kind == "clt"):
         raise ValueError(f"transcoders.kind is {cfg.transcoders.kind!r} but {cfg.transcoders.source} holds "

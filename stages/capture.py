@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
-    model = load_replacement_model(cfg)
+    model = load_replacement_model(cfg, lazy_encoder=True)  # one forward
     run = prompt_dir(args.prompt_id)
     cap = model.capture(read_tokens(run / "tokens.safetensors"))
     idx, values = cap.active_features()

@@ -483,9 +483,16 @@ for x in xs:
     n_read += int((acts != 0).any(0).sum())
     assert tc.reconstruct(0, [acts]).shape == (8, d_model)
 used = proc.memory_info().rss - warm
+start = proc.memory_info().rss
+streamed = load_transcoders(path, lazy_encoder=True)
+streamed_load = proc.memory_info().rss - start
+for x in xs:
+    assert torch.equal(streamed.activations(0, x), tc.activations(0, x))
+streamed_used = proc.memory_info().rss - start
 eager = load_transcoders(path, lazy_decoder=False)
 print(json.dumps({"load": loaded - before, "read": used, "n_read": n_read,
-                  "eager": proc.memory_info().rss - loaded}))
+                  "streamed_load": streamed_load, "streamed_used": streamed_used,
+                  "eager": proc.memory_info().rss - start}))
 """
 
 
@@ -510,6 +517,9 @@ def test_lazy_decoder_keeps_resident_memory_near_the_encoder_size(tmp_path, plt_
     assert 0 < m["n_read"] < d_t // 2
     assert m["read"] < decoder_bytes // 3, f"reading {m['n_read']} rows grew RSS {m['read'] / mib:.1f} MiB"
     assert m["eager"] > decoder_bytes * 3 // 2, "the measurement cannot see a loaded decoder"
+    # lazy_encoder=True: the encoder is streamed in blocks, nothing stays resident
+    assert m["streamed_load"] < decoder_bytes // 8, f"lazy encoder load grew RSS {m['streamed_load'] / mib:.1f} MiB"
+    assert m["streamed_used"] < decoder_bytes // 3, f"streamed encodes grew RSS {m['streamed_used'] / mib:.1f} MiB"
 
 
 # ----------------------------------------------------------------------------- digests
@@ -630,6 +640,48 @@ def test_bad_transcoder_directory_raises_one_clear_line(tmp_path, plt_skip_dir, 
         load_transcoders(path)
     one_line_error(excinfo)
     assert isinstance(excinfo.value, (ValueError, FileNotFoundError))
+
+
+@pytest.mark.parametrize("fixture", ["plt_skip_dir", "clt_dir", "gemmascope_dir"])
+def test_lazy_encoders_compute_what_resident_encoders_compute(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    resident = load_transcoders(directory)
+    streamed = load_transcoders(directory, lazy_encoder=True)
+    for w in streamed.layers:
+        w.encoder.block_rows = 5  # several blocks, the last one short
+    # GemmaScope stores W_enc transposed: no contiguous rows, so it stays resident
+    assert streamed.layers[0].encoder.lazy == (fixture != "gemmascope_dir")
+    assert not resident.layers[0].encoder.lazy
+    assert (streamed.d_transcoder, streamed.d_model) == (resident.d_transcoder, resident.d_model)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.tensor([3, 0, resident.d_transcoder - 1, 3])
+    for layer in range(resident.n_layers):
+        x = torch.randn(2, 5, resident.d_model, generator=g)
+        torch.testing.assert_close(streamed.encode(layer, x), resident.encode(layer, x),
+                                   rtol=1e-6, atol=1e-6)
+        assert torch.equal(streamed.activations(layer, x) != 0, resident.activations(layer, x) != 0)
+        assert torch.equal(streamed.encoder_vectors(layer, feats),
+                           resident.encoder_vectors(layer, feats))
+    with pytest.raises(IndexError, match="out of range"):
+        streamed.encoder_vectors(0, torch.tensor([resident.d_transcoder]))
+
+
+def test_nan_in_a_lazy_encoder_fails_on_first_encode_naming_the_feature(tmp_path, plt_dir):
+    path = Path(shutil.copytree(plt_dir, tmp_path / "tc"))
+    tensors = load_file(path / "layer_1.safetensors")
+    tensors["W_enc"][7, 1] = float("inf")
+    save_file(tensors, str(path / "layer_1.safetensors"))
+    tc = load_transcoders(path, lazy_encoder=True)  # nothing read yet: loads
+    x = torch.randn(3, tc.d_model)
+    tc.activations(0, x)  # a clean layer encodes fine
+    tc.encoder_vectors(1, torch.tensor([6, 8]))
+    with pytest.raises(TranscoderConfigError, match="W_enc holds NaN or inf \\(feature 7\\)") as excinfo:
+        tc.activations(1, x)
+    one_line_error(excinfo)
+    with pytest.raises(TranscoderConfigError, match="feature 7"):
+        tc.encoder_vectors(1, torch.tensor([2, 7]))
+    with pytest.raises(TranscoderConfigError, match="W_enc holds NaN"):
+        load_transcoders(path)
 
 
 def test_nan_in_a_lazy_decoder_fails_on_first_read_or_scan(tmp_path, plt_dir):

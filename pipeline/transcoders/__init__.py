@@ -8,7 +8,8 @@ Validation policy: config.yaml, file headers (truncation, foreign files), shapes
 biases, thresholds and skip matrices are checked eagerly at load. Lazy decoders are checked
 for NaN/inf on every row read (the first read of a corrupt row raises, naming file and
 feature); ``validate_decoders()`` streams all of them through the same check on demand.
-With ``lazy_decoder=False`` decoders are loaded and checked at load time.
+With ``lazy_decoder=False`` decoders are loaded and checked at load time. Lazy encoders
+(``lazy_encoder=True``) are checked the same way, block by block as they are read.
 """
 
 from __future__ import annotations
@@ -70,13 +71,17 @@ def load_transcoders(
     revision: str | None = None,
     subfolder: str | None = None,
     lazy_decoder: bool = True,
+    lazy_encoder: bool = False,
 ) -> Transcoders:
     """Load per-layer or cross-layer transcoders from a directory or a Hugging Face repo.
 
     source: a local directory holding config.yaml, or "org/repo", "org/repo//subfolder",
     "org/repo/subfolder", optionally "...@revision". Encoders, biases, thresholds and skip
     matrices become resident tensors of ``dtype`` on ``device``; decoders stay on disk and are
-    read row by row unless ``lazy_decoder=False``.
+    read row by row unless ``lazy_decoder=False``. ``lazy_encoder=True`` leaves the encoders
+    on disk too (streamed in blocks per forward, rows read on demand): for attribution, which
+    encodes once, it halves the transcoders' share of peak memory; keep them resident for
+    work that encodes many batches (dashboards, interventions).
 
     Raises TranscoderConfigError (a ValueError) or its FileNotFoundError subclasses with a
     one-line message naming the problem and the fix.
@@ -89,6 +94,6 @@ def load_transcoders(
     device = torch.device(device)
     if config.model_kind == "transcoder_set":
         return TranscoderSet(config, _plt_paths(config), scan=scan, dtype=dtype, device=device,
-                             lazy_decoder=lazy_decoder)
+                             lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder)
     return CrossLayerTranscoder(config, directory, scan=scan, dtype=dtype, device=device,
-                                lazy_decoder=lazy_decoder)
+                                lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder)

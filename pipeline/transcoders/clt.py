@@ -28,7 +28,7 @@ from .common import (
     resolve_activation,
 )
 from .config import TranscoderConfig, TranscoderConfigError, TranscoderFileNotFoundError
-from .lazy import DecoderRows, TensorFile
+from .lazy import DecoderRows, EncoderRows, TensorFile
 
 _ENC_RE = re.compile(r"^W_enc_(\d+)\.safetensors$")
 
@@ -73,6 +73,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         lazy_decoder: bool = True,
+        lazy_encoder: bool = False,
     ):
         device = torch.device(device)
         directory = Path(directory)
@@ -85,20 +86,21 @@ class CrossLayerTranscoder(LayeredTranscoders):
             dec_path = directory / f"W_dec_{i}.safetensors"
             enc = TensorFile(enc_path)
             dec = TensorFile(dec_path)
-            W_enc = _get(enc, f"W_enc_{i}").to(device=device, dtype=dtype)
+            if f"W_enc_{i}" not in enc:
+                _get(enc, f"W_enc_{i}")  # raises naming the missing tensor
+            encoder = EncoderRows(enc, f"W_enc_{i}", lazy=lazy_encoder, dtype=dtype, device=device)
             b_enc = _get(enc, f"b_enc_{i}").to(device=device, dtype=dtype)
             b_dec = _get(enc, f"b_dec_{i}").to(device=device, dtype=dtype)
-            if W_enc.dim() != 2:
-                raise TranscoderConfigError(
-                    f"{str(enc_path)!r}: W_enc_{i} has shape {tuple(W_enc.shape)}, expected "
-                    "(d_transcoder, d_model)"
-                )
             if i == 0:
-                d_transcoder, d_model = W_enc.shape
-            expect_shape(W_enc, (d_transcoder, d_model), f"W_enc_{i}", enc_path)
+                d_transcoder, d_model = encoder.shape
+            if encoder.shape != (d_transcoder, d_model):
+                raise TranscoderConfigError(
+                    f"{str(enc_path)!r}: W_enc_{i} has shape {encoder.shape}, expected "
+                    f"{(d_transcoder, d_model)}; all layers must share d_model and d_transcoder"
+                )
             expect_shape(b_enc, (d_transcoder,), f"b_enc_{i}", enc_path)
             expect_shape(b_dec, (d_model,), f"b_dec_{i}", enc_path)
-            for t, what in ((W_enc, f"W_enc_{i}"), (b_enc, f"b_enc_{i}"), (b_dec, f"b_dec_{i}")):
+            for t, what in ((b_enc, f"b_enc_{i}"), (b_dec, f"b_dec_{i}")):
                 check_finite(t, what, enc_path)
             threshold = None
             if f"threshold_{i}" in enc:
@@ -137,7 +139,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
                 threshold = None
             decoder = DecoderRows(dec, f"W_dec_{i}", lazy=lazy_decoder, dtype=dtype, device=device)
             layers.append(
-                LayerWeights(W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
+                LayerWeights(encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
                              threshold=threshold, k=k, W_skip=W_skip)
             )
             files.extend((enc, dec))

@@ -1,4 +1,4 @@
-"""What per-layer and cross-layer transcoders share: resident encoders, the nonlinearity,
+"""What per-layer and cross-layer transcoders share: encoders, the nonlinearity,
 skip terms, checks of eagerly loaded weights and the content digest."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .base import TranscoderKind, Transcoders
 from .config import TranscoderConfig, TranscoderConfigError
-from .lazy import DecoderRows, TensorFile, all_finite
+from .lazy import DecoderRows, EncoderRows, TensorFile, all_finite
 
 # (path, size, mtime_ns) -> sha256 hex, so one process hashes a large file once
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -33,14 +33,14 @@ def file_sha256(tf: TensorFile) -> str:
 
 @dataclass
 class LayerWeights:
-    """Resident weights of one encoder layer and its (possibly lazy) decoder.
+    """Weights of one encoder layer and its decoder (each lazy or resident).
 
-    W_enc: (d_transcoder, d_model); b_enc: (d_transcoder,); b_dec: (d_model,) of the output
+    encoder: W_enc (d_transcoder, d_model); b_enc: (d_transcoder,); b_dec: (d_model,) of the output
     layer with the same index; threshold: (d_transcoder,) for JumpReLU; k for TopK;
     W_skip: (d_model, d_model) stored like an nn.Linear weight, skip(x) = x @ W_skip.T.
     """
 
-    W_enc: Tensor
+    encoder: EncoderRows
     b_enc: Tensor
     b_dec: Tensor
     decoder: DecoderRows
@@ -118,7 +118,7 @@ class LayeredTranscoders(Transcoders):
         self.files = files
         self.activation = activation
         self.n_layers = len(layers)
-        self.d_transcoder, self.d_model = (int(s) for s in layers[0].W_enc.shape)
+        self.d_transcoder, self.d_model = layers[0].encoder.shape
         self.feature_input_hook = config.feature_input_hook
         self.feature_output_hook = config.feature_output_hook
         self.model_name = config.model_name
@@ -151,7 +151,7 @@ class LayeredTranscoders(Transcoders):
     # --- encoders --------------------------------------------------------------------
     def encode(self, layer: int, x: Tensor) -> Tensor:
         w = self._layer(layer)
-        return F.linear(x.to(w.W_enc.dtype), w.W_enc, w.b_enc)
+        return w.encoder.linear(x, w.b_enc)
 
     def activation_function(self, layer: int, pre: Tensor) -> Tensor:
         w = self._layer(layer)
@@ -168,7 +168,7 @@ class LayeredTranscoders(Transcoders):
 
     def encoder_vectors(self, layer: int, features: Tensor) -> Tensor:
         w = self._layer(layer)
-        return w.W_enc[self._features(features, w.W_enc.device)]
+        return w.encoder.rows(self._features(features, torch.device("cpu")))
 
     def encoder_bias(self, layer: int, features: Tensor) -> Tensor:
         w = self._layer(layer)
@@ -237,6 +237,7 @@ class LayeredTranscoders(Transcoders):
             f"{type(self).__name__}(n_layers={self.n_layers}, d_model={self.d_model}, "
             f"d_transcoder={self.d_transcoder}, activation={self.activation!r}, "
             f"skip={self.has_skip}, {self.feature_input_hook!r} -> "
-            f"{self.feature_output_hook!r}, lazy_decoder={self.layers[0].decoder.lazy}, "
+            f"{self.feature_output_hook!r}, lazy_encoder={self.layers[0].encoder.lazy}, "
+            f"lazy_decoder={self.layers[0].decoder.lazy}, "
             f"directory={str(self.directory)!r})"
         )

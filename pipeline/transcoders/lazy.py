@@ -8,6 +8,10 @@ Row reads use positional reads (``os.pread``) of the requested rows only, merged
 of consecutive rows. Nothing is memory-mapped, so reading decoder rows leaves the process's
 resident set where it was (a memory map would count every page it ever touched).
 
+Encoders can be lazy too (``EncoderRows``): attribution needs each encoder once, for the
+forward that finds the active features, and then only the rows of active features, so
+keeping every W_enc resident (half the transcoders' bytes) would only raise peak memory.
+
 Layouts handled lazily: safetensors (any dtype safetensors stores, bf16 included) and
 uncompressed (``np.savez``) ``.npz`` members in C order. A compressed or Fortran-order
 ``.npz`` member is read whole on first access and kept in memory.
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TranscoderConfigError, TranscoderFileNotFoundError
@@ -261,6 +266,21 @@ class TensorFile:
             arr = self._pread(info.nbytes, info.offset).view(info.np_dtype).reshape(info.shape)
         return self._to_torch(arr, info)
 
+    def row_range(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of tensor ``name`` along its first axis, in one read."""
+        info = self.infos[name]
+        n_rows = info.shape[0] if info.shape else 0
+        if not 0 <= start <= stop <= n_rows:
+            raise IndexError(f"rows {start}:{stop} out of range for {name!r} with {n_rows} rows")
+        if info.offset is None:
+            return self._to_torch(np.array(self._eager(name)[start:stop]), info)
+        rest = info.shape[1:]
+        stride = int(np.prod(rest, dtype=np.int64)) * info.np_dtype.itemsize
+        n = stop - start
+        arr = self._pread(n * stride, info.offset + start * stride) if n and stride else \
+            np.zeros(0, dtype=np.uint8)
+        return self._to_torch(arr.view(info.np_dtype).reshape((n, *rest)), info)
+
     def rows(self, name: str, index: np.ndarray, sub: int | None = None) -> Tensor:
         """Rows ``index`` (1-D int array) of tensor ``name`` along its first axis.
 
@@ -435,3 +455,98 @@ class DecoderRows:
             index = np.arange(start, min(n, start + chunk_rows))
             t = self.file.rows(self.name, index)
             self._check(t, index)
+
+
+class EncoderRows:
+    """One layer's encoder W_enc, (d_transcoder, d_model), lazy or resident.
+
+    Resident: the whole matrix in ``dtype`` on ``device``, checked for NaN/inf at load.
+    Lazy: nothing is kept; ``linear`` streams the matrix from the file in blocks of
+    ``block_rows`` rows and ``rows`` reads only the rows asked for, each checked on read.
+    A file that stores the matrix transposed, (d_model, d_transcoder) as GemmaScope does, has
+    no contiguous feature rows and is always loaded resident.
+    """
+
+    def __init__(
+        self,
+        file: TensorFile,
+        name: str,
+        *,
+        lazy: bool,
+        transposed: bool = False,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_rows: int = 4096,
+    ):
+        self.file = file
+        self.name = name
+        self.dtype = dtype
+        self.device = device
+        self.block_rows = block_rows
+        shape = tuple(file.shape(name))
+        if len(shape) != 2:
+            raise TranscoderConfigError(
+                f"{str(file.path)!r}: {name} has shape {shape}, expected (d_transcoder, d_model)"
+            )
+        self.shape: tuple[int, int] = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        self._resident: Tensor | None = None
+        if not lazy or transposed or not file.is_lazy(name):
+            full = file.load(name)
+            if transposed:
+                full = full.T
+            full = full.to(device=device, dtype=dtype).contiguous()
+            self._check(full)
+            self._resident = full
+
+    @property
+    def lazy(self) -> bool:
+        return self._resident is None
+
+    def _check(self, t: Tensor, first_row: int = 0, index: np.ndarray | None = None) -> None:
+        """NaN/inf in rows ``t`` fail naming the feature (row i is feature index[i], or
+        first_row + i)."""
+        if all_finite(t):
+            return
+        bad = int((~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()[0])
+        feature = int(index[bad]) if index is not None else first_row + bad
+        raise TranscoderConfigError(
+            f"{str(self.file.path)!r}: {self.name} holds NaN or inf (feature {feature}); the "
+            "weights are corrupt, re-download or retrain them"
+        )
+
+    def rows(self, features: Tensor | np.ndarray) -> Tensor:
+        """(k,) feature ids -> (k, d_model): the directions those features read."""
+        if isinstance(features, Tensor):
+            index = features.detach().to("cpu", torch.int64).numpy().reshape(-1)
+        else:
+            index = np.asarray(features, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
+            raise IndexError(f"feature index out of range for d_transcoder={self.shape[0]}")
+        if self._resident is not None:
+            return self._resident[torch.from_numpy(index).to(self._resident.device)]
+        t = self.file.rows(self.name, index)
+        self._check(t, index=index)
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def linear(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x @ W_enc.T + bias: (..., d_model) -> (..., d_transcoder) in ``dtype``."""
+        x = x.to(self.dtype)
+        if self._resident is not None:
+            return F.linear(x, self._resident, bias)
+        n = self.shape[0]
+        out = torch.empty((*x.shape[:-1], n), dtype=self.dtype, device=x.device)
+        for start in range(0, n, self.block_rows):
+            stop = min(n, start + self.block_rows)
+            block = self.file.row_range(self.name, start, stop)
+            self._check(block, start)
+            block = block.to(device=x.device, dtype=self.dtype)
+            out[..., start:stop] = F.linear(x, block, bias[start:stop])
+        return out
+
+    def load(self) -> Tensor:
+        """The whole matrix (d_transcoder, d_model), read if lazy (not kept)."""
+        if self._resident is not None:
+            return self._resident
+        full = self.file.load(self.name).to(device=self.device, dtype=self.dtype)
+        self._check(full)
+        return full

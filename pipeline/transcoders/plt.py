@@ -33,7 +33,7 @@ from .common import (
     resolve_activation,
 )
 from .config import TranscoderConfig, TranscoderConfigError
-from .lazy import DecoderRows, TensorFile
+from .lazy import DecoderRows, EncoderRows, TensorFile
 
 
 def _pick(tf: TensorFile, *names: str) -> str | None:
@@ -60,6 +60,7 @@ def read_plt_layer(
     dtype: torch.dtype,
     device: torch.device,
     lazy_decoder: bool,
+    lazy_encoder: bool = False,
 ) -> tuple[LayerWeights, TensorFile, str]:
     """Read one layer's file: resident encoder, biases, threshold, skip; decoder lazy or not.
 
@@ -99,11 +100,8 @@ def read_plt_layer(
             f"({d_transcoder}, {d_model}) = (d_transcoder, d_model)"
         )
 
-    W_enc = tf.load(enc_name)
-    if transposed:
-        W_enc = W_enc.T
-    W_enc = W_enc.to(device=device, dtype=dtype).contiguous()
-    check_finite(W_enc, enc_name, path)
+    encoder = EncoderRows(tf, enc_name, lazy=lazy_encoder, transposed=transposed, dtype=dtype,
+                          device=device)
     b_enc = b_enc.to(device=device, dtype=dtype)
     b_dec = b_dec.to(device=device, dtype=dtype)
     check_finite(b_enc, b_enc_name, path)
@@ -138,7 +136,7 @@ def read_plt_layer(
         threshold = None
     decoder = DecoderRows(tf, dec_name, lazy=lazy_decoder, dtype=dtype, device=device)
     return (
-        LayerWeights(W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
+        LayerWeights(encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
                      threshold=threshold, k=k, W_skip=W_skip),
         tf,
         activation,
@@ -157,6 +155,7 @@ class TranscoderSet(LayeredTranscoders):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         lazy_decoder: bool = True,
+        lazy_encoder: bool = False,
     ):
         device = torch.device(device)
         layers: list[LayerWeights] = []
@@ -164,11 +163,16 @@ class TranscoderSet(LayeredTranscoders):
         activations: list[str] = []
         for path in paths:
             weights, tf, activation = read_plt_layer(
-                path, config, dtype=dtype, device=device, lazy_decoder=lazy_decoder
+                path, config, dtype=dtype, device=device, lazy_decoder=lazy_decoder,
+                lazy_encoder=lazy_encoder,
             )
             if layers:
                 ref = layers[0]
-                expect_shape(weights.W_enc, tuple(ref.W_enc.shape), "W_enc", path)
+                if weights.encoder.shape != ref.encoder.shape:
+                    raise TranscoderConfigError(
+                        f"{str(path)!r}: W_enc has shape {weights.encoder.shape}, expected "
+                        f"{ref.encoder.shape}; all layers must share d_model and d_transcoder"
+                    )
                 if activation != activations[0]:
                     raise TranscoderConfigError(
                         f"{str(path)!r} uses {activation} but {str(paths[0])!r} uses "
