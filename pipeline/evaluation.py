@@ -306,7 +306,13 @@ def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
     if hasattr(graph, "result") and edges is not None:  # pruned circuit, full attribution row
         result = graph.result
         edge, vector = _full_row(edges, np.asarray(feats, np.int64).reshape(-1, 3), n_f)
-    elif hasattr(graph, "result"):  # a pruned-graph artifact: its kept edges only
+    elif getattr(graph, "target_feature_edges", None) is not None:  # full row saved by prune
+        result = graph.result
+        edge = np.asarray(graph.target_feature_edges, np.float64)
+        if edge.shape != (n_f,):
+            raise ValueError(f"the pruned graph's target_feature_edges has shape {edge.shape}, expected ({n_f},)")
+        vector = None if graph.target_vector is None else torch.as_tensor(graph.target_vector)
+    elif hasattr(graph, "result"):  # a pruned-graph artifact without it: its kept edges only
         result = graph.result
         logit0 = result.n_nodes - result.n_logits
         row = result.edge_weights.getrow(logit0).tocoo()
@@ -365,8 +371,9 @@ def evaluate(
     ``.npz``); annotations: a viewer annotations file / mapping whose supernodes the
     experiments may name; edges: with a pruned graph, the unpruned graph store (a Graph or
     its path) it was pruned from, so the top-k predictions use the target's full row of
-    attribution edges (a pruned graph keeps only its kept edges: a feature whose edge to the
-    target was pruned would be predicted 0).
+    attribution edges. Not needed for a pruned graph saved from a store (it carries that row,
+    ``target_feature_edges``); otherwise a pruned graph has only its kept edges, and a feature
+    whose edge to the target was pruned would be predicted 0.
     """
     spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
     graph = _load_graph(graph)

@@ -854,6 +854,10 @@ class PrunedGraph:
     feature_info: np.ndarray
     feature_activations: np.ndarray
     attrs: dict
+    #: the first logit target's edge from every selected feature, from the unpruned graph
+    #: (n_selected,), and the direction it reads (d_model,); None when not saved
+    target_feature_edges: np.ndarray | None = None
+    target_vector: np.ndarray | None = None
 
     @property
     def n_logits(self) -> int:
@@ -887,6 +891,10 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
     row-major); ``kept_nodes``; ``input_tokens``, ``logit_tokens``, ``logit_probabilities``;
     ``feature_info`` (n_selected, 3) and ``feature_activations``; ``metadata`` (UTF-8 JSON,
     sorted keys: layout, thresholds, score thresholds, graph scores, depth, graph attrs).
+    From a graph store, also ``target_feature_edges``: the first logit's full row of edges
+    from the selected features (kept or not; interventions predict ablation effects from it,
+    so they need not read the store), and ``target_vector``, the direction it reads, when
+    the store holds logit vectors.
     """
     rows, cols, weights = result.kept_edges()
     scores = result.edge_scores.tocoo().data
@@ -927,6 +935,14 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
         "feature_activations": np.asarray(acts),
         "metadata": np.frombuffer(meta_bytes, dtype=np.uint8),
     }
+    if hasattr(graph, "row") and hasattr(graph, "logit_node") and result.n_logits > 0:
+        cols, vals = graph.row(graph.logit_node(0))
+        edge = np.zeros(result.n_features, dtype=np.asarray(vals).dtype)
+        sel = cols < result.n_features
+        edge[cols[sel]] = vals[sel]
+        arrays["target_feature_edges"] = edge
+        if "logit_vectors" in getattr(graph, "table_names", ()):
+            arrays["target_vector"] = np.asarray(graph.table("logit_vectors")[0])
     path = Path(path)
     atomic_write_bytes(path, _npz_bytes(arrays))
     return path
@@ -978,4 +994,6 @@ def load_pruned_graph(path) -> PrunedGraph:
         feature_info=arrays["feature_info"],
         feature_activations=arrays["feature_activations"],
         attrs=meta["attrs"],
+        target_feature_edges=arrays.get("target_feature_edges"),
+        target_vector=arrays.get("target_vector"),
     )

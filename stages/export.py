@@ -1,4 +1,5 @@
-"""Stage export@<prompt id>: graph files for the viewer -> results/<id>/graph/.
+"""Stage export@<prompt id>: graph files for the viewer -> results/<id>/graph/, and a static
+picture of the graph -> results/<id>/graph.{png,svg}.
 
 The folder holds ``<slug>.json`` (circuit-tracer / Neuronpedia graph JSON), its
 ``graph-metadata.json`` index, and ``features/<layer>_<feature>.json``: the dashboard of every
@@ -6,6 +7,12 @@ feature in the pruned graph (what the viewer's node pane fetches). Serve it with
 ``circuit-pipeline serve`` or circuit-tracer's viewer, or upload to Neuronpedia.
 Everything comes from the pruned graph and the features stage's dashboards store (the
 features' ``clerp`` labels: its automatic labels); the tokenizer only names the tokens.
+
+The picture is drawn from that graph JSON (``pipeline.figures``: layers bottom to top, tokens
+left to right, nodes sized by influence, edges coloured by sign and sized by weight, the
+prompt under it and the top logits above), for papers and CI: no browser needed, byte-identical
+for the same graph. It is part of this stage rather than a stage of its own because every
+per-prompt stage costs a no-op ``dvc repro`` its dependency checks (issue: < 5 s at 20 prompts).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.export import GRAPH_METADATA_FILE, create_graph_files
+from pipeline.figures import write_graph_figures
 from pipeline.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir
@@ -80,7 +88,9 @@ def main(argv=None) -> None:
         for extra in tmp.iterdir():  # keep the graph, its index and features/ (the library's lock file goes)
             if extra.name not in (path.name, GRAPH_METADATA_FILE, "features"):
                 extra.unlink()
+    figures = write_graph_figures(out / path.name, run, stem="graph")  # atomic, deterministic
     print(f"graph files: {out / path.name}  ({len(features)} feature dashboards in {out / 'features'})")
+    print(f"figures: {'  '.join(str(p) for p in figures.values())}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage intervene@<prompt id>: check the pruned circuit causally -> results/<id>/report/.
 
-Reads the pruned graph (results/<id>/pruned.npz; the attribution's full row of the target
-logit from results/<id>/graph.zarr) and the replacement model, and runs
+Reads the pruned graph (results/<id>/pruned.npz, which carries the attribution's full row
+of the target logit, so the graph store is not read) and the replacement model, and runs
 ``pipeline.evaluation.evaluate`` with the ``intervention`` config group and the prompt's own
 experiments (``prompts.items.<id>.experiments``): top-k ablations against the attribution's
 prediction, faithfulness of the circuit, and the named swap / ablate / steer experiments.
@@ -21,7 +21,6 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.evaluation import EvaluationSpec, evaluate, write_report
-from pipeline.graph_store import Graph
 from pipeline.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir, setup_torch, write_json
@@ -53,8 +52,11 @@ def main(argv=None) -> None:
     spec = evaluation_spec(cfg, args.prompt_id)  # before the model loads: a bad spec fails fast
     model = load_replacement_model(cfg)
     run = prompt_dir(args.prompt_id)
-    report = evaluate(model, load_pruned_graph(run / "pruned.npz"), spec, prompt=item.prompt,
-                      edges=Graph.open(run / "graph.zarr"))
+    pruned = load_pruned_graph(run / "pruned.npz")
+    if pruned.target_feature_edges is None:
+        raise ValueError(f"{run / 'pruned.npz'} has no target_feature_edges (written by an older prune): "
+                         f"rerun it with `dvc repro -f prune@{args.prompt_id}`")
+    report = evaluate(model, pruned, spec, prompt=item.prompt)
     with atomic_path(run / "report") as tmp:
         write_report(report, tmp, figure_formats=("png",))
     write_json(METRICS_DIR / f"{args.prompt_id}.json", report["summary"])

@@ -20,7 +20,7 @@ from pipeline.evaluation import (
     write_report,
 )
 from pipeline.interventions import Scale, feature_intervention
-from pipeline.pruning import prune_graph, save_pruned_graph
+from pipeline.pruning import load_pruned_graph, prune_graph, save_pruned_graph
 from pipeline.replacement import ReplacementModel
 
 
@@ -134,7 +134,9 @@ def test_pruned_graph_artifact_is_evaluated_with_its_kept_edges(setup, tmp_path)
     model, prompt, donor, graph = setup
     result = prune_graph(graph)
     path = save_pruned_graph(graph, result, tmp_path / "pruned.npz")
-    report = evaluate(model, path, {"top_k": 4, "max_new_tokens": 0}, prompt=prompt)
+    pruned = load_pruned_graph(path)
+    pruned.target_feature_edges = pruned.target_vector = None  # as an artifact without the row
+    report = evaluate(model, pruned, {"top_k": 4, "max_new_tokens": 0}, prompt=prompt)
     full = evaluate(model, graph, {"top_k": 4, "max_new_tokens": 0})
     assert [r["node"] for r in report["top_features"]["rows"]] == [r["node"] for r in full["top_features"]["rows"]]
     assert report["faithfulness"] == full["faithfulness"]
@@ -143,8 +145,26 @@ def test_pruned_graph_artifact_is_evaluated_with_its_kept_edges(setup, tmp_path)
     for r in report["top_features"]["rows"]:
         assert r["predicted"] == pytest.approx(-float(kept[logit0, r["node"]]), rel=1e-5, abs=1e-12)
     # with the unpruned store as edges: the full row, so the same predictions as the Graph's
-    with_edges = evaluate(model, path, {"top_k": 4, "max_new_tokens": 0}, prompt=prompt, edges=graph)
+    with_edges = evaluate(model, pruned, {"top_k": 4, "max_new_tokens": 0}, prompt=prompt, edges=graph)
     assert with_edges["top_features"] == full["top_features"]
+
+
+def test_pruned_graph_saved_from_a_store_carries_the_target_full_row(setup, tmp_path):
+    """prune saves the first logit's edge from every selected feature, pruned or not, so the
+    intervene stage predicts from the full row without reading the graph store."""
+    model, prompt, donor, graph = setup
+    result = prune_graph(graph)
+    pruned = load_pruned_graph(save_pruned_graph(graph, result, tmp_path / "pruned.npz"))
+    cols, vals = graph.row(graph.logit_node(0))
+    n_f = result.n_features
+    want = np.zeros(n_f, np.float32)
+    want[cols[cols < n_f]] = vals[cols < n_f]
+    assert np.array_equal(pruned.target_feature_edges, want)
+    kept = result.edge_weights.tocsr()[result.n_nodes - result.n_logits].toarray()[0, :n_f]
+    assert np.count_nonzero(want) > np.count_nonzero(kept), "the fixture prunes no target edge"
+    assert np.array_equal(pruned.target_vector, np.asarray(graph.table("logit_vectors")[0]))
+    spec = {"top_k": 4, "max_new_tokens": 0}
+    assert evaluate(model, pruned, spec, prompt=prompt)["top_features"] == evaluate(model, graph, spec)["top_features"]
 
 
 def test_selectors_pick_active_features_and_not_on_donor_excludes_the_donors(setup):

@@ -128,6 +128,20 @@ def test_bad_experiment_is_refused_before_the_model_loads(study, monkeypatch, tm
         intervene.main(["--prompt-id", "b"])
 
 
+def test_a_pruned_graph_without_the_target_row_asks_for_a_rerun_of_prune(study, monkeypatch, tmp_path):
+    import numpy as np
+
+    shutil.copy(study / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "results" / "b").mkdir(parents=True)
+    with np.load(study / "results" / "b" / "pruned.npz") as z:
+        arrays = {k: z[k] for k in z.files if k not in ("target_feature_edges", "target_vector")}
+    np.savez(tmp_path / "results" / "b" / "pruned.npz", **arrays)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no target_feature_edges .*dvc repro -f prune@b"):
+        intervene.main(["--prompt-id", "b"])
+    assert not (tmp_path / "results" / "b" / "report").exists()
+
+
 def _compose(conf: Path, out: Path, overrides: list[str]) -> str:
     from dvc.utils.hydra import compose_and_dump
 

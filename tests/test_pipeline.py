@@ -34,8 +34,8 @@ from stages._config import ConfigError, load_config, register_configs  # noqa: E
 
 TINY = ["experiment=tiny"]
 PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
-PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "figures", "intervene")
-AFTER_PRUNE = ("prune", "export", "figures", "intervene")  # what a pruning parameter reruns
+PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "intervene")
+AFTER_PRUNE = ("prune", "export", "intervene")  # what a pruning parameter reruns
 #: stages over all prompts: dashboards (before export) and the interventions' summary (after)
 GLOBAL = ("features", "intervene_summary")
 
@@ -208,13 +208,13 @@ def test_organism_training_saves_no_wall_time(tmp_path):
 
 
 # The per-prompt chain run in-process on tiny fixtures (no DVC): tokenize -> attribute -> prune,
-# features -> export -> figures, in a temporary working directory.
+# features -> export (graph files and figures), in a temporary working directory.
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     import numpy as np
 
     from pipeline.testing import DEFAULT_WORDS
-    from stages import attribute, export, features, figures, prune, tokenize
+    from stages import attribute, export, features, prune, tokenize
 
     work = tmp_path_factory.mktemp("stage_run")
     rng = np.random.default_rng(0)
@@ -233,7 +233,6 @@ def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     try:
         for stage in (tokenize, attribute, prune, features, export):
             stage.main(["--prompt-id", "p"] if stage is not features else [])
-        figures.main(["--prompt-id", "p", "--graph", "results/p/graph/p.json"])
     finally:
         os.chdir(cwd)
     return work
@@ -267,25 +266,27 @@ def test_export_stage_labels_and_feature_files_come_from_the_dashboards(stage_ru
         assert (folder / "features" / f"{l}_{f}.json").read_bytes() == feature_json_bytes(dash.feature(l, f))
 
 
-def test_figures_stage_draws_the_pruned_graph_deterministically(stage_run):
+def test_export_stage_draws_the_pruned_graph_deterministically(stage_run):
     from pipeline.figures import draw_graph, render_graph
-    from stages import figures
+    from stages import export
 
     run = stage_run / "results" / "p"
     kept = json.loads((run / "scores.json").read_text())["kept_nodes"]
     assert draw_graph(run / "graph" / "p.json").n_nodes == kept
     before = {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")}
     assert before == render_graph(run / "graph" / "p.json")
+    graph_json = (run / "graph" / "p.json").read_bytes()
     cwd = os.getcwd()
     os.chdir(stage_run)
     try:
-        figures.main(["--prompt-id", "p", "--graph", "results/p/graph/p.json"])
+        export.main(["--prompt-id", "p"])
     finally:
         os.chdir(cwd)
     assert {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")} == before
+    assert (run / "graph" / "p.json").read_bytes() == graph_json
 
 
-def test_dvc_yaml_features_export_figures_dependencies():
+def test_dvc_yaml_features_export_intervene_dependencies():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     feat = stages["features"]
     for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/dashboards.py"):
@@ -294,11 +295,11 @@ def test_dvc_yaml_features_export_figures_dependencies():
     assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
     export = stages["export"]["do"]
     assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in export["params"]
-    fig = stages["figures"]["do"]
-    graph = "results/${key}/graph/${export.slug_prefix}${key}.json"
-    assert fig["deps"][-1] == graph and fig["cmd"].endswith(f"--graph {graph}")
-    assert "params" not in fig  # a no-op repro parses params.yaml once less per prompt
-    assert fig["outs"] == ["results/${key}/graph.png", "results/${key}/graph.svg"]
+    assert "pipeline/figures.py" in export["deps"]
+    assert export["outs"] == ["results/${key}/graph", "results/${key}/graph.png", "results/${key}/graph.svg"]
+    assert "figures" not in stages  # drawn by export: one stage less per prompt for a no-op repro
+    # intervene predicts from the full target row pruned.npz carries, not from the graph store
+    assert not any("graph.zarr" in d for d in stages["intervene"]["do"]["deps"])
 
 
 # ------------------------------------------------------------------------------------ slow
