@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "conf"
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"
+#: where stages.split_params writes params.yaml split per prompt (what dvc.yaml's params name)
+PARAMS_SPLIT_DIR = "data/params"
 
 
 class ConfigError(ValueError):

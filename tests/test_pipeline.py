@@ -37,7 +37,10 @@ PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
 PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "intervene")
 AFTER_PRUNE = ("prune", "export", "intervene")  # what a pruning parameter reruns
 #: stages over all prompts: dashboards (before export) and the interventions' summary (after)
-GLOBAL = ("features", "intervene_summary")
+GLOBAL = ("split_params", "features", "intervene_summary")
+#: rerun by any change of params.yaml (cheap; its unchanged files keep the stages below idle)
+#: and by any change of prompt results, respectively
+ALWAYS = {"split_params", "intervene_summary"}
 
 
 def dvc_compose(out: Path, overrides: list[str], conf: Path = ROOT / "conf") -> str:
@@ -124,19 +127,75 @@ def test_default_prompt_set_is_the_organism_worlds():
             expected[pid]["language"], expected[pid]["tags"])
 
 
+GLOBAL_PARAMS = "data/params/global.json"
+PROMPT_PARAMS = "data/params/prompts/${key}.json"
+
+
+def stage_params(body: dict) -> dict[str, list[str]]:
+    """A stage's ``params:`` as {params file: [keys]} (a bare key is from params.yaml)."""
+    out: dict[str, list[str]] = {}
+    for entry in body.get("params", []):
+        if isinstance(entry, str):
+            out.setdefault("params.yaml", []).append(entry)
+        else:
+            for file, keys in entry.items():
+                out.setdefault(file, []).extend(keys or [])
+    return out
+
+
 def test_dvc_yaml_stage_params_exist_in_params():
-    """Every params key a stage lists resolves in params.yaml (a typo would make DVC fail)."""
+    """Every params key a stage lists resolves in params.yaml (a typo would make DVC fail), and
+    comes from split_params's file that holds it: a prompt's own keys from its prompt file,
+    the rest from global.json; only split_params (all of it) and intervene_summary (every
+    prompt) parse params.yaml itself."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stage_params(stages["split_params"]) == {"params.yaml": []}
+    assert stage_params(stages["intervene_summary"]) == {"params.yaml": ["prompts"]}
+    first = next(iter(params["prompts"]["items"]))
     for name, stage in stages.items():
         body = stage.get("do", stage)
-        keys = [k.replace("${item}", "plt").replace("${key}", next(iter(params["prompts"]["items"])))
-                for k in body.get("params", [])]
-        for key in keys:
-            node = params
-            for part in key.split("."):
-                assert isinstance(node, dict) and part in node, f"{name}: params key {key}"
-                node = node[part]
+        for file, keys in stage_params(body).items():
+            assert file in ("params.yaml", GLOBAL_PARAMS, PROMPT_PARAMS), f"{name}: {file}"
+            if name not in ("split_params", "intervene_summary"):
+                assert file != "params.yaml", f"{name} parses all of params.yaml"
+            for key in keys:
+                assert key.startswith("prompts.items.${key}.") == (file == PROMPT_PARAMS), f"{name}: {key}"
+                node = params
+                for part in key.replace("${item}", "plt").replace("${key}", first).split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: params key {key}"
+                    node = node[part]
+
+
+def test_split_params_writes_params_yaml_per_prompt_and_global(tmp_path, monkeypatch):
+    """data/params holds params.yaml's values (as every stage loads them) under the same keys:
+    global.json all but the prompts' items, prompts/<id>.json one prompt each; rewriting
+    gives the same bytes; a schema error fails before anything is written."""
+    from omegaconf import OmegaConf
+
+    from stages import split_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    split_params.main([])
+    params = OmegaConf.to_container(OmegaConf.load(tmp_path / "params.yaml"))
+    out = tmp_path / "data" / "params"
+    glob = json.loads((out / "global.json").read_text())
+    assert glob == {**params, "prompts": {"name": params["prompts"]["name"]}}
+    files = sorted(p.name for p in (out / "prompts").iterdir())
+    assert files == sorted(f"{pid}.json" for pid in params["prompts"]["items"])
+    for pid, item in params["prompts"]["items"].items():
+        assert json.loads((out / "prompts" / f"{pid}.json").read_text()) == {"prompts": {"items": {pid: item}}}
+    before = {p: p.read_bytes() for p in out.rglob("*.json")}
+    split_params.main([])
+    assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
+    bad = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    bad["pruning"]["node_threshold"] = "high"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    shutil.rmtree(out)
+    with pytest.raises(ConfigError, match="node_threshold"):
+        split_params.main([])
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir", "gpt2_adds_bos"])
@@ -185,7 +244,8 @@ def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, mo
 def test_tokenize_stage_deps_leave_out_the_transcoders():
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["do"]
     assert "${transcoders.dep}" not in body["deps"] and "pipeline/transcoders" not in body["deps"]
-    assert not any(p.startswith(("transcoders", "attribution")) for p in body["params"])
+    assert not any(p.startswith(("transcoders", "attribution"))
+                   for keys in stage_params(body).values() for p in keys)
 
 
 def test_organism_training_saves_no_wall_time(tmp_path):
@@ -291,10 +351,10 @@ def test_dvc_yaml_features_export_intervene_dependencies():
     feat = stages["features"]
     for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/dashboards.py"):
         assert dep in feat["deps"]
-    assert feat["params"] == ["features", "model", "transcoders", "runtime"]  # not attribution, pruning...
+    assert stage_params(feat) == {GLOBAL_PARAMS: ["features", "model", "transcoders", "runtime"]}  # not attribution...
     assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
     export = stages["export"]["do"]
-    assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in export["params"]
+    assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in stage_params(export)[GLOBAL_PARAMS]
     assert "pipeline/figures.py" in export["deps"]
     assert export["outs"] == ["results/${key}/graph", "results/${key}/graph.png", "results/${key}/graph.svg"]
     assert "figures" not in stages  # drawn by export: one stage less per prompt for a no-op repro
@@ -389,7 +449,7 @@ def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
     conf.write_text(conf.read_text().replace("prompt: Dallas esta en", "prompt: Dallas esta urbo en"))
     set_params(repo, [])
     proc = dvc(repo, "repro")
-    assert ran(proc) - {"intervene_summary"} == per_prompt("state_dallas_toy")
+    assert ran(proc) - ALWAYS == per_prompt("state_dallas_toy")
     restore(repo)
 
 
@@ -397,13 +457,16 @@ def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
 def test_pruning_param_reruns_prune_and_export_not_attribution(repo):
     set_params(repo, ["pruning.node_threshold=0.7"])
     proc = dvc(repo, "repro")
-    assert ran(proc) - {"intervene_summary"} == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
+    assert ran(proc) - ALWAYS == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
     restore(repo)
 
 
 @pytest.mark.slow
 def test_attribution_param_reruns_attribution(repo):
     set_params(repo, ["attribution.max_n_logits=3"])
+    changed = set(re.findall(r"^(\S+):$", dvc(repo, "status").stdout, re.M))
+    assert changed == {"split_params"}  # params.yaml changed; its split files are not rewritten yet
+    assert ran(dvc(repo, "repro", "split_params")) == {"split_params"}
     changed = set(re.findall(r"^(\S+):$", dvc(repo, "status").stdout, re.M))
     assert changed == {f"attribute@{pid}" for pid in PROMPTS}  # and nothing upstream
     pid = PROMPTS[0]
@@ -415,7 +478,7 @@ def test_attribution_param_reruns_attribution(repo):
 @pytest.mark.slow
 def test_exp_run_applies_override_through_hydra(repo):
     proc = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "pruning.edge_threshold=0.9")
-    assert ran(proc) - {"intervene_summary"} == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
+    assert ran(proc) - ALWAYS == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["pruning"]["edge_threshold"] == 0.9
     assert params["prompts"]["name"] == "organism_small"  # the whole of conf/ was composed
