@@ -55,6 +55,22 @@ def test_committed_params_equal_composition_of_conf(tmp_path):
     assert dvc_compose(tmp_path / "params.yaml", []) == (ROOT / "params.yaml").read_text()
 
 
+def test_committed_split_params_equal_the_split_of_params_yaml(tmp_path, monkeypatch):
+    """data/params is committed (a `cache: false` output, so `dvc params diff` compares it
+    with HEAD): it must be what split_params writes from the committed params.yaml."""
+    from stages import split_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    split_params.main([])
+    committed = ROOT / "data" / "params"
+    written = tmp_path / "data" / "params"
+    names = sorted(str(p.relative_to(written)) for p in written.rglob("*.json"))
+    assert names == sorted(str(p.relative_to(committed)) for p in committed.rglob("*.json"))
+    for name in names:
+        assert (written / name).read_bytes() == (committed / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("override, names", [
     ("attribution.batch_sise=3", "attribution.batch_sise"),
     ("attribution.batch_size=abc", "attribution.batch_size"),
