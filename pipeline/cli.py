@@ -54,9 +54,8 @@ def count_edges(graph) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from pipeline.attribution import attribute
-    from pipeline.replacement import ReplacementModel
-
     from pipeline.memory import release_freed_buffers
+    from pipeline.replacement import ReplacementModel
 
     release_freed_buffers()
     t0 = time.perf_counter()

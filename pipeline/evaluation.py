@@ -71,7 +71,13 @@ from pipeline.interventions import (
     load_supernodes,
     supernodes_from_config,
 )
-from pipeline.pruning import atomic_write_bytes, load_pruned_graph, prune_graph, selected_feature_table
+from pipeline.pruning import (
+    atomic_write_bytes,
+    first_logit_feature_row,
+    load_pruned_graph,
+    prune_graph,
+    selected_feature_table,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.replacement import ReplacementModel
@@ -286,18 +292,13 @@ class _Circuit:
     pruning: dict
 
 
-def _full_row(edges, feats: np.ndarray, n_f: int) -> tuple[np.ndarray, Tensor | None]:
+def _full_row(edges, feats: np.ndarray, n_f: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The first logit's edges from every feature, and its read vector, from the unpruned store."""
     efeats, _ = selected_feature_table(edges)
     if efeats.shape != feats.shape or not np.array_equal(efeats, feats):
         raise ValueError("edges: the graph store does not hold the pruned graph's features (same "
                          "prompt, model and attribution run?)")
-    cols, vals = edges.row(edges.logit_node(0))
-    edge = np.zeros(n_f)
-    sel = cols < n_f
-    edge[cols[sel]] = vals[sel]
-    vector = torch.as_tensor(edges.table("logit_vectors")[0]) if "logit_vectors" in edges.table_names else None
-    return edge, vector
+    return first_logit_feature_row(edges, n_f)
 
 
 def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
@@ -311,7 +312,7 @@ def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
         edge = np.asarray(graph.target_feature_edges, np.float64)
         if edge.shape != (n_f,):
             raise ValueError(f"the pruned graph's target_feature_edges has shape {edge.shape}, expected ({n_f},)")
-        vector = None if graph.target_vector is None else torch.as_tensor(graph.target_vector)
+        vector = graph.target_vector
     elif hasattr(graph, "result"):  # a pruned-graph artifact without it: its kept edges only
         result = graph.result
         logit0 = result.n_nodes - result.n_logits
@@ -322,16 +323,14 @@ def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
         vector = None
     else:
         result = prune_graph(graph, spec.node_threshold, spec.edge_threshold)
-        cols, vals = graph.row(graph.logit_node(0))
-        edge = np.zeros(n_f)
-        sel = cols < n_f
-        edge[cols[sel]] = vals[sel]
-        vector = torch.as_tensor(graph.table("logit_vectors")[0]) if "logit_vectors" in graph.table_names else None
+        edge, vector = first_logit_feature_row(graph, n_f)
     if graph.n_logits == 0:
         raise ValueError("the graph has no logit nodes: nothing to measure interventions against")
     token = int(graph.logit_tokens[0])
     W_U = model.W_U
-    if vector is None:
+    if vector is not None:
+        vector = torch.as_tensor(vector)
+    else:
         if token < 0:
             raise ValueError("the graph's first logit target is not a token and the graph stores no "
                              "logit vectors: evaluate the unpruned graph store instead")

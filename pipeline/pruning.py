@@ -883,6 +883,19 @@ def selected_feature_table(graph) -> tuple[np.ndarray, np.ndarray]:
     return info, acts
 
 
+def first_logit_feature_row(graph, n_features: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """From a graph store: the first logit's edge from each of the first ``n_features`` nodes
+    (the selected features), (n_features,) in the store's dtype, and the direction that logit
+    reads (d_model,), or None when the store holds no logit vectors."""
+    cols, vals = graph.row(graph.logit_node(0))
+    edge = np.zeros(n_features, dtype=np.asarray(vals).dtype)
+    sel = cols < n_features
+    edge[cols[sel]] = vals[sel]
+    has_vectors = "logit_vectors" in getattr(graph, "table_names", ())
+    vector = np.asarray(graph.table("logit_vectors")[0]) if has_vectors else None
+    return edge, vector
+
+
 def save_pruned_graph(graph, result: PruneResult, path) -> Path:
     """Write the pruned graph as a small deterministic compressed ``.npz``, atomically.
 
@@ -936,13 +949,10 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
         "metadata": np.frombuffer(meta_bytes, dtype=np.uint8),
     }
     if hasattr(graph, "row") and hasattr(graph, "logit_node") and result.n_logits > 0:
-        cols, vals = graph.row(graph.logit_node(0))
-        edge = np.zeros(result.n_features, dtype=np.asarray(vals).dtype)
-        sel = cols < result.n_features
-        edge[cols[sel]] = vals[sel]
+        edge, vector = first_logit_feature_row(graph, result.n_features)
         arrays["target_feature_edges"] = edge
-        if "logit_vectors" in getattr(graph, "table_names", ()):
-            arrays["target_vector"] = np.asarray(graph.table("logit_vectors")[0])
+        if vector is not None:
+            arrays["target_vector"] = vector
     path = Path(path)
     atomic_write_bytes(path, _npz_bytes(arrays))
     return path

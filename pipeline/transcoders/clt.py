@@ -52,13 +52,18 @@ def clt_layer_count(directory: Path) -> int:
     return len(found)
 
 
-def _get(tf: TensorFile, name: str) -> Tensor:
+def _require(tf: TensorFile, name: str) -> str:
+    """``name``, after checking ``tf`` holds it (one line naming the keys it does hold)."""
     if name not in tf:
         raise TranscoderConfigError(
             f"{str(tf.path)!r} has no tensor {name!r} (keys: {', '.join(sorted(tf.keys()))}); "
             "re-save the cross-layer transcoder"
         )
-    return tf.load(name)
+    return name
+
+
+def _get(tf: TensorFile, name: str) -> Tensor:
+    return tf.load(_require(tf, name))
 
 
 class CrossLayerTranscoder(LayeredTranscoders):
@@ -86,9 +91,8 @@ class CrossLayerTranscoder(LayeredTranscoders):
             dec_path = directory / f"W_dec_{i}.safetensors"
             enc = TensorFile(enc_path)
             dec = TensorFile(dec_path)
-            if f"W_enc_{i}" not in enc:
-                _get(enc, f"W_enc_{i}")  # raises naming the missing tensor
-            encoder = EncoderRows(enc, f"W_enc_{i}", lazy=lazy_encoder, dtype=dtype, device=device)
+            encoder = EncoderRows(enc, _require(enc, f"W_enc_{i}"), lazy=lazy_encoder, dtype=dtype,
+                                  device=device)
             b_enc = _get(enc, f"b_enc_{i}").to(device=device, dtype=dtype)
             b_dec = _get(enc, f"b_dec_{i}").to(device=device, dtype=dtype)
             if i == 0:

@@ -167,8 +167,7 @@ class LayeredTranscoders(Transcoders):
         return F.relu(pre * gate)
 
     def encoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        w = self._layer(layer)
-        return w.encoder.rows(self._features(features, torch.device("cpu")))
+        return self._layer(layer).encoder.rows(features)  # checks the ids' range
 
     def encoder_bias(self, layer: int, features: Tensor) -> Tensor:
         w = self._layer(layer)

@@ -373,6 +373,26 @@ class TensorFile:
         self._lock = threading.Lock()
 
 
+def _feature_index(features: Tensor | np.ndarray) -> np.ndarray:
+    """Feature ids as a flat int64 numpy array (from a tensor on any device, or array-like)."""
+    if isinstance(features, Tensor):
+        return features.detach().to("cpu", torch.int64).numpy().reshape(-1)
+    return np.asarray(features, dtype=np.int64).reshape(-1)
+
+
+def _check_rows(file: TensorFile, name: str, t: Tensor, features: np.ndarray | int) -> None:
+    """Rows ``t`` of tensor ``name`` hold no NaN/inf; otherwise one line naming the first bad
+    feature (row i is ``features[i]``, or feature ``features + i`` for a block from that row)."""
+    if all_finite(t):
+        return
+    bad = int((~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()[0])
+    feature = features + bad if isinstance(features, int) else int(features[bad])
+    raise TranscoderConfigError(
+        f"{str(file.path)!r}: {name} holds NaN or inf (feature {feature}); the weights are "
+        "corrupt, re-download or retrain them"
+    )
+
+
 class DecoderRows:
     """One layer's decoder, lazy (rows read from the file) or resident.
 
@@ -402,31 +422,16 @@ class DecoderRows:
             full = file.load(name).to(device=device, dtype=dtype)
             if self._plt:
                 full = full.unsqueeze(1)
-            self._check(full, None)
+            _check_rows(file, name, full, 0)
             self._resident = full
 
     @property
     def lazy(self) -> bool:
         return self._resident is None
 
-    def _check(self, t: Tensor, index: np.ndarray | None) -> None:
-        if not all_finite(t):
-            where = ""
-            if index is not None:
-                bad_rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()
-                where = f" (feature {int(index[int(bad_rows[0])])})"
-            raise TranscoderConfigError(
-                f"{str(self.file.path)!r}: {self.name} holds NaN or inf{where}; the weights are "
-                "corrupt, re-download or retrain them"
-            )
-
     def rows(self, features: Tensor | np.ndarray, out_index: int | None = None) -> Tensor:
         """(k,) feature ids -> (k, n_out, d_model), or (k, d_model) for one output slice."""
-        if isinstance(features, Tensor):
-            index = features.detach().to("cpu", torch.int64).numpy()
-        else:
-            index = np.asarray(features, dtype=np.int64)
-        index = index.reshape(-1)
+        index = _feature_index(features)
         if self._resident is not None:
             idx = torch.from_numpy(index).to(self._resident.device)
             if index.size and (index.min() < 0 or index.max() >= self._resident.shape[0]):
@@ -443,7 +448,7 @@ class DecoderRows:
             t = t.unsqueeze(1) if out_index is None else t
         else:
             t = self.file.rows(self.name, index, out_index)
-        self._check(t, index)
+        _check_rows(self.file, self.name, t, index)
         return t.to(device=self.device, dtype=self.dtype)
 
     def scan(self, chunk_rows: int = 4096) -> None:
@@ -452,9 +457,8 @@ class DecoderRows:
             return
         n = self.file.shape(self.name)[0]
         for start in range(0, n, chunk_rows):
-            index = np.arange(start, min(n, start + chunk_rows))
-            t = self.file.rows(self.name, index)
-            self._check(t, index)
+            block = self.file.row_range(self.name, start, min(n, start + chunk_rows))
+            _check_rows(self.file, self.name, block, start)
 
 
 class EncoderRows:
@@ -495,37 +499,22 @@ class EncoderRows:
             if transposed:
                 full = full.T
             full = full.to(device=device, dtype=dtype).contiguous()
-            self._check(full)
+            _check_rows(file, name, full, 0)
             self._resident = full
 
     @property
     def lazy(self) -> bool:
         return self._resident is None
 
-    def _check(self, t: Tensor, first_row: int = 0, index: np.ndarray | None = None) -> None:
-        """NaN/inf in rows ``t`` fail naming the feature (row i is feature index[i], or
-        first_row + i)."""
-        if all_finite(t):
-            return
-        bad = int((~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero()[0])
-        feature = int(index[bad]) if index is not None else first_row + bad
-        raise TranscoderConfigError(
-            f"{str(self.file.path)!r}: {self.name} holds NaN or inf (feature {feature}); the "
-            "weights are corrupt, re-download or retrain them"
-        )
-
     def rows(self, features: Tensor | np.ndarray) -> Tensor:
         """(k,) feature ids -> (k, d_model): the directions those features read."""
-        if isinstance(features, Tensor):
-            index = features.detach().to("cpu", torch.int64).numpy().reshape(-1)
-        else:
-            index = np.asarray(features, dtype=np.int64).reshape(-1)
+        index = _feature_index(features)
         if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
             raise IndexError(f"feature index out of range for d_transcoder={self.shape[0]}")
         if self._resident is not None:
             return self._resident[torch.from_numpy(index).to(self._resident.device)]
         t = self.file.rows(self.name, index)
-        self._check(t, index=index)
+        _check_rows(self.file, self.name, t, index)
         return t.to(device=self.device, dtype=self.dtype)
 
     def linear(self, x: Tensor, bias: Tensor) -> Tensor:
@@ -538,15 +527,6 @@ class EncoderRows:
         for start in range(0, n, self.block_rows):
             stop = min(n, start + self.block_rows)
             block = self.file.row_range(self.name, start, stop)
-            self._check(block, start)
-            block = block.to(device=x.device, dtype=self.dtype)
-            out[..., start:stop] = F.linear(x, block, bias[start:stop])
+            _check_rows(self.file, self.name, block, start)
+            out[..., start:stop] = F.linear(x, block.to(device=x.device, dtype=self.dtype), bias[start:stop])
         return out
-
-    def load(self) -> Tensor:
-        """The whole matrix (d_transcoder, d_model), read if lazy (not kept)."""
-        if self._resident is not None:
-            return self._resident
-        full = self.file.load(self.name).to(device=self.device, dtype=self.dtype)
-        self._check(full)
-        return full
