@@ -3,7 +3,7 @@
     python bench/attribution.py [--quick] [--workdir DIR] [--threads N] [--keep-stores]
 
 Main case (issue 4's benchmark), side by side in one run, each in its own subprocess:
-  ours   ``pipeline.attribution.attribute`` (all features, batch 256) streaming into a Zarr
+  ours   ``pipeline.engine.attribution.attribute`` (all features, batch 256) streaming into a Zarr
          store: structural zeros skipped, rows grouped by layer, backward passes truncated at
          the batch's layer.
   dense  the same computation written here with the library's pieces, the way a dense
@@ -45,7 +45,7 @@ DENSE_48GB_NODES = 109_545  # n_nodes**2 * 4 bytes >= 48e9
 def dense_rows(ff, batch, layout, sources):
     """(B, n_cols) direct effects, computed the dense way.
 
-    The same arithmetic as ``pipeline.attribution.compute_rows`` (a single-copy frozen forward
+    The same arithmetic as ``pipeline.engine.attribution.compute_rows`` (a single-copy frozen forward
     with one vmapped backward per batch, ``is_grads_batched``), except in the two respects the
     baseline exists to measure: (1) the backward pass always starts at the top of the model (``ff.unembed_in`` is
     an output, with a zero gradient unless the batch holds logit rows), so it runs through
@@ -104,7 +104,7 @@ def dense_attribution(model, prompt: str, batch_size: int) -> tuple[np.ndarray, 
     when every feature is selected)."""
     import torch
 
-    from pipeline import attribution as A
+    from pipeline.engine import attribution as A
 
     times, cpu = {}, {}
     t, c = time.perf_counter(), time.process_time()
@@ -155,7 +155,7 @@ def dense_attribution(model, prompt: str, batch_size: int) -> tuple[np.ndarray, 
 
 def compare(dense: np.ndarray, store: Path, active: np.ndarray) -> dict:
     """Compare our store (graph order) to the dense matrix, one stored batch at a time."""
-    from pipeline.graph_store import Graph
+    from pipeline.graph.store import Graph
 
     g = Graph.open(store)
     if g.n_nodes != dense.shape[0]:
@@ -190,7 +190,7 @@ def compare(dense: np.ndarray, store: Path, active: np.ndarray) -> dict:
 
 # ============================================================================ children
 def _load(params):
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.replacement import ReplacementModel
 
     t = time.perf_counter()
     model = ReplacementModel.from_pretrained(params["model_dir"], params["transcoder_dir"])
@@ -201,7 +201,7 @@ def child(params: dict) -> None:
     C.set_threads(params["threads"])
     import torch  # noqa: F401
 
-    from pipeline.attribution import attribute
+    from pipeline.engine.attribution import attribute
 
     load_start = C.loadavg()
     model, load_s = _load(params)

@@ -237,10 +237,10 @@ def worker(job_path: str) -> None:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out_dir / "result.json")
 
-    from pipeline.attribution import attribute
-    from pipeline.export import create_graph_files
-    from pipeline.pruning import prune_graph
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.attribution import attribute
+    from pipeline.analysis.export import create_graph_files
+    from pipeline.graph.pruning import prune_graph
+    from pipeline.engine.replacement import ReplacementModel
 
     t_start = time.perf_counter()
     for setup in job["setups"]:
@@ -513,7 +513,7 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
 
     # our pruning code on circuit-tracer's adjacency, and on ours with the BOS errors zeroed
     if "node_mask" in theirs and out["same_selected_features"]:
-        from pipeline.pruning import prune_graph_dense
+        from pipeline.graph.pruning import prune_graph_dense
 
         def prune_on(A, arrs):
             n_sel, n_log = len(arrs["selected_features"]), len(arrs["logit_tokens"])
@@ -595,7 +595,7 @@ def compare_json(ours_path: Path, theirs_path: Path) -> dict:
 def verify_by_intervention(setup: Setup, tokens: list[int], theirs_npz: Path, work: Path) -> dict:
     """Which side is right where the adjacency differs: intervene on the frozen model.
 
-    Uses the test suite's ``FrozenReference`` (tests/test_attribution.py: reruns the model with
+    Uses the test suite's ``FrozenReference`` (tests/engine/test_attribution.py: reruns the model with
     attention patterns, norm scales and MLP outputs patched to their clean values, plus one
     source's output vector; no gradients), in float64. For a few source columns the change of
     every target is compared with our column and with circuit-tracer's (float32).
@@ -603,11 +603,11 @@ def verify_by_intervention(setup: Setup, tokens: list[int], theirs_npz: Path, wo
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "engine"))
     import test_attribution as TA  # noqa: E402  (the test suite's reference)
 
-    from pipeline.attribution import attribute
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.attribution import attribute
+    from pipeline.engine.replacement import ReplacementModel
 
     model = ReplacementModel.from_pretrained(setup.model_dir, setup.transcoder_dir, dtype=torch.float64)
     tok = torch.tensor(tokens, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Benchmark: feature dashboards (``pipeline.dashboards``): tokens per second and peak RSS.
+"""Benchmark: feature dashboards (``pipeline.analysis.dashboards``): tokens per second and peak RSS.
 
     python bench/dashboards.py [--quick] [--threads 2] [--cases organism,gpt2small]
 
@@ -51,7 +51,7 @@ class _Timers:
     """Wall time of each compute_dashboards phase (wraps the module's phase functions)."""
 
     def __init__(self):
-        from pipeline import dashboards as D
+        from pipeline.analysis import dashboards as D
 
         self.seconds: dict[str, float] = {}
         for owner, name, label in ((D._Run, "stream", "stream"), (D._Run, "logits", "logits"),
@@ -90,8 +90,8 @@ def _organism_fixture(root: Path):
 
 
 def child_organism(params: dict) -> dict:
-    from pipeline import dashboards as D
-    from pipeline.replacement import ReplacementModel
+    from pipeline.analysis import dashboards as D
+    from pipeline.engine.replacement import ReplacementModel
 
     set_threads(params["threads"])
     world, model_dir, tc_dir = _organism_fixture(WORKDIR / "organism")
@@ -126,8 +126,8 @@ def _gpt2_corpus(n_docs: int, words: list[str]) -> list[str]:
 def child_gpt2small(params: dict) -> dict:
     from fixtures import GPT2_SMALL, build, vocab_words
 
-    from pipeline import dashboards as D
-    from pipeline.replacement import ReplacementModel
+    from pipeline.analysis import dashboards as D
+    from pipeline.engine.replacement import ReplacementModel
 
     set_threads(params["threads"])
     fx = build(GPT2_SMALL, verbose=False)

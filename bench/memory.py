@@ -43,7 +43,7 @@ def child(params: dict) -> None:
     import torch  # noqa: F401
     import transformer_lens  # noqa: F401
 
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.replacement import ReplacementModel
     from pipeline.transcoders import load_transcoders
 
     case = params["case"]

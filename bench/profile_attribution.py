@@ -27,25 +27,25 @@ from bench import fixtures as F  # noqa: E402
 
 # phase -> (path suffix of the file, function name); cumulative time of that function
 PHASES = [
-    ("attribute (total)", "pipeline/attribution.py", "attribute"),
-    ("capture (clean forward)", "pipeline/replacement.py", "capture"),
-    ("fingerprint (weight digests)", "pipeline/attribution.py", "fingerprint"),
-    ("store open/create", "pipeline/graph_store.py", "open"),
-    ("build_sources (decoder rows)", "pipeline/attribution.py", "build_sources"),
-    ("frozen_forward", "pipeline/replacement.py", "frozen_forward"),
-    ("feature_batch (encoder rows)", "pipeline/attribution.py", "feature_batch"),
-    ("compute_rows (total)", "pipeline/attribution.py", "compute_rows"),
+    ("attribute (total)", "pipeline/engine/attribution.py", "attribute"),
+    ("capture (clean forward)", "pipeline/engine/replacement.py", "capture"),
+    ("fingerprint (weight digests)", "pipeline/engine/attribution.py", "fingerprint"),
+    ("store open/create", "pipeline/graph/store.py", "open"),
+    ("build_sources (decoder rows)", "pipeline/engine/attribution.py", "build_sources"),
+    ("frozen_forward", "pipeline/engine/replacement.py", "frozen_forward"),
+    ("feature_batch (encoder rows)", "pipeline/engine/attribution.py", "feature_batch"),
+    ("compute_rows (total)", "pipeline/engine/attribution.py", "compute_rows"),
     ("  torch.autograd.grad (backward)", "torch/autograd/__init__.py", "grad"),
     ("  torch.bmm (feature effects)", "~", "<built-in method torch.bmm>"),
-    ("structural_mask", "pipeline/attribution.py", "structural_mask"),
-    ("to_csr", "pipeline/attribution.py", "to_csr"),
-    ("write_batch (store)", "pipeline/graph_store.py", "write_batch"),
-    ("  _create_array (zarr encode+write)", "pipeline/graph_store.py", "_create_array"),
-    ("  _write_bytes (tmp+fsync+rename)", "pipeline/graph_store.py", "_write_bytes"),
-    ("  _fsync_tree_dirs", "pipeline/graph_store.py", "_fsync_tree_dirs"),
-    ("  _file_digest (sha256 of chunks)", "pipeline/graph_store.py", "_file_digest"),
-    ("  _check_batch", "pipeline/graph_store.py", "_check_batch"),
-    ("finalize", "pipeline/graph_store.py", "finalize"),
+    ("structural_mask", "pipeline/engine/attribution.py", "structural_mask"),
+    ("to_csr", "pipeline/engine/attribution.py", "to_csr"),
+    ("write_batch (store)", "pipeline/graph/store.py", "write_batch"),
+    ("  _create_array (zarr encode+write)", "pipeline/graph/store.py", "_create_array"),
+    ("  _write_bytes (tmp+fsync+rename)", "pipeline/graph/store.py", "_write_bytes"),
+    ("  _fsync_tree_dirs", "pipeline/graph/store.py", "_fsync_tree_dirs"),
+    ("  _file_digest (sha256 of chunks)", "pipeline/graph/store.py", "_file_digest"),
+    ("  _check_batch", "pipeline/graph/store.py", "_check_batch"),
+    ("finalize", "pipeline/graph/store.py", "finalize"),
 ]
 
 
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     info = C.machine_info(args.threads)
     fx = F.build(spec, args.workdir)
 
-    from pipeline.attribution import attribute
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.attribution import attribute
+    from pipeline.engine.replacement import ReplacementModel
 
     model = ReplacementModel.from_pretrained(str(fx.model_dir), str(fx.transcoder_dir))
     store = args.workdir / "stores" / f"profile_{spec.name}.zarr"
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     prof.dump_stats(raw)
     stats = pstats.Stats(prof)
 
-    total = _lookup(stats, "pipeline/attribution.py", "attribute")[0]
+    total = _lookup(stats, "pipeline/engine/attribution.py", "attribute")[0]
     print(f"\nwall {wall:.1f} s (profiled); {graph.n_nodes} nodes, {graph.summary['nnz']} stored "
           f"edges, {graph.summary['n_batches']} batches; load {info['loadavg_start']} -> "
           f"{info['loadavg_end']}\n")

@@ -26,9 +26,9 @@ from bench import fixtures as F  # noqa: E402
 
 def child(params: dict) -> None:
     C.set_threads(params["threads"])
-    from pipeline.cli import count_edges
-    from pipeline.graph_store import Graph
-    from pipeline.pruning import compute_graph_scores, prune_graph
+    from pipeline.run.cli import count_edges
+    from pipeline.graph.store import Graph
+    from pipeline.graph.pruning import compute_graph_scores, prune_graph
 
     graph = Graph.open(params["store"])
     rss_open = C.current_rss_mib()

@@ -11,7 +11,7 @@ Steps, all offline and on CPU:
 2. the attribution graph of the prompt (default: ``two_hop_dallas_en`` of
    ``conf/prompts/organism.yaml``, "the capital of the state containing Dallas is");
 3. feature dashboards of the transcoders over the organism's corpus
-   (``pipeline.dashboards.compute_dashboards``; resumable, reused when already complete);
+   (``pipeline.analysis.dashboards.compute_dashboards``; resumable, reused when already complete);
 4. prune (0.8 / 0.98) and export the graph files with the dashboards' labels as ``clerp``,
    then ``export_feature_json`` for the graph's features;
 5. serve the folder (``pipeline.viewer.server``), open it in headless Chromium (Debian's
@@ -143,10 +143,10 @@ def main(argv=None) -> None:
 
     import torch
 
-    from pipeline import dashboards as D
-    from pipeline.attribution import attribute
-    from pipeline.export import create_graph_files
-    from pipeline.replacement import ReplacementModel
+    from pipeline.analysis import dashboards as D
+    from pipeline.engine.attribution import attribute
+    from pipeline.analysis.export import create_graph_files
+    from pipeline.engine.replacement import ReplacementModel
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)

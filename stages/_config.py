@@ -1,6 +1,6 @@
 """The pipeline's side of Hydra and OmegaConf: schema registration and params loading.
 
-``register_configs()`` stores the schema of ``pipeline/config.py`` in Hydra's ConfigStore
+``register_configs()`` stores the schema of ``pipeline/run/config.py`` in Hydra's ConfigStore
 as ``pipeline_schema``; ``conf/config.yaml`` lists it first in its defaults, so every
 composition (``dvc exp run``, the tests, ``compose()`` below) merges the YAML choices onto
 typed nodes: an unknown key or a value of the wrong type is a composition error naming
@@ -22,7 +22,7 @@ from typing import Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import PipelineConfig
+from pipeline.run.config import PipelineConfig
 
 SCHEMA_NAME = "pipeline_schema"
 ROOT = Path(__file__).resolve().parents[1]

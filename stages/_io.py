@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.config import RuntimeConfig
+from pipeline.run.config import RuntimeConfig
 
 #: Where the per-prompt artifacts go: results/<prompt id>/<file>. dvc.yaml spells the same paths.
 RESULTS = Path("results")

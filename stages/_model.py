@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from pipeline.config import PipelineConfig
+from pipeline.run.config import PipelineConfig
 
 
 def torch_dtype(name: str):
@@ -17,7 +17,7 @@ def torch_dtype(name: str):
 def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_encoder: bool = False):
     """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype: ``attribution.dtype``
     unless given; lazy_encoder for stages that encode once)."""
-    from pipeline.replacement import ReplacementModel
+    from pipeline.engine.replacement import ReplacementModel
     from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 
     dtype = torch_dtype(dtype or cfg.attribution.dtype)
@@ -40,7 +40,7 @@ class PromptTokenizer:
     (``boot_transformers``: the model's config, its architecture adapter, the tokenizer
     loaded with ``add_bos_token`` and normalised by ``configure_tokenizer``), and the ids come
     from the bridge's own ``to_tokens``; only the weights are never read. The tokenize stage
-    therefore depends on the model alone (tests/test_pipeline.py checks the ids are equal).
+    therefore depends on the model alone (tests/stages/test_pipeline.py checks the ids are equal).
     """
 
     def __init__(self, name: str, revision: str | None = None):
@@ -79,7 +79,7 @@ class PromptTokenizer:
 
     def tokenize(self, prompt: str):
         """Input ids (n_pos,) as ``ReplacementModel.tokenize(prompt)``, on the CPU."""
-        from pipeline.replacement import PromptError
+        from pipeline.engine.replacement import PromptError
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty: give at least one token of text")

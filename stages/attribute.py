@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from pipeline.attribution import attribute
-from pipeline.graph_store import GraphStoreMismatchError
+from pipeline.engine.attribution import attribute
+from pipeline.graph.store import GraphStoreMismatchError
 from stages._config import load_config, parse_args
 from stages._io import PARTIAL, prompt_dir, setup_torch
 from stages._model import load_replacement_model, read_tokens

@@ -8,7 +8,7 @@ feature in the pruned graph (what the viewer's node pane fetches). Serve it with
 Everything comes from the pruned graph and the features stage's dashboards store (the
 features' ``clerp`` labels: its automatic labels); the tokenizer only names the tokens.
 
-The picture is drawn from that graph JSON (``pipeline.figures``: layers bottom to top, tokens
+The picture is drawn from that graph JSON (``pipeline.analysis.figures``: layers bottom to top, tokens
 left to right, nodes sized by influence, edges coloured by sign and sized by weight, the
 prompt under it and the top logits above), for papers and CI: no browser needed, byte-identical
 for the same graph. It is part of this stage rather than a stage of its own because every
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.export import GRAPH_METADATA_FILE, create_graph_files
-from pipeline.figures import write_graph_figures
-from pipeline.pruning import load_pruned_graph
+from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files
+from pipeline.analysis.figures import write_graph_figures
+from pipeline.graph.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir
 from stages.features import store_path
@@ -70,7 +70,7 @@ def kept_features(pruned) -> list[tuple[int, int]]:
 
 
 def main(argv=None) -> None:
-    from pipeline.dashboards import Dashboards, export_feature_json
+    from pipeline.analysis.dashboards import Dashboards, export_feature_json
 
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)

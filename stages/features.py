@@ -3,7 +3,7 @@
 Streams the corpus of ``features`` (the organism world's sentences by default; a text / JSONL
 file or a Hugging Face dataset) through the replacement model and records, for every feature
 of every layer, its top activating contexts, quantile examples, firing density and histogram,
-output logits and an automatic label (``pipeline.dashboards``). One compressed Zarr store per
+output logits and an automatic label (``pipeline.analysis.dashboards``). One compressed Zarr store per
 transcoder set; the export stage takes the graphs' ``clerp`` labels and the viewer's
 per-feature files from it. Memory is bounded by the config, not the corpus; an interrupted
 run resumes from its last checkpoint (``.<name>.zarr.partial`` beside the store) and gives the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import FeaturesSpec
+from pipeline.run.config import FeaturesSpec
 from stages._config import parse_args, load_config
 from stages._io import setup_torch
 
@@ -28,7 +28,7 @@ def store_path(spec: FeaturesSpec) -> Path:
 
 
 def dashboard_config(spec: FeaturesSpec):
-    from pipeline.dashboards import DashboardConfig
+    from pipeline.analysis.dashboards import DashboardConfig
 
     return DashboardConfig(
         top_k=spec.top_k, n_quantiles=spec.n_quantiles, examples_per_quantile=spec.examples_per_quantile,
@@ -39,7 +39,7 @@ def dashboard_config(spec: FeaturesSpec):
 
 def load_corpus(spec: FeaturesSpec):
     """The corpus ``features`` names, as a re-iterable of texts."""
-    from pipeline import dashboards as D
+    from pipeline.analysis import dashboards as D
 
     if spec.source == "organism":
         return D.organism_corpus(spec.corpus, spec.n_documents)
@@ -49,7 +49,7 @@ def load_corpus(spec: FeaturesSpec):
 
 
 def main(argv=None) -> None:
-    from pipeline.dashboards import Dashboards, compute_dashboards
+    from pipeline.analysis.dashboards import Dashboards, compute_dashboards
     from stages._model import load_replacement_model
 
     args = parse_args(__doc__, argv=argv)

@@ -2,7 +2,7 @@
 
 Reads the pruned graph (results/<id>/pruned.npz, which carries the attribution's full row
 of the target logit, so the graph store is not read) and the replacement model, and runs
-``pipeline.evaluation.evaluate`` with the ``intervention`` config group and the prompt's own
+``pipeline.analysis.evaluation.evaluate`` with the ``intervention`` config group and the prompt's own
 experiments (``prompts.items.<id>.experiments``): top-k ablations against the attribution's
 prediction, faithfulness of the circuit, and the named swap / ablate / steer experiments.
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
-from pipeline.evaluation import EvaluationSpec, evaluate, write_report
-from pipeline.pruning import load_pruned_graph
+from pipeline.run.config import PipelineConfig
+from pipeline.analysis.evaluation import EvaluationSpec, evaluate, write_report
+from pipeline.graph.pruning import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir, setup_torch, write_json
 from stages._model import load_replacement_model

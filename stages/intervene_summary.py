@@ -10,7 +10,7 @@ faithfulness and mean correlations of the top-k ablations with the attribution.
 
 from __future__ import annotations
 
-from pipeline.evaluation import study_metrics
+from pipeline.analysis.evaluation import study_metrics
 from stages._config import load_config, parse_args
 from stages._io import read_json, write_json
 from stages.intervene import METRICS_DIR

@@ -3,7 +3,7 @@
 A standard-library HTTP server (``http.server.ThreadingHTTPServer``) that serves the viewer's
 own static page (``static/index.html``, ``viewer.js``, ``viewer.css``: plain JS + SVG, no build
 step, nothing fetched from the internet) and the ``.json`` files of one graph folder, as
-written by :func:`pipeline.export.create_graph_files` (``{slug}.json`` + ``graph-metadata.json``).
+written by :func:`pipeline.analysis.export.create_graph_files` (``{slug}.json`` + ``graph-metadata.json``).
 
 Routes::
 
@@ -595,7 +595,7 @@ def serve(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, open_browser:
               "graphs and overwrite their annotations", file=sys.stderr)
     if not (server.graph_dir / "graph-metadata.json").is_file():
         print(f"warning: {server.graph_dir} has no graph-metadata.json (export graphs with "
-              "pipeline.export.create_graph_files)", file=sys.stderr)
+              "pipeline.analysis.export.create_graph_files)", file=sys.stderr)
     print(f"viewer: {server.url}  (graphs in {server.graph_dir}; Ctrl-C stops)", flush=True)
     if open_browser:
         webbrowser.open(server.url)

@@ -637,7 +637,7 @@
 
   // ---------------------------------------------------------------------------------------
   // feature dashboard: GRAPH_DIR/features/<layer>_<feature>.json, the record written by
-  // pipeline.dashboards.export_feature_json (Dashboards.feature):
+  // pipeline.analysis.dashboards.export_feature_json (Dashboards.feature):
   //   {layer, feature, label, n_tokens, n_firing, density, mean_activation, max_activation,
   //    histogram: {edges: [H+1], counts: [H]},            log-spaced bins (non-empty span)
   //    top_examples: [EXAMPLE],                           best first
@@ -875,7 +875,7 @@
       if (entry.status === "none") {
         slot.append(h("div", { class: "muted fd-none" },
           `No feature dashboard: features/${key}.json is not in the graph folder `
-          + "(write it with pipeline.dashboards.export_feature_json)."));
+          + "(write it with pipeline.analysis.dashboards.export_feature_json)."));
       } else if (entry.status === "error") {
         slot.append(h("div", { class: "fd-none error" }, `Feature dashboard unreadable: ${entry.error}`));
       } else {

@@ -1,0 +1,213 @@
+"""Files a crash cannot leave half written, and the project's one JSON encoding.
+
+Every writer in the package goes through this module. A file or a directory is built beside
+its final path under a hidden temporary name (``.{name}.<random>.tmp``), flushed to disk, and
+renamed into place with ``os.replace`` (atomic on POSIX); the parent directory is then fsynced
+so the rename itself is durable. A reader therefore sees the previous complete version or the
+new complete version, never a partial one, and a killed writer leaves only a temporary name
+that :func:`remove_stale_temps` recognises.
+
+JSON files are UTF-8, ``ensure_ascii=False``, no NaN or infinity, one trailing newline; keys
+are sorted unless a format fixes their order (``sort_keys=False``), and ``indent=None`` gives
+the compact form. Content digests hash :func:`digest_json`'s encoding instead, which never
+changes: a stored fingerprint stays valid across releases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: suffix of every temporary file or directory this module creates
+TMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(path: str | os.PathLike[str]) -> str:
+    """The hidden prefix of temporaries for ``path``: ``.{name}.``."""
+    return f".{Path(path).name}."
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` (creations, renames, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every directory under ``root`` (deepest first), then ``root``'s parent."""
+    root = Path(root)
+    dirs = [Path(d) for d, _, _ in os.walk(root)]
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+    fsync_dir(root.parent)
+
+
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes | memoryview, *, sync_dir: bool = True
+) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename).
+
+    ``sync_dir=False`` leaves the parent directory's fsync to the caller (who syncs once
+    after many files). The file gets mode 0o644, whatever the umask of ``mkstemp``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`atomic_write_bytes` of ``text`` encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move directory ``tmp`` to ``target``; a previous ``target`` is moved aside first, then
+    removed, so ``target`` is always either the old or the new complete version."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory: move it away and rerun")
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".old" + TMP_SUFFIX, dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; when the block succeeds it replaces
+    ``path``. On error it is removed and ``path`` is left as it was."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a path, inside a temporary directory beside ``path``, to write a file *or* a
+    directory to; when the block succeeds it replaces ``path``. On error nothing changes."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    tmp = tmp_dir / target.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to {tmp}")
+        if tmp.is_dir():
+            fsync_tree(tmp)
+            _replace_dir(tmp, target)
+        else:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries a killed writer of ``path`` left beside it; return them."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        return []
+    stale = sorted(p for p in target.parent.glob(temp_prefix(target) + "*" + TMP_SUFFIX))
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    return stale
+
+
+# JSON
+# --------------------------------------------------------------------------------------------
+
+
+def finite_or_none(obj: Any) -> Any:
+    """A copy of ``obj`` with NaN and infinities replaced by None (JSON has no such numbers),
+    dict keys turned into strings, tuples into lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, *, sort_keys: bool = True, indent: int | None = 2) -> str:
+    """The project's JSON text of ``obj`` (see the module docstring); ``indent=None``: compact."""
+    separators = (",", ":") if indent is None else None
+    return (
+        json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False, separators=separators)
+        + "\n"
+    )
+
+
+def json_bytes(obj: Any, *, sort_keys: bool = True, indent: int | None = 2) -> bytes:
+    """:func:`json_text` encoded as UTF-8."""
+    return json_text(obj, sort_keys=sort_keys, indent=indent).encode("utf-8")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = True, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    return atomic_write_bytes(path, json_bytes(obj, sort_keys=sort_keys, indent=indent))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def digest_json(obj: Any, *, default: Callable[[Any], Any] | None = None) -> str:
+    """SHA-256 hex digest of ``obj``'s fixed hashing encoding (``json.dumps`` with sorted keys
+    and otherwise default settings): the input of every stored fingerprint."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=default).encode()).hexdigest()
+
+
+def file_digest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"sha256": hex, "size": bytes}`` of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return {"sha256": h.hexdigest(), "size": size}

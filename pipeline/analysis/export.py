@@ -1,0 +1,474 @@
+"""Graph JSON files for circuit-tracer's viewer and Neuronpedia.
+
+Mirrors ``circuit_tracer/utils/create_graph_files.py`` and the pydantic models in
+``circuit_tracer/frontend/graph_models.py`` (decoderesearch/circuit-tracer):
+
+``{slug}.json``::
+
+    {"metadata": {slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold,
+                  schema_version: 1},
+     "qParams":  {pinnedIds: [], supernodes: [], linkType: "both", clickedId: "", sg_pos: ""},
+     "nodes":    [{node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit,
+                   run_idx, reverse_ctx_idx, jsNodeId, clerp, influence, activation}, ...],
+     "links":    [{source, target, weight}, ...]}
+
+Nodes (in graph node order: features, errors, tokens, logits; only pruning survivors, and of
+those only nodes touched by a kept link plus every token and logit)::
+
+    kind     node_id                    feature       layer       ctx_idx     jsNodeId
+    feature  {layer}_{feature}_{pos}    cantor(l, f)  "{layer}"   pos         {layer}_{feature}-0
+    error    0_{layer}_{pos}            -1            "{layer}"   pos         {layer}_{pos}-0
+    token    E_{token_id}_{pos}         pos           "E"         pos         E_{token_id}-{pos}
+    logit    {L+1}_{token_id}_{P-1}     token_id      "{L+1}"     P - 1       L_{token_id}-{P-1}
+
+(L = n_layers, P = n_pos.)  ``feature_type``: "cross layer transcoder" (every feature, PLT or
+CLT, as circuit-tracer writes), "mlp reconstruction error", "embedding", "logit".
+``cantor(x, y) = (x + y)(x + y + 1)/2 + y``.  ``influence`` is the node's *cumulative* influence score from pruning (null for
+logits); ``activation`` is set for features only (null otherwise).  Logits: ``token_prob`` is
+the probability, ``is_target_logit`` is true for the first logit, ``clerp`` is
+``Output "{token}" (p={prob:.3f})``; other nodes: ``token_prob`` 0.0, ``clerp`` "" unless a
+label is given.  ``run_idx`` and ``reverse_ctx_idx`` are 0.
+
+Links: every kept edge, row-major (by target node, then source node), ``source`` = the source
+node's id, ``target`` = the target's id, ``weight`` = ``A[target, source]``.
+
+Known quirk kept for compatibility: an error node id ``0_{layer}_{pos}`` equals the id of a
+layer-0 feature whose index equals that layer number at the same position; such collisions
+are reported with a warning.
+
+Deliberate differences from circuit-tracer: when ``scan`` is a list, ``metadata.scan`` is
+``"custom-"`` + a SHA-256 digest of the joined names (circuit-tracer uses Python's salted
+``hash``, which changes between runs); when ``scan`` is a string, ``transcoder_list`` is taken
+from ``graph.attrs["transcoder_list"]`` if present (circuit-tracer: always ``[]``); float32
+values (weights, activations, probabilities) are written with their shortest float32 repr;
+``graph-metadata.json`` lists graphs sorted by slug (circuit-tracer: append order).
+
+Determinism: fixed key order, fixed float formatting, UTF-8, no timestamps - the same graph,
+pruning and labels give byte-identical files.  Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.graph.pruning import (
+    PrunedGraph,
+    PruneResult,
+    atomic_write_bytes,
+    load_pruned_graph,
+    prune_graph,
+    selected_feature_table,
+)
+
+__all__ = [
+    "FEATURE_TYPES",
+    "GRAPH_METADATA_FILE",
+    "NODE_FIELDS",
+    "SCHEMA_VERSION",
+    "build_graph_json",
+    "cantor_pairing",
+    "create_graph_files",
+    "error_node_id",
+    "feature_node_id",
+    "load_labels",
+    "logit_node_id",
+    "token_node_id",
+    "update_graph_metadata",
+]
+
+SCHEMA_VERSION = 1
+GRAPH_METADATA_FILE = "graph-metadata.json"
+DEFAULT_NODE_THRESHOLD = 0.8
+DEFAULT_EDGE_THRESHOLD = 0.98
+
+FEATURE_TYPES = {
+    "feature": "cross layer transcoder",
+    "error": "mlp reconstruction error",
+    "token": "embedding",
+    "logit": "logit",
+}
+METADATA_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt",
+                   "node_threshold", "schema_version")
+QPARAMS_FIELDS = ("pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos")
+NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
+               "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence",
+               "activation")
+LINK_FIELDS = ("source", "target", "weight")
+
+
+# --------------------------------------------------------------------------------------------
+# Ids
+# --------------------------------------------------------------------------------------------
+
+
+def cantor_pairing(x: int, y: int) -> int:
+    """``(x + y)(x + y + 1)/2 + y``: the ``feature`` field of a feature node (x = layer)."""
+    x, y = int(x), int(y)
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def feature_node_id(layer: int, feature: int, pos: int) -> str:
+    return f"{int(layer)}_{int(feature)}_{int(pos)}"
+
+
+def error_node_id(layer: int, pos: int) -> str:
+    return f"0_{int(layer)}_{int(pos)}"
+
+
+def token_node_id(token_id: int, pos: int) -> str:
+    return f"E_{int(token_id)}_{int(pos)}"
+
+
+def logit_node_id(n_layers: int, token_id: int, n_pos: int) -> str:
+    """Logit nodes sit at layer ``n_layers + 1`` and the last position ``n_pos - 1``."""
+    return f"{int(n_layers) + 1}_{int(token_id)}_{int(n_pos) - 1}"
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+def _f32(x) -> float:
+    """A float32 value as the Python float of its shortest repr (stable, compact JSON)."""
+    v = np.float32(x)
+    if not np.isfinite(v):
+        raise ValueError(f"non-finite value {v!r} cannot be written to graph JSON")
+    return float(str(v))
+
+
+def _float(x) -> float:
+    """Float64 (or float32 kept at its own precision) as a finite Python float."""
+    if isinstance(x, np.floating) and x.dtype == np.float32:
+        return _f32(x)
+    v = float(x)
+    if not np.isfinite(v):
+        raise ValueError(f"non-finite value {v!r} cannot be written to graph JSON")
+    return v
+
+
+def _token_decoder(tokenizer, graph):
+    """``(input_strings(ids) -> list[str], logit_string(id) -> str)``.
+
+    ``tokenizer``: an object with ``decode`` (called as ``decode([id])``), a mapping or a
+    sequence of token strings indexed by id, or a callable ``id -> str``.  ``None``: the
+    graph's ``attrs["prompt_tokens"]`` / ``attrs["logit_token_strings"]`` when present, else
+    ``"<id>"``.
+    """
+    attrs = getattr(graph, "attrs", {}) or {}
+    if tokenizer is None:
+        prompt_tokens = attrs.get("prompt_tokens")
+        logit_strings = attrs.get("logit_token_strings")
+
+        def inputs(ids):
+            if isinstance(prompt_tokens, Sequence) and len(prompt_tokens) == len(ids):
+                return [str(t) for t in prompt_tokens]
+            return [f"<{int(i)}>" for i in ids]
+
+        def logit(i, index):
+            if isinstance(logit_strings, Sequence) and index < len(logit_strings):
+                return str(logit_strings[index])
+            return f"<{int(i)}>"
+
+        return inputs, logit
+    if hasattr(tokenizer, "decode"):
+        one = lambda i: str(tokenizer.decode([int(i)]))  # noqa: E731
+    elif isinstance(tokenizer, (Mapping, Sequence)) and not isinstance(tokenizer, str):
+        one = lambda i: str(tokenizer[int(i)])  # noqa: E731
+    elif callable(tokenizer):
+        one = lambda i: str(tokenizer(int(i)))  # noqa: E731
+    else:
+        raise TypeError("tokenizer must have .decode, be a mapping/sequence of strings, or callable")
+    return (lambda ids: [one(i) for i in ids]), (lambda i, index: one(i))
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def _label_text(value) -> str:
+    if isinstance(value, Mapping):
+        for key in ("clerp", "label", "description", "explanation"):
+            if key in value:
+                return str(value[key])
+        raise ValueError(f"label record {value!r} has no clerp/label/description")
+    return str(value)
+
+
+def load_labels(labels) -> tuple[dict[str, str], dict[tuple[int, int], str]]:
+    """Normalise labels to ``(by node id, by (layer, feature))``.
+
+    Accepts ``None``; a path to a JSON file; a mapping whose keys are node ids (``str``) or
+    ``(layer, feature)`` tuples and whose values are strings or records with ``clerp`` /
+    ``label`` / ``description``; or a list of records with ``node_id`` or ``layer`` +
+    ``feature`` and a label field.  A JSON file holds a mapping (node ids) or such a list.
+    """
+    by_id: dict[str, str] = {}
+    by_feature: dict[tuple[int, int], str] = {}
+    if labels is None:
+        return by_id, by_feature
+    if isinstance(labels, (str, os.PathLike)):
+        with open(labels, encoding="utf-8") as f:
+            labels = json.load(f)
+    if isinstance(labels, Mapping):
+        for key, value in labels.items():
+            if isinstance(key, tuple):
+                layer, feature = key
+                by_feature[(int(layer), int(feature))] = _label_text(value)
+            else:
+                by_id[str(key)] = _label_text(value)
+    elif isinstance(labels, Sequence):
+        for rec in labels:
+            if not isinstance(rec, Mapping):
+                raise ValueError(f"label list entries must be records, got {rec!r}")
+            if "node_id" in rec:
+                by_id[str(rec["node_id"])] = _label_text(rec)
+            elif "layer" in rec and "feature" in rec:
+                by_feature[(int(rec["layer"]), int(rec["feature"]))] = _label_text(rec)
+            else:
+                raise ValueError(f"label record {rec!r} needs node_id or layer + feature")
+    else:
+        raise TypeError(f"unsupported labels {type(labels).__name__}")
+    return by_id, by_feature
+
+
+# --------------------------------------------------------------------------------------------
+# The graph JSON
+# --------------------------------------------------------------------------------------------
+
+
+def _scan_fields(graph, scan) -> tuple[str, list[str]]:
+    attrs = getattr(graph, "attrs", {}) or {}
+    if scan is None:
+        scan = attrs.get("scan")
+    if scan is None:
+        raise ValueError(
+            "Neither scan nor graph.attrs['scan'] is set: one must identify which transcoders "
+            "were used to create the graph."
+        )
+    if isinstance(scan, (list, tuple)):
+        names = [str(s) for s in scan]
+        digest = hashlib.sha256("-".join(names).encode("utf-8")).hexdigest()[:16]
+        return f"custom-{digest}", names
+    return str(scan), [str(s) for s in attrs.get("transcoder_list", []) or []]
+
+
+def _node(node_id, feature, layer, ctx_idx, kind, *, js, token_prob=0.0, is_target=False,
+          clerp="", influence=None, activation=None) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "feature": int(feature),
+        "layer": str(layer),
+        "ctx_idx": int(ctx_idx),
+        "feature_type": FEATURE_TYPES[kind],
+        "token_prob": token_prob,
+        "is_target_logit": bool(is_target),
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": js,
+        "clerp": clerp,
+        "influence": influence,
+        "activation": activation,
+    }
+
+
+def _resolve_pruned(graph, pruned, node_threshold, edge_threshold):
+    if isinstance(pruned, (str, os.PathLike)):
+        pruned = load_pruned_graph(pruned)
+    if isinstance(pruned, PrunedGraph):
+        if graph is None:
+            graph = pruned
+        pruned = pruned.result
+    if graph is None:
+        raise ValueError("graph is None: pass a graph, or pruned= a saved pruned graph")
+    if pruned is None:
+        pruned = prune_graph(
+            graph,
+            DEFAULT_NODE_THRESHOLD if node_threshold is None else node_threshold,
+            DEFAULT_EDGE_THRESHOLD if edge_threshold is None else edge_threshold,
+        )
+    if not isinstance(pruned, PruneResult):
+        raise TypeError(f"pruned must be a PruneResult, PrunedGraph or path, got {type(pruned)}")
+    for name, given, used in (("node_threshold", node_threshold, pruned.node_threshold),
+                              ("edge_threshold", edge_threshold, pruned.edge_threshold)):
+        if given is not None and float(given) != float(used):
+            raise ValueError(f"{name}={given} but the given pruning used {used}")
+    if pruned.n_nodes != int(graph.n_nodes) or pruned.n_features != int(graph.n_selected):
+        raise ValueError("the pruning result does not belong to this graph (node counts differ)")
+    return graph, pruned
+
+
+def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, labels=None,
+                     scan=None) -> dict[str, Any]:
+    """The graph JSON as a dict (see the module docstring)."""
+    n_layers, n_pos = int(graph.n_layers), int(graph.n_pos)
+    n_features, n_logits = pruned.n_features, pruned.n_logits
+    error_end = n_features + n_layers * n_pos
+    token_end = error_end + n_pos
+    input_tokens = np.asarray(graph.input_tokens, dtype=np.int64)
+    logit_tokens = np.asarray(graph.logit_tokens, dtype=np.int64)
+    logit_probs = np.asarray(graph.logit_probabilities)
+    info, acts = selected_feature_table(graph)
+    decode_inputs, decode_logit = _token_decoder(tokenizer, graph)
+    by_id, by_feature = load_labels(labels)
+    scan_name, transcoder_list = _scan_fields(graph, scan)
+    cumulative = np.asarray(pruned.cumulative_scores, dtype=np.float64)
+
+    nodes: dict[int, dict[str, Any]] = {}
+    for idx in np.flatnonzero(pruned.node_mask).tolist():
+        if idx < n_features:
+            layer, pos, feat = (int(v) for v in info[idx])
+            nid = feature_node_id(layer, feat, pos)
+            node = _node(nid, cantor_pairing(layer, feat), layer, pos, "feature",
+                         js=f"{layer}_{feat}-0", influence=_float(cumulative[idx]),
+                         activation=_float(acts[idx]),
+                         clerp=by_id.get(nid, by_feature.get((layer, feat), "")))
+        elif idx < error_end:
+            layer, pos = divmod(idx - n_features, n_pos)
+            nid = error_node_id(layer, pos)
+            node = _node(nid, -1, layer, pos, "error", js=f"{layer}_{pos}-0",
+                         influence=_float(cumulative[idx]), clerp=by_id.get(nid, ""))
+        elif idx < token_end:
+            pos = idx - error_end
+            tok = int(input_tokens[pos])
+            nid = token_node_id(tok, pos)
+            node = _node(nid, pos, "E", pos, "token", js=f"E_{tok}-{pos}",
+                         influence=_float(cumulative[idx]), clerp=by_id.get(nid, ""))
+        else:
+            i = idx - token_end
+            tok = int(logit_tokens[i])
+            prob = _float(logit_probs[i])
+            nid = logit_node_id(n_layers, tok, n_pos)
+            text = decode_logit(tok, i)
+            node = _node(nid, tok, n_layers + 1, n_pos - 1, "logit", js=f"L_{tok}-{n_pos - 1}",
+                         token_prob=prob, is_target=i == 0,
+                         clerp=by_id.get(nid, f'Output "{text}" (p={prob:.3f})'))
+        nodes[idx] = node
+
+    ids: dict[str, int] = {}
+    collisions = []
+    for idx, node in nodes.items():
+        if node["node_id"] in ids:
+            collisions.append(node["node_id"])
+        ids[node["node_id"]] = idx
+    if collisions:
+        warnings.warn(f"graph {slug!r}: node ids shared by two nodes (circuit-tracer's id "
+                      f"format): {sorted(set(collisions))[:10]}", stacklevel=3)
+
+    targets, sources, weights = pruned.kept_edges()
+    links, used = [], set()
+    for t, s, w in zip(targets.tolist(), sources.tolist(), weights):
+        if t in nodes and s in nodes:
+            links.append({"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
+                          "weight": _float(w)})
+            used.update((t, s))
+    used_nodes = [node for idx, node in nodes.items()
+                  if idx in used or node["feature_type"] in ("embedding", "logit")]
+
+    prompt_tokens = decode_inputs(input_tokens.tolist())
+    prompt = (getattr(graph, "attrs", {}) or {}).get("prompt")
+    if prompt is None:  # attributed from token ids: the decoded tokens are the prompt
+        prompt = "".join(prompt_tokens)
+    metadata = {
+        "slug": slug,
+        "scan": scan_name,
+        "transcoder_list": transcoder_list,
+        "prompt_tokens": prompt_tokens,
+        "prompt": str(prompt),
+        "node_threshold": float(pruned.node_threshold),
+        "schema_version": SCHEMA_VERSION,
+    }
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
+               "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": used_nodes, "links": links}
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _check_slug(slug: str) -> None:
+    if (not isinstance(slug, str) or not slug or slug in (".", "..") or "/" in slug
+            or "\\" in slug or slug.startswith(".") or "\x00" in slug):
+        raise ValueError(f"invalid slug {slug!r}: it names a file in output_dir")
+
+
+@contextlib.contextmanager
+def _locked(output_dir: Path):
+    lock_path = output_dir / f".{GRAPH_METADATA_FILE}.lock"
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def update_graph_metadata(output_dir, metadata: Mapping[str, Any]) -> Path:
+    """Add or replace (by slug) one graph's metadata in ``output_dir/graph-metadata.json``.
+
+    ``{"graphs": [metadata, ...]}`` sorted by slug; read-modify-write under an exclusive
+    ``flock`` (parallel exports into one folder are safe), written atomically.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / GRAPH_METADATA_FILE
+    entry = {k: metadata[k] for k in METADATA_FIELDS if k in metadata}
+    with _locked(output_dir):
+        graphs = []
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+            if not isinstance(doc, dict) or not isinstance(doc.get("graphs"), list):
+                raise ValueError(f"{path} is not a graph-metadata index ({{'graphs': [...]}})")
+            graphs = [g for g in doc["graphs"] if g.get("slug") != entry["slug"]]
+        graphs.append(entry)
+        graphs.sort(key=lambda g: str(g.get("slug")))
+        atomic_write_bytes(path, _json_bytes({"graphs": graphs}))
+    return path
+
+
+def create_graph_files(
+    graph,
+    slug: str,
+    output_dir,
+    node_threshold: float | None = None,
+    edge_threshold: float | None = None,
+    *,
+    tokenizer=None,
+    labels=None,
+    pruned=None,
+    scan=None,
+) -> Path:
+    """Write ``output_dir/{slug}.json`` and update ``output_dir/graph-metadata.json``.
+
+    ``graph``: a graph-store ``Graph`` (or anything with its protocol), or ``None`` when
+    ``pruned`` is a saved pruned graph (which carries everything export needs).
+    ``pruned``: ``None`` (prune here with ``node_threshold`` / ``edge_threshold``, defaults 0.8
+    / 0.98), a :class:`~pipeline.graph.pruning.PruneResult`, a
+    :class:`~pipeline.graph.pruning.PrunedGraph` or the path of one; thresholds given together with
+    a pruning result must equal the ones it used.  ``tokenizer``: see :func:`_token_decoder`.
+    ``labels``: see :func:`load_labels` (become the nodes' ``clerp``).  ``scan``: overrides
+    ``graph.attrs["scan"]``; a list of transcoder names gives ``transcoder_list``.
+    Returns the graph JSON's path.
+    """
+    _check_slug(slug)
+    graph, result = _resolve_pruned(graph, pruned, node_threshold, edge_threshold)
+    doc = build_graph_json(graph, slug, result, tokenizer=tokenizer, labels=labels, scan=scan)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{slug}.json"
+    atomic_write_bytes(path, _json_bytes(doc))
+    update_graph_metadata(output_dir, doc["metadata"])
+    return path

@@ -1,0 +1,317 @@
+"""``circuit-pipeline``: the command line.
+
+Subcommands call library functions; they parse arguments and print where results are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _add_attribution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-n-logits", type=int, default=10)
+    p.add_argument("--desired-logit-prob", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--update-interval", type=int, default=4)
+    p.add_argument("--zero-bos-errors", action="store_true",
+                   help="no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)")
+    p.add_argument(
+        "--logit-target",
+        action="append",
+        default=None,
+        metavar="TOKEN[,TOKEN]",
+        help="a token to attribute from (repeatable); 'A,B' attributes the difference A - B",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _logit_targets(values: list[str] | None):
+    if not values:
+        return None
+    return [tuple(v.split(",", 1)) if "," in v else v for v in values]
+
+
+def count_edges(graph) -> int:
+    """Stored edges among the graph's nodes, counted one row batch at a time."""
+    return sum(block.nnz for _, block in graph.iter_row_blocks())
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from pipeline.engine.attribution import attribute
+    from pipeline.memory import release_freed_buffers
+    from pipeline.engine.replacement import ReplacementModel
+
+    release_freed_buffers()
+    t0 = time.perf_counter()
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype],
+                                             lazy_encoder=True)  # attribution encodes once
+    graph = attribute(
+        args.prompt,
+        model,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes,
+        update_interval=args.update_interval,
+        logit_targets=_logit_targets(args.logit_target),
+        zero_bos_errors=args.zero_bos_errors,
+        store=args.out,
+        verbose=not args.quiet,
+    )
+    print(
+        f"graph: {args.out}  nodes={graph.n_nodes} edges={count_edges(graph)} "
+        f"wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a tiny GPT-2 and transcoders, then attribute a prompt: a smoke run of the engine."""
+    from pipeline import testing
+    from pipeline.engine.attribution import attribute
+    from pipeline.engine.replacement import ReplacementModel
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = testing.make_tiny_gpt2(out / "model", n_layers=4, d_model=64, n_heads=4, n_ctx=64)
+    tc_dir = testing.make_random_plt(
+        out / "transcoders", n_layers=4, d_model=64, d_transcoder=512, activation="jump_relu", skip=True
+    )
+    model = ReplacementModel.from_pretrained(model_dir, tc_dir)
+    words = testing.vocabulary_words(model_dir)[:12]
+    prompt = " ".join(words)
+    t0 = time.perf_counter()
+    graph = attribute(prompt, model, batch_size=64, store=out / "graph.zarr", verbose=not args.quiet)
+    print(
+        f"demo graph of {prompt!r}: {out / 'graph.zarr'}  nodes={graph.n_nodes} "
+        f"edges={count_edges(graph)} wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the graph viewer for the graph JSON files of a folder (see pipeline.viewer.server)."""
+    from pipeline.viewer.server import serve
+
+    return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Feature dashboards of every transcoder feature from a corpus (see pipeline.analysis.dashboards)."""
+    from pipeline.analysis import dashboards as D
+    from pipeline.engine.replacement import ReplacementModel
+
+    if args.corpus:
+        corpus = D.read_corpus(args.corpus, field=args.field)
+    elif args.hf_dataset:
+        corpus = D.hf_dataset_corpus(args.hf_dataset, args.split, args.field, config=args.hf_config)
+    else:
+        corpus = D.organism_corpus(args.world, args.n_documents)
+    cfg = D.DashboardConfig(
+        top_k=args.top_k, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
+        seq_len=args.seq_len, n_quantiles=args.n_quantiles, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    t0 = time.perf_counter()
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype])
+    out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet,
+                               overwrite=args.overwrite)
+    dash = D.Dashboards.open(out)
+    print(
+        f"dashboards: {out}  layers={dash.n_layers} features={dash.d_transcoder} "
+        f"tokens={dash.n_tokens} wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
+    )
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Run a prompt set as a batch study on a launcher (see pipeline.run.study)."""
+    from pipeline.run.prompt_sets import load_prompt_set
+    from pipeline.run.study import StudySettings, conf_choice, load_launcher, run_study, study_overrides
+
+    # Hydra-style words (prompts=capitals launcher=submitit_slurm ...) fill what no flag gives
+    words = study_overrides(args.overrides)
+    for name in ("prompts", "launcher", "model", "transcoders", "out"):
+        if getattr(args, name) is not None and name in words:
+            raise ValueError(f"{name} given twice (--{name} and {name}=)")
+    organism = conf_choice("model", "organism")
+    prompts = args.prompts or words.get("prompts")
+    if prompts is None:
+        raise ValueError("give the prompt set: --prompts FILE_OR_SET (or prompts=NAME)")
+    prompt_set = load_prompt_set(prompts)
+    model = args.model or words.get("model") or organism["model"]
+    transcoders = args.transcoders or words.get("transcoders") or conf_choice(
+        "transcoders", organism["transcoders"] or "organism_plt")["transcoders"]
+    out = args.out or words.get("out") or str(Path("studies") / prompt_set.name)
+    launcher_name = args.launcher or words.get("launcher") or "local"
+    opts = [*words.get("launcher_opts", []), *(args.launcher_opt or [])]
+    overrides = list(opts)
+    if args.jobs is not None:
+        overrides.append(f"jobs={args.jobs}")
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    launcher = load_launcher(launcher_name, overrides)
+    settings = StudySettings(
+        model=model, transcoders=transcoders, dtype=args.dtype, max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes, update_interval=args.update_interval,
+        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, scan=args.scan,
+        model_revision=words.get("model_revision"), transcoders_revision=words.get("transcoders_revision"),
+    )
+    only = [i for i in args.only.split(",") if i] if args.only else None
+    # the same study, spelled out: the rerun command of the failed prompts appends --only
+    command = ["circuit-pipeline", "study", "--prompts", prompts, "--model", model, "--transcoders", transcoders,
+               "--out", out, "--launcher", launcher_name]
+    for flag in ("jobs", "graphs", "threads", "scan", "max_feature_nodes"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for opt in opts:
+        command += ["--launcher-opt", opt]
+    for flag, default in (("node_threshold", 0.8), ("edge_threshold", 0.98), ("max_n_logits", 10),
+                          ("desired_logit_prob", 0.95), ("batch_size", 256), ("update_interval", 4),
+                          ("dtype", "float32")):
+        if getattr(args, flag) != default:
+            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    result = run_study(prompt_set, settings, out, launcher, graphs_dir=args.graphs, only=only,
+                       command=command, progress=not args.quiet)
+    print(f"study: {Path(out) / 'study.json'}  graphs: {Path(out) / 'viewer'} "
+          f"(circuit-pipeline serve {Path(out) / 'viewer'})")
+    return 1 if result.failed else 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    """Recurring features, the union task circuit and figures of a study (see pipeline.analysis.aggregate)."""
+    from pipeline.analysis.aggregate import aggregate_study
+
+    out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"
+    agg = aggregate_study(args.study_dir, out, align=args.align, min_prompts=args.min_prompts, top=args.top,
+                          labels=args.labels, figures_dir=args.figures_dir, figures=not args.no_figures,
+                          group_by=args.group_by)
+    top = agg["features"][:5]
+    print(f"aggregate of {agg['n_prompts']} prompts: {out / 'aggregate.json'}  task circuit "
+          f"{out / 'graph'} ({agg['task_circuit']['nodes']} nodes, {agg['task_circuit']['links']} links)")
+    for r in top:
+        print(f"  L{r['layer']} F{r['feature']}: {r['n_prompts']}/{agg['n_prompts']} prompts, mean influence "
+              f"{r['mean_influence']:.3g}  {r['label']}".rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="circuit-pipeline", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attribute", help="compute the attribution graph of one prompt")
+    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="graph store to write (Zarr directory)")
+    _add_attribution_args(p)
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("demo", help="attribute a prompt on a tiny built-in model (no downloads)")
+    p.add_argument("--out", default="demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="open exported graph JSON files in the local viewer")
+    p.add_argument("graph_dir", help="folder with graph-metadata.json and {slug}.json files")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("features", help="compute feature dashboards (top examples, logits, labels) from a corpus")
+    p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="local corpus: .txt (one document per line) or .jsonl")
+    src.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets` and the hub)")
+    src.add_argument("--world", help="the organism's world.json: use its corpus (World.corpus)")
+    p.add_argument("--field", default="text", help="text field of .jsonl / dataset records")
+    p.add_argument("--split", default="train", help="dataset split (--hf-dataset)")
+    p.add_argument("--hf-config", default=None, help="dataset config name (--hf-dataset)")
+    p.add_argument("--n-documents", type=int, default=4096, help="sentences drawn from --world")
+    p.add_argument("--out", required=True, help="dashboards store to write (Zarr directory)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(n_ctx, 128))")
+    p.add_argument("--n-quantiles", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dashboards store")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("study", help="run a prompt set (batch study) on local processes, SLURM or Ray")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra-style: prompts=capitals launcher=submitit_slurm launcher.slurm.partition=gpu "
+                        "model=<conf/model choice> transcoders=<conf/transcoders choice> out=DIR")
+    p.add_argument("--prompts", default=None, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
+    p.add_argument("--model", default=None, help="Hugging Face model name or local directory (default: the organism)")
+    p.add_argument("--transcoders", default=None, help="transcoder directory or HF repo id (default: the model's)")
+    p.add_argument("--out", default=None, help="study folder (study.json, viewer/, graphs/); default studies/<set>")
+    p.add_argument("--launcher", default=None, help="conf/launcher choice: sequential, local (default), "
+                   "submitit_local, submitit_slurm, ray (or a launcher .yaml file)")
+    p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
+    p.add_argument("--launcher-opt", action="append", metavar="KEY=VALUE",
+                   help="launcher setting, repeatable (e.g. slurm.partition=gpu, prompts_per_job=4)")
+    p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
+    p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
+    p.add_argument("--node-threshold", type=float, default=0.8)
+    p.add_argument("--edge-threshold", type=float, default=0.98)
+    p.add_argument("--scan", default=None, help="transcoder set name in graph JSON (default: the source)")
+    p.add_argument("--max-n-logits", type=int, default=10)
+    p.add_argument("--desired-logit-prob", type=float, default=0.95)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-feature-nodes", type=int, default=None)
+    p.add_argument("--update-interval", type=int, default=4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (overrides the launcher's)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("aggregate", help="recurring features, union task circuit and figures of a study")
+    p.add_argument("study_dir", help="a study folder (with study.json)")
+    p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/aggregate)")
+    p.add_argument("--align", choices=["end", "start"], default="end", help="align positions at the prompt's end or start")
+    p.add_argument("--min-prompts", type=int, default=1, help="task circuit: features in at least this many prompts")
+    p.add_argument("--top", type=int, default=30, help="features in the heatmap")
+    p.add_argument("--labels", default=None, help="feature labels: a dashboards store or a labels JSON file")
+    p.add_argument("--figures-dir", default=None, help="where figures go (default OUT/figures)")
+    p.add_argument("--group-by", default=None, metavar="TAG", help="order the heatmap's prompts by this tag (e.g. state)")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""The DVC + Hydra pipeline, with real DVC and Hydra.
+
+Fast tests check the configuration: the committed params.yaml is DVC's composition of conf/,
+bad overrides fail at composition naming the key, the schema mirrors the library's config
+classes, the default prompt set is the organism world's. Slow tests build a temporary git
+repository holding conf/, stages/, pipeline/ and dvc.yaml, compose the tiny configuration
+(``experiment=tiny``: a tiny organism, three prompts) and run ``dvc`` in subprocesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dvc.utils.hydra import compose_and_dump  # noqa: E402
+
+from pipeline.run import config as schema  # noqa: E402
+from stages._config import ConfigError, load_config, register_configs  # noqa: E402
+
+TINY = ["experiment=tiny"]
+PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
+PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "intervene")
+AFTER_PRUNE = ("prune", "export", "intervene")  # what a pruning parameter reruns
+#: stages over all prompts: dashboards (before export) and the interventions' summary (after)
+GLOBAL = ("split_params", "features", "intervene_summary")
+#: rerun by any change of params.yaml (cheap; its unchanged files keep the stages below idle)
+#: and by any change of prompt results, respectively
+ALWAYS = {"split_params", "intervene_summary"}
+
+
+def dvc_compose(out: Path, overrides: list[str], conf: Path = ROOT / "conf") -> str:
+    """Compose exactly as ``dvc exp run`` does (DVC's own function), return the text."""
+    register_configs()  # the plugin scan imports it only once per process
+    compose_and_dump(out, str(conf), None, "config", str(conf.parent / "stages"), overrides)
+    return out.read_text()
+
+
+# ------------------------------------------------------------------------------------ fast
+def test_committed_params_equal_composition_of_conf(tmp_path):
+    assert dvc_compose(tmp_path / "params.yaml", []) == (ROOT / "params.yaml").read_text()
+
+
+def test_committed_split_params_equal_the_split_of_params_yaml(tmp_path, monkeypatch):
+    """data/params is committed (a `cache: false` output, so `dvc params diff` compares it
+    with HEAD): it must be what split_params writes from the committed params.yaml."""
+    from stages import split_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    split_params.main([])
+    committed = ROOT / "data" / "params"
+    written = tmp_path / "data" / "params"
+    names = sorted(str(p.relative_to(written)) for p in written.rglob("*.json"))
+    assert names == sorted(str(p.relative_to(committed)) for p in committed.rglob("*.json"))
+    for name in names:
+        assert (written / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("override, names", [
+    ("attribution.batch_sise=3", "attribution.batch_sise"),
+    ("attribution.batch_size=abc", "attribution.batch_size"),
+    ("pruning.node_threshold=high", "pruning.node_threshold"),
+    ("prompts=no_such_set", "prompts/no_such_set"),
+    ("model=no_such_model", "model/no_such_model"),
+    ("transcoders=no_such_set", "transcoders/no_such_set"),
+])
+def test_bad_override_fails_at_composition_naming_the_key(tmp_path, override, names):
+    with pytest.raises(Exception) as info:
+        dvc_compose(tmp_path / "params.yaml", [override])
+    text = " ".join(str(e) for e in _chain(info.value))
+    assert names in text
+    assert not (tmp_path / "params.yaml").exists()
+
+
+def _chain(exc):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def test_added_unknown_key_fails_when_a_stage_loads_it(tmp_path):
+    # `+key=value` asks Hydra to add a key; the schema then refuses it at load time
+    path = tmp_path / "params.yaml"
+    dvc_compose(path, ["+attribution.batch_sise=3"])
+    with pytest.raises(ConfigError, match="batch_sise"):
+        load_config(path)
+
+
+def test_real_model_choice_brings_its_transcoders(tmp_path):
+    cfg = yaml.safe_load(dvc_compose(tmp_path / "p.yaml", ["model=gemma-2-2b"]))
+    assert cfg["transcoders"]["source"] == "mntss/gemma-scope-transcoders"
+    cfg = yaml.safe_load(dvc_compose(tmp_path / "p.yaml", ["model=gemma-2-2b", "transcoders=gemma_clt_426k"]))
+    assert cfg["transcoders"]["source"] == "mntss/clt-gemma-2-2b-426k"
+
+
+def test_missing_required_value_is_named_when_loaded(tmp_path):
+    path = tmp_path / "params.yaml"
+    dvc_compose(path, ["transcoders=local"])
+    with pytest.raises(ConfigError, match="transcoders.source"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("part", ["world", "model", "train", "plt", "clt"])
+def test_organism_schema_and_default_conf_follow_the_library(part):
+    """Same fields as the library's configs (``threads`` comes from runtime.threads); the
+    schema's defaults and conf/organism/default.yaml are the library's defaults
+    (``pipeline.organism.OrganismConfig``)."""
+    from pipeline.organism import OrganismConfig
+
+    lib = dataclasses.asdict(getattr(OrganismConfig(), part))
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in lib.items() if k != "threads"}
+    assert dataclasses.asdict(getattr(schema.OrganismSpec(), part)) == expected
+    composed = load_config(ROOT / "params.yaml").organism
+    assert dataclasses.asdict(getattr(composed, part)) == expected
+
+
+def test_default_prompt_set_is_the_organism_worlds():
+    from pipeline.organism.world import make_world
+    from stages.organism_world import world_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    world = make_world(world_config(cfg.organism.world))
+    expected = {p["id"]: p for p in world.prompt_set()}
+    assert list(cfg.prompts.items) == list(expected)
+    for pid, p in cfg.prompts.items.items():
+        assert (p.prompt, p.answer, p.kind, p.language, p.tags) == (
+            expected[pid]["prompt"], expected[pid]["answer"], expected[pid]["kind"],
+            expected[pid]["language"], expected[pid]["tags"])
+
+
+GLOBAL_PARAMS = "data/params/global.json"
+PROMPT_PARAMS = "data/params/prompts/${key}.json"
+
+
+def stage_params(body: dict) -> dict[str, list[str]]:
+    """A stage's ``params:`` as {params file: [keys]} (a bare key is from params.yaml)."""
+    out: dict[str, list[str]] = {}
+    for entry in body.get("params", []):
+        if isinstance(entry, str):
+            out.setdefault("params.yaml", []).append(entry)
+        else:
+            for file, keys in entry.items():
+                out.setdefault(file, []).extend(keys or [])
+    return out
+
+
+def test_dvc_yaml_stage_params_exist_in_params():
+    """Every params key a stage lists resolves in params.yaml (a typo would make DVC fail), and
+    comes from split_params's file that holds it: a prompt's own keys from its prompt file,
+    the rest from global.json; only split_params (all of it) and intervene_summary (every
+    prompt) parse params.yaml itself."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stage_params(stages["split_params"]) == {"params.yaml": []}
+    assert stage_params(stages["intervene_summary"]) == {"params.yaml": ["prompts"]}
+    first = next(iter(params["prompts"]["items"]))
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        for file, keys in stage_params(body).items():
+            assert file in ("params.yaml", GLOBAL_PARAMS, PROMPT_PARAMS), f"{name}: {file}"
+            if name not in ("split_params", "intervene_summary"):
+                assert file != "params.yaml", f"{name} parses all of params.yaml"
+            for key in keys:
+                assert key.startswith("prompts.items.${key}.") == (file == PROMPT_PARAMS), f"{name}: {key}"
+                node = params
+                for part in key.replace("${item}", "plt").replace("${key}", first).split("."):
+                    assert isinstance(node, dict) and part in node, f"{name}: params key {key}"
+                    node = node[part]
+
+
+def test_split_params_writes_params_yaml_per_prompt_and_global(tmp_path, monkeypatch):
+    """data/params holds params.yaml's values (as every stage loads them) under the same keys:
+    global.json all but the prompts' items, prompts/<id>.json one prompt each; rewriting
+    gives the same bytes; a schema error fails before anything is written."""
+    from omegaconf import OmegaConf
+
+    from stages import split_params
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    split_params.main([])
+    params = OmegaConf.to_container(OmegaConf.load(tmp_path / "params.yaml"))
+    out = tmp_path / "data" / "params"
+    glob = json.loads((out / "global.json").read_text())
+    assert glob == {**params, "prompts": {"name": params["prompts"]["name"]}}
+    files = sorted(p.name for p in (out / "prompts").iterdir())
+    assert files == sorted(f"{pid}.json" for pid in params["prompts"]["items"])
+    for pid, item in params["prompts"]["items"].items():
+        assert json.loads((out / "prompts" / f"{pid}.json").read_text()) == {"prompts": {"items": {pid: item}}}
+    before = {p: p.read_bytes() for p in out.rglob("*.json")}
+    split_params.main([])
+    assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
+    bad = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    bad["pruning"]["node_threshold"] = "high"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    shutil.rmtree(out)
+    with pytest.raises(ConfigError, match="node_threshold"):
+        split_params.main([])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir", "gpt2_adds_bos"])
+def test_tokenize_stage_tokenizer_gives_the_replacement_models_ids(fixture, request, plt_dir, tmp_path):
+    """The tokenize stage reads only the tokenizer and config, yet gives the ids (BOS handling,
+    errors) of ``ReplacementModel.tokenize``, for tokenizers that add BOS and ones that do not."""
+    from pipeline import testing
+    from pipeline.engine.replacement import PromptError, ReplacementModel
+    from stages._model import PromptTokenizer
+
+    if fixture == "gpt2_adds_bos":
+        model_dir = testing.make_tiny_gpt2(tmp_path / "gpt2_bos", n_layers=2, d_model=16, tokenizer_adds_bos=True)
+    else:
+        model_dir = request.getfixturevalue(fixture)
+    tok = PromptTokenizer(str(model_dir))
+    model = ReplacementModel.from_pretrained(model_dir, plt_dir)
+    for prompt in ("the a of is in and", "the", " river  lake "):
+        assert tok.tokenize(prompt).tolist() == model.tokenize(prompt).cpu().tolist()
+    assert tok.tokenize("the")[0].item() == model.tokenizer.bos_token_id
+    assert tok.n_ctx == model.n_ctx
+    for bad in ("", "   ", "the " * model.n_ctx):
+        with pytest.raises(PromptError):
+            tok.tokenize(bad)
+
+
+def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """No transcoders on disk: the stage still writes the tokens (it never loads them)."""
+    from safetensors.torch import load_file
+
+    from stages import tokenize
+
+    text = (ROOT / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["model"].update(name=str(tiny_gpt2_dir), dep=str(tiny_gpt2_dir))
+    params["transcoders"].update(source=str(tmp_path / "absent"), dep=str(tmp_path / "absent"))
+    params["prompts"]["items"] = {"p": {"prompt": "the river"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    tokenize.main(["--prompt-id", "p"])
+    from stages._model import PromptTokenizer
+
+    expected = PromptTokenizer(str(tiny_gpt2_dir)).tokenize("the river").tolist()
+    assert load_file("results/p/tokens.safetensors")["tokens"].tolist() == expected and len(expected) == 3
+
+
+def test_tokenize_stage_deps_leave_out_the_transcoders():
+    body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["do"]
+    assert "${transcoders.dep}" not in body["deps"] and "pipeline/transcoders" not in body["deps"]
+    assert not any(p.startswith(("transcoders", "attribution"))
+                   for keys in stage_params(body).values() for p in keys)
+
+
+def test_organism_training_saves_no_wall_time(tmp_path):
+    """Same params -> byte-identical outputs: the wall time is returned (the stages log it) but
+    never written into a saved metrics.json."""
+    import json
+
+    from pipeline.organism import ModelConfig, TrainConfig, TranscoderTrainConfig, train_model, train_plt
+    from pipeline.organism.world import WorldConfig, make_world
+
+    world = make_world(WorldConfig(n_states=2, cities_per_state=3, held_out_per_state=1, seed=1))
+    m = train_model(world, ModelConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=16),
+                    TrainConfig(steps=3, batch_size=8, warmup_steps=1, threads=1), tmp_path / "model", progress=False)
+    t = train_plt(tmp_path / "model", world, TranscoderTrainConfig(d_transcoder=8, steps=3, batch_size=32,
+                                                                   warmup_steps=1, threads=1),
+                  tmp_path / "plt", progress=False)
+    for returned, saved in ((m, tmp_path / "model" / "metrics.json"), (t, tmp_path / "plt" / "metrics.json")):
+        assert returned["wall_time_s"] > 0
+        assert not [k for k in json.loads(saved.read_text()) if "time" in k]
+
+
+# The per-prompt chain run in-process on tiny fixtures (no DVC): tokenize -> attribute -> prune,
+# features -> export (graph files and figures), in a temporary working directory.
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
+    import numpy as np
+
+    from pipeline.testing import DEFAULT_WORDS
+    from stages import attribute, export, features, prune, tokenize
+
+    work = tmp_path_factory.mktemp("stage_run")
+    rng = np.random.default_rng(0)
+    corpus = work / "corpus.txt"
+    corpus.write_text("".join(" ".join(rng.choice(DEFAULT_WORDS, size=int(rng.integers(3, 12)))) + "\n"
+                              for _ in range(120)))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(name=str(tiny_gpt2_dir), dep=str(tiny_gpt2_dir), revision=None)
+    params["transcoders"].update(source=str(plt_dir), kind="plt", dep=str(plt_dir), revision=None)
+    params["prompts"]["items"] = {"p": {"prompt": "the capital of the state is in"}}
+    params["features"].update(source="file", corpus=str(corpus), dep=str(corpus), top_k=5, batch_tokens=256)
+    params["runtime"]["threads"] = 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        for stage in (tokenize, attribute, prune, features, export):
+            stage.main(["--prompt-id", "p"] if stage is not features else [])
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_features_stage_writes_one_store_named_after_the_transcoders(stage_run):
+    from pipeline.analysis.dashboards import Dashboards
+
+    assert load_config(ROOT / "params.yaml").features.name == load_config(ROOT / "params.yaml").transcoders.kind
+    stores = sorted(p.name for p in (stage_run / "data" / "dashboards").iterdir())
+    assert stores == ["plt.zarr"]  # no partial checkpoint left behind
+    dash = Dashboards.open(stage_run / "data" / "dashboards" / "plt.zarr")
+    assert dash.n_layers == 2 and dash.config.top_k == 5 and dash.n_tokens > 0
+
+
+def test_export_stage_labels_and_feature_files_come_from_the_dashboards(stage_run):
+    from pipeline.analysis.dashboards import Dashboards, feature_json_bytes, graph_features
+
+    dash = Dashboards.open(stage_run / "data" / "dashboards" / "plt.zarr")
+    folder = stage_run / "results" / "p" / "graph"
+    doc = json.loads((folder / "p.json").read_text())
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert feats, "the tiny graph should keep some features"
+    for node in feats:
+        layer, feature, _ = (int(v) for v in node["node_id"].split("_"))
+        assert node["clerp"] == dash.label(layer, feature) != ""
+    assert sorted(p.name for p in folder.iterdir()) == ["features", "graph-metadata.json", "p.json"]
+    pairs = graph_features(doc)
+    assert sorted(p.name for p in (folder / "features").iterdir()) == sorted(f"{l}_{f}.json" for l, f in pairs)
+    for l, f in pairs:
+        assert (folder / "features" / f"{l}_{f}.json").read_bytes() == feature_json_bytes(dash.feature(l, f))
+
+
+def test_export_stage_draws_the_pruned_graph_deterministically(stage_run):
+    from pipeline.analysis.figures import draw_graph, render_graph
+    from stages import export
+
+    run = stage_run / "results" / "p"
+    kept = json.loads((run / "scores.json").read_text())["kept_nodes"]
+    assert draw_graph(run / "graph" / "p.json").n_nodes == kept
+    before = {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")}
+    assert before == render_graph(run / "graph" / "p.json")
+    graph_json = (run / "graph" / "p.json").read_bytes()
+    cwd = os.getcwd()
+    os.chdir(stage_run)
+    try:
+        export.main(["--prompt-id", "p"])
+    finally:
+        os.chdir(cwd)
+    assert {ext: (run / f"graph.{ext}").read_bytes() for ext in ("png", "svg")} == before
+    assert (run / "graph" / "p.json").read_bytes() == graph_json
+
+
+def test_dvc_yaml_features_export_intervene_dependencies():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    feat = stages["features"]
+    for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/analysis/dashboards.py"):
+        assert dep in feat["deps"]
+    assert stage_params(feat) == {GLOBAL_PARAMS: ["features", "model", "transcoders", "runtime"]}  # not attribution...
+    assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
+    export = stages["export"]["do"]
+    assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in stage_params(export)[GLOBAL_PARAMS]
+    assert "pipeline/analysis/figures.py" in export["deps"]
+    assert export["outs"] == ["results/${key}/graph", "results/${key}/graph.png", "results/${key}/graph.svg"]
+    assert "figures" not in stages  # drawn by export: one stage less per prompt for a no-op repro
+    # intervene predicts from the full target row pruned.npz carries, not from the graph store
+    assert not any("graph.zarr" in d for d in stages["intervene"]["do"]["deps"])
+
+
+# ------------------------------------------------------------------------------------ slow
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(),
+                          capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def ran(proc: subprocess.CompletedProcess) -> set[str]:
+    """Stages whose command ran (not skipped, not restored from the run cache)."""
+    return set(re.findall(r"Running stage '([^']+)'", proc.stdout))
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """{out path: md5} from dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+
+
+def per_prompt(pid: str, stages=PER_PROMPT) -> set[str]:
+    return {f"{s}@{pid}" for s in stages}
+
+
+def set_params(repo: Path, overrides: list[str]) -> None:
+    dvc_compose(repo / "params.yaml", TINY + overrides, conf=repo / "conf")
+
+
+def restore(repo: Path) -> None:
+    """Back to the tiny baseline: conf/ and params.yaml as committed, outputs from the cache."""
+    subprocess.run(["git", "checkout", "--", "conf", "params.yaml"], cwd=repo, check=True)
+    dvc(repo, "repro")
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git repo with the pipeline, the tiny config composed into params.yaml, reproduced once."""
+    repo = tmp_path_factory.mktemp("study")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("conf", "stages", "pipeline"):
+        shutil.copytree(ROOT / name, repo / name, ignore=ignore)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    (repo / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    (repo / ".gitignore").write_text("__pycache__/\n/tmp/\n")
+    set_params(repo, [])
+    for cmd in (["init", "-q"], ["config", "user.name", "test"], ["config", "user.email", "test@example.com"],
+                ["add", "-A"], ["commit", "-q", "-m", "tiny study"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True)
+    first = dvc(repo, "repro")
+    expected = {"organism_world", "organism_model", "organism_transcoders@plt", "organism_transcoders@clt"}
+    expected |= {s for pid in PROMPTS for s in per_prompt(pid)} | set(GLOBAL)
+    assert ran(first) == expected
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "reproduced"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.slow
+def test_second_repro_recomputes_nothing(repo):
+    t0 = time.perf_counter()
+    proc = dvc(repo, "repro")
+    wall = time.perf_counter() - t0
+    assert ran(proc) == set()
+    assert "Data and pipelines are up to date" in proc.stdout
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+    print(f"no-op dvc repro: {wall:.1f}s")
+
+
+@pytest.mark.slow
+def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
+    conf = repo / "conf" / "prompts" / "organism_small.yaml"
+    conf.write_text(conf.read_text().replace("prompt: Dallas esta en", "prompt: Dallas esta urbo en"))
+    set_params(repo, [])
+    proc = dvc(repo, "repro")
+    assert ran(proc) - ALWAYS == per_prompt("state_dallas_toy")
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_pruning_param_reruns_prune_and_export_not_attribution(repo):
+    set_params(repo, ["pruning.node_threshold=0.7"])
+    proc = dvc(repo, "repro")
+    assert ran(proc) - ALWAYS == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_attribution_param_reruns_attribution(repo):
+    set_params(repo, ["attribution.max_n_logits=3"])
+    changed = set(re.findall(r"^(\S+):$", dvc(repo, "status").stdout, re.M))
+    assert changed == {"split_params"}  # params.yaml changed; its split files are not rewritten yet
+    assert ran(dvc(repo, "repro", "split_params")) == {"split_params"}
+    changed = set(re.findall(r"^(\S+):$", dvc(repo, "status").stdout, re.M))
+    assert changed == {f"attribute@{pid}" for pid in PROMPTS}  # and nothing upstream
+    pid = PROMPTS[0]
+    proc = dvc(repo, "repro", f"export@{pid}")  # one prompt's chain is enough to see it rerun
+    assert f"attribute@{pid}" in ran(proc)
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_exp_run_applies_override_through_hydra(repo):
+    proc = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "pruning.edge_threshold=0.9")
+    assert ran(proc) - ALWAYS == {s for pid in PROMPTS for s in per_prompt(pid, AFTER_PRUNE)}
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["pruning"]["edge_threshold"] == 0.9
+    assert params["prompts"]["name"] == "organism_small"  # the whole of conf/ was composed
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    assert '"edge_threshold": 0.9' in shown
+    bad = dvc(repo, "exp", "run", "-S", "experiment=tiny", "-S", "attribution.batch_sise=3", check=False)
+    assert bad.returncode != 0 and "attribution.batch_sise" in bad.stdout + bad.stderr
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_killed_stage_leaves_no_finished_output_and_rerun_completes(repo):
+    pid = "two_hop_dallas_en"
+    stage, out = f"attribute@{pid}", repo / "results" / pid / "graph.zarr"
+    set_params(repo, ["attribution.batch_size=4"])  # many small batches: time to kill it
+    progress = repo / "tmp" / "partial" / pid / "graph.zarr" / "progress"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (progress.is_dir() and any(progress.glob("*.json"))):
+            assert proc.poll() is None, "the stage ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    assert stage in dvc(repo, "status", stage).stdout  # DVC does not take it as finished
+    resumed = dvc(repo, "repro", stage)
+    assert ran(resumed) == {stage} and "resuming" in resumed.stdout
+    from pipeline.graph.store import Graph
+
+    Graph.open(out).verify()
+    restore(repo)
+
+
+@pytest.mark.slow
+def test_rerunning_stages_gives_byte_identical_outputs(repo):
+    before = lock_outs(repo)
+    pid = "capital_texas_en"
+    stages = ["organism_model", "organism_transcoders@plt", f"capture@{pid}", f"attribute@{pid}"]
+    proc = dvc(repo, "repro", "--force", "--single-item", *stages)
+    assert ran(proc) == set(stages)
+    assert lock_outs(repo) == before
+    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+
+
+@pytest.mark.slow
+def test_a_clone_pulls_the_study_from_the_remote(repo, tmp_path):
+    remote = tmp_path / "remote"
+    dvc(repo, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(repo, "push")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "study"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    dvc(clone, "remote", "modify", "--local", "local", "url", str(remote))
+    dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
+    assert (clone / "results" / PROMPTS[0] / "graph" / f"{PROMPTS[0]}.json").is_file()
