@@ -77,9 +77,7 @@ def _version(mod: str) -> str | None:
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     except Exception:
         return None
 
@@ -108,7 +106,7 @@ def machine_info(threads: int) -> dict:
         pass
     dirty = _git("status", "--porcelain", "--", "pipeline")
     return {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "mem_total_bytes": mem_total,
@@ -116,8 +114,7 @@ def machine_info(threads: int) -> dict:
         "torch_threads": threads,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {m: _version(m) for m in
-                     ("torch", "transformer-lens", "transformers", "numpy", "scipy", "zarr")},
+        "versions": {m: _version(m) for m in ("torch", "transformer-lens", "transformers", "numpy", "scipy", "zarr")},
         "git_head": _git("rev-parse", "--short", "HEAD"),
         "pipeline_dirty": bool(dirty) if dirty is not None else None,
     }
@@ -151,7 +148,7 @@ def run_child(script: Path, params: dict, *, threads: int, label: str) -> dict:
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(_MARK):
-            result = json.loads(line[len(_MARK):])
+            result = json.loads(line[len(_MARK) :])
     if proc.returncode != 0 or result is None:
         tail = (proc.stdout[-3000:] + "\n" + proc.stderr[-5000:]).strip()
         raise RuntimeError(f"case {label} failed (exit {proc.returncode}):\n{tail}")

@@ -75,8 +75,14 @@ def dense_rows(ff, batch, layout, sources):
         inject(g, rows, batch.vectors[rows])
         outputs.append(read)
         grad_outputs.append(g)
-    grads = torch.autograd.grad(outputs, list(ff.mlp_outputs) + [ff.embed], grad_outputs,
-                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    grads = torch.autograd.grad(
+        outputs,
+        list(ff.mlp_outputs) + [ff.embed],
+        grad_outputs,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
     grads = [g[:, 0] for g in grads]
     g_out, g_embed = grads[:-1], grads[-1]
 
@@ -93,9 +99,9 @@ def dense_rows(ff, batch, layout, sources):
         values[:, cols[valid]] = effect.transpose(0, 1).reshape(B, -1)[:, valid]
         err = (g_out[src_layer] * sources.errors[src_layer][None]).sum(-1)
         start = layout.error_col(src_layer, 0)
-        values[:, start:start + layout.n_pos] = err
+        values[:, start : start + layout.n_pos] = err
     tok = (g_embed * sources.tokens[None]).sum(-1)
-    values[:, layout.token_start:layout.token_start + layout.n_pos] = tok
+    values[:, layout.token_start : layout.token_start + layout.n_pos] = tok
     return values.numpy()
 
 
@@ -127,7 +133,7 @@ def dense_attribution(model, prompt: str, batch_size: int) -> tuple[np.ndarray, 
     row_nodes = np.concatenate([np.arange(layout.n_active), layout.logit_start + np.arange(len(targets))])
     n_batches = 0
     for start in range(0, len(row_nodes), batch_size):  # plain index order, layers mixed
-        nodes = row_nodes[start:start + batch_size]
+        nodes = row_nodes[start : start + batch_size]
         is_feat = nodes < layout.n_active
         feats = nodes[is_feat]
         layer = np.where(is_feat, layout.feature_layer[np.where(is_feat, nodes, 0)], model.n_layers)
@@ -144,12 +150,18 @@ def dense_attribution(model, prompt: str, batch_size: int) -> tuple[np.ndarray, 
         dense[nodes] = dense_rows(ff, batch, layout, sources)
         n_batches += 1
     times["rows"], cpu["rows"] = time.perf_counter() - t, time.process_time() - c
-    info = {"n_nodes": int(n), "n_active": int(layout.n_active), "n_logits": len(targets),
-            "n_rows": int(len(row_nodes)), "n_batches": n_batches, "batch": batch_size,
-            "frozen_forward_copies": ff.batch,
-            "phase_seconds": {k: round(v, 2) for k, v in times.items()},
-            "phase_cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
-            "active_features": act}
+    info = {
+        "n_nodes": int(n),
+        "n_active": int(layout.n_active),
+        "n_logits": len(targets),
+        "n_rows": int(len(row_nodes)),
+        "n_batches": n_batches,
+        "batch": batch_size,
+        "frozen_forward_copies": ff.batch,
+        "phase_seconds": {k: round(v, 2) for k, v in times.items()},
+        "phase_cpu_seconds": {k: round(v, 2) for k, v in cpu.items()},
+        "active_features": act,
+    }
     return dense, info
 
 
@@ -205,9 +217,13 @@ def child(params: dict) -> None:
 
     load_start = C.loadavg()
     model, load_s = _load(params)
-    out = {"case": params["case"], "load_seconds": round(load_s, 2),
-           "pipeline": C.pipeline_version(),
-           "rss_after_load_mib": round(C.current_rss_mib(), 1), "loadavg_start": load_start}
+    out = {
+        "case": params["case"],
+        "load_seconds": round(load_s, 2),
+        "pipeline": C.pipeline_version(),
+        "rss_after_load_mib": round(C.current_rss_mib(), 1),
+        "loadavg_start": load_start,
+    }
     prompt = F.prompt(params["prompt_tokens"])
     if params["case"] == "ours":
         store = Path(params["store"])
@@ -218,12 +234,18 @@ def child(params: dict) -> None:
         out["seconds"] = round(time.perf_counter() - t, 2)
         out["cpu_seconds"] = round(time.process_time() - c, 2)
         out["peak_rss_mib"] = round(C.peak_rss_mib(), 1)
-        out.update({
-            "n_pos": graph.n_pos, "n_nodes": graph.n_nodes, "n_active": graph.n_active,
-            "n_logits": graph.n_logits, "stored_edges": int(graph.summary["nnz"]),
-            "n_batches": int(graph.summary["n_batches"]), "batch": params["batch_size"],
-            "store": C.dir_usage(store),
-        })
+        out.update(
+            {
+                "n_pos": graph.n_pos,
+                "n_nodes": graph.n_nodes,
+                "n_active": graph.n_active,
+                "n_logits": graph.n_logits,
+                "stored_edges": int(graph.summary["nnz"]),
+                "n_batches": int(graph.summary["n_batches"]),
+                "batch": params["batch_size"],
+                "store": C.dir_usage(store),
+            }
+        )
     else:
         t, c = time.perf_counter(), time.process_time()
         dense, info = dense_attribution(model, prompt, params["batch_size"])
@@ -257,70 +279,99 @@ def plan(quick: bool) -> dict:
 
 
 def _params(case, fx, prompt_tokens, batch_size, threads, **kw):
-    return {"case": case, "spec": fx.spec.name, "model_dir": str(fx.model_dir),
-            "transcoder_dir": str(fx.transcoder_dir), "prompt_tokens": prompt_tokens,
-            "batch_size": batch_size, "threads": threads, **kw}
+    return {
+        "case": case,
+        "spec": fx.spec.name,
+        "model_dir": str(fx.model_dir),
+        "transcoder_dir": str(fx.transcoder_dir),
+        "prompt_tokens": prompt_tokens,
+        "batch_size": batch_size,
+        "threads": threads,
+        **kw,
+    }
 
 
 def print_main(res: dict) -> None:
     spec, ours, dense, cmp_ = res["fixture"], res["ours"], res["dense"], res["dense"]["comparison"]
     n = ours["n_nodes"]
-    print(f"\nmain case: {spec['name']} ({spec['n_layers']} layers, d_model {spec['d_model']}, "
-          f"vocab {spec['vocab_size']}), PLT {spec['d_transcoder']} features {spec['activation']} "
-          f"at density {spec['density']}, {res['prompt_tokens']}-token prompt (BOS included), "
-          f"batch {res['batch_size']}, torch threads {res.get('machine', {}).get('torch_threads')}")
-    print(f"{'variant':8s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s} {'RSS after load':>15s}"
-          f" {'load avg start/end':>19s}  notes")
+    print(
+        f"\nmain case: {spec['name']} ({spec['n_layers']} layers, d_model {spec['d_model']}, "
+        f"vocab {spec['vocab_size']}), PLT {spec['d_transcoder']} features {spec['activation']} "
+        f"at density {spec['density']}, {res['prompt_tokens']}-token prompt (BOS included), "
+        f"batch {res['batch_size']}, torch threads {res.get('machine', {}).get('torch_threads')}"
+    )
+    print(
+        f"{'variant':8s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s} {'RSS after load':>15s}"
+        f" {'load avg start/end':>19s}  notes"
+    )
     for name, r in (("ours", ours), ("dense", dense)):
         if name == "ours":
-            note = (f"{r['n_batches']} batches, store {C.fmt_bytes(r['store']['allocated_bytes'])} "
-                    f"on disk ({r['store']['files']} files)")
+            note = (
+                f"{r['n_batches']} batches, store {C.fmt_bytes(r['store']['allocated_bytes'])} "
+                f"on disk ({r['store']['files']} files)"
+            )
         else:
-            note = (f"{r['n_batches']} batches, dense matrix {C.fmt_bytes(r['dense_matrix_bytes'])}; "
-                    f"phases wall {r['phase_seconds']} CPU {r.get('phase_cpu_seconds')}")
-        print(f"{name:8s} {r['seconds']:8.1f} {r.get('cpu_seconds', float('nan')):8.1f} "
-              f"{r['peak_rss_mib']:13.0f} {r['rss_after_load_mib']:15.0f} "
-              f"{r['loadavg_start'][0]:9.2f} /{r['loadavg_end'][0]:6.2f}   {note}")
+            note = (
+                f"{r['n_batches']} batches, dense matrix {C.fmt_bytes(r['dense_matrix_bytes'])}; "
+                f"phases wall {r['phase_seconds']} CPU {r.get('phase_cpu_seconds')}"
+            )
+        print(
+            f"{name:8s} {r['seconds']:8.1f} {r.get('cpu_seconds', float('nan')):8.1f} "
+            f"{r['peak_rss_mib']:13.0f} {r['rss_after_load_mib']:15.0f} "
+            f"{r['loadavg_start'][0]:9.2f} /{r['loadavg_end'][0]:6.2f}   {note}"
+        )
     ratio = res["time_ratio_ours_over_dense"]
     cpu_ratio = res.get("cpu_time_ratio_ours_over_dense")
     met = max(ratio, cpu_ratio or ratio) <= 0.5
-    print(f"ours/dense time ratio: wall {ratio:.3f}, CPU {cpu_ratio if cpu_ratio is None else round(cpu_ratio, 3)}"
-          f" (target <= 0.5: {'met' if met else 'NOT met'}; torch single-threaded, so CPU time is "
-          f"the figure that the machine's load does not distort)")
-    print(f"nodes {n} ({ours['n_active']} active features = "
-          f"{ours['n_active'] / (ours['n_pos'] - 1) / spec['n_layers']:.1f} per token per layer, "
-          f"{spec['n_layers'] * ours['n_pos']} errors, {ours['n_pos']} tokens, {ours['n_logits']} "
-          f"logits); stored edges {ours['stored_edges']} ({ours['stored_edges'] / n ** 2:.1%} of "
-          f"n^2); dense nonzeros {cmp_.get('dense_nonzeros')}")
-    print(f"equality: max |ours - dense| = {cmp_.get('max_abs_diff'):.3g} "
-          f"(max |A| = {cmp_.get('max_abs_value'):.3g}); max |dense| where ours stores nothing "
-          f"= {cmp_.get('max_abs_dense_where_ours_stores_nothing'):.3g}; rows compared "
-          f"{cmp_.get('rows_compared')}")
+    print(
+        f"ours/dense time ratio: wall {ratio:.3f}, CPU {cpu_ratio if cpu_ratio is None else round(cpu_ratio, 3)}"
+        f" (target <= 0.5: {'met' if met else 'NOT met'}; torch single-threaded, so CPU time is "
+        f"the figure that the machine's load does not distort)"
+    )
+    print(
+        f"nodes {n} ({ours['n_active']} active features = "
+        f"{ours['n_active'] / (ours['n_pos'] - 1) / spec['n_layers']:.1f} per token per layer, "
+        f"{spec['n_layers'] * ours['n_pos']} errors, {ours['n_pos']} tokens, {ours['n_logits']} "
+        f"logits); stored edges {ours['stored_edges']} ({ours['stored_edges'] / n**2:.1%} of "
+        f"n^2); dense nonzeros {cmp_.get('dense_nonzeros')}"
+    )
+    print(
+        f"equality: max |ours - dense| = {cmp_.get('max_abs_diff'):.3g} "
+        f"(max |A| = {cmp_.get('max_abs_value'):.3g}); max |dense| where ours stores nothing "
+        f"= {cmp_.get('max_abs_dense_where_ours_stores_nothing'):.3g}; rows compared "
+        f"{cmp_.get('rows_compared')}"
+    )
 
 
 def print_scale(rows: list[dict]) -> None:
     print("\nscale: our engine alone on growing graphs (peak RSS should not follow n_nodes)")
-    print(f"{'model':14s} {'L':>2s} {'d':>4s} {'dens':>6s} {'tok':>4s} {'B':>4s} {'nodes':>7s} "
-          f"{'feat/tok/L':>10s} {'dense-eq':>9s} {'stored edges':>13s} {'store disk':>10s} "
-          f"{'wall s':>8s} {'CPU s':>8s} {'peak MiB':>9s} {'after load':>10s} {'load':>5s}")
+    print(
+        f"{'model':14s} {'L':>2s} {'d':>4s} {'dens':>6s} {'tok':>4s} {'B':>4s} {'nodes':>7s} "
+        f"{'feat/tok/L':>10s} {'dense-eq':>9s} {'stored edges':>13s} {'store disk':>10s} "
+        f"{'wall s':>8s} {'CPU s':>8s} {'peak MiB':>9s} {'after load':>10s} {'load':>5s}"
+    )
     for r in rows:
         s = r["fixture"]
-        print(f"{s['name']:14s} {s['n_layers']:2d} {s['d_model']:4d} {s['density']:6g} {r['n_pos']:4d} "
-              f"{r['batch']:4d} {r['n_nodes']:7d} "
-              f"{r['n_active'] / (r['n_pos'] - 1) / s['n_layers']:10.1f} "
-              f"{C.fmt_bytes(r['dense_equivalent_bytes']):>9s} {r['stored_edges']:13d} "
-              f"{C.fmt_bytes(r['store']['allocated_bytes']):>10s} {r['seconds']:8.1f} "
-              f"{r.get('cpu_seconds', float('nan')):8.1f} {r['peak_rss_mib']:9.0f} "
-              f"{r['rss_after_load_mib']:10.0f} {r['loadavg_start'][0]:5.1f}")
+        print(
+            f"{s['name']:14s} {s['n_layers']:2d} {s['d_model']:4d} {s['density']:6g} {r['n_pos']:4d} "
+            f"{r['batch']:4d} {r['n_nodes']:7d} "
+            f"{r['n_active'] / (r['n_pos'] - 1) / s['n_layers']:10.1f} "
+            f"{C.fmt_bytes(r['dense_equivalent_bytes']):>9s} {r['stored_edges']:13d} "
+            f"{C.fmt_bytes(r['store']['allocated_bytes']):>10s} {r['seconds']:8.1f} "
+            f"{r.get('cpu_seconds', float('nan')):8.1f} {r['peak_rss_mib']:9.0f} "
+            f"{r['rss_after_load_mib']:10.0f} {r['loadavg_start'][0]:5.1f}"
+        )
     big = [r for r in rows if r["n_nodes"] >= DENSE_48GB_NODES]
     if big:
         r = big[-1]
         ok = r["peak_rss_mib"] <= 4096
-        print(f">= 48 GB dense-equivalent case: {r['n_nodes']} nodes "
-              f"({C.fmt_bytes(r['dense_equivalent_bytes'])} dense float32), all "
-              f"{r['n_active']} feature rows computed, peak RSS {r['peak_rss_mib']:.0f} MiB "
-              f"({'<=' if ok else '>'} 4 GiB), {r['seconds']:.0f} s wall, store "
-              f"{C.fmt_bytes(r['store']['allocated_bytes'])} on disk")
+        print(
+            f">= 48 GB dense-equivalent case: {r['n_nodes']} nodes "
+            f"({C.fmt_bytes(r['dense_equivalent_bytes'])} dense float32), all "
+            f"{r['n_active']} feature rows computed, peak RSS {r['peak_rss_mib']:.0f} MiB "
+            f"({'<=' if ok else '>'} 4 GiB), {r['seconds']:.0f} s wall, store "
+            f"{C.fmt_bytes(r['store']['allocated_bytes'])} on disk"
+        )
     else:
         print("no case reached 48 GB dense-equivalent (n_nodes >= 109545) in this run")
 
@@ -329,8 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Attribution engine vs dense baseline; scale case.")
     ap.add_argument("--quick", action="store_true", help="small model, short prompt (< 2 min)")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: see README, oversubscription on a loaded box)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+    )
     ap.add_argument("--keep-stores", action="store_true", help="keep the graph stores written")
     ap.add_argument("--skip-main", action="store_true", help="keep the saved main-case results")
     ap.add_argument("--skip-scale", action="store_true", help="keep the saved scale results")
@@ -357,29 +409,43 @@ def main(argv: list[str] | None = None) -> None:
     stores.mkdir(parents=True, exist_ok=True)
     info = C.machine_info(args.threads)
     script = Path(__file__)
-    print(f"attribution benchmark ({'quick' if args.quick else 'full'}); threads {args.threads}; "
-          f"{info['cpu_count']} CPUs; load average {info['loadavg_start']}")
+    print(
+        f"attribution benchmark ({'quick' if args.quick else 'full'}); threads {args.threads}; "
+        f"{info['cpu_count']} CPUs; load average {info['loadavg_start']}"
+    )
 
     if not args.skip_main:
         m = p["main"]
         spec = m["spec"]
         fx = F.build(spec, args.workdir)
         store = stores / f"main_{spec.name}.zarr"
-        ours = C.run_child(script, _params("ours", fx, m["prompt_tokens"], m["batch_size"],
-                                           args.threads, store=str(store)),
-                           threads=args.threads, label="ours")
-        dense = C.run_child(script, _params("dense", fx, m["prompt_tokens"], m["batch_size"],
-                                            args.threads, compare_store=str(store)),
-                            threads=args.threads, label="dense")
+        ours = C.run_child(
+            script,
+            _params("ours", fx, m["prompt_tokens"], m["batch_size"], args.threads, store=str(store)),
+            threads=args.threads,
+            label="ours",
+        )
+        dense = C.run_child(
+            script,
+            _params("dense", fx, m["prompt_tokens"], m["batch_size"], args.threads, compare_store=str(store)),
+            threads=args.threads,
+            label="dense",
+        )
         if not args.keep_stores:
             shutil.rmtree(store, ignore_errors=True)
         if ours["pipeline"]["engine_sources_sha256"] != dense["pipeline"]["engine_sources_sha256"]:
-            print(f"WARNING: the engine's sources changed between the two cases: {ours['pipeline']} vs "
-                  f"{dense['pipeline']}", flush=True)
+            print(
+                f"WARNING: the engine's sources changed between the two cases: {ours['pipeline']} vs "
+                f"{dense['pipeline']}",
+                flush=True,
+            )
         result["main"] = {
-            "fixture": spec.__dict__, "prompt_tokens": m["prompt_tokens"],
-            "batch_size": m["batch_size"], "machine": {**info, "loadavg_end": C.loadavg()},
-            "ours": ours, "dense": dense,
+            "fixture": spec.__dict__,
+            "prompt_tokens": m["prompt_tokens"],
+            "batch_size": m["batch_size"],
+            "machine": {**info, "loadavg_end": C.loadavg()},
+            "ours": ours,
+            "dense": dense,
             "time_ratio_ours_over_dense": round(ours["seconds"] / dense["seconds"], 4),
             "cpu_time_ratio_ours_over_dense": round(ours["cpu_seconds"] / dense["cpu_seconds"], 4),
         }
@@ -391,8 +457,12 @@ def main(argv: list[str] | None = None) -> None:
         for spec, n_tok, bs in p["scale"]:
             fx = F.build(spec, args.workdir)
             store = stores / f"scale_{spec.name}_{n_tok}.zarr"
-            r = C.run_child(script, _params("ours", fx, n_tok, bs, args.threads, store=str(store)),
-                            threads=args.threads, label=f"{spec.name} {n_tok} tok")
+            r = C.run_child(
+                script,
+                _params("ours", fx, n_tok, bs, args.threads, store=str(store)),
+                threads=args.threads,
+                label=f"{spec.name} {n_tok} tok",
+            )
             if not args.keep_stores:
                 shutil.rmtree(store, ignore_errors=True)
             r["fixture"] = spec.__dict__

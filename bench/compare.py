@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import resource
@@ -77,8 +76,10 @@ SECTION_KEYS = {  # report sections, in table order, and the report keys each on
     "scale": ["scale", "scale_settings", "scale_settings_earlier"],
 }
 
-BASE_WORDS = ("the capital of the state containing dallas is austin . la capitale de texas est "
-              "big city of the south in texas and the river").split()
+BASE_WORDS = (
+    "the capital of the state containing dallas is austin . la capitale de texas est "
+    "big city of the south in texas and the river"
+).split()
 
 
 # ============================================================================================
@@ -116,19 +117,31 @@ def build_tiny(workdir: Path) -> list[Setup]:
     n, d, k, ctx = TINY["n_layers"], TINY["d_model"], TINY["d_transcoder"], TINY["n_ctx"]
     root = workdir / "tiny"
     models = {
-        "gpt2": _cached(root / "gpt2", {"kind": "gpt2", **TINY},
-                        lambda p: T.make_tiny_gpt2(p, n_layers=n, d_model=d, n_ctx=ctx)),
-        "llama": _cached(root / "llama", {"kind": "llama", **TINY},
-                         lambda p: T.make_tiny_llama(p, n_layers=n, d_model=d, n_ctx=ctx)),
+        "gpt2": _cached(
+            root / "gpt2", {"kind": "gpt2", **TINY}, lambda p: T.make_tiny_gpt2(p, n_layers=n, d_model=d, n_ctx=ctx)
+        ),
+        "llama": _cached(
+            root / "llama", {"kind": "llama", **TINY}, lambda p: T.make_tiny_llama(p, n_layers=n, d_model=d, n_ctx=ctx)
+        ),
     }
     tcs = {
-        "plt_relu": _cached(root / "plt_relu", {"kind": "plt_relu", **TINY}, lambda p: T.make_random_plt(
-            p, n_layers=n, d_model=d, d_transcoder=k, activation="relu")),
-        "plt_jump_skip": _cached(root / "plt_jump_skip", {"kind": "plt_jump_skip", **TINY},
-                                 lambda p: T.make_random_plt(p, n_layers=n, d_model=d, d_transcoder=k,
-                                                             activation="jump_relu", skip=True, seed=1)),
-        "clt_jump": _cached(root / "clt_jump", {"kind": "clt_jump", **TINY}, lambda p: T.make_random_clt(
-            p, n_layers=n, d_model=d, d_transcoder=k, activation="jump_relu", seed=2)),
+        "plt_relu": _cached(
+            root / "plt_relu",
+            {"kind": "plt_relu", **TINY},
+            lambda p: T.make_random_plt(p, n_layers=n, d_model=d, d_transcoder=k, activation="relu"),
+        ),
+        "plt_jump_skip": _cached(
+            root / "plt_jump_skip",
+            {"kind": "plt_jump_skip", **TINY},
+            lambda p: T.make_random_plt(
+                p, n_layers=n, d_model=d, d_transcoder=k, activation="jump_relu", skip=True, seed=1
+            ),
+        ),
+        "clt_jump": _cached(
+            root / "clt_jump",
+            {"kind": "clt_jump", **TINY},
+            lambda p: T.make_random_clt(p, n_layers=n, d_model=d, d_transcoder=k, activation="jump_relu", seed=2),
+        ),
     }
     return [Setup(f"tiny-{m}-{t}", str(models[m]), str(tcs[t])) for m in models for t in tcs]
 
@@ -177,17 +190,47 @@ def build_big(workdir: Path, name: str, with_clt: bool) -> list[Setup]:
     spec, vocab_words = _bench_spec(name)
     params = asdict(spec) if hasattr(spec, "__dataclass_fields__") else dict(spec.__dict__)
     root = workdir / name
-    model = _cached(root / "model", {"model": params}, lambda p: T.make_tiny_gpt2(
-        p, n_layers=spec.n_layers, d_model=spec.d_model, n_heads=spec.n_heads, n_ctx=spec.n_ctx,
-        vocab_words=vocab_words(spec.vocab_size), seed=spec.seed))
-    plt = _cached(root / "plt", {"plt": params}, lambda p: T.make_random_plt(
-        p, n_layers=spec.n_layers, d_model=spec.d_model, d_transcoder=spec.d_transcoder,
-        activation=spec.activation, density=spec.density, seed=spec.seed))
+    model = _cached(
+        root / "model",
+        {"model": params},
+        lambda p: T.make_tiny_gpt2(
+            p,
+            n_layers=spec.n_layers,
+            d_model=spec.d_model,
+            n_heads=spec.n_heads,
+            n_ctx=spec.n_ctx,
+            vocab_words=vocab_words(spec.vocab_size),
+            seed=spec.seed,
+        ),
+    )
+    plt = _cached(
+        root / "plt",
+        {"plt": params},
+        lambda p: T.make_random_plt(
+            p,
+            n_layers=spec.n_layers,
+            d_model=spec.d_model,
+            d_transcoder=spec.d_transcoder,
+            activation=spec.activation,
+            density=spec.density,
+            seed=spec.seed,
+        ),
+    )
     setups = [Setup(f"{name}-plt", str(model), str(plt))]
     if with_clt:
-        clt = _cached(root / "clt", {"clt": params}, lambda p: T.make_random_clt(
-            p, n_layers=spec.n_layers, d_model=spec.d_model, d_transcoder=spec.d_transcoder,
-            activation=spec.activation, density=spec.density, seed=spec.seed + 1))
+        clt = _cached(
+            root / "clt",
+            {"clt": params},
+            lambda p: T.make_random_clt(
+                p,
+                n_layers=spec.n_layers,
+                d_model=spec.d_model,
+                d_transcoder=spec.d_transcoder,
+                activation=spec.activation,
+                density=spec.density,
+                seed=spec.seed + 1,
+            ),
+        )
         setups.append(Setup(f"{name}-clt", str(model), str(clt)))
     return setups
 
@@ -228,8 +271,11 @@ def worker(job_path: str) -> None:
     release_freed_buffers()  # as `circuit-pipeline attribute` and the pipeline stages do
     import importlib.metadata as md
 
-    result: dict = {"engine": "circuit-pipeline", "setups": {}, "versions": {
-        n: md.version(n) for n in ("torch", "transformer-lens", "transformers", "numpy")}}
+    result: dict = {
+        "engine": "circuit-pipeline",
+        "setups": {},
+        "versions": {n: md.version(n) for n in ("torch", "transformer-lens", "transformers", "numpy")},
+    }
 
     def save() -> None:
         result["peak_rss_mb"] = _peak_rss_mb()
@@ -237,10 +283,10 @@ def worker(job_path: str) -> None:
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out_dir / "result.json")
 
-    from pipeline.engine.attribution import attribute
     from pipeline.analysis.export import create_graph_files
-    from pipeline.graph.pruning import prune_graph
+    from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
+    from pipeline.graph.pruning import prune_graph
 
     t_start = time.perf_counter()
     for setup in job["setups"]:
@@ -251,8 +297,7 @@ def worker(job_path: str) -> None:
         t0 = time.perf_counter()
         # encoders on disk, as `circuit-pipeline attribute` and the attribute stage load them
         # (circuit-tracer's load_transcoder_set defaults to lazy encoders too)
-        model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"],
-                                                 lazy_encoder=True)
+        model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"], lazy_encoder=True)
         # attribute(zero_bos_errors=True) gives the BOS-position error nodes zero output vectors,
         # as circuit-tracer 0.5.0 does (error_vectors[:, zero_positions] = 0)
         zero_bos = bool(job.get("zero_bos_errors"))
@@ -265,8 +310,10 @@ def worker(job_path: str) -> None:
             tok = torch.tensor(setup["runs"][0]["tokens"], dtype=torch.long)
             with torch.no_grad():
                 ref = hf(tok[None]).logits[0]
-            res["hf_logits"] = {"max_abs_diff": float((model.capture(tok).logits - ref).abs().max()),
-                                "max_abs_logit": float(ref.abs().max())}
+            res["hf_logits"] = {
+                "max_abs_diff": float((model.capture(tok).logits - ref).abs().max()),
+                "max_abs_logit": float(ref.abs().max()),
+            }
             del hf
         save()
         for spec in setup["runs"]:
@@ -282,7 +329,10 @@ def worker(job_path: str) -> None:
                     shutil.rmtree(store)
                 t0 = time.perf_counter()
                 graph = attribute(
-                    tokens, model, store=store, verbose=False,
+                    tokens,
+                    model,
+                    store=store,
+                    verbose=False,
                     max_n_logits=spec.get("max_n_logits", 10),
                     desired_logit_prob=spec.get("desired_logit_prob", 0.95),
                     batch_size=spec.get("batch_size", 256),
@@ -291,9 +341,13 @@ def worker(job_path: str) -> None:
                     zero_bos_errors=zero_bos,
                 )
                 info["attribute_s"] = time.perf_counter() - t0
-                info.update(n_nodes=int(graph.n_nodes), n_active=int(graph.n_active),
-                            n_selected=int(graph.n_selected), n_logits=int(graph.n_logits),
-                            peak_rss_mb_after_attribute=_peak_rss_mb())
+                info.update(
+                    n_nodes=int(graph.n_nodes),
+                    n_active=int(graph.n_active),
+                    n_selected=int(graph.n_selected),
+                    n_logits=int(graph.n_logits),
+                    peak_rss_mb_after_attribute=_peak_rss_mb(),
+                )
                 arrays = {
                     "input_tokens": np.asarray(graph.input_tokens, dtype=np.int64),
                     "active_features": np.asarray(graph.active_features, dtype=np.int64),
@@ -307,23 +361,38 @@ def worker(job_path: str) -> None:
                     t0 = time.perf_counter()
                     pr = prune_graph(graph, nt, et)
                     info["prune_s"] = time.perf_counter() - t0
-                    info.update(replacement_score=pr.replacement_score,
-                                completeness_score=pr.completeness_score,
-                                n_kept_nodes=int(pr.node_mask.sum()), n_kept_edges=int(pr.edge_mask.nnz))
+                    info.update(
+                        replacement_score=pr.replacement_score,
+                        completeness_score=pr.completeness_score,
+                        n_kept_nodes=int(pr.node_mask.sum()),
+                        n_kept_edges=int(pr.edge_mask.nnz),
+                    )
                     coo = pr.edge_mask.tocoo()
-                    arrays.update(node_mask=np.asarray(pr.node_mask), edge_rows=coo.row.astype(np.int64),
-                                  edge_cols=coo.col.astype(np.int64),
-                                  cumulative_scores=np.asarray(pr.cumulative_scores, dtype=np.float64))
+                    arrays.update(
+                        node_mask=np.asarray(pr.node_mask),
+                        edge_rows=coo.row.astype(np.int64),
+                        edge_cols=coo.col.astype(np.int64),
+                        cumulative_scores=np.asarray(pr.cumulative_scores, dtype=np.float64),
+                    )
                     if spec.get("export", True):
                         t0 = time.perf_counter()
-                        create_graph_files(graph, spec["name"], sdir / "graphs", pruned=pr,
-                                           tokenizer=model.tokenizer, scan=job.get("scan", SCAN))
+                        create_graph_files(
+                            graph,
+                            spec["name"],
+                            sdir / "graphs",
+                            pruned=pr,
+                            tokenizer=model.tokenizer,
+                            scan=job.get("scan", SCAN),
+                        )
                         info["export_s"] = time.perf_counter() - t0
                 if spec.get("save", "full") == "full":
                     A = graph.to_scipy_sparse().tocoo()
-                    arrays.update(adj_rows=A.row.astype(np.int64), adj_cols=A.col.astype(np.int64),
-                                  adj_vals=A.data.astype(np.float32),
-                                  adj_shape=np.array(A.shape, dtype=np.int64))
+                    arrays.update(
+                        adj_rows=A.row.astype(np.int64),
+                        adj_cols=A.col.astype(np.int64),
+                        adj_vals=A.data.astype(np.float32),
+                        adj_shape=np.array(A.shape, dtype=np.int64),
+                    )
                 np.savez(sdir / f"{spec['name']}.npz", **arrays)
                 info["store_bytes"] = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
                 if not spec.get("keep_store", False):
@@ -348,29 +417,56 @@ def _limits(mem_cap_bytes: int | None):
     return apply
 
 
-def run_engine(engine: str, setups: list[dict], out_dir: Path, *, threads: int, timeout_s: float,
-               mem_cap_gb: float | None, zero_bos_errors: bool = False) -> dict:
+def run_engine(
+    engine: str,
+    setups: list[dict],
+    out_dir: Path,
+    *,
+    threads: int,
+    timeout_s: float,
+    mem_cap_gb: float | None,
+    zero_bos_errors: bool = False,
+) -> dict:
     """Run one engine's subprocess on ``setups``; returns its result.json plus a ``status``."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    job = {"out_dir": str(out_dir), "threads": threads, "scan": SCAN, "setups": setups,
-           "zero_bos_errors": zero_bos_errors}
+    job = {
+        "out_dir": str(out_dir),
+        "threads": threads,
+        "scan": SCAN,
+        "setups": setups,
+        "zero_bos_errors": zero_bos_errors,
+    }
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job))
     if engine == "ours":
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)]
     else:
         cmd = [str(CT_VENV / "bin" / "python"), str(CT_RUNNER), str(job_path)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(REPO),
-               TQDM_DISABLE="1")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        PYTHONPATH=str(REPO),
+        TQDM_DISABLE="1",
+    )
     env.pop("VIRTUAL_ENV", None)
     cap = int(mem_cap_gb * 2**30) if mem_cap_gb else None
     t0 = time.perf_counter()
     with open(out_dir / "log.txt", "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_limits(cap), cwd=str(out_dir))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_limits(cap),
+            cwd=str(out_dir),
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
             status = "ok" if rc == 0 else f"exit {rc}"
@@ -445,16 +541,20 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
     out["same_active_features"] = bool(np.array_equal(ours["active_features"], theirs["active_features"]))
     out["n_active"] = [len(ours["active_features"]), len(theirs["active_features"])]
     if out["same_active_features"]:
-        out["activation_max_abs"] = float(np.abs(ours["activation_values"] - theirs["activation_values"]).max(initial=0))
-    out["same_selected_features"] = bool(np.array_equal(np.sort(ours["selected_features"]),
-                                                        np.sort(theirs["selected_features"])))
+        out["activation_max_abs"] = float(
+            np.abs(ours["activation_values"] - theirs["activation_values"]).max(initial=0)
+        )
+    out["same_selected_features"] = bool(
+        np.array_equal(np.sort(ours["selected_features"]), np.sort(theirs["selected_features"]))
+    )
     if not out["same_selected_features"]:
         a, b = set(ours["selected_features"].tolist()), set(theirs["selected_features"].tolist())
         out["selected_only_ours"], out["selected_only_theirs"] = len(a - b), len(b - a)
     out["same_logit_tokens"] = bool(np.array_equal(ours["logit_tokens"], theirs["logit_tokens"]))
     if out["same_logit_tokens"]:
-        out["logit_prob_max_abs"] = float(np.abs(ours["logit_probabilities"].astype(np.float64)
-                                                 - theirs["logit_probabilities"]).max(initial=0))
+        out["logit_prob_max_abs"] = float(
+            np.abs(ours["logit_probabilities"].astype(np.float64) - theirs["logit_probabilities"]).max(initial=0)
+        )
     if not out["same_active_features"] or not out["same_input_tokens"]:
         return out
 
@@ -471,10 +571,10 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
     it = np.searchsorted(kt, shared)
     rows_o = np.zeros(n_o, bool)
     rows_o[: len(ours["selected_features"])] = True
-    rows_o[n_o - len(ours["logit_tokens"]):] = True
+    rows_o[n_o - len(ours["logit_tokens"]) :] = True
     rows_t = np.zeros(n_t, bool)
     rows_t[: len(theirs["selected_features"])] = True
-    rows_t[n_t - len(theirs["logit_tokens"]):] = True
+    rows_t[n_t - len(theirs["logit_tokens"]) :] = True
     row_mask = rows_o[io] & rows_t[it]
     ro, rt = io[row_mask], it[row_mask]
     X = Ao[np.ix_(ro, io)].astype(np.float64)
@@ -490,9 +590,14 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
     out["adj_pattern_mismatch"] = int(((X != 0) != (Y != 0)).sum())
     worst = np.argsort(diff, axis=None)[::-1][:5]
     out["adj_worst"] = [
-        {"target": _label(int(shared[row_mask][r]), ours, n_layers),
-         "source": _label(int(shared[c]), ours, n_layers), "ours": float(X[r, c]), "theirs": float(Y[r, c])}
-        for r, c in zip(*np.unravel_index(worst, diff.shape)) if diff[r, c] > 0
+        {
+            "target": _label(int(shared[row_mask][r]), ours, n_layers),
+            "source": _label(int(shared[c]), ours, n_layers),
+            "ours": float(X[r, c]),
+            "theirs": float(Y[r, c]),
+        }
+        for r, c in zip(*np.unravel_index(worst, diff.shape))
+        if diff[r, c] > 0
     ]
     # columns that differ as a whole (e.g. a node whose output vector differs)
     col_diff = diff.max(axis=0)
@@ -508,8 +613,10 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
     d2 = diff[:, keep_c]
     out["adj_max_abs_excl_bos_error"] = float(d2.max(initial=0))
     out["adj_rel_excl_bos_error"] = out["adj_max_abs_excl_bos_error"] / ref if ref else 0.0
-    out["bos_error_column_max_abs"] = {"ours": float(np.abs(X[:, ~keep_c]).max(initial=0)),
-                                       "theirs": float(np.abs(Y[:, ~keep_c]).max(initial=0))}
+    out["bos_error_column_max_abs"] = {
+        "ours": float(np.abs(X[:, ~keep_c]).max(initial=0)),
+        "theirs": float(np.abs(Y[:, ~keep_c]).max(initial=0)),
+    }
 
     # our pruning code on circuit-tracer's adjacency, and on ours with the BOS errors zeroed
     if "node_mask" in theirs and out["same_selected_features"]:
@@ -518,7 +625,7 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
         def prune_on(A, arrs):
             n_sel, n_log = len(arrs["selected_features"]), len(arrs["logit_tokens"])
             w = np.zeros(A.shape[0])
-            w[A.shape[0] - n_log:] = arrs["logit_probabilities"]
+            w[A.shape[0] - n_log :] = arrs["logit_probabilities"]
             return prune_graph_dense(A, n_log, n_pos, n_layers * n_pos, n_sel, w)
 
         def same_masks(pr, arrs):
@@ -530,14 +637,18 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
         pr = prune_on(At, theirs)
         out["our_pruning_on_ct_adjacency"] = {
             "same_masks_as_ct": same_masks(pr, theirs),
-            "replacement": pr.replacement_score, "completeness": pr.completeness_score}
+            "replacement": pr.replacement_score,
+            "completeness": pr.completeness_score,
+        }
         Az = Ao.copy()
         n_sel_o = len(ours["selected_features"])
         Az[:, [n_sel_o + l * n_pos for l in range(n_layers)]] = 0
         prz = prune_on(Az, ours)
         out["our_pruning_bos_errors_zeroed"] = {
             "same_masks_as_ct": same_masks(prz, theirs),
-            "replacement": prz.replacement_score, "completeness": prz.completeness_score}
+            "replacement": prz.replacement_score,
+            "completeness": prz.completeness_score,
+        }
 
     # pruning (each engine's pruning of its own graph)
     if "node_mask" in ours and "node_mask" in theirs and out["same_selected_features"]:
@@ -548,7 +659,9 @@ def compare_graphs(ours: dict, theirs: dict, n_layers: int, *, rel_tol: float = 
         out["edges"] = [len(eo), len(et)]
         if eo != et:
             out["edges_only_ours"], out["edges_only_theirs"] = len(eo - et), len(et - eo)
-        out["cumulative_scores_max_abs"] = float(np.abs(ours["cumulative_scores"] - theirs["cumulative_scores"]).max(initial=0))
+        out["cumulative_scores_max_abs"] = float(
+            np.abs(ours["cumulative_scores"] - theirs["cumulative_scores"]).max(initial=0)
+        )
     return out
 
 
@@ -565,8 +678,11 @@ def compare_json(ours_path: Path, theirs_path: Path) -> dict:
     o, t = json.loads(ours_path.read_text()), json.loads(theirs_path.read_text())
     no = {n["node_id"]: n for n in o["nodes"]}
     nt = {n["node_id"]: n for n in t["nodes"]}
-    out = {"nodes": [len(no), len(nt)], "nodes_only_ours": sorted(set(no) - set(nt))[:10],
-           "nodes_only_theirs": sorted(set(nt) - set(no))[:10]}
+    out = {
+        "nodes": [len(no), len(nt)],
+        "nodes_only_ours": sorted(set(no) - set(nt))[:10],
+        "nodes_only_theirs": sorted(set(nt) - set(no))[:10],
+    }
     field_diffs: dict[str, int] = {}
     examples = []
     for nid in set(no) & set(nt):
@@ -584,11 +700,20 @@ def compare_json(ours_path: Path, theirs_path: Path) -> dict:
     for k in set(lo) & set(lt):
         worst = max(worst, abs(lo[k] - lt[k]) / max(abs(lt[k]), 1e-12))
     out["link_weight_max_rel"] = worst
-    md = {k: (o["metadata"].get(k), t["metadata"].get(k)) for k in set(o["metadata"]) | set(t["metadata"])
-          if o["metadata"].get(k) != t["metadata"].get(k)}
+    md = {
+        k: (o["metadata"].get(k), t["metadata"].get(k))
+        for k in set(o["metadata"]) | set(t["metadata"])
+        if o["metadata"].get(k) != t["metadata"].get(k)
+    }
     out["metadata_diffs"] = md
-    out["same"] = (not out["nodes_only_ours"] and not out["nodes_only_theirs"] and not field_diffs
-                   and not out["links_only_ours"] and not out["links_only_theirs"] and worst <= 1e-4)
+    out["same"] = (
+        not out["nodes_only_ours"]
+        and not out["nodes_only_theirs"]
+        and not field_diffs
+        and not out["links_only_ours"]
+        and not out["links_only_theirs"]
+        and worst <= 1e-4
+    )
     return out
 
 
@@ -645,9 +770,18 @@ def verify_by_intervention(setup: Setup, tokens: list[int], theirs_npz: Path, wo
 # Plans
 # ============================================================================================
 def _run_spec(name, tokens, prompt, **kw) -> dict:
-    spec = {"name": name, "tokens": tokens, "prompt": prompt, "max_n_logits": 10,
-            "desired_logit_prob": 0.95, "batch_size": 256, "max_feature_nodes": None,
-            "update_interval": 4, "node_threshold": 0.8, "edge_threshold": 0.98}
+    spec = {
+        "name": name,
+        "tokens": tokens,
+        "prompt": prompt,
+        "max_n_logits": 10,
+        "desired_logit_prob": 0.95,
+        "batch_size": 256,
+        "max_feature_nodes": None,
+        "update_interval": 4,
+        "node_threshold": 0.8,
+        "edge_threshold": 0.98,
+    }
     spec.update(kw)
     return spec
 
@@ -656,11 +790,18 @@ def exactness_setups(setups: list[Setup], n_tokens: int, mfn: int, batch_size: i
     out = []
     for s in setups:
         toks, text = token_ids(s.model_dir, n_tokens)
-        out.append({"name": s.name, "model_dir": s.model_dir, "transcoder_dir": s.transcoder_dir,
-                    "check_hf_logits": True, "runs": [
-                        _run_spec("all", toks, text, batch_size=batch_size),
-                        _run_spec(f"mfn{mfn}", toks, text, batch_size=batch_size, max_feature_nodes=mfn),
-                    ]})
+        out.append(
+            {
+                "name": s.name,
+                "model_dir": s.model_dir,
+                "transcoder_dir": s.transcoder_dir,
+                "check_hf_logits": True,
+                "runs": [
+                    _run_spec("all", toks, text, batch_size=batch_size),
+                    _run_spec(f"mfn{mfn}", toks, text, batch_size=batch_size, max_feature_nodes=mfn),
+                ],
+            }
+        )
     return out
 
 
@@ -676,15 +817,21 @@ def exactness_rows(ours: dict, theirs: dict, setups: list[dict], work: Path) -> 
         so = ours.get("setups", {}).get(s["name"], {})
         st = theirs.get("setups", {}).get(s["name"], {})
         for r in s["runs"]:
-            row = {"setup": s["name"], "run": r["name"], "n_pos": len(r["tokens"]),
-                   "max_feature_nodes": r["max_feature_nodes"],
-                   "hf_logits_max_abs_ct": st.get("hf_logits", {}).get("max_abs_diff"),
-                   "hf_logits_max_abs_ours": so.get("hf_logits", {}).get("max_abs_diff")}
+            row = {
+                "setup": s["name"],
+                "run": r["name"],
+                "n_pos": len(r["tokens"]),
+                "max_feature_nodes": r["max_feature_nodes"],
+                "hf_logits_max_abs_ct": st.get("hf_logits", {}).get("max_abs_diff"),
+                "hf_logits_max_abs_ours": so.get("hf_logits", {}).get("max_abs_diff"),
+            }
             io, it = so.get("runs", {}).get(r["name"], {}), st.get("runs", {}).get(r["name"], {})
             row["ours_info"], row["theirs_info"] = io, it
             if "error" in io or "error" in it or not io or not it:
-                row["error"] = {"ours": io.get("error", "missing" if not io else None),
-                                "theirs": it.get("error", "missing" if not it else None)}
+                row["error"] = {
+                    "ours": io.get("error", "missing" if not io else None),
+                    "theirs": it.get("error", "missing" if not it else None),
+                }
                 rows.append(row)
                 continue
             row["ct_string_tokens_equal_ids"] = it.get("ct_string_tokens") == r["tokens"]
@@ -720,18 +867,26 @@ def _fmt(x, nd=2) -> str:
 
 
 def exactness_table(rows: list[dict]) -> list[str]:
-    head = ("| fixture | max_feature_nodes | logits vs HF (ours, ct) | tokens | active | selected | logits (tok, max Δp) | "
-            "adjacency max abs / rel / rel_entry | rel without BOS-error columns | pruning: nodes, edges | "
-            "our pruning on ct's adjacency = ct's | replacement, completeness (ours / ct) | graph JSON |")
+    head = (
+        "| fixture | max_feature_nodes | logits vs HF (ours, ct) | tokens | active | selected | logits (tok, max Δp) | "
+        "adjacency max abs / rel / rel_entry | rel without BOS-error columns | pruning: nodes, edges | "
+        "our pruning on ct's adjacency = ct's | replacement, completeness (ours / ct) | graph JSON |"
+    )
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {r['n_pos']} | error: {r['error']} |||||||||")
+            lines.append(
+                f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {r['n_pos']} | error: {r['error']} |||||||||"
+            )
             continue
         logits = f"{_fmt(r.get('same_logit_tokens'))}, {_fmt(r.get('logit_prob_max_abs'))}"
-        adj = (f"{_fmt(r.get('adj_max_abs'))} / {_fmt(r.get('adj_rel'))} / {_fmt(r.get('adj_rel_entry'))}"
-               + ("" if r.get("adj_ok") else f" (cols: {', '.join(r.get('adj_bad_columns', [])[:3])}"
-                  + (f" +{r['adj_n_bad_columns'] - 3}" if r.get('adj_n_bad_columns', 0) > 3 else "") + ")"))
+        adj = f"{_fmt(r.get('adj_max_abs'))} / {_fmt(r.get('adj_rel'))} / {_fmt(r.get('adj_rel_entry'))}" + (
+            ""
+            if r.get("adj_ok")
+            else f" (cols: {', '.join(r.get('adj_bad_columns', [])[:3])}"
+            + (f" +{r['adj_n_bad_columns'] - 3}" if r.get("adj_n_bad_columns", 0) > 3 else "")
+            + ")"
+        )
         prune = f"{_fmt(r.get('same_node_mask'))}, {_fmt(r.get('same_edge_mask'))}"
         if r.get("edges"):
             prune += f" ({r['edges'][0]}/{r['edges'][1]} edges)"
@@ -747,23 +902,30 @@ def exactness_table(rows: list[dict]) -> list[str]:
             if j.get("links_only_ours") or j.get("links_only_theirs"):
                 why.append(f"links differ ({j['links_only_ours']}+/{j['links_only_theirs']}-)")
             why += [f"metadata.{k}" for k in j.get("metadata_diffs", {})]
-            js = (_fmt(j.get("same")) + f" (nodes {j['nodes'][0]}/{j['nodes'][1]}, links {j['links'][0]}/{j['links'][1]}, "
-                  f"weights rel {_fmt(j.get('link_weight_max_rel'))}" + (f"; {', '.join(why)}" if why else "") + ")")
+            js = (
+                _fmt(j.get("same"))
+                + f" (nodes {j['nodes'][0]}/{j['nodes'][1]}, links {j['links'][0]}/{j['links'][1]}, "
+                f"weights rel {_fmt(j.get('link_weight_max_rel'))}" + (f"; {', '.join(why)}" if why else "") + ")"
+            )
         sel = _fmt(r.get("same_selected_features"))
         if not r.get("same_selected_features"):
             sel += f" ({r.get('selected_only_ours')}/{r.get('selected_only_theirs')} differ)"
         cross = r.get("our_pruning_on_ct_adjacency", {}).get("same_masks_as_ct")
         hf = f"{_fmt(r.get('hf_logits_max_abs_ours'))}, {_fmt(r.get('hf_logits_max_abs_ct'))}"
-        lines.append(f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {hf} | {_fmt(r.get('same_input_tokens'))} | "
-                     f"{_fmt(r.get('same_active_features'))} | {sel} | {logits} | {adj} | "
-                     f"{_fmt(r.get('adj_rel_excl_bos_error'))} | {prune} | {_fmt(cross)} | {sc} | {js} |")
+        lines.append(
+            f"| {r['setup']} | {r['max_feature_nodes'] or 'all'} | {hf} | {_fmt(r.get('same_input_tokens'))} | "
+            f"{_fmt(r.get('same_active_features'))} | {sel} | {logits} | {adj} | "
+            f"{_fmt(r.get('adj_rel_excl_bos_error'))} | {prune} | {_fmt(cross)} | {sc} | {js} |"
+        )
     return lines
 
 
 def speed_table(rows: list[dict]) -> list[str]:
-    lines = ["| fixture | tokens | nodes (ours/ct) | attribute s ours | ct | ours/ct | +prune+export s ours | ct | "
-             "peak RSS MB ours | ct | ours/ct | load avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fixture | tokens | nodes (ours/ct) | attribute s ours | ct | ours/ct | +prune+export s ours | ct | "
+        "peak RSS MB ours | ct | ours/ct | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         o, t = r["ours"], r["theirs"]
         ratio_t = o.get("attribute_s") / t["attribute_s"] if o.get("attribute_s") and t.get("attribute_s") else None
@@ -774,14 +936,18 @@ def speed_table(rows: list[dict]) -> list[str]:
             f"| {r['setup']} (mfn {r['max_feature_nodes'] or 'all'}) | {r['n_pos']} | {o.get('n_nodes', '-')}/{t.get('n_nodes', '-')} | "
             f"{_fmt(o.get('attribute_s', o.get('status')), 1)} | {_fmt(t.get('attribute_s', t.get('status')), 1)} | {_fmt(ratio_t)} | "
             f"{_fmt(e2e_o, 1)} | {_fmt(e2e_t, 1)} | {_fmt(o.get('peak_rss_mb'), 0)} | {_fmt(t.get('peak_rss_mb'), 0)} | "
-            f"{_fmt(ratio_m)} | {r.get('load_avg', '-')} |")
+            f"{_fmt(ratio_m)} | {r.get('load_avg', '-')} |"
+        )
     return lines
 
 
 def scale_table(rows: list[dict]) -> list[str]:
     """One line per prompt length: both engines side by side (all features, full graphs)."""
-    lines = ["| tokens | nodes | ours: status, attribute s, peak RSS MB | circuit-tracer: status, attribute s, peak RSS MB | "
-             "time ours/ct | RSS ours/ct |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| tokens | nodes | ours: status, attribute s, peak RSS MB | circuit-tracer: status, attribute s, peak RSS MB | "
+        "time ours/ct | RSS ours/ct |",
+        "|---|---|---|---|---|---|",
+    ]
     by_n: dict[int, dict] = {}
     for r in rows:
         by_n.setdefault(r["n_pos"], {})[r["engine"]] = r
@@ -791,11 +957,15 @@ def scale_table(rows: list[dict]) -> list[str]:
         def cell(r):
             if not r:
                 return "not run (a shorter prompt already failed)"
-            return f"{_short_status(str(r['status']))}, {_fmt(r.get('attribute_s'), 1)}, {_fmt(r.get('peak_rss_mb'), 0)}"
+            return (
+                f"{_short_status(str(r['status']))}, {_fmt(r.get('attribute_s'), 1)}, {_fmt(r.get('peak_rss_mb'), 0)}"
+            )
 
         tr = o["attribute_s"] / t["attribute_s"] if o.get("attribute_s") and t.get("attribute_s") else None
         mr = o["peak_rss_mb"] / t["peak_rss_mb"] if o.get("peak_rss_mb") and t.get("peak_rss_mb") else None
-        lines.append(f"| {n} | {o.get('n_nodes') or t.get('n_nodes') or '-'} | {cell(o)} | {cell(t)} | {_fmt(tr)} | {_fmt(mr)} |")
+        lines.append(
+            f"| {n} | {o.get('n_nodes') or t.get('n_nodes') or '-'} | {cell(o)} | {cell(t)} | {_fmt(tr)} | {_fmt(mr)} |"
+        )
     return lines
 
 
@@ -804,50 +974,84 @@ def build_tables(report: dict) -> list[str]:
     lines: list[str] = []
     if report.get("exactness"):
         zb = (report.get("settings") or {}).get("zero_bos_errors")
-        lines += ["", "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20)"
-                  + ("; OURS WITH zero_bos_errors=True (--zero-bos-errors: BOS-position error vectors zeroed, as circuit-tracer does)" if zb else "") + ":", ""]
+        lines += [
+            "",
+            "Exactness, pruning, graph JSON (tiny fixtures, 12 tokens; max_feature_nodes all / 20)"
+            + (
+                "; OURS WITH zero_bos_errors=True (--zero-bos-errors: BOS-position error vectors zeroed, as circuit-tracer does)"
+                if zb
+                else ""
+            )
+            + ":",
+            "",
+        ]
         lines += exactness_table(report["exactness"])
         bos = [r for r in report["exactness"] if r.get("ct_string_tokens_equal_ids") is False]
         if bos:
             r = bos[0]
-            lines += ["", f"Input ids: both engines were given the same ids (BOS first). From the prompt text, our "
-                      f"tokenization gives those ids in {sum(bool(x.get('our_string_tokens_equal_ids')) for x in report['exactness'])}"
-                      f"/{len(report['exactness'])} runs; circuit-tracer's gives different ids in {len(bos)} runs: its first "
-                      f"id is {r['theirs_info'].get('ct_string_tokens', [None])[0]} instead of BOS "
-                      f"{r['ours_info'].get('string_tokens', [None])[0]} (it prepends the first non-zero special-token "
-                      "id, so a BOS id of 0 is skipped)."]
+            lines += [
+                "",
+                f"Input ids: both engines were given the same ids (BOS first). From the prompt text, our "
+                f"tokenization gives those ids in {sum(bool(x.get('our_string_tokens_equal_ids')) for x in report['exactness'])}"
+                f"/{len(report['exactness'])} runs; circuit-tracer's gives different ids in {len(bos)} runs: its first "
+                f"id is {r['theirs_info'].get('ct_string_tokens', [None])[0]} instead of BOS "
+                f"{r['ours_info'].get('string_tokens', [None])[0]} (it prepends the first non-zero special-token "
+                "id, so a BOS id of 0 is skipped).",
+            ]
     verify = report.get("verify_by_intervention") or {}
     if verify:
-        lines += ["", "Differences checked by intervention on the frozen model (our engine in float64, circuit-tracer's "
-                  "float32 graph; relative error of each column against the measured change of every target):", "",
-                  "| fixture | source | max change | ours rel err | circuit-tracer rel err |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Differences checked by intervention on the frozen model (our engine in float64, circuit-tracer's "
+            "float32 graph; relative error of each column against the measured change of every target):",
+            "",
+            "| fixture | source | max change | ours rel err | circuit-tracer rel err |",
+            "|---|---|---|---|---|",
+        ]
         for name, checks in verify.items():
             if "error" in checks:
                 lines.append(f"| {name} | error: {checks['error']} ||||")
                 continue
             for label, c in checks.items():
-                lines.append(f"| {name} | {label} | {_fmt(c['intervention_max_abs_change'])} | "
-                             f"{_fmt(c['ours_rel_err'])} | {_fmt(c['ct_rel_err'])} |")
+                lines.append(
+                    f"| {name} | {label} | {_fmt(c['intervention_max_abs_change'])} | "
+                    f"{_fmt(c['ours_rel_err'])} | {_fmt(c['ct_rel_err'])} |"
+                )
     if report.get("exactness_big"):
         st = report.get("exactness_big_settings", {"n_tokens": 8, "max_feature_nodes": 128})
         zb = (report.get("settings") or {}).get("zero_bos_errors")
-        lines += ["", f"Exactness on the GPT-2-small-shaped fixture ({st['n_tokens']} tokens, max_feature_nodes "
-                  f"{st['max_feature_nodes']})" + ("; ours with zero_bos_errors=True (--zero-bos-errors)" if zb else "")
-                  + ":", ""] + exactness_table(report["exactness_big"])
+        lines += [
+            "",
+            f"Exactness on the GPT-2-small-shaped fixture ({st['n_tokens']} tokens, max_feature_nodes "
+            f"{st['max_feature_nodes']})"
+            + ("; ours with zero_bos_errors=True (--zero-bos-errors)" if zb else "")
+            + ":",
+            "",
+        ] + exactness_table(report["exactness_big"])
     if report.get("speed"):
         st = report.get("speed_settings") or {}
-        lines += ["", f"Speed and memory (GPT-2-small shape, max_feature_nodes={st.get('max_feature_nodes')}, batch "
-                  f"{st.get('batch_size')}, {st.get('threads')} threads; each engine in its own process, one after the "
-                  "other; RSS = peak of the process, model loading included):", ""] + speed_table(report["speed"])
+        lines += [
+            "",
+            f"Speed and memory (GPT-2-small shape, max_feature_nodes={st.get('max_feature_nodes')}, batch "
+            f"{st.get('batch_size')}, {st.get('threads')} threads; each engine in its own process, one after the "
+            "other; RSS = peak of the process, model loading included):",
+            "",
+        ] + speed_table(report["speed"])
     if report.get("scale"):
         st = report.get("scale_settings") or {}
         cap = f"time cap {st.get('cap_s')} s"
         early = report.get("scale_settings_earlier")
         if early and early.get("cap_s") != st.get("cap_s"):
-            cap = (f"time cap {early.get('cap_s')} s, rerun with {st.get('cap_s')} s at "
-                   f"{', '.join(str(n) for n in st.get('lengths', []))} tokens")
-        lines += ["", f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; {cap}, "
-                  f"address-space cap {st.get('mem_cap_gb')} GB):", ""] + scale_table(report["scale"])
+            cap = (
+                f"time cap {early.get('cap_s')} s, rerun with {st.get('cap_s')} s at "
+                f"{', '.join(str(n) for n in st.get('lengths', []))} tokens"
+            )
+        lines += [
+            "",
+            f"Scale (2 layers, d_model 64, 16384-feature PLTs at density 0.004, all features; {cap}, "
+            f"address-space cap {st.get('mem_cap_gb')} GB):",
+            "",
+        ] + scale_table(report["scale"])
     return lines
 
 
@@ -874,8 +1078,13 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem,
-            "python": platform.python_version()}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": mem,
+        "python": platform.python_version(),
+    }
 
 
 def ensure_ct_venv() -> None:
@@ -915,8 +1124,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/compare[-quick].json)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64], help="speed prompt lengths")
-    ap.add_argument("--speed-mfn", type=int, default=256,
-                    help="max_feature_nodes for the gpt2small speed runs (the full graph takes hours here)")
+    ap.add_argument(
+        "--speed-mfn",
+        type=int,
+        default=256,
+        help="max_feature_nodes for the gpt2small speed runs (the full graph takes hours here)",
+    )
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="speed runs per engine and length")
     ap.add_argument("--speed-cap-s", type=float, default=900)
@@ -924,14 +1137,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-lengths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     ap.add_argument("--scale-cap-s", type=float, default=1200)
     ap.add_argument("--mem-cap-gb", type=float, default=14.0)
-    ap.add_argument("--zero-bos-errors", action="store_true",
-                    help="exactness runs: our engine with attribute(zero_bos_errors=True) (zero BOS-position error "
-                         "vectors, as circuit-tracer does), to check that this alone explains the differences")
-    ap.add_argument("--scale-append", action="store_true",
-                    help="with --reuse: keep the earlier scale rows of other lengths (rerun some lengths with a longer cap)")
+    ap.add_argument(
+        "--zero-bos-errors",
+        action="store_true",
+        help="exactness runs: our engine with attribute(zero_bos_errors=True) (zero BOS-position error "
+        "vectors, as circuit-tracer does), to check that this alone explains the differences",
+    )
+    ap.add_argument(
+        "--scale-append",
+        action="store_true",
+        help="with --reuse: keep the earlier scale rows of other lengths (rerun some lengths with a longer cap)",
+    )
     ap.add_argument("--skip", nargs="*", default=[], choices=list(SECTION_KEYS))
-    ap.add_argument("--reuse", type=Path, default=None,
-                    help="take the skipped sections from this earlier results JSON (to rerun one section)")
+    ap.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the skipped sections from this earlier results JSON (to rerun one section)",
+    )
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -941,9 +1164,13 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ct_venv()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": _machine(), "load_avg_start": _loadavg(), "quick": args.quick,
-                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    report: dict = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "load_avg_start": _loadavg(),
+        "quick": args.quick,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
 
     # ---------------------------------------------------------------- exactness (tiny)
     print("[compare] fixtures ...", flush=True)
@@ -951,9 +1178,18 @@ def main(argv: list[str] | None = None) -> int:
     if "exactness" not in args.skip:
         ex = exactness_setups(tiny, n_tokens=12, mfn=20, batch_size=16)
         print(f"[compare] exactness on {len(ex)} tiny setups (ours, then circuit-tracer) ...", flush=True)
-        ours = run_engine("ours", ex, work / "exact" / "ours", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb,
-                          zero_bos_errors=args.zero_bos_errors)
-        theirs = run_engine("theirs", ex, work / "exact" / "theirs", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb)
+        ours = run_engine(
+            "ours",
+            ex,
+            work / "exact" / "ours",
+            threads=args.threads,
+            timeout_s=900,
+            mem_cap_gb=args.mem_cap_gb,
+            zero_bos_errors=args.zero_bos_errors,
+        )
+        theirs = run_engine(
+            "theirs", ex, work / "exact" / "theirs", threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb
+        )
         report["versions"] = {"ours": ours.get("versions"), "circuit_tracer_env": theirs.get("versions")}
         report["exactness"] = exactness_rows(ours, theirs, ex, work / "exact")
         report["exactness_status"] = {"ours": ours["status"], "theirs": theirs["status"]}
@@ -965,7 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = next(x for x in ex if x["name"] == st.name)
             try:
                 verify[st.name] = verify_by_intervention(
-                    st, spec["runs"][0]["tokens"], work / "exact" / "theirs" / st.name / "all.npz", work)
+                    st, spec["runs"][0]["tokens"], work / "exact" / "theirs" / st.name / "all.npz", work
+                )
             except Exception as exc:  # report, do not hide the table
                 verify[st.name] = {"error": f"{type(exc).__name__}: {exc}"}
         report["verify_by_intervention"] = verify
@@ -977,13 +1214,33 @@ def main(argv: list[str] | None = None) -> int:
             ex = []
             for s in big:
                 toks, text = token_ids(s.model_dir, 8)
-                ex.append({"name": s.name, "model_dir": s.model_dir, "transcoder_dir": s.transcoder_dir,
-                           "check_hf_logits": True,
-                           "runs": [_run_spec("mfn128", toks, text, batch_size=64, max_feature_nodes=128)]})
+                ex.append(
+                    {
+                        "name": s.name,
+                        "model_dir": s.model_dir,
+                        "transcoder_dir": s.transcoder_dir,
+                        "check_hf_logits": True,
+                        "runs": [_run_spec("mfn128", toks, text, batch_size=64, max_feature_nodes=128)],
+                    }
+                )
             print("[compare] exactness on gpt2small (8 tokens, 128 feature rows) ...", flush=True)
-            ours = run_engine("ours", ex, work / "exact-big" / "ours", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb,
-                              zero_bos_errors=args.zero_bos_errors)
-            theirs = run_engine("theirs", ex, work / "exact-big" / "theirs", threads=args.threads, timeout_s=1800, mem_cap_gb=args.mem_cap_gb)
+            ours = run_engine(
+                "ours",
+                ex,
+                work / "exact-big" / "ours",
+                threads=args.threads,
+                timeout_s=1800,
+                mem_cap_gb=args.mem_cap_gb,
+                zero_bos_errors=args.zero_bos_errors,
+            )
+            theirs = run_engine(
+                "theirs",
+                ex,
+                work / "exact-big" / "theirs",
+                threads=args.threads,
+                timeout_s=1800,
+                mem_cap_gb=args.mem_cap_gb,
+            )
             rows = exactness_rows(ours, theirs, ex, work / "exact-big")
             report["exactness_big"] = rows
             report["exactness_big_settings"] = {"n_tokens": 8, "max_feature_nodes": 128, "batch_size": 64}
@@ -991,27 +1248,59 @@ def main(argv: list[str] | None = None) -> int:
         # ------------------------------------------------------------ speed
         if "speed" not in args.skip:
             speed_rows = []
-            report["speed_settings"] = {"max_feature_nodes": args.speed_mfn, "batch_size": args.batch_size,
-                                        "threads": args.threads, "cap_s": args.speed_cap_s}
+            report["speed_settings"] = {
+                "max_feature_nodes": args.speed_mfn,
+                "batch_size": args.batch_size,
+                "threads": args.threads,
+                "cap_s": args.speed_cap_s,
+            }
             for s in big:
                 if s.name.endswith("clt") and args.no_clt_speed:
                     continue
                 for n in args.lengths:
                     toks, text = token_ids(s.model_dir, n)
-                    spec = _run_spec(f"n{n}", toks, None, batch_size=args.batch_size,
-                                     max_feature_nodes=args.speed_mfn, save="none")
-                    setup = [{"name": s.name, "model_dir": s.model_dir, "transcoder_dir": s.transcoder_dir,
-                              "check_hf_logits": False, "runs": [spec]}]
+                    spec = _run_spec(
+                        f"n{n}", toks, None, batch_size=args.batch_size, max_feature_nodes=args.speed_mfn, save="none"
+                    )
+                    setup = [
+                        {
+                            "name": s.name,
+                            "model_dir": s.model_dir,
+                            "transcoder_dir": s.transcoder_dir,
+                            "check_hf_logits": False,
+                            "runs": [spec],
+                        }
+                    ]
                     for rep in range(args.repeats):
                         la = _loadavg()
                         print(f"[compare] speed {s.name} {n} tokens (rep {rep}), load {la} ...", flush=True)
-                        ro = run_engine("ours", setup, work / "speed" / f"ours-{s.name}-{n}-{rep}", threads=args.threads,
-                                        timeout_s=args.speed_cap_s, mem_cap_gb=args.mem_cap_gb)
-                        rt = run_engine("theirs", setup, work / "speed" / f"theirs-{s.name}-{n}-{rep}", threads=args.threads,
-                                        timeout_s=args.speed_cap_s, mem_cap_gb=args.mem_cap_gb)
-                        speed_rows.append({"setup": s.name, "n_pos": n, "rep": rep, "max_feature_nodes": args.speed_mfn,
-                                           "load_avg": f"{la} -> {_loadavg()}",
-                                           "ours": _single(ro, s.name, f"n{n}"), "theirs": _single(rt, s.name, f"n{n}")})
+                        ro = run_engine(
+                            "ours",
+                            setup,
+                            work / "speed" / f"ours-{s.name}-{n}-{rep}",
+                            threads=args.threads,
+                            timeout_s=args.speed_cap_s,
+                            mem_cap_gb=args.mem_cap_gb,
+                        )
+                        rt = run_engine(
+                            "theirs",
+                            setup,
+                            work / "speed" / f"theirs-{s.name}-{n}-{rep}",
+                            threads=args.threads,
+                            timeout_s=args.speed_cap_s,
+                            mem_cap_gb=args.mem_cap_gb,
+                        )
+                        speed_rows.append(
+                            {
+                                "setup": s.name,
+                                "n_pos": n,
+                                "rep": rep,
+                                "max_feature_nodes": args.speed_mfn,
+                                "load_avg": f"{la} -> {_loadavg()}",
+                                "ours": _single(ro, s.name, f"n{n}"),
+                                "theirs": _single(rt, s.name, f"n{n}"),
+                            }
+                        )
                         report["speed"] = speed_rows
                         _write(report, args)
 
@@ -1019,23 +1308,48 @@ def main(argv: list[str] | None = None) -> int:
         if "scale" not in args.skip:
             sc = build_big(work, "scale", with_clt=False)[0]
             scale_rows = []
-            report["scale_settings"] = {"cap_s": args.scale_cap_s, "mem_cap_gb": args.mem_cap_gb,
-                                        "batch_size": args.batch_size, "lengths": args.scale_lengths}
+            report["scale_settings"] = {
+                "cap_s": args.scale_cap_s,
+                "mem_cap_gb": args.mem_cap_gb,
+                "batch_size": args.batch_size,
+                "lengths": args.scale_lengths,
+            }
             for engine in ("ours", "theirs"):
                 for n in args.scale_lengths:
                     n = min(n, 1024)
                     toks, _ = token_ids(sc.model_dir, n)
-                    spec = _run_spec(f"n{n}", toks, None, batch_size=args.batch_size, save="none",
-                                     prune=False, export=False)
-                    setup = [{"name": sc.name, "model_dir": sc.model_dir, "transcoder_dir": sc.transcoder_dir,
-                              "check_hf_logits": False, "runs": [spec]}]
+                    spec = _run_spec(
+                        f"n{n}", toks, None, batch_size=args.batch_size, save="none", prune=False, export=False
+                    )
+                    setup = [
+                        {
+                            "name": sc.name,
+                            "model_dir": sc.model_dir,
+                            "transcoder_dir": sc.transcoder_dir,
+                            "check_hf_logits": False,
+                            "runs": [spec],
+                        }
+                    ]
                     print(f"[compare] scale {engine} {n} tokens, load {_loadavg()} ...", flush=True)
-                    r = run_engine(engine, setup, work / "scale" / f"{engine}-{n}", threads=args.threads,
-                                   timeout_s=args.scale_cap_s, mem_cap_gb=args.mem_cap_gb)
+                    r = run_engine(
+                        engine,
+                        setup,
+                        work / "scale" / f"{engine}-{n}",
+                        threads=args.threads,
+                        timeout_s=args.scale_cap_s,
+                        mem_cap_gb=args.mem_cap_gb,
+                    )
                     info = _single(r, sc.name, f"n{n}")
-                    row = {"engine": engine, "setup": sc.name, "n_pos": n, "status": info.get("status", "ok"),
-                           **{k: info.get(k) for k in ("attribute_s", "peak_rss_mb", "n_nodes", "n_active", "store_bytes")},
-                           "load_avg": _loadavg()}
+                    row = {
+                        "engine": engine,
+                        "setup": sc.name,
+                        "n_pos": n,
+                        "status": info.get("status", "ok"),
+                        **{
+                            k: info.get(k) for k in ("attribute_s", "peak_rss_mb", "n_nodes", "n_active", "store_bytes")
+                        },
+                        "load_avg": _loadavg(),
+                    }
                     if row["status"] != "ok":
                         row["log_tail"] = r.get("log_tail", "")[-600:]
                     scale_rows.append(row)
@@ -1059,21 +1373,30 @@ def main(argv: list[str] | None = None) -> int:
                     report[key] = old[key]
             if section == "speed" and "speed_settings" not in report and "settings" in old:
                 st = old["settings"]
-                report["speed_settings"] = {"max_feature_nodes": st.get("speed_mfn"), "batch_size": st.get("batch_size"),
-                                            "threads": st.get("threads"), "cap_s": st.get("speed_cap_s")}
+                report["speed_settings"] = {
+                    "max_feature_nodes": st.get("speed_mfn"),
+                    "batch_size": st.get("batch_size"),
+                    "threads": st.get("threads"),
+                    "cap_s": st.get("speed_cap_s"),
+                }
             if section == "speed":
                 for row in report.get("speed", []):
                     for side in ("ours", "theirs"):
                         if "status" in row[side]:
                             row[side]["status"] = _short_status(str(row[side].get("error_full") or row[side]["status"]))
-            report.setdefault("reused", {})[section] = {"from": str(args.reuse), "date": old.get("date"),
-                                                        "load_avg": [old.get("load_avg_start"), old.get("load_avg_end")]}
+            report.setdefault("reused", {})[section] = {
+                "from": str(args.reuse),
+                "date": old.get("date"),
+                "load_avg": [old.get("load_avg_start"), old.get("load_avg_end")],
+            }
     lines = build_tables(report)
     report["table"] = "\n".join(lines)
     path = _write(report, args)
     print("\n".join(lines))
-    print(f"\nmachine: {report['machine']}\nload average: start {report['load_avg_start']}, end {report['load_avg_end']}"
-          f"\ntotal {report['total_s']} s; results in {path}")
+    print(
+        f"\nmachine: {report['machine']}\nload average: start {report['load_avg_start']}, end {report['load_avg_end']}"
+        f"\ntotal {report['total_s']} s; results in {path}"
+    )
     return 0
 
 

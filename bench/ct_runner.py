@@ -127,8 +127,11 @@ def load_model(model_dir: Path, transcoders, link_dir: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = ReplacementModel.from_pretrained_and_transcoders(
-                str(link), transcoders, backend="transformerlens",
-                device=torch.device("cpu"), dtype=torch.float32,
+                str(link),
+                transcoders,
+                backend="transformerlens",
+                device=torch.device("cpu"),
+                dtype=torch.float32,
             )
     finally:
         loading.get_official_model_name = official
@@ -192,7 +195,8 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
 
     t0 = time.perf_counter()
     graph = attribute(
-        tokens, model,
+        tokens,
+        model,
         max_n_logits=spec.get("max_n_logits", 10),
         desired_logit_prob=spec.get("desired_logit_prob", 0.95),
         batch_size=spec.get("batch_size", 256),
@@ -225,8 +229,12 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
         t0 = time.perf_counter()
         replacement, completeness = compute_graph_scores(graph)
         info["scores_s"] = time.perf_counter() - t0
-        info.update(replacement_score=replacement, completeness_score=completeness,
-                    n_kept_nodes=int(node_mask.sum()), n_kept_edges=int(edge_mask.sum()))
+        info.update(
+            replacement_score=replacement,
+            completeness_score=completeness,
+            n_kept_nodes=int(node_mask.sum()),
+            n_kept_edges=int(edge_mask.sum()),
+        )
         rows, cols = np.nonzero(edge_mask.cpu().numpy())
         arrays.update(
             node_mask=node_mask.cpu().numpy(),
@@ -236,8 +244,9 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
         )
         if spec.get("export", True):
             t0 = time.perf_counter()
-            create_graph_files(graph, spec["name"], str(out_dir / "graphs"), scan=scan,
-                               node_threshold=nt, edge_threshold=et)
+            create_graph_files(
+                graph, spec["name"], str(out_dir / "graphs"), scan=scan, node_threshold=nt, edge_threshold=et
+            )
             info["export_s"] = time.perf_counter() - t0
     if spec.get("save", "full") == "full":
         arrays["adjacency"] = A.cpu().numpy().astype(np.float32)
@@ -273,9 +282,12 @@ def main(job_path: str) -> None:
         with tempfile.TemporaryDirectory(prefix="ctm") as link_dir:
             transcoders, kind = load_transcoders(Path(setup["transcoder_dir"]), scan)
             model = load_model(Path(setup["model_dir"]), transcoders, Path(link_dir))
-            res.update(load_s=time.perf_counter() - t0, transcoder_kind=kind,
-                       config_overrides=model.bench_config_overrides,
-                       peak_rss_mb_after_load=peak_rss_mb())
+            res.update(
+                load_s=time.perf_counter() - t0,
+                transcoder_kind=kind,
+                config_overrides=model.bench_config_overrides,
+                peak_rss_mb_after_load=peak_rss_mb(),
+            )
             if setup.get("check_hf_logits") and setup["runs"]:
                 tokens = torch.tensor(setup["runs"][0]["tokens"], dtype=torch.long)
                 res["hf_logits"] = hf_logits_check(model, Path(setup["model_dir"]), tokens)

@@ -54,8 +54,12 @@ class _Timers:
         from pipeline.analysis import dashboards as D
 
         self.seconds: dict[str, float] = {}
-        for owner, name, label in ((D._Run, "stream", "stream"), (D._Run, "logits", "logits"),
-                                   (D._Run, "contexts", "contexts"), (D, "_write_store", "write")):
+        for owner, name, label in (
+            (D._Run, "stream", "stream"),
+            (D._Run, "logits", "logits"),
+            (D._Run, "contexts", "contexts"),
+            (D, "_write_store", "write"),
+        ):
             setattr(owner, name, self._wrap(getattr(owner, name), label))
 
     def _wrap(self, fn, label):
@@ -80,11 +84,23 @@ def _organism_fixture(root: Path):
     if not (marker.exists() and marker.read_text() == spec):
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        make_tiny_gpt2(model_dir, n_layers=ORGANISM["n_layers"], d_model=ORGANISM["d_model"],
-                       n_heads=ORGANISM["n_heads"], n_ctx=ORGANISM["n_ctx"], vocab_words=world.vocabulary())
-        make_random_plt(tc_dir, n_layers=ORGANISM["n_layers"], d_model=ORGANISM["d_model"],
-                        d_transcoder=ORGANISM["d_transcoder"], activation="jump_relu", skip=True,
-                        density=ORGANISM["density"])
+        make_tiny_gpt2(
+            model_dir,
+            n_layers=ORGANISM["n_layers"],
+            d_model=ORGANISM["d_model"],
+            n_heads=ORGANISM["n_heads"],
+            n_ctx=ORGANISM["n_ctx"],
+            vocab_words=world.vocabulary(),
+        )
+        make_random_plt(
+            tc_dir,
+            n_layers=ORGANISM["n_layers"],
+            d_model=ORGANISM["d_model"],
+            d_transcoder=ORGANISM["d_transcoder"],
+            activation="jump_relu",
+            skip=True,
+            density=ORGANISM["density"],
+        )
         marker.write_text(spec)
     return world, model_dir, tc_dir
 
@@ -109,12 +125,18 @@ def child_organism(params: dict) -> dict:
     rec = dash.feature(1, 7)
     query = time.perf_counter() - t1
     return {
-        "case": "organism", "fixture": ORGANISM, "documents": len(corpus), "tokens": n,
-        "phase_seconds": timers.seconds, "total_seconds": round(total, 2),
+        "case": "organism",
+        "fixture": ORGANISM,
+        "documents": len(corpus),
+        "tokens": n,
+        "phase_seconds": timers.seconds,
+        "total_seconds": round(total, 2),
         "stream_tokens_per_s": round(n / timers.seconds["stream"], 1),
         "end_to_end_tokens_per_s": round(n / total, 1),
-        "feature_query_seconds": round(query, 4), "example_label": rec["label"],
-        "store": dir_usage(out), "peak_rss_mib": round(peak_rss_mib(), 1),
+        "feature_query_seconds": round(query, 4),
+        "example_label": rec["label"],
+        "store": dir_usage(out),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
 
@@ -140,8 +162,13 @@ def child_gpt2small(params: dict) -> dict:
     out = WORKDIR / "gpt2small.zarr"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
-    result = {"case": "gpt2small", "fixture": {**vars(GPT2_SMALL)}, "load_seconds": round(load, 1),
-              "rss_after_load_mib": round(rss_loaded, 1), "batch_tokens": cfg.batch_tokens}
+    result = {
+        "case": "gpt2small",
+        "fixture": {**vars(GPT2_SMALL)},
+        "load_seconds": round(load, 1),
+        "rss_after_load_mib": round(rss_loaded, 1),
+        "batch_tokens": cfg.batch_tokens,
+    }
     if params["gpt2_logit_features"]:  # quick: the stream phase, and the logits of a slice
         run = D._Run(model, corpus, out, cfg, progress=False)
         run.reset_partial()
@@ -161,24 +188,37 @@ def child_gpt2small(params: dict) -> dict:
         logit_s = time.perf_counter() - t0
         per_feature = logit_s / nf
         shutil.rmtree(run.partial, ignore_errors=True)
-        result.update({
-            "tokens": n, "stream_seconds": round(stream, 1), "stream_tokens_per_s": round(n / stream, 1),
-            "logits_features_timed": nf, "logits_features_per_s": round(nf / logit_s, 1),
-            "logits_all_layers_seconds_estimate": round(per_feature * GPT2_SMALL.d_transcoder * GPT2_SMALL.n_layers),
-        })
+        result.update(
+            {
+                "tokens": n,
+                "stream_seconds": round(stream, 1),
+                "stream_tokens_per_s": round(n / stream, 1),
+                "logits_features_timed": nf,
+                "logits_features_per_s": round(nf / logit_s, 1),
+                "logits_all_layers_seconds_estimate": round(
+                    per_feature * GPT2_SMALL.d_transcoder * GPT2_SMALL.n_layers
+                ),
+            }
+        )
     else:
         timers = _Timers()
         t0 = time.perf_counter()
         D.compute_dashboards(model, corpus, out, cfg, progress=False)
         total = time.perf_counter() - t0
         n = D.Dashboards.open(out).n_tokens
-        result.update({
-            "tokens": n, "phase_seconds": timers.seconds, "total_seconds": round(total, 1),
-            "stream_tokens_per_s": round(n / timers.seconds["stream"], 1),
-            "end_to_end_tokens_per_s": round(n / total, 2),
-            "logits_features_per_s": round(GPT2_SMALL.d_transcoder * GPT2_SMALL.n_layers / timers.seconds["logits"], 1),
-            "store": dir_usage(out),
-        })
+        result.update(
+            {
+                "tokens": n,
+                "phase_seconds": timers.seconds,
+                "total_seconds": round(total, 1),
+                "stream_tokens_per_s": round(n / timers.seconds["stream"], 1),
+                "end_to_end_tokens_per_s": round(n / total, 2),
+                "logits_features_per_s": round(
+                    GPT2_SMALL.d_transcoder * GPT2_SMALL.n_layers / timers.seconds["logits"], 1
+                ),
+                "store": dir_usage(out),
+            }
+        )
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return result
 
@@ -196,8 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         emit({"organism": child_organism, "gpt2small": child_gpt2small}[params["case"]](params))
         return
     WORKDIR.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "dashboards", "quick": args.quick, "machine": machine_info(args.threads),
-              "cases": {}}
+    report = {"benchmark": "dashboards", "quick": args.quick, "machine": machine_info(args.threads), "cases": {}}
     for case in args.cases.split(","):
         params = {"case": case, "threads": args.threads, **SIZES[args.quick]}
         report["cases"][case] = run_child(Path(__file__), params, threads=args.threads, label=case)

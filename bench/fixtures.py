@@ -55,15 +55,27 @@ class FixtureSpec:
 
 
 GPT2_SMALL = FixtureSpec(
-    name="gpt2small", n_layers=12, d_model=768, n_heads=12, n_ctx=1024, vocab_size=50257,
-    d_transcoder=16384, density=0.004,
+    name="gpt2small",
+    n_layers=12,
+    d_model=768,
+    n_heads=12,
+    n_ctx=1024,
+    vocab_size=50257,
+    d_transcoder=16384,
+    density=0.004,
 )
 
 # The scale case: dense adjacency >= 48 GB needs >= ~110k nodes. Nodes here are mostly
 # features: 2 layers x 1023 positions x ~60 features; the backward passes are cheap (d_model 64).
 SCALE = FixtureSpec(
-    name="scale", n_layers=2, d_model=64, n_heads=2, n_ctx=1024, vocab_size=64,
-    d_transcoder=16384, density=0.004,
+    name="scale",
+    n_layers=2,
+    d_model=64,
+    n_heads=2,
+    n_ctx=1024,
+    vocab_size=64,
+    d_transcoder=16384,
+    density=0.004,
 )
 
 SPECS = {s.name: s for s in (GPT2_SMALL, SCALE)}
@@ -104,8 +116,7 @@ def prompt(n_tokens: int) -> str:
     from pipeline.testing import DEFAULT_WORDS
 
     base = "the capital of the state containing dallas is austin . la capitale de texas est".split()
-    words = [base[i] if i < len(base) else DEFAULT_WORDS[(7 * i) % len(DEFAULT_WORDS)]
-             for i in range(n_tokens - 1)]
+    words = [base[i] if i < len(base) else DEFAULT_WORDS[(7 * i) % len(DEFAULT_WORDS)] for i in range(n_tokens - 1)]
     return " ".join(words)
 
 

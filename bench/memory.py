@@ -55,8 +55,7 @@ def child(params: dict) -> None:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bridge = TransformerBridge.boot_transformers(str(fx.model_dir), device="cpu",
-                                                         dtype=torch.float32)
+            bridge = TransformerBridge.boot_transformers(str(fx.model_dir), device="cpu", dtype=torch.float32)
         out["n_params"] = sum(p.numel() for p in bridge.original_model.parameters())
     elif case in ("lazy", "lazy_forward"):
         model = ReplacementModel.from_pretrained(str(fx.model_dir), str(fx.transcoder_dir))
@@ -82,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Peak RSS of model / replacement-model loading.")
     ap.add_argument("--quick", action="store_true", help="small model, smoke test (< 2 min)")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: see README, oversubscription on a loaded box)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+    )
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -94,14 +94,21 @@ def main(argv: list[str] | None = None) -> None:
     spec = F.SCALE if args.quick else F.GPT2_SMALL
     fx = F.build(spec, args.workdir)
     info = C.machine_info(args.threads)
-    print(f"memory benchmark on {spec.name}: {spec.n_layers} layers, d_model {spec.d_model}, "
-          f"vocab {spec.vocab_size}; PLT {spec.d_transcoder} features ({spec.activation}, "
-          f"density {spec.density}); threads {args.threads}; load {info['loadavg_start']}")
+    print(
+        f"memory benchmark on {spec.name}: {spec.n_layers} layers, d_model {spec.d_model}, "
+        f"vocab {spec.vocab_size}; PLT {spec.d_transcoder} features ({spec.activation}, "
+        f"density {spec.density}); threads {args.threads}; load {info['loadavg_start']}"
+    )
     results = {}
     for case, _label in CASES:
-        params = {"case": case, "spec": spec.name, "model_dir": str(fx.model_dir),
-                  "transcoder_dir": str(fx.transcoder_dir), "threads": args.threads,
-                  "prompt_tokens": args.prompt_tokens}
+        params = {
+            "case": case,
+            "spec": spec.name,
+            "model_dir": str(fx.model_dir),
+            "transcoder_dir": str(fx.transcoder_dir),
+            "threads": args.threads,
+            "prompt_tokens": args.prompt_tokens,
+        }
         results[case] = C.run_child(Path(__file__), params, threads=args.threads, label=case)
     info["loadavg_end"] = C.loadavg()
 
@@ -110,26 +117,43 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'case':40s} {'peak RSS MiB':>13s} {'x (a)':>7s} {'RSS at end MiB':>15s} {'load s':>7s}")
     for case, label in CASES:
         r = results[case]
-        print(f"{label:40s} {r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / base:7.2f} "
-              f"{r['rss_end_mib']:15.0f} {r.get('load_seconds', 0):7.1f}")
+        print(
+            f"{label:40s} {r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] / base:7.2f} "
+            f"{r['rss_end_mib']:15.0f} {r.get('load_seconds', 0):7.1f}"
+        )
     fwd = results["lazy_forward"]
-    print(f"\n(d): {fwd['n_pos']} positions, {fwd['active_features']} active features "
-          f"({fwd['active_per_token_layer']} per token per layer), forward {fwd['forward_seconds']} s")
+    print(
+        f"\n(d): {fwd['n_pos']} positions, {fwd['active_features']} active features "
+        f"({fwd['active_per_token_layer']} per token per layer), forward {fwd['forward_seconds']} s"
+    )
     tc_bytes = json.loads((args.workdir / spec.name / "fixture.json").read_text())
-    print(f"files: model {C.fmt_bytes(tc_bytes['model_bytes'])}, transcoders "
-          f"{C.fmt_bytes(tc_bytes['transcoder_bytes'])}; load average {info['loadavg_start']} -> "
-          f"{info['loadavg_end']}")
-    path = C.save_json("memory_quick.json" if args.quick else "memory.json", {
-        "benchmark": "memory",
-        "quick": args.quick,
-        "fixture": {**tc_bytes["spec"], "model_bytes": tc_bytes["model_bytes"],
-                    "transcoder_bytes": tc_bytes["transcoder_bytes"]},
-        "prompt_tokens": args.prompt_tokens,
-        "machine": info,
-        "cases": {case: {"label": label, **results[case],
-                         "peak_ratio_to_bridge": round(results[case]["peak_rss_mib"] / base, 3)}
-                  for case, label in CASES},
-    })
+    print(
+        f"files: model {C.fmt_bytes(tc_bytes['model_bytes'])}, transcoders "
+        f"{C.fmt_bytes(tc_bytes['transcoder_bytes'])}; load average {info['loadavg_start']} -> "
+        f"{info['loadavg_end']}"
+    )
+    path = C.save_json(
+        "memory_quick.json" if args.quick else "memory.json",
+        {
+            "benchmark": "memory",
+            "quick": args.quick,
+            "fixture": {
+                **tc_bytes["spec"],
+                "model_bytes": tc_bytes["model_bytes"],
+                "transcoder_bytes": tc_bytes["transcoder_bytes"],
+            },
+            "prompt_tokens": args.prompt_tokens,
+            "machine": info,
+            "cases": {
+                case: {
+                    "label": label,
+                    **results[case],
+                    "peak_ratio_to_bridge": round(results[case]["peak_rss_mib"] / base, 3),
+                }
+                for case, label in CASES
+            },
+        },
+    )
     print(f"saved {path}")
 
 

@@ -38,8 +38,7 @@ WORK = REPO / "bench" / ".work" / "noop_repro"
 
 def _env() -> dict:
     env = dict(os.environ)
-    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("PYTHONPATH", None)  # the clone's own stages/ and pipeline/ (cwd) are used
     return env
@@ -49,8 +48,7 @@ def dvc(repo: Path, *args: str) -> tuple[float, float, subprocess.CompletedProce
     """Run ``dvc args`` in ``repo``; (wall s, CPU s of the child, process)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -81,19 +79,28 @@ def prepare(repo: Path, prompts: str, n_prompts: int | None) -> str:
         src = repo / "conf" / "prompts" / f"{prompts}.yaml"
         prompts = f"{prompts}_n{n_prompts}"
         cycled_prompt_set(src, repo / "conf" / "prompts" / f"{prompts}.yaml", prompts, n_prompts)
-    code = ("from dvc.utils.hydra import compose_and_dump; import sys; "
-            "compose_and_dump('params.yaml', sys.argv[1], None, 'config', sys.argv[2], [sys.argv[3]])")
-    subprocess.run([sys.executable, "-c", code, str(repo / "conf"), str(repo / "stages"), f"prompts={prompts}"],
-                   cwd=repo, env=_env(), check=True)
+    code = (
+        "from dvc.utils.hydra import compose_and_dump; import sys; "
+        "compose_and_dump('params.yaml', sys.argv[1], None, 'config', sys.argv[2], [sys.argv[3]])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(repo / "conf"), str(repo / "stages"), f"prompts={prompts}"],
+        cwd=repo,
+        env=_env(),
+        check=True,
+    )
     return prompts
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", default="capitals", help="prompt set (conf/prompts/<name>.yaml)")
-    ap.add_argument("--n-prompts", type=int, default=None,
-                    help="cycle the set's prompts up to this many (e.g. the 8 organism prompts, with "
-                         "their experiments, to 20)")
+    ap.add_argument(
+        "--n-prompts",
+        type=int,
+        default=None,
+        help="cycle the set's prompts up to this many (e.g. the 8 organism prompts, with their experiments, to 20)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=WORK)
     ap.add_argument("--reuse", action="store_true", help="time the run already in the work folder")
@@ -135,15 +142,20 @@ def main(argv=None) -> int:
             walls.append(wall)
             cpus.append(cpu)
             print(f"[noop] dvc {command} #{i + 1}: {wall:.2f} s wall, {cpu:.2f} s CPU (load {load})", flush=True)
-        report[command] = {"wall_s": [round(w, 3) for w in walls], "cpu_s": [round(c, 3) for c in cpus],
-                           "median_wall_s": round(statistics.median(walls), 3),
-                           "median_cpu_s": round(statistics.median(cpus), 3)}
+        report[command] = {
+            "wall_s": [round(w, 3) for w in walls],
+            "cpu_s": [round(c, 3) for c in cpus],
+            "median_wall_s": round(statistics.median(walls), 3),
+            "median_cpu_s": round(statistics.median(cpus), 3),
+        }
     report["loadavg_end"] = loadavg()
     out = save_json(f"noop_repro-{label}.json", report)
     r, s = report["repro"], report["status"]
-    print(f"\n{report['n_prompts']} prompts, {report['n_stages']} stages, params.yaml {report['params_yaml_lines']} "
-          f"lines: no-op `dvc repro` median {r['median_wall_s']:.2f} s wall / {r['median_cpu_s']:.2f} s CPU; "
-          f"`dvc status` {s['median_wall_s']:.2f} s / {s['median_cpu_s']:.2f} s (goal < 5 s)\nresults: {out}")
+    print(
+        f"\n{report['n_prompts']} prompts, {report['n_stages']} stages, params.yaml {report['params_yaml_lines']} "
+        f"lines: no-op `dvc repro` median {r['median_wall_s']:.2f} s wall / {r['median_cpu_s']:.2f} s CPU; "
+        f"`dvc status` {s['median_wall_s']:.2f} s / {s['median_cpu_s']:.2f} s (goal < 5 s)\nresults: {out}"
+    )
     return 0
 
 

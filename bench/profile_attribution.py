@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="cProfile one attribute() call.")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: see README, oversubscription on a loaded box)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+    )
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--top", type=int, default=25)
@@ -89,8 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     model = ReplacementModel.from_pretrained(str(fx.model_dir), str(fx.transcoder_dir))
     store = args.workdir / "stores" / f"profile_{spec.name}.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    print(f"profiling attribute() on {spec.name}, {n_tok}-token prompt, batch {bs}, "
-          f"threads {args.threads}, load {info['loadavg_start']}", flush=True)
+    print(
+        f"profiling attribute() on {spec.name}, {n_tok}-token prompt, batch {bs}, "
+        f"threads {args.threads}, load {info['loadavg_start']}",
+        flush=True,
+    )
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
@@ -103,9 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     stats = pstats.Stats(prof)
 
     total = _lookup(stats, "pipeline/engine/attribution.py", "attribute")[0]
-    print(f"\nwall {wall:.1f} s (profiled); {graph.n_nodes} nodes, {graph.summary['nnz']} stored "
-          f"edges, {graph.summary['n_batches']} batches; load {info['loadavg_start']} -> "
-          f"{info['loadavg_end']}\n")
+    print(
+        f"\nwall {wall:.1f} s (profiled); {graph.n_nodes} nodes, {graph.summary['nnz']} stored "
+        f"edges, {graph.summary['n_batches']} batches; load {info['loadavg_start']} -> "
+        f"{info['loadavg_end']}\n"
+    )
     print(f"{'phase':40s} {'cum s':>9s} {'% total':>8s} {'calls':>7s}")
     phases = {}
     for label, suffix, name in PHASES:
@@ -114,23 +120,32 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:40s} {cum:9.2f} {100 * cum / total:7.1f}% {calls:7d}")
     rows = phases["compute_rows (total)"]["cumulative_s"]
     back = phases["torch.autograd.grad (backward)"]["cumulative_s"]
-    print(f"{'  row assembly (compute_rows - grad)':40s} {rows - back:9.2f} "
-          f"{100 * (rows - back) / total:7.1f}%")
+    print(f"{'  row assembly (compute_rows - grad)':40s} {rows - back:9.2f} {100 * (rows - back) / total:7.1f}%")
 
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(args.top)
     top = buf.getvalue()
     print("\ntop functions by own time:")
-    print(top[top.index("ncalls"):] if "ncalls" in top else top)
+    print(top[top.index("ncalls") :] if "ncalls" in top else top)
     shutil.rmtree(store, ignore_errors=True)
-    path = C.save_json("profile_quick.json" if args.quick else "profile.json", {
-        "benchmark": "profile", "quick": args.quick, "fixture": spec.__dict__,
-        "prompt_tokens": n_tok, "batch_size": bs, "wall_seconds": round(wall, 2),
-        "n_nodes": graph.n_nodes, "stored_edges": graph.summary["nnz"],
-        "n_batches": graph.summary["n_batches"], "machine": info, "pipeline": C.pipeline_version(),
-        "phases": phases,
-        "top_by_own_time": top.splitlines()[-(args.top + 3):],
-    })
+    path = C.save_json(
+        "profile_quick.json" if args.quick else "profile.json",
+        {
+            "benchmark": "profile",
+            "quick": args.quick,
+            "fixture": spec.__dict__,
+            "prompt_tokens": n_tok,
+            "batch_size": bs,
+            "wall_seconds": round(wall, 2),
+            "n_nodes": graph.n_nodes,
+            "stored_edges": graph.summary["nnz"],
+            "n_batches": graph.summary["n_batches"],
+            "machine": info,
+            "pipeline": C.pipeline_version(),
+            "phases": phases,
+            "top_by_own_time": top.splitlines()[-(args.top + 3) :],
+        },
+    )
     print(f"saved {path} and {raw}")
 
 

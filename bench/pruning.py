@@ -26,9 +26,9 @@ from bench import fixtures as F  # noqa: E402
 
 def child(params: dict) -> None:
     C.set_threads(params["threads"])
-    from pipeline.run.cli import count_edges
-    from pipeline.graph.store import Graph
     from pipeline.graph.pruning import compute_graph_scores, prune_graph
+    from pipeline.graph.store import Graph
+    from pipeline.run.cli import count_edges
 
     graph = Graph.open(params["store"])
     rss_open = C.current_rss_mib()
@@ -38,23 +38,25 @@ def child(params: dict) -> None:
     t1 = time.perf_counter()
     replacement, completeness = compute_graph_scores(graph)
     t_scores = time.perf_counter() - t1
-    C.emit({
-        "store": params["store"],
-        "n_nodes": int(graph.n_nodes),
-        "n_pos": int(graph.n_pos),
-        "stored_edges": count_edges(graph),  # one more pass over the store, after the timings
-        "store_bytes": C.dir_usage(Path(params["store"]))["allocated_bytes"],
-        "rss_after_open_mib": round(rss_open, 1),
-        "prune_seconds": round(t_prune, 2),
-        "scores_seconds": round(t_scores, 2),
-        "prune_and_scores_seconds": round(t_prune + t_scores, 2),
-        "cpu_seconds": round(time.process_time() - c0, 2),
-        "peak_rss_mib": round(C.peak_rss_mib(), 1),
-        "kept_nodes": int(result.node_mask.sum()),
-        "kept_edges": int(result.edge_mask.nnz),
-        "replacement_score": round(float(replacement), 6),
-        "completeness_score": round(float(completeness), 6),
-    })
+    C.emit(
+        {
+            "store": params["store"],
+            "n_nodes": int(graph.n_nodes),
+            "n_pos": int(graph.n_pos),
+            "stored_edges": count_edges(graph),  # one more pass over the store, after the timings
+            "store_bytes": C.dir_usage(Path(params["store"]))["allocated_bytes"],
+            "rss_after_open_mib": round(rss_open, 1),
+            "prune_seconds": round(t_prune, 2),
+            "scores_seconds": round(t_scores, 2),
+            "prune_and_scores_seconds": round(t_prune + t_scores, 2),
+            "cpu_seconds": round(time.process_time() - c0, 2),
+            "peak_rss_mib": round(C.peak_rss_mib(), 1),
+            "kept_nodes": int(result.node_mask.sum()),
+            "kept_edges": int(result.edge_mask.nnz),
+            "replacement_score": round(float(replacement), 6),
+            "completeness_score": round(float(completeness), 6),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,15 +75,22 @@ def main(argv: list[str] | None = None) -> None:
     info = C.machine_info(args.threads)
     rows = []
     for store in stores:
-        rows.append(C.run_child(Path(__file__), {"store": str(store), "threads": args.threads},
-                                threads=args.threads, label=store.name))
+        rows.append(
+            C.run_child(
+                Path(__file__), {"store": str(store), "threads": args.threads}, threads=args.threads, label=store.name
+            )
+        )
         C.save_json("pruning.json", {"machine": {**info, "loadavg_end": C.loadavg()}, "cases": rows})
-    print(f"\n{'store':34s} {'nodes':>7s} {'dense-eq':>9s} {'edges':>12s} {'on disk':>9s} "
-          f"{'prune s':>8s} {'CPU s':>7s} {'peak MiB':>9s} {'kept nodes':>10s}")
+    print(
+        f"\n{'store':34s} {'nodes':>7s} {'dense-eq':>9s} {'edges':>12s} {'on disk':>9s} "
+        f"{'prune s':>8s} {'CPU s':>7s} {'peak MiB':>9s} {'kept nodes':>10s}"
+    )
     for r in rows:
-        print(f"{Path(r['store']).name:34s} {r['n_nodes']:7d} {C.fmt_bytes(4 * r['n_nodes'] ** 2):>9s} "
-              f"{r['stored_edges']:12d} {C.fmt_bytes(r['store_bytes']):>9s} {r['prune_and_scores_seconds']:8.1f} "
-              f"{r['cpu_seconds']:7.1f} {r['peak_rss_mib']:9.0f} {r['kept_nodes']:10d}")
+        print(
+            f"{Path(r['store']).name:34s} {r['n_nodes']:7d} {C.fmt_bytes(4 * r['n_nodes'] ** 2):>9s} "
+            f"{r['stored_edges']:12d} {C.fmt_bytes(r['store_bytes']):>9s} {r['prune_and_scores_seconds']:8.1f} "
+            f"{r['cpu_seconds']:7.1f} {r['peak_rss_mib']:9.0f} {r['kept_nodes']:10d}"
+        )
     print(f"\nload average {info['loadavg_start']} -> {C.loadavg()}; saved bench/results/pruning.json")
 
 

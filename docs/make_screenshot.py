@@ -39,8 +39,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 FEATURE = "cross layer transcoder"
 
 
@@ -79,11 +87,15 @@ def world_of(org: Path):
 def pick_node(doc: dict) -> str:
     """The feature node with the largest direct (positive) edge into the most likely logit."""
     nodes = {n["node_id"]: n for n in doc["nodes"]}
-    logits = sorted((n for n in doc["nodes"] if n["feature_type"] == "logit"),
-                    key=lambda n: -float(n.get("token_prob") or 0))
+    logits = sorted(
+        (n for n in doc["nodes"] if n["feature_type"] == "logit"), key=lambda n: -float(n.get("token_prob") or 0)
+    )
     for logit in logits:
-        edges = [lk for lk in doc["links"] if lk["target"] == logit["node_id"]
-                 and nodes[lk["source"]]["feature_type"] == FEATURE]
+        edges = [
+            lk
+            for lk in doc["links"]
+            if lk["target"] == logit["node_id"] and nodes[lk["source"]]["feature_type"] == FEATURE
+        ]
         if edges:
             return max(edges, key=lambda lk: lk["weight"])["source"]
     feats = [n for n in doc["nodes"] if n["feature_type"] == FEATURE]
@@ -104,8 +116,12 @@ def screenshot(graph_dir: Path, slug: str, node_id: str, out: Path, width: int, 
     try:
         with sync_playwright() as p:
             ctx = p.chromium.launch_persistent_context(
-                user_data, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-                viewport={"width": width, "height": height})
+                user_data,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport={"width": width, "height": height},
+            )
             ctx.route(lambda url: not url.startswith(server.url), lambda route: route.abort())
             page = ctx.new_page()
             errors: list[str] = []
@@ -129,8 +145,12 @@ def screenshot(graph_dir: Path, slug: str, node_id: str, out: Path, width: int, 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--organism", help="organism folder (model/, plt/, clt/); built there if missing")
-    ap.add_argument("--kind", choices=["plt", "clt"], default="clt",
-                    help="transcoders (default clt: its dashboards have per-output-layer logits)")
+    ap.add_argument(
+        "--kind",
+        choices=["plt", "clt"],
+        default="clt",
+        help="transcoders (default clt: its dashboards have per-output-layer logits)",
+    )
     ap.add_argument("--prompt-id", default="two_hop_dallas_en", help="prompt of conf/prompts/organism.yaml")
     ap.add_argument("--prompt", help="any prompt instead of --prompt-id's")
     ap.add_argument("--node", help="node id to click (default: strongest direct feature on the top logit)")
@@ -144,8 +164,8 @@ def main(argv=None) -> None:
     import torch
 
     from pipeline.analysis import dashboards as D
-    from pipeline.engine.attribution import attribute
     from pipeline.analysis.export import create_graph_files
+    from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
 
     torch.set_num_threads(args.threads)
@@ -163,14 +183,22 @@ def main(argv=None) -> None:
             dash = D.Dashboards.open(store)
         except (OSError, ValueError):
             dash = None
-        if dash is not None and (dash.meta["model"]["digest"] != model.digest()
-                                 or dash.meta["transcoders"]["digest"] != model.transcoders.digest()
-                                 or dash.n_tokens == 0):
+        if dash is not None and (
+            dash.meta["model"]["digest"] != model.digest()
+            or dash.meta["transcoders"]["digest"] != model.transcoders.digest()
+            or dash.n_tokens == 0
+        ):
             dash = None
     if dash is None:
         print(f"dashboards -> {store}", flush=True)
-        D.compute_dashboards(model, D.organism_corpus(world_of(org), args.n_documents), store,
-                             D.DashboardConfig(), progress=True, overwrite=store.exists())
+        D.compute_dashboards(
+            model,
+            D.organism_corpus(world_of(org), args.n_documents),
+            store,
+            D.DashboardConfig(),
+            progress=True,
+            overwrite=store.exists(),
+        )
         dash = D.Dashboards.open(store)
     else:
         print(f"dashboards: reusing {store}", flush=True)
@@ -184,13 +212,24 @@ def main(argv=None) -> None:
     graph_dir = work / "graph"
     if graph_dir.exists():
         shutil.rmtree(graph_dir)
-    path = create_graph_files(graph, slug, graph_dir, 0.8, 0.98, tokenizer=dash.vocab, labels=dash.labels(),
-                              scan=graph.attrs.get("scan") or f"organism-{args.kind}")
+    path = create_graph_files(
+        graph,
+        slug,
+        graph_dir,
+        0.8,
+        0.98,
+        tokenizer=dash.vocab,
+        labels=dash.labels(),
+        scan=graph.attrs.get("scan") or f"organism-{args.kind}",
+    )
     features = D.export_feature_json(dash, path, graph_dir)
     doc = json.loads(path.read_text(encoding="utf-8"))
     node = args.node or pick_node(doc)
-    print(f"graph: {path} ({len(doc['nodes'])} nodes, {len(doc['links'])} links, "
-          f"{len(features)} feature dashboards); clicking {node}", flush=True)
+    print(
+        f"graph: {path} ({len(doc['nodes'])} nodes, {len(doc['links'])} links, "
+        f"{len(features)} feature dashboards); clicking {node}",
+        flush=True,
+    )
 
     width, height = (int(x) for x in args.size.lower().split("x"))
     out = Path(args.out)

@@ -53,9 +53,7 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
     fsync_dir(root.parent)
 
 
-def atomic_write_bytes(
-    path: str | os.PathLike[str], data: bytes | memoryview, *, sync_dir: bool = True
-) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *, sync_dir: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename).
 
     ``sync_dir=False`` leaves the parent directory's fsync to the caller (who syncs once

@@ -32,12 +32,63 @@ BOS, EOS, PAD, UNK = SPECIAL_TOKENS
 
 #: A small toy-world vocabulary (states, cities, capitals, two languages' function words).
 DEFAULT_WORDS: tuple[str, ...] = (
-    "the", "a", "of", "is", "in", "and", "capital", "state", "city", "containing", "which",
-    "to", "from", "by", "it", "was", "la", "le", "de", "est", "capitale", "ville", "dans",
-    "texas", "california", "florida", "ohio", "oregon", "nevada", "utah", "georgia",
-    "austin", "sacramento", "tallahassee", "columbus", "salem", "carson", "atlanta", "boise",
-    "dallas", "houston", "miami", "tampa", "portland", "reno", "provo", "savannah",
-    "big", "small", "old", "new", "north", "south", "river", "lake", ".", ",",
+    "the",
+    "a",
+    "of",
+    "is",
+    "in",
+    "and",
+    "capital",
+    "state",
+    "city",
+    "containing",
+    "which",
+    "to",
+    "from",
+    "by",
+    "it",
+    "was",
+    "la",
+    "le",
+    "de",
+    "est",
+    "capitale",
+    "ville",
+    "dans",
+    "texas",
+    "california",
+    "florida",
+    "ohio",
+    "oregon",
+    "nevada",
+    "utah",
+    "georgia",
+    "austin",
+    "sacramento",
+    "tallahassee",
+    "columbus",
+    "salem",
+    "carson",
+    "atlanta",
+    "boise",
+    "dallas",
+    "houston",
+    "miami",
+    "tampa",
+    "portland",
+    "reno",
+    "provo",
+    "savannah",
+    "big",
+    "small",
+    "old",
+    "new",
+    "north",
+    "south",
+    "river",
+    "lake",
+    ".",
+    ",",
 )
 
 DEFAULT_INPUT_HOOK = "ln2.hook_normalized"  # TL2 meaning: the MLP input
@@ -132,8 +183,11 @@ def make_tiny_gpt2(
     from transformers import GPT2Config, GPT2LMHeadModel
 
     def build(vocab_size, special):
-        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model,
-                                          n_layer=n_layers, n_head=n_heads, **special))
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, **special
+            )
+        )
 
     return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
 
@@ -161,10 +215,19 @@ def make_tiny_llama(
         n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
 
     def build(vocab_size, special):
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp or 4 * d_model,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-            max_position_embeddings=n_ctx, tie_word_embeddings=False, **special))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=d_model,
+                intermediate_size=d_mlp or 4 * d_model,
+                num_hidden_layers=n_layers,
+                num_attention_heads=n_heads,
+                num_key_value_heads=n_kv_heads,
+                max_position_embeddings=n_ctx,
+                tie_word_embeddings=False,
+                **special,
+            )
+        )
 
     return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
 
@@ -186,11 +249,21 @@ def make_tiny_gemma2(
     head_dim = d_model // n_heads
 
     def build(vocab_size, special):
-        return Gemma2ForCausalLM(Gemma2Config(
-            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=max(1, n_heads // 2), head_dim=head_dim, query_pre_attn_scalar=head_dim,
-            sliding_window=max(2, n_ctx // 2), max_position_embeddings=n_ctx, **special))
+        return Gemma2ForCausalLM(
+            Gemma2Config(
+                vocab_size=vocab_size,
+                hidden_size=d_model,
+                intermediate_size=2 * d_model,
+                num_hidden_layers=n_layers,
+                num_attention_heads=n_heads,
+                num_key_value_heads=max(1, n_heads // 2),
+                head_dim=head_dim,
+                query_pre_attn_scalar=head_dim,
+                sliding_window=max(2, n_ctx // 2),
+                max_position_embeddings=n_ctx,
+                **special,
+            )
+        )
 
     return _write_tiny_model(directory, vocab_words, n_ctx, seed, True, build)
 
@@ -268,7 +341,11 @@ def make_random_plt(
     layers = []
     for _ in range(n_layers):
         layer = _random_encoder(
-            g, d_model, d_transcoder, activation=activation, density=density,
+            g,
+            d_model,
+            d_transcoder,
+            activation=activation,
+            density=density,
             input_scale=input_scale,
         )
         layer["W_dec"] = torch.randn(d_transcoder, d_model, generator=g) * (scale / math.sqrt(d_model))
@@ -317,7 +394,11 @@ def make_random_clt(
     encoders, decoders = [], []
     for i in range(n_layers):
         enc = _random_encoder(
-            g, d_model, d_transcoder, activation=activation, density=density,
+            g,
+            d_model,
+            d_transcoder,
+            activation=activation,
+            density=density,
             input_scale=input_scale,
         )
         n_out = n_layers - i

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -80,8 +80,9 @@ def library_config(spec, cls, **extra):
     return cls(**values, **extra)
 
 
-def parse_args(description: str | None, *, prompt: bool = False, argv: Sequence[str] | None = None,
-               **extra: str) -> argparse.Namespace:
+def parse_args(
+    description: str | None, *, prompt: bool = False, argv: Sequence[str] | None = None, **extra: str
+) -> argparse.Namespace:
     """Common stage arguments: ``--params`` (default params.yaml), ``--prompt-id`` for a
     per-prompt stage, plus ``extra`` required string options (name -> help)."""
     parser = argparse.ArgumentParser(description=description)

@@ -14,8 +14,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.run.config import RuntimeConfig
 
@@ -89,11 +90,17 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def scalars(metrics: dict, drop: tuple[str, ...] = ()) -> dict:
     """The numeric top-level entries of a metrics dict (what ``dvc metrics show`` tabulates)."""
-    return {k: v for k, v in sorted(metrics.items())
-            if k not in drop and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in sorted(metrics.items())
+        if k not in drop and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def shown(metrics: dict, keys: tuple[str, ...]) -> str:
     """``key value`` for those of ``keys`` the metrics hold as numbers (for a stage's log line)."""
-    return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys
-                     if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool))
+    return "  ".join(
+        f"{k} {metrics[k]:.3f}"
+        for k in keys
+        if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
+    )

@@ -21,14 +21,22 @@ def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_e
     from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 
     dtype = torch_dtype(dtype or cfg.attribution.dtype)
-    tc = load_transcoders(cfg.transcoders.source, revision=cfg.transcoders.revision,
-                          device=cfg.runtime.device, dtype=dtype, lazy_encoder=lazy_encoder)
+    tc = load_transcoders(
+        cfg.transcoders.source,
+        revision=cfg.transcoders.revision,
+        device=cfg.runtime.device,
+        dtype=dtype,
+        lazy_encoder=lazy_encoder,
+    )
     is_clt = isinstance(tc, CrossLayerTranscoder)
     if is_clt != (cfg.transcoders.kind == "clt"):
-        raise ValueError(f"transcoders.kind is {cfg.transcoders.kind!r} but {cfg.transcoders.source} holds "
-                         f"{'a cross-layer transcoder' if is_clt else 'per-layer transcoders'}")
-    return ReplacementModel.from_pretrained(cfg.model.name, tc, dtype=dtype, device=cfg.runtime.device,
-                                            revision=cfg.model.revision)
+        raise ValueError(
+            f"transcoders.kind is {cfg.transcoders.kind!r} but {cfg.transcoders.source} holds "
+            f"{'a cross-layer transcoder' if is_clt else 'per-layer transcoders'}"
+        )
+    return ReplacementModel.from_pretrained(
+        cfg.model.name, tc, dtype=dtype, device=cfg.runtime.device, revision=cfg.model.revision
+    )
 
 
 class PromptTokenizer:
@@ -44,8 +52,9 @@ class PromptTokenizer:
     """
 
     def __init__(self, name: str, revision: str | None = None):
-        from transformer_lens.model_bridge import TransformerBridge
+        import torch
         from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+        from transformer_lens.model_bridge import TransformerBridge
         from transformer_lens.model_bridge.sources._bridge_builder import (
             build_bridge_config_from_hf,
             configure_tokenizer,
@@ -55,7 +64,6 @@ class PromptTokenizer:
             determine_architecture_from_hf_config,
         )
         from transformer_lens.utilities.hf_utils import autotokenizer_with_special_token_compat
-        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         hf_config = AutoConfig.from_pretrained(name, revision=revision, output_attentions=True)
@@ -68,8 +76,9 @@ class PromptTokenizer:
         source = getattr(cfg, "tokenizer_name", None) or name
         use_fast = getattr(cfg, "use_fast", True)
         try:
-            tok = autotokenizer_with_special_token_compat(source, auto_tokenizer=AutoTokenizer, add_bos_token=True,
-                                                          use_fast=use_fast, revision=revision)
+            tok = autotokenizer_with_special_token_compat(
+                source, auto_tokenizer=AutoTokenizer, add_bos_token=True, use_fast=use_fast, revision=revision
+            )
         except ValueError:
             tok = AutoTokenizer.from_pretrained(source, use_fast=use_fast, revision=revision)
         self.tokenizer = configure_tokenizer(tok, cfg)
@@ -83,8 +92,9 @@ class PromptTokenizer:
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty: give at least one token of text")
-        tokens = self._to_tokens(SimpleNamespace(tokenizer=self.tokenizer, cfg=self.cfg), prompt,
-                                 truncate=False, move_to_device=False)[0]
+        tokens = self._to_tokens(
+            SimpleNamespace(tokenizer=self.tokenizer, cfg=self.cfg), prompt, truncate=False, move_to_device=False
+        )[0]
         if tokens.numel() < 2:
             raise PromptError("the prompt is empty: give at least one token of text")
         if tokens.numel() > self.n_ctx:

@@ -34,11 +34,16 @@ def main(argv=None) -> None:
     a = cfg.attribution
     partial = PARTIAL / args.prompt_id / "graph.zarr"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    options = dict(max_n_logits=a.max_n_logits, desired_logit_prob=a.desired_logit_prob,
-                   batch_size=a.batch_size, max_feature_nodes=a.max_feature_nodes,
-                   update_interval=a.update_interval, zero_bos_errors=a.zero_bos_errors,
-                   logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
-                   verbose=False)
+    options = dict(
+        max_n_logits=a.max_n_logits,
+        desired_logit_prob=a.desired_logit_prob,
+        batch_size=a.batch_size,
+        max_feature_nodes=a.max_feature_nodes,
+        update_interval=a.update_interval,
+        zero_bos_errors=a.zero_bos_errors,
+        logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
+        verbose=False,
+    )
     if partial.exists():
         print(f"resuming the partial graph store {partial}")
     try:

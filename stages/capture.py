@@ -40,8 +40,11 @@ def main(argv=None) -> None:
     }
     out = run / "capture.safetensors"
     with atomic_path(out) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"info": json.dumps({"activations_shape": list(cap.activations.shape)})})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"info": json.dumps({"activations_shape": list(cap.activations.shape)})},
+        )
     print(f"capture: {out}  active features {len(values)}")
 
 

@@ -82,8 +82,9 @@ def main(argv=None) -> None:
     labels = {key: dash.label(*key) for key in kept_features(pruned)}
     out = run / "graph"
     with atomic_path(out) as tmp:
-        path = create_graph_files(None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan,
-                                  labels=labels)
+        path = create_graph_files(
+            None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan, labels=labels
+        )
         features = export_feature_json(dash, path, tmp)  # the graph's feature nodes only
         for extra in tmp.iterdir():  # keep the graph, its index and features/ (the library's lock file goes)
             if extra.name not in (path.name, GRAPH_METADATA_FILE, "features"):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline.run.config import FeaturesSpec
-from stages._config import parse_args, load_config
+from stages._config import load_config, parse_args
 from stages._io import setup_torch
 
 #: where the stores go: data/dashboards/<features.name>.zarr (dvc.yaml spells the same path)
@@ -31,9 +31,16 @@ def dashboard_config(spec: FeaturesSpec):
     from pipeline.analysis.dashboards import DashboardConfig
 
     return DashboardConfig(
-        top_k=spec.top_k, n_quantiles=spec.n_quantiles, examples_per_quantile=spec.examples_per_quantile,
-        context_before=spec.context_before, context_after=spec.context_after, n_logits=spec.n_logits,
-        batch_tokens=spec.batch_tokens, seq_len=spec.seq_len, max_tokens=spec.max_tokens, seed=spec.seed,
+        top_k=spec.top_k,
+        n_quantiles=spec.n_quantiles,
+        examples_per_quantile=spec.examples_per_quantile,
+        context_before=spec.context_before,
+        context_after=spec.context_after,
+        n_logits=spec.n_logits,
+        batch_tokens=spec.batch_tokens,
+        seq_len=spec.seq_len,
+        max_tokens=spec.max_tokens,
+        seed=spec.seed,
     )
 
 
@@ -60,13 +67,16 @@ def main(argv=None) -> None:
     corpus = load_corpus(spec)
     model = load_replacement_model(cfg, dtype=spec.dtype)
     t1 = time.perf_counter()
-    out = compute_dashboards(model, corpus, store_path(spec), dashboard_config(spec), progress=False,
-                             overwrite=True)  # DVC removed the old store; a finished one is replaced
+    out = compute_dashboards(
+        model, corpus, store_path(spec), dashboard_config(spec), progress=False, overwrite=True
+    )  # DVC removed the old store; a finished one is replaced
     dash = Dashboards.open(out)
     wall = time.perf_counter() - t1
-    print(f"features: {out}  {dash.kind} layers {dash.n_layers} x {dash.d_transcoder} features, "
-          f"{dash.n_tokens} tokens in {wall:.1f} s ({dash.n_tokens / max(wall, 1e-9):.0f} tokens/s; "
-          f"loading {t1 - t0:.1f} s)")
+    print(
+        f"features: {out}  {dash.kind} layers {dash.n_layers} x {dash.d_transcoder} features, "
+        f"{dash.n_tokens} tokens in {wall:.1f} s ({dash.n_tokens / max(wall, 1e-9):.0f} tokens/s; "
+        f"loading {t1 - t0:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

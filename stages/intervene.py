@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.run.config import PipelineConfig
 from pipeline.analysis.evaluation import EvaluationSpec, evaluate, write_report
 from pipeline.graph.pruning import load_pruned_graph
+from pipeline.run.config import PipelineConfig
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir, setup_torch, write_json
 from stages._model import load_replacement_model
@@ -35,11 +35,17 @@ def evaluation_spec(cfg: PipelineConfig, prompt_id: str) -> EvaluationSpec:
     iv = cfg.intervention
     item = cfg.prompts.items[prompt_id]
     try:
-        return EvaluationSpec.from_dict({
-            "top_k": iv.top_k, "faithfulness": iv.faithfulness, "freeze_attention": iv.freeze_attention,
-            "errors": iv.errors, "n_top_tokens": iv.n_top_tokens, "max_new_tokens": iv.max_new_tokens,
-            "experiments": [dataclasses.asdict(e) for e in item.experiments],
-        })
+        return EvaluationSpec.from_dict(
+            {
+                "top_k": iv.top_k,
+                "faithfulness": iv.faithfulness,
+                "freeze_attention": iv.freeze_attention,
+                "errors": iv.errors,
+                "n_top_tokens": iv.n_top_tokens,
+                "max_new_tokens": iv.max_new_tokens,
+                "experiments": [dataclasses.asdict(e) for e in item.experiments],
+            }
+        )
     except ValueError as exc:
         raise ValueError(f"prompts.items.{prompt_id}.experiments: {exc}") from None
 
@@ -54,16 +60,20 @@ def main(argv=None) -> None:
     run = prompt_dir(args.prompt_id)
     pruned = load_pruned_graph(run / "pruned.npz")
     if pruned.target_feature_edges is None:
-        raise ValueError(f"{run / 'pruned.npz'} has no target_feature_edges (written by an older prune): "
-                         f"rerun it with `dvc repro -f prune@{args.prompt_id}`")
+        raise ValueError(
+            f"{run / 'pruned.npz'} has no target_feature_edges (written by an older prune): "
+            f"rerun it with `dvc repro -f prune@{args.prompt_id}`"
+        )
     report = evaluate(model, pruned, spec, prompt=item.prompt)
     with atomic_path(run / "report") as tmp:
         write_report(report, tmp, figure_formats=("png",))
     write_json(METRICS_DIR / f"{args.prompt_id}.json", report["summary"])
     s = report["summary"]
     rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"
-    print(f"report: {run / 'report' / 'report.md'}  flipped {s['n_flipped']}/{s['n_checked']} ({rate})  "
-          f"faithfulness {s['faithfulness']}  correlation (direct) {s['correlation_direct']}")
+    print(
+        f"report: {run / 'report' / 'report.md'}  flipped {s['n_flipped']}/{s['n_checked']} ({rate})  "
+        f"faithfulness {s['faithfulness']}  correlation (direct) {s['correlation_direct']}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,13 @@ def main(argv=None) -> None:
     setup_torch(cfg.runtime)
     spec = cfg.organism
     with atomic_path(OUT) as tmp:
-        result = train_model(load_world(), library_config(spec.model, ModelConfig),
-                             library_config(spec.train, TrainConfig, threads=cfg.runtime.threads),
-                             out_dir=tmp, progress=False)
+        result = train_model(
+            load_world(),
+            library_config(spec.model, ModelConfig),
+            library_config(spec.train, TrainConfig, threads=cfg.runtime.threads),
+            out_dir=tmp,
+            progress=False,
+        )
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(METRICS, scalars(metrics))
     print(f"organism model: {OUT}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")

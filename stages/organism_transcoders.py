@@ -28,9 +28,13 @@ def main(argv=None) -> None:
     spec = getattr(cfg.organism, args.kind)
     out = Path("models/organism") / args.kind
     with atomic_path(out) as tmp:
-        result = TRAIN[args.kind](MODEL_DIR, load_world(),
-                                  library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
-                                  out_dir=tmp, progress=False)
+        result = TRAIN[args.kind](
+            MODEL_DIR,
+            load_world(),
+            library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
+            out_dir=tmp,
+            progress=False,
+        )
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(Path("metrics/organism") / f"{args.kind}.json", scalars(metrics, drop=("d_transcoder",)))
     print(f"organism {args.kind}: {out}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")

@@ -23,15 +23,25 @@ def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
     world = make_world(world_config(cfg.organism.world))
-    write_json(OUT, {
-        "config": world.config.to_dict(),
-        "languages": list(world.languages),
-        "states": [{"name": s.name, "capital": s.capital, "cities": list(s.cities),
-                    "held_out": list(world.held_out.get(s.name, ()))} for s in world.states],
-        "vocabulary": world.vocabulary(),
-        "n_training_sentences": {k: len(world.sentences(k, split="train")) for k in SENTENCE_KINDS},
-        "prompt_set": world.prompt_set(),
-    })
+    write_json(
+        OUT,
+        {
+            "config": world.config.to_dict(),
+            "languages": list(world.languages),
+            "states": [
+                {
+                    "name": s.name,
+                    "capital": s.capital,
+                    "cities": list(s.cities),
+                    "held_out": list(world.held_out.get(s.name, ())),
+                }
+                for s in world.states
+            ],
+            "vocabulary": world.vocabulary(),
+            "n_training_sentences": {k: len(world.sentences(k, split="train")) for k in SENTENCE_KINDS},
+            "prompt_set": world.prompt_set(),
+        },
+    )
     print(f"world: {OUT}")
 
 

@@ -42,10 +42,11 @@ def main(argv=None) -> None:
         (tmp / "prompts").mkdir(parents=True)
         (tmp / "global.json").write_text(_json(global_part), encoding="utf-8")
         for pid, item in items.items():
-            (tmp / "prompts" / f"{pid}.json").write_text(_json({"prompts": {"items": {pid: item}}}),
-                                                         encoding="utf-8")
-    print(f"params: {Path(PARAMS_SPLIT_DIR) / 'global.json'} and {len(items)} prompt files in "
-          f"{Path(PARAMS_SPLIT_DIR) / 'prompts'}")
+            (tmp / "prompts" / f"{pid}.json").write_text(_json({"prompts": {"items": {pid: item}}}), encoding="utf-8")
+    print(
+        f"params: {Path(PARAMS_SPLIT_DIR) / 'global.json'} and {len(items)} prompt files in "
+        f"{Path(PARAMS_SPLIT_DIR) / 'prompts'}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def main(argv=None) -> int:
             missing += 1
             continue
         s = read_json(scores)
-        print(f"  {pid}: replacement {s['replacement_score']:.3f}  completeness {s['completeness_score']:.3f}  "
-              f"kept {s['kept_nodes']}/{s['nodes']} nodes")
+        print(
+            f"  {pid}: replacement {s['replacement_score']:.3f}  completeness {s['completeness_score']:.3f}  "
+            f"kept {s['kept_nodes']}/{s['nodes']} nodes"
+        )
         print(f"      graph      {graph}")
         print(f"      figure     {run / 'graph.png'}  {shown_if(run / 'graph.svg')}")
         print(f"      report     {run / 'report' / 'report.md'}  {flips(run / 'report' / 'metrics.json')}")
@@ -67,14 +69,18 @@ def main(argv=None) -> int:
     summary = Path("metrics/interventions.json")
     if summary.exists():
         m = read_json(summary)
-        print(f"interventions: {summary}  {m['n_flipped']}/{m['n_checked']} expected flips happened "
-              f"({m['flip_rate']:.0%}); by kind " + ", ".join(
-                  f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in sorted(m.get("by_kind", {}).items())))
+        print(
+            f"interventions: {summary}  {m['n_flipped']}/{m['n_checked']} expected flips happened "
+            f"({m['flip_rate']:.0%}); by kind "
+            + ", ".join(f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in sorted(m.get("by_kind", {}).items()))
+        )
     else:
         print(f"interventions: {summary}  (missing: run dvc repro)")
         missing += 1
-    print("\nView a graph: circuit-pipeline serve results/<id>/graph  (or any circuit-tracer / Neuronpedia "
-          "viewer: each graph folder holds graph-metadata.json)")
+    print(
+        "\nView a graph: circuit-pipeline serve results/<id>/graph  (or any circuit-tracer / Neuronpedia "
+        "viewer: each graph folder holds graph-metadata.json)"
+    )
     figures = Path("studies/figures")
     if figures.is_dir():
         print(f"Study figures: {figures}/ (dvc repro studies/dvc.yaml:figures)")

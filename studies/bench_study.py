@@ -51,12 +51,27 @@ def main(argv=None) -> int:
         sets = {}
         for n in (args.n, args.n + 1):
             sets[n] = tmp / f"capitals{n}.yaml"
-            subprocess.run([sys.executable, "-m", "pipeline.run.prompt_sets", "capitals", "-n", str(n), "--out",
-                            str(sets[n])], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pipeline.run.prompt_sets", "capitals", "-n", str(n), "--out", str(sets[n])],
+                check=True,
+            )
         record = {"n_prompts": args.n, "jobs": args.jobs, "cpu_count": os.cpu_count(), "runs": {}}
         for launcher in ("sequential", "local"):
-            base = ["circuit-pipeline", "-q", "study", "--model", args.model, "--transcoders", args.transcoders,
-                    "--out", str(tmp / launcher), "--launcher", launcher, "--threads", "1"]
+            base = [
+                "circuit-pipeline",
+                "-q",
+                "study",
+                "--model",
+                args.model,
+                "--transcoders",
+                args.transcoders,
+                "--out",
+                str(tmp / launcher),
+                "--launcher",
+                launcher,
+                "--threads",
+                "1",
+            ]
             if launcher == "local":
                 base += ["--jobs", str(args.jobs)]
             record["runs"][launcher] = run([*base, "--prompts", str(sets[args.n])])

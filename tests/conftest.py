@@ -38,15 +38,13 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """GPT-2 (LayerNorm), 2 layers, d_model 16; its tokenizer does not add BOS itself."""
-    return testing.make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2",
-                                  n_layers=N_LAYERS, d_model=D_MODEL)
+    return testing.make_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2", n_layers=N_LAYERS, d_model=D_MODEL)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """Llama (RMSNorm, rotary, GQA), 2 layers, d_model 16; its tokenizer adds BOS."""
-    return testing.make_tiny_llama(tmp_path_factory.mktemp("models") / "llama",
-                                   n_layers=N_LAYERS, d_model=D_MODEL)
+    return testing.make_tiny_llama(tmp_path_factory.mktemp("models") / "llama", n_layers=N_LAYERS, d_model=D_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +52,10 @@ def plt_dir(tmp_path_factory):
     """Per-layer ReLU transcoders, 64 features, ~10 % active."""
     return testing.make_random_plt(
         tmp_path_factory.mktemp("transcoders") / "plt",
-        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="relu",
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        d_transcoder=D_TRANSCODER,
+        activation="relu",
     )
 
 
@@ -63,8 +64,12 @@ def plt_skip_dir(tmp_path_factory):
     """Per-layer JumpReLU transcoders with a W_skip term."""
     return testing.make_random_plt(
         tmp_path_factory.mktemp("transcoders") / "plt_skip",
-        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
-        skip=True, seed=1,
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        d_transcoder=D_TRANSCODER,
+        activation="jump_relu",
+        skip=True,
+        seed=1,
     )
 
 
@@ -73,7 +78,10 @@ def clt_dir(tmp_path_factory):
     """Cross-layer JumpReLU transcoder (circuit-tracer's W_enc_{i} / W_dec_{i} files)."""
     return testing.make_random_clt(
         tmp_path_factory.mktemp("transcoders") / "clt",
-        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        d_transcoder=D_TRANSCODER,
+        activation="jump_relu",
         seed=2,
     )
 
@@ -83,6 +91,10 @@ def gemmascope_dir(tmp_path_factory):
     """GemmaScope-style per-layer JumpReLU transcoders: layer_{i}/params.npz, W_enc transposed."""
     return testing.make_random_plt(
         tmp_path_factory.mktemp("transcoders") / "gemmascope",
-        n_layers=N_LAYERS, d_model=D_MODEL, d_transcoder=D_TRANSCODER, activation="jump_relu",
-        gemmascope=True, seed=3,
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        d_transcoder=D_TRANSCODER,
+        activation="jump_relu",
+        gemmascope=True,
+        seed=3,
     )

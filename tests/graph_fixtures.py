@@ -15,9 +15,24 @@ from pipeline.graph import store as graph_store
 class FakeGraph:
     """In-memory stand-in for ``pipeline.graph.store.Graph`` (graph order, dense)."""
 
-    def __init__(self, dense, *, n_layers, n_pos, n_logits, active_features, activation_values,
-                 selected_features, input_tokens, logit_tokens, logit_probabilities, attrs=None,
-                 batch_size=5, block_seed=0, compute_dense=None):
+    def __init__(
+        self,
+        dense,
+        *,
+        n_layers,
+        n_pos,
+        n_logits,
+        active_features,
+        activation_values,
+        selected_features,
+        input_tokens,
+        logit_tokens,
+        logit_probabilities,
+        attrs=None,
+        batch_size=5,
+        block_seed=0,
+        compute_dense=None,
+    ):
         self.dense = np.asarray(dense, dtype=np.float32)
         self.n_layers, self.n_pos, self.n_logits = n_layers, n_pos, n_logits
         self.active_features = np.asarray(active_features, dtype=np.int64)
@@ -46,7 +61,7 @@ class FakeGraph:
         feats = np.random.default_rng(self.block_seed).permutation(self.n_selected)
         order = np.concatenate([logits, feats]).astype(np.int64)
         for i in range(0, len(order), self.batch_size):
-            rows = order[i:i + self.batch_size]
+            rows = order[i : i + self.batch_size]
             yield rows, sp.csr_matrix(self.dense[rows])
 
     def to_scipy_sparse(self):
@@ -56,9 +71,21 @@ class FakeGraph:
         return self.dense.copy()
 
 
-def make_graph(seed, kind="plt", *, n_layers=3, n_pos=4, n_logits=3, d_transcoder=12,
-               per_site=(1, 3), select_frac=0.8, density=0.6, ties=False, empty_frac=0.1,
-               **kw) -> FakeGraph:
+def make_graph(
+    seed,
+    kind="plt",
+    *,
+    n_layers=3,
+    n_pos=4,
+    n_logits=3,
+    d_transcoder=12,
+    per_site=(1, 3),
+    select_frac=0.8,
+    density=0.6,
+    ties=False,
+    empty_frac=0.1,
+    **kw,
+) -> FakeGraph:
     """Random graph with circuit-tracer's structure.
 
     Feature at (l, p) reads features/errors at layers < l and positions <= p and tokens at
@@ -77,14 +104,15 @@ def make_graph(seed, kind="plt", *, n_layers=3, n_pos=4, n_logits=3, d_transcode
     n_active = len(active)
     n_err = n_layers * n_pos
     n_compute = n_active + n_err + n_pos + n_logits
-    selected = np.sort(rng.choice(n_active, size=max(1, int(round(select_frac * n_active))),
-                                  replace=False))
+    selected = np.sort(rng.choice(n_active, size=max(1, int(round(select_frac * n_active))), replace=False))
 
     # compute-order sources: (kind, layer, pos) per node
-    src_layer = np.concatenate([active[:, 0], np.repeat(np.arange(n_layers), n_pos),
-                                np.full(n_pos, -1), np.full(n_logits, n_layers + 1)])
-    src_pos = np.concatenate([active[:, 1], np.tile(np.arange(n_pos), n_layers),
-                              np.arange(n_pos), np.full(n_logits, n_pos - 1)])
+    src_layer = np.concatenate(
+        [active[:, 0], np.repeat(np.arange(n_layers), n_pos), np.full(n_pos, -1), np.full(n_logits, n_layers + 1)]
+    )
+    src_pos = np.concatenate(
+        [active[:, 1], np.tile(np.arange(n_pos), n_layers), np.arange(n_pos), np.full(n_logits, n_pos - 1)]
+    )
     is_logit = np.arange(n_compute) >= n_compute - n_logits
 
     def weights(size):
@@ -111,19 +139,28 @@ def make_graph(seed, kind="plt", *, n_layers=3, n_pos=4, n_logits=3, d_transcode
     G = C[np.ix_(order, order)]
     probs = np.sort(rng.dirichlet(np.ones(n_logits + 1)))[::-1][:n_logits]
     return FakeGraph(
-        G, n_layers=n_layers, n_pos=n_pos, n_logits=n_logits, active_features=active,
-        activation_values=rng.uniform(0.1, 5, n_active), selected_features=selected,
-        input_tokens=rng.integers(0, 50, n_pos), logit_tokens=rng.choice(50, n_logits, replace=False),
+        G,
+        n_layers=n_layers,
+        n_pos=n_pos,
+        n_logits=n_logits,
+        active_features=active,
+        activation_values=rng.uniform(0.1, 5, n_active),
+        selected_features=selected,
+        input_tokens=rng.integers(0, 50, n_pos),
+        logit_tokens=rng.choice(50, n_logits, replace=False),
         logit_probabilities=probs,
-        attrs={"prompt": "the capital of Texas is", "scan": f"toy-{kind}",
-               "kind": "transcoder_set" if kind == "plt" else "cross_layer_transcoder"},
-        compute_dense=C, **kw)
+        attrs={
+            "prompt": "the capital of Texas is",
+            "scan": f"toy-{kind}",
+            "kind": "transcoder_set" if kind == "plt" else "cross_layer_transcoder",
+        },
+        compute_dense=C,
+        **kw,
+    )
 
 
 def layout_of(g):
-    return dict(n_logits=g.n_logits, n_tokens=g.n_pos, n_errors=g.n_layers * g.n_pos,
-                n_features=g.n_selected)
-
+    return dict(n_logits=g.n_logits, n_tokens=g.n_pos, n_errors=g.n_layers * g.n_pos, n_features=g.n_selected)
 
 
 def hand_graph():
@@ -137,21 +174,38 @@ def hand_graph():
     A[6, 0], A[6, 1] = 3, -1
     A[0, 4], A[0, 5], A[0, 2] = 1, 1, 2
     A[1, 5] = 1
-    return FakeGraph(A, n_layers=1, n_pos=2, n_logits=1,
-                     active_features=[[0, 1, 5], [0, 1, 7]], activation_values=[1.5, 2.5],
-                     selected_features=[0, 1], input_tokens=[2, 9], logit_tokens=[4],
-                     logit_probabilities=[1.0], attrs={"prompt": "ab", "scan": "hand"},
-                     batch_size=2)
-
+    return FakeGraph(
+        A,
+        n_layers=1,
+        n_pos=2,
+        n_logits=1,
+        active_features=[[0, 1, 5], [0, 1, 7]],
+        activation_values=[1.5, 2.5],
+        selected_features=[0, 1],
+        input_tokens=[2, 9],
+        logit_tokens=[4],
+        logit_probabilities=[1.0],
+        attrs={"prompt": "ab", "scan": "hand"},
+        batch_size=2,
+    )
 
 
 def write_store(g: FakeGraph, path: Path, batch_size=8):
     n_active = len(g.active_features)
     layout = dict(n_layers=g.n_layers, n_pos=g.n_pos, n_active=n_active, n_logits=g.n_logits)
-    tables = dict(active_features=g.active_features, activation_values=g.activation_values,
-                  input_tokens=g.input_tokens, logit_tokens=g.logit_tokens,
-                  logit_probabilities=g.logit_probabilities)
+    tables = dict(
+        active_features=g.active_features,
+        activation_values=g.activation_values,
+        input_tokens=g.input_tokens,
+        logit_tokens=g.logit_tokens,
+        logit_probabilities=g.logit_probabilities,
+    )
     return graph_store.write_graph_from_dense(
-        path, g.compute_dense, layout, tables, attrs=g.attrs, batch_size=batch_size,
-        selected_features=g.selected_features)
-
+        path,
+        g.compute_dense,
+        layout,
+        tables,
+        attrs=g.attrs,
+        batch_size=batch_size,
+        selected_features=g.selected_features,
+    )

@@ -64,13 +64,18 @@ from pipeline.analysis.export import (
 from pipeline.graph.pruning import atomic_write_bytes, load_pruned_graph
 from pipeline.run.study import graph_done, load_study
 
-__all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs", "render_figures",
-           "write_figures"]
+__all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs", "render_figures", "write_figures"]
 
 AGGREGATE_FORMAT = "circuit-pipeline/aggregate"
 ALIGNS = ("end", "start")
-_RC = {"svg.hashsalt": "circuit-pipeline", "font.family": "DejaVu Sans", "font.size": 8,
-       "axes.titlesize": 9, "path.simplify": True, "svg.fonttype": "path"}
+_RC = {
+    "svg.hashsalt": "circuit-pipeline",
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "path.simplify": True,
+    "svg.fonttype": "path",
+}
 
 
 @dataclass
@@ -109,8 +114,9 @@ def iter_study_graphs(study_dir: str | os.PathLike) -> Iterator[PromptGraph]:
         done = graph_done(key_dir)
         if done is None:
             raise FileNotFoundError(f"study prompt {p['id']!r}: graph {key_dir} is not finished (rerun the study)")
-        yield PromptGraph(p["id"], p["key"], _tag_dict(p.get("tags")), done,
-                          load_pruned_graph(key_dir / done["files"]["pruned"]))
+        yield PromptGraph(
+            p["id"], p["key"], _tag_dict(p.get("tags")), done, load_pruned_graph(key_dir / done["files"]["pruned"])
+        )
 
 
 def _slot(pos: int, n_pos: int, align: str) -> int:
@@ -127,8 +133,9 @@ class _Tables:
 
     def __init__(self) -> None:
         self.prompts: list[dict[str, Any]] = []
-        self.feat = defaultdict(lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0,
-                                          "act_n": 0, "slots": Counter()})
+        self.feat = defaultdict(
+            lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0, "act_n": 0, "slots": Counter()}
+        )
         self.slot_feat = defaultdict(lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0})
         self.nodes = defaultdict(lambda: {"n": 0, "infl_sum": 0.0, "act_sum": 0.0, "prob_sum": 0.0})
         self.edges = defaultdict(lambda: [0, 0.0])  # (target, source) -> [prompts, weight sum]
@@ -215,16 +222,24 @@ class _Tables:
                 t["prob_sum"] += probs[i - n_feat - n_err - n_pos]
         targets, sources, weights = r.kept_edges()
         per_edge: dict[tuple, float] = defaultdict(float)
-        for tgt, src, w in zip(np.asarray(targets).tolist(), np.asarray(sources).tolist(),
-                               np.asarray(weights, dtype=np.float64).tolist()):
+        for tgt, src, w in zip(
+            np.asarray(targets).tolist(), np.asarray(sources).tolist(), np.asarray(weights, dtype=np.float64).tolist()
+        ):
             if tgt in ident and src in ident:
                 per_edge[(ident[tgt], ident[src])] += w
         for k, w in per_edge.items():
             e = self.edges[k]
             e[0] += 1
             e[1] += w
-        self.prompts.append({"id": g.id, "key": g.key, "n_pos": n_pos, "kept_features": int(len(kept)),
-                             "answer_logit": self.logit_text.get(logit_tokens[0]) if logit_tokens else None})
+        self.prompts.append(
+            {
+                "id": g.id,
+                "key": g.key,
+                "n_pos": n_pos,
+                "kept_features": int(len(kept)),
+                "answer_logit": self.logit_text.get(logit_tokens[0]) if logit_tokens else None,
+            }
+        )
         if not self.meta:
             self.meta = {"pruning": g.done.get("pruning", {}), "json": g.done["files"]["json"], "key": g.key}
 
@@ -280,13 +295,19 @@ def _r(x: float) -> float:
 def _feature_table(tables: _Tables, n_graphs: int, labels: dict) -> list[dict[str, Any]]:
     rows = []
     for (layer, feat), t in tables.feat.items():
-        rows.append({
-            "layer": layer, "feature": feat, "n_prompts": t["n"], "share": _r(t["n"] / n_graphs),
-            "mean_influence": _r(_mean(t["infl_sum"], t["n"])), "max_influence": _r(t["infl_max"]),
-            "mean_activation": _r(_mean(t["act_sum"], t["act_n"])),
-            "slots": {str(s): c for s, c in sorted(t["slots"].items())},
-            "label": labels.get((layer, feat), ""),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "feature": feat,
+                "n_prompts": t["n"],
+                "share": _r(t["n"] / n_graphs),
+                "mean_influence": _r(_mean(t["infl_sum"], t["n"])),
+                "max_influence": _r(t["infl_max"]),
+                "mean_activation": _r(_mean(t["act_sum"], t["act_n"])),
+                "slots": {str(s): c for s, c in sorted(t["slots"].items())},
+                "label": labels.get((layer, feat), ""),
+            }
+        )
     rows.sort(key=lambda r: (-r["n_prompts"], -r["mean_influence"], r["layer"], r["feature"]))
     return rows
 
@@ -294,12 +315,19 @@ def _feature_table(tables: _Tables, n_graphs: int, labels: dict) -> list[dict[st
 def _slot_feature_table(tables: _Tables, n_graphs: int, slot_labels: dict[int, str]) -> list[dict[str, Any]]:
     rows = []
     for (layer, feat, slot), t in tables.slot_feat.items():
-        rows.append({
-            "layer": layer, "feature": feat, "slot": slot, "slot_label": slot_labels.get(slot, "*"),
-            "n_prompts": t["n"], "share": _r(t["n"] / n_graphs),
-            "mean_influence": _r(_mean(t["infl_sum"], t["n"])), "max_influence": _r(t["infl_max"]),
-            "mean_activation": _r(_mean(t["act_sum"], t["n"])),
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "feature": feat,
+                "slot": slot,
+                "slot_label": slot_labels.get(slot, "*"),
+                "n_prompts": t["n"],
+                "share": _r(t["n"] / n_graphs),
+                "mean_influence": _r(_mean(t["infl_sum"], t["n"])),
+                "max_influence": _r(t["infl_max"]),
+                "mean_activation": _r(_mean(t["act_sum"], t["n"])),
+            }
+        )
     rows.sort(key=lambda r: (-r["n_prompts"], -r["mean_influence"], r["layer"], r["feature"], r["slot"]))
     return rows
 
@@ -323,13 +351,27 @@ def _heatmap(study_dir, top: list[dict[str, Any]], group_by: str | None) -> dict
         columns.append(col)
     order = sorted(range(len(prompts)), key=lambda i: groups[i]) if group_by else list(range(len(prompts)))
     values = np.stack([columns[i] for i in order], axis=1) if columns else np.zeros((len(top), 0))
-    return {"features": [f"L{r['layer']} F{r['feature']}" for r in top], "prompts": [prompts[i] for i in order],
-            "group_by": group_by, "groups": [groups[i] for i in order],
-            "values": [[_r(v) for v in row] for row in values.tolist()]}
+    return {
+        "features": [f"L{r['layer']} F{r['feature']}" for r in top],
+        "prompts": [prompts[i] for i in order],
+        "group_by": group_by,
+        "groups": [groups[i] for i in order],
+        "values": [[_r(v) for v in row] for row in values.tolist()],
+    }
 
 
-def _union_graph(tables: _Tables, n_graphs: int, slot_labels: dict[int, str], align: str, min_prompts: int,
-                 slug: str, name: str, labels: dict, scan: str, transcoder_list: list[str]) -> dict[str, Any]:
+def _union_graph(
+    tables: _Tables,
+    n_graphs: int,
+    slot_labels: dict[int, str],
+    align: str,
+    min_prompts: int,
+    slug: str,
+    name: str,
+    labels: dict,
+    scan: str,
+    transcoder_list: list[str],
+) -> dict[str, Any]:
     frame = tables.max_pos
     n_layers = tables.n_layers
     slots = sorted(slot_labels)
@@ -345,8 +387,9 @@ def _union_graph(tables: _Tables, n_graphs: int, slot_labels: dict[int, str], al
     order = {"feature": 0, "error": 1, "token": 2, "logit": 3}
     # graph order: features by (layer, position, feature), errors by (layer, position), tokens, logits
     kept_nodes = sorted((n for n in tables.nodes if keep(n)), key=lambda n: (order[n[0]], n[1], n[3], n[2]))
-    best_logit = max((n for n in kept_nodes if n[0] == "logit"),
-                     key=lambda n: (tables.nodes[n]["prob_sum"], -n[2]), default=None)
+    best_logit = max(
+        (n for n in kept_nodes if n[0] == "logit"), key=lambda n: (tables.nodes[n]["prob_sum"], -n[2]), default=None
+    )
     docs: dict[tuple, dict[str, Any]] = {}
     for node in kept_nodes:
         kind, layer, b, slot = node
@@ -355,32 +398,64 @@ def _union_graph(tables: _Tables, n_graphs: int, slot_labels: dict[int, str], al
         infl = _r(t["infl_sum"] / n_graphs)
         if kind == "feature":
             pos = positions[slot]
-            d = _node(feature_node_id(layer, b, pos), cantor_pairing(layer, b), layer, pos, "feature",
-                      js=f"{layer}_{b}-0", influence=infl, activation=_r(_mean(t["act_sum"], t["n"])),
-                      clerp=labels.get((layer, b), ""))
+            d = _node(
+                feature_node_id(layer, b, pos),
+                cantor_pairing(layer, b),
+                layer,
+                pos,
+                "feature",
+                js=f"{layer}_{b}-0",
+                influence=infl,
+                activation=_r(_mean(t["act_sum"], t["n"])),
+                clerp=labels.get((layer, b), ""),
+            )
         elif kind == "error":
             pos = positions[slot]
             d = _node(error_node_id(layer, pos), -1, layer, pos, "error", js=f"{layer}_{pos}-0", influence=infl)
         elif kind == "token":
             pos = positions[slot]
             tok = slot_token[slot]
-            d = _node(token_node_id(tok, pos), pos, "E", pos, "token", js=f"E_{tok}-{pos}", influence=infl,
-                      clerp=slot_labels[slot])
+            d = _node(
+                token_node_id(tok, pos),
+                pos,
+                "E",
+                pos,
+                "token",
+                js=f"E_{tok}-{pos}",
+                influence=infl,
+                clerp=slot_labels[slot],
+            )
         else:
             prob = _r(t["prob_sum"] / n_graphs)
             text = tables.logit_text.get(b, f"<{b}>")
-            d = _node(logit_node_id(n_layers, b, frame), b, n_layers + 1, frame - 1, "logit",
-                      js=f"L_{b}-{frame - 1}", token_prob=prob, is_target=node == best_logit,
-                      clerp=f'Output "{text}" (mean p={prob:.3f}, {t["n"]}/{n_graphs} prompts)')
+            d = _node(
+                logit_node_id(n_layers, b, frame),
+                b,
+                n_layers + 1,
+                frame - 1,
+                "logit",
+                js=f"L_{b}-{frame - 1}",
+                token_prob=prob,
+                is_target=node == best_logit,
+                clerp=f'Output "{text}" (mean p={prob:.3f}, {t["n"]}/{n_graphs} prompts)',
+            )
         d.update(extra)
         docs[node] = d
     rank = {n: i for i, n in enumerate(kept_nodes)}
     links, used = [], set()
-    for (tgt, src) in sorted((k for k in tables.edges if k[0] in docs and k[1] in docs),
-                             key=lambda k: (rank[k[0]], rank[k[1]])):
+    for tgt, src in sorted(
+        (k for k in tables.edges if k[0] in docs and k[1] in docs), key=lambda k: (rank[k[0]], rank[k[1]])
+    ):
         n, total = tables.edges[(tgt, src)]
-        links.append({"source": docs[src]["node_id"], "target": docs[tgt]["node_id"],
-                      "weight": _r(total / n_graphs), "n_prompts": n, "prompt_share": _r(n / n_graphs)})
+        links.append(
+            {
+                "source": docs[src]["node_id"],
+                "target": docs[tgt]["node_id"],
+                "weight": _r(total / n_graphs),
+                "n_prompts": n,
+                "prompt_share": _r(n / n_graphs),
+            }
+        )
         used.update((tgt, src))
     nodes = [docs[n] for n in kept_nodes if n in used or n[0] in ("token", "logit")]
     metadata = {
@@ -389,7 +464,7 @@ def _union_graph(tables: _Tables, n_graphs: int, slot_labels: dict[int, str], al
         "transcoder_list": transcoder_list,
         "prompt_tokens": [slot_labels.get(s, "") for s in _frame_slots(frame, align)],
         "prompt": f"task circuit of {n_graphs} prompts of {name!r} (union, positions aligned at the {align}, "
-                  f"features in >= {min_prompts} prompts)",
+        f"features in >= {min_prompts} prompts)",
         "node_threshold": float(tables.meta.get("pruning", {}).get("node_threshold", 0.8)),
         "schema_version": SCHEMA_VERSION,
     }
@@ -446,16 +521,19 @@ def aggregate_study(
     if n == 0:
         raise ValueError(f"study {study_dir} has no finished prompt to aggregate")
     slot_labels = _slot_labels(tables)
-    ordered = sorted(tables.feat, key=lambda k: (-tables.feat[k]["n"],
-                                                 -_mean(tables.feat[k]["infl_sum"], tables.feat[k]["n"]), k))
-    union_feats = sorted({(nd[1], nd[2]) for nd, t in tables.nodes.items()
-                          if nd[0] == "feature" and t["n"] >= min_prompts})
+    ordered = sorted(
+        tables.feat, key=lambda k: (-tables.feat[k]["n"], -_mean(tables.feat[k]["infl_sum"], tables.feat[k]["n"]), k)
+    )
+    union_feats = sorted(
+        {(nd[1], nd[2]) for nd, t in tables.nodes.items() if nd[0] == "feature" and t["n"] >= min_prompts}
+    )
     label_map = _feature_labels(labels, sorted(set(ordered[:top]) | set(union_feats)))
     features = _feature_table(tables, n, label_map)
     slug = f"{doc['name']}-task-circuit"
     scan, transcoder_list = _scan_of(study_dir, tables)
-    union = _union_graph(tables, n, slot_labels, align, min_prompts, slug, doc["name"], label_map, scan,
-                         transcoder_list)
+    union = _union_graph(
+        tables, n, slot_labels, align, min_prompts, slug, doc["name"], label_map, scan, transcoder_list
+    )
     result = {
         "format": AGGREGATE_FORMAT,
         "version": 1,
@@ -484,11 +562,33 @@ def aggregate_study(
 def _features_csv(rows: list[dict[str, Any]]) -> bytes:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["layer", "feature", "n_prompts", "share", "mean_influence", "max_influence", "mean_activation",
-                "slots", "label"])
+    w.writerow(
+        [
+            "layer",
+            "feature",
+            "n_prompts",
+            "share",
+            "mean_influence",
+            "max_influence",
+            "mean_activation",
+            "slots",
+            "label",
+        ]
+    )
     for r in rows:
-        w.writerow([r["layer"], r["feature"], r["n_prompts"], r["share"], r["mean_influence"], r["max_influence"],
-                    r["mean_activation"], ";".join(f"{s}:{c}" for s, c in r["slots"].items()), r["label"]])
+        w.writerow(
+            [
+                r["layer"],
+                r["feature"],
+                r["n_prompts"],
+                r["share"],
+                r["mean_influence"],
+                r["max_influence"],
+                r["mean_activation"],
+                ";".join(f"{s}:{c}" for s, c in r["slots"].items()),
+                r["label"],
+            ]
+        )
     return buf.getvalue().encode("utf-8")
 
 
@@ -524,15 +624,15 @@ def _fig_heatmap(agg: Mapping[str, Any]):
     ax = fig.add_subplot()
     im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     groups = hm.get("groups") or [""] * len(hm["prompts"])
-    ax.set_xticks(range(len(hm["prompts"])), [f"{p} ({g})" if g else p for p, g in zip(hm["prompts"], groups)],
-                  rotation=90)
+    ax.set_xticks(
+        range(len(hm["prompts"])), [f"{p} ({g})" if g else p for p, g in zip(hm["prompts"], groups)], rotation=90
+    )
     for i in range(1, len(groups)):
         if groups[i] != groups[i - 1]:
             ax.axvline(i - 0.5, color="white", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [_feature_name(r, 24) for r in rows])
     ax.set_xlabel("prompt")
-    ax.set_title(f"Influence of the {len(rows)} most recurring features ({agg['study']}, "
-                 f"{agg['n_prompts']} prompts)")
+    ax.set_title(f"Influence of the {len(rows)} most recurring features ({agg['study']}, {agg['n_prompts']} prompts)")
     fig.colorbar(im, ax=ax, label="influence on the logits")
     fig.tight_layout()
     return fig
@@ -576,4 +676,3 @@ def write_figures(agg: Mapping[str, Any], figures_dir: str | os.PathLike) -> dic
         atomic_write_bytes(path, data)
         paths[name] = path
     return paths
-

@@ -169,8 +169,16 @@ class DashboardConfig:
     label_outputs: int = 3
 
     def __post_init__(self) -> None:
-        positive = ("top_k", "n_quantiles", "examples_per_quantile", "hist_bins", "n_logits",
-                    "batch_tokens", "checkpoint_every", "logits_chunk")
+        positive = (
+            "top_k",
+            "n_quantiles",
+            "examples_per_quantile",
+            "hist_bins",
+            "n_logits",
+            "batch_tokens",
+            "checkpoint_every",
+            "logits_chunk",
+        )
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -205,7 +213,7 @@ class DashboardConfig:
         return np.concatenate([[0.0], inner, [np.inf]])
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DashboardConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> DashboardConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -273,9 +281,7 @@ class TextFileCorpus:
                         f"corpus holds one object per line with a {self.field!r} field"
                     ) from None
                 if not isinstance(record, dict) or not isinstance(record.get(self.field), str):
-                    raise ValueError(
-                        f"corpus {str(self.path)!r} line {lineno} has no string field {self.field!r}"
-                    )
+                    raise ValueError(f"corpus {str(self.path)!r} line {lineno} has no string field {self.field!r}")
                 yield record[self.field]
 
     def fingerprint(self) -> str:
@@ -329,8 +335,9 @@ class _HFCorpus:
         return hashlib.sha256(ident.encode()).hexdigest()
 
 
-def hf_dataset_corpus(name: str, split: str = "train", field: str = "text", *,
-                      config: str | None = None, streaming: bool = True):
+def hf_dataset_corpus(
+    name: str, split: str = "train", field: str = "text", *, config: str | None = None, streaming: bool = True
+):
     """A Hugging Face dataset as a corpus (needs the ``datasets`` package and the hub).
 
     Raises ImportError when ``datasets`` is not installed and OSError when the dataset cannot
@@ -424,8 +431,7 @@ class _Tokenizer:
         return self.bridge.to_tokens(text, truncate=False)[0].cpu().numpy().astype(np.int64)
 
 
-def _sequences(model, corpus_iter: Callable[[], Iterator[str]], seq_len: int,
-               max_tokens: int | None) -> Iterator[_Seq]:
+def _sequences(model, corpus_iter: Callable[[], Iterator[str]], seq_len: int, max_tokens: int | None) -> Iterator[_Seq]:
     """Every sequence of the corpus in order (see module docstring, step 1)."""
     tok = _Tokenizer(model)
     seq_id = 0
@@ -438,7 +444,7 @@ def _sequences(model, corpus_iter: Callable[[], Iterator[str]], seq_len: int,
         bos, body = ids[:1], ids[1:]
         step = seq_len - 1
         for start in range(0, body.size, step):
-            piece = body[start:start + step]
+            piece = body[start : start + step]
             if max_tokens is not None:
                 piece = piece[: max_tokens - counted]
             if piece.size == 0:
@@ -523,7 +529,7 @@ def mlp_inputs(model, tokens: Tensor) -> list[Tensor]:
 
     fwd = [(model.input_hooks[layer], save(layer)) for layer in range(model.n_layers)]
     try:
-        with model._hooks(fwd):
+        with model.hooks(fwd):
             model.bridge(tokens)
     except _StopForward:
         pass
@@ -562,9 +568,16 @@ def _rank_in_group(groups: np.ndarray) -> np.ndarray:
     return np.arange(groups.size) - first
 
 
-def _merge_best(slot_id: np.ndarray, slot_key: np.ndarray, slot_val: np.ndarray | None,
-                slots: np.ndarray, ids: np.ndarray, keys: np.ndarray, vals: np.ndarray | None,
-                keep: int) -> None:
+def _merge_best(
+    slot_id: np.ndarray,
+    slot_key: np.ndarray,
+    slot_val: np.ndarray | None,
+    slots: np.ndarray,
+    ids: np.ndarray,
+    keys: np.ndarray,
+    vals: np.ndarray | None,
+    keep: int,
+) -> None:
     """Merge candidates into per-slot tables keeping the ``keep`` smallest (key, id).
 
     slot_id: (n_slots, keep) int64 ids, -1 for empty, rows sorted by (key, id)
@@ -630,8 +643,15 @@ class _LayerState:
         return {name: getattr(self, name) for name in self.NAMES}
 
 
-def _update_layer(st: _LayerState, layer: int, tids: np.ndarray, feats: np.ndarray,
-                  vals: np.ndarray, inner_edges: np.ndarray, seed: int) -> None:
+def _update_layer(
+    st: _LayerState,
+    layer: int,
+    tids: np.ndarray,
+    feats: np.ndarray,
+    vals: np.ndarray,
+    inner_edges: np.ndarray,
+    seed: int,
+) -> None:
     """Fold one batch's firing entries of one layer into its state.
 
     tids, feats, vals: (n,) token id, feature, activation (> 0) of every firing entry
@@ -679,8 +699,14 @@ def _reservoir_keys(st: _LayerState, layer: int, slots: np.ndarray, seed: int) -
     return slots, keys
 
 
-def _merge_reservoir(st: _LayerState, res_key: tuple[np.ndarray, np.ndarray], slots: np.ndarray,
-                     ids: np.ndarray, keys: np.ndarray, vals: np.ndarray) -> None:
+def _merge_reservoir(
+    st: _LayerState,
+    res_key: tuple[np.ndarray, np.ndarray],
+    slots: np.ndarray,
+    ids: np.ndarray,
+    keys: np.ndarray,
+    vals: np.ndarray,
+) -> None:
     touched, touched_keys = res_key
     local = np.searchsorted(touched, slots)
     sub_id = st.res_id[touched]
@@ -723,8 +749,9 @@ def _group_of_bins(bounds: np.ndarray, n_bins: int) -> np.ndarray:
     return (inner[:, :, None] <= np.arange(n_bins)[None, None, :]).sum(axis=1)
 
 
-def _choose_quantile_examples(st: _LayerState, layer: int, bounds: np.ndarray, n_quantiles: int,
-                              seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _choose_quantile_examples(
+    st: _LayerState, layer: int, bounds: np.ndarray, n_quantiles: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The examples of each quantile group: (F, Q, M) token ids (-1 empty) and activations."""
     F, H, M, Q = st.F, st.H, st.M, n_quantiles
     ids = st.res_id.reshape(-1)
@@ -774,8 +801,7 @@ class DecoderLogits:
 
 
 @torch.no_grad()
-def decoder_logits(transcoders, W_U: Tensor, layer: int, n_logits: int, *,
-                   chunk: int = 512) -> DecoderLogits:
+def decoder_logits(transcoders, W_U: Tensor, layer: int, n_logits: int, *, chunk: int = 512) -> DecoderLogits:
     """Top and bottom ``n_logits`` of every feature's decoder direction through the unembedding.
 
     W_U: (d_model, d_vocab). A feature's total direction is its decoder row summed over its
@@ -787,8 +813,10 @@ def decoder_logits(transcoders, W_U: Tensor, layer: int, n_logits: int, *,
     V = min(int(n_logits), int(W.shape[1]))
     per_layer = transcoders.kind == "cross_layer_transcoder"
     out = {
-        "top_id": np.zeros((F, V), np.int32), "top_value": np.zeros((F, V), np.float32),
-        "bottom_id": np.zeros((F, V), np.int32), "bottom_value": np.zeros((F, V), np.float32),
+        "top_id": np.zeros((F, V), np.int32),
+        "top_value": np.zeros((F, V), np.float32),
+        "bottom_id": np.zeros((F, V), np.int32),
+        "bottom_value": np.zeros((F, V), np.float32),
     }
     if per_layer:
         for name in ("layer_top_id", "layer_bottom_id"):
@@ -828,13 +856,13 @@ def _short(token: str, limit: int = 24) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-def auto_label(input_tokens: Sequence[str], output_tokens: Sequence[str], *, n_inputs: int = 3,
-               n_outputs: int = 3) -> str:
+def auto_label(
+    input_tokens: Sequence[str], output_tokens: Sequence[str], *, n_inputs: int = 3, n_outputs: int = 3
+) -> str:
     """``"in1/in2/in3 → out1/out2/out3"``: the most common tokens where a feature fires most
     (in order of first appearance among ties) and its top output logits; ``(dead)`` inputs
     when it never fired."""
-    return _compose_label([_short(t) for t in input_tokens], [_short(t) for t in output_tokens],
-                          n_inputs, n_outputs)
+    return _compose_label([_short(t) for t in input_tokens], [_short(t) for t in output_tokens], n_inputs, n_outputs)
 
 
 def _compose_label(ins: Sequence[str], outs: Sequence[str], n_inputs: int, n_outputs: int) -> str:
@@ -863,8 +891,7 @@ def _pack(meta: dict, arrays: Mapping[str, np.ndarray]) -> bytes:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         blob = bytes(codec.encode(a)) if a.nbytes else b""
-        index.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
-                      "offset": offset, "size": len(blob)})
+        index.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset, "size": len(blob)})
         blobs.append(blob)
         offset += len(blob)
     header = json.dumps({"meta": meta, "arrays": index}, sort_keys=True).encode()
@@ -875,8 +902,8 @@ def _unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     if not data.startswith(_STATE_MAGIC):
         raise ValueError("not a dashboards checkpoint")
     pos = len(_STATE_MAGIC)
-    (n,) = struct.unpack("<Q", data[pos:pos + 8])
-    header = json.loads(data[pos + 8:pos + 8 + n])
+    (n,) = struct.unpack("<Q", data[pos : pos + 8])
+    header = json.loads(data[pos + 8 : pos + 8 + n])
     base = pos + 8 + n
     codec = _blosc()
     arrays = {}
@@ -885,7 +912,7 @@ def _unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         if rec["size"] == 0:
             arrays[rec["name"]] = np.zeros(shape, dtype=dtype)
             continue
-        blob = data[base + rec["offset"]: base + rec["offset"] + rec["size"]]
+        blob = data[base + rec["offset"] : base + rec["offset"] + rec["size"]]
         arrays[rec["name"]] = np.frombuffer(codec.decode(blob), dtype=dtype).reshape(shape).copy()
     return header["meta"], arrays
 
@@ -920,9 +947,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _fingerprint(model, cfg: DashboardConfig, corpus_fp: str | None, seq_len: int) -> str:
     ident = {
-        "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.result_dict(),
-        "seq_len": seq_len, "model": model.digest(), "transcoders": model.transcoders.digest(),
-        "corpus": corpus_fp, "dtype": str(model.dtype),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": cfg.result_dict(),
+        "seq_len": seq_len,
+        "model": model.digest(),
+        "transcoders": model.transcoders.digest(),
+        "corpus": corpus_fp,
+        "dtype": str(model.dtype),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -957,8 +989,15 @@ class _Run:
         self.pad_id = int(pad if pad is not None else (tok.eos_token_id or 0))
         self.device = model.bridge.cfg.device
         self.layers: list[_LayerState] = []
-        self.meta = {"fingerprint": self.fingerprint, "n_batches": 0, "n_seqs": 0, "n_tokens": 0,
-                     "n_docs": 0, "token_hash": hashlib.sha256().hexdigest(), "stream_done": False}
+        self.meta = {
+            "fingerprint": self.fingerprint,
+            "n_batches": 0,
+            "n_seqs": 0,
+            "n_tokens": 0,
+            "n_docs": 0,
+            "token_hash": hashlib.sha256().hexdigest(),
+            "stream_done": False,
+        }
 
     # ------------------------------------------------------------------ checkpoint
     def load_checkpoint(self) -> bool:
@@ -1007,8 +1046,15 @@ class _Run:
             last_doc = s.doc
         if h.hexdigest() != self.meta["token_hash"]:
             raise _CorpusChanged
-        bar = tqdm(total=cfg.max_tokens, initial=int(self.meta["n_tokens"]), unit="tok", unit_scale=True,
-                   desc="dashboards: stream", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_tokens,
+            initial=int(self.meta["n_tokens"]),
+            unit="tok",
+            unit_scale=True,
+            desc="dashboards: stream",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         t0, n0 = time.perf_counter(), int(self.meta["n_tokens"])
         try:
             since = 0
@@ -1039,8 +1085,12 @@ class _Run:
                 "the corpus gave no tokens: it is empty or every document is blank; give a corpus "
                 "with at least one non-empty document"
             )
-        log.info("dashboards: streamed %d tokens in %.1fs (%.0f tok/s)", done, elapsed,
-                 done / elapsed if elapsed > 0 else float("nan"))
+        log.info(
+            "dashboards: streamed %d tokens in %.1fs (%.0f tok/s)",
+            done,
+            elapsed,
+            done / elapsed if elapsed > 0 else float("nan"),
+        )
         self.meta["stream_done"] = True
         self.save_checkpoint()
 
@@ -1052,8 +1102,7 @@ class _Run:
             rows = nz[:, 0].cpu().numpy()
             feats = nz[:, 1].cpu().numpy().astype(np.int64)
             vals = a[nz[:, 0], nz[:, 1]].float().cpu().numpy()
-            _update_layer(self.layers[layer], layer, batch.tids[rows], feats, vals,
-                          self.inner_edges, self.cfg.seed)
+            _update_layer(self.layers[layer], layer, batch.tids[rows], feats, vals, self.inner_edges, self.cfg.seed)
 
     # ------------------------------------------------------------------ step 6: logits
     def logits(self) -> list[DecoderLogits]:
@@ -1061,8 +1110,14 @@ class _Run:
 
         W_U = self.model.W_U
         out = []
-        bar = tqdm(total=self.model.n_layers * self.tc.d_transcoder, unit="feat", unit_scale=True,
-                   desc="dashboards: logits", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.model.n_layers * self.tc.d_transcoder,
+            unit="feat",
+            unit_scale=True,
+            desc="dashboards: logits",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         try:
             for layer in range(self.model.n_layers):
                 path = self.partial / f"logits_{layer}.bin"
@@ -1116,12 +1171,12 @@ class _Run:
                         yield s
             if n != int(self.meta["n_seqs"]) or h.hexdigest() != self.meta["token_hash"]:
                 raise RuntimeError(
-                    "the corpus changed between the two passes over it; give a corpus that "
-                    "reads the same every time"
+                    "the corpus changed between the two passes over it; give a corpus that reads the same every time"
                 )
 
-        bar = tqdm(total=int(ref.size), unit="seq", desc="dashboards: contexts",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=int(ref.size), unit="seq", desc="dashboards: contexts", disable=not self.progress, dynamic_ncols=True
+        )
         try:
             for batch_seqs in _batches(wanted(), cfg.batch_tokens):
                 for s in batch_seqs:
@@ -1145,8 +1200,11 @@ class _Run:
                     P = s_pos[:, None] + offsets[None, :]
                     ok = (P >= 0) & (P < batch.lengths[rows][:, None])
                     Pc = np.clip(P, 0, acts.shape[1] - 1)
-                    got = acts[torch.from_numpy(rows[:, None]), torch.from_numpy(Pc),
-                               torch.from_numpy(np.broadcast_to(feats[:, None], P.shape).copy())]
+                    got = acts[
+                        torch.from_numpy(rows[:, None]),
+                        torch.from_numpy(Pc),
+                        torch.from_numpy(np.broadcast_to(feats[:, None], P.shape).copy()),
+                    ]
                     windows[layer][s_slots] = np.where(ok, got.cpu().numpy(), 0.0)
                 bar.update(len(batch_seqs))
         finally:
@@ -1173,8 +1231,15 @@ def _sequence_table(t: dict[str, list]) -> dict[str, np.ndarray]:
     }
 
 
-def compute_dashboards(model, corpus, out_path: str | os.PathLike, cfg: DashboardConfig | None = None,
-                       progress: bool = True, *, overwrite: bool = False) -> Path:
+def compute_dashboards(
+    model,
+    corpus,
+    out_path: str | os.PathLike,
+    cfg: DashboardConfig | None = None,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Compute every feature's dashboard from ``corpus`` and write one store at ``out_path``.
 
     model: a ``ReplacementModel``. corpus: a re-iterable of texts (a list, ``read_corpus(path)``,
@@ -1198,8 +1263,7 @@ def compute_dashboards(model, corpus, out_path: str | os.PathLike, cfg: Dashboar
         if not resumed:
             run.reset_partial()
         else:
-            log.info("dashboards: resuming after %d tokens (%d batches)", run.meta["n_tokens"],
-                     run.meta["n_batches"])
+            log.info("dashboards: resuming after %d tokens (%d batches)", run.meta["n_tokens"], run.meta["n_batches"])
         try:
             if not run.meta["stream_done"]:
                 run.stream()
@@ -1226,8 +1290,9 @@ def _examples(run: _Run) -> list[dict[str, np.ndarray]]:
         q_id, q_val = _choose_quantile_examples(st, layer, bounds, cfg.n_quantiles, cfg.seed)
         F, K = st.F, st.K
         tid = np.concatenate([st.top_id.reshape(-1), q_id.reshape(-1)])
-        val = np.concatenate([np.where(st.top_id >= 0, st.top_val, 0).reshape(-1).astype(np.float32),
-                              q_val.reshape(-1)])
+        val = np.concatenate(
+            [np.where(st.top_id >= 0, st.top_val, 0).reshape(-1).astype(np.float32), q_val.reshape(-1)]
+        )
         feature = np.concatenate([np.repeat(np.arange(F), K), np.repeat(np.arange(F), q_id.shape[1] * q_id.shape[2])])
         out.append({"tid": tid, "value": val, "feature": feature, "bounds": bounds, "n_top": F * K})
     return out
@@ -1261,7 +1326,7 @@ def _encode_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _decode_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = data.tobytes()
-    return [raw[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(offsets.size - 1)]
+    return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(offsets.size - 1)]
 
 
 def _labels(run: _Run, examples, seqs, logits: list[DecoderLogits], vocab: list[str]) -> list[str]:
@@ -1298,7 +1363,14 @@ def _write_store(run: _Run, examples, windows, seqs, logits: list[DecoderLogits]
     from zarr.storage import LocalStore
 
     cfg, tc, model = run.cfg, run.tc, run.model
-    L, F, K, Q, M, W = model.n_layers, tc.d_transcoder, cfg.top_k, cfg.n_quantiles, cfg.examples_per_quantile, cfg.window
+    L, F, K, Q, M, W = (
+        model.n_layers,
+        tc.d_transcoder,
+        cfg.top_k,
+        cfg.n_quantiles,
+        cfg.examples_per_quantile,
+        cfg.window,
+    )
     d_vocab = int(model.W_U.shape[1])
     vocab = _vocab_strings(model, d_vocab)
     labels = _labels(run, examples, seqs, logits, vocab)
@@ -1309,17 +1381,30 @@ def _write_store(run: _Run, examples, windows, seqs, logits: list[DecoderLogits]
     store = LocalStore(str(creating))
     edges = cfg.hist_edges()
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": run.fingerprint,
-        "config": cfg.result_dict(), "seq_len": run.seq_len, "kind": tc.kind,
-        "n_layers": L, "d_transcoder": F, "d_vocab": d_vocab, "window": [cfg.context_before, cfg.context_after],
-        "n_tokens": int(run.meta["n_tokens"]), "n_documents": int(run.meta["n_docs"]),
-        "n_sequences": int(run.meta["n_seqs"]), "n_batches": int(run.meta["n_batches"]),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "fingerprint": run.fingerprint,
+        "config": cfg.result_dict(),
+        "seq_len": run.seq_len,
+        "kind": tc.kind,
+        "n_layers": L,
+        "d_transcoder": F,
+        "d_vocab": d_vocab,
+        "window": [cfg.context_before, cfg.context_after],
+        "n_tokens": int(run.meta["n_tokens"]),
+        "n_documents": int(run.meta["n_docs"]),
+        "n_sequences": int(run.meta["n_seqs"]),
+        "n_batches": int(run.meta["n_batches"]),
         "n_stored_sequences": int(seqs["id"].size),
         "hist_edges": [float(e) if np.isfinite(e) else None for e in edges],
         "model": {"name": _model_label(model.model_name), "digest": model.digest()},
-        "transcoders": {"digest": tc.digest(), "kind": tc.kind, "scan": tc.scan,
-                        "feature_input_hook": tc.feature_input_hook,
-                        "feature_output_hook": tc.feature_output_hook},
+        "transcoders": {
+            "digest": tc.digest(),
+            "kind": tc.kind,
+            "scan": tc.scan,
+            "feature_input_hook": tc.feature_input_hook,
+            "feature_output_hook": tc.feature_output_hook,
+        },
         "dtype": str(model.dtype),
     }
     zarr.create_group(store, attributes={_META: meta})
@@ -1336,11 +1421,18 @@ def _write_store(run: _Run, examples, windows, seqs, logits: list[DecoderLogits]
             chunks, shards = (c,), (-(-shape[0] // c) * c,)
         else:
             chunks = tuple(1 if i == 0 else fc if i == feature_axis else s for i, s in enumerate(shape))
-            shards = tuple(1 if i == 0 else -(-s // fc) * fc if i == feature_axis else s
-                           for i, s in enumerate(shape))
-        return zarr.create_array(store, name=name, shape=shape, dtype=dtype, chunks=chunks,
-                                 shards=shards, compressors=compressor, fill_value=0,
-                                 chunk_key_encoding={"name": "v2", "separator": "."})
+            shards = tuple(1 if i == 0 else -(-s // fc) * fc if i == feature_axis else s for i, s in enumerate(shape))
+        return zarr.create_array(
+            store,
+            name=name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=compressor,
+            fill_value=0,
+            chunk_key_encoding={"name": "v2", "separator": "."},
+        )
 
     def put(name: str, data: np.ndarray) -> None:
         data = np.ascontiguousarray(data)
@@ -1398,7 +1490,7 @@ def _write_store(run: _Run, examples, windows, seqs, logits: list[DecoderLogits]
     for name in ("tokens", "offsets", "id", "doc", "start"):
         put(f"sequences/{name}", seqs[name])
 
-    for root, dirs, files in os.walk(creating):
+    for root, _dirs, files in os.walk(creating):
         for name in files:
             with open(os.path.join(root, name), "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -1444,7 +1536,7 @@ class Dashboards:
         self.n_tokens: int = int(meta["n_tokens"])
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Dashboards":
+    def open(cls, path: str | os.PathLike) -> Dashboards:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no dashboards store at {path}; compute it with `circuit-pipeline features`")
@@ -1463,8 +1555,10 @@ class Dashboards:
         return cls(path, meta)
 
     def __repr__(self) -> str:
-        return (f"Dashboards({str(self.path)!r}, kind={self.kind!r}, n_layers={self.n_layers}, "
-                f"d_transcoder={self.d_transcoder}, n_tokens={self.n_tokens})")
+        return (
+            f"Dashboards({str(self.path)!r}, kind={self.kind!r}, n_layers={self.n_layers}, "
+            f"d_transcoder={self.d_transcoder}, n_tokens={self.n_tokens})"
+        )
 
     # ------------------------------------------------------------------ raw access
     def _array(self, name: str):
@@ -1498,16 +1592,17 @@ class Dashboards:
         n = _SPAN_CHUNK
         parts = []
         for c in range(start // n, (max(stop, start + 1) - 1) // n + 1):
-            block = self._cached((name, c), lambda c=c: np.asarray(self._array(name)[c * n:(c + 1) * n]))
-            parts.append(block[max(start - c * n, 0): max(min(stop - c * n, n), 0)])
+            block = self._cached((name, c), lambda c=c: np.asarray(self._array(name)[c * n : (c + 1) * n]))
+            parts.append(block[max(start - c * n, 0) : max(min(stop - c * n, n), 0)])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     @property
     def vocab(self) -> list[str]:
         """Every token id's string (tokenizer.decode of the one id)."""
         if self._vocab is None:
-            self._vocab = _decode_strings(np.asarray(self._array("vocab/bytes")[...]),
-                                          np.asarray(self._array("vocab/offsets")[...]))
+            self._vocab = _decode_strings(
+                np.asarray(self._array("vocab/bytes")[...]), np.asarray(self._array("vocab/offsets")[...])
+            )
         return self._vocab
 
     def _check(self, layer, index) -> tuple[int, int]:
@@ -1518,17 +1613,16 @@ class Dashboards:
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range: the store has layers 0..{self.n_layers - 1}")
         if not 0 <= index < self.d_transcoder:
-            raise ValueError(
-                f"feature {index} out of range: layer {layer} has features 0..{self.d_transcoder - 1}"
-            )
+            raise ValueError(f"feature {index} out of range: layer {layer} has features 0..{self.d_transcoder - 1}")
         return layer, index
 
     # ------------------------------------------------------------------ queries
     def labels(self) -> dict[tuple[int, int], str]:
         """Automatic label of every feature, keyed (layer, feature): ``create_graph_files(labels=...)``."""
         if self._labels is None:
-            self._labels = _decode_strings(np.asarray(self._array("labels/bytes")[...]),
-                                           np.asarray(self._array("labels/offsets")[...]))
+            self._labels = _decode_strings(
+                np.asarray(self._array("labels/bytes")[...]), np.asarray(self._array("labels/offsets")[...])
+            )
         F = self.d_transcoder
         return {(i // F, i % F): s for i, s in enumerate(self._labels)}
 
@@ -1583,14 +1677,19 @@ class Dashboards:
             n_q = int(cum[b1] - cum[b0])
             if n_q == 0:
                 continue
-            quantiles.append({
-                "index": q,
-                "range": [_f32(edges[b0]), _f32(edges[b1])],  # [lo, hi); hi None: unbounded
-                "cdf": [float(cum[b0] / count), float(cum[b1] / count)],
-                "count": n_q,
-                "examples": [self._example(v, s, p, w) for v, s, p, w in
-                             zip(q_val[q], q_seq[q], q_pos[q], q_win[q]) if s >= 0],
-            })
+            quantiles.append(
+                {
+                    "index": q,
+                    "range": [_f32(edges[b0]), _f32(edges[b1])],  # [lo, hi); hi None: unbounded
+                    "cdf": [float(cum[b0] / count), float(cum[b1] / count)],
+                    "count": n_q,
+                    "examples": [
+                        self._example(v, s, p, w)
+                        for v, s, p, w in zip(q_val[q], q_seq[q], q_pos[q], q_win[q])
+                        if s >= 0
+                    ],
+                }
+            )
         nz = np.nonzero(hist)[0]
         if nz.size:
             b0, b1 = int(nz[0]), int(nz[-1]) + 1
@@ -1600,14 +1699,20 @@ class Dashboards:
             histogram = {"edges": [], "counts": []}
 
         vocab = self.vocab
-        logits = {"top": self._logit_list("top", layer, f, vocab),
-                  "bottom": self._logit_list("bottom", layer, f, vocab)}
+        logits = {
+            "top": self._logit_list("top", layer, f, vocab),
+            "bottom": self._logit_list("bottom", layer, f, vocab),
+        }
         if self.kind == "cross_layer_transcoder":
             per = []
             for out_layer in range(layer, self.n_layers):
-                per.append({"layer": out_layer,
-                            "top": self._logit_list("layer_top", layer, f, vocab, out_layer),
-                            "bottom": self._logit_list("layer_bottom", layer, f, vocab, out_layer)})
+                per.append(
+                    {
+                        "layer": out_layer,
+                        "top": self._logit_list("layer_top", layer, f, vocab, out_layer),
+                        "bottom": self._logit_list("layer_bottom", layer, f, vocab, out_layer),
+                    }
+                )
             logits["per_output_layer"] = per
         return {
             "layer": layer,
@@ -1634,9 +1739,12 @@ class Dashboards:
     def _sequence(self, row: int) -> tuple[np.ndarray, int, int, int]:
         offs = self._span("sequences/offsets", row, row + 2)
         tokens = self._span("sequences/tokens", int(offs[0]), int(offs[1]))
-        return (tokens, int(self._span("sequences/id", row, row + 1)[0]),
-                int(self._span("sequences/doc", row, row + 1)[0]),
-                int(self._span("sequences/start", row, row + 1)[0]))
+        return (
+            tokens,
+            int(self._span("sequences/id", row, row + 1)[0]),
+            int(self._span("sequences/doc", row, row + 1)[0]),
+            int(self._span("sequences/start", row, row + 1)[0]),
+        )
 
     def _example(self, value, row, pos, window) -> dict[str, Any]:
         tokens, seq_id, doc, start = self._sequence(int(row))
@@ -1644,7 +1752,7 @@ class Dashboards:
         pos = int(pos)
         lo = max(0, pos - cfg.context_before)
         hi = min(tokens.size, pos + cfg.context_after + 1)
-        acts = window[lo - (pos - cfg.context_before): hi - (pos - cfg.context_before)]
+        acts = window[lo - (pos - cfg.context_before) : hi - (pos - cfg.context_before)]
         vocab = self.vocab
         return {
             "value": _f32(value),
@@ -1682,8 +1790,9 @@ def feature_json_bytes(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
 
 
-def export_feature_json(dash: Dashboards, features: Iterable[tuple[int, int]] | Mapping | str | os.PathLike,
-                        out_dir: str | os.PathLike) -> list[Path]:
+def export_feature_json(
+    dash: Dashboards, features: Iterable[tuple[int, int]] | Mapping | str | os.PathLike, out_dir: str | os.PathLike
+) -> list[Path]:
     """Write ``out_dir/features/{layer}_{feature}.json`` for the given features only.
 
     features: (layer, feature) pairs, or a graph JSON (path or dict) whose feature nodes are

@@ -52,9 +52,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -148,8 +149,7 @@ class Experiment:
             raise ValueError(f"experiment {self.name!r} has no source features or supernodes")
         if self.kind == "swap" and (not self.target or not self.donor_prompt):
             raise ValueError(
-                f"experiment {self.name!r}: a swap needs target features and the donor_prompt "
-                "on which they are active"
+                f"experiment {self.name!r}: a swap needs target features and the donor_prompt on which they are active"
             )
         if self.kind == "steer" and self.value is None and self.source_factor is None:
             raise ValueError(f"experiment {self.name!r}: a steer needs a value or a source_factor")
@@ -159,7 +159,7 @@ class Experiment:
                 raise ValueError(f"experiment {self.name!r}: {name} must be a finite number, got {v!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Experiment":
+    def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -206,7 +206,7 @@ class EvaluationSpec:
         supernodes_from_config(self.supernodes)  # validate early
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "EvaluationSpec":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> EvaluationSpec:
         d = dict(d or {})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -246,7 +246,7 @@ def _corr(a: Sequence[float], b: Sequence[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _tok(model: "ReplacementModel", token_id: int) -> str:
+def _tok(model: ReplacementModel, token_id: int) -> str:
     return model.tokenizer.decode([int(token_id)])
 
 
@@ -254,7 +254,13 @@ def _top_tokens(model, logits: Tensor, k: int) -> list[dict]:
     probs = torch.softmax(logits.double(), -1)
     p, idx = torch.topk(probs, min(k, probs.numel()))
     return [
-        {"rank": i + 1, "id": int(t), "token": _tok(model, int(t)), "prob": _r(float(pp)), "logit": _r(float(logits[t]))}
+        {
+            "rank": i + 1,
+            "id": int(t),
+            "token": _tok(model, int(t)),
+            "prob": _r(float(pp)),
+            "logit": _r(float(logits[t])),
+        }
         for i, (pp, t) in enumerate(zip(p, idx))
     ]
 
@@ -296,8 +302,9 @@ def _full_row(edges, feats: np.ndarray, n_f: int) -> tuple[np.ndarray, np.ndarra
     """The first logit's edges from every feature, and its read vector, from the unpruned store."""
     efeats, _ = selected_feature_table(edges)
     if efeats.shape != feats.shape or not np.array_equal(efeats, feats):
-        raise ValueError("edges: the graph store does not hold the pruned graph's features (same "
-                         "prompt, model and attribution run?)")
+        raise ValueError(
+            "edges: the graph store does not hold the pruned graph's features (same prompt, model and attribution run?)"
+        )
     return first_logit_feature_row(edges, n_f)
 
 
@@ -332,8 +339,10 @@ def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
         vector = torch.as_tensor(vector)
     else:
         if token < 0:
-            raise ValueError("the graph's first logit target is not a token and the graph stores no "
-                             "logit vectors: evaluate the unpruned graph store instead")
+            raise ValueError(
+                "the graph's first logit target is not a token and the graph stores no "
+                "logit vectors: evaluate the unpruned graph store instead"
+            )
         vector = W_U[:, token] - W_U.mean(-1)
     return _Circuit(
         features=np.asarray(feats, np.int64).reshape(-1, 3),
@@ -356,7 +365,7 @@ def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
 
 # ------------------------------------------------------------------------------------ evaluate
 def evaluate(
-    model: "ReplacementModel",
+    model: ReplacementModel,
     graph,
     spec: EvaluationSpec | Mapping[str, Any] | None = None,
     *,
@@ -407,8 +416,7 @@ def evaluate(
         "model": model.model_name,
         "transcoders": {"kind": model.transcoders.kind, "scan": model.transcoders.scan},
         "spec": spec.to_dict(),
-        "target": {"token": _tok(model, c.target_token), "id": c.target_token,
-                   "demeaned_logit": _r(base_target)},
+        "target": {"token": _tok(model, c.target_token), "id": c.target_token, "demeaned_logit": _r(base_target)},
         "pruning": c.pruning,
         "clean": {"top_tokens": _top_tokens(model, clean.logits[-1], spec.n_top_tokens)},
     }
@@ -421,13 +429,21 @@ def evaluate(
         iv = [(layer, pos, feat, 0.0)]
         direct = target_of(runner.run(iv, direct_effects=True, errors=spec.errors).unembed_in) - base_target
         iterative = target_of(runner.run(iv, **common).unembed_in) - base_target
-        rows.append({
-            "node": int(node), "layer": layer, "pos": pos, "feature": feat,
-            "token": report["tokens"][pos],
-            "activation": _r(c.activations[node]), "influence": _r(c.influence[node]),
-            "in_circuit": bool(c.in_circuit[node]),
-            "predicted": _r(-c.edge_to_target[node]), "direct": _r(direct), "iterative": _r(iterative),
-        })
+        rows.append(
+            {
+                "node": int(node),
+                "layer": layer,
+                "pos": pos,
+                "feature": feat,
+                "token": report["tokens"][pos],
+                "activation": _r(c.activations[node]),
+                "influence": _r(c.influence[node]),
+                "in_circuit": bool(c.in_circuit[node]),
+                "predicted": _r(-c.edge_to_target[node]),
+                "direct": _r(direct),
+                "iterative": _r(iterative),
+            }
+        )
     pred = [-c.edge_to_target[n] for n in order]
     dirs = [r["direct"] for r in rows]
     its = [r["iterative"] for r in rows]
@@ -466,8 +482,10 @@ def _by_kind_and_group(experiments: Sequence[Mapping[str, Any]]) -> dict:
     """Flip counts per experiment kind and per group (experiments without a group: none)."""
     groups = sorted({e.get("group") for e in experiments} - {None})
     return {
-        "by_kind": {kind: _flip_counts([e for e in experiments if e["kind"] == kind])
-                    for kind in sorted({e["kind"] for e in experiments})},
+        "by_kind": {
+            kind: _flip_counts([e for e in experiments if e["kind"] == kind])
+            for kind in sorted({e["kind"] for e in experiments})
+        },
         "by_group": {g: _flip_counts([e for e in experiments if e.get("group") == g]) for g in groups},
     }
 
@@ -506,7 +524,8 @@ def _faithfulness(model, runner: InterventionRunner, c: _Circuit, target_of, com
             "n_ablated": len(ivs),
             "demeaned_logit": _r(values[name]),
             "prob_clean_top": _r(float(torch.softmax(last.double(), -1)[top_clean])),
-            "top_token": _tok(model, top), "top_id": top,
+            "top_token": _tok(model, top),
+            "top_id": top,
             "kl_from_clean": _r(_kl(clean.logits[-1], last)),
         }
     span = values["clean"] - values["all_ablated"]
@@ -518,14 +537,17 @@ def _faithfulness(model, runner: InterventionRunner, c: _Circuit, target_of, com
 _SELECTOR_KEYS = ("pos", "layers", "not_on_donor")
 
 
-def _select(item: Mapping[str, Any], activations: Tensor, what: str,
-            donor: Tensor | None = None) -> list[tuple[int, int, int]]:
+def _select(
+    item: Mapping[str, Any], activations: Tensor, what: str, donor: Tensor | None = None
+) -> list[tuple[int, int, int]]:
     """Every feature active at ``item["pos"]`` in ``item["layers"]`` (all layers if absent);
     with ``not_on_donor``, only those inactive at the end-aligned position of ``donor``."""
     unknown = sorted(set(item) - set(_SELECTOR_KEYS))
     if unknown or "pos" not in item:
-        raise ValueError(f"{what}: a selector is {{pos: P, layers: [...], not_on_donor: bool}} "
-                         f"(layers, not_on_donor optional), got {dict(item)!r}")
+        raise ValueError(
+            f"{what}: a selector is {{pos: P, layers: [...], not_on_donor: bool}} "
+            f"(layers, not_on_donor optional), got {dict(item)!r}"
+        )
     n_layers, n_pos = int(activations.shape[0]), int(activations.shape[1])
     pos = item["pos"]
     if isinstance(pos, bool) or not isinstance(pos, int) or not -n_pos <= pos < n_pos:
@@ -551,8 +573,13 @@ def _select(item: Mapping[str, Any], activations: Tensor, what: str,
     return out
 
 
-def _features_of(items: Sequence, supernodes: Mapping[str, Supernode], what: str,
-                 activations: Tensor | None = None, donor: Tensor | None = None) -> list[tuple[int, int, int]]:
+def _features_of(
+    items: Sequence,
+    supernodes: Mapping[str, Supernode],
+    what: str,
+    activations: Tensor | None = None,
+    donor: Tensor | None = None,
+) -> list[tuple[int, int, int]]:
     out: list[tuple[int, int, int]] = []
     for item in items:
         if isinstance(item, str):  # a supernode (unknown names: intervene's clear error)
@@ -562,8 +589,10 @@ def _features_of(items: Sequence, supernodes: Mapping[str, Supernode], what: str
         elif isinstance(item, (list, tuple)) and len(item) == 3:
             out.append(tuple(int(v) for v in item))
         else:
-            raise ValueError(f"{what}: each entry is a supernode name, [layer, pos, feature] or "
-                             f"{{pos: P, layers: [...]}}, got {item!r}")
+            raise ValueError(
+                f"{what}: each entry is a supernode name, [layer, pos, feature] or "
+                f"{{pos: P, layers: [...]}}, got {item!r}"
+            )
     return out
 
 
@@ -573,15 +602,28 @@ def _matches(token: str, expected: str | None) -> bool | None:
     return token.strip() == expected.strip()
 
 
-def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: EvaluationSpec,
-                    supernodes, n_pos: int, clean_generation: dict, donors: dict) -> dict:
+def _run_experiment(
+    model,
+    runner: InterventionRunner,
+    exp: Experiment,
+    spec: EvaluationSpec,
+    supernodes,
+    n_pos: int,
+    clean_generation: dict,
+    donors: dict,
+) -> dict:
     donor = None
     if exp.donor_prompt is not None:  # donors' clean runs are shared by the prompt's experiments
         if exp.donor_prompt not in donors:
             donors[exp.donor_prompt] = clean_run(model, exp.donor_prompt)
         donor = donors[exp.donor_prompt]
-    src = _features_of(exp.source, supernodes, f"experiment {exp.name!r} source", runner.clean.activations,
-                       None if donor is None else donor.activations)
+    src = _features_of(
+        exp.source,
+        supernodes,
+        f"experiment {exp.name!r} source",
+        runner.clean.activations,
+        None if donor is None else donor.activations,
+    )
     ivs: list[tuple] = []
     if exp.kind == "steer" and exp.value is not None:
         src_value: Any = float(exp.value)
@@ -592,8 +634,9 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
     n_target_inactive = 0
     if exp.kind == "swap":
         shift = n_pos - donor.n_pos
-        for layer, dpos, feat in _features_of(exp.target, supernodes, f"experiment {exp.name!r} target",
-                                              donor.activations):
+        for layer, dpos, feat in _features_of(
+            exp.target, supernodes, f"experiment {exp.name!r} target", donor.activations
+        ):
             if not 0 <= dpos < donor.n_pos or not 0 <= dpos + shift < n_pos:
                 raise ValueError(
                     f"experiment {exp.name!r}: target feature ({layer}, {dpos}, {feat}) has no "
@@ -617,12 +660,20 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
     ok_after = _matches(after[0]["token"], exp.expected_after)
     flipped = None if ok_after is None else bool(ok_after and ok_before is not False)
     out = {
-        "name": exp.name, "kind": exp.kind, "mode": exp.mode, "group": exp.group,
-        "n_source_features": len(src), "n_interventions": len(ivs),
+        "name": exp.name,
+        "kind": exp.kind,
+        "mode": exp.mode,
+        "group": exp.group,
+        "n_source_features": len(src),
+        "n_interventions": len(ivs),
         "n_target_inactive_on_donor": int(n_target_inactive),
-        "before": before, "after": after,
-        "expected_before": exp.expected_before, "expected_after": exp.expected_after,
-        "before_ok": ok_before, "after_ok": ok_after, "flipped": flipped,
+        "before": before,
+        "after": after,
+        "expected_before": exp.expected_before,
+        "expected_after": exp.expected_after,
+        "before_ok": ok_before,
+        "after_ok": ok_after,
+        "flipped": flipped,
         "kl_from_clean": _r(_kl(clean.logits[-1], res.logits[-1])),
         "generation": None,
     }
@@ -631,10 +682,10 @@ def _run_experiment(model, runner: InterventionRunner, exp: Experiment, spec: Ev
         n_new = min(n_new, model.n_ctx - n_pos + 1)
         if n_new not in clean_generation:
             clean_generation[n_new] = feature_intervention_generate(
-                model, clean.tokens, [], max_new_tokens=n_new, clean=clean).completion
+                model, clean.tokens, [], max_new_tokens=n_new, clean=clean
+            ).completion
         steered = feature_intervention_generate(model, clean.tokens, ivs, max_new_tokens=n_new, clean=clean, **mode)
-        out["generation"] = {"max_new_tokens": n_new, "clean": clean_generation[n_new],
-                             "steered": steered.completion}
+        out["generation"] = {"max_new_tokens": n_new, "clean": clean_generation[n_new], "steered": steered.completion}
     return out
 
 
@@ -643,8 +694,9 @@ def _sum_counts(counts: Sequence[Mapping[str, Any]]) -> dict:
     return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None}
 
 
-def study_metrics(summaries: Sequence[Mapping[str, Any]],
-                  prompt_groups: Mapping[str, Sequence[int]] | None = None) -> dict:
+def study_metrics(
+    summaries: Sequence[Mapping[str, Any]], prompt_groups: Mapping[str, Sequence[int]] | None = None
+) -> dict:
     """Summary over a study, from each prompt's report ``summary`` (or the whole report):
     flip rate over all checked experiments, per experiment kind (``by_kind``) and group
     (``by_group``), mean faithfulness and correlations (None where no prompt has the value).
@@ -670,8 +722,9 @@ def study_metrics(summaries: Sequence[Mapping[str, Any]],
         "mean_correlation_iterative": mean("correlation_iterative"),
     }
     if prompt_groups is not None:
-        out["by_prompt_group"] = {name: _sum_counts([summaries[i] for i in sorted(idx)])
-                                  for name, idx in sorted(prompt_groups.items())}
+        out["by_prompt_group"] = {
+            name: _sum_counts([summaries[i] for i in sorted(idx)]) for name, idx in sorted(prompt_groups.items())
+        }
     return out
 
 
@@ -698,12 +751,21 @@ def _quote(s: str | None) -> str:
 
 def _md_faithfulness(f: Mapping[str, Any]) -> list[str]:
     L = [f"{f['n_circuit_features']} circuit features of {f['n_active_features']} active features.", ""]
-    L += _md_table(["run", "features ablated", "de-meaned target logit", "p(clean top)", "top token", "KL from clean"],
-                   [[name, c["n_ablated"], c["demeaned_logit"], c["prob_clean_top"], _quote(c["top_token"]),
-                     c["kl_from_clean"]] for name, c in f["conditions"].items()])
-    L += ["", f"Faithfulness (circuit only vs all ablated, on the target logit): {_md_cell(f['faithfulness'])}; "
-              f"effect of ablating the circuit: {_md_cell(f['circuit_ablation_effect'])}.", "",
-          "![faithfulness](figures/faithfulness.png)", ""]
+    L += _md_table(
+        ["run", "features ablated", "de-meaned target logit", "p(clean top)", "top token", "KL from clean"],
+        [
+            [name, c["n_ablated"], c["demeaned_logit"], c["prob_clean_top"], _quote(c["top_token"]), c["kl_from_clean"]]
+            for name, c in f["conditions"].items()
+        ],
+    )
+    L += [
+        "",
+        f"Faithfulness (circuit only vs all ablated, on the target logit): {_md_cell(f['faithfulness'])}; "
+        f"effect of ablating the circuit: {_md_cell(f['circuit_ablation_effect'])}.",
+        "",
+        "![faithfulness](figures/faithfulness.png)",
+        "",
+    ]
     return L
 
 
@@ -713,40 +775,90 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     prompt = report["prompt"] if report["prompt"] is not None else "".join(report["tokens"])
     L += [f"# Intervention report: {_quote(prompt)}", ""]
     t = report["target"]
-    L += [f"Model `{report['model']}`, transcoders: {report['transcoders']['kind']}. Target: the top "
-          f"token {_quote(t['token'])} (id {t['id']}), de-meaned logit {_md_cell(t['demeaned_logit'])}. "
-          f"Iterative runs: attention {'frozen' if report['spec']['freeze_attention'] else 'free'}, "
-          f"error vectors {report['spec']['errors']}.", ""]
+    L += [
+        f"Model `{report['model']}`, transcoders: {report['transcoders']['kind']}. Target: the top "
+        f"token {_quote(t['token'])} (id {t['id']}), de-meaned logit {_md_cell(t['demeaned_logit'])}. "
+        f"Iterative runs: attention {'frozen' if report['spec']['freeze_attention'] else 'free'}, "
+        f"error vectors {report['spec']['errors']}.",
+        "",
+    ]
     s = report["summary"]
     L += ["## Summary", ""]
-    L += _md_table(["metric", "value"], [
-        ["experiments", s["n_experiments"]],
-        ["experiments with an expected flip", s["n_checked"]],
-        ["flipped as expected", s["n_flipped"]],
-        ["flip rate", s["flip_rate"]],
-        *[[f"flip rate, {kind} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
-          for kind, k in s.get("by_kind", {}).items()],
-        *[[f"flip rate, group {g} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
-          for g, k in s.get("by_group", {}).items()],
-        ["faithfulness (circuit only)", s["faithfulness"]],
-        ["circuit ablation effect", s["circuit_ablation_effect"]],
-        ["correlation, predicted vs direct", s["correlation_direct"]],
-        ["correlation, predicted vs iterative", s["correlation_iterative"]],
-    ])
-    L += ["", "## Clean run", ""]
-    L += _md_table(["rank", "token", "prob", "logit"],
-                   [[r["rank"], _quote(r["token"]), r["prob"], r["logit"]] for r in report["clean"]["top_tokens"]])
-    tf = report["top_features"]
-    L += ["", "## Top features by influence: ablation vs attribution", "",
-          "Change of the target's de-meaned logit when each feature is set to 0 alone. "
-          "*Predicted* is minus its attribution edge to the target (exact for direct effects).", ""]
     L += _md_table(
-        ["node", "layer", "pos", "token", "feature", "activation", "influence", "circuit", "predicted", "direct", "iterative"],
-        [[r["node"], r["layer"], r["pos"], _quote(r["token"]), r["feature"], r["activation"], r["influence"],
-          r["in_circuit"], r["predicted"], r["direct"], r["iterative"]] for r in tf["rows"]])
-    L += ["", f"Correlation with the prediction: direct effects {_md_cell(tf['correlation_direct'])}, "
-              f"iterative {_md_cell(tf['correlation_iterative'])}; largest direct-effect error "
-              f"{_md_cell(tf['max_abs_error_direct'])}.", "", "![top features](figures/top_features.png)", ""]
+        ["metric", "value"],
+        [
+            ["experiments", s["n_experiments"]],
+            ["experiments with an expected flip", s["n_checked"]],
+            ["flipped as expected", s["n_flipped"]],
+            ["flip rate", s["flip_rate"]],
+            *[
+                [f"flip rate, {kind} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
+                for kind, k in s.get("by_kind", {}).items()
+            ],
+            *[
+                [f"flip rate, group {g} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
+                for g, k in s.get("by_group", {}).items()
+            ],
+            ["faithfulness (circuit only)", s["faithfulness"]],
+            ["circuit ablation effect", s["circuit_ablation_effect"]],
+            ["correlation, predicted vs direct", s["correlation_direct"]],
+            ["correlation, predicted vs iterative", s["correlation_iterative"]],
+        ],
+    )
+    L += ["", "## Clean run", ""]
+    L += _md_table(
+        ["rank", "token", "prob", "logit"],
+        [[r["rank"], _quote(r["token"]), r["prob"], r["logit"]] for r in report["clean"]["top_tokens"]],
+    )
+    tf = report["top_features"]
+    L += [
+        "",
+        "## Top features by influence: ablation vs attribution",
+        "",
+        "Change of the target's de-meaned logit when each feature is set to 0 alone. "
+        "*Predicted* is minus its attribution edge to the target (exact for direct effects).",
+        "",
+    ]
+    L += _md_table(
+        [
+            "node",
+            "layer",
+            "pos",
+            "token",
+            "feature",
+            "activation",
+            "influence",
+            "circuit",
+            "predicted",
+            "direct",
+            "iterative",
+        ],
+        [
+            [
+                r["node"],
+                r["layer"],
+                r["pos"],
+                _quote(r["token"]),
+                r["feature"],
+                r["activation"],
+                r["influence"],
+                r["in_circuit"],
+                r["predicted"],
+                r["direct"],
+                r["iterative"],
+            ]
+            for r in tf["rows"]
+        ],
+    )
+    L += [
+        "",
+        f"Correlation with the prediction: direct effects {_md_cell(tf['correlation_direct'])}, "
+        f"iterative {_md_cell(tf['correlation_iterative'])}; largest direct-effect error "
+        f"{_md_cell(tf['max_abs_error_direct'])}.",
+        "",
+        "![top features](figures/top_features.png)",
+        "",
+    ]
     f = report["faithfulness"]
     L += ["## Faithfulness", ""]
     if f is None:
@@ -757,11 +869,15 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if not report["experiments"]:
         L += ["No experiments configured.", ""]
     for e in report["experiments"]:
-        L += [f"### {e['name']} ({e['kind']}, {e['mode']})", "",
-              f"{e['n_source_features']} source features, {e['n_interventions']} interventions. "
-              f"Expected {_quote(e['expected_before'])} → {_quote(e['expected_after'])}: "
-              f"before {_md_cell(e['before_ok'])}, after {_md_cell(e['after_ok'])}, "
-              f"**flipped: {_md_cell(e['flipped'])}**. KL from clean {_md_cell(e['kl_from_clean'])}.", ""]
+        L += [
+            f"### {e['name']} ({e['kind']}, {e['mode']})",
+            "",
+            f"{e['n_source_features']} source features, {e['n_interventions']} interventions. "
+            f"Expected {_quote(e['expected_before'])} → {_quote(e['expected_after'])}: "
+            f"before {_md_cell(e['before_ok'])}, after {_md_cell(e['after_ok'])}, "
+            f"**flipped: {_md_cell(e['flipped'])}**. KL from clean {_md_cell(e['kl_from_clean'])}.",
+            "",
+        ]
         if e["n_target_inactive_on_donor"]:
             L += [f"{e['n_target_inactive_on_donor']} target features are inactive on the donor prompt.", ""]
         rows = []
@@ -770,8 +886,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         L += _md_table(["rank", "before", "p", "after", "p"], rows)
         if e["generation"]:
             g = e["generation"]
-            L += ["", f"Generation ({g['max_new_tokens']} tokens): clean {_quote(g['clean'])}; "
-                      f"steered {_quote(g['steered'])}."]
+            L += [
+                "",
+                f"Generation ({g['max_new_tokens']} tokens): clean {_quote(g['clean'])}; "
+                f"steered {_quote(g['steered'])}.",
+            ]
         L += [""]
     L += ["![experiments](figures/experiments.png)", ""]
     return "\n".join(L)
@@ -852,8 +971,7 @@ def _fig_experiments(report):
             ax.barh(range(len(toks)), [t["prob"] or 0.0 for t in toks], color="#4c72b0" if j == 0 else "#c44e52")
             ax.set_yticks(range(len(toks)), [repr(t["token"]) for t in toks])
             ax.set_xlim(0, 1)
-            ax.set_title(f"{e['name']}\n{title}" + (f" (flipped: {_md_cell(e['flipped'])})" if j else ""),
-                         fontsize=8)
+            ax.set_title(f"{e['name']}\n{title}" + (f" (flipped: {_md_cell(e['flipped'])})" if j else ""), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -868,8 +986,11 @@ def render_figures(report: Mapping[str, Any], formats: Sequence[str] = ("png", "
 
     out: dict[str, bytes] = {}
     with matplotlib.rc_context(_RC):
-        for name, make in (("top_features", _fig_top_features), ("faithfulness", _fig_faithfulness),
-                           ("experiments", _fig_experiments)):
+        for name, make in (
+            ("top_features", _fig_top_features),
+            ("faithfulness", _fig_faithfulness),
+            ("experiments", _fig_experiments),
+        ):
             if name == "faithfulness" and report["faithfulness"] is None:
                 continue
             for fmt, data in _save(make(report), formats).items():
@@ -882,8 +1003,9 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike,
-                 figure_formats: Sequence[str] = ("png", "svg")) -> dict[str, Path]:
+def write_report(
+    report: Mapping[str, Any], out_dir: str | os.PathLike, figure_formats: Sequence[str] = ("png", "svg")
+) -> dict[str, Path]:
     """Write report.json, report.md, metrics.json and figures/* (``figure_formats``) under
     ``out_dir``, each atomically; returns {name: path}."""
     out = Path(out_dir)

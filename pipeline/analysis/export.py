@@ -97,12 +97,23 @@ FEATURE_TYPES = {
     "token": "embedding",
     "logit": "logit",
 }
-METADATA_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt",
-                   "node_threshold", "schema_version")
+METADATA_FIELDS = ("slug", "scan", "transcoder_list", "prompt_tokens", "prompt", "node_threshold", "schema_version")
 QPARAMS_FIELDS = ("pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos")
-NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
-               "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence",
-               "activation")
+NODE_FIELDS = (
+    "node_id",
+    "feature",
+    "layer",
+    "ctx_idx",
+    "feature_type",
+    "token_prob",
+    "is_target_logit",
+    "run_idx",
+    "reverse_ctx_idx",
+    "jsNodeId",
+    "clerp",
+    "influence",
+    "activation",
+)
 LINK_FIELDS = ("source", "target", "weight")
 
 
@@ -264,8 +275,20 @@ def _scan_fields(graph, scan) -> tuple[str, list[str]]:
     return str(scan), [str(s) for s in attrs.get("transcoder_list", []) or []]
 
 
-def _node(node_id, feature, layer, ctx_idx, kind, *, js, token_prob=0.0, is_target=False,
-          clerp="", influence=None, activation=None) -> dict[str, Any]:
+def _node(
+    node_id,
+    feature,
+    layer,
+    ctx_idx,
+    kind,
+    *,
+    js,
+    token_prob=0.0,
+    is_target=False,
+    clerp="",
+    influence=None,
+    activation=None,
+) -> dict[str, Any]:
     return {
         "node_id": node_id,
         "feature": int(feature),
@@ -300,8 +323,10 @@ def _resolve_pruned(graph, pruned, node_threshold, edge_threshold):
         )
     if not isinstance(pruned, PruneResult):
         raise TypeError(f"pruned must be a PruneResult, PrunedGraph or path, got {type(pruned)}")
-    for name, given, used in (("node_threshold", node_threshold, pruned.node_threshold),
-                              ("edge_threshold", edge_threshold, pruned.edge_threshold)):
+    for name, given, used in (
+        ("node_threshold", node_threshold, pruned.node_threshold),
+        ("edge_threshold", edge_threshold, pruned.edge_threshold),
+    ):
         if given is not None and float(given) != float(used):
             raise ValueError(f"{name}={given} but the given pruning used {used}")
     if pruned.n_nodes != int(graph.n_nodes) or pruned.n_features != int(graph.n_selected):
@@ -309,11 +334,12 @@ def _resolve_pruned(graph, pruned, node_threshold, edge_threshold):
     return graph, pruned
 
 
-def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, labels=None,
-                     scan=None) -> dict[str, Any]:
+def build_graph_json(
+    graph, slug: str, pruned: PruneResult, *, tokenizer=None, labels=None, scan=None
+) -> dict[str, Any]:
     """The graph JSON as a dict (see the module docstring)."""
     n_layers, n_pos = int(graph.n_layers), int(graph.n_pos)
-    n_features, n_logits = pruned.n_features, pruned.n_logits
+    n_features = pruned.n_features
     error_end = n_features + n_layers * n_pos
     token_end = error_end + n_pos
     input_tokens = np.asarray(graph.input_tokens, dtype=np.int64)
@@ -330,30 +356,61 @@ def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, l
         if idx < n_features:
             layer, pos, feat = (int(v) for v in info[idx])
             nid = feature_node_id(layer, feat, pos)
-            node = _node(nid, cantor_pairing(layer, feat), layer, pos, "feature",
-                         js=f"{layer}_{feat}-0", influence=_float(cumulative[idx]),
-                         activation=_float(acts[idx]),
-                         clerp=by_id.get(nid, by_feature.get((layer, feat), "")))
+            node = _node(
+                nid,
+                cantor_pairing(layer, feat),
+                layer,
+                pos,
+                "feature",
+                js=f"{layer}_{feat}-0",
+                influence=_float(cumulative[idx]),
+                activation=_float(acts[idx]),
+                clerp=by_id.get(nid, by_feature.get((layer, feat), "")),
+            )
         elif idx < error_end:
             layer, pos = divmod(idx - n_features, n_pos)
             nid = error_node_id(layer, pos)
-            node = _node(nid, -1, layer, pos, "error", js=f"{layer}_{pos}-0",
-                         influence=_float(cumulative[idx]), clerp=by_id.get(nid, ""))
+            node = _node(
+                nid,
+                -1,
+                layer,
+                pos,
+                "error",
+                js=f"{layer}_{pos}-0",
+                influence=_float(cumulative[idx]),
+                clerp=by_id.get(nid, ""),
+            )
         elif idx < token_end:
             pos = idx - error_end
             tok = int(input_tokens[pos])
             nid = token_node_id(tok, pos)
-            node = _node(nid, pos, "E", pos, "token", js=f"E_{tok}-{pos}",
-                         influence=_float(cumulative[idx]), clerp=by_id.get(nid, ""))
+            node = _node(
+                nid,
+                pos,
+                "E",
+                pos,
+                "token",
+                js=f"E_{tok}-{pos}",
+                influence=_float(cumulative[idx]),
+                clerp=by_id.get(nid, ""),
+            )
         else:
             i = idx - token_end
             tok = int(logit_tokens[i])
             prob = _float(logit_probs[i])
             nid = logit_node_id(n_layers, tok, n_pos)
             text = decode_logit(tok, i)
-            node = _node(nid, tok, n_layers + 1, n_pos - 1, "logit", js=f"L_{tok}-{n_pos - 1}",
-                         token_prob=prob, is_target=i == 0,
-                         clerp=by_id.get(nid, f'Output "{text}" (p={prob:.3f})'))
+            node = _node(
+                nid,
+                tok,
+                n_layers + 1,
+                n_pos - 1,
+                "logit",
+                js=f"L_{tok}-{n_pos - 1}",
+                token_prob=prob,
+                is_target=i == 0,
+                clerp=by_id.get(nid, f'Output "{text}" (p={prob:.3f})'),
+            )
         nodes[idx] = node
 
     ids: dict[str, int] = {}
@@ -363,18 +420,19 @@ def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, l
             collisions.append(node["node_id"])
         ids[node["node_id"]] = idx
     if collisions:
-        warnings.warn(f"graph {slug!r}: node ids shared by two nodes (circuit-tracer's id "
-                      f"format): {sorted(set(collisions))[:10]}", stacklevel=3)
+        warnings.warn(
+            f"graph {slug!r}: node ids shared by two nodes (circuit-tracer's id "
+            f"format): {sorted(set(collisions))[:10]}",
+            stacklevel=3,
+        )
 
     targets, sources, weights = pruned.kept_edges()
     links, used = [], set()
     for t, s, w in zip(targets.tolist(), sources.tolist(), weights):
         if t in nodes and s in nodes:
-            links.append({"source": nodes[s]["node_id"], "target": nodes[t]["node_id"],
-                          "weight": _float(w)})
+            links.append({"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": _float(w)})
             used.update((t, s))
-    used_nodes = [node for idx, node in nodes.items()
-                  if idx in used or node["feature_type"] in ("embedding", "logit")]
+    used_nodes = [node for idx, node in nodes.items() if idx in used or node["feature_type"] in ("embedding", "logit")]
 
     prompt_tokens = decode_inputs(input_tokens.tolist())
     prompt = (getattr(graph, "attrs", {}) or {}).get("prompt")
@@ -389,8 +447,7 @@ def build_graph_json(graph, slug: str, pruned: PruneResult, *, tokenizer=None, l
         "node_threshold": float(pruned.node_threshold),
         "schema_version": SCHEMA_VERSION,
     }
-    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-               "sg_pos": ""}
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used_nodes, "links": links}
 
 
@@ -399,8 +456,15 @@ def _json_bytes(obj) -> bytes:
 
 
 def _check_slug(slug: str) -> None:
-    if (not isinstance(slug, str) or not slug or slug in (".", "..") or "/" in slug
-            or "\\" in slug or slug.startswith(".") or "\x00" in slug):
+    if (
+        not isinstance(slug, str)
+        or not slug
+        or slug in (".", "..")
+        or "/" in slug
+        or "\\" in slug
+        or slug.startswith(".")
+        or "\x00" in slug
+    ):
         raise ValueError(f"invalid slug {slug!r}: it names a file in output_dir")
 
 

@@ -47,8 +47,14 @@ ERROR = "mlp reconstruction error"
 EMBEDDING = "embedding"
 LOGIT = "logit"
 
-RC = {"svg.hashsalt": "circuit-pipeline", "font.family": "DejaVu Sans", "font.size": 8,
-      "axes.titlesize": 9, "path.simplify": True, "svg.fonttype": "path"}
+RC = {
+    "svg.hashsalt": "circuit-pipeline",
+    "font.family": "DejaVu Sans",
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "path.simplify": True,
+    "svg.fonttype": "path",
+}
 SAVE_METADATA = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}}
 FORMATS = ("png", "svg")
 
@@ -102,8 +108,11 @@ def _n_layers(nodes) -> int:
 def _own_influence(nodes) -> list[float]:
     """Each node's own influence: cumulative minus the previous node's in cumulative order
     (as the viewer estimates it); 0 for nodes without one (logits)."""
-    ranked = sorted((float(n["influence"]), i) for i, n in enumerate(nodes)
-                    if isinstance(n.get("influence"), (int, float)) and math.isfinite(n["influence"]))
+    ranked = sorted(
+        (float(n["influence"]), i)
+        for i, n in enumerate(nodes)
+        if isinstance(n.get("influence"), (int, float)) and math.isfinite(n["influence"])
+    )
     own = [0.0] * len(nodes)
     prev = 0.0
     for value, i in ranked:
@@ -120,19 +129,21 @@ def graph_layout(graph) -> tuple[list[tuple[float, float]], list[float], float, 
     graph = _load(graph)
     nodes = list(graph.get("nodes", []))
     n_layers = _n_layers(nodes)
-    n_pos = max([len(graph.get("metadata", {}).get("prompt_tokens", []) or [])]
-                + [int(n["ctx_idx"]) + 1 for n in nodes])
+    n_pos = max(
+        [len(graph.get("metadata", {}).get("prompt_tokens", []) or [])] + [int(n["ctx_idx"]) + 1 for n in nodes]
+    )
     own = _own_influence(nodes)
     cells: dict[tuple[int, int], list[int]] = {}
     for i, n in enumerate(nodes):
         cells.setdefault((_row(n, n_layers), int(n["ctx_idx"])), []).append(i)
     widths = [1.0] * n_pos
-    for (_row_, pos), members in cells.items():
+    for (_, pos), members in cells.items():
         widths[pos] = max(widths[pos], NODE_SPACING * (len(members) + 1))
     edges = np.concatenate([[0.0], np.cumsum(widths)])
     columns = [float((edges[p] + edges[p + 1]) / 2) for p in range(n_pos)]
     positions: list[tuple[float, float]] = [(0.0, 0.0)] * len(nodes)
     for (row, pos), members in sorted(cells.items()):
+
         def rank(i):
             if nodes[i].get("feature_type") == LOGIT:
                 return (-float(nodes[i].get("token_prob") or 0.0), str(nodes[i]["node_id"]))
@@ -140,8 +151,10 @@ def graph_layout(graph) -> tuple[list[tuple[float, float]], list[float], float, 
 
         members.sort(key=rank)
         k = len(members)
-        step = min(NODE_SPACING * (1.6 if nodes[members[0]].get("feature_type") == LOGIT else 1.0),
-                   CELL_WIDTH * widths[pos] / k)
+        step = min(
+            NODE_SPACING * (1.6 if nodes[members[0]].get("feature_type") == LOGIT else 1.0),
+            CELL_WIDTH * widths[pos] / k,
+        )
         # most influential in the middle, then alternating right / left
         order = sorted(range(k), key=lambda j: (abs(j - (k - 1) / 2), j))
         for slot, j in enumerate(order):
@@ -199,8 +212,9 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
         mag = np.abs(w) / max(float(np.abs(w).max()), 1e-30)
         order = np.lexsort((np.arange(len(w)), mag))
         colors = [(POSITIVE if w[i] >= 0 else NEGATIVE) for i in order]
-        lc = LineCollection([segs[i] for i in order], colors=colors, linewidths=0.3 + 2.7 * mag[order],
-                            alpha=None, zorder=1)
+        lc = LineCollection(
+            [segs[i] for i in order], colors=colors, linewidths=0.3 + 2.7 * mag[order], alpha=None, zorder=1
+        )
         lc.set_alpha(list(0.25 + 0.6 * mag[order]))
         ax.add_collection(lc)
 
@@ -219,21 +233,27 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
             scale = [own[i] / max_own if max_own > 0 else 0.5 for i in members]
         sizes = [MIN_AREA + (MAX_AREA - MIN_AREA) * math.sqrt(max(0.0, min(1.0, v))) for v in scale]
         xy = np.asarray([positions[i] for i in members], dtype=np.float64)
-        ax.scatter(xy[:, 0], xy[:, 1], s=sizes, marker=marker, c=face, edgecolors=edge, linewidths=0.6,
-                   zorder=2)
+        ax.scatter(xy[:, 0], xy[:, 1], s=sizes, marker=marker, c=face, edgecolors=edge, linewidths=0.6, zorder=2)
         drawn += len(members)
         if kind == LOGIT:
             for i in members:
                 x, y = positions[i]
-                ax.text(x, y + 0.25, _logit_text(nodes[i]), rotation=40, ha="left", va="bottom", fontsize=7,
-                        rotation_mode="anchor")
+                ax.text(
+                    x,
+                    y + 0.25,
+                    _logit_text(nodes[i]),
+                    rotation=40,
+                    ha="left",
+                    va="bottom",
+                    fontsize=7,
+                    rotation_mode="anchor",
+                )
 
     # prompt tokens under their columns
     tokens = list(meta.get("prompt_tokens", []) or [])
     for pos in range(n_pos):
         text = _short(str(tokens[pos])) if pos < len(tokens) else ""
-        ax.text(columns[pos], -0.35, text, rotation=35, ha="right", va="top", fontsize=7,
-                rotation_mode="anchor")
+        ax.text(columns[pos], -0.35, text, rotation=35, ha="right", va="top", fontsize=7, rotation_mode="anchor")
 
     ax.set_xlim(0.0, max(width, 1.0) + 0.6)  # room for the last logit's label
     ax.set_ylim(-0.6, n_layers + 1.9)
@@ -247,10 +267,21 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
     n_links = len(segs)
     head = title if title is not None else str(meta.get("slug", ""))
     ax.set_title(f"{head}   ({drawn} nodes, {n_links} edges; blue +, red −)")
-    handles = [Line2D([], [], linestyle="none", marker=m, markersize=6, markerfacecolor=f, markeredgecolor=e,
-                      markeredgewidth=0.6) for m, f, e in STYLE.values()]
-    ax.legend(handles, ["feature", "error", "token", "logit"], loc="upper left", fontsize=7, frameon=False,
-              ncols=4, bbox_to_anchor=(0.0, -0.12 if tokens else -0.05))
+    handles = [
+        Line2D(
+            [], [], linestyle="none", marker=m, markersize=6, markerfacecolor=f, markeredgecolor=e, markeredgewidth=0.6
+        )
+        for m, f, e in STYLE.values()
+    ]
+    ax.legend(
+        handles,
+        ["feature", "error", "token", "logit"],
+        loc="upper left",
+        fontsize=7,
+        frameon=False,
+        ncols=4,
+        bbox_to_anchor=(0.0, -0.12 if tokens else -0.05),
+    )
     fig.tight_layout()
     return GraphDrawing(figure=fig, positions=positions, n_nodes=drawn, n_links=n_links)
 
@@ -272,8 +303,9 @@ def render_graph(graph, *, formats=FORMATS, dpi: int = 150, title: str | None = 
     return out
 
 
-def write_graph_figures(graph, out_dir: str | os.PathLike, stem: str = "graph", *, formats=FORMATS,
-                        dpi: int = 150) -> dict[str, Path]:
+def write_graph_figures(
+    graph, out_dir: str | os.PathLike, stem: str = "graph", *, formats=FORMATS, dpi: int = 150
+) -> dict[str, Path]:
     """Write ``out_dir/<stem>.<format>`` for each format, atomically; returns ``{format: path}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

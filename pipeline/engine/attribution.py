@@ -34,8 +34,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,8 +43,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.graph.store import Graph, GraphStoreWriter
 from pipeline.engine.replacement import Capture, FrozenForward, ReplacementModel
+from pipeline.graph.store import Graph, GraphStoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,10 @@ class AttributionConfig:
         if self.max_n_logits <= 0:
             raise ValueError(f"max_n_logits must be positive, got {self.max_n_logits!r}")
         if not 0.0 < self.desired_logit_prob <= 1.0:
-            raise ValueError(
-                f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob!r}"
-            )
+            raise ValueError(f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob!r}")
         if self.max_feature_nodes is not None and self.max_feature_nodes <= 0:
             raise ValueError(
-                f"max_feature_nodes must be positive or None (all features), got "
-                f"{self.max_feature_nodes!r}"
+                f"max_feature_nodes must be positive or None (all features), got {self.max_feature_nodes!r}"
             )
         if self.update_interval <= 0:
             raise ValueError(f"update_interval must be positive, got {self.update_interval!r}")
@@ -135,9 +132,7 @@ def custom_logit_targets(model: ReplacementModel, logits: Tensor, specs: Sequenc
             targets.append(LogitTarget(spec, tok, float(probs[tok]), (W_U[:, tok] - mean).detach()))
         elif isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
             a, b = (_single_token(model, s) for s in spec)
-            targets.append(
-                LogitTarget(f"{spec[0]} - {spec[1]}", a, float(probs[a]), (W_U[:, a] - W_U[:, b]).detach())
-            )
+            targets.append(LogitTarget(f"{spec[0]} - {spec[1]}", a, float(probs[a]), (W_U[:, a] - W_U[:, b]).detach()))
         elif isinstance(spec, dict) and "vector" in spec:
             vec = torch.as_tensor(spec["vector"], dtype=W_U.dtype, device=W_U.device).flatten()
             if vec.numel() != model.d_model:
@@ -158,9 +153,7 @@ def custom_logit_targets(model: ReplacementModel, logits: Tensor, specs: Sequenc
 def _single_token(model: ReplacementModel, text: str) -> int:
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(
-            f"logit target {text!r} is {len(ids)} tokens ({ids}), not one: give a single token"
-        )
+        raise ValueError(f"logit target {text!r} is {len(ids)} tokens ({ids}), not one: give a single token")
     return int(ids[0])
 
 
@@ -223,9 +216,7 @@ class NodeLayout:
 
     def structural_mask(self, row_layer: np.ndarray, row_pos: np.ndarray) -> np.ndarray:
         """(B, n_cols) True where a target at (row_layer, row_pos) can have a direct edge."""
-        return (self.col_layer[None, :] < row_layer[:, None]) & (
-            self.col_pos[None, :] <= row_pos[:, None]
-        )
+        return (self.col_layer[None, :] < row_layer[:, None]) & (self.col_pos[None, :] <= row_pos[:, None])
 
 
 # ---------------------------------------------------------------------------- sources
@@ -247,8 +238,9 @@ class Sources:
     tokens: Tensor
 
 
-def build_sources(model: ReplacementModel, capture: Capture, layout: NodeLayout, values: Tensor,
-                  errors: Tensor | None = None) -> Sources:
+def build_sources(
+    model: ReplacementModel, capture: Capture, layout: NodeLayout, values: Tensor, errors: Tensor | None = None
+) -> Sources:
     """``errors``: the error nodes' output vectors (default: the capture's)."""
     tc = model.transcoders
     decoders, columns, out_layers = [], [], []
@@ -314,8 +306,12 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         grad_outputs.append(g)
     writes = ff.mlp_outputs[: min(top, n_layers)]
     grads = torch.autograd.grad(
-        outputs, writes + [ff.embed], grad_outputs,
-        retain_graph=True, allow_unused=True, is_grads_batched=True,
+        outputs,
+        writes + [ff.embed],
+        grad_outputs,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
     )
     grads = [None if g is None else g[:, 0] for g in grads]
     g_out = grads[:-1]  # (B, n, d_model) per write layer
@@ -380,8 +376,12 @@ def to_csr(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 # ---------------------------------------------------------------------------- ranking
 def partial_influences(
-    blocks: list[sp.csr_matrix], row_nodes: list[np.ndarray], logit_weights: np.ndarray,
-    logit_start: int, n_cols: int, max_iter: int = 1024,
+    blocks: list[sp.csr_matrix],
+    row_nodes: list[np.ndarray],
+    logit_weights: np.ndarray,
+    logit_start: int,
+    n_cols: int,
+    max_iter: int = 1024,
 ) -> np.ndarray:
     """Influence of every column on the logits through the rows computed so far.
 
@@ -458,8 +458,9 @@ def attribute(
     true error vectors, whose edges are exact direct effects like any other (README,
     "Differences from circuit-tracer").
     """
-    cfg = AttributionConfig(max_n_logits, desired_logit_prob, batch_size, max_feature_nodes, update_interval,
-                            zero_bos_errors)
+    cfg = AttributionConfig(
+        max_n_logits, desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos_errors
+    )
     t0 = time.perf_counter()
 
     # Phase 1: precompute activations, error vectors and token vectors
@@ -488,8 +489,8 @@ def attribute(
     layout = NodeLayout(
         model.n_layers, capture.n_pos, len(targets), layout.feature_layer, layout.feature_pos, layout.feature_index
     )
-    n_features_to_visit = layout.n_active if cfg.max_feature_nodes is None else min(
-        cfg.max_feature_nodes, layout.n_active
+    n_features_to_visit = (
+        layout.n_active if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, layout.n_active)
     )
 
     writer = GraphStoreWriter.open(
@@ -521,7 +522,6 @@ def attribute(
     sources = build_sources(model, capture, layout, values, errors)
     frozen = FrozenPrefixes(model, capture)  # each row batch is one vmapped backward of one
     row_batch = cfg.batch_size
-    enc_cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def feature_batch(ids: np.ndarray) -> RowBatch:
         layers = layout.feature_layer[ids]
@@ -534,9 +534,7 @@ def attribute(
 
     n_logit_batches = -(-len(targets) // row_batch)
     n_feature_batches = _count_feature_batches(layout, n_features_to_visit, row_batch, cfg)
-    progress = tqdm(
-        total=n_logit_batches + n_feature_batches, desc="attribution", unit="batch", disable=not verbose
-    )
+    progress = tqdm(total=n_logit_batches + n_feature_batches, desc="attribution", unit="batch", disable=not verbose)
     blocks: list[sp.csr_matrix] = []
     block_nodes: list[np.ndarray] = []
     keep_rows = cfg.max_feature_nodes is not None and n_features_to_visit < layout.n_active
@@ -583,9 +581,9 @@ def attribute(
             if not keep_rows:
                 pending = np.arange(layout.n_active)
             else:
-                influence = partial_influences(
-                    blocks, block_nodes, logit_weights, layout.logit_start, layout.n_cols
-                )[: layout.n_active]
+                influence = partial_influences(blocks, block_nodes, logit_weights, layout.logit_start, layout.n_cols)[
+                    : layout.n_active
+                ]
                 rank = np.argsort(-influence, kind="stable")
                 pending = rank[~visited[rank]][: min(cfg.update_interval * row_batch, n_features_to_visit - n_visited)]
             for ids in _layer_grouped_batches(pending, layout.feature_layer, layout.feature_pos, row_batch):
@@ -599,14 +597,13 @@ def attribute(
     # Phase 6: finalize
     writer.write_table("selected_features", np.sort(np.nonzero(visited)[0]).astype(np.int64))
     graph = writer.finalize()
-    log.info(
-        "attribution of %d tokens: %d nodes in %.1f s", capture.n_pos, graph.n_nodes, time.perf_counter() - t0
-    )
+    log.info("attribution of %d tokens: %d nodes in %.1f s", capture.n_pos, graph.n_nodes, time.perf_counter() - t0)
     return graph
 
 
-def _layer_grouped_batches(ids: np.ndarray, feature_layer: np.ndarray, feature_pos: np.ndarray,
-                           batch_size: int) -> list[np.ndarray]:
+def _layer_grouped_batches(
+    ids: np.ndarray, feature_layer: np.ndarray, feature_pos: np.ndarray, batch_size: int
+) -> list[np.ndarray]:
     """Split ``ids`` (one queue of the visiting order) into batches that do not straddle layers.
 
     Within one queue the order of rows does not change any row, so sorting the queue by

@@ -54,9 +54,7 @@ def block_hook(name: str, layer: int, normalization: str) -> str:
     """
     if name not in READ_HOOKS and name not in WRITE_HOOKS:
         known = ", ".join(sorted(READ_HOOKS | WRITE_HOOKS))
-        raise ValueError(
-            f"unknown transcoder hook {name!r}: use one of {known} in the transcoders' config.yaml"
-        )
+        raise ValueError(f"unknown transcoder hook {name!r}: use one of {known} in the transcoders' config.yaml")
     prefix = f"blocks.{layer}."
     if name == "ln2.hook_normalized" and normalization.upper().startswith("LN"):
         return prefix + "mlp.hook_in"

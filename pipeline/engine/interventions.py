@@ -100,9 +100,10 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -185,8 +186,7 @@ def _mul_add(value: Any, what: str) -> tuple[float, float]:
     except ValueError as exc:
         if "must be a number" in str(exc):
             raise ValueError(
-                f"{what} must be a number (the new activation), Scale(factor) or Add(delta), "
-                f"got {value!r}"
+                f"{what} must be a number (the new activation), Scale(factor) or Add(delta), got {value!r}"
             ) from None
         raise
 
@@ -239,10 +239,7 @@ def _int(x: Any, what: str) -> int:
 def _check_layer(layer: Any, n_layers: int, what: str = "layer") -> int:
     layer = _int(layer, what)
     if not 0 <= layer < n_layers:
-        raise ValueError(
-            f"{what} {layer} is out of range: the model has {n_layers} layers "
-            f"(0..{n_layers - 1})"
-        )
+        raise ValueError(f"{what} {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     return layer
 
 
@@ -314,20 +311,20 @@ def _positions(pos: Any, n_pos: int, generating: bool) -> tuple[list[int], tuple
     return [one(pos)], None
 
 
-def _resolve(model: "ReplacementModel", interventions: Sequence, n_pos: int, *, generating: bool) -> _Plan:
+def _resolve(model: ReplacementModel, interventions: Sequence, n_pos: int, *, generating: bool) -> _Plan:
     """Check and vectorise ``interventions`` (see the module docstring)."""
     if isinstance(interventions, tuple) and len(interventions) == 4 and not isinstance(interventions[0], (tuple, list)):
-        raise ValueError("interventions must be a list of (layer, pos, feature_idx, value) tuples; "
-                         "wrap a single intervention in a list")
+        raise ValueError(
+            "interventions must be a list of (layer, pos, feature_idx, value) tuples; "
+            "wrap a single intervention in a list"
+        )
     n_layers = model.n_layers
     d_tc = model.transcoders.d_transcoder
     per_layer: dict[int, list[tuple[int, int, float, float]]] = {}
     opens: list[_Open] = []
     for i, item in enumerate(interventions):
         if not isinstance(item, (tuple, list)) or len(item) != 4:
-            raise ValueError(
-                f"intervention #{i} must be (layer, pos, feature_idx, value), got {item!r}"
-            )
+            raise ValueError(f"intervention #{i} must be (layer, pos, feature_idx, value), got {item!r}")
         layer, pos, feature, value = item
         layer = _check_layer(layer, n_layers)
         feats = _features(feature, d_tc)
@@ -337,9 +334,16 @@ def _resolve(model: "ReplacementModel", interventions: Sequence, n_pos: int, *, 
         rows.extend((p, f, mul, add) for p in closed for f in feats)
         if open_part is not None and generating:
             k = len(feats)
-            opens.append(_Open(layer, open_part[0], open_part[1], torch.tensor(feats, dtype=torch.long),
-                               torch.full((k,), mul, dtype=torch.float64),
-                               torch.full((k,), add, dtype=torch.float64)))
+            opens.append(
+                _Open(
+                    layer,
+                    open_part[0],
+                    open_part[1],
+                    torch.tensor(feats, dtype=torch.long),
+                    torch.full((k,), mul, dtype=torch.float64),
+                    torch.full((k,), add, dtype=torch.float64),
+                )
+            )
     closed_plan: dict[int, _Closed] = {}
     for layer, rows in per_layer.items():
         if not rows:
@@ -386,7 +390,7 @@ class Mode:
 
 
 def resolve_mode(
-    model: "ReplacementModel",
+    model: ReplacementModel,
     *,
     constrained_layers: Iterable[int] | None = None,
     freeze_attention: bool = True,
@@ -400,13 +404,10 @@ def resolve_mode(
     layers: frozenset[int] | None = None
     if constrained_layers is not None:
         if isinstance(constrained_layers, (str, bytes)) or not isinstance(constrained_layers, Iterable):
-            raise ValueError(
-                f"constrained_layers must be a range or a list of layers, got {constrained_layers!r}"
-            )
+            raise ValueError(f"constrained_layers must be a range or a list of layers, got {constrained_layers!r}")
         items = list(constrained_layers)
         if not items:
-            raise ValueError("constrained_layers is empty: give a range of layers, or None for "
-                             "iterative patching")
+            raise ValueError("constrained_layers is empty: give a range of layers, or None for iterative patching")
         layers = frozenset(_check_layer(l, model.n_layers, "constrained layer") for l in items)
     if direct_effects:
         if layers is not None and layers != all_layers:
@@ -446,7 +447,7 @@ class CleanRun:
 
 
 @torch.no_grad()
-def clean_run(model: "ReplacementModel", prompt: str | Tensor) -> CleanRun:
+def clean_run(model: ReplacementModel, prompt: str | Tensor) -> CleanRun:
     tokens = model.tokenize(prompt)
     n = model.n_layers
     x: dict[int, Tensor] = {}
@@ -463,12 +464,12 @@ def clean_run(model: "ReplacementModel", prompt: str | Tensor) -> CleanRun:
     def save_frozen(tensor: Tensor, *, hook) -> None:
         frozen[hook.name] = tensor.detach().clone()
 
-    fwd = [(name, save_frozen) for name in model._pattern_hooks + model._scale_hooks]
+    fwd = [(name, save_frozen) for name in model.pattern_hooks + model.scale_hooks]
     for layer in range(n):
         fwd.append((model.input_hooks[layer], save(x, layer)))
         fwd.append((model.output_hooks[layer], save(y, layer)))
     fwd.append((H.UNEMBED_IN, save(grabbed, "u")))
-    with model._hooks(fwd):
+    with model.hooks(fwd):
         logits = model.bridge(tokens[None])[0]
     tc = model.transcoders
     acts = []
@@ -505,8 +506,16 @@ class _Pass:
     open-ended interventions. ``offset > 0`` only for KV-cached steps (all generated).
     """
 
-    def __init__(self, model: "ReplacementModel", clean: CleanRun, plan: _Plan, mode: Mode,
-                 offset: int, length: int, apply_activation_function: bool):
+    def __init__(
+        self,
+        model: ReplacementModel,
+        clean: CleanRun,
+        plan: _Plan,
+        mode: Mode,
+        offset: int,
+        length: int,
+        apply_activation_function: bool,
+    ):
         self.m, self.clean, self.plan, self.mode = model, clean, plan, mode
         self.offset, self.length = offset, length
         self.n_pr = max(0, min(length, plan.n_prompt - offset))  # prompt rows of this pass
@@ -520,8 +529,7 @@ class _Pass:
         self.out_layers = [tc.output_layers(l) for l in range(n)]
         # live feature changes matter where a free (non-frozen) layer has frozen errors
         self.track_live = [
-            mode.errors == "frozen" and any(j not in mode.frozen_layers for j in self.out_layers[l])
-            for l in range(n)
+            mode.errors == "frozen" and any(j not in mode.frozen_layers for j in self.out_layers[l]) for l in range(n)
         ]
 
     # -- hooks ---------------------------------------------------------------------------
@@ -529,9 +537,9 @@ class _Pass:
         m, mode = self.m, self.mode
         fwd: list = []
         if self.n_pr and mode.freeze_patterns:
-            fwd += [(name, self._freeze_pattern) for name in m._pattern_hooks]
+            fwd += [(name, self._freeze_pattern) for name in m.pattern_hooks]
         if mode.freeze_scales:
-            fwd += [(name, self._freeze_scale) for name in m._scale_hooks]
+            fwd += [(name, self._freeze_scale) for name in m.scale_hooks]
         for layer in range(m.n_layers):
             fwd.append((m.input_hooks[layer], self._read(layer)))
             fwd.append((m.output_hooks[layer], self._write(layer)))
@@ -675,8 +683,11 @@ def _effective_mode(mode: Mode, plan: _Plan, clean: CleanRun) -> Mode:
     if not mode.freeze_scales or mode.reference != "clean" or plan.open:
         return mode
     for layer, e in plan.closed.items():
-        ref = clean.activations[layer, e.pos.to(clean.activations.device),
-                                e.feature.to(clean.activations.device)].double().cpu()
+        ref = (
+            clean.activations[layer, e.pos.to(clean.activations.device), e.feature.to(clean.activations.device)]
+            .double()
+            .cpu()
+        )
         if bool(((e.mul * ref + e.add - ref) != 0).any()):
             return mode
     return dataclasses.replace(mode, freeze_scales=False)
@@ -696,7 +707,7 @@ class InterventionResult:
 class InterventionRunner:
     """One prompt's clean run, reused by any number of intervention runs on it."""
 
-    def __init__(self, model: "ReplacementModel", prompt: str | Tensor):
+    def __init__(self, model: ReplacementModel, prompt: str | Tensor):
         self.model = model
         self.clean = clean_run(model, prompt)
 
@@ -718,12 +729,17 @@ class InterventionRunner:
     ) -> InterventionResult:
         """One intervention run on this prompt; arguments as :func:`feature_intervention`."""
         m = self.model
-        mode = resolve_mode(m, constrained_layers=constrained_layers, freeze_attention=freeze_attention,
-                            direct_effects=direct_effects, errors=errors)
+        mode = resolve_mode(
+            m,
+            constrained_layers=constrained_layers,
+            freeze_attention=freeze_attention,
+            direct_effects=direct_effects,
+            errors=errors,
+        )
         plan = _resolve(m, interventions, self.clean.n_pos, generating=False)
         mode = _effective_mode(mode, plan, self.clean)
         p = _Pass(m, self.clean, plan, mode, 0, self.clean.n_pos, apply_activation_function)
-        with m._hooks(p.hooks()):
+        with m.hooks(p.hooks()):
             logits = m.bridge(self.clean.tokens[None])[0]
         acts = p.activations()
         if sparse:
@@ -732,7 +748,7 @@ class InterventionRunner:
 
 
 def feature_intervention(
-    model: "ReplacementModel",
+    model: ReplacementModel,
     prompt: str | Tensor,
     interventions: Sequence,
     *,
@@ -750,9 +766,13 @@ def feature_intervention(
     returns (logits (n_pos, d_vocab), activations (n_layers, n_pos, d_transcoder))
     """
     res = InterventionRunner(model, prompt).run(
-        interventions, constrained_layers=constrained_layers, freeze_attention=freeze_attention,
-        direct_effects=direct_effects, apply_activation_function=apply_activation_function,
-        sparse=sparse, errors=errors,
+        interventions,
+        constrained_layers=constrained_layers,
+        freeze_attention=freeze_attention,
+        direct_effects=direct_effects,
+        apply_activation_function=apply_activation_function,
+        sparse=sparse,
+        errors=errors,
     )
     return res.logits, res.activations
 
@@ -776,8 +796,9 @@ class GenerationResult:
     n_prompt: int
 
 
-def _sample(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
-            generator: torch.Generator | None) -> int:
+def _sample(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> int:
     if not do_sample:
         return int(torch.argmax(logits))
     scores = logits.double() / temperature
@@ -788,7 +809,7 @@ def _sample(logits: Tensor, do_sample: bool, temperature: float, top_k: int | No
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _new_cache(model: "ReplacementModel"):
+def _new_cache(model: ReplacementModel):
     from transformers import DynamicCache
 
     return DynamicCache(config=model.bridge.original_model.config)
@@ -796,7 +817,7 @@ def _new_cache(model: "ReplacementModel"):
 
 @torch.no_grad()
 def feature_intervention_generate(
-    model: "ReplacementModel",
+    model: ReplacementModel,
     prompt: str | Tensor,
     interventions: Sequence,
     *,
@@ -842,8 +863,13 @@ def feature_intervention_generate(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {m.n_ctx}: generate fewer tokens"
         )
-    mode = resolve_mode(m, constrained_layers=constrained_layers, freeze_attention=freeze_attention,
-                        direct_effects=direct_effects, errors=errors)
+    mode = resolve_mode(
+        m,
+        constrained_layers=constrained_layers,
+        freeze_attention=freeze_attention,
+        direct_effects=direct_effects,
+        errors=errors,
+    )
     plan = _resolve(m, interventions, n_prompt, generating=True)
     mode = _effective_mode(mode, plan, clean)
     generator = None
@@ -858,10 +884,9 @@ def feature_intervention_generate(
     offset = 0
     while True:
         seq = tokens[offset:] if cache is not None else tokens
-        p = _Pass(m, clean, plan, mode, offset if cache is not None else 0, seq.numel(),
-                  apply_activation_function)
+        p = _Pass(m, clean, plan, mode, offset if cache is not None else 0, seq.numel(), apply_activation_function)
         kwargs = {"past_key_values": cache, "layer_past": cache} if cache is not None else {}
-        with m._hooks(p.hooks()):
+        with m.hooks(p.hooks()):
             logits = m.bridge(seq[None], **kwargs)[0]
         if cache is not None:
             if cache.get_seq_length() != tokens.numel():
@@ -909,9 +934,7 @@ class Supernode:
         feats = []
         for t in self.features:
             if not isinstance(t, (list, tuple)) or len(t) != 3:
-                raise ValueError(
-                    f"supernode {self.name!r}: each feature is [layer, pos, feature], got {t!r}"
-                )
+                raise ValueError(f"supernode {self.name!r}: each feature is [layer, pos, feature], got {t!r}")
             feats.append(tuple(_int(v, f"supernode {self.name!r} entry") for v in t))
         if not feats:
             raise ValueError(f"supernode {self.name!r} has no features")
@@ -921,13 +944,13 @@ class Supernode:
         """``value`` (number, Scale, Add) for every feature; ``open_ended``: from each
         feature's position on, generated positions included."""
         return [
-            (layer, slice(pos, None) if open_ended else pos, feature, value)
-            for layer, pos, feature in self.features
+            (layer, slice(pos, None) if open_ended else pos, feature, value) for layer, pos, feature in self.features
         ]
 
 
-def intervene(supernodes: Mapping[str, Supernode], names: str | Sequence[str], value: Any,
-              *, open_ended: bool = False) -> list[tuple]:
+def intervene(
+    supernodes: Mapping[str, Supernode], names: str | Sequence[str], value: Any, *, open_ended: bool = False
+) -> list[tuple]:
     """Interventions setting / scaling every feature of the named supernode(s)."""
     if isinstance(names, str):
         names = [names]
@@ -959,8 +982,7 @@ def supernodes_from_config(mapping: Mapping[str, Any]) -> dict[str, Supernode]:
             value = value["features"]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"supernode {name!r}: expected a list of [layer, pos, feature]")
-        out[str(name)] = Supernode(str(name), tuple(tuple(v) if isinstance(v, (list, tuple)) else v
-                                                    for v in value))
+        out[str(name)] = Supernode(str(name), tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value))
     return out
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -114,12 +114,10 @@ class ReplacementModel:
         self.normalization: str = str(getattr(cfg, "normalization_type", "LN") or "LN")
         transcoders.check_compatible(self.n_layers, self.d_model)
         self.input_hooks = [
-            H.block_hook(transcoders.feature_input_hook, layer, self.normalization)
-            for layer in range(self.n_layers)
+            H.block_hook(transcoders.feature_input_hook, layer, self.normalization) for layer in range(self.n_layers)
         ]
         self.output_hooks = [
-            H.block_hook(transcoders.feature_output_hook, layer, self.normalization)
-            for layer in range(self.n_layers)
+            H.block_hook(transcoders.feature_output_hook, layer, self.normalization) for layer in range(self.n_layers)
         ]
         if transcoders.feature_input_hook == "hook_mlp_in":
             bridge.set_use_hook_mlp_in(True)
@@ -129,8 +127,8 @@ class ReplacementModel:
                     f"the model has no hook {name!r} (from the transcoders' config.yaml): "
                     "check feature_input_hook / feature_output_hook"
                 )
-        self._pattern_hooks = [n for n in bridge.hook_dict if H.is_attention_pattern_hook(n)]
-        self._scale_hooks = [n for n in bridge.hook_dict if H.is_norm_scale_hook(n)]
+        self.pattern_hooks = [n for n in bridge.hook_dict if H.is_attention_pattern_hook(n)]
+        self.scale_hooks = [n for n in bridge.hook_dict if H.is_norm_scale_hook(n)]
         for p in bridge.parameters():
             p.requires_grad_(False)
         self._digest: str | None = None
@@ -146,7 +144,7 @@ class ReplacementModel:
         device: str | torch.device = "cpu",
         revision: str | None = None,
         lazy_encoder: bool = False,
-    ) -> "ReplacementModel":
+    ) -> ReplacementModel:
         """Load a Hugging Face model (hub name or local directory, offline) and its transcoders.
 
         lazy_encoder: when ``transcoders`` is a path, leave the encoders on disk (streamed per
@@ -159,14 +157,11 @@ class ReplacementModel:
         if Path(source).exists():
             _check_local_model_dir(Path(source))
         if not isinstance(transcoders, Transcoders):
-            transcoders = load_transcoders(transcoders, device=device, dtype=dtype,
-                                           lazy_encoder=lazy_encoder)
+            transcoders = load_transcoders(transcoders, device=device, dtype=dtype, lazy_encoder=lazy_encoder)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                bridge = TransformerBridge.boot_transformers(
-                    source, device=device, dtype=dtype, revision=revision
-                )
+                bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, revision=revision)
             except OSError as exc:
                 raise OSError(
                     f"could not load model {source!r} ({exc.__class__.__name__}): "
@@ -242,17 +237,14 @@ class ReplacementModel:
         for layer in range(self.n_layers):
             fwd.append((self.input_hooks[layer], save_to(mlp_in, layer)))
             fwd.append((self.output_hooks[layer], save_to(mlp_out, layer)))
-        with self._hooks(fwd):
+        with self.hooks(fwd):
             logits = self.bridge(tokens[None])[0]
 
         x = torch.stack([mlp_in[layer] for layer in range(self.n_layers)])
         y = torch.stack([mlp_out[layer] for layer in range(self.n_layers)])
         acts = torch.stack([self._activations(layer, x[layer]) for layer in range(self.n_layers)])
         recon = torch.stack(
-            [
-                self.transcoders.reconstruct(layer, list(acts[: layer + 1]), x[layer])
-                for layer in range(self.n_layers)
-            ]
+            [self.transcoders.reconstruct(layer, list(acts[: layer + 1]), x[layer]) for layer in range(self.n_layers)]
         )
         return Capture(
             tokens=tokens,
@@ -312,7 +304,7 @@ class ReplacementModel:
         for layer in range(self.n_layers):
             fwd.append((self.input_hooks[layer], read(layer)))
             fwd.append((self.output_hooks[layer], write(layer)))
-        with self._hooks(fwd):
+        with self.hooks(fwd):
             return self.bridge(tokens[None])[0]
 
     # ------------------------------------------------------------------ linearised run
@@ -364,13 +356,13 @@ class ReplacementModel:
         def grab_unembed(tensor: Tensor, *, hook) -> None:
             grabbed["unembed_in"] = tensor
 
-        fwd = [(name, detach) for name in self._pattern_hooks + self._scale_hooks]
+        fwd = [(name, detach) for name in self.pattern_hooks + self.scale_hooks]
         fwd.append((H.EMBED, leaf_embed))
         for layer in range(self.n_layers):
             fwd.append((self.input_hooks[layer], read(layer)))
             fwd.append((self.output_hooks[layer], write(layer)))
         fwd.append((H.UNEMBED_IN, grab_unembed))
-        with torch.enable_grad(), self._hooks(fwd):
+        with torch.enable_grad(), self.hooks(fwd):
             logits = self.bridge(tokens)
         return FrozenForward(
             mlp_inputs=[reads[layer] for layer in range(self.n_layers)],
@@ -382,7 +374,7 @@ class ReplacementModel:
 
     # ------------------------------------------------------------------ hooks
     @contextmanager
-    def _hooks(self, fwd_hooks: list, bwd_hooks: list | None = None) -> Iterator[None]:
+    def hooks(self, fwd_hooks: list, bwd_hooks: list | None = None) -> Iterator[None]:
         """Install hooks for one run; they are removed on exit, also on error."""
         with warnings.catch_warnings():
             # the bridge warns on every forward when a norm's hook_scale is edited
@@ -408,9 +400,7 @@ def _check_local_model_dir(path: Path) -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"model path {path} is not a directory of a Hugging Face model")
     if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path} has no config.json: save the model there with model.save_pretrained()"
-        )
+        raise FileNotFoundError(f"{path} has no config.json: save the model there with model.save_pretrained()")
     if not any((path / name).exists() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(
             f"model directory {path} has no tokenizer: save one there with "

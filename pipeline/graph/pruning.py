@@ -65,9 +65,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -154,9 +154,7 @@ def compute_edge_influence(pruned_matrix, logit_weights):
     """Edge scores ``normalize(P)[t, s] * (influence_P[t] + w[t])`` of an (already node-pruned)
     adjacency ``P``.  Dense in, dense out; sparse in, CSR out."""
     normalized = normalize_matrix(pruned_matrix)
-    target_weight = compute_influence(normalized, logit_weights) + np.asarray(
-        logit_weights, dtype=np.float64
-    )
+    target_weight = compute_influence(normalized, logit_weights) + np.asarray(logit_weights, dtype=np.float64)
     if sp.issparse(normalized):
         return sp.csr_matrix(sp.diags(target_weight) @ normalized)
     return normalized * target_weight[:, None]
@@ -293,9 +291,7 @@ def _edge_csr(n, rows, cols, values, dtype) -> sp.csr_matrix:
     values = np.asarray(values)[order]
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
-    return sp.csr_matrix(
-        (values.astype(dtype, copy=False), cols.astype(np.int64), indptr), shape=(n, n)
-    )
+    return sp.csr_matrix((values.astype(dtype, copy=False), cols.astype(np.int64), indptr), shape=(n, n))
 
 
 def _finish(
@@ -708,8 +704,14 @@ def prune_graph(
         method = "dense" if n <= dense_max_nodes else "blocks"
     if method == "dense":
         return prune_graph_dense(
-            graph.adjacency_dense(), n_logits, n_tokens, n_errors, n_features, w,
-            node_threshold, edge_threshold,
+            graph.adjacency_dense(),
+            n_logits,
+            n_tokens,
+            n_errors,
+            n_features,
+            w,
+            node_threshold,
+            edge_threshold,
         )
     if method != "blocks":
         raise ValueError(f"unknown method {method!r}")
@@ -744,9 +746,7 @@ def prune_graph(
     n_implicit_zeros = n * n - nnz
     if blocks.cache is not None or nnz <= max_candidates:
         chunks = list(score_chunks())
-        edge_thr = find_threshold(
-            np.concatenate(chunks) if chunks else np.zeros(0), edge_threshold, n_implicit_zeros
-        )
+        edge_thr = find_threshold(np.concatenate(chunks) if chunks else np.zeros(0), edge_threshold, n_implicit_zeros)
     else:
         edge_thr = streaming_threshold(score_chunks, edge_threshold, n_implicit_zeros, max_candidates)
 

@@ -64,7 +64,6 @@ whether or not the run was interrupted. One writer per store at a time (no locki
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -81,6 +80,8 @@ import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore
+
+from pipeline.graph.layout import NodeLayout
 
 __all__ = [
     "FORMAT",
@@ -118,97 +119,6 @@ class GraphStoreMismatchError(ValueError):
 
 class GraphStoreIncompleteError(GraphStoreError):
     """The store exists but attribution has not finished writing it."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Node layout: the two node orders, defined once
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeLayout:
-    """Sizes of the node groups, and the compute-order index helpers.
-
-    Compute order: [active features (n_active), errors (n_layers * n_pos, layer-major),
-    tokens (n_pos), logits (n_logits)]. Graph order (see :class:`Graph`) replaces the active
-    features by the selected ones and keeps the rest.
-    """
-
-    n_layers: int
-    n_pos: int
-    n_active: int
-    n_logits: int
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"layout.{field.name} must be a non-negative int, got {value!r}")
-            object.__setattr__(self, field.name, int(value))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> NodeLayout:
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d]
-        if missing:
-            raise ValueError(f"layout is missing {missing}; it needs {names}")
-        return cls(**{n: d[n] for n in names})
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    @property
-    def n_errors(self) -> int:
-        return self.n_layers * self.n_pos
-
-    # compute order
-    @property
-    def n_compute(self) -> int:
-        return self.n_active + self.n_errors + self.n_pos + self.n_logits
-
-    @property
-    def compute_feature_slice(self) -> slice:
-        return slice(0, self.n_active)
-
-    @property
-    def compute_error_slice(self) -> slice:
-        return slice(self.n_active, self.n_active + self.n_errors)
-
-    @property
-    def compute_token_slice(self) -> slice:
-        start = self.n_active + self.n_errors
-        return slice(start, start + self.n_pos)
-
-    @property
-    def compute_logit_slice(self) -> slice:
-        start = self.n_active + self.n_errors + self.n_pos
-        return slice(start, start + self.n_logits)
-
-    def compute_error_node(self, layer: int, pos: int) -> int:
-        self._check_layer_pos(layer, pos)
-        return self.n_active + layer * self.n_pos + pos
-
-    def compute_token_node(self, pos: int) -> int:
-        self._check_layer_pos(0, pos)
-        return self.compute_token_slice.start + pos
-
-    def compute_logit_node(self, i: int) -> int:
-        if not 0 <= i < self.n_logits:
-            raise IndexError(f"logit {i} out of range [0, {self.n_logits})")
-        return self.compute_logit_slice.start + i
-
-    def is_compute_row_target(self, nodes: np.ndarray) -> np.ndarray:
-        """Whether compute-order ids may carry a stored row (a feature or a logit)."""
-        nodes = np.asarray(nodes)
-        return ((nodes >= 0) & (nodes < self.n_active)) | (
-            (nodes >= self.compute_logit_slice.start) & (nodes < self.n_compute)
-        )
-
-    def _check_layer_pos(self, layer: int, pos: int) -> None:
-        if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
-        if not 0 <= pos < self.n_pos:
-            raise IndexError(f"position {pos} out of range [0, {self.n_pos})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,10 +299,7 @@ def _done_records(path: Path) -> dict[int, dict[str, Any]]:
 
 
 def _mismatch_message(path: Path, why: str) -> str:
-    return (
-        f"{path} {why}. Delete it (rm -r '{path}') to recompute the graph, "
-        f"or choose another output path (--out)."
-    )
+    return f"{path} {why}. Delete it (rm -r '{path}') to recompute the graph, or choose another output path (--out)."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,8 +355,13 @@ class GraphStoreWriter:
             _check_name(name, "table")
             _check_table_shape(name, array, layout)
         attributes = _root_attributes(
-            {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint,
-             "layout": layout.to_dict(), "finished": False},
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "layout": layout.to_dict(),
+                "finished": False,
+            },
             attrs,
         )
 
@@ -467,8 +379,9 @@ class GraphStoreWriter:
             )
         if meta.get("version") != FORMAT_VERSION:
             raise GraphStoreMismatchError(
-                _mismatch_message(path, f"was written in store format version "
-                                        f"{meta.get('version')}, not {FORMAT_VERSION}")
+                _mismatch_message(
+                    path, f"was written in store format version {meta.get('version')}, not {FORMAT_VERSION}"
+                )
             )
         if meta.get("fingerprint") != fingerprint:
             raise GraphStoreMismatchError(
@@ -480,8 +393,7 @@ class GraphStoreWriter:
             )
         if meta.get("layout") != layout.to_dict():
             raise GraphStoreMismatchError(
-                _mismatch_message(path, f"has node layout {meta.get('layout')}, "
-                                        f"this run {layout.to_dict()}")
+                _mismatch_message(path, f"has node layout {meta.get('layout')}, this run {layout.to_dict()}")
             )
         if meta.get("finished"):
             return cls(path, layout, fingerprint, finished=True)
@@ -499,13 +411,10 @@ class GraphStoreWriter:
             try:
                 stored = _read_array(self._store, f"{_NODES}/{name}")
             except (FileNotFoundError, KeyError, ValueError) as exc:
-                raise GraphStoreMismatchError(
-                    _mismatch_message(self.path, f"has no node table {name!r}")
-                ) from exc
+                raise GraphStoreMismatchError(_mismatch_message(self.path, f"has no node table {name!r}")) from exc
             if stored.dtype != array.dtype or not np.array_equal(stored, array):
                 raise GraphStoreMismatchError(
-                    _mismatch_message(self.path, f"has a different node table {name!r} "
-                                                 f"under the same fingerprint")
+                    _mismatch_message(self.path, f"has a different node table {name!r} under the same fingerprint")
                 )
 
     # -- batches ------------------------------------------------------------------------------
@@ -555,8 +464,7 @@ class GraphStoreWriter:
         files = {}
         for file in sorted(p for p in batch_dir.rglob("*") if p.is_file()):
             files[file.relative_to(self.path).as_posix()] = _file_digest(file)
-        record = {"batch": batch_index, "n_rows": int(len(targets)), "nnz": int(len(indices)),
-                  "files": files}
+        record = {"batch": batch_index, "n_rows": int(len(targets)), "nnz": int(len(indices)), "files": files}
         _hook("before_record", batch_index)
         _write_bytes(self.path / _PROGRESS / f"{name}.json", _json_bytes(record))
         _fsync_dir(self.path / _PROGRESS)
@@ -696,9 +604,7 @@ class GraphStoreWriter:
         return f"GraphStoreWriter({str(self.path)!r}, {state})"
 
 
-def _create_store(
-    path: Path, creating: Path, attributes: dict[str, Any], tables: Mapping[str, np.ndarray]
-) -> None:
+def _create_store(path: Path, creating: Path, attributes: dict[str, Any], tables: Mapping[str, np.ndarray]) -> None:
     creating.parent.mkdir(parents=True, exist_ok=True)
     store = _DurableLocalStore(creating)
     root = zarr.create_group(store, attributes=attributes)
@@ -744,7 +650,7 @@ def _recover(path: Path) -> None:
             shutil.rmtree(adjacency / entry)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path / _PROGRESS / f"{entry}.json")
-    for index, record in records.items():  # a record without its batch: not done
+    for index in records:  # a record without its batch: not done
         if not (adjacency / _batch_name(index)).is_dir():
             os.unlink(path / _PROGRESS / f"{_batch_name(index)}.json")
     for d in (path / _PROGRESS, adjacency, path / _NODES, path):
@@ -783,9 +689,7 @@ def _as_int_array(a: Any, what: str, dtype: type) -> np.ndarray:
 def _check_selected(array: np.ndarray, n_active: int) -> np.ndarray:
     array = _as_int_array(array, _SELECTED, np.int64)
     if array.size and (array[0] < 0 or array[-1] >= n_active or np.any(np.diff(array) <= 0)):
-        raise ValueError(
-            f"{_SELECTED} must be sorted, unique indices into the {n_active} active features"
-        )
+        raise ValueError(f"{_SELECTED} must be sorted, unique indices into the {n_active} active features")
     return array
 
 
@@ -865,8 +769,10 @@ class Graph:
         if meta is None:
             raise ValueError(f"{path} is not a circuit-pipeline attribution graph store")
         if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: store format version {meta.get('version')} is not supported "
-                             f"(this reader reads version {FORMAT_VERSION})")
+            raise ValueError(
+                f"{path}: store format version {meta.get('version')} is not supported "
+                f"(this reader reads version {FORMAT_VERSION})"
+            )
         if not meta.get("finished"):
             n_done = len(_done_records(path))
             raise GraphStoreIncompleteError(
@@ -918,8 +824,9 @@ class Graph:
         """Graph-order node of active feature ``active_index``; ValueError if not selected."""
         i = int(np.searchsorted(self.selected_features, active_index))
         if i == self.n_selected or self.selected_features[i] != active_index:
-            raise ValueError(f"active feature {active_index} is not a selected feature of this "
-                             f"graph (its row was not computed)")
+            raise ValueError(
+                f"active feature {active_index} is not a selected feature of this graph (its row was not computed)"
+            )
         return i
 
     def error_node(self, layer: int, pos: int) -> int:
@@ -936,10 +843,9 @@ class Graph:
         return self.logit_slice.start + i
 
     def node_kind(self, node: int) -> str:
-        """"feature" | "error" | "token" | "logit" for a graph-order node."""
+        """ "feature" | "error" | "token" | "logit" for a graph-order node."""
         self._check_node(node)
-        for kind, s in (("feature", self.feature_slice), ("error", self.error_slice),
-                        ("token", self.token_slice)):
+        for kind, s in (("feature", self.feature_slice), ("error", self.error_slice), ("token", self.token_slice)):
             if node < s.stop:
                 return kind
         return "logit"
@@ -974,7 +880,7 @@ class Graph:
         dtype = np.int32 if self.layout.n_compute < 2**31 else np.int64
         m = np.full(self.layout.n_compute, -1, dtype=dtype)
         m[self.selected_features] = np.arange(self.n_selected)
-        m[self.n_active:] = np.arange(self.n_selected, self.n_nodes)
+        m[self.n_active :] = np.arange(self.n_selected, self.n_nodes)
         return m
 
     def _check_node(self, node: int) -> None:
@@ -1069,9 +975,7 @@ class Graph:
         indptr = np.zeros(self.n_nodes + 1, dtype=np.int64)
         indptr[rows[order] + 1] = np.diff(stacked.indptr)
         np.cumsum(indptr, out=indptr)
-        return sp.csr_matrix(
-            (stacked.data, stacked.indices, indptr), shape=(self.n_nodes, self.n_nodes)
-        )
+        return sp.csr_matrix((stacked.data, stacked.indices, indptr), shape=(self.n_nodes, self.n_nodes))
 
     def adjacency_dense(self, max_nodes: int = 20000) -> np.ndarray:
         """(n_nodes, n_nodes) float32 dense adjacency in graph order, for small graphs only."""
@@ -1099,9 +1003,11 @@ class Graph:
                     raise ValueError(f"{self.path}: batch {b} file {rel} does not match its record")
 
     def __repr__(self) -> str:
-        return (f"Graph({str(self.path)!r}, n_nodes={self.n_nodes}, n_selected={self.n_selected}, "
-                f"n_active={self.n_active}, n_layers={self.n_layers}, n_pos={self.n_pos}, "
-                f"n_logits={self.n_logits})")
+        return (
+            f"Graph({str(self.path)!r}, n_nodes={self.n_nodes}, n_selected={self.n_selected}, "
+            f"n_active={self.n_active}, n_layers={self.n_layers}, n_pos={self.n_pos}, "
+            f"n_logits={self.n_logits})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1141,7 +1047,10 @@ def write_graph_from_dense(
         h.update(selected_features.tobytes())
         fingerprint = "dense:" + h.hexdigest()
     writer = GraphStoreWriter.open(
-        path, fingerprint=fingerprint, layout=layout, tables=dict(tables or {}),
+        path,
+        fingerprint=fingerprint,
+        layout=layout,
+        tables=dict(tables or {}),
         attrs=dict(attrs or {}),
     )
     if writer.finished:
@@ -1151,10 +1060,9 @@ def write_graph_from_dense(
     for b, start in enumerate(range(0, len(targets), batch_size)):
         if b in writer.done_batches:
             continue
-        rows = targets[start:start + batch_size]
+        rows = targets[start : start + batch_size]
         block = sp.csr_matrix(np.asarray(dense[rows], dtype=np.float32))
         block.eliminate_zeros()
         writer.write_batch(b, rows, block.indptr.astype(np.int64), block.indices, block.data)
     writer.write_table(_SELECTED, selected_features)
     return writer.finalize()
-

@@ -8,11 +8,27 @@ from .build import OrganismConfig, build_organism
 from .world import WorldConfig
 
 _SUMMARY = {
-    "model": ["one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy",
-              "language_accuracy_en", "language_accuracy_toy", "final_loss", "wall_time_s"],
-    "plt": ["fve", "l0_total", "dead_share", "agreement_answer_positions", "agreement_all_positions",
-            "kl_all_positions", "state_swap_rate", "language_swap_rate", "language_ablation_rate",
-            "wall_time_s"],
+    "model": [
+        "one_hop_accuracy",
+        "two_hop_trained_accuracy",
+        "two_hop_heldout_accuracy",
+        "language_accuracy_en",
+        "language_accuracy_toy",
+        "final_loss",
+        "wall_time_s",
+    ],
+    "plt": [
+        "fve",
+        "l0_total",
+        "dead_share",
+        "agreement_answer_positions",
+        "agreement_all_positions",
+        "kl_all_positions",
+        "state_swap_rate",
+        "language_swap_rate",
+        "language_ablation_rate",
+        "wall_time_s",
+    ],
 }
 _SUMMARY["clt"] = _SUMMARY["plt"]
 

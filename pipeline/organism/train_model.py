@@ -133,8 +133,9 @@ def last_position_logits(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor, b
 
 
 @torch.no_grad()
-def prompt_accuracy(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str],
-                    answers: list[str]) -> tuple[float, list[str]]:
+def prompt_accuracy(
+    model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str], answers: list[str]
+) -> tuple[float, list[str]]:
     """Greedy next-token accuracy; also returns the predicted words."""
     if not prompts:
         return float("nan"), []
@@ -169,8 +170,13 @@ def evaluate_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, w
 
 
 # --- training ------------------------------------------------------------------------------------
-def train_model(world: World, model_cfg: ModelConfig | None = None, train_cfg: TrainConfig | None = None,
-                out_dir: str | Path | None = None, progress: bool = True) -> dict:
+def train_model(
+    world: World,
+    model_cfg: ModelConfig | None = None,
+    train_cfg: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Train the organism on ``world``'s corpus; save it to ``out_dir`` (if given); return metrics.
 
     The saved directory holds ``config.json``, ``model.safetensors``, the tokenizer files,
@@ -186,11 +192,14 @@ def train_model(world: World, model_cfg: ModelConfig | None = None, train_cfg: T
                 model.save_pretrained(str(tmp))
                 save_tokenizer(tokenizer, tmp)
                 write_json(tmp / "metrics.json", metrics)
-                write_json(tmp / "organism.json", {
-                    "world": world.config.to_dict(),
-                    "model": asdict(model_cfg),
-                    "train": asdict(train_cfg),
-                })
+                write_json(
+                    tmp / "organism.json",
+                    {
+                        "world": world.config.to_dict(),
+                        "model": asdict(model_cfg),
+                        "train": asdict(train_cfg),
+                    },
+                )
     metrics["wall_time_s"] = time.perf_counter() - t0  # returned (and logged by callers), never saved
     return metrics
 
@@ -223,7 +232,8 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas,
+        lr=cfg.lr,
+        betas=cfg.betas,
     )
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
@@ -246,7 +256,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     # 4. evaluation
     model.eval()
     metrics = evaluate_model(model, tokenizer, world)
-    tail = losses[-max(1, cfg.steps // 20):]
+    tail = losses[-max(1, cfg.steps // 20) :]
     metrics["final_loss"] = sum(tail) / len(tail)
     metrics["loss_on"] = cfg.loss_on
     metrics["n_parameters"] = sum(p.numel() for p in model.parameters())

@@ -111,8 +111,9 @@ class TranscoderTrainConfig:
 # --- 1. activations ----------------------------------------------------------------------------
 def _contexts(world: World, tokenizer: PreTrainedTokenizerFast) -> tuple[Tensor, Tensor]:
     """Distinct sentences (train + held-out two-hop), tokenized: ids (n, L), lengths (n,)."""
-    texts = sorted({s.text for s in world.training_sentences()}
-                   | {s.text for s in world.sentences("two_hop", split="heldout")})
+    texts = sorted(
+        {s.text for s in world.training_sentences()} | {s.text for s in world.sentences("two_hop", split="heldout")}
+    )
     return encode_texts(tokenizer, texts)
 
 
@@ -179,8 +180,15 @@ class JumpReLUTranscoders(nn.Module):
     (skip(x) = x @ W_skip^T). PLT: W_dec (L, F, d). CLT: W_dec[k] (F, L - k, d).
     """
 
-    def __init__(self, n_layers: int, d_model: int, cfg: TranscoderTrainConfig, cross_layer: bool,
-                 skip_init: Tensor | None, b_dec_init: Tensor):
+    def __init__(
+        self,
+        n_layers: int,
+        d_model: int,
+        cfg: TranscoderTrainConfig,
+        cross_layer: bool,
+        skip_init: Tensor | None,
+        b_dec_init: Tensor,
+    ):
         super().__init__()
         L, d, Fn = n_layers, d_model, cfg.d_transcoder
         self.cross_layer = cross_layer
@@ -242,8 +250,9 @@ def _least_squares_skip(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return S, b
 
 
-def _fit(x: Tensor, y: Tensor, cfg: TranscoderTrainConfig, cross_layer: bool, progress: bool,
-         desc: str) -> tuple[JumpReLUTranscoders, list[float]]:
+def _fit(
+    x: Tensor, y: Tensor, cfg: TranscoderTrainConfig, cross_layer: bool, progress: bool, desc: str
+) -> tuple[JumpReLUTranscoders, list[float]]:
     torch.manual_seed(cfg.seed)
     L, n, d = x.shape
     var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)  # (L,)
@@ -313,8 +322,14 @@ class _Replacement:
     see the patched outputs).
     """
 
-    def __init__(self, hf: GPT2LMHeadModel, w: dict, cross_layer: bool,
-                 patch: dict[int, Tensor] | None = None, patch_pos: Tensor | None = None):
+    def __init__(
+        self,
+        hf: GPT2LMHeadModel,
+        w: dict,
+        cross_layer: bool,
+        patch: dict[int, Tensor] | None = None,
+        patch_pos: Tensor | None = None,
+    ):
         self.hf, self.w, self.cross_layer = hf, w, cross_layer
         self.patch, self.patch_pos = patch or {}, patch_pos
         self.acts: dict[int, Tensor] = {}
@@ -333,6 +348,7 @@ class _Replacement:
                 a[rows, self.patch_pos] = torch.where(torch.isnan(p), at, p)
             self.acts[layer] = a
             self.inputs[layer] = out
+
         return hook
 
     def _mlp(self, layer: int):
@@ -348,6 +364,7 @@ class _Replacement:
             y = y.clone()
             y[:, 0] = out[:, 0]
             return y
+
         return hook
 
     @torch.no_grad()
@@ -364,8 +381,9 @@ class _Replacement:
 
 
 @torch.no_grad()
-def replacement_metrics(hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World, weights: dict,
-                        cross_layer: bool) -> dict:
+def replacement_metrics(
+    hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World, weights: dict, cross_layer: bool
+) -> dict:
     """Next-token agreement / KL of the replacement model with the base model."""
     rep = _Replacement(hf, weights, cross_layer)
     sets = world.eval_sets()
@@ -407,8 +425,9 @@ def replacement_metrics(hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast,
 
 
 @torch.no_grad()
-def intervention_metrics(hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World, weights: dict,
-                         cross_layer: bool) -> dict:
+def intervention_metrics(
+    hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World, weights: dict, cross_layer: bool
+) -> dict:
     """Feature interventions on the replacement model at the last position of the canonical
     two-hop prompts (every layer's features, iterative patching, no error terms).
 
@@ -478,17 +497,25 @@ def _export(model: JumpReLUTranscoders, sx: Tensor, sy: Tensor) -> dict:
         "W_enc": (model.W_enc / sx[:, None, None]).detach().clone(),
         "b_enc": model.b_enc.detach().clone(),
         "theta": model.log_theta.exp().detach().clone(),
-        "W_dec": [(w * sy[lo]).detach().clone() if not model.cross_layer
-                  else torch.stack([w[:, j] * sy[lo + j] for j in range(L - lo)], 1).detach().clone()
-                  for lo, w in enumerate(model.W_dec)],
+        "W_dec": [
+            (w * sy[lo]).detach().clone()
+            if not model.cross_layer
+            else torch.stack([w[:, j] * sy[lo + j] for j in range(L - lo)], 1).detach().clone()
+            for lo, w in enumerate(model.W_dec)
+        ],
         "b_dec": (model.b_dec * sy[:, None]).detach().clone(),
-        "W_skip": None if model.W_skip is None
-        else (model.W_skip * (sy / sx)[:, None, None]).detach().clone(),
+        "W_skip": None if model.W_skip is None else (model.W_skip * (sy / sx)[:, None, None]).detach().clone(),
     }
 
 
-def _train_and_save(model_dir: str | Path, world: World, cfg: TranscoderTrainConfig, out_dir: str | Path | None,
-                    cross_layer: bool, progress: bool) -> dict:
+def _train_and_save(
+    model_dir: str | Path,
+    world: World,
+    cfg: TranscoderTrainConfig,
+    out_dir: str | Path | None,
+    cross_layer: bool,
+    progress: bool,
+) -> dict:
     t0 = time.perf_counter()
     cfg = cfg or TranscoderTrainConfig()
     kind = "clt" if cross_layer else "plt"
@@ -529,18 +556,29 @@ def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_
     from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
     L = w["W_enc"].shape[0]
-    common = dict(feature_input_hook=FEATURE_INPUT_HOOK, feature_output_hook=FEATURE_OUTPUT_HOOK,
-                  scan=None, model_name=None)
+    common = dict(
+        feature_input_hook=FEATURE_INPUT_HOOK, feature_output_hook=FEATURE_OUTPUT_HOOK, scan=None, model_name=None
+    )
     with atomic_directory(out_dir) as tmp:
         target = tmp / "transcoders"
         if cross_layer:
-            encoders = [{"W_enc": w["W_enc"][l], "b_enc": w["b_enc"][l], "b_dec": w["b_dec"][l],
-                         "threshold": w["theta"][l]} for l in range(L)]
+            encoders = [
+                {"W_enc": w["W_enc"][l], "b_enc": w["b_enc"][l], "b_dec": w["b_dec"][l], "threshold": w["theta"][l]}
+                for l in range(L)
+            ]
             save_cross_layer_transcoder(target, encoders, w["W_dec"], **common)
         else:
-            layers = [{"W_enc": w["W_enc"][l], "W_dec": w["W_dec"][l][:, 0], "b_enc": w["b_enc"][l],
-                       "b_dec": w["b_dec"][l], "threshold": w["theta"][l],
-                       "W_skip": None if w["W_skip"] is None else w["W_skip"][l]} for l in range(L)]
+            layers = [
+                {
+                    "W_enc": w["W_enc"][l],
+                    "W_dec": w["W_dec"][l][:, 0],
+                    "b_enc": w["b_enc"][l],
+                    "b_dec": w["b_dec"][l],
+                    "threshold": w["theta"][l],
+                    "W_skip": None if w["W_skip"] is None else w["W_skip"][l],
+                }
+                for l in range(L)
+            ]
             save_transcoder_set(target, layers, **common)
         for p in target.iterdir():
             p.rename(tmp / p.name)
@@ -548,13 +586,23 @@ def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_
         write_json(tmp / "metrics.json", metrics)
 
 
-def train_plt(model_dir: str | Path, world: World, cfg: TranscoderTrainConfig | None = None,
-              out_dir: str | Path | None = None, progress: bool = True) -> dict:
+def train_plt(
+    model_dir: str | Path,
+    world: World,
+    cfg: TranscoderTrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Per-layer JumpReLU transcoders with skip on ln2.hook_normalized -> hook_mlp_out."""
     return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, False, progress)
 
 
-def train_clt(model_dir: str | Path, world: World, cfg: TranscoderTrainConfig | None = None,
-              out_dir: str | Path | None = None, progress: bool = True) -> dict:
+def train_clt(
+    model_dir: str | Path,
+    world: World,
+    cfg: TranscoderTrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """A JumpReLU cross-layer transcoder (no skip) on ln2.hook_normalized -> hook_mlp_out."""
     return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, True, progress)

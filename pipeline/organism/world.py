@@ -159,7 +159,7 @@ class WorldConfig:
             raise ValueError("language_weights needs one positive weight per language")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldConfig":
+    def from_dict(cls, d: dict) -> WorldConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -252,7 +252,9 @@ class World:
     # --- sentences ---------------------------------------------------------------------------
     def _make(self, kind: str, language: str, template: int, state: State, city: str) -> Sentence:
         t = _TEMPLATES[language][kind][template]
-        filled = t.format(city=city, state=self.spell(state.name, language), capital=self.spell(state.capital, language))
+        filled = t.format(
+            city=city, state=self.spell(state.name, language), capital=self.spell(state.capital, language)
+        )
         words = filled.split()
         return Sentence(
             prompt=" ".join(words[:-1]),
@@ -265,8 +267,14 @@ class World:
             capital=state.capital,
         )
 
-    def sentences(self, kind: str, *, split: Literal["train", "heldout", "all"] = "train",
-                  languages: tuple[str, ...] | None = None, canonical_only: bool = False) -> list[Sentence]:
+    def sentences(
+        self,
+        kind: str,
+        *,
+        split: Literal["train", "heldout", "all"] = "train",
+        languages: tuple[str, ...] | None = None,
+        canonical_only: bool = False,
+    ) -> list[Sentence]:
         """All sentences of one kind, in a fixed order.
 
         split: for ``two_hop``, ``train`` excludes held-out cities and ``heldout`` keeps only
@@ -344,36 +352,60 @@ class World:
             if s.kind != "state_capital":
                 tags.insert(1, f"city={s.city}")
             if cf is not None:
-                tags += [f"counterfactual_state={self.spell(cf.name, s.language)}",
-                         f"counterfactual_answer={self.spell(cf.capital if s.kind != 'city_state' else cf.name, s.language)}"]
+                tags += [
+                    f"counterfactual_state={self.spell(cf.name, s.language)}",
+                    f"counterfactual_answer={self.spell(cf.capital if s.kind != 'city_state' else cf.name, s.language)}",
+                ]
             if pair is not None and len(langs) > 1:
                 english_answer = s.state if s.kind == "city_state" else s.capital
                 tags.append(f"other_language_answer={self.spell(english_answer, other[s.language])}")
                 tags.append(f"pair={pair}")
-            out.append({"id": pid, "prompt": s.prompt, "answer": s.answer, "kind": kind,
-                        "language": s.language, "tags": tags})
+            out.append(
+                {"id": pid, "prompt": s.prompt, "answer": s.answer, "kind": kind, "language": s.language, "tags": tags}
+            )
 
         # Two-hop recall, the headline case: Dallas -> (Texas) -> Austin, in every language.
         for lang in langs:
-            add(f"two_hop_{dallas.lower()}_{lang}", self._make("two_hop", lang, 0, texas, dallas),
-                "two_hop" if lang == "en" else "language", california, f"two_hop_{dallas.lower()}")
+            add(
+                f"two_hop_{dallas.lower()}_{lang}",
+                self._make("two_hop", lang, 0, texas, dallas),
+                "two_hop" if lang == "en" else "language",
+                california,
+                f"two_hop_{dallas.lower()}",
+            )
         # The counterfactual source for the state swap: Fresno -> (California) -> Sacramento.
         add(f"two_hop_{fresno.lower()}_en", self._make("two_hop", "en", 0, california, fresno), "two_hop", texas, None)
         # One-hop facts.
-        add(f"capital_{texas.name.lower()}_en", self._make("state_capital", "en", 0, texas, texas.capital),
-            "one_hop", california, f"capital_{texas.name.lower()}")
+        add(
+            f"capital_{texas.name.lower()}_en",
+            self._make("state_capital", "en", 0, texas, texas.capital),
+            "one_hop",
+            california,
+            f"capital_{texas.name.lower()}",
+        )
         add(f"state_{dallas.lower()}_en", self._make("city_state", "en", 0, texas, dallas), "one_hop", None, None)
         # Held-out two-hop (never trained as a two-hop sentence).
         if held:
             st = self.state_of(held[0])
-            add(f"two_hop_heldout_{held[0].lower()}_en", self._make("two_hop", "en", 0, st, held[0]),
-                "two_hop_heldout", None, None)
+            add(
+                f"two_hop_heldout_{held[0].lower()}_en",
+                self._make("two_hop", "en", 0, st, held[0]),
+                "two_hop_heldout",
+                None,
+                None,
+            )
         # Language prompts: the same one-hop facts in the toy language.
         if "toy" in langs:
-            add(f"capital_{texas.name.lower()}_toy", self._make("state_capital", "toy", 0, texas, texas.capital),
-                "language", california, f"capital_{texas.name.lower()}")
-            add(f"state_{dallas.lower()}_toy", self._make("city_state", "toy", 0, texas, dallas),
-                "language", None, None)
+            add(
+                f"capital_{texas.name.lower()}_toy",
+                self._make("state_capital", "toy", 0, texas, texas.capital),
+                "language",
+                california,
+                f"capital_{texas.name.lower()}",
+            )
+            add(
+                f"state_{dallas.lower()}_toy", self._make("city_state", "toy", 0, texas, dallas), "language", None, None
+            )
         return out
 
 
@@ -390,7 +422,9 @@ def make_world(cfg: WorldConfig | None = None) -> World:
     world = World(config=cfg, states=states, held_out=held_out, languages=LANGUAGES[: cfg.languages])
     names = [world.spell(n, lang) for lang in world.languages for s in states for n in (s.name, s.capital)]
     names += [c for s in states for c in s.cities]
-    template_words = {w for lang in world.languages for k in SENTENCE_KINDS for t in _TEMPLATES[lang][k] for w in t.split()}
+    template_words = {
+        w for lang in world.languages for k in SENTENCE_KINDS for t in _TEMPLATES[lang][k] for w in t.split()
+    }
     if len(names) != len(set(names)) or set(names) & template_words:  # pragma: no cover - fixed tables
         raise ValueError("names collide with each other or with template words")
     return world

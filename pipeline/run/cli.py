@@ -28,8 +28,11 @@ def _add_attribution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-feature-nodes", type=int, default=None)
     p.add_argument("--update-interval", type=int, default=4)
-    p.add_argument("--zero-bos-errors", action="store_true",
-                   help="no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)")
+    p.add_argument(
+        "--zero-bos-errors",
+        action="store_true",
+        help="no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)",
+    )
     p.add_argument(
         "--logit-target",
         action="append",
@@ -54,13 +57,14 @@ def count_edges(graph) -> int:
 
 def cmd_attribute(args: argparse.Namespace) -> int:
     from pipeline.engine.attribution import attribute
-    from pipeline.memory import release_freed_buffers
     from pipeline.engine.replacement import ReplacementModel
+    from pipeline.memory import release_freed_buffers
 
     release_freed_buffers()
     t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype],
-                                             lazy_encoder=True)  # attribution encodes once
+    model = ReplacementModel.from_pretrained(
+        args.model, args.transcoders, dtype=DTYPES[args.dtype], lazy_encoder=True
+    )  # attribution encodes once
     graph = attribute(
         args.prompt,
         model,
@@ -124,14 +128,17 @@ def cmd_features(args: argparse.Namespace) -> int:
     else:
         corpus = D.organism_corpus(args.world, args.n_documents)
     cfg = D.DashboardConfig(
-        top_k=args.top_k, max_tokens=args.max_tokens, batch_tokens=args.batch_tokens,
-        seq_len=args.seq_len, n_quantiles=args.n_quantiles, seed=args.seed,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        batch_tokens=args.batch_tokens,
+        seq_len=args.seq_len,
+        n_quantiles=args.n_quantiles,
+        seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
     t0 = time.perf_counter()
     model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype])
-    out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet,
-                               overwrite=args.overwrite)
+    out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     dash = D.Dashboards.open(out)
     print(
         f"dashboards: {out}  layers={dash.n_layers} features={dash.d_transcoder} "
@@ -156,8 +163,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError("give the prompt set: --prompts FILE_OR_SET (or prompts=NAME)")
     prompt_set = load_prompt_set(prompts)
     model = args.model or words.get("model") or organism["model"]
-    transcoders = args.transcoders or words.get("transcoders") or conf_choice(
-        "transcoders", organism["transcoders"] or "organism_plt")["transcoders"]
+    transcoders = (
+        args.transcoders
+        or words.get("transcoders")
+        or conf_choice("transcoders", organism["transcoders"] or "organism_plt")["transcoders"]
+    )
     out = args.out or words.get("out") or str(Path("studies") / prompt_set.name)
     launcher_name = args.launcher or words.get("launcher") or "local"
     opts = [*words.get("launcher_opts", []), *(args.launcher_opt or [])]
@@ -168,30 +178,59 @@ def cmd_study(args: argparse.Namespace) -> int:
         overrides.append(f"threads={args.threads}")
     launcher = load_launcher(launcher_name, overrides)
     settings = StudySettings(
-        model=model, transcoders=transcoders, dtype=args.dtype, max_n_logits=args.max_n_logits,
-        desired_logit_prob=args.desired_logit_prob, batch_size=args.batch_size,
-        max_feature_nodes=args.max_feature_nodes, update_interval=args.update_interval,
-        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold, scan=args.scan,
-        model_revision=words.get("model_revision"), transcoders_revision=words.get("transcoders_revision"),
+        model=model,
+        transcoders=transcoders,
+        dtype=args.dtype,
+        max_n_logits=args.max_n_logits,
+        desired_logit_prob=args.desired_logit_prob,
+        batch_size=args.batch_size,
+        max_feature_nodes=args.max_feature_nodes,
+        update_interval=args.update_interval,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+        scan=args.scan,
+        model_revision=words.get("model_revision"),
+        transcoders_revision=words.get("transcoders_revision"),
     )
     only = [i for i in args.only.split(",") if i] if args.only else None
     # the same study, spelled out: the rerun command of the failed prompts appends --only
-    command = ["circuit-pipeline", "study", "--prompts", prompts, "--model", model, "--transcoders", transcoders,
-               "--out", out, "--launcher", launcher_name]
+    command = [
+        "circuit-pipeline",
+        "study",
+        "--prompts",
+        prompts,
+        "--model",
+        model,
+        "--transcoders",
+        transcoders,
+        "--out",
+        out,
+        "--launcher",
+        launcher_name,
+    ]
     for flag in ("jobs", "graphs", "threads", "scan", "max_feature_nodes"):
         if getattr(args, flag) is not None:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     for opt in opts:
         command += ["--launcher-opt", opt]
-    for flag, default in (("node_threshold", 0.8), ("edge_threshold", 0.98), ("max_n_logits", 10),
-                          ("desired_logit_prob", 0.95), ("batch_size", 256), ("update_interval", 4),
-                          ("dtype", "float32")):
+    for flag, default in (
+        ("node_threshold", 0.8),
+        ("edge_threshold", 0.98),
+        ("max_n_logits", 10),
+        ("desired_logit_prob", 0.95),
+        ("batch_size", 256),
+        ("update_interval", 4),
+        ("dtype", "float32"),
+    ):
         if getattr(args, flag) != default:
             command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    result = run_study(prompt_set, settings, out, launcher, graphs_dir=args.graphs, only=only,
-                       command=command, progress=not args.quiet)
-    print(f"study: {Path(out) / 'study.json'}  graphs: {Path(out) / 'viewer'} "
-          f"(circuit-pipeline serve {Path(out) / 'viewer'})")
+    result = run_study(
+        prompt_set, settings, out, launcher, graphs_dir=args.graphs, only=only, command=command, progress=not args.quiet
+    )
+    print(
+        f"study: {Path(out) / 'study.json'}  graphs: {Path(out) / 'viewer'} "
+        f"(circuit-pipeline serve {Path(out) / 'viewer'})"
+    )
     return 1 if result.failed else 0
 
 
@@ -200,15 +239,27 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from pipeline.analysis.aggregate import aggregate_study
 
     out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"
-    agg = aggregate_study(args.study_dir, out, align=args.align, min_prompts=args.min_prompts, top=args.top,
-                          labels=args.labels, figures_dir=args.figures_dir, figures=not args.no_figures,
-                          group_by=args.group_by)
+    agg = aggregate_study(
+        args.study_dir,
+        out,
+        align=args.align,
+        min_prompts=args.min_prompts,
+        top=args.top,
+        labels=args.labels,
+        figures_dir=args.figures_dir,
+        figures=not args.no_figures,
+        group_by=args.group_by,
+    )
     top = agg["features"][:5]
-    print(f"aggregate of {agg['n_prompts']} prompts: {out / 'aggregate.json'}  task circuit "
-          f"{out / 'graph'} ({agg['task_circuit']['nodes']} nodes, {agg['task_circuit']['links']} links)")
+    print(
+        f"aggregate of {agg['n_prompts']} prompts: {out / 'aggregate.json'}  task circuit "
+        f"{out / 'graph'} ({agg['task_circuit']['nodes']} nodes, {agg['task_circuit']['links']} links)"
+    )
     for r in top:
-        print(f"  L{r['layer']} F{r['feature']}: {r['n_prompts']}/{agg['n_prompts']} prompts, mean influence "
-              f"{r['mean_influence']:.3g}  {r['label']}".rstrip())
+        print(
+            f"  L{r['layer']} F{r['feature']}: {r['n_prompts']}/{agg['n_prompts']} prompts, mean influence "
+            f"{r['mean_influence']:.3g}  {r['label']}".rstrip()
+        )
     return 0
 
 
@@ -261,18 +312,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("study", help="run a prompt set (batch study) on local processes, SLURM or Ray")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="Hydra-style: prompts=capitals launcher=submitit_slurm launcher.slurm.partition=gpu "
-                        "model=<conf/model choice> transcoders=<conf/transcoders choice> out=DIR")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="Hydra-style: prompts=capitals launcher=submitit_slurm launcher.slurm.partition=gpu "
+        "model=<conf/model choice> transcoders=<conf/transcoders choice> out=DIR",
+    )
     p.add_argument("--prompts", default=None, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
     p.add_argument("--model", default=None, help="Hugging Face model name or local directory (default: the organism)")
     p.add_argument("--transcoders", default=None, help="transcoder directory or HF repo id (default: the model's)")
     p.add_argument("--out", default=None, help="study folder (study.json, viewer/, graphs/); default studies/<set>")
-    p.add_argument("--launcher", default=None, help="conf/launcher choice: sequential, local (default), "
-                   "submitit_local, submitit_slurm, ray (or a launcher .yaml file)")
+    p.add_argument(
+        "--launcher",
+        default=None,
+        help="conf/launcher choice: sequential, local (default), "
+        "submitit_local, submitit_slurm, ray (or a launcher .yaml file)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
-    p.add_argument("--launcher-opt", action="append", metavar="KEY=VALUE",
-                   help="launcher setting, repeatable (e.g. slurm.partition=gpu, prompts_per_job=4)")
+    p.add_argument(
+        "--launcher-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="launcher setting, repeatable (e.g. slurm.partition=gpu, prompts_per_job=4)",
+    )
     p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
     p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
     p.add_argument("--node-threshold", type=float, default=0.8)
@@ -290,12 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregate", help="recurring features, union task circuit and figures of a study")
     p.add_argument("study_dir", help="a study folder (with study.json)")
     p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/aggregate)")
-    p.add_argument("--align", choices=["end", "start"], default="end", help="align positions at the prompt's end or start")
+    p.add_argument(
+        "--align", choices=["end", "start"], default="end", help="align positions at the prompt's end or start"
+    )
     p.add_argument("--min-prompts", type=int, default=1, help="task circuit: features in at least this many prompts")
     p.add_argument("--top", type=int, default=30, help="features in the heatmap")
     p.add_argument("--labels", default=None, help="feature labels: a dashboards store or a labels JSON file")
     p.add_argument("--figures-dir", default=None, help="where figures go (default OUT/figures)")
-    p.add_argument("--group-by", default=None, metavar="TAG", help="order the heatmap's prompts by this tag (e.g. state)")
+    p.add_argument(
+        "--group-by", default=None, metavar="TAG", help="order the heatmap's prompts by this tag (e.g. state)"
+    )
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=cmd_aggregate)
     return parser

@@ -110,7 +110,7 @@ class PromptRecord:
         prefix = f"{key}="
         for t in self.tags:
             if t.startswith(prefix):
-                return t[len(prefix):]
+                return t[len(prefix) :]
         return None
 
     def tag_dict(self) -> dict[str, str]:
@@ -228,7 +228,7 @@ def _record(raw: Any, where: str, problems: list[str]) -> PromptRecord | None:
     if contrast is None:  # the conf/prompts spelling: a tag (it becomes the field, not a tag)
         for t in tags:
             if t.startswith(_CONTRAST_TAG):
-                contrast = t[len(_CONTRAST_TAG):]
+                contrast = t[len(_CONTRAST_TAG) :]
                 tags = tuple(x for x in tags if x != t)
                 break
     return PromptRecord(
@@ -259,13 +259,12 @@ def _raise(problems: list[str], name: str) -> None:
     if problems:
         shown = problems[:20]
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise PromptSetError(
-            f"prompt set {name!r} has {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more
-        )
+        raise PromptSetError(f"prompt set {name!r} has {len(problems)} problem(s):\n  " + "\n  ".join(shown) + more)
 
 
-def prompt_set_from_records(records: Iterable[Mapping[str, Any] | PromptRecord], name: str,
-                            *, source: str = "") -> PromptSet:
+def prompt_set_from_records(
+    records: Iterable[Mapping[str, Any] | PromptRecord], name: str, *, source: str = ""
+) -> PromptSet:
     """Validate records (mappings or :class:`PromptRecord`) into a :class:`PromptSet`."""
     problems: list[str] = []
     out: list[PromptRecord] = []
@@ -304,9 +303,7 @@ def _yaml_loader(source: str):
             line = key_node.start_mark.line + 1
             if isinstance(key, str) and key in seen:
                 # PyYAML keeps the last value silently; a duplicate prompt id must not vanish
-                raise PromptSetError(
-                    f"{source}:{line}: duplicate key {key!r} (first at {source}:{seen[key]})"
-                )
+                raise PromptSetError(f"{source}:{line}: duplicate key {key!r} (first at {source}:{seen[key]})")
             seen[key] = line
         d = _Lined(loader.construct_mapping(node, deep=True))
         d.where = f"{source}:{node.start_mark.line + 1}"
@@ -357,8 +354,18 @@ def _records_from_yaml(doc: Any, source: str) -> tuple[str | None, list[Any]]:
     gen = doc["generate"]
     if not isinstance(gen, Mapping):
         raise PromptSetError(f"{source}: generate must be a mapping (templates, fillers, id, ...)")
-    allowed = {"templates", "template", "fillers", "id", "answer", "contrast", "tags", "kind", "language",
-               "logit_targets"}
+    allowed = {
+        "templates",
+        "template",
+        "fillers",
+        "id",
+        "answer",
+        "contrast",
+        "tags",
+        "kind",
+        "language",
+        "logit_targets",
+    }
     extra = sorted(set(gen) - allowed)
     if extra:
         raise PromptSetError(f"{getattr(gen, 'where', source)}: unknown generate key(s) {extra}")
@@ -367,9 +374,15 @@ def _records_from_yaml(doc: Any, source: str) -> tuple[str | None, list[Any]]:
         templates = [templates]
     try:
         recs = expand_templates(
-            templates, gen.get("fillers"), id=gen.get("id"), answer=gen.get("answer"),
-            contrast=gen.get("contrast"), tags=gen.get("tags", ()), kind=gen.get("kind", ""),
-            language=gen.get("language", ""), logit_targets=gen.get("logit_targets", ()),
+            templates,
+            gen.get("fillers"),
+            id=gen.get("id"),
+            answer=gen.get("answer"),
+            contrast=gen.get("contrast"),
+            tags=gen.get("tags", ()),
+            kind=gen.get("kind", ""),
+            language=gen.get("language", ""),
+            logit_targets=gen.get("logit_targets", ()),
         )
     except PromptSetError as exc:
         raise PromptSetError(f"{getattr(gen, 'where', source)}: {exc}") from None
@@ -425,8 +438,9 @@ def _resolve(source: str | os.PathLike, conf_dir: str | os.PathLike | None) -> P
     candidate = Path(conf_dir or CONF_PROMPTS) / f"{source}.yaml"
     if not candidate.is_file():
         known = sorted(p.stem for p in Path(conf_dir or CONF_PROMPTS).glob("*.yaml"))
-        raise FileNotFoundError(f"no prompt set named {str(source)!r} (conf/prompts has {known}); "
-                                "or give a .yaml/.jsonl/.csv file")
+        raise FileNotFoundError(
+            f"no prompt set named {str(source)!r} (conf/prompts has {known}); or give a .yaml/.jsonl/.csv file"
+        )
     return candidate
 
 
@@ -518,17 +532,19 @@ def expand_templates(
             values = {**row, "template": ti}
             pid = _fill(id, values, "id") if id is not None else f"p{ti}_{ri}"
             rec_tags = tuple(_fill(t, values, "tag") for t in tags) + (f"template={ti}",)
-            out.append(PromptRecord(
-                id=str(pid),
-                prompt=_fill(template, values, "prompt"),
-                answer=_fill(answer, values, "answer"),
-                contrast=_fill(contrast, values, "contrast"),
-                tags=tuple(t for t in rec_tags if t is not None),
-                kind=_fill(kind, values, "kind") or "",
-                language=_fill(language, values, "language") or "",
-                logit_targets=tuple(_fill(t, values, "logit target") for t in logit_targets),
-                where=f"template {ti} × row {ri}",
-            ))
+            out.append(
+                PromptRecord(
+                    id=str(pid),
+                    prompt=_fill(template, values, "prompt"),
+                    answer=_fill(answer, values, "answer"),
+                    contrast=_fill(contrast, values, "contrast"),
+                    tags=tuple(t for t in rec_tags if t is not None),
+                    kind=_fill(kind, values, "kind") or "",
+                    language=_fill(language, values, "language") or "",
+                    logit_targets=tuple(_fill(t, values, "logit target") for t in logit_targets),
+                    where=f"template {ti} × row {ri}",
+                )
+            )
     return out
 
 
@@ -554,15 +570,17 @@ def organism_capitals(world, n: int = 20, *, language: str = "en", template: int
                     continue
                 taken.add(city)
                 other = states[(i + 1) % len(states)]
-                rows.append({
-                    "city": city,
-                    "state": s.name,
-                    "capital": world.spell(s.capital, language),
-                    "heldout": str(world.is_held_out(city)).lower(),
-                    "other_city": other.cities[0],
-                    "other_state": other.name,
-                    "other_capital": world.spell(other.capital, language),
-                })
+                rows.append(
+                    {
+                        "city": city,
+                        "state": s.name,
+                        "capital": world.spell(s.capital, language),
+                        "heldout": str(world.is_held_out(city)).lower(),
+                        "other_city": other.cities[0],
+                        "other_state": other.name,
+                        "other_capital": world.spell(other.capital, language),
+                    }
+                )
                 added = True
         if not added:
             raise ValueError(f"the world has only {len(rows)} cities; asked for {n} prompts")
@@ -570,18 +588,31 @@ def organism_capitals(world, n: int = 20, *, language: str = "en", template: int
     tpl = world.templates("two_hop", language)[template]
     prompt_tpl = " ".join(tpl.split()[:-1])  # the answer ({capital}) is the last word
     recs = expand_templates(
-        [prompt_tpl], rows,
+        [prompt_tpl],
+        rows,
         id="capital_{city}_" + language,
         answer="{capital}",
         contrast=prompt_tpl.replace("{city}", "{other_city}"),
-        tags=["state={state}", "city={city}", "capital={capital}", "heldout={heldout}",
-              "contrast_state={other_state}", "contrast_answer={other_capital}"],
+        tags=[
+            "state={state}",
+            "city={city}",
+            "capital={capital}",
+            "heldout={heldout}",
+            "contrast_state={other_state}",
+            "contrast_answer={other_capital}",
+        ],
         kind="two_hop",
         language=language,
     )
     # the template tag is the world's template index, not the index in this one-template list
-    recs = [replace(r, id=r.id.lower(), tags=tuple(t if not t.startswith("template=") else f"template={template}"
-                                                   for t in r.tags)) for r in recs]
+    recs = [
+        replace(
+            r,
+            id=r.id.lower(),
+            tags=tuple(t if not t.startswith("template=") else f"template={template}" for t in r.tags),
+        )
+        for r in recs
+    ]
     return prompt_set_from_records(recs, "capitals", source="organism_capitals")
 
 
@@ -597,8 +628,13 @@ def to_conf_yaml(prompt_set: PromptSet, header: str = "") -> str:
         if contrast is not None:
             d["tags"] = [*d.get("tags", []), f"{_CONTRAST_TAG}{contrast}"]
         items[r.id] = d
-    body = yaml.safe_dump({"name": prompt_set.name, "items": items}, sort_keys=False, allow_unicode=True,
-                          width=120, default_flow_style=None)
+    body = yaml.safe_dump(
+        {"name": prompt_set.name, "items": items},
+        sort_keys=False,
+        allow_unicode=True,
+        width=120,
+        default_flow_style=None,
+    )
     lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
     return "\n".join(lines + [body.rstrip()]) + "\n"
 
@@ -618,10 +654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     world = make_world(WorldConfig(seed=args.seed))
     ps = organism_capitals(world, args.n, language=args.language)
-    text = to_conf_yaml(ps, header=(
-        f"Generated by `python -m pipeline.run.prompt_sets capitals -n {args.n} --language {args.language} "
-        f"--seed {args.seed}`:\n{len(ps)} two-hop prompts of the organism world (template 0), one city per state "
-        "in turn.\nThe contrast prompt (tag contrast=...) asks about a city of the next state."))
+    text = to_conf_yaml(
+        ps,
+        header=(
+            f"Generated by `python -m pipeline.run.prompt_sets capitals -n {args.n} --language {args.language} "
+            f"--seed {args.seed}`:\n{len(ps)} two-hop prompts of the organism world (template 0), one city per state "
+            "in turn.\nThe contrast prompt (tag contrast=...) asks about a city of the next state."
+        ),
+    )
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     else:

@@ -160,7 +160,9 @@ class LauncherConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"launcher.{name} must be an integer >= 1, got {value!r}")
         if self.start_method not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}")
+            raise ValueError(
+                f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}"
+            )
         if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, (int, float)):
             raise ValueError(f"launcher.timeout_min must be a number, got {self.timeout_min!r}")
         if self.timeout_min <= 0:
@@ -182,8 +184,9 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def load_launcher(name_or_path: str | os.PathLike, overrides: Sequence[str] = (), *,
-                  conf_dir: str | os.PathLike | None = None) -> LauncherConfig:
+def load_launcher(
+    name_or_path: str | os.PathLike, overrides: Sequence[str] = (), *, conf_dir: str | os.PathLike | None = None
+) -> LauncherConfig:
     """``conf/launcher/<name>.yaml`` (or a YAML file) with ``key=value`` overrides
     (``jobs=4``, ``slurm.partition=gpu``) as a checked :class:`LauncherConfig`."""
     path = Path(name_or_path)
@@ -268,8 +271,9 @@ def study_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             t = conf_choice("transcoders", value)
             out["transcoders"], out["transcoders_revision"] = t["transcoders"], t["revision"]
         else:
-            raise ValueError(f"unknown study setting {key!r}: give prompts=, launcher=, launcher.KEY=, model=, "
-                             "transcoders= or out=")
+            raise ValueError(
+                f"unknown study setting {key!r}: give prompts=, launcher=, launcher.KEY=, model=, transcoders= or out="
+            )
     if "transcoders" not in out and "_model_transcoders" in out:
         t = conf_choice("transcoders", out["_model_transcoders"])
         out["transcoders"], out["transcoders_revision"] = t["transcoders"], t["revision"]
@@ -305,9 +309,13 @@ class StudySettings:
     scan: str | None = None
 
     def attribution(self) -> dict[str, Any]:
-        return {"max_n_logits": self.max_n_logits, "desired_logit_prob": self.desired_logit_prob,
-                "batch_size": self.batch_size, "max_feature_nodes": self.max_feature_nodes,
-                "update_interval": self.update_interval}
+        return {
+            "max_n_logits": self.max_n_logits,
+            "desired_logit_prob": self.desired_logit_prob,
+            "batch_size": self.batch_size,
+            "max_feature_nodes": self.max_feature_nodes,
+            "update_interval": self.update_interval,
+        }
 
     def pruning(self) -> dict[str, float]:
         return {"node_threshold": float(self.node_threshold), "edge_threshold": float(self.edge_threshold)}
@@ -358,16 +366,24 @@ def _model(settings: StudySettings, device: str):
     from pipeline.engine.replacement import ReplacementModel
     from pipeline.transcoders import load_transcoders
 
-    ident = (settings.model, settings.transcoders, settings.dtype, device, settings.model_revision,
-             settings.transcoders_revision)
+    ident = (
+        settings.model,
+        settings.transcoders,
+        settings.dtype,
+        device,
+        settings.model_revision,
+        settings.transcoders_revision,
+    )
     if ident not in _MODELS:
         _MODELS.clear()
         dtype = _dtype(settings.dtype)
         # a study attributes each prompt (one encode each): encoders stay on disk
-        tc = load_transcoders(settings.transcoders, revision=settings.transcoders_revision, device=device,
-                              dtype=dtype, lazy_encoder=True)
-        _MODELS[ident] = ReplacementModel.from_pretrained(settings.model, tc, dtype=dtype, device=device,
-                                                          revision=settings.model_revision)
+        tc = load_transcoders(
+            settings.transcoders, revision=settings.transcoders_revision, device=device, dtype=dtype, lazy_encoder=True
+        )
+        _MODELS[ident] = ReplacementModel.from_pretrained(
+            settings.model, tc, dtype=dtype, device=device, revision=settings.model_revision
+        )
     return _MODELS[ident]
 
 
@@ -432,8 +448,8 @@ def _key_lock(graphs_dir: Path, key: str) -> Iterator[None]:
 
 def _compute_key(model, item: TaskItem, settings: StudySettings, graphs_dir: Path) -> dict[str, Any]:
     """Attribute, prune and export one key into ``graphs_dir/<key>/``; return its outcome."""
-    from pipeline.engine.attribution import AttributionConfig, attribute, fingerprint
     from pipeline.analysis.export import create_graph_files
+    from pipeline.engine.attribution import AttributionConfig, attribute, fingerprint
     from pipeline.graph.pruning import atomic_write_bytes, prune_graph, save_pruned_graph
 
     key_dir = graphs_dir / item.key
@@ -446,20 +462,24 @@ def _compute_key(model, item: TaskItem, settings: StudySettings, graphs_dir: Pat
         attr = settings.attribution()
         fp = fingerprint(model, tokens, AttributionConfig(**attr), targets)
         if fp[:KEY_LENGTH] != item.key:
-            raise RuntimeError(f"the job computes key {fp[:KEY_LENGTH]} but the study planned {item.key}: the "
-                               "model or transcoders changed since planning (rerun the study)")
+            raise RuntimeError(
+                f"the job computes key {fp[:KEY_LENGTH]} but the study planned {item.key}: the "
+                "model or transcoders changed since planning (rerun the study)"
+            )
         key_dir.mkdir(parents=True, exist_ok=True)
         (key_dir / "done.json").unlink(missing_ok=True)
-        graph = attribute(item.prompt, model, store=key_dir / "graph.zarr", logit_targets=targets, verbose=False,
-                          **attr)
+        graph = attribute(
+            item.prompt, model, store=key_dir / "graph.zarr", logit_targets=targets, verbose=False, **attr
+        )
         result = prune_graph(graph, pruning["node_threshold"], pruning["edge_threshold"])
         save_pruned_graph(graph, result, key_dir / "pruned.npz")
         scan = settings.scan or graph.attrs.get("scan") or settings.transcoders
         json_dir = key_dir / "graph"
         if json_dir.exists():
             shutil.rmtree(json_dir)
-        path = create_graph_files(None, item.key, json_dir, pruned=key_dir / "pruned.npz",
-                                  tokenizer=model.tokenizer, scan=scan)
+        path = create_graph_files(
+            None, item.key, json_dir, pruned=key_dir / "pruned.npz", tokenizer=model.tokenizer, scan=scan
+        )
         (json_dir / ".graph-metadata.json.lock").unlink(missing_ok=True)
         rows, _, _ = result.kept_edges()
         ids = graph.input_tokens.tolist()
@@ -534,8 +554,12 @@ def run_task(task: Task) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def _job_environment(threads: int) -> Iterator[dict[str, str]]:
     """Environment job processes inherit: the package importable, BLAS threads pinned."""
-    env = {"PYTHONPATH": os.pathsep.join([str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -608,13 +632,18 @@ def _submitit_executor(cfg: LauncherConfig, folder: Path, cluster: str):
         raise LauncherError(
             f"launcher submitit_slurm: no {' or '.join(f'`{c}`' for c in missing)} on this machine, so no SLURM "
             "cluster to submit to. Run the study on a SLURM login node, or use --launcher submitit_local "
-            "(the same submitit code path, jobs run here) or --launcher local")
+            "(the same submitit code path, jobs run here) or --launcher local"
+        )
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {"timeout_min": int(math.ceil(cfg.timeout_min)), "name": "circuit-study"}
     if cluster == "slurm":
         s = cfg.slurm
-        params.update(gpus_per_node=s.gpus_per_node, cpus_per_task=max(s.cpus_per_task, cfg.threads),
-                      mem_gb=s.mem_gb, slurm_array_parallelism=s.array_parallelism)
+        params.update(
+            gpus_per_node=s.gpus_per_node,
+            cpus_per_task=max(s.cpus_per_task, cfg.threads),
+            mem_gb=s.mem_gb,
+            slurm_array_parallelism=s.array_parallelism,
+        )
         for k in ("partition", "account", "qos", "constraint"):
             if getattr(s, k):
                 params[f"slurm_{k}"] = getattr(s, k)
@@ -656,8 +685,7 @@ def _run_ray(tasks: list[Task], cfg: LauncherConfig, folder: Path) -> Iterator[O
     started = False
     with _job_environment(cfg.threads) as env:
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
-                                          runtime_env={"env_vars": env})
+            kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
             if cfg.ray_address is None:
                 kwargs.update(num_cpus=cfg.jobs, object_store_memory=128 * 1024**2)
             try:
@@ -745,10 +773,12 @@ class StudyResult:
 
     def table(self) -> str:
         """The done / skipped / failed table, each failure's one-line reason, and the rerun."""
-        head = (f"study {self.name!r}: {len(self.prompts)} prompts: done {self.count('done')}, skipped "
-                f"{self.count('skipped')}, failed {self.count('failed')}"
-                + (f", pending {self.count('pending')}" if self.count("pending") else "")
-                + f"  (wall {self.wall_time_s:.1f} s)")
+        head = (
+            f"study {self.name!r}: {len(self.prompts)} prompts: done {self.count('done')}, skipped "
+            f"{self.count('skipped')}, failed {self.count('failed')}"
+            + (f", pending {self.count('pending')}" if self.count("pending") else "")
+            + f"  (wall {self.wall_time_s:.1f} s)"
+        )
         w = max([len(p.id) for p in self.prompts] + [2])
         lines = [head, f"  {'id':<{w}}  {'status':<7}  {'seconds':>7}  {'key':<12}  reason"]
         for p in self.prompts:
@@ -760,8 +790,9 @@ class StudyResult:
         return "\n".join(lines)
 
 
-def _plan(prompt_set: PromptSet, settings: StudySettings, graphs_dir: Path,
-          statuses: dict[str, PromptStatus]) -> dict[str, TaskItem]:
+def _plan(
+    prompt_set: PromptSet, settings: StudySettings, graphs_dir: Path, statuses: dict[str, PromptStatus]
+) -> dict[str, TaskItem]:
     """Keys of every prompt (in this process); returns the pending keys' items."""
     from pipeline.engine.attribution import AttributionConfig, fingerprint
     from pipeline.engine.replacement import PromptError
@@ -824,8 +855,10 @@ def _write_viewer(out: Path, statuses: list[PromptStatus], graphs_dir: Path) -> 
                 continue
             doc = _read_json(graphs_dir / p.key / done["files"]["json"])
             doc["metadata"]["slug"] = p.id
-            atomic_write_bytes(tmp / f"{p.id}.json", (json.dumps(doc, indent=2, ensure_ascii=False,
-                                                                 allow_nan=False) + "\n").encode("utf-8"))
+            atomic_write_bytes(
+                tmp / f"{p.id}.json",
+                (json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"),
+            )
             update_graph_metadata(tmp, doc["metadata"])
         (tmp / ".graph-metadata.json.lock").unlink(missing_ok=True)
         if viewer.exists():
@@ -875,19 +908,22 @@ def run_study(
             by_key.setdefault(st.key, []).append(st)
     run_items = [it for k, it in pending.items() if any(s.id in selected for s in by_key[k])]
     n_skipped = sum(s.status == "skipped" for s in statuses.values())
-    say(f"study {prompt_set.name!r}: {len(statuses)} prompts, {len({*by_key})} keys: {n_skipped} prompt(s) done "
-        f"already, {len(run_items)} key(s) to compute on {launcher.name}")
+    say(
+        f"study {prompt_set.name!r}: {len(statuses)} prompts, {len({*by_key})} keys: {n_skipped} prompt(s) done "
+        f"already, {len(run_items)} key(s) to compute on {launcher.name}"
+    )
 
-    tasks = [Task(i, shard, settings, str(graphs.resolve()), launcher.device, launcher.threads)
-             for i, shard in enumerate(_shard(run_items, launcher))]
+    tasks = [
+        Task(i, shard, settings, str(graphs.resolve()), launcher.device, launcher.threads)
+        for i, shard in enumerate(_shard(run_items, launcher))
+    ]
     folder = Path(launcher.folder) if launcher.folder else out / "submitit"
     n_done = 0
     if tasks:
         for task, result in _engine(launcher)(tasks, launcher, folder):
             if isinstance(result, BaseException):
                 reason = f"job {task.index} failed: {_one_line(result)}"
-                result = [{"key": it.key, "status": "failed", "reason": reason, "seconds": None}
-                          for it in task.items]
+                result = [{"key": it.key, "status": "failed", "reason": reason, "seconds": None} for it in task.items]
             for res in result:
                 for st in by_key.get(res["key"], []):
                     st.status = res["status"]
@@ -897,8 +933,10 @@ def run_study(
                 if progress:
                     ids = ",".join(st.id for st in by_key.get(res["key"], []))
                     secs = f" {res['seconds']:.1f} s" if res.get("seconds") is not None else ""
-                    say(f"  [{n_done}/{len(run_items)}] {ids} {res['status']}{secs}"
-                        + (f" ({res['reason']})" if res.get("reason") else ""))
+                    say(
+                        f"  [{n_done}/{len(run_items)}] {ids} {res['status']}{secs}"
+                        + (f" ({res['reason']})" if res.get("reason") else "")
+                    )
 
     ordered = [statuses[i] for i in prompt_set.ids]
     failed = [p.id for p in ordered if p.status == "failed"]
@@ -916,16 +954,26 @@ def _rel(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def _write_study_json(result: StudyResult, prompt_set: PromptSet, settings: StudySettings,
-                      launcher: LauncherConfig, graphs: Path) -> None:
+def _write_study_json(
+    result: StudyResult, prompt_set: PromptSet, settings: StudySettings, launcher: LauncherConfig, graphs: Path
+) -> None:
     from pipeline.graph.pruning import atomic_write_bytes
 
     records = {r.id: r for r in prompt_set}
     prompts = []
     for p in result.prompts:
         rec: PromptRecord = records[p.id]
-        prompts.append({**rec.to_dict(), "key": p.key, "status": p.status, "reason": p.reason,
-                        "seconds": p.seconds, "n_tokens": p.n_tokens, "scores": p.scores})
+        prompts.append(
+            {
+                **rec.to_dict(),
+                "key": p.key,
+                "status": p.status,
+                "reason": p.reason,
+                "seconds": p.seconds,
+                "n_tokens": p.n_tokens,
+                "scores": p.scores,
+            }
+        )
     doc = {
         "format": STUDY_FORMAT,
         "version": FORMAT_VERSION,
@@ -953,4 +1001,3 @@ def load_study(study_dir: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a study file ({STUDY_FORMAT})")
     doc["graphs_dir"] = str((study_dir / doc["graphs_dir"]).resolve())
     return doc
-

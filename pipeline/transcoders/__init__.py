@@ -93,7 +93,15 @@ def load_transcoders(
     scan = config.scan if config.scan is not None else (ref.describe() if ref else None)
     device = torch.device(device)
     if config.model_kind == "transcoder_set":
-        return TranscoderSet(config, _plt_paths(config), scan=scan, dtype=dtype, device=device,
-                             lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder)
-    return CrossLayerTranscoder(config, directory, scan=scan, dtype=dtype, device=device,
-                                lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder)
+        return TranscoderSet(
+            config,
+            _plt_paths(config),
+            scan=scan,
+            dtype=dtype,
+            device=device,
+            lazy_decoder=lazy_decoder,
+            lazy_encoder=lazy_encoder,
+        )
+    return CrossLayerTranscoder(
+        config, directory, scan=scan, dtype=dtype, device=device, lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder
+    )

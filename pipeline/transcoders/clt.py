@@ -35,9 +35,7 @@ _ENC_RE = re.compile(r"^W_enc_(\d+)\.safetensors$")
 
 def clt_layer_count(directory: Path) -> int:
     """Number of layers from the W_enc_{i}.safetensors files; checks they run 0..n-1."""
-    found = sorted(
-        int(m.group(1)) for p in directory.iterdir() if (m := _ENC_RE.match(p.name))
-    )
+    found = sorted(int(m.group(1)) for p in directory.iterdir() if (m := _ENC_RE.match(p.name)))
     if not found:
         raise TranscoderFileNotFoundError(
             f"no W_enc_0.safetensors in {str(directory)!r}; a cross_layer_transcoder directory "
@@ -91,8 +89,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
             dec_path = directory / f"W_dec_{i}.safetensors"
             enc = TensorFile(enc_path)
             dec = TensorFile(dec_path)
-            encoder = EncoderRows(enc, _require(enc, f"W_enc_{i}"), lazy=lazy_encoder, dtype=dtype,
-                                  device=device)
+            encoder = EncoderRows(enc, _require(enc, f"W_enc_{i}"), lazy=lazy_encoder, dtype=dtype, device=device)
             b_enc = _get(enc, f"b_enc_{i}").to(device=device, dtype=dtype)
             b_dec = _get(enc, f"b_dec_{i}").to(device=device, dtype=dtype)
             if i == 0:
@@ -129,9 +126,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
                     f"{str(dec_path)!r}: W_dec_{i} has shape {dec.shape(f'W_dec_{i}')}, expected "
                     f"{want} = (d_transcoder, n_layers - {i}, d_model)"
                 )
-            layer_activation, k = resolve_activation(
-                config, threshold is not None, None, enc_path, f"threshold_{i}"
-            )
+            layer_activation, k = resolve_activation(config, threshold is not None, None, enc_path, f"threshold_{i}")
             if activation is None:
                 activation = layer_activation
             elif layer_activation != activation:
@@ -143,8 +138,9 @@ class CrossLayerTranscoder(LayeredTranscoders):
                 threshold = None
             decoder = DecoderRows(dec, f"W_dec_{i}", lazy=lazy_decoder, dtype=dtype, device=device)
             layers.append(
-                LayerWeights(encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
-                             threshold=threshold, k=k, W_skip=W_skip)
+                LayerWeights(
+                    encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder, threshold=threshold, k=k, W_skip=W_skip
+                )
             )
             files.extend((enc, dec))
         assert activation is not None
@@ -184,10 +180,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
     def reconstruct(self, out_layer: int, acts: list[Tensor], x: Tensor | None = None) -> Tensor:
         self._layer(out_layer)
         if len(acts) <= out_layer:
-            raise ValueError(
-                f"reconstruct({out_layer}) needs activations for layers 0..{out_layer}, "
-                f"got {len(acts)}"
-            )
+            raise ValueError(f"reconstruct({out_layer}) needs activations for layers 0..{out_layer}, got {len(acts)}")
         y = self.decode(0, acts[0], out_layer)
         for layer in range(1, out_layer + 1):
             y = y + self.decode(layer, acts[layer], out_layer)
@@ -214,7 +207,5 @@ class CrossLayerTranscoder(LayeredTranscoders):
             if y is None:
                 a = acts[out_layer]
                 y = torch.zeros((*a.shape[:-1], self.d_model), dtype=a.dtype, device=a.device)
-            result.append(
-                self._add_bias_and_skip(out_layer, y, None if xs is None else xs[out_layer])
-            )
+            result.append(self._add_bias_and_skip(out_layer, y, None if xs is None else xs[out_layer]))
         return result

@@ -52,8 +52,7 @@ class LayerWeights:
 def check_finite(t: Tensor, what: str, path: Path) -> None:
     if not all_finite(t):
         raise TranscoderConfigError(
-            f"{str(path)!r}: {what} holds NaN or inf; the weights are corrupt, re-download or "
-            "retrain them"
+            f"{str(path)!r}: {what} holds NaN or inf; the weights are corrupt, re-download or retrain them"
         )
 
 
@@ -74,9 +73,13 @@ def expect_shape(t: Tensor, shape: tuple[int, ...], what: str, path: Path) -> No
         )
 
 
-def resolve_activation(config: TranscoderConfig, has_threshold: bool, file_k: int | None,
-                       where: Path, threshold_key: str = "activation_function.threshold"
-                       ) -> tuple[str, int | None]:
+def resolve_activation(
+    config: TranscoderConfig,
+    has_threshold: bool,
+    file_k: int | None,
+    where: Path,
+    threshold_key: str = "activation_function.threshold",
+) -> tuple[str, int | None]:
     """The activation of one layer from config.yaml and what its file stores."""
     if config.activation == "relu":
         return "relu", None
@@ -138,9 +141,7 @@ class LayeredTranscoders(Transcoders):
     def _features(self, features: Tensor, device: torch.device) -> Tensor:
         features = torch.as_tensor(features, device=device).long().reshape(-1)
         if features.numel() and (features.min() < 0 or features.max() >= self.d_transcoder):
-            raise IndexError(
-                f"feature index out of range for d_transcoder={self.d_transcoder}"
-            )
+            raise IndexError(f"feature index out of range for d_transcoder={self.d_transcoder}")
         return features
 
     @staticmethod
@@ -201,9 +202,7 @@ class LayeredTranscoders(Transcoders):
         y = y + w.b_dec
         if w.W_skip is not None:
             if x is None:
-                raise ValueError(
-                    f"layer {out_layer} has a skip connection; pass its MLP input x to reconstruct"
-                )
+                raise ValueError(f"layer {out_layer} has a skip connection; pass its MLP input x to reconstruct")
             y = y + self.skip(out_layer, x)
         return y
 

@@ -105,8 +105,7 @@ def normalize_activation(value: Any, where: str) -> str | None:
     name = _ACTIVATION_ALIASES.get(str(value).lower(), str(value).lower())
     if name not in ACTIVATIONS:
         raise TranscoderConfigError(
-            f"{where}: activation {value!r} is unknown; use one of {', '.join(ACTIVATIONS)} "
-            "or leave it out"
+            f"{where}: activation {value!r} is unknown; use one of {', '.join(ACTIVATIONS)} or leave it out"
         )
     return name
 
@@ -114,34 +113,25 @@ def normalize_activation(value: Any, where: str) -> str | None:
 def parse_config_dict(raw: Any, directory: Path, where: str) -> TranscoderConfig:
     """Validate a loaded config mapping; ``where`` names the file in error messages."""
     if not isinstance(raw, dict):
-        raise TranscoderConfigError(
-            f"{where} does not hold a YAML mapping; write keys {', '.join(REQUIRED_KEYS)}"
-        )
+        raise TranscoderConfigError(f"{where} does not hold a YAML mapping; write keys {', '.join(REQUIRED_KEYS)}")
     for key in REQUIRED_KEYS:
         if key not in raw or raw[key] is None:
             raise TranscoderConfigError(
-                f"{where} is missing the key {key!r}; add it (required keys: "
-                f"{', '.join(REQUIRED_KEYS)})"
+                f"{where} is missing the key {key!r}; add it (required keys: {', '.join(REQUIRED_KEYS)})"
             )
     kind = raw["model_kind"]
     if kind not in MODEL_KINDS:
         raise TranscoderConfigError(
-            f"{where}: unknown model_kind {kind!r}; use 'transcoder_set' (per-layer) or "
-            "'cross_layer_transcoder'"
+            f"{where}: unknown model_kind {kind!r}; use 'transcoder_set' (per-layer) or 'cross_layer_transcoder'"
         )
     hook_in = validate_hook(raw["feature_input_hook"], "feature_input_hook", where)
     hook_out = validate_hook(raw["feature_output_hook"], "feature_output_hook", where)
 
     files = raw.get("transcoders")
     if files is not None:
-        if (
-            not isinstance(files, list)
-            or not files
-            or not all(isinstance(f, str) and f for f in files)
-        ):
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) and f for f in files):
             raise TranscoderConfigError(
-                f"{where}: 'transcoders' must be a non-empty list of file paths or hf:// URIs, "
-                "one per layer"
+                f"{where}: 'transcoders' must be a non-empty list of file paths or hf:// URIs, one per layer"
             )
         if kind == "cross_layer_transcoder":
             raise TranscoderConfigError(
@@ -197,8 +187,7 @@ def read_config(directory: str | Path) -> TranscoderConfig:
         )
     if not path.is_file():
         raise TranscoderFileNotFoundError(
-            f"{str(path)!r} not found; a transcoder directory needs a config.yaml with keys "
-            f"{', '.join(REQUIRED_KEYS)}"
+            f"{str(path)!r} not found; a transcoder directory needs a config.yaml with keys {', '.join(REQUIRED_KEYS)}"
         )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

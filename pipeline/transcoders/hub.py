@@ -59,19 +59,14 @@ def _cache_dir() -> str | None:
 
 
 def looks_local(source: str) -> bool:
-    return (
-        source.startswith(("/", "./", "../", "~", "."))
-        or "\\" in source
-        or (len(source) > 1 and source[1] == ":")
-    )
+    return source.startswith(("/", "./", "../", "~", ".")) or "\\" in source or (len(source) > 1 and source[1] == ":")
 
 
-def parse_hub_ref(source: str, *, revision: str | None = None,
-                  subfolder: str | None = None) -> HubRef:
+def parse_hub_ref(source: str, *, revision: str | None = None, subfolder: str | None = None) -> HubRef:
     """Parse a hub source string; explicit ``revision``/``subfolder`` arguments win."""
     ref = source.strip()
     if ref.startswith("hf://"):
-        ref = ref[len("hf://"):]
+        ref = ref[len("hf://") :]
     if "@" in ref:
         ref, rev = ref.rsplit("@", 1)
         revision = revision or rev or None
@@ -156,9 +151,7 @@ def parse_hf_uri(uri: str) -> HubRef:
     path = parsed.path.lstrip("/")
     parts = path.split("/", 1)
     if parsed.scheme != "hf" or len(parts) != 2 or not parts[1]:
-        raise TranscoderFileNotFoundError(
-            f"invalid hf:// URI {uri!r} in config.yaml; write hf://org/repo/path/to/file"
-        )
+        raise TranscoderFileNotFoundError(f"invalid hf:// URI {uri!r} in config.yaml; write hf://org/repo/path/to/file")
     revision = parse_qs(parsed.query).get("revision", [None])[0] or None
     return HubRef(f"{parsed.netloc}/{parts[0]}", parts[1], revision)
 
@@ -174,8 +167,7 @@ def resolve_files(entries: list[str], directory: Path) -> list[Path]:
             ref = parsed[entry] = parse_hf_uri(entry)
             groups.setdefault((ref.repo_id, ref.revision), []).append(str(ref.subfolder))
     roots = {
-        key: _snapshot(HubRef(key[0], None, key[1]), sorted(set(files)),
-                       f"{len(set(files))} transcoder file(s)")
+        key: _snapshot(HubRef(key[0], None, key[1]), sorted(set(files)), f"{len(set(files))} transcoder file(s)")
         for key, files in groups.items()
     }
     out = []
@@ -185,8 +177,7 @@ def resolve_files(entries: list[str], directory: Path) -> list[Path]:
             out.append(roots[(ref.repo_id, ref.revision)] / str(ref.subfolder))
             continue
         path = Path(entry).expanduser()
-        out.append(path if path.is_absolute()
-                   else directory / posixpath.normpath(entry.replace("\\", "/")))
+        out.append(path if path.is_absolute() else directory / posixpath.normpath(entry.replace("\\", "/")))
     return out
 
 
@@ -206,8 +197,7 @@ def resolve_source(
             )
         if not local.is_dir():
             raise TranscoderFileNotFoundError(
-                f"{str(local)!r} is a file; pass the directory that holds config.yaml and the "
-                "weight files"
+                f"{str(local)!r} is a file; pass the directory that holds config.yaml and the weight files"
             )
         return local.absolute(), None
     ref = parse_hub_ref(text, revision=revision, subfolder=subfolder)

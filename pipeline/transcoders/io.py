@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .lazy import all_finite
 from .config import CONFIG_NAME, TranscoderConfigError, dump_config, validate_hook
+from .lazy import all_finite
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -83,8 +83,9 @@ def _atomic_dir(directory: str | os.PathLike, write) -> Path:
     return target
 
 
-def _base_config(kind: str, feature_input_hook: str, feature_output_hook: str,
-                 scan: str | None, model_name: str | None) -> dict[str, Any]:
+def _base_config(
+    kind: str, feature_input_hook: str, feature_output_hook: str, scan: str | None, model_name: str | None
+) -> dict[str, Any]:
     return {
         "model_name": model_name,
         "model_kind": kind,
@@ -118,16 +119,15 @@ def save_transcoder_set(
     """
     if not layers:
         raise TranscoderConfigError("save_transcoder_set needs at least one layer")
-    config = _base_config("transcoder_set", feature_input_hook, feature_output_hook, scan,
-                          model_name)
+    config = _base_config("transcoder_set", feature_input_hook, feature_output_hook, scan, model_name)
     first = layers[0]
     d_transcoder, d_model = tuple(torch.as_tensor(first["W_enc"]).shape)
-    kinds = {("topk" if lw.get("top_k") is not None else
-              "jump_relu" if lw.get("threshold") is not None else "relu") for lw in layers}
+    kinds = {
+        ("topk" if lw.get("top_k") is not None else "jump_relu" if lw.get("threshold") is not None else "relu")
+        for lw in layers
+    }
     if len(kinds) != 1:
-        raise TranscoderConfigError(
-            f"layers mix activations {sorted(kinds)}; every layer needs the same one"
-        )
+        raise TranscoderConfigError(f"layers mix activations {sorted(kinds)}; every layer needs the same one")
     activation = kinds.pop()
     config["activation"] = activation
     if activation == "topk":
@@ -199,11 +199,8 @@ def save_cross_layer_transcoder(
     """
     n_layers = len(encoders)
     if n_layers == 0 or len(decoders) != n_layers:
-        raise TranscoderConfigError(
-            f"need one encoder and one decoder per layer, got {n_layers} and {len(decoders)}"
-        )
-    config = _base_config("cross_layer_transcoder", feature_input_hook, feature_output_hook,
-                          scan, model_name)
+        raise TranscoderConfigError(f"need one encoder and one decoder per layer, got {n_layers} and {len(decoders)}")
+    config = _base_config("cross_layer_transcoder", feature_input_hook, feature_output_hook, scan, model_name)
     d_transcoder, d_model = tuple(torch.as_tensor(encoders[0]["W_enc"]).shape)
     has_thr = {enc.get("threshold") is not None for enc in encoders}
     if len(has_thr) != 1:
@@ -227,10 +224,12 @@ def save_cross_layer_transcoder(
         if enc.get("W_skip") is not None:
             tensors[f"W_skip_{i}"] = _tensor(enc["W_skip"], f"layer {i} W_skip", (d_model, d_model))
         files.append((f"W_enc_{i}.safetensors", tensors))
-        files.append((
-            f"W_dec_{i}.safetensors",
-            {f"W_dec_{i}": _tensor(dec, f"layer {i} W_dec", (d_transcoder, n_layers - i, d_model))},
-        ))
+        files.append(
+            (
+                f"W_dec_{i}.safetensors",
+                {f"W_dec_{i}": _tensor(dec, f"layer {i} W_dec", (d_transcoder, n_layers - i, d_model))},
+            )
+        )
 
     def write(tmp: Path) -> None:
         for rel, tensors in files:

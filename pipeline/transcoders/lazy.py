@@ -74,9 +74,7 @@ def all_finite(t: Tensor, chunk: int = 1 << 20) -> bool:
     if bool(torch.isfinite(t.sum(dtype=torch.float64))):
         return True
     flat = t.reshape(-1)
-    return all(
-        bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk)
-    )
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _corrupt(path: Path, why: str) -> TranscoderConfigError:
@@ -120,9 +118,7 @@ def _read_safetensors_index(path: Path, size: int) -> dict[str, TensorInfo]:
         if end < begin or end - begin != info.nbytes:
             raise _corrupt(path, f"tensor {name!r} has inconsistent offsets")
         if end > data_size:
-            raise _corrupt(
-                path, f"tensor {name!r} ends at byte {data_start + end} but the file has {size}"
-            )
+            raise _corrupt(path, f"tensor {name!r} ends at byte {data_start + end} but the file has {size}")
         end_max = max(end_max, end)
         infos[name] = info
     if end_max != data_size:
@@ -277,8 +273,7 @@ class TensorFile:
         rest = info.shape[1:]
         stride = int(np.prod(rest, dtype=np.int64)) * info.np_dtype.itemsize
         n = stop - start
-        arr = self._pread(n * stride, info.offset + start * stride) if n and stride else \
-            np.zeros(0, dtype=np.uint8)
+        arr = self._pread(n * stride, info.offset + start * stride) if n and stride else np.zeros(0, dtype=np.uint8)
         return self._to_torch(arr.view(info.np_dtype).reshape((n, *rest)), info)
 
     def rows(self, name: str, index: np.ndarray, sub: int | None = None) -> Tensor:
@@ -435,10 +430,7 @@ class DecoderRows:
         if self._resident is not None:
             idx = torch.from_numpy(index).to(self._resident.device)
             if index.size and (index.min() < 0 or index.max() >= self._resident.shape[0]):
-                raise IndexError(
-                    f"feature index out of range for {self.name!r} with "
-                    f"{self._resident.shape[0]} rows"
-                )
+                raise IndexError(f"feature index out of range for {self.name!r} with {self._resident.shape[0]} rows")
             out = self._resident[idx]
             return out if out_index is None else out[:, out_index]
         if self._plt:

@@ -78,8 +78,7 @@ def read_plt_layer(
     b_dec = tf.load(b_dec_name)
     if b_enc.dim() != 1 or b_dec.dim() != 1:
         raise TranscoderConfigError(
-            f"{str(path)!r}: b_enc and b_dec must be vectors, got shapes {tuple(b_enc.shape)} "
-            f"and {tuple(b_dec.shape)}"
+            f"{str(path)!r}: b_enc and b_dec must be vectors, got shapes {tuple(b_enc.shape)} and {tuple(b_dec.shape)}"
         )
     d_transcoder, d_model = b_enc.shape[0], b_dec.shape[0]
 
@@ -100,8 +99,7 @@ def read_plt_layer(
             f"({d_transcoder}, {d_model}) = (d_transcoder, d_model)"
         )
 
-    encoder = EncoderRows(tf, enc_name, lazy=lazy_encoder, transposed=transposed, dtype=dtype,
-                          device=device)
+    encoder = EncoderRows(tf, enc_name, lazy=lazy_encoder, transposed=transposed, dtype=dtype, device=device)
     b_enc = b_enc.to(device=device, dtype=dtype)
     b_dec = b_dec.to(device=device, dtype=dtype)
     check_finite(b_enc, b_enc_name, path)
@@ -136,8 +134,9 @@ def read_plt_layer(
         threshold = None
     decoder = DecoderRows(tf, dec_name, lazy=lazy_decoder, dtype=dtype, device=device)
     return (
-        LayerWeights(encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder,
-                     threshold=threshold, k=k, W_skip=W_skip),
+        LayerWeights(
+            encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder, threshold=threshold, k=k, W_skip=W_skip
+        ),
         tf,
         activation,
     )
@@ -163,7 +162,11 @@ class TranscoderSet(LayeredTranscoders):
         activations: list[str] = []
         for path in paths:
             weights, tf, activation = read_plt_layer(
-                path, config, dtype=dtype, device=device, lazy_decoder=lazy_decoder,
+                path,
+                config,
+                dtype=dtype,
+                device=device,
+                lazy_decoder=lazy_decoder,
                 lazy_encoder=lazy_encoder,
             )
             if layers:
@@ -213,10 +216,7 @@ class TranscoderSet(LayeredTranscoders):
     def reconstruct(self, out_layer: int, acts: list[Tensor], x: Tensor | None = None) -> Tensor:
         self._layer(out_layer)
         if len(acts) <= out_layer:
-            raise ValueError(
-                f"reconstruct({out_layer}) needs activations for layers 0..{out_layer}, "
-                f"got {len(acts)}"
-            )
+            raise ValueError(f"reconstruct({out_layer}) needs activations for layers 0..{out_layer}, got {len(acts)}")
         return self._add_bias_and_skip(out_layer, self.decode(out_layer, acts[out_layer]), x)
 
     def reconstruct_all(self, acts: list[Tensor], xs: list[Tensor] | None = None) -> list[Tensor]:

@@ -73,8 +73,8 @@ import json
 import math
 import os
 import re
-import socketserver
 import socket
+import socketserver
 import sys
 import tempfile
 import threading
@@ -124,8 +124,7 @@ SECURITY_HEADERS = {
 
 _FEATURE_ID = re.compile(r"(\d+)_(\d+)_(\d+)")
 _LOOPBACK_NAMES = {"localhost", "localhost.", "127.0.0.1", "::1"}
-_TOP_KEYS = {"schema_version", "slug", "pinned", "clicked", "labels", "supernodes",
-             "thresholds", "qParams"}
+_TOP_KEYS = {"schema_version", "slug", "pinned", "clicked", "labels", "supernodes", "thresholds", "qParams"}
 
 
 class HTTPError(Exception):
@@ -175,8 +174,7 @@ def _feature_triple(node_id: str, node: Mapping[str, Any]) -> list[int] | None:
     return [layer, pos, feature]
 
 
-def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]] | None = None
-                          ) -> dict[str, Any]:
+def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Validate a posted annotations document and return it in the stored form.
 
     ``nodes``: node id -> node record of the graph JSON (``None`` skips the membership checks
@@ -239,8 +237,7 @@ def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]]
     for key in ("node", "edge"):
         if key in th_in:
             v = th_in[key]
-            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                    or not 0.0 <= v <= 1.0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"thresholds.{key} must be a number in [0, 1]")
             thresholds[key] = float(v)
 
@@ -399,8 +396,7 @@ class ViewerServer(http.server.ThreadingHTTPServer):
             raise HTTPError(500, f"{path.name} is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
             raise HTTPError(404, f"{path.name} is not a graph JSON")
-        nodes = {n["node_id"]: n for n in doc["nodes"]
-                 if isinstance(n, dict) and isinstance(n.get("node_id"), str)}
+        nodes = {n["node_id"]: n for n in doc["nodes"] if isinstance(n, dict) and isinstance(n.get("node_id"), str)}
         with self._cache_lock:
             self._node_cache[str(path)] = (key, nodes)
         return nodes
@@ -447,7 +443,7 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         if host is None:
             return
         if host.startswith("["):  # [::1]:8000
-            name = host[1:host.find("]")] if "]" in host else host
+            name = host[1 : host.find("]")] if "]" in host else host
         else:
             name = host.split(":", 1)[0]
         if not _is_loopback(name):
@@ -580,22 +576,28 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, stored)
 
 
-def make_server(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True
-                ) -> ViewerServer:
+def make_server(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True) -> ViewerServer:
     """A bound, not yet running server (``port=0``: any free port; see ``.url``)."""
     return ViewerServer(graph_dir, host, port, quiet=quiet)
 
 
-def serve(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, open_browser: bool = False,
-          quiet: bool = False) -> int:
+def serve(
+    graph_dir, host: str = "127.0.0.1", port: int = 8000, *, open_browser: bool = False, quiet: bool = False
+) -> int:
     """Serve until interrupted (Ctrl-C)."""
     server = make_server(graph_dir, host, port, quiet=quiet)
     if not server.loopback_only:
-        print(f"warning: listening on {host}: anyone who can reach this address can read the "
-              "graphs and overwrite their annotations", file=sys.stderr)
+        print(
+            f"warning: listening on {host}: anyone who can reach this address can read the "
+            "graphs and overwrite their annotations",
+            file=sys.stderr,
+        )
     if not (server.graph_dir / "graph-metadata.json").is_file():
-        print(f"warning: {server.graph_dir} has no graph-metadata.json (export graphs with "
-              "pipeline.analysis.export.create_graph_files)", file=sys.stderr)
+        print(
+            f"warning: {server.graph_dir} has no graph-metadata.json (export graphs with "
+            "pipeline.analysis.export.create_graph_files)",
+            file=sys.stderr,
+        )
     print(f"viewer: {server.url}  (graphs in {server.graph_dir}; Ctrl-C stops)", flush=True)
     if open_browser:
         webbrowser.open(server.url)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.analysis.aggregate import aggregate_study, render_figures
-from pipeline.analysis.export import LINK_FIELDS, NODE_FIELDS, METADATA_FIELDS, QPARAMS_FIELDS
-from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records
+from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
 from pipeline.graph.pruning import load_pruned_graph
+from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records
 from pipeline.run.study import LauncherConfig, StudySettings, load_study, run_study
 
 STATES = ("texas", "california", "florida", "ohio")
@@ -22,8 +22,9 @@ STATES = ("texas", "california", "florida", "ohio")
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     """A finished tiny study of one template over four fillers, plus one failed prompt."""
-    recs = expand_templates(["the capital of {state} is"], {"state": list(STATES)}, id="capital_{state}",
-                            tags=["state={state}"])
+    recs = expand_templates(
+        ["the capital of {state} is"], {"state": list(STATES)}, id="capital_{state}", tags=["state={state}"]
+    )
     ps = prompt_set_from_records([*recs, {"id": "too_long", "prompt": " ".join(["the"] * 40)}], "capitals_tiny")
     out = tmp_path_factory.mktemp("study") / "capitals_tiny"
     settings = StudySettings(model=str(tiny_gpt2_dir), transcoders=str(plt_dir), batch_size=32)
@@ -88,8 +89,12 @@ def test_heatmap_holds_each_prompts_influence_of_the_top_features(study_dir, agg
         for pid, value in zip(hm["prompts"], row):
             pg = by_prompt[pid]
             r = pg.result
-            expect = sum(r.node_influence[i] for i in range(r.n_features) if r.node_mask[i]
-                         and (int(pg.feature_info[i, 0]), int(pg.feature_info[i, 2])) == (feat["layer"], feat["feature"]))
+            expect = sum(
+                r.node_influence[i]
+                for i in range(r.n_features)
+                if r.node_mask[i]
+                and (int(pg.feature_info[i, 0]), int(pg.feature_info[i, 2])) == (feat["layer"], feat["feature"])
+            )
             assert value == pytest.approx(expect, rel=1e-5, abs=1e-12)
 
 
@@ -167,8 +172,13 @@ def test_labels_file_names_features_in_tables_and_circuit(study_dir, aggregated,
 
 def test_aggregating_a_study_without_finished_prompts_is_an_error(tmp_path, tiny_gpt2_dir, plt_dir):
     ps = prompt_set_from_records([{"id": "too_long", "prompt": " ".join(["the"] * 40)}], "bad")
-    run_study(ps, StudySettings(model=str(tiny_gpt2_dir), transcoders=str(plt_dir)), tmp_path,
-              LauncherConfig(name="sequential", threads=1), log=None)
+    run_study(
+        ps,
+        StudySettings(model=str(tiny_gpt2_dir), transcoders=str(plt_dir)),
+        tmp_path,
+        LauncherConfig(name="sequential", threads=1),
+        log=None,
+    )
     with pytest.raises(ValueError, match="no finished prompt"):
         aggregate_study(tmp_path)
     with pytest.raises(FileNotFoundError, match="study.json"):

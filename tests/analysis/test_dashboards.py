@@ -13,13 +13,23 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.analysis import dashboards as D
 from pipeline import testing
+from pipeline.analysis import dashboards as D
 from pipeline.engine.replacement import ReplacementModel
 
-CFG = dict(top_k=5, context_before=3, context_after=2, n_quantiles=3, examples_per_quantile=3,
-           hist_bins=12, hist_min=1e-2, hist_max=10.0, n_logits=6, batch_tokens=64,
-           checkpoint_every=1)
+CFG = dict(
+    top_k=5,
+    context_before=3,
+    context_after=2,
+    n_quantiles=3,
+    examples_per_quantile=3,
+    hist_bins=12,
+    hist_min=1e-2,
+    hist_max=10.0,
+    n_logits=6,
+    batch_tokens=64,
+    checkpoint_every=1,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,8 +76,12 @@ def brute(model, corpus):
 
 def _firings(brute, layer, feature):
     """Every (value, document, position) where the feature fires, best first (value desc)."""
-    rows = [(float(a[layer, p, feature]), d, p) for d, (_, a) in enumerate(brute)
-            for p in range(a.shape[1]) if a[layer, p, feature] > 0]
+    rows = [
+        (float(a[layer, p, feature]), d, p)
+        for d, (_, a) in enumerate(brute)
+        for p in range(a.shape[1])
+        if a[layer, p, feature] > 0
+    ]
     return sorted(rows, key=lambda r: (-r[0], r[1], r[2]))
 
 
@@ -90,8 +104,7 @@ def test_top_examples_equal_brute_force_scan(dash, brute):
             expected = _firings(brute, layer, f)[: CFG["top_k"]]
             got = rec["top_examples"]
             assert len(got) == len(expected)
-            np.testing.assert_allclose([e["value"] for e in got], [r[0] for r in expected],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose([e["value"] for e in got], [r[0] for r in expected], rtol=1e-5, atol=1e-6)
             for ex in got:
                 _check_example(ex, brute, layer, f, CFG)
             if got:
@@ -115,7 +128,7 @@ def test_density_and_histogram_match_brute_force(dash, brute):
             if nz.size == 0:
                 assert rec["histogram"] == {"edges": [], "counts": []}
                 continue
-            assert rec["histogram"]["counts"] == counts[nz[0]: nz[-1] + 1].tolist()
+            assert rec["histogram"]["counts"] == counts[nz[0] : nz[-1] + 1].tolist()
             assert len(rec["histogram"]["edges"]) == len(rec["histogram"]["counts"]) + 1
             if values.size:
                 assert rec["mean_activation"] == pytest.approx(values.mean(), rel=1e-5)
@@ -196,8 +209,9 @@ def test_top_logits_equal_direct_matrix_product(dash, model, plt_dir):
             rec = dash.feature(layer, f)["logits"]
             top = torch.sort(logits[f], descending=True)
             assert [e["token_id"] for e in rec["top"]] == top.indices[: CFG["n_logits"]].tolist()
-            np.testing.assert_allclose([e["value"] for e in rec["top"]], top.values[: CFG["n_logits"]],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [e["value"] for e in rec["top"]], top.values[: CFG["n_logits"]], rtol=1e-5, atol=1e-6
+            )
             bottom = torch.sort(logits[f])
             assert [e["token_id"] for e in rec["bottom"]] == bottom.indices[: CFG["n_logits"]].tolist()
             assert rec["top"][0]["token"] == model.tokenizer.decode([rec["top"][0]["token_id"]])
@@ -219,8 +233,9 @@ def test_clt_logits_per_output_layer(tiny_gpt2_dir, clt_dir, corpus, tmp_path):
                 direct = W_dec[f, p["layer"] - layer] @ W_U
                 assert [e["token_id"] for e in p["top"]] == direct.topk(CFG["n_logits"]).indices.tolist()
             total = W_dec[f].sum(0) @ W_U
-            np.testing.assert_allclose([e["value"] for e in rec["top"]], total.topk(CFG["n_logits"]).values,
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                [e["value"] for e in rec["top"]], total.topk(CFG["n_logits"]).values, rtol=1e-5, atol=1e-6
+            )
 
 
 def test_labels_name_top_tokens_and_logits_and_feed_export(dash):
@@ -228,7 +243,7 @@ def test_labels_name_top_tokens_and_logits_and_feed_export(dash):
 
     labels = dash.labels()
     assert len(labels) == dash.n_layers * dash.d_transcoder
-    for (layer, f) in [(0, 0), (1, 5), (1, 63)]:
+    for layer, f in [(0, 0), (1, 5), (1, 63)]:
         rec = dash.feature(layer, f)
         assert labels[(layer, f)] == rec["label"]
         ins, outs = rec["label"].split(" → ")
@@ -244,13 +259,15 @@ def test_labels_name_top_tokens_and_logits_and_feed_export(dash):
 
 # ----------------------------------------------------------------------------- viewer JSON
 def test_export_feature_json_writes_only_the_graph_features(dash, tmp_path):
-    graph = {"nodes": [
-        {"node_id": "1_5_3", "feature_type": "cross layer transcoder"},
-        {"node_id": "0_7_2", "feature_type": "cross layer transcoder"},
-        {"node_id": "1_5_4", "feature_type": "cross layer transcoder"},
-        {"node_id": "0_1_2", "feature_type": "mlp reconstruction error"},
-        {"node_id": "E_4_0", "feature_type": "embedding"},
-    ]}
+    graph = {
+        "nodes": [
+            {"node_id": "1_5_3", "feature_type": "cross layer transcoder"},
+            {"node_id": "0_7_2", "feature_type": "cross layer transcoder"},
+            {"node_id": "1_5_4", "feature_type": "cross layer transcoder"},
+            {"node_id": "0_1_2", "feature_type": "mlp reconstruction error"},
+            {"node_id": "E_4_0", "feature_type": "embedding"},
+        ]
+    }
     paths = D.export_feature_json(dash, graph, tmp_path)
     assert [p.name for p in paths] == ["0_7.json", "1_5.json"]
     assert sorted(p.name for p in (tmp_path / "features").iterdir()) == ["0_7.json", "1_5.json"]
@@ -315,11 +332,11 @@ def test_resume_after_the_corpus_changed_starts_over(model, corpus, tmp_path, mo
     monkeypatch.setattr(D, "_update_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         D.compute_dashboards(model, corpus, out, D.DashboardConfig(**CFG), progress=False)
-    calls["n"] = -10**9
+    calls["n"] = -(10**9)
     changed = ["texas austin dallas"] + corpus[1:]
     D.compute_dashboards(model, changed, out, D.DashboardConfig(**CFG), progress=False)
     dash = D.Dashboards.open(out)
-    assert calls["n"] == -10**9 + model.n_layers * dash.meta["n_batches"]  # every batch again
+    assert calls["n"] == -(10**9) + model.n_layers * dash.meta["n_batches"]  # every batch again
     assert dash.n_tokens == sum(model.tokenize(t).numel() - 1 for t in changed)
 
 
@@ -386,8 +403,7 @@ def test_empty_corpus_is_a_clear_error(model, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no tokens"):
-        D.compute_dashboards(model, D.read_corpus(blank), tmp_path / "b.zarr", D.DashboardConfig(**CFG),
-                             progress=False)
+        D.compute_dashboards(model, D.read_corpus(blank), tmp_path / "b.zarr", D.DashboardConfig(**CFG), progress=False)
 
 
 def test_binary_corpus_file_is_a_clear_error(model, tmp_path):
@@ -467,14 +483,43 @@ def test_cli_features_smoke(tiny_gpt2_dir, plt_dir, corpus, tmp_path, capsys):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(corpus[:10]) + "\n", encoding="utf-8")
     out = tmp_path / "dash.zarr"
-    rc = main(["-q", "features", "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir),
-               "--corpus", str(path), "--out", str(out), "--top-k", "3", "--max-tokens", "40",
-               "--threads", "1"])
+    rc = main(
+        [
+            "-q",
+            "features",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--transcoders",
+            str(plt_dir),
+            "--corpus",
+            str(path),
+            "--out",
+            str(out),
+            "--top-k",
+            "3",
+            "--max-tokens",
+            "40",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     dash = D.Dashboards.open(out)
     assert dash.n_tokens == 40 and dash.config.top_k == 3
     assert str(out) in capsys.readouterr().out
-    rc = main(["-q", "features", "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir),
-               "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.zarr")])
+    rc = main(
+        [
+            "-q",
+            "features",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--transcoders",
+            str(plt_dir),
+            "--corpus",
+            str(tmp_path / "missing.txt"),
+            "--out",
+            str(tmp_path / "x.zarr"),
+        ]
+    )
     assert rc == 2
     assert "missing.txt" in capsys.readouterr().err

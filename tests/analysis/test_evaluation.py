@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pipeline import testing
-from pipeline.engine.attribution import attribute
 from pipeline.analysis.evaluation import (
     EvaluationSpec,
     Experiment,
@@ -19,10 +18,10 @@ from pipeline.analysis.evaluation import (
     study_metrics,
     write_report,
 )
+from pipeline.engine.attribution import attribute
 from pipeline.engine.interventions import Scale, feature_intervention
-from pipeline.graph.pruning import load_pruned_graph, prune_graph, save_pruned_graph
 from pipeline.engine.replacement import ReplacementModel
-
+from pipeline.graph.pruning import load_pruned_graph, prune_graph, save_pruned_graph
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,10 +48,23 @@ def spec_for(model, prompt, donor, **kw) -> dict:
         "supernodes": {"A": [idx[0].tolist(), idx[1].tolist()], "B": [didx[-1].tolist(), didx[-2].tolist()]},
         "experiments": [
             {"name": "ablate A", "kind": "ablate", "source": ["A"]},
-            {"name": "swap A to B", "kind": "swap", "source": ["A"], "target": ["B"], "donor_prompt": donor,
-             "source_factor": -1.0, "target_factor": 4.0},
-            {"name": "steer", "kind": "steer", "source": [idx[2].tolist()], "value": 25.0, "mode": "direct",
-             "open_ended": True},
+            {
+                "name": "swap A to B",
+                "kind": "swap",
+                "source": ["A"],
+                "target": ["B"],
+                "donor_prompt": donor,
+                "source_factor": -1.0,
+                "target_factor": 4.0,
+            },
+            {
+                "name": "steer",
+                "kind": "steer",
+                "source": [idx[2].tolist()],
+                "value": 25.0,
+                "mode": "direct",
+                "open_ended": True,
+            },
         ],
         **kw,
     }
@@ -74,7 +86,9 @@ def test_report_has_its_fields_and_direct_ablations_match_attribution(setup):
     f = report["faithfulness"]
     conds = f["conditions"]
     assert list(conds) == ["clean", "circuit_only", "circuit_ablated", "all_ablated"]
-    assert conds["clean"]["kl_from_clean"] == 0 and conds["clean"]["demeaned_logit"] == report["target"]["demeaned_logit"]
+    assert (
+        conds["clean"]["kl_from_clean"] == 0 and conds["clean"]["demeaned_logit"] == report["target"]["demeaned_logit"]
+    )
     assert conds["all_ablated"]["n_ablated"] == f["n_active_features"]
     assert conds["circuit_only"]["n_ablated"] + conds["circuit_ablated"]["n_ablated"] == f["n_active_features"]
     assert f["faithfulness"] is not None
@@ -117,9 +131,17 @@ def test_report_files_are_byte_identical_across_runs(setup, tmp_path):
     write_report(a, tmp_path / "a")
     write_report(b, tmp_path / "b")
     names = sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert names == ["figures/experiments.png", "figures/experiments.svg", "figures/faithfulness.png",
-                     "figures/faithfulness.svg", "figures/top_features.png", "figures/top_features.svg",
-                     "metrics.json", "report.json", "report.md"]
+    assert names == [
+        "figures/experiments.png",
+        "figures/experiments.svg",
+        "figures/faithfulness.png",
+        "figures/faithfulness.svg",
+        "figures/top_features.png",
+        "figures/top_features.svg",
+        "metrics.json",
+        "report.json",
+        "report.md",
+    ]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     doc = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -173,13 +195,23 @@ def test_selectors_pick_active_features_and_not_on_donor_excludes_the_donors(set
 
     acts, dacts = clean_run(model, prompt).activations, clean_run(model, donor).activations
     n, nd = acts.shape[1], dacts.shape[1]
-    spec = {"top_k": 0, "max_new_tokens": 0, "faithfulness": False, "experiments": [
-        {"name": "all last", "source": [{"pos": -1}]},
-        {"name": "layer 1 at 2", "source": [{"pos": 2, "layers": [1]}]},
-        {"name": "specific", "source": [{"pos": -1, "not_on_donor": True}], "donor_prompt": donor},
-        {"name": "swap", "kind": "swap", "source": [{"pos": -1, "layers": [0]}], "target": [{"pos": -1, "layers": [0]}],
-         "donor_prompt": donor},
-    ]}
+    spec = {
+        "top_k": 0,
+        "max_new_tokens": 0,
+        "faithfulness": False,
+        "experiments": [
+            {"name": "all last", "source": [{"pos": -1}]},
+            {"name": "layer 1 at 2", "source": [{"pos": 2, "layers": [1]}]},
+            {"name": "specific", "source": [{"pos": -1, "not_on_donor": True}], "donor_prompt": donor},
+            {
+                "name": "swap",
+                "kind": "swap",
+                "source": [{"pos": -1, "layers": [0]}],
+                "target": [{"pos": -1, "layers": [0]}],
+                "donor_prompt": donor,
+            },
+        ],
+    }
     report = evaluate(model, graph, spec)
     e = {x["name"]: x for x in report["experiments"]}
     assert e["all last"]["n_source_features"] == int((acts[:, -1] != 0).sum())
@@ -189,11 +221,19 @@ def test_selectors_pick_active_features_and_not_on_donor_excludes_the_donors(set
     assert e["swap"]["n_interventions"] == int((acts[0, -1] != 0).sum() + (dacts[0, -1] != 0).sum())
     assert report["faithfulness"] is None and "Not run" in render_markdown(report)
     with pytest.raises(ValueError, match="not a position"):
-        evaluate(model, graph, {"top_k": 0, "max_new_tokens": 0, "experiments": [
-            {"name": "x", "source": [{"pos": n}]}]})
+        evaluate(
+            model, graph, {"top_k": 0, "max_new_tokens": 0, "experiments": [{"name": "x", "source": [{"pos": n}]}]}
+        )
     with pytest.raises(ValueError, match="needs a donor_prompt"):
-        evaluate(model, graph, {"top_k": 0, "max_new_tokens": 0, "experiments": [
-            {"name": "x", "source": [{"pos": -1, "not_on_donor": True}]}]})
+        evaluate(
+            model,
+            graph,
+            {
+                "top_k": 0,
+                "max_new_tokens": 0,
+                "experiments": [{"name": "x", "source": [{"pos": -1, "not_on_donor": True}]}],
+            },
+        )
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,6 @@ from pipeline.analysis.export import (
     update_graph_metadata,
 )
 from pipeline.graph.pruning import prune_graph, save_pruned_graph
-
 from tests.graph_fixtures import FakeGraph, hand_graph, make_graph, write_store  # noqa: E402
 
 FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
@@ -67,16 +66,22 @@ def test_schema_every_field_and_type(graph, tmp_path):
     doc = read(path)
     assert list(doc) == ["metadata", "qParams", "nodes", "links"]
     meta = doc["metadata"]
-    assert list(meta) == ["slug", "scan", "transcoder_list", "prompt_tokens", "prompt",
-                          "node_threshold", "schema_version"]
+    assert list(meta) == [
+        "slug",
+        "scan",
+        "transcoder_list",
+        "prompt_tokens",
+        "prompt",
+        "node_threshold",
+        "schema_version",
+    ]
     assert meta["slug"] == "toy-clt" and meta["scan"] == "toy-clt"
     assert meta["transcoder_list"] == []
     assert meta["prompt_tokens"] == [f"tok{t}\n" for t in graph.input_tokens]
     assert meta["prompt"] == graph.attrs["prompt"]
     assert meta["node_threshold"] == 0.8 and isinstance(meta["node_threshold"], float)
     assert meta["schema_version"] == 1
-    assert doc["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both",
-                              "clickedId": "", "sg_pos": ""}
+    assert doc["qParams"] == {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     assert list(doc["qParams"]) == ["pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos"]
 
     assert doc["nodes"] and doc["links"]
@@ -227,12 +232,15 @@ def test_labels(graph, tmp_path):
     info = graph.active_features[graph.selected_features]
     kept = [i for i in np.flatnonzero(result.node_mask) if i < graph.n_selected]
     (l0, p0, f0), (l1, p1, f1) = info[kept[0]], info[kept[1]]
-    err = next(i for i in np.flatnonzero(result.node_mask)
-               if graph.n_selected <= i < graph.token_slice.start)
+    err = next(i for i in np.flatnonzero(result.node_mask) if graph.n_selected <= i < graph.token_slice.start)
     el, ep = divmod(int(err) - graph.n_selected, graph.n_pos)
     logit_id = f"{graph.n_layers + 1}_{graph.logit_tokens[0]}_{graph.n_pos - 1}"
-    labels = {f"{l0}_{f0}_{p0}": "Texas", (int(l1), int(f1)): {"clerp": "capital"},
-              f"0_{el}_{ep}": "residual junk", logit_id: "Austin!"}
+    labels = {
+        f"{l0}_{f0}_{p0}": "Texas",
+        (int(l1), int(f1)): {"clerp": "capital"},
+        f"0_{el}_{ep}": "residual junk",
+        logit_id: "Austin!",
+    }
     doc = read(create_graph_files(graph, "g", tmp_path, pruned=result, labels=labels))
     clerps = {n["node_id"]: n["clerp"] for n in doc["nodes"]}
     assert clerps[f"{l0}_{f0}_{p0}"] == "Texas"
@@ -242,15 +250,27 @@ def test_labels(graph, tmp_path):
     other_logit = f"{graph.n_layers + 1}_{graph.logit_tokens[1]}_{graph.n_pos - 1}"
     assert clerps[other_logit].startswith('Output "')
     # a (layer, feature) label applies at every position of that feature
-    same = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"
-            and n["layer"] == str(l1) and n["node_id"].split("_")[1] == str(f1)]
+    same = [
+        n
+        for n in doc["nodes"]
+        if n["feature_type"] == "cross layer transcoder"
+        and n["layer"] == str(l1)
+        and n["node_id"].split("_")[1] == str(f1)
+    ]
     assert same and all(n["clerp"] == "capital" for n in same)
-    unlabeled = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"
-                 and n["node_id"] not in (f"{l0}_{f0}_{p0}",) and n["clerp"] == ""]
+    unlabeled = [
+        n
+        for n in doc["nodes"]
+        if n["feature_type"] == "cross layer transcoder"
+        and n["node_id"] not in (f"{l0}_{f0}_{p0}",)
+        and n["clerp"] == ""
+    ]
     assert unlabeled  # the rest stay empty
     # a JSON file of records
-    records = [{"layer": int(l0), "feature": int(f0), "label": "from file"},
-               {"node_id": logit_id, "description": "Austin"}]
+    records = [
+        {"layer": int(l0), "feature": int(f0), "label": "from file"},
+        {"node_id": logit_id, "description": "Austin"},
+    ]
     lf = tmp_path / "labels.json"
     lf.write_text(json.dumps(records))
     doc = read(create_graph_files(graph, "g2", tmp_path, pruned=result, labels=lf))
@@ -264,9 +284,13 @@ def test_labels(graph, tmp_path):
 def test_tokenizer_variants(graph):
     result = prune_graph(graph)
     vocab = [f"v{i}" for i in range(60)]
-    for tok, expect in [(Tok(), lambda i: f"tok{i}\n"), (vocab, lambda i: f"v{i}"),
-                        ({i: f"m{i}" for i in range(60)}, lambda i: f"m{i}"),
-                        (lambda i: f"c{i}", lambda i: f"c{i}"), (None, lambda i: f"<{i}>")]:
+    for tok, expect in [
+        (Tok(), lambda i: f"tok{i}\n"),
+        (vocab, lambda i: f"v{i}"),
+        ({i: f"m{i}" for i in range(60)}, lambda i: f"m{i}"),
+        (lambda i: f"c{i}", lambda i: f"c{i}"),
+        (None, lambda i: f"<{i}>"),
+    ]:
         doc = build_graph_json(graph, "g", result, tokenizer=tok)
         assert doc["metadata"]["prompt_tokens"] == [expect(int(t)) for t in graph.input_tokens]
         logit = [n for n in doc["nodes"] if n["feature_type"] == "logit"][0]
@@ -277,7 +301,10 @@ def test_tokenizer_variants(graph):
     doc = build_graph_json(g, "g", result)
     assert doc["metadata"]["prompt_tokens"] == ["<bos>", "a", "b", "c", "d"]
     assert [n["clerp"][:11] for n in doc["nodes"] if n["feature_type"] == "logit"] == [
-        'Output " x"', 'Output " y"', 'Output " z"']
+        'Output " x"',
+        'Output " y"',
+        'Output " z"',
+    ]
 
 
 def test_scan_handling(graph, tmp_path):
@@ -351,21 +378,42 @@ def test_hand_graph_file_exactly(tmp_path):
     assert nodes["0_5_1"]["influence"] == 0.375
     assert nodes["0_0_0"]["influence"] == 0.78125
     assert nodes["2_4_1"] == {
-        "node_id": "2_4_1", "feature": 4, "layer": "2", "ctx_idx": 1, "feature_type": "logit",
-        "token_prob": 1.0, "is_target_logit": True, "run_idx": 0, "reverse_ctx_idx": 0,
-        "jsNodeId": "L_4-1", "clerp": 'Output "e" (p=1.000)', "influence": None,
-        "activation": None}
-    assert doc["links"] == [{"source": "0_0_0", "target": "0_5_1", "weight": 2.0},
-                            {"source": "0_5_1", "target": "2_4_1", "weight": 3.0}]
+        "node_id": "2_4_1",
+        "feature": 4,
+        "layer": "2",
+        "ctx_idx": 1,
+        "feature_type": "logit",
+        "token_prob": 1.0,
+        "is_target_logit": True,
+        "run_idx": 0,
+        "reverse_ctx_idx": 0,
+        "jsNodeId": "L_4-1",
+        "clerp": 'Output "e" (p=1.000)',
+        "influence": None,
+        "activation": None,
+    }
+    assert doc["links"] == [
+        {"source": "0_0_0", "target": "0_5_1", "weight": 2.0},
+        {"source": "0_5_1", "target": "2_4_1", "weight": 3.0},
+    ]
 
 
 def test_error_id_collision_warns(tmp_path):
     # a layer-0 feature with index 1 at position 1 has id "0_1_1", as does the error (1, 1)
     # nodes: feature 0, errors 1..4 (layer-major: (0,0) (0,1) (1,0) (1,1)), tokens 5 6, logit 7
-    g = FakeGraph(np.zeros((8, 8), np.float32), n_layers=2, n_pos=2, n_logits=1,
-                  active_features=[[0, 1, 1]], activation_values=[1.0], selected_features=[0],
-                  input_tokens=[3, 4], logit_tokens=[5], logit_probabilities=[1.0],
-                  attrs={"scan": "s"})
+    g = FakeGraph(
+        np.zeros((8, 8), np.float32),
+        n_layers=2,
+        n_pos=2,
+        n_logits=1,
+        active_features=[[0, 1, 1]],
+        activation_values=[1.0],
+        selected_features=[0],
+        input_tokens=[3, 4],
+        logit_tokens=[5],
+        logit_probabilities=[1.0],
+        attrs={"scan": "s"},
+    )
     g.dense[7, 0] = 1.0  # logit <- feature
     g.dense[7, 4] = 1.0  # logit <- error (1, 1)
     g.dense[0, 6] = 1.0  # feature <- token 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import pytest
 from pipeline.analysis.export import build_graph_json
 from pipeline.analysis.figures import draw_graph, graph_layout, render_graph, write_graph_figures
 from pipeline.graph.pruning import prune_graph
-
 from tests.graph_fixtures import make_graph  # noqa: E402
 
 

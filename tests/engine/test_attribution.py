@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine import hooks as H
 from pipeline import testing
+from pipeline.engine import hooks as H
 from pipeline.engine.attribution import attribute
-from pipeline.graph.store import Graph, GraphStoreMismatchError
 from pipeline.engine.replacement import ReplacementModel
+from pipeline.graph.store import Graph, GraphStoreMismatchError
 
 PROMPT_WORDS = 7
 
@@ -72,8 +72,8 @@ class FrozenReference:
         def save(tensor, *, hook):
             frozen[hook.name] = tensor.detach().clone()
 
-        names = model._pattern_hooks + model._scale_hooks
-        with model._hooks([(n, save) for n in names]), torch.no_grad():
+        names = model.pattern_hooks + model.scale_hooks
+        with model.hooks([(n, save) for n in names]), torch.no_grad():
             model.bridge(self.cap.tokens[None])
         self.frozen = frozen
         self.clean = self.run({})
@@ -116,7 +116,7 @@ class FrozenReference:
         fwd = [(n, patch) for n in self.frozen] + [(H.EMBED, embed), (H.UNEMBED_IN, unembed)]
         for layer in range(m.n_layers):
             fwd += [(m.input_hooks[layer], read(layer)), (m.output_hooks[layer], write(layer))]
-        with m._hooks(fwd):
+        with m.hooks(fwd):
             m.bridge(cap.tokens[None])
         return torch.stack([reads[l] for l in range(m.n_layers)]), out["u"]
 
@@ -196,7 +196,7 @@ def test_edges_match_intervention_on_frozen_model_float64(fixture_dirs, tmp_path
 
 def test_gemma2_post_norms_are_frozen_and_edges_stay_exact(fixture_dirs, tmp_path):
     model = load(fixture_dirs, "gemma2", "plt_skip", torch.float64)
-    assert any("ln2_post" in n for n in model._scale_hooks)
+    assert any("ln2_post" in n for n in model.scale_hooks)
     prompt = prompt_for(fixture_dirs["gemma2"])
     cap = model.capture(prompt)
     # Gemma-2's own norm code computes in float32 even in a float64 model
@@ -264,8 +264,12 @@ def test_rows_from_a_prompt_prefix_equal_rows_from_the_whole_prompt(fixture_dirs
     ids = np.nonzero((a[:, 0] == model.n_layers - 1) & (a[:, 1] < capture.n_pos - 2))[0]
     assert len(ids) > 0
     feats = torch.as_tensor(a[ids, 2])
-    batch = RowBatch(a[ids, 0].astype(np.int64), a[ids, 1].astype(np.int64),
-                     model.transcoders.encoder_vectors(model.n_layers - 1, feats), ids.astype(np.int64))
+    batch = RowBatch(
+        a[ids, 0].astype(np.int64),
+        a[ids, 1].astype(np.int64),
+        model.transcoders.encoder_vectors(model.n_layers - 1, feats),
+        ids.astype(np.int64),
+    )
     n = int(batch.pos.max()) + 1
     full = compute_rows(model.frozen_forward(capture, batch=1), batch, layout, sources)
     prefix = compute_rows(model.frozen_forward(capture, batch=1, n_pos=n), batch, layout, sources)
@@ -326,8 +330,13 @@ def test_max_feature_nodes_selects_like_brute_force_influence_ranking(fixture_di
     assert full.n_selected == full.n_active
     k = max(2, full.n_active // 3)
     part = attribute(
-        prompt, model, batch_size=4, max_feature_nodes=k, update_interval=interval,
-        store=tmp_path / "part.zarr", verbose=False,
+        prompt,
+        model,
+        batch_size=4,
+        max_feature_nodes=k,
+        update_interval=interval,
+        store=tmp_path / "part.zarr",
+        verbose=False,
     )
     expected = greedy_reference(A, full.n_active, full.logit_probabilities.astype(np.float64), k, 4, interval)
     np.testing.assert_array_equal(part.selected_features, expected)
@@ -344,9 +353,11 @@ def test_custom_logit_targets_token_difference_and_direction(fixture_dirs, tmp_p
     prompt = prompt_for(fixture_dirs["gpt2"])
     direction = torch.linspace(-1, 1, model.d_model, dtype=torch.float64)
     graph = attribute(
-        prompt, model,
+        prompt,
+        model,
         logit_targets=[words[5], (words[5], words[6]), {"label": "dir", "vector": direction}],
-        store=tmp_path / "g.zarr", verbose=False,
+        store=tmp_path / "g.zarr",
+        verbose=False,
     )
     assert graph.n_logits == 3
     W_U = model.W_U
@@ -411,8 +422,9 @@ def test_interrupted_attribution_resumes_to_identical_store(fixture_dirs, tmp_pa
 
     model = load(fixture_dirs, "gpt2", "clt")
     prompt = prompt_for(fixture_dirs["gpt2"])
-    reference = attribute(prompt, model, batch_size=4, max_feature_nodes=10, update_interval=1,
-                          store=tmp_path / "ref.zarr", verbose=False)
+    reference = attribute(
+        prompt, model, batch_size=4, max_feature_nodes=10, update_interval=1, store=tmp_path / "ref.zarr", verbose=False
+    )
     real = attribution.compute_rows
     calls = {"n": 0}
 
@@ -424,11 +436,19 @@ def test_interrupted_attribution_resumes_to_identical_store(fixture_dirs, tmp_pa
 
     monkeypatch.setattr(attribution, "compute_rows", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        attribute(prompt, model, batch_size=4, max_feature_nodes=10, update_interval=1,
-                  store=tmp_path / "g.zarr", verbose=False)
+        attribute(
+            prompt,
+            model,
+            batch_size=4,
+            max_feature_nodes=10,
+            update_interval=1,
+            store=tmp_path / "g.zarr",
+            verbose=False,
+        )
     monkeypatch.setattr(attribution, "compute_rows", real)
-    resumed = attribute(prompt, model, batch_size=4, max_feature_nodes=10, update_interval=1,
-                        store=tmp_path / "g.zarr", verbose=False)
+    resumed = attribute(
+        prompt, model, batch_size=4, max_feature_nodes=10, update_interval=1, store=tmp_path / "g.zarr", verbose=False
+    )
     np.testing.assert_array_equal(resumed.selected_features, reference.selected_features)
     np.testing.assert_array_equal(resumed.adjacency_dense(), reference.adjacency_dense())
     assert tree_digest(tmp_path / "g.zarr") == tree_digest(tmp_path / "ref.zarr")

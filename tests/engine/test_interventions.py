@@ -84,7 +84,7 @@ def clean_frozen(model: ReplacementModel, tokens) -> dict:
     def save(t, *, hook):
         frozen[hook.name] = t.detach().clone()
 
-    with model._hooks([(n, save) for n in model._pattern_hooks + model._scale_hooks]), torch.no_grad():
+    with model.hooks([(n, save) for n in model.pattern_hooks + model.scale_hooks]), torch.no_grad():
         model.bridge(tokens[None])
     return frozen
 
@@ -160,12 +160,12 @@ def reference_run(model, prompt, interventions, *, constrained=None, freeze_atte
 
     fwd = []
     if freeze_patterns:
-        fwd += [(n_, patch) for n_ in model._pattern_hooks]
+        fwd += [(n_, patch) for n_ in model.pattern_hooks]
     if freeze_scales:
-        fwd += [(n_, patch) for n_ in model._scale_hooks]
+        fwd += [(n_, patch) for n_ in model.scale_hooks]
     for layer in range(n):
         fwd += [(model.input_hooks[layer], on_read(layer)), (model.output_hooks[layer], on_write(layer))]
-    with model._hooks(fwd):
+    with model.hooks(fwd):
         logits = model.bridge(cap.tokens[None])[0]
     return logits, torch.stack(read)
 
@@ -276,7 +276,12 @@ def test_zero_interventions_reproduce_the_clean_run_exactly(load, arch, kind):
     cap = model.capture(prompt)
     idx, vals = cap.active_features()
     (l, p, f), a = idx[-1].tolist(), float(vals[-1])
-    no_ops = [[], [(l, p, f, Scale(1.0))], [(l, p, f, Add(0.0))], [(0, 1, 0, Scale(3.0))] if cap.activations[0, 1, 0] == 0 else []]
+    no_ops = [
+        [],
+        [(l, p, f, Scale(1.0))],
+        [(l, p, f, Add(0.0))],
+        [(0, 1, 0, Scale(3.0))] if cap.activations[0, 1, 0] == 0 else [],
+    ]
     for kw in MODES.values():
         for ivs in no_ops:
             res = runner.run(ivs, **kw)
@@ -335,8 +340,9 @@ def test_generation_with_kv_cache_equals_without(load, arch, open_ended):
         ivs = [(l, p, f, Scale(-3.0))]
     for kw in (dict(), dict(do_sample=True, temperature=2.0, top_k=20, seed=3), dict(direct_effects=True)):
         a = feature_intervention_generate(model, prompt, ivs, max_new_tokens=6, stop_at_eos=False, **kw)
-        b = feature_intervention_generate(model, prompt, ivs, max_new_tokens=6, stop_at_eos=False,
-                                          use_kv_cache=False, **kw)
+        b = feature_intervention_generate(
+            model, prompt, ivs, max_new_tokens=6, stop_at_eos=False, use_kv_cache=False, **kw
+        )
         assert a.tokens.tolist() == b.tokens.tolist(), kw
         assert a.text == b.text and a.completion == b.completion
         assert a.logits.shape == (6, model.W_U.shape[1])
@@ -355,8 +361,9 @@ def test_generation_reuses_a_given_clean_run_exactly(load):
     ivs = [(0, slice(2, None), 11, 4.0)]
     runner = InterventionRunner(model, prompt)
     a = feature_intervention_generate(model, prompt, ivs, max_new_tokens=4, stop_at_eos=False)
-    b = feature_intervention_generate(model, runner.tokens, ivs, max_new_tokens=4, stop_at_eos=False,
-                                      clean=runner.clean)
+    b = feature_intervention_generate(
+        model, runner.tokens, ivs, max_new_tokens=4, stop_at_eos=False, clean=runner.clean
+    )
     assert a.tokens.tolist() == b.tokens.tolist()
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     other = InterventionRunner(model, prompt_for(model, 5)).clean
@@ -377,14 +384,21 @@ def test_open_ended_interventions_apply_at_generated_positions(load):
     torch.testing.assert_close(gen.logits, logits[n - 1 :], rtol=0, atol=1e-10)
     torch.testing.assert_close(gen.activations, acts, rtol=0, atol=1e-10)
     plain = feature_intervention_generate(model, prompt, [], max_new_tokens=5, stop_at_eos=False, **kw)
-    closed = feature_intervention_generate(model, prompt, [(0, range(2, n), 11, 4.0), (1, range(1, n), 7, Scale(-3.0))],
-                                           max_new_tokens=5, stop_at_eos=False, **kw)
+    closed = feature_intervention_generate(
+        model,
+        prompt,
+        [(0, range(2, n), 11, 4.0), (1, range(1, n), 7, Scale(-3.0))],
+        max_new_tokens=5,
+        stop_at_eos=False,
+        **kw,
+    )
     assert not torch.allclose(gen.logits[1:], closed.logits[1:])  # generated positions differ
     torch.testing.assert_close(gen.logits[0], closed.logits[0], rtol=0, atol=0)
     assert not torch.allclose(plain.logits[0], gen.logits[0])
     # duplicated open-ended entries: the last one wins at generated positions too
-    dup = feature_intervention_generate(model, prompt, [(0, slice(2, None), 11, 9.0)] + ivs,
-                                        max_new_tokens=5, stop_at_eos=False, **kw)
+    dup = feature_intervention_generate(
+        model, prompt, [(0, slice(2, None), 11, 9.0)] + ivs, max_new_tokens=5, stop_at_eos=False, **kw
+    )
     torch.testing.assert_close(dup.logits, gen.logits, rtol=0, atol=0)
 
 
@@ -409,8 +423,11 @@ def test_supernodes_from_annotations_intervene_as_one_unit(load, tmp_path):
     simple = tmp_path / "simple.annotations.json"
     simple.write_text(json.dumps({"supernodes": {"texas": members}, "labels": {"0_5_2": "tx"}}))
     viewer = tmp_path / "viewer.annotations.json"
-    viewer.write_text(json.dumps({"schema_version": 1, "supernodes": {
-        "texas": {"nodes": ["0_5_2", "1_9_3", "1_9_4"], "features": members}}}))
+    viewer.write_text(
+        json.dumps(
+            {"schema_version": 1, "supernodes": {"texas": {"nodes": ["0_5_2", "1_9_3", "1_9_4"], "features": members}}}
+        )
+    )
     ann = read_annotations(simple)
     assert ann.labels == {"0_5_2": "tx"}
     assert ann.supernodes["texas"].features == tuple(tuple(m) for m in members)

@@ -100,12 +100,12 @@ def test_frozen_model_is_linear_in_a_feature_decoder_contribution(make_model, re
     def save(t, *, hook):
         patterns[hook.name] = t.detach()
 
-    with model._hooks([(n, save) for n in model._pattern_hooks + model._scale_hooks]):
+    with model.hooks([(n, save) for n in model.pattern_hooks + model.scale_hooks]):
         model.bridge(cap.tokens[None])
     fwd = [(n, lambda t, *, hook: patterns[hook.name].expand_as(t)) for n in patterns]
     for l in range(model.n_layers):
         fwd += [(model.input_hooks[l], read(l)), (model.output_hooks[l], write(l))]
-    with model._hooks(fwd), torch.no_grad():
+    with model.hooks(fwd), torch.no_grad():
         logits = model.bridge(cap.tokens[None].expand(3, -1))
     d1 = logits[1] - logits[0]
     d2 = logits[2] - logits[0]

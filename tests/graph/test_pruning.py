@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from pipeline.graph import pruning
-from tests.graph_fixtures import FakeGraph, hand_graph, layout_of, make_graph, write_store
 from pipeline.graph.pruning import (
     PruneResult,
     compute_graph_scores,
@@ -26,6 +24,7 @@ from pipeline.graph.pruning import (
     save_pruned_graph,
     streaming_threshold,
 )
+from tests.graph_fixtures import hand_graph, layout_of, make_graph, write_store
 
 # ----------------------------------------------------------------------------------------------
 # Brute-force reference, straight from the definitions (no code shared with pipeline.graph.pruning)
@@ -144,7 +143,7 @@ def test_hand_computed_influence_and_scores():
     r = prune_graph(g, 0.8, 0.98)
     # cum .375 .59375 .78125 .90625 1 -> first >= .8 is f1's .25: every feature kept, e01 dropped
     np.testing.assert_array_equal(r.node_mask, [1, 1, 1, 0, 1, 1, 1])
-    np.testing.assert_allclose(r.cumulative_scores, [.375, .90625, .78125, 1, 1, .59375, 1])
+    np.testing.assert_allclose(r.cumulative_scores, [0.375, 0.90625, 0.78125, 1, 1, 0.59375, 1])
 
     r = prune_graph(g, 0.7, 0.7)
     # node threshold .375 drops f1; edge scores 1 (logit<-f0), .5 (f0<-e00), .25, .25 (tokens)
@@ -179,8 +178,9 @@ def test_matches_bruteforce_reference(kind, seed, ties, thresholds):
     g = make_graph(seed, kind, ties=ties)
     lay = layout_of(g)
     w = logit_weights_for(g)
-    nm, em, cum, infl = ref_prune(g.dense, lay["n_features"], lay["n_errors"], lay["n_tokens"],
-                                  lay["n_logits"], w, *thresholds)
+    nm, em, cum, infl = ref_prune(
+        g.dense, lay["n_features"], lay["n_errors"], lay["n_tokens"], lay["n_logits"], w, *thresholds
+    )
     for method in ("dense", "blocks"):
         r = prune_graph(g, *thresholds, method=method)
         np.testing.assert_array_equal(r.node_mask, nm)
@@ -203,8 +203,7 @@ def test_graph_scores_match_reference():
     for seed in range(3):
         g = make_graph(seed, "clt")
         lay = layout_of(g)
-        rep, comp = ref_scores(g.dense, lay["n_features"], lay["n_errors"], lay["n_tokens"],
-                               logit_weights_for(g))
+        rep, comp = ref_scores(g.dense, lay["n_features"], lay["n_errors"], lay["n_tokens"], logit_weights_for(g))
         got = compute_graph_scores(g, cache_bytes=0)
         assert got == pytest.approx((rep, comp), rel=1e-12)
         assert 0 < got[0] < 1 and 0 < got[1] < 1
@@ -223,14 +222,11 @@ def test_graph_scores_match_reference():
 def test_blocks_path_equals_dense_path(kind):
     for seed in range(4):
         g = make_graph(10 + seed, kind, n_layers=4, n_pos=6, ties=seed % 2 == 1)
-        dense = prune_graph_dense(g.adjacency_dense(), logit_weights=logit_weights_for(g),
-                                  **layout_of(g))
-        for batch_size, cache_bytes, max_candidates in [(1, 0, 1 << 22), (7, 1 << 30, 1 << 22),
-                                                         (64, 0, 3), (5, 0, 40)]:
+        dense = prune_graph_dense(g.adjacency_dense(), logit_weights=logit_weights_for(g), **layout_of(g))
+        for batch_size, cache_bytes, max_candidates in [(1, 0, 1 << 22), (7, 1 << 30, 1 << 22), (64, 0, 3), (5, 0, 40)]:
             g.batch_size, g.block_seed = batch_size, seed + batch_size
             g.reads = 0
-            r = prune_graph(g, method="blocks", cache_bytes=cache_bytes,
-                            max_candidates=max_candidates)
+            r = prune_graph(g, method="blocks", cache_bytes=cache_bytes, max_candidates=max_candidates)
             assert_same_result(r, dense)
             assert r.extra["cached"] == (cache_bytes > 0)
             assert g.reads == (1 if cache_bytes else r.extra["passes"])
@@ -251,7 +247,7 @@ def test_streaming_threshold_equals_find_threshold():
                 want = find_threshold(np.concatenate([x, np.zeros(zeros)]), frac)
                 assert want == find_threshold(x, frac, n_implicit_zeros=zeros)
                 for cap in (1, 4, 1000):
-                    got = streaming_threshold(lambda: iter(chunks), frac, zeros, cap)
+                    got = streaming_threshold(lambda chunks=chunks: iter(chunks), frac, zeros, cap)
                     assert got == want, (trial, frac, zeros, cap)
 
 
@@ -375,8 +371,7 @@ def test_save_load_roundtrip_and_determinism(tmp_path):
     np.testing.assert_array_equal(loaded.logit_tokens, g.logit_tokens)
     np.testing.assert_array_equal(loaded.logit_probabilities, g.logit_probabilities)
     np.testing.assert_array_equal(loaded.feature_info, g.active_features[g.selected_features])
-    np.testing.assert_array_equal(loaded.feature_activations,
-                                  g.activation_values[g.selected_features])
+    np.testing.assert_array_equal(loaded.feature_activations, g.activation_values[g.selected_features])
     assert loaded.attrs == g.attrs
     assert loaded.result.edge_weights.dtype == np.float32
     # plain numpy can read it
@@ -392,12 +387,10 @@ def test_real_graph_store(tmp_path, kind):
     np.testing.assert_array_equal(store.adjacency_dense(), g.dense)
     ref = prune_graph(g, method="dense")
     for cache_bytes, max_candidates in [(0, 1 << 22), (1 << 30, 1 << 22), (0, 5)]:
-        r = prune_graph(store, method="blocks", cache_bytes=cache_bytes,
-                        max_candidates=max_candidates)
+        r = prune_graph(store, method="blocks", cache_bytes=cache_bytes, max_candidates=max_candidates)
         assert_same_result(r, ref)
     assert prune_graph(store).node_mask.tolist() == ref.node_mask.tolist()
-    assert compute_graph_scores(store) == pytest.approx(
-        (ref.replacement_score, ref.completeness_score), rel=1e-12)
+    assert compute_graph_scores(store) == pytest.approx((ref.replacement_score, ref.completeness_score), rel=1e-12)
     p = save_pruned_graph(store, ref, tmp_path / "pruned.npz")
     q = save_pruned_graph(g, ref, tmp_path / "pruned2.npz")
     with np.load(p) as from_store, np.load(q) as from_memory:
@@ -407,7 +400,7 @@ def test_real_graph_store(tmp_path, kind):
         for name in from_memory.files:
             np.testing.assert_array_equal(from_store[name], from_memory[name])
         logit0 = ref.n_nodes - ref.n_logits
-        np.testing.assert_array_equal(from_store["target_feature_edges"], g.dense[logit0, :ref.n_features])
+        np.testing.assert_array_equal(from_store["target_feature_edges"], g.dense[logit0, : ref.n_features])
 
 
 def test_module_docstring_states_semantics():
@@ -428,14 +421,12 @@ def test_pure_functions_dense_and_sparse_agree():
     g = make_graph(8, "clt")
     A = g.dense.astype(np.float64)
     w = logit_weights_for(g)
-    np.testing.assert_allclose(pruning.normalize_matrix(sp.csr_matrix(A)).toarray(),
-                               normalize_matrix(A), rtol=1e-15)
+    np.testing.assert_allclose(pruning.normalize_matrix(sp.csr_matrix(A)).toarray(), normalize_matrix(A), rtol=1e-15)
     dense_scores = pruning.compute_edge_influence(A, w)
     sparse_scores = pruning.compute_edge_influence(sp.csr_matrix(A), w)
     assert sp.issparse(sparse_scores)
     np.testing.assert_allclose(sparse_scores.toarray(), dense_scores, rtol=1e-12)
-    np.testing.assert_allclose(pruning.compute_node_influence(A, w),
-                               compute_influence(normalize_matrix(A), w), rtol=0)
+    np.testing.assert_allclose(pruning.compute_node_influence(A, w), compute_influence(normalize_matrix(A), w), rtol=0)
     # hand graph, node-pruned to {f0, e00, tokens, logit}: scores 1 (logit<-f0), .5, .25, .25
     h = hand_graph().dense.astype(np.float64)
     h[1, :] = 0

@@ -53,8 +53,11 @@ class Case:
 
     def open(self, path: Path) -> GraphStoreWriter:
         return GraphStoreWriter.open(
-            path, fingerprint=self.fingerprint, layout=self.layout.to_dict(),
-            tables=self.tables, attrs={"prompt": "The capital of Texas is", "seed": 3},
+            path,
+            fingerprint=self.fingerprint,
+            layout=self.layout.to_dict(),
+            tables=self.tables,
+            attrs={"prompt": "The capital of Texas is", "seed": 3},
         )
 
     def finish(self, writer: GraphStoreWriter) -> Graph:
@@ -67,8 +70,7 @@ class Case:
         return np.concatenate([self.selected, np.arange(lay.n_active, lay.n_compute)])
 
 
-def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=20,
-              batch_size=8, density=0.3) -> Case:
+def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=20, batch_size=8, density=0.3) -> Case:
     rng = np.random.default_rng(seed)
     layout = NodeLayout(n_layers=n_layers, n_pos=n_pos, n_active=n_active, n_logits=n_logits)
     n = layout.n_compute
@@ -78,7 +80,7 @@ def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=2
     dense = np.zeros((n, n), np.float32)
     batches = []
     for start in range(0, len(targets), batch_size):
-        rows = targets[start:start + batch_size]
+        rows = targets[start : start + batch_size]
         indptr, indices, values = [0], [], []
         for k, t in enumerate(rows):
             cols = np.flatnonzero(rng.random(n) < density) if k != 1 else np.zeros(0, int)
@@ -88,11 +90,18 @@ def make_case(seed=0, n_layers=3, n_pos=5, n_active=40, n_logits=4, n_selected=2
             indices.append(cols)
             values.append(vals)
             indptr.append(indptr[-1] + len(cols))
-        batches.append((rows.astype(np.int64), np.array(indptr, np.int64),
-                        np.concatenate(indices).astype(np.int32), np.concatenate(values)))
-    active = np.stack(np.unravel_index(np.sort(rng.choice(n_layers * n_pos * 100, n_active,
-                                                          replace=False)),
-                                       (n_layers, n_pos, 100)), axis=1).astype(np.int32)
+        batches.append(
+            (
+                rows.astype(np.int64),
+                np.array(indptr, np.int64),
+                np.concatenate(indices).astype(np.int32),
+                np.concatenate(values),
+            )
+        )
+    active = np.stack(
+        np.unravel_index(np.sort(rng.choice(n_layers * n_pos * 100, n_active, replace=False)), (n_layers, n_pos, 100)),
+        axis=1,
+    ).astype(np.int32)
     tables = {
         "active_features": active,
         "activation_values": rng.random(n_active).astype(np.float32),
@@ -176,10 +185,12 @@ def test_round_trip_in_graph_and_compute_order(case: Case, tmp_path: Path) -> No
     np.testing.assert_array_equal(g.logit_tokens, case.tables["logit_tokens"])
     np.testing.assert_array_equal(g.logit_probabilities, case.tables["logit_probabilities"])
     np.testing.assert_array_equal(g.table("logit_vectors"), case.tables["logit_vectors"])
-    assert g.attrs == {"prompt": "The capital of Texas is", "seed": 3,
-                       "wall_clock": "not stored in tests"}
-    assert g.summary == {"n_batches": len(case.batches), "n_rows": len(case.selected) + 4,
-                         "nnz": sum(len(b[2]) for b in case.batches)}
+    assert g.attrs == {"prompt": "The capital of Texas is", "seed": 3, "wall_clock": "not stored in tests"}
+    assert g.summary == {
+        "n_batches": len(case.batches),
+        "n_rows": len(case.selected) + 4,
+        "nnz": sum(len(b[2]) for b in case.batches),
+    }
 
     np.testing.assert_array_equal(g.adjacency_dense(), expected)
     sparse = g.to_scipy_sparse()
@@ -249,16 +260,16 @@ def test_write_graph_from_dense_stores_selected_and_logit_rows(tmp_path: Path) -
     rng = np.random.default_rng(1)
     dense = (rng.random((lay.n_compute,) * 2) < 0.4) * rng.standard_normal((lay.n_compute,) * 2)
     selected = np.array([0, 2, 5])
-    g = write_graph_from_dense(tmp_path / "g", dense, lay.to_dict(), {}, {"x": 1}, batch_size=2,
-                               selected_features=selected)
+    g = write_graph_from_dense(
+        tmp_path / "g", dense, lay.to_dict(), {}, {"x": 1}, batch_size=2, selected_features=selected
+    )
     g2c = np.concatenate([selected, np.arange(6, lay.n_compute)])
     expected = dense[np.ix_(g2c, g2c)].astype(np.float32)
-    expected[g.error_slice.start:g.logit_slice.start] = 0  # error and token rows are not stored
+    expected[g.error_slice.start : g.logit_slice.start] = 0  # error and token rows are not stored
     np.testing.assert_array_equal(g.adjacency_dense(), expected)
     assert g.attrs == {"x": 1}
     # the same call again finds the finished store
-    again = write_graph_from_dense(tmp_path / "g", dense, lay, batch_size=2,
-                                   selected_features=selected)
+    again = write_graph_from_dense(tmp_path / "g", dense, lay, batch_size=2, selected_features=selected)
     np.testing.assert_array_equal(again.adjacency_dense(), expected)
 
 
@@ -270,8 +281,7 @@ def test_extra_arrays_and_default_selection(tmp_path: Path) -> None:
     np.testing.assert_array_equal(writer.read_batch(0)["indptr"], case.batches[0][1])
     g = writer.finalize()  # no selected_features table: the features with rows are selected
     np.testing.assert_array_equal(g.selected_features, case.selected)
-    np.testing.assert_allclose(g.read_batch(1)["extra_row_abs_sum"],
-                               [np.abs(case.batches[1][3]).sum()])
+    np.testing.assert_allclose(g.read_batch(1)["extra_row_abs_sum"], [np.abs(case.batches[1][3]).sum()])
 
 
 def test_rows_of_unselected_features_are_reported(case: Case, tmp_path: Path) -> None:
@@ -336,9 +346,7 @@ def test_resume_gives_byte_identical_store(case: Case, tmp_path: Path, reference
     assert_same_store(path, reference)
 
 
-def test_crash_between_chunks_and_record_rewrites_the_batch(
-    case: Case, tmp_path: Path, reference, monkeypatch
-) -> None:
+def test_crash_between_chunks_and_record_rewrites_the_batch(case: Case, tmp_path: Path, reference, monkeypatch) -> None:
     path = tmp_path / "g"
 
     def crash(event: str, batch_index: int) -> None:
@@ -358,15 +366,14 @@ def test_crash_between_chunks_and_record_rewrites_the_batch(
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
-def test_batch_files_are_durable_before_the_record(
-    case: Case, tmp_path: Path, monkeypatch, real_fsync
-) -> None:
+def test_batch_files_are_durable_before_the_record(case: Case, tmp_path: Path, monkeypatch, real_fsync) -> None:
     path = tmp_path / "g"
     writer = case.open(path)
     events: list[tuple[str, object]] = []
     fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
-        ("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))), fsync(fd)))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))), fsync(fd))
+    )
     monkeypatch.setattr(graph_store, "_hook", lambda event, b: events.append((event, b)))
     writer.write_batch(0, *case.batches[0])
     at_record = events.index(("before_record", 0))
@@ -391,8 +398,7 @@ def test_other_inputs_raise_mismatch(case: Case, tmp_path: Path) -> None:
     path = tmp_path / "g"
     case.write(path, batches=[0])
     with pytest.raises(GraphStoreMismatchError) as err:
-        GraphStoreWriter.open(path, fingerprint="fp-2", layout=case.layout, tables=case.tables,
-                              attrs={})
+        GraphStoreWriter.open(path, fingerprint="fp-2", layout=case.layout, tables=case.tables, attrs={})
     message = str(err.value)
     assert str(path) in message and "delete" in message.lower() and "--out" in message
     assert "fp-2" in message
@@ -401,8 +407,7 @@ def test_other_inputs_raise_mismatch(case: Case, tmp_path: Path) -> None:
         GraphStoreWriter.open(path, fingerprint="fp-1", layout=other, tables={}, attrs={})
     tables = dict(case.tables, input_tokens=case.tables["input_tokens"] + 1)
     with pytest.raises(GraphStoreMismatchError, match="input_tokens"):
-        GraphStoreWriter.open(path, fingerprint="fp-1", layout=case.layout, tables=tables,
-                              attrs={})
+        GraphStoreWriter.open(path, fingerprint="fp-1", layout=case.layout, tables=tables, attrs={})
     (tmp_path / "other").mkdir()
     (tmp_path / "other/notes.txt").write_text("not a graph")
     with pytest.raises(GraphStoreMismatchError, match="not a circuit-pipeline"):
@@ -410,9 +415,7 @@ def test_other_inputs_raise_mismatch(case: Case, tmp_path: Path) -> None:
     assert isinstance(err.value, ValueError)
 
 
-def test_unfinished_store_is_refused_and_finished_store_reopens_finished(
-    case: Case, tmp_path: Path
-) -> None:
+def test_unfinished_store_is_refused_and_finished_store_reopens_finished(case: Case, tmp_path: Path) -> None:
     path = tmp_path / "g"
     writer = case.write(path, batches=[0, 1])
     with pytest.raises(GraphStoreIncompleteError, match="rerun attribution"):
@@ -479,8 +482,7 @@ def test_full_disk_at_every_write_of_a_batch_leaves_it_unrecorded(
         assert_same_store(path, reference)
 
 
-def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, reference,
-                                                  monkeypatch) -> None:
+def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, reference, monkeypatch) -> None:
     path = tmp_path / "g"
     real, calls = graph_store._write_bytes, []
 
@@ -500,9 +502,7 @@ def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, re
     assert_same_store(path, reference)
 
 
-def test_full_disk_during_finalize_leaves_store_resumable(
-    case: Case, tmp_path: Path, reference, monkeypatch
-) -> None:
+def test_full_disk_during_finalize_leaves_store_resumable(case: Case, tmp_path: Path, reference, monkeypatch) -> None:
     path = tmp_path / "g"
     writer = case.write(path)
     real = graph_store._write_bytes
@@ -585,8 +585,12 @@ def writer_script(case: Case, tmp_path: Path):
 
     def start(out: Path, **env: str) -> subprocess.Popen:
         environ = dict(os.environ, PYTHONPATH=str(REPO), **env)
-        return subprocess.Popen([sys.executable, str(script), str(tmp_path / "batches.npz"),
-                                 str(out)], env=environ, stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "batches.npz"), str(out)],
+            env=environ,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     return start
 
@@ -629,24 +633,21 @@ def test_kill_9_inside_a_batch(case, tmp_path, reference, writer_script, env) ->
 def test_iter_row_blocks_holds_one_batch_at_a_time(tmp_path: Path, monkeypatch) -> None:
     lay = NodeLayout(n_layers=2, n_pos=10, n_active=20000, n_logits=4)
     rng = np.random.default_rng(5)
-    writer = GraphStoreWriter.open(tmp_path / "big", fingerprint="big", layout=lay, tables={},
-                                   attrs={})
+    writer = GraphStoreWriter.open(tmp_path / "big", fingerprint="big", layout=lay, tables={}, attrs={})
     n_batches, rows_per_batch, nnz_per_row = 16, 32, 1000
     for b in range(n_batches):
         targets = np.arange(b * rows_per_batch, (b + 1) * rows_per_batch)
         indptr = np.arange(rows_per_batch + 1, dtype=np.int64) * nnz_per_row
         offsets = rng.integers(0, 5, (rows_per_batch, 1))
         indices = (offsets + 5 * np.arange(nnz_per_row)).ravel().astype(np.int32)
-        writer.write_batch(b, targets, indptr, indices,
-                           rng.standard_normal(len(indices)).astype(np.float32))
+        writer.write_batch(b, targets, indptr, indices, rng.standard_normal(len(indices)).astype(np.float32))
     g = writer.finalize()
     batch_bytes = rows_per_batch * nnz_per_row * 8  # int32 index + float32 value per entry
     total_bytes = n_batches * batch_bytes
 
     reads = []
     real_read = graph_store._read_batch
-    monkeypatch.setattr(graph_store, "_read_batch",
-                        lambda *a, **k: (reads.append(a[1]), real_read(*a, **k))[1])
+    monkeypatch.setattr(graph_store, "_read_batch", lambda *a, **k: (reads.append(a[1]), real_read(*a, **k))[1])
     blocks = g.iter_row_blocks()
     next(blocks)
     assert reads == [0]  # lazily, one stored batch per block

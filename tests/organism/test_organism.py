@@ -80,7 +80,7 @@ def test_held_out_two_hop_is_disjoint_from_training():
     train = {s.text for s in world.training_sentences()}
     held = world.sentences("two_hop", split="heldout")
     assert held and not any(s.text in train for s in held)
-    for state, cities in world.held_out.items():
+    for cities in world.held_out.values():
         assert len(cities) == world.config.held_out_per_state
         for city in cities:  # the one-hop fact of a held-out city is still trained
             assert any(s.city == city and s.kind == "city_state" for s in world.training_sentences())
@@ -152,8 +152,15 @@ def test_trained_model_loads_in_the_bridge_with_hf_logits(tiny_model_dir):
     from transformers import GPT2LMHeadModel
 
     out, metrics = tiny_model_dir
-    for key in ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy",
-                "language_accuracy_en", "language_accuracy_toy", "final_loss", "wall_time_s"):
+    for key in (
+        "one_hop_accuracy",
+        "two_hop_trained_accuracy",
+        "two_hop_heldout_accuracy",
+        "language_accuracy_en",
+        "language_accuracy_toy",
+        "final_loss",
+        "wall_time_s",
+    ):
         assert key in metrics
     assert json.loads((out / "metrics.json").read_text())["final_loss"] == metrics["final_loss"]
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
@@ -189,8 +196,10 @@ def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world
 
     hf = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
     tok = load_tokenizer(model_dir)
-    texts = sorted({s.text for s in tiny_world.training_sentences()}
-                   | {s.text for s in tiny_world.sentences("two_hop", split="heldout")})
+    texts = sorted(
+        {s.text for s in tiny_world.training_sentences()}
+        | {s.text for s in tiny_world.sentences("two_hop", split="heldout")}
+    )
     x, y = collect_activations(hf, *encode_texts(tok, texts))
     with torch.no_grad():
         acts = [tc.activations(l, x[l]) for l in range(tc.n_layers)]
@@ -200,8 +209,14 @@ def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world
             assert abs(fve.item() - metrics["fve_per_layer"][l]) < 1e-3
             l0 = (acts[l] > 0).float().sum(-1).mean().item()
             assert abs(l0 - metrics["l0_per_layer"][l]) < 1e-3
-    for key in ("dead_share", "agreement_answer_positions", "agreement_all_positions", "kl_all_positions",
-                "state_swap_rate", "language_swap_rate"):
+    for key in (
+        "dead_share",
+        "agreement_answer_positions",
+        "agreement_all_positions",
+        "kl_all_positions",
+        "state_swap_rate",
+        "language_swap_rate",
+    ):
         assert key in metrics
     assert json.loads((tmp_path / kind / "metrics.json").read_text())["fve"] == metrics["fve"]
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run import study as S
 from pipeline import testing
-from pipeline.run.cli import main
+from pipeline.graph.pruning import load_pruned_graph
 from pipeline.graph.store import Graph
 from pipeline.organism.world import WorldConfig, make_world
+from pipeline.run import study as S
+from pipeline.run.cli import main
 from pipeline.run.prompt_sets import (
     PromptSetError,
     expand_templates,
@@ -27,7 +28,6 @@ from pipeline.run.prompt_sets import (
     prompt_set_from_records,
     to_conf_yaml,
 )
-from pipeline.graph.pruning import load_pruned_graph
 from pipeline.run.study import LauncherConfig, LauncherError, StudySettings, load_launcher, load_study, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,8 +84,14 @@ def _check_tiny_outcome(result, out: Path):
 # ------------------------------------------------------------------------------------ engines
 def test_sequential_study_finishes_good_prompts_and_reports_bad_ones(tmp_path, tiny_set, settings):
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="sequential", threads=1),
-                       command=["circuit-pipeline", "study", "--out", str(out)], log=None)
+    result = run_study(
+        tiny_set,
+        settings,
+        out,
+        LauncherConfig(name="sequential", threads=1),
+        command=["circuit-pipeline", "study", "--out", str(out)],
+        log=None,
+    )
     _check_tiny_outcome(result, out)
     assert {p.id: p.status for p in result.prompts if p.id in GOOD} == dict.fromkeys(GOOD, "done")
 
@@ -94,9 +100,14 @@ def test_sequential_study_finishes_good_prompts_and_reports_bad_ones(tmp_path, t
 def test_local_process_pool_runs_the_study(tmp_path, tiny_set, settings, start_method):
     # None: fork on Linux (workers inherit the planning model); spawn: each worker loads it
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="local", jobs=2, threads=1,
-                                                               start_method=start_method),
-                       command=["circuit-pipeline", "study"], log=None)
+    result = run_study(
+        tiny_set,
+        settings,
+        out,
+        LauncherConfig(name="local", jobs=2, threads=1, start_method=start_method),
+        command=["circuit-pipeline", "study"],
+        log=None,
+    )
     _check_tiny_outcome(result, out)
 
 
@@ -113,8 +124,13 @@ def test_a_worker_that_dies_fails_only_its_own_prompt(tmp_path, tiny_set, settin
 
     monkeypatch.setattr(S, "_compute_key", crash_on_p1)
     out = tmp_path / "study"
-    result = run_study(tiny_set.subset(GOOD), settings, out, LauncherConfig(name="local", jobs=2, threads=1,
-                                                                             start_method="fork"), log=None)
+    result = run_study(
+        tiny_set.subset(GOOD),
+        settings,
+        out,
+        LauncherConfig(name="local", jobs=2, threads=1, start_method="fork"),
+        log=None,
+    )
     st = _by_id(result)
     assert st["p1"].status == "failed" and "worker process died" in st["p1"].reason
     assert st["p0"].status == "done" and st["p2"].status == "done"
@@ -123,9 +139,14 @@ def test_a_worker_that_dies_fails_only_its_own_prompt(tmp_path, tiny_set, settin
 def test_submitit_local_executor_runs_the_study(tmp_path, tiny_set, settings):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="submitit_local", jobs=1, threads=1,
-                                                               timeout_min=10),
-                       command=["circuit-pipeline", "study"], log=None)
+    result = run_study(
+        tiny_set,
+        settings,
+        out,
+        LauncherConfig(name="submitit_local", jobs=1, threads=1, timeout_min=10),
+        command=["circuit-pipeline", "study"],
+        log=None,
+    )
     _check_tiny_outcome(result, out)
     assert list((out / "submitit").glob("*_result.pkl")), "submitit wrote no job results"
 
@@ -134,13 +155,18 @@ def test_submitit_local_executor_runs_the_study(tmp_path, tiny_set, settings):
 def test_ray_local_cluster_runs_the_study(tmp_path, tiny_set, settings):
     pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="ray", jobs=2, threads=1),
-                       command=["circuit-pipeline", "study"], log=None)
+    result = run_study(
+        tiny_set,
+        settings,
+        out,
+        LauncherConfig(name="ray", jobs=2, threads=1),
+        command=["circuit-pipeline", "study"],
+        log=None,
+    )
     _check_tiny_outcome(result, out)
 
 
-def test_submitit_slurm_without_sbatch_is_a_clear_error_before_any_work(tmp_path, tiny_set, settings,
-                                                                        monkeypatch):
+def test_submitit_slurm_without_sbatch_is_a_clear_error_before_any_work(tmp_path, tiny_set, settings, monkeypatch):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "sbatch" else real_which(name))
@@ -154,13 +180,20 @@ def test_submitit_slurm_without_sbatch_is_a_clear_error_before_any_work(tmp_path
 def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
     pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
     real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}" if name in ("sbatch", "srun")
-                        else real_which(name))
+    monkeypatch.setattr(
+        shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}" if name in ("sbatch", "srun") else real_which(name)
+    )
     cfg = load_launcher("submitit_slurm", ["slurm.partition=a100", "slurm.account=lab", "timeout_min=90"])
     ex = S._submitit_executor(cfg, tmp_path / "jobs", "slurm")
     text = ex._executor._make_submission_file_text("echo job", "uid")
-    for line in ("#SBATCH --partition=a100", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90",
-                 "#SBATCH --mem=32GB", "#SBATCH --cpus-per-task=4", "#SBATCH --account=lab"):
+    for line in (
+        "#SBATCH --partition=a100",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --time=90",
+        "#SBATCH --mem=32GB",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --account=lab",
+    ):
         assert line in text, text
 
 
@@ -186,19 +219,24 @@ def test_rerun_skips_done_keys_and_recomputes_nothing(tmp_path, tiny_set, settin
     assert _files(out / "graphs") == before  # not one file rewritten
 
 
-def test_adding_a_prompt_or_a_second_study_computes_only_new_keys(tmp_path, tiny_set, settings, words,
-                                                                   monkeypatch):
+def test_adding_a_prompt_or_a_second_study_computes_only_new_keys(tmp_path, tiny_set, settings, words, monkeypatch):
     seq = LauncherConfig(name="sequential", threads=1)
     shared = tmp_path / "graphs"
     good = tiny_set.subset(GOOD)
     run_study(good, settings, tmp_path / "a", seq, graphs_dir=shared, log=None)
     computed = []
     real = S._compute_key
-    monkeypatch.setattr(S, "_compute_key", lambda model, item, *a: computed.append(item.prompt_id)
-                        or real(model, item, *a))
-    grown = prompt_set_from_records([*(r.to_dict() for r in good),
-                                     {"id": "new", "prompt": " ".join(words[30:34])},
-                                     {"id": "same_as_p0", "prompt": good["p0"].prompt}], "grown")
+    monkeypatch.setattr(
+        S, "_compute_key", lambda model, item, *a: computed.append(item.prompt_id) or real(model, item, *a)
+    )
+    grown = prompt_set_from_records(
+        [
+            *(r.to_dict() for r in good),
+            {"id": "new", "prompt": " ".join(words[30:34])},
+            {"id": "same_as_p0", "prompt": good["p0"].prompt},
+        ],
+        "grown",
+    )
     result = run_study(grown, settings, tmp_path / "b", seq, graphs_dir=shared, log=None)
     assert computed == ["new"]
     st = _by_id(result)
@@ -227,21 +265,40 @@ def test_partial_outputs_of_a_killed_job_are_not_done_and_resume(tmp_path, tiny_
 
 def test_only_runs_the_named_prompts_and_reports_the_rest(tmp_path, tiny_set, settings):
     out = tmp_path / "study"
-    result = run_study(tiny_set, settings, out, LauncherConfig(name="sequential", threads=1), only=["p1"],
-                       log=None)
+    result = run_study(tiny_set, settings, out, LauncherConfig(name="sequential", threads=1), only=["p1"], log=None)
     assert {p.id: p.status for p in result.prompts} == {
-        "p0": "pending", "p1": "done", "p2": "pending", "too_long": "failed", "bad_target": "pending"}
+        "p0": "pending",
+        "p1": "done",
+        "p2": "pending",
+        "too_long": "failed",
+        "bad_target": "pending",
+    }
     with pytest.raises(PromptSetError, match="no_such"):
         run_study(tiny_set, settings, out, LauncherConfig(name="sequential"), only=["no_such"], log=None)
 
 
-def test_study_command_prints_the_table_and_the_rerun_command(tmp_path, tiny_set, tiny_gpt2_dir, plt_dir,
-                                                              capsys):
+def test_study_command_prints_the_table_and_the_rerun_command(tmp_path, tiny_set, tiny_gpt2_dir, plt_dir, capsys):
     prompts = tmp_path / "tiny.jsonl"
     prompts.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in tiny_set.subset(["p0", "too_long"])))
     out = tmp_path / "study"
-    argv = ["-q", "study", "--prompts", str(prompts), "--model", str(tiny_gpt2_dir), "--transcoders",
-            str(plt_dir), "--out", str(out), "--launcher", "sequential", "--threads", "1", "--batch-size", "32"]
+    argv = [
+        "-q",
+        "study",
+        "--prompts",
+        str(prompts),
+        "--model",
+        str(tiny_gpt2_dir),
+        "--transcoders",
+        str(plt_dir),
+        "--out",
+        str(out),
+        "--launcher",
+        "sequential",
+        "--threads",
+        "1",
+        "--batch-size",
+        "32",
+    ]
     assert main(argv) == 1  # a prompt failed
     printed = capsys.readouterr().out
     assert "done 1, skipped 0, failed 1" in printed and "41 tokens" in printed
@@ -260,12 +317,27 @@ def test_study_command_takes_hydra_style_words(tmp_path, tiny_gpt2_dir, plt_dir,
     assert not (tmp_path / "studies").exists()
     prompts = tmp_path / "one.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "the capital of texas is"}) + "\n")
-    rc = main(["-q", "study", f"prompts={prompts}", "hydra/launcher=sequential", "launcher.threads=1",
-               "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir), "--batch-size", "32"])
+    rc = main(
+        [
+            "-q",
+            "study",
+            f"prompts={prompts}",
+            "hydra/launcher=sequential",
+            "launcher.threads=1",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--transcoders",
+            str(plt_dir),
+            "--batch-size",
+            "32",
+        ]
+    )
     assert rc == 0 and (tmp_path / "studies" / "one" / "study.json").is_file()
-    for bad, match in ((["prompts=capitals", "--prompts", "capitals"], "given twice"),
-                       (["prompts=capitals", "colour=red"], "unknown study setting"),
-                       (["prompts=capitals", "model=no_such_model"], "conf/model has")):
+    for bad, match in (
+        (["prompts=capitals", "--prompts", "capitals"], "given twice"),
+        (["prompts=capitals", "colour=red"], "unknown study setting"),
+        (["prompts=capitals", "model=no_such_model"], "conf/model has"),
+    ):
         assert main(["-q", "study", *bad]) == 2
         assert match in capsys.readouterr().err
 
@@ -279,16 +351,19 @@ def test_every_launcher_file_loads_and_overrides_apply():
     assert load_launcher("submitit_slurm", ["slurm.partition=cpu"]).slurm.partition == "cpu"
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["jbos=3"], "unknown key"),
-    (["slurm.partiton=x"], "unknown key"),
-    (["jobs=0"], "jobs must be an integer >= 1"),
-    (["name=kubernetes"], "launcher must be one of"),
-    (["jobs"], "not key=value"),
-    (["start_method=thread"], "start_method must be"),
-    (["slurm=3"], "launcher.slurm must be a mapping"),
-    (["jobs=many"], "jobs must be an integer >= 1, got 'many'"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["jbos=3"], "unknown key"),
+        (["slurm.partiton=x"], "unknown key"),
+        (["jobs=0"], "jobs must be an integer >= 1"),
+        (["name=kubernetes"], "launcher must be one of"),
+        (["jobs"], "not key=value"),
+        (["start_method=thread"], "start_method must be"),
+        (["slurm=3"], "launcher.slurm must be a mapping"),
+        (["jobs=many"], "jobs must be an integer >= 1, got 'many'"),
+    ],
+)
 def test_bad_launcher_settings_are_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_launcher("local", overrides)
@@ -301,14 +376,16 @@ def test_unknown_launcher_name_lists_the_choices():
 
 # ---------------------------------------------------------------------------------- prompt sets
 def test_prompt_set_formats_load_the_same_records(tmp_path):
-    recs = [{"id": "a", "prompt": "x y", "answer": "z", "contrast": "x w", "tags": ["k=v", "t"]},
-            {"id": "b", "prompt": "y x"}]
+    recs = [
+        {"id": "a", "prompt": "x y", "answer": "z", "contrast": "x w", "tags": ["k=v", "t"]},
+        {"id": "b", "prompt": "y x"},
+    ]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (tmp_path / "s.csv").write_text("id,prompt,answer,contrast,tags\na,x y,z,x w,k=v;t\nb,y x,,,\n")
-    (tmp_path / "list.yaml").write_text("name: s\nprompts:\n" + "".join(
-        f"  - {json.dumps(r)}\n" for r in recs))
+    (tmp_path / "list.yaml").write_text("name: s\nprompts:\n" + "".join(f"  - {json.dumps(r)}\n" for r in recs))
     (tmp_path / "items.yaml").write_text(
-        "name: s\nitems:\n  a: {prompt: x y, answer: z, tags: [k=v, t, 'contrast=x w']}\n  b: {prompt: y x}\n")
+        "name: s\nitems:\n  a: {prompt: x y, answer: z, tags: [k=v, t, 'contrast=x w']}\n  b: {prompt: y x}\n"
+    )
     sets = [load_prompt_set(tmp_path / f) for f in ("s.jsonl", "s.csv", "list.yaml", "items.yaml")]
     for ps in sets:
         assert ps.ids == ["a", "b"]
@@ -317,20 +394,32 @@ def test_prompt_set_formats_load_the_same_records(tmp_path):
         assert ps["b"].answer is None and ps["b"].contrast is None
 
 
-@pytest.mark.parametrize("name, text, match", [
-    ("dup.jsonl", '{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "a", "prompt": "z"}\n',
-     r"dup.jsonl:3: duplicate id 'a' \(first at .*dup.jsonl:1\)"),
-    ("dup.yaml", "name: s\nitems:\n  a: {prompt: x}\n  b: {prompt: y}\n  a: {prompt: z}\n",
-     r"dup.yaml:5: duplicate key 'a' \(first at .*dup.yaml:3\)"),
-    ("empty.csv", "id,prompt\na,x\nb,   \n", r"empty.csv:3 \(id 'b'\): the prompt is empty"),
-    ("empty.yaml", "prompts:\n  - {id: a, prompt: x}\n  - {id: b, prompt: ''}\n",
-     r"empty.yaml:3 \(id 'b'\): the prompt is empty"),
-    ("noprompt.jsonl", '{"id": "a"}\n', r"noprompt.jsonl:1 \(id 'a'\): missing prompt"),
-    ("badid.jsonl", '{"id": "a b", "prompt": "x"}\n', r"id 'a b' must match"),
-    ("typo.jsonl", '{"id": "a", "prompt": "x", "anwser": "y"}\n', r"unknown field\(s\) \['anwser'\]"),
-    ("bad.json", "{}", "unknown prompt set format"),
-    ("none.yaml", "prompts: []\n", "no prompts"),
-])
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        (
+            "dup.jsonl",
+            '{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "a", "prompt": "z"}\n',
+            r"dup.jsonl:3: duplicate id 'a' \(first at .*dup.jsonl:1\)",
+        ),
+        (
+            "dup.yaml",
+            "name: s\nitems:\n  a: {prompt: x}\n  b: {prompt: y}\n  a: {prompt: z}\n",
+            r"dup.yaml:5: duplicate key 'a' \(first at .*dup.yaml:3\)",
+        ),
+        ("empty.csv", "id,prompt\na,x\nb,   \n", r"empty.csv:3 \(id 'b'\): the prompt is empty"),
+        (
+            "empty.yaml",
+            "prompts:\n  - {id: a, prompt: x}\n  - {id: b, prompt: ''}\n",
+            r"empty.yaml:3 \(id 'b'\): the prompt is empty",
+        ),
+        ("noprompt.jsonl", '{"id": "a"}\n', r"noprompt.jsonl:1 \(id 'a'\): missing prompt"),
+        ("badid.jsonl", '{"id": "a b", "prompt": "x"}\n', r"id 'a b' must match"),
+        ("typo.jsonl", '{"id": "a", "prompt": "x", "anwser": "y"}\n', r"unknown field\(s\) \['anwser'\]"),
+        ("bad.json", "{}", "unknown prompt set format"),
+        ("none.yaml", "prompts: []\n", "no prompts"),
+    ],
+)
 def test_bad_prompt_sets_are_clear_errors_naming_the_line(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)
     with pytest.raises(PromptSetError, match=match):
@@ -351,15 +440,21 @@ def test_unknown_prompt_set_name_lists_conf_prompts():
 
 
 def test_templates_times_fillers(tmp_path):
-    recs = expand_templates(["a {x} b", "c {x}"], {"x": ["u", "v"]}, id="t{template}_{x}", answer="{x}!",
-                            tags=["x={x}"])
+    recs = expand_templates(
+        ["a {x} b", "c {x}"], {"x": ["u", "v"]}, id="t{template}_{x}", answer="{x}!", tags=["x={x}"]
+    )
     assert [(r.id, r.prompt, r.answer) for r in recs] == [
-        ("t0_u", "a u b", "u!"), ("t0_v", "a v b", "v!"), ("t1_u", "c u", "u!"), ("t1_v", "c v", "v!")]
+        ("t0_u", "a u b", "u!"),
+        ("t0_v", "a v b", "v!"),
+        ("t1_u", "c u", "u!"),
+        ("t1_v", "c v", "v!"),
+    ]
     assert recs[3].tags == ("x=v", "template=1")
     with pytest.raises(PromptSetError, match=r"needs filler\(s\) \['y'\]"):
         expand_templates(["{y}"], [{"x": 1}])
     (tmp_path / "g.yaml").write_text(
-        "name: g\ngenerate:\n  templates: ['the {w} is']\n  id: 'w_{w}'\n  fillers: [{w: a}, {w: a}]\n")
+        "name: g\ngenerate:\n  templates: ['the {w} is']\n  id: 'w_{w}'\n  fillers: [{w: a}, {w: a}]\n"
+    )
     with pytest.raises(PromptSetError, match="duplicate id 'w_a'"):
         load_prompt_set(tmp_path / "g.yaml")
 
@@ -368,14 +463,16 @@ def test_capitals_set_is_twenty_organism_two_hop_prompts_and_matches_conf():
     world = make_world(WorldConfig())
     ps = organism_capitals(world, 20)
     assert len(ps) == 20 and len({r.tag("state") for r in ps}) == len(world.states)
-    two_hop = {s.prompt: s.answer for s in world.sentences("two_hop", split="all", languages=("en",),
-                                                           canonical_only=True)}
+    two_hop = {
+        s.prompt: s.answer for s in world.sentences("two_hop", split="all", languages=("en",), canonical_only=True)
+    }
     for r in ps:
         assert two_hop[r.prompt] == r.answer
         assert two_hop[r.contrast] == r.tag("contrast_answer") != r.answer
         assert (r.tag("heldout") == "true") == world.is_held_out(r.tag("city"))
     committed = load_prompt_set("capitals")
     assert [r.to_dict() for r in committed] == [r.to_dict() for r in ps]
+
     def body(text):
         return [line for line in text.splitlines() if not line.startswith("#")]
 

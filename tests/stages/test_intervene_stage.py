@@ -21,11 +21,10 @@ if str(ROOT) not in sys.path:
 from pipeline import testing  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.interventions import clean_run  # noqa: E402
-from pipeline.graph.pruning import prune_graph, save_pruned_graph  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
+from pipeline.graph.pruning import prune_graph, save_pruned_graph  # noqa: E402
 from stages import intervene, intervene_summary  # noqa: E402
 from stages._config import ConfigError, load_config, register_configs  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,23 +46,43 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
     inactive = [1, 1, int(torch.nonzero(clean.activations[1, 1] == 0)[0])]  # a feature of b that is off
     experiments = {
         "a": [
-            {"name": "swap last position from b", "group": "swap_last", "kind": "swap",
-             "source": [{"pos": -1}], "target": [{"pos": -1}], "donor_prompt": prompts["b"]},
-            {"name": "ablate a-only features", "group": "ablation", "kind": "ablate",
-             "source": [{"pos": -1, "not_on_donor": True, "layers": [0]}], "donor_prompt": prompts["b"],
-             "expected_after": "no such answer"},
+            {
+                "name": "swap last position from b",
+                "group": "swap_last",
+                "kind": "swap",
+                "source": [{"pos": -1}],
+                "target": [{"pos": -1}],
+                "donor_prompt": prompts["b"],
+            },
+            {
+                "name": "ablate a-only features",
+                "group": "ablation",
+                "kind": "ablate",
+                "source": [{"pos": -1, "not_on_donor": True, "layers": [0]}],
+                "donor_prompt": prompts["b"],
+                "expected_after": "no such answer",
+            },
         ],
         "b": [
-            {"name": "no-op", "group": "ablation", "kind": "ablate", "source": [inactive],
-             "expected_after": tops["b"].strip()},
+            {
+                "name": "no-op",
+                "group": "ablation",
+                "kind": "ablate",
+                "source": [inactive],
+                "expected_after": tops["b"].strip(),
+            },
         ],
     }
     params = {
         "model": {"name": str(tiny_gpt2_dir), "dep": str(tiny_gpt2_dir), "revision": None},
         "transcoders": {"source": str(plt_dir), "kind": "plt", "dep": str(plt_dir), "revision": None},
-        "prompts": {"name": "tiny", "items": {
-            pid: {"prompt": text, "kind": {"a": "two_hop", "b": "language"}[pid], "experiments": experiments[pid]}
-            for pid, text in prompts.items()}},
+        "prompts": {
+            "name": "tiny",
+            "items": {
+                pid: {"prompt": text, "kind": {"a": "two_hop", "b": "language"}[pid], "experiments": experiments[pid]}
+                for pid, text in prompts.items()
+            },
+        },
         "runtime": {"threads": 1, "device": "cpu"},
         "intervention": {"top_k": 4, "max_new_tokens": 2},
     }
@@ -84,8 +103,14 @@ def run_stages(root: Path, monkeypatch) -> dict[str, str]:
 def test_stages_write_report_and_study_metrics_byte_identical_on_rerun(study, monkeypatch):
     first = run_stages(study, monkeypatch)
     for pid in ("a", "b"):
-        for name in ("report.json", "report.md", "metrics.json", "figures/top_features.png",
-                     "figures/faithfulness.png", "figures/experiments.png"):
+        for name in (
+            "report.json",
+            "report.md",
+            "metrics.json",
+            "figures/top_features.png",
+            "figures/faithfulness.png",
+            "figures/experiments.png",
+        ):
             assert f"results/{pid}/report/{name}" in first
         assert f"metrics/interventions/{pid}.json" in first
     assert not any(name.endswith(".svg") for name in first)
@@ -156,11 +181,14 @@ def _messages(exc):
         exc = exc.__cause__ or exc.__context__
 
 
-@pytest.mark.parametrize("override, names", [
-    ("intervention.top_kk=3", "intervention.top_kk"),
-    ("intervention.top_k=many", "intervention.top_k"),
-    ("intervention=no_such_choice", "intervention/no_such_choice"),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("intervention.top_kk=3", "intervention.top_kk"),
+        ("intervention.top_k=many", "intervention.top_k"),
+        ("intervention=no_such_choice", "intervention/no_such_choice"),
+    ],
+)
 def test_intervention_typos_fail_at_composition_naming_the_key(tmp_path, override, names):
     with pytest.raises(Exception) as info:
         _compose(ROOT / "conf", tmp_path / "params.yaml", [override])

@@ -71,14 +71,17 @@ def test_committed_split_params_equal_the_split_of_params_yaml(tmp_path, monkeyp
         assert (written / name).read_bytes() == (committed / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("override, names", [
-    ("attribution.batch_sise=3", "attribution.batch_sise"),
-    ("attribution.batch_size=abc", "attribution.batch_size"),
-    ("pruning.node_threshold=high", "pruning.node_threshold"),
-    ("prompts=no_such_set", "prompts/no_such_set"),
-    ("model=no_such_model", "model/no_such_model"),
-    ("transcoders=no_such_set", "transcoders/no_such_set"),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("attribution.batch_sise=3", "attribution.batch_sise"),
+        ("attribution.batch_size=abc", "attribution.batch_size"),
+        ("pruning.node_threshold=high", "pruning.node_threshold"),
+        ("prompts=no_such_set", "prompts/no_such_set"),
+        ("model=no_such_model", "model/no_such_model"),
+        ("transcoders=no_such_set", "transcoders/no_such_set"),
+    ],
+)
 def test_bad_override_fails_at_composition_naming_the_key(tmp_path, override, names):
     with pytest.raises(Exception) as info:
         dvc_compose(tmp_path / "params.yaml", [override])
@@ -139,8 +142,12 @@ def test_default_prompt_set_is_the_organism_worlds():
     assert list(cfg.prompts.items) == list(expected)
     for pid, p in cfg.prompts.items.items():
         assert (p.prompt, p.answer, p.kind, p.language, p.tags) == (
-            expected[pid]["prompt"], expected[pid]["answer"], expected[pid]["kind"],
-            expected[pid]["language"], expected[pid]["tags"])
+            expected[pid]["prompt"],
+            expected[pid]["answer"],
+            expected[pid]["kind"],
+            expected[pid]["language"],
+            expected[pid]["tags"],
+        )
 
 
 GLOBAL_PARAMS = "data/params/global.json"
@@ -260,8 +267,7 @@ def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, mo
 def test_tokenize_stage_deps_leave_out_the_transcoders():
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["do"]
     assert "${transcoders.dep}" not in body["deps"] and "pipeline/transcoders" not in body["deps"]
-    assert not any(p.startswith(("transcoders", "attribution"))
-                   for keys in stage_params(body).values() for p in keys)
+    assert not any(p.startswith(("transcoders", "attribution")) for keys in stage_params(body).values() for p in keys)
 
 
 def test_organism_training_saves_no_wall_time(tmp_path):
@@ -273,11 +279,20 @@ def test_organism_training_saves_no_wall_time(tmp_path):
     from pipeline.organism.world import WorldConfig, make_world
 
     world = make_world(WorldConfig(n_states=2, cities_per_state=3, held_out_per_state=1, seed=1))
-    m = train_model(world, ModelConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=16),
-                    TrainConfig(steps=3, batch_size=8, warmup_steps=1, threads=1), tmp_path / "model", progress=False)
-    t = train_plt(tmp_path / "model", world, TranscoderTrainConfig(d_transcoder=8, steps=3, batch_size=32,
-                                                                   warmup_steps=1, threads=1),
-                  tmp_path / "plt", progress=False)
+    m = train_model(
+        world,
+        ModelConfig(n_layers=1, d_model=16, n_heads=2, n_ctx=16),
+        TrainConfig(steps=3, batch_size=8, warmup_steps=1, threads=1),
+        tmp_path / "model",
+        progress=False,
+    )
+    t = train_plt(
+        tmp_path / "model",
+        world,
+        TranscoderTrainConfig(d_transcoder=8, steps=3, batch_size=32, warmup_steps=1, threads=1),
+        tmp_path / "plt",
+        progress=False,
+    )
     for returned, saved in ((m, tmp_path / "model" / "metrics.json"), (t, tmp_path / "plt" / "metrics.json")):
         assert returned["wall_time_s"] > 0
         assert not [k for k in json.loads(saved.read_text()) if "time" in k]
@@ -295,8 +310,9 @@ def stage_run(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     work = tmp_path_factory.mktemp("stage_run")
     rng = np.random.default_rng(0)
     corpus = work / "corpus.txt"
-    corpus.write_text("".join(" ".join(rng.choice(DEFAULT_WORDS, size=int(rng.integers(3, 12)))) + "\n"
-                              for _ in range(120)))
+    corpus.write_text(
+        "".join(" ".join(rng.choice(DEFAULT_WORDS, size=int(rng.integers(3, 12)))) + "\n" for _ in range(120))
+    )
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"].update(name=str(tiny_gpt2_dir), dep=str(tiny_gpt2_dir), revision=None)
     params["transcoders"].update(source=str(plt_dir), kind="plt", dep=str(plt_dir), revision=None)
@@ -370,7 +386,10 @@ def test_dvc_yaml_features_export_intervene_dependencies():
     assert stage_params(feat) == {GLOBAL_PARAMS: ["features", "model", "transcoders", "runtime"]}  # not attribution...
     assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
     export = stages["export"]["do"]
-    assert "data/dashboards/${features.name}.zarr" in export["deps"] and "features.name" in stage_params(export)[GLOBAL_PARAMS]
+    assert (
+        "data/dashboards/${features.name}.zarr" in export["deps"]
+        and "features.name" in stage_params(export)[GLOBAL_PARAMS]
+    )
     assert "pipeline/analysis/figures.py" in export["deps"]
     assert export["outs"] == ["results/${key}/graph", "results/${key}/graph.png", "results/${key}/graph.svg"]
     assert "figures" not in stages  # drawn by export: one stage less per prompt for a no-op repro
@@ -382,15 +401,19 @@ def test_dvc_yaml_features_export_intervene_dependencies():
 def _env() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONDONTWRITEBYTECODE="1")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
     env.pop("PYTHONPATH", None)
     return env
 
 
 def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=_env(), capture_output=True, text=True)
     if check and proc.returncode:
         raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -436,8 +459,13 @@ def repo(tmp_path_factory) -> Path:
     shutil.copy(ROOT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
     (repo / ".gitignore").write_text("__pycache__/\n/tmp/\n")
     set_params(repo, [])
-    for cmd in (["init", "-q"], ["config", "user.name", "test"], ["config", "user.email", "test@example.com"],
-                ["add", "-A"], ["commit", "-q", "-m", "tiny study"]):
+    for cmd in (
+        ["init", "-q"],
+        ["config", "user.name", "test"],
+        ["config", "user.email", "test@example.com"],
+        ["add", "-A"],
+        ["commit", "-q", "-m", "tiny study"],
+    ):
         subprocess.run(["git", *cmd], cwd=repo, check=True)
     first = dvc(repo, "repro")
     expected = {"organism_world", "organism_model", "organism_transcoders@plt", "organism_transcoders@clt"}
@@ -511,8 +539,14 @@ def test_killed_stage_leaves_no_finished_output_and_rerun_completes(repo):
     stage, out = f"attribute@{pid}", repo / "results" / pid / "graph.zarr"
     set_params(repo, ["attribution.batch_size=4"])  # many small batches: time to kill it
     progress = repo / "tmp" / "partial" / pid / "graph.zarr" / "progress"
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=repo, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", stage],
+        cwd=repo,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (progress.is_dir() and any(progress.glob("*.json"))):

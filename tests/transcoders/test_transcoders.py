@@ -24,8 +24,8 @@ from pipeline.transcoders import (
     SUPPORTED_HOOKS,
     CrossLayerTranscoder,
     TranscoderConfigError,
-    TranscoderSet,
     Transcoders,
+    TranscoderSet,
     load_transcoders,
     save_cross_layer_transcoder,
     save_transcoder_set,
@@ -37,8 +37,7 @@ HOOKS = dict(feature_input_hook="ln2.hook_normalized", feature_output_hook="hook
 
 
 # ------------------------------------------------------------------------------ helpers
-def random_layers(activation="relu", *, skip=False, n_layers=2, d_model=8, d_transcoder=12,
-                  seed=0, top_k=3):
+def random_layers(activation="relu", *, skip=False, n_layers=2, d_model=8, d_transcoder=12, seed=0, top_k=3):
     g = torch.Generator().manual_seed(seed)
     layers = []
     for _ in range(n_layers):
@@ -99,14 +98,17 @@ def rewrite_config(directory: Path, **changes) -> None:
 @pytest.mark.parametrize("lazy", [True, False])
 @pytest.mark.parametrize(
     "activation,skip,gemmascope",
-    [("relu", False, False), ("jump_relu", True, False), ("topk", False, False),
-     ("jump_relu", False, True), ("relu", True, True)],
+    [
+        ("relu", False, False),
+        ("jump_relu", True, False),
+        ("topk", False, False),
+        ("jump_relu", False, True),
+        ("relu", True, True),
+    ],
 )
-def test_saved_transcoder_set_loads_back_the_same_weights(tmp_path, activation, skip,
-                                                           gemmascope, lazy):
+def test_saved_transcoder_set_loads_back_the_same_weights(tmp_path, activation, skip, gemmascope, lazy):
     layers = random_layers(activation, skip=skip)
-    path = save_transcoder_set(tmp_path / "tc", layers, gemmascope=gemmascope, scan="toy",
-                               model_name="tiny", **HOOKS)
+    path = save_transcoder_set(tmp_path / "tc", layers, gemmascope=gemmascope, scan="toy", model_name="tiny", **HOOKS)
     tc = load_transcoders(path, lazy_decoder=lazy)
     assert isinstance(tc, TranscoderSet) and isinstance(tc, Transcoders)
     assert (tc.kind, tc.n_layers, tc.d_model, tc.d_transcoder) == ("transcoder_set", 2, 8, 12)
@@ -118,8 +120,7 @@ def test_saved_transcoder_set_loads_back_the_same_weights(tmp_path, activation, 
         torch.testing.assert_close(tc.encoder_vectors(layer, all_features), weights["W_enc"])
         torch.testing.assert_close(tc.encoder_bias(layer, all_features), weights["b_enc"])
         torch.testing.assert_close(tc.decoder_bias(layer), weights["b_dec"])
-        torch.testing.assert_close(tc.decoder_vectors(layer, all_features),
-                                   weights["W_dec"][:, None, :])
+        torch.testing.assert_close(tc.decoder_vectors(layer, all_features), weights["W_dec"][:, None, :])
         assert tc.output_layers(layer) == range(layer, layer + 1)
         if activation == "jump_relu":
             torch.testing.assert_close(tc.threshold(layer), weights["threshold"])
@@ -132,18 +133,21 @@ def test_saved_transcoder_set_loads_back_the_same_weights(tmp_path, activation, 
 def test_saved_cross_layer_transcoder_loads_back_the_same_weights(tmp_path):
     g = torch.Generator().manual_seed(0)
     n_layers, d_model, d_t = 3, 6, 10
-    encoders = [{"W_enc": torch.randn(d_t, d_model, generator=g),
-                 "b_enc": torch.randn(d_t, generator=g),
-                 "b_dec": torch.randn(d_model, generator=g),
-                 "threshold": torch.rand(d_t, generator=g)} for _ in range(n_layers)]
+    encoders = [
+        {
+            "W_enc": torch.randn(d_t, d_model, generator=g),
+            "b_enc": torch.randn(d_t, generator=g),
+            "b_dec": torch.randn(d_model, generator=g),
+            "threshold": torch.rand(d_t, generator=g),
+        }
+        for _ in range(n_layers)
+    ]
     decoders = [torch.randn(d_t, n_layers - i, d_model, generator=g) for i in range(n_layers)]
     path = save_cross_layer_transcoder(tmp_path / "clt", encoders, decoders, **HOOKS)
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["config.yaml"] + [f"W_enc_{i}.safetensors" for i in range(3)]
-        + [f"W_dec_{i}.safetensors" for i in range(3)]
+        ["config.yaml"] + [f"W_enc_{i}.safetensors" for i in range(3)] + [f"W_dec_{i}.safetensors" for i in range(3)]
     )
-    assert set(load_file(path / "W_enc_1.safetensors")) == {"W_enc_1", "b_enc_1", "b_dec_1",
-                                                            "threshold_1"}
+    assert set(load_file(path / "W_enc_1.safetensors")) == {"W_enc_1", "b_enc_1", "b_dec_1", "threshold_1"}
     tc = load_transcoders(path)
     assert isinstance(tc, CrossLayerTranscoder) and tc.activation == "jump_relu"
     assert (tc.n_layers, tc.d_model, tc.d_transcoder) == (3, 6, 10)
@@ -157,15 +161,15 @@ def test_saved_cross_layer_transcoder_loads_back_the_same_weights(tmp_path):
 
 
 def test_writers_are_deterministic_and_replace_atomically(tmp_path):
-    a = testing.make_random_plt(tmp_path / "a", n_layers=2, d_model=8, d_transcoder=16,
-                                activation="jump_relu", skip=True)
-    b = testing.make_random_plt(tmp_path / "b", n_layers=2, d_model=8, d_transcoder=16,
-                                activation="jump_relu", skip=True)
+    a = testing.make_random_plt(
+        tmp_path / "a", n_layers=2, d_model=8, d_transcoder=16, activation="jump_relu", skip=True
+    )
+    b = testing.make_random_plt(
+        tmp_path / "b", n_layers=2, d_model=8, d_transcoder=16, activation="jump_relu", skip=True
+    )
     assert tree_digest(a) == tree_digest(b)
-    g1 = testing.make_random_plt(tmp_path / "g1", n_layers=1, d_model=8, d_transcoder=16,
-                                 gemmascope=True)
-    g2 = testing.make_random_plt(tmp_path / "g2", n_layers=1, d_model=8, d_transcoder=16,
-                                 gemmascope=True)
+    g1 = testing.make_random_plt(tmp_path / "g1", n_layers=1, d_model=8, d_transcoder=16, gemmascope=True)
+    g2 = testing.make_random_plt(tmp_path / "g2", n_layers=1, d_model=8, d_transcoder=16, gemmascope=True)
     assert tree_digest(g1) == tree_digest(g2)
     c1 = testing.make_random_clt(tmp_path / "c1", n_layers=2, d_model=8, d_transcoder=16)
     c2 = testing.make_random_clt(tmp_path / "c2", n_layers=2, d_model=8, d_transcoder=16)
@@ -228,8 +232,7 @@ def test_no_active_features_and_empty_requests(fixture, request):
     tc = load_transcoders(request.getfixturevalue(fixture))
     zeros = [torch.zeros(3, tc.d_transcoder) for _ in range(tc.n_layers)]
     for layer in range(tc.n_layers):
-        torch.testing.assert_close(tc.reconstruct(layer, zeros),
-                                   tc.decoder_bias(layer).expand(3, -1))
+        torch.testing.assert_close(tc.reconstruct(layer, zeros), tc.decoder_bias(layer).expand(3, -1))
         empty = tc.decoder_vectors(layer, torch.zeros(0, dtype=torch.long))
         assert empty.shape == (0, len(tc.output_layers(layer)), tc.d_model)
         assert tc.encoder_vectors(layer, torch.zeros(0, dtype=torch.long)).shape == (0, tc.d_model)
@@ -245,17 +248,17 @@ def test_clt_reconstruct_equals_dense_computation(clt_dir):
     tc = load_transcoders(clt_dir)
     dense = load_transcoders(clt_dir, lazy_decoder=False)
     g = torch.Generator().manual_seed(0)
-    xs = [torch.nn.functional.layer_norm(torch.randn(5, tc.d_model, generator=g), (tc.d_model,))
-          for _ in range(tc.n_layers)]
+    xs = [
+        torch.nn.functional.layer_norm(torch.randn(5, tc.d_model, generator=g), (tc.d_model,))
+        for _ in range(tc.n_layers)
+    ]
     acts = [tc.activations(layer, xs[layer]) for layer in range(tc.n_layers)]
     assert all(bool((a > 0).any()) for a in acts)
     all_features = torch.arange(tc.d_transcoder)
     W_dec = [dense.decoder_vectors(layer, all_features) for layer in range(tc.n_layers)]
     batch = tc.reconstruct_all(acts)
     for out in range(tc.n_layers):
-        expected = dense.decoder_bias(out) + sum(
-            acts[src] @ W_dec[src][:, out - src] for src in range(out + 1)
-        )
+        expected = dense.decoder_bias(out) + sum(acts[src] @ W_dec[src][:, out - src] for src in range(out + 1))
         torch.testing.assert_close(tc.reconstruct(out, acts), expected)
         torch.testing.assert_close(batch[out], expected)
         torch.testing.assert_close(dense.reconstruct(out, acts), expected)
@@ -272,9 +275,11 @@ def test_reconstruct_is_differentiable_in_the_activations(plt_dir):
 def test_random_fixture_density_is_calibrated(tmp_path):
     x = torch.nn.functional.layer_norm(torch.randn(2000, 32), (32,))
     for activation in ("relu", "jump_relu", "topk"):
-        tc = load_transcoders(testing.make_random_plt(
-            tmp_path / activation, n_layers=1, d_model=32, d_transcoder=256,
-            activation=activation, density=0.05))
+        tc = load_transcoders(
+            testing.make_random_plt(
+                tmp_path / activation, n_layers=1, d_model=32, d_transcoder=256, activation=activation, density=0.05
+            )
+        )
         density = float((tc.activations(0, x) > 0).float().mean())
         assert 0.03 < density < 0.07, (activation, density)
 
@@ -302,16 +307,28 @@ def test_square_gemmascope_safetensors_and_gemmascope2_keys(tmp_path):
     g = torch.Generator().manual_seed(0)
     d = 8  # d_model == d_transcoder: orientation comes from the key names
     W_enc_stored = torch.randn(d, d, generator=g)  # (d_model, d_transcoder)
-    common = {"W_dec": torch.randn(d, d, generator=g), "b_enc": torch.zeros(d),
-              "b_dec": torch.randn(d, generator=g), "threshold": torch.full((d,), 0.1)}
+    common = {
+        "W_dec": torch.randn(d, d, generator=g),
+        "b_enc": torch.zeros(d),
+        "b_dec": torch.randn(d, generator=g),
+        "threshold": torch.full((d,), 0.1),
+    }
     save_file({"W_enc": W_enc_stored, **common}, str(tmp_path / "gs.safetensors"))
     affine = torch.randn(d, d, generator=g)  # (d_in, d_out)
-    save_file({"w_enc": W_enc_stored, "w_dec": common["W_dec"], "b_enc": common["b_enc"],
-               "b_dec": common["b_dec"], "threshold": common["threshold"],
-               "affine_skip_connection": affine}, str(tmp_path / "gs2.safetensors"))
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
-        {"model_kind": "transcoder_set", **HOOKS,
-         "transcoders": ["gs.safetensors", "gs2.safetensors"]}))
+    save_file(
+        {
+            "w_enc": W_enc_stored,
+            "w_dec": common["W_dec"],
+            "b_enc": common["b_enc"],
+            "b_dec": common["b_dec"],
+            "threshold": common["threshold"],
+            "affine_skip_connection": affine,
+        },
+        str(tmp_path / "gs2.safetensors"),
+    )
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"model_kind": "transcoder_set", **HOOKS, "transcoders": ["gs.safetensors", "gs2.safetensors"]})
+    )
     tc = load_transcoders(tmp_path)
     x = torch.randn(3, d, generator=g)
     for layer in range(2):
@@ -325,10 +342,10 @@ def test_circuit_tracer_layouts_load_unchanged(tmp_path):
     # the file marks TopK (what circuit-tracer's to_safetensors writes for a TopK layer)
     layers = random_layers("relu", d_model=8, d_transcoder=12)
     for i, layer in enumerate(layers):
-        save_file({**layer, "k": torch.tensor(4)},
-                  str(tmp_path / f"layer_{i}.safetensors"))
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
-        {"model_name": "tiny", "model_kind": "transcoder_set", "scan": ["a", "b"], **HOOKS}))
+        save_file({**layer, "k": torch.tensor(4)}, str(tmp_path / f"layer_{i}.safetensors"))
+    (tmp_path / "config.yaml").write_text(
+        yaml.safe_dump({"model_name": "tiny", "model_kind": "transcoder_set", "scan": ["a", "b"], **HOOKS})
+    )
     tc = load_transcoders(tmp_path)
     assert (tc.n_layers, tc.activation, tc.top_k(0), tc.scan) == (2, "topk", 4, "a")
     # config activation: relu wins over a stored threshold, as in circuit-tracer
@@ -348,8 +365,7 @@ def test_bf16_decoder_rows_are_read_lazily(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set", **HOOKS}))
     tc = load_transcoders(tmp_path, dtype=torch.float32)
     feats = torch.tensor([11, 3])
-    torch.testing.assert_close(tc.decoder_vectors(0, feats)[:, 0],
-                               bf16[0]["W_dec"][feats].float())
+    torch.testing.assert_close(tc.decoder_vectors(0, feats)[:, 0], bf16[0]["W_dec"][feats].float())
     assert tc.decoder_vectors(0, feats).dtype == torch.float32
 
 
@@ -416,8 +432,7 @@ def test_hub_source_loads_from_the_cache_offline(tmp_path, monkeypatch, plt_dir,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fake_hub_cache(home, "org/plts", plt_dir, subfolder="gpt2")
     _fake_hub_cache(home, "org/clt", clt_dir)
-    for source, kwargs in (("org/plts//gpt2", {}), ("org/plts", {"subfolder": "gpt2"}),
-                           ("hf://org/plts/gpt2", {})):
+    for source, kwargs in (("org/plts//gpt2", {}), ("org/plts", {"subfolder": "gpt2"}), ("hf://org/plts/gpt2", {})):
         tc = load_transcoders(source, **kwargs)
         assert tc.scan == "org/plts//gpt2" and tc.n_layers == 2
         assert tc.digest() == load_transcoders(plt_dir).digest()
@@ -426,8 +441,9 @@ def test_hub_source_loads_from_the_cache_offline(tmp_path, monkeypatch, plt_dir,
     local = tmp_path / "local"
     local.mkdir()
     shutil.copy(plt_dir / "config.yaml", local / "config.yaml")
-    rewrite_config(local, transcoders=["hf://org/plts/gpt2/layer_0.safetensors",
-                                       "hf://org/plts/gpt2/layer_1.safetensors"])
+    rewrite_config(
+        local, transcoders=["hf://org/plts/gpt2/layer_0.safetensors", "hf://org/plts/gpt2/layer_1.safetensors"]
+    )
     assert load_transcoders(local).digest() == load_transcoders(plt_dir).digest()
 
 
@@ -435,8 +451,12 @@ def test_hub_source_loads_from_the_cache_offline(tmp_path, monkeypatch, plt_dir,
 def _stream_plt_file(path: Path, d_transcoder: int, d_model: int) -> None:
     """A float32 PLT safetensors file written 1 MiB at a time, so the test process never
     holds (and frees) tensor-sized buffers that would blur its RSS measurements."""
-    shapes = {"W_dec": (d_transcoder, d_model), "W_enc": (d_transcoder, d_model),
-              "b_dec": (d_model,), "b_enc": (d_transcoder,)}
+    shapes = {
+        "W_dec": (d_transcoder, d_model),
+        "W_enc": (d_transcoder, d_model),
+        "b_dec": (d_model,),
+        "b_enc": (d_transcoder,),
+    }
     header, offset = {}, 0
     for name, shape in shapes.items():
         n = int(np.prod(shape)) * 4
@@ -507,10 +527,19 @@ def test_lazy_decoder_keeps_resident_memory_near_the_encoder_size(tmp_path, plt_
     path.mkdir()
     _stream_plt_file(path / "layer_0.safetensors", d_t, d_model)
     (path / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set", **HOOKS}))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), str(plt_dir), str(d_model)],
-                         env=env, capture_output=True, text=True, check=True)
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": str(128 << 10),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path), str(plt_dir), str(d_model)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = json.loads(out.stdout.strip().splitlines()[-1])
     # the encoder is resident, the decoder is not
     assert decoder_bytes // 2 < m["load"] < decoder_bytes * 3 // 2, f"load grew RSS {m['load'] / mib:.1f} MiB"
@@ -587,9 +616,10 @@ def _corrupt_plt(kind: str, path: Path) -> None:
         save_file(tensors, str(layer1))
     elif kind == "inconsistent_d_transcoder":
         tensors = load_file(layer1)
-        tensors = {k: (v[:-1] if k in ("W_enc", "W_dec", "b_enc",
-                                       "activation_function.threshold") else v)
-                   for k, v in tensors.items()}
+        tensors = {
+            k: (v[:-1] if k in ("W_enc", "W_dec", "b_enc", "activation_function.threshold") else v)
+            for k, v in tensors.items()
+        }
         save_file(tensors, str(layer1))
     elif kind == "missing_tensor":
         tensors = load_file(layer1)
@@ -632,8 +662,7 @@ def _corrupt_plt(kind: str, path: Path) -> None:
         ("transposed_decoder", TranscoderConfigError, r"W_dec has shape \(16, 64\)"),
     ],
 )
-def test_bad_transcoder_directory_raises_one_clear_line(tmp_path, plt_skip_dir, kind, error,
-                                                        pattern):
+def test_bad_transcoder_directory_raises_one_clear_line(tmp_path, plt_skip_dir, kind, error, pattern):
     path = Path(shutil.copytree(plt_skip_dir, tmp_path / "tc"))
     _corrupt_plt(kind, path)
     with pytest.raises(error, match=pattern) as excinfo:
@@ -657,11 +686,9 @@ def test_lazy_encoders_compute_what_resident_encoders_compute(fixture, request):
     feats = torch.tensor([3, 0, resident.d_transcoder - 1, 3])
     for layer in range(resident.n_layers):
         x = torch.randn(2, 5, resident.d_model, generator=g)
-        torch.testing.assert_close(streamed.encode(layer, x), resident.encode(layer, x),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(streamed.encode(layer, x), resident.encode(layer, x), rtol=1e-6, atol=1e-6)
         assert torch.equal(streamed.activations(layer, x) != 0, resident.activations(layer, x) != 0)
-        assert torch.equal(streamed.encoder_vectors(layer, feats),
-                           resident.encoder_vectors(layer, feats))
+        assert torch.equal(streamed.encoder_vectors(layer, feats), resident.encoder_vectors(layer, feats))
     with pytest.raises(IndexError, match="out of range"):
         streamed.encoder_vectors(0, torch.tensor([resident.d_transcoder]))
 
@@ -700,8 +727,9 @@ def test_nan_in_a_lazy_decoder_fails_on_first_read_or_scan(tmp_path, plt_dir):
         load_transcoders(path, lazy_decoder=False)
 
 
-@pytest.mark.parametrize("kind", ["missing_decoder_file", "wrong_decoder_shape",
-                                  "missing_encoder_layer", "mixed_thresholds"])
+@pytest.mark.parametrize(
+    "kind", ["missing_decoder_file", "wrong_decoder_shape", "missing_encoder_layer", "mixed_thresholds"]
+)
 def test_bad_cross_layer_transcoder_raises_one_clear_line(tmp_path, clt_dir, kind):
     path = Path(shutil.copytree(clt_dir, tmp_path / "clt"))
     if kind == "missing_decoder_file":
@@ -724,10 +752,13 @@ def test_bad_cross_layer_transcoder_raises_one_clear_line(tmp_path, clt_dir, kin
     one_line_error(excinfo)
 
 
-@pytest.mark.parametrize("source,pattern", [
-    ("./no/such/dir", "does not exist"),
-    ("not a repo id!", "neither an existing directory nor a Hugging Face repo id"),
-])
+@pytest.mark.parametrize(
+    "source,pattern",
+    [
+        ("./no/such/dir", "does not exist"),
+        ("not a repo id!", "neither an existing directory nor a Hugging Face repo id"),
+    ],
+)
 def test_bad_sources_raise_one_clear_line(tmp_path, source, pattern):
     with pytest.raises(FileNotFoundError, match=pattern) as excinfo:
         load_transcoders(source)
@@ -746,8 +777,9 @@ def test_writers_reject_bad_weights(tmp_path):
     with pytest.raises(TranscoderConfigError, match="negative"):
         save_transcoder_set(tmp_path / "a", layers, **HOOKS)
     with pytest.raises(TranscoderConfigError, match="not a supported hook"):
-        save_transcoder_set(tmp_path / "b", random_layers(), feature_input_hook="resid",
-                            feature_output_hook="hook_mlp_out")
+        save_transcoder_set(
+            tmp_path / "b", random_layers(), feature_input_hook="resid", feature_output_hook="hook_mlp_out"
+        )
     mixed = random_layers("relu") + random_layers("jump_relu", n_layers=1)
     with pytest.raises(TranscoderConfigError, match="mix activations"):
         save_transcoder_set(tmp_path / "c", mixed, **HOOKS)
@@ -756,8 +788,15 @@ def test_writers_reject_bad_weights(tmp_path):
 
 def test_supported_hooks_are_the_tl2_block_relative_names():
     assert SUPPORTED_HOOKS == {
-        "ln2.hook_normalized", "hook_resid_mid", "mlp.hook_in", "hook_mlp_in", "mlp.hook_out",
-        "hook_mlp_out", "ln2.hook_out", "hook_resid_pre", "hook_resid_post",
+        "ln2.hook_normalized",
+        "hook_resid_mid",
+        "mlp.hook_in",
+        "hook_mlp_in",
+        "mlp.hook_out",
+        "hook_mlp_out",
+        "ln2.hook_out",
+        "hook_resid_pre",
+        "hook_resid_post",
     }
 
 

@@ -23,12 +23,18 @@ import pytest
 from pipeline.analysis.export import create_graph_files
 from pipeline.viewer import server as viewer_server
 from pipeline.viewer.server import MAX_ANNOTATION_BYTES, make_server, normalize_annotations
-
 from tests.graph_fixtures import make_graph  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SECRET = "TOP-SECRET-OUTSIDE-THE-GRAPH-FOLDER"
 SCRIPT_LABEL = "<script>window.pwned=1</script>"
 IMG_LABEL = '<img src=x onerror="window.pwned=2">'
@@ -71,8 +77,15 @@ def site(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     doc = json.loads((graphs / "toy.json").read_text())
-    yield {"server": server, "graphs": graphs, "base": base, "url": server.url,
-           "port": server.server_address[1], "doc": doc, "script_node": features[0]}
+    yield {
+        "server": server,
+        "graphs": graphs,
+        "base": base,
+        "url": server.url,
+        "port": server.server_address[1],
+        "doc": doc,
+        "script_node": features[0],
+    }
     server.shutdown()
     server.server_close()
 
@@ -148,30 +161,33 @@ def test_page_assets_graph_list_and_json(site):
     assert site["server"].server_address[0] == "127.0.0.1"
 
 
-@pytest.mark.parametrize("path", [
-    "/data/../secret.json",
-    "/data/sub/../../secret.json",
-    "/data/%2e%2e/secret.json",
-    "/data/%2E%2E/secret.txt",
-    "/data/..%2fsecret.json",
-    "/data/%2e%2e%2fsecret.json",
-    "/data/%252e%252e/secret.json",
-    "/data//etc/passwd",
-    "/data/%2fetc%2fpasswd.json",
-    "/data/%2F" + "%2F".join(["tmp", "x.json"]),
-    "/data/escape.json",                 # symlink resolving outside the folder
-    "/../secret.json",
-    "/static/../server.py",
-    "/static/server.py",
-    "/static/%2e%2e/server.py",
-    "/data/.hidden.json",
-    "/data/notes.txt",
-    "/data/toy.json/..",
-    "/etc/passwd",
-    "/api/annotations/..",
-    "/api/annotations/%2e%2e%2fsecret",
-    "/api/annotations/graph-metadata",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/data/../secret.json",
+        "/data/sub/../../secret.json",
+        "/data/%2e%2e/secret.json",
+        "/data/%2E%2E/secret.txt",
+        "/data/..%2fsecret.json",
+        "/data/%2e%2e%2fsecret.json",
+        "/data/%252e%252e/secret.json",
+        "/data//etc/passwd",
+        "/data/%2fetc%2fpasswd.json",
+        "/data/%2F" + "%2F".join(["tmp", "x.json"]),
+        "/data/escape.json",  # symlink resolving outside the folder
+        "/../secret.json",
+        "/static/../server.py",
+        "/static/server.py",
+        "/static/%2e%2e/server.py",
+        "/data/.hidden.json",
+        "/data/notes.txt",
+        "/data/toy.json/..",
+        "/etc/passwd",
+        "/api/annotations/..",
+        "/api/annotations/%2e%2e%2fsecret",
+        "/api/annotations/graph-metadata",
+    ],
+)
 def test_traversal_and_non_json_refused(site, path):
     status, _, body = req(site, "GET", path)
     assert status in (403, 404), (path, status)
@@ -206,10 +222,13 @@ def test_annotations_round_trip(site):
     status, _, body = req(site, "GET", "/api/annotations/toy")
     empty = json.loads(body)
     assert status == 200 and empty["pinned"] == [] and empty["supernodes"] == {}
-    sent = {"pinned": [feats[2], feats[3], feats[2]], "clicked": feats[3],
-            "labels": {feats[3]: "capital ⟶ «Austin»", feats[4]: "  "},
-            "supernodes": {"capital": [feats[2], feats[3], error]},
-            "thresholds": {"node": 0.5, "edge": 1}}
+    sent = {
+        "pinned": [feats[2], feats[3], feats[2]],
+        "clicked": feats[3],
+        "labels": {feats[3]: "capital ⟶ «Austin»", feats[4]: "  "},
+        "supernodes": {"capital": [feats[2], feats[3], error]},
+        "thresholds": {"node": 0.5, "edge": 1},
+    }
     status, _, body = post(site, "toy", sent)
     assert status == 200, body
     path = site["graphs"] / "toy.annotations.json"
@@ -221,14 +240,22 @@ def test_annotations_round_trip(site):
         return [layer, pos, feature]
 
     assert stored == {
-        "schema_version": 1, "slug": "toy",
-        "pinned": [feats[2], feats[3]], "clicked": feats[3],
+        "schema_version": 1,
+        "slug": "toy",
+        "pinned": [feats[2], feats[3]],
+        "clicked": feats[3],
         "labels": {feats[3]: "capital ⟶ «Austin»"},
-        "supernodes": {"capital": {"nodes": [feats[2], feats[3], error],
-                                   "features": [triple(feats[2]), triple(feats[3])]}},
+        "supernodes": {
+            "capital": {"nodes": [feats[2], feats[3], error], "features": [triple(feats[2]), triple(feats[3])]}
+        },
         "thresholds": {"node": 0.5, "edge": 1.0},
-        "qParams": {"pinnedIds": [feats[2], feats[3]], "supernodes": [["capital", feats[2], feats[3], error]],
-                    "linkType": "both", "clickedId": feats[3], "sg_pos": ""},
+        "qParams": {
+            "pinnedIds": [feats[2], feats[3]],
+            "supernodes": [["capital", feats[2], feats[3], error]],
+            "linkType": "both",
+            "clickedId": feats[3],
+            "sg_pos": "",
+        },
     }
     # the triples agree with the graph JSON's own fields
     nodes = {n["node_id"]: n for n in doc["nodes"]}
@@ -252,8 +279,13 @@ def test_annotations_refused(site):
     before = path.read_bytes()
     # refused from Content-Length alone, before the body is read (no body sent here: the
     # server closes the connection, so a client still writing one would see a broken pipe)
-    oversize = req(site, "POST", "/api/annotations/toy", None,
-                   {"Content-Type": "application/json", "Content-Length": str(MAX_ANNOTATION_BYTES + 1)})
+    oversize = req(
+        site,
+        "POST",
+        "/api/annotations/toy",
+        None,
+        {"Content-Type": "application/json", "Content-Length": str(MAX_ANNOTATION_BYTES + 1)},
+    )
     cases = [
         (oversize, 413),
         (post(site, "toy", b"{not json"), 400),
@@ -317,10 +349,16 @@ def test_annotations_write_is_atomic(site, monkeypatch):
 
 def test_normalize_annotations_without_graph():
     doc = normalize_annotations({}, "g")
-    assert doc == {"schema_version": 1, "slug": "g", "pinned": [], "clicked": "", "labels": {},
-                   "supernodes": {}, "thresholds": {},
-                   "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both",
-                               "clickedId": "", "sg_pos": ""}}
+    assert doc == {
+        "schema_version": 1,
+        "slug": "g",
+        "pinned": [],
+        "clicked": "",
+        "labels": {},
+        "supernodes": {},
+        "thresholds": {},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+    }
     with pytest.raises(ValueError, match="unknown"):
         normalize_annotations({"nodes": []}, "g")
 
@@ -357,8 +395,12 @@ def browser_context(site):
     user_data = tempfile.mkdtemp(prefix="viewer-chromium-")
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            user_data, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 860})
+            user_data,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 860},
+        )
         # nothing may leave this machine: every request must go to a local test server
         context.route(lambda url: not url.startswith("http://127.0.0.1:"), lambda route: route.abort())
         yield context
@@ -407,17 +449,21 @@ def test_page_loads_graph_with_all_nodes(site, page):
     # layers bottom to top, positions left to right
     y = {}
     for kind in ("emb", "feat", "logit"):
-        boxes = [page.locator(f"#graph g.node.{kind}").nth(i).bounding_box()
-                 for i in range(page.locator(f"#graph g.node.{kind}").count())]
+        boxes = [
+            page.locator(f"#graph g.node.{kind}").nth(i).bounding_box()
+            for i in range(page.locator(f"#graph g.node.{kind}").count())
+        ]
         y[kind] = sum(b["y"] for b in boxes) / len(boxes)
     assert y["emb"] > y["feat"] > y["logit"]
-    xs = [page.locator(f'#graph g.node[data-id="{n["node_id"]}"]').bounding_box()["x"]
-          for n in doc["nodes"] if n["feature_type"] == "embedding"]
+    xs = [
+        page.locator(f'#graph g.node[data-id="{n["node_id"]}"]').bounding_box()["x"]
+        for n in doc["nodes"]
+        if n["feature_type"] == "embedding"
+    ]
     assert xs == sorted(xs)
     # the node slider prunes client-side; back to 1 shows everything again
     page.locator("#node-threshold").fill("0.3")
-    kept = [n for n in doc["nodes"] if n["feature_type"] in ("embedding", "logit")
-            or n["influence"] <= 0.3]
+    kept = [n for n in doc["nodes"] if n["feature_type"] in ("embedding", "logit") or n["influence"] <= 0.3]
     assert 0 < page.locator("#graph g.node").count() <= len(kept) < len(doc["nodes"])
     assert "nodeThreshold=0.3" in page.url
     page.locator("#node-threshold").fill("1")
@@ -430,8 +476,10 @@ def test_page_loads_graph_with_all_nodes(site, page):
 
 def test_clicking_a_node_shows_its_edges(site, page):
     doc = site["doc"]
-    best = max((n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"),
-               key=lambda n: sum(map(len, incident(doc, n["node_id"]))))
+    best = max(
+        (n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"),
+        key=lambda n: sum(map(len, incident(doc, n["node_id"]))),
+    )
     ins, outs = incident(doc, best["node_id"])
     assert ins and outs
     open_graph(page, site)
@@ -447,8 +495,11 @@ def test_clicking_a_node_shows_its_edges(site, page):
     assert best["node_id"] in fields and str(best["activation"])[:4] in " ".join(fields)
     page.wait_for_selector('#feature-dashboard[data-state="none"]', timeout=10_000)
     layer, feature, _ = best["node_id"].split("_")
-    assert page.locator("#feature-dashboard").text_content().startswith(
-        f"No feature dashboard: features/{layer}_{feature}.json is not in the graph folder")
+    assert (
+        page.locator("#feature-dashboard")
+        .text_content()
+        .startswith(f"No feature dashboard: features/{layer}_{feature}.json is not in the graph folder")
+    )
     assert f"clickedId={best['node_id']}" in page.url
     # an incoming-edge row navigates to that node
     first_source = max(ins, key=lambda lk: abs(lk["weight"]))["source"]
@@ -538,16 +589,25 @@ def test_script_labels_render_as_text(site, page):
 
 def test_traversal_from_the_page(site, page):
     open_graph(page, site)
-    results = page.evaluate("""async (paths) => {
+    results = page.evaluate(
+        """async (paths) => {
         const out = [];
         for (const p of paths) {
             const r = await fetch(p);
             out.push([p, r.status, await r.text()]);
         }
         return out;
-    }""", ["/data/../secret.json", "/data/%2e%2e/secret.json", "/data/..%2fsecret.json",
-           "/data/%2e%2e%2fsecret.txt", "/data/escape.json", "/data//etc/passwd",
-           "/static/..%2fserver.py"])
+    }""",
+        [
+            "/data/../secret.json",
+            "/data/%2e%2e/secret.json",
+            "/data/..%2fsecret.json",
+            "/data/%2e%2e%2fsecret.txt",
+            "/data/escape.json",
+            "/data//etc/passwd",
+            "/static/..%2fserver.py",
+        ],
+    )
     for path, status, body in results:
         assert status in (403, 404), (path, status)
         assert SECRET not in body
@@ -559,8 +619,18 @@ def test_traversal_from_the_page(site, page):
 
 SCRIPT_TOKEN = "<script>window.pwned=3</script>"
 IMG_TOKEN = "<img/src=x/onerror=window.pwned=4>"
-DASH_CFG = dict(top_k=8, context_before=3, context_after=2, n_quantiles=3, examples_per_quantile=3,
-                hist_bins=12, hist_min=1e-2, hist_max=10.0, n_logits=5, batch_tokens=128)
+DASH_CFG = dict(
+    top_k=8,
+    context_before=3,
+    context_after=2,
+    n_quantiles=3,
+    examples_per_quantile=3,
+    hist_bins=12,
+    hist_min=1e-2,
+    hist_max=10.0,
+    n_logits=5,
+    batch_tokens=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -572,35 +642,48 @@ def dash_site(tmp_path_factory):
 
     import torch
 
-    from pipeline.analysis import dashboards as D
     from pipeline import testing
+    from pipeline.analysis import dashboards as D
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
 
     base = tmp_path_factory.mktemp("viewer-dash")
     words = list(testing.DEFAULT_WORDS)
-    model_dir = testing.make_tiny_gpt2(base / "model", n_layers=2, d_model=16,
-                                       vocab_words=[*words, SCRIPT_TOKEN, IMG_TOKEN])
-    clt_dir = testing.make_random_clt(base / "clt", n_layers=2, d_model=16, d_transcoder=64,
-                                      activation="jump_relu", seed=2)
+    model_dir = testing.make_tiny_gpt2(
+        base / "model", n_layers=2, d_model=16, vocab_words=[*words, SCRIPT_TOKEN, IMG_TOKEN]
+    )
+    clt_dir = testing.make_random_clt(
+        base / "clt", n_layers=2, d_model=16, d_transcoder=64, activation="jump_relu", seed=2
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = ReplacementModel.from_pretrained(model_dir, clt_dir)
         rng = random.Random(0)
-        corpus = [" ".join([*(rng.choice(words) for _ in range(rng.randint(2, 6))), SCRIPT_TOKEN,
-                            *(rng.choice(words) for _ in range(rng.randint(1, 4))), IMG_TOKEN])
-                  for _ in range(40)]
-        store = D.compute_dashboards(model, corpus, base / "dash.zarr", D.DashboardConfig(**DASH_CFG),
-                                     progress=False)
+        corpus = [
+            " ".join(
+                [
+                    *(rng.choice(words) for _ in range(rng.randint(2, 6))),
+                    SCRIPT_TOKEN,
+                    *(rng.choice(words) for _ in range(rng.randint(1, 4))),
+                    IMG_TOKEN,
+                ]
+            )
+            for _ in range(40)
+        ]
+        store = D.compute_dashboards(model, corpus, base / "dash.zarr", D.DashboardConfig(**DASH_CFG), progress=False)
         dash = D.Dashboards.open(store)
-        graph = attribute("the capital of the state containing dallas is", model,
-                          store=base / "graph.zarr", batch_size=64, verbose=False)
+        graph = attribute(
+            "the capital of the state containing dallas is",
+            model,
+            store=base / "graph.zarr",
+            batch_size=64,
+            verbose=False,
+        )
     finally:
         torch.set_num_threads(threads)
     graphs = base / "graphs"
-    path = create_graph_files(graph, "tiny", graphs, tokenizer=dash.vocab, labels=dash.labels(),
-                              scan="tiny-clt")
+    path = create_graph_files(graph, "tiny", graphs, tokenizer=dash.vocab, labels=dash.labels(), scan="tiny-clt")
     written = D.export_feature_json(dash, path, graphs)
     doc = json.loads(path.read_text())
     records = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in written}
@@ -626,8 +709,16 @@ def dash_site(tmp_path_factory):
     server = make_server(graphs, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield {"url": server.url, "graphs": graphs, "doc": doc, "n_layers": 2,
-           "shown": shown, "record": records[key(shown)], "missing": missing, "broken": broken}
+    yield {
+        "url": server.url,
+        "graphs": graphs,
+        "doc": doc,
+        "n_layers": 2,
+        "shown": shown,
+        "record": records[key(shown)],
+        "missing": missing,
+        "broken": broken,
+    }
     server.shutdown()
     server.server_close()
 
@@ -658,12 +749,12 @@ def test_feature_dashboard_in_the_node_pane(dash_site, page, tmp_path):
     # a crowded cell wraps into sub-rows: no two node centres closer than 8 px, rows kept apart
     boxes = page.locator("#graph g.node").evaluate_all(
         "els => els.map(e => { const b = e.getBoundingClientRect(); "
-        "return [e.dataset.id, b.x + b.width / 2, b.y + b.height / 2]; })")
+        "return [e.dataset.id, b.x + b.width / 2, b.y + b.height / 2]; })"
+    )
     centres = {nid: (x, y) for nid, x, y in boxes}
     assert len(centres) == len(dash_site["doc"]["nodes"])
     pts = list(centres.values())
-    assert min(((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
-               for i, a in enumerate(pts) for b in pts[i + 1:]) >= 8
+    assert min(((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 for i, a in enumerate(pts) for b in pts[i + 1 :]) >= 8
     ys = {}
     for n in dash_site["doc"]["nodes"]:
         row = 0 if n["feature_type"] == "embedding" else 99 if n["feature_type"] == "logit" else int(n["layer"]) + 1
