@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline.graph import store as graph_store
+from pipeline.graph.writer import write_graph_from_dense
 
 
 class FakeGraph:
@@ -200,7 +200,7 @@ def write_store(g: FakeGraph, path: Path, batch_size=8):
         logit_tokens=g.logit_tokens,
         logit_probabilities=g.logit_probabilities,
     )
-    return graph_store.write_graph_from_dense(
+    return write_graph_from_dense(
         path,
         g.compute_dense,
         layout,

@@ -44,7 +44,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.engine.replacement import Capture, FrozenForward, ReplacementModel
-from pipeline.graph.store import Graph, GraphStoreWriter
+from pipeline.graph.store import Graph
+from pipeline.graph.writer import GraphStoreWriter
 
 log = logging.getLogger(__name__)
 

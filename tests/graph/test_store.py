@@ -16,16 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import _io
 from pipeline.graph import store as graph_store
-from pipeline.graph.store import (
-    Graph,
-    GraphStoreError,
-    GraphStoreIncompleteError,
-    GraphStoreMismatchError,
-    GraphStoreWriter,
-    NodeLayout,
-    write_graph_from_dense,
-)
+from pipeline.graph import writer as graph_writer
+from pipeline.graph.layout import NodeLayout
+from pipeline.graph.store import Graph, GraphStoreError, GraphStoreIncompleteError, GraphStoreMismatchError
+from pipeline.graph.writer import GraphStoreWriter, write_graph_from_dense
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -353,7 +349,7 @@ def test_crash_between_chunks_and_record_rewrites_the_batch(case: Case, tmp_path
         if event == "before_record" and batch_index == 2:
             raise KeyboardInterrupt  # anything that stops the process there
 
-    monkeypatch.setattr(graph_store, "_hook", crash)
+    monkeypatch.setattr(graph_writer, "batch_phase", crash)
     with pytest.raises(KeyboardInterrupt):
         case.write(path)
     monkeypatch.undo()
@@ -365,6 +361,15 @@ def test_crash_between_chunks_and_record_rewrites_the_batch(case: Case, tmp_path
     assert_same_store(path, reference)
 
 
+def is_temp_of(temp: Path, path: Path) -> bool:
+    """Whether ``temp`` is a temporary name under which pipeline._io writes ``path``."""
+    return (
+        temp.parent == path.parent
+        and temp.name.startswith(_io.temp_prefix(path))
+        and temp.name.endswith(_io.TMP_SUFFIX)
+    )
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
 def test_batch_files_are_durable_before_the_record(case: Case, tmp_path: Path, monkeypatch, real_fsync) -> None:
     path = tmp_path / "g"
@@ -374,16 +379,17 @@ def test_batch_files_are_durable_before_the_record(case: Case, tmp_path: Path, m
     monkeypatch.setattr(
         os, "fsync", lambda fd: (events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))), fsync(fd))
     )
-    monkeypatch.setattr(graph_store, "_hook", lambda event, b: events.append((event, b)))
+    monkeypatch.setattr(graph_writer, "batch_phase", lambda event, b: events.append((event, b)))
     writer.write_batch(0, *case.batches[0])
     at_record = events.index(("before_record", 0))
     synced_before = {p for kind, p in events[:at_record] if kind == "fsync"}
     batch_dir = path / "adjacency/batch_000000"
     for p in batch_dir.rglob("*"):  # files are fsynced as their temp file, before the rename
-        assert (p if p.is_dir() else p.with_name(f".{p.name}.tmp")) in synced_before, p
+        assert p in synced_before if p.is_dir() else any(is_temp_of(q, p) for q in synced_before), p
     assert {batch_dir, path / "adjacency"} <= synced_before
     synced_after = [p for kind, p in events[at_record:] if kind == "fsync"]
-    assert synced_after == [path / "progress/.batch_000000.json.tmp", path / "progress"]
+    assert len(synced_after) == 2 and is_temp_of(synced_after[0], path / "progress/batch_000000.json")
+    assert synced_after[1] == path / "progress"
     assert events[-1] == ("recorded", 0)
 
     for b in range(1, len(case.batches)):
@@ -391,7 +397,7 @@ def test_batch_files_are_durable_before_the_record(case: Case, tmp_path: Path, m
     events.clear()
     case.finish(writer)
     synced = [p for kind, p in events if kind == "fsync"]
-    assert synced[-2:] == [path / ".zarr.json.tmp", path]  # the finished flag, last
+    assert is_temp_of(synced[-2], path / "zarr.json") and synced[-1] == path  # the finished flag, last
 
 
 def test_other_inputs_raise_mismatch(case: Case, tmp_path: Path) -> None:
@@ -442,14 +448,14 @@ def test_unfinished_store_is_refused_and_finished_store_reopens_finished(case: C
 def test_full_disk_at_every_write_of_a_batch_leaves_it_unrecorded(
     case: Case, tmp_path: Path, reference, monkeypatch
 ) -> None:
-    real = graph_store._write_bytes
+    real = graph_writer.write_file
     case.write(tmp_path / "two_batches", batches=[0, 1])
     shutil.copytree(tmp_path / "two_batches", tmp_path / "count")
     writer = case.open(tmp_path / "count")
     written = []
-    monkeypatch.setattr(graph_store, "_write_bytes", lambda p, d: (written.append(p), real(p, d)))
+    monkeypatch.setattr(graph_writer, "write_file", lambda p, d: (written.append(p), real(p, d)))
     writer.write_batch(2, *case.batches[2])
-    monkeypatch.setattr(graph_store, "_write_bytes", real)
+    monkeypatch.setattr(graph_writer, "write_file", real)
     assert len(written) >= 10  # group + 4 arrays (metadata + chunk) + the record
 
     for fail_at in range(len(written)):
@@ -463,14 +469,14 @@ def test_full_disk_at_every_write_of_a_batch_leaves_it_unrecorded(
             if len(calls) - 1 == fail_at:
                 if fail_at % 2:  # a half-written temp file that could not be cleaned up
                     Path(p).parent.mkdir(parents=True, exist_ok=True)
-                    Path(p).with_name(f".{Path(p).name}.tmp").write_bytes(bytes(data)[:10])
+                    Path(p).with_name(_io.temp_prefix(p) + "half" + _io.TMP_SUFFIX).write_bytes(bytes(data)[:10])
                 raise OSError(errno.ENOSPC, "No space left on device", str(p))
             real(p, data)
 
-        monkeypatch.setattr(graph_store, "_write_bytes", full_disk)
+        monkeypatch.setattr(graph_writer, "write_file", full_disk)
         with pytest.raises(OSError) as err:
             writer.write_batch(2, *case.batches[2])
-        monkeypatch.setattr(graph_store, "_write_bytes", real)
+        monkeypatch.setattr(graph_writer, "write_file", real)
         assert err.value.errno == errno.ENOSPC
         assert 2 not in writer.done_batches
         assert not (path / "progress/batch_000002.json").exists()
@@ -484,7 +490,7 @@ def test_full_disk_at_every_write_of_a_batch_leaves_it_unrecorded(
 
 def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, reference, monkeypatch) -> None:
     path = tmp_path / "g"
-    real, calls = graph_store._write_bytes, []
+    real, calls = graph_writer.write_file, []
 
     def full_disk(p, data):
         calls.append(p)
@@ -492,10 +498,10 @@ def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, re
             raise OSError(errno.ENOSPC, "No space left on device", str(p))
         real(p, data)
 
-    monkeypatch.setattr(graph_store, "_write_bytes", full_disk)
+    monkeypatch.setattr(graph_writer, "write_file", full_disk)
     with pytest.raises(OSError):
         case.open(path)
-    monkeypatch.setattr(graph_store, "_write_bytes", real)
+    monkeypatch.setattr(graph_writer, "write_file", real)
     assert not path.exists() and (tmp_path / ".g.creating").exists()
     case.finish(case.write(path))
     assert not (tmp_path / ".g.creating").exists()
@@ -505,15 +511,15 @@ def test_full_disk_while_creating_leaves_no_store(case: Case, tmp_path: Path, re
 def test_full_disk_during_finalize_leaves_store_resumable(case: Case, tmp_path: Path, reference, monkeypatch) -> None:
     path = tmp_path / "g"
     writer = case.write(path)
-    real = graph_store._write_bytes
+    real = graph_writer.write_file
 
     def full_disk(p, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(p))
 
-    monkeypatch.setattr(graph_store, "_write_bytes", full_disk)
+    monkeypatch.setattr(graph_writer, "write_file", full_disk)
     with pytest.raises(OSError):
         case.finish(writer)
-    monkeypatch.setattr(graph_store, "_write_bytes", real)
+    monkeypatch.setattr(graph_writer, "write_file", real)
     with pytest.raises(GraphStoreIncompleteError):
         Graph.open(path)
     case.finish(case.write(path))
@@ -528,8 +534,8 @@ WRITER_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
     import numpy as np
-    from pipeline.graph import store as graph_store
-    from pipeline.graph.store import GraphStoreWriter
+    from pipeline.graph import writer as graph_writer
+    from pipeline.graph.writer import GraphStoreWriter
 
     data = np.load(sys.argv[1])
     out, n_batches = sys.argv[2], int(data["n_batches"])
@@ -541,20 +547,20 @@ WRITER_SCRIPT = textwrap.dedent(
         if event == "before_record" and batch_index == kill_before_record:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    graph_store._hook = hook
-    real_write, calls = graph_store._write_bytes, [0]
+    graph_writer.batch_phase = hook
+    real_write, calls = graph_writer.write_file, [0]
 
     def write(path, payload):
         calls[0] += 1
         if calls[0] == kill_in_write:  # die half way through writing the temp file
-            tmp = path.with_name("." + path.name + ".tmp")
+            tmp = path.with_name("." + path.name + ".half.tmp")  # named like pipeline._io's temp files
             tmp.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(bytes(payload)[: len(payload) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
         real_write(path, payload)
 
-    graph_store._write_bytes = write
+    graph_writer.write_file = write
     tables = {k[6:]: data[k] for k in data.files if k.startswith("table_")}
     writer = GraphStoreWriter.open(out, fingerprint=str(data["fingerprint"]),
                                    layout={k: int(data["layout_" + k]) for k in
@@ -646,12 +652,12 @@ def test_iter_row_blocks_holds_one_batch_at_a_time(tmp_path: Path, monkeypatch) 
     total_bytes = n_batches * batch_bytes
 
     reads = []
-    real_read = graph_store._read_batch
-    monkeypatch.setattr(graph_store, "_read_batch", lambda *a, **k: (reads.append(a[1]), real_read(*a, **k))[1])
+    real_read = graph_store.read_batch_arrays
+    monkeypatch.setattr(graph_store, "read_batch_arrays", lambda *a, **k: (reads.append(a[1]), real_read(*a, **k))[1])
     blocks = g.iter_row_blocks()
     next(blocks)
     assert reads == [0]  # lazily, one stored batch per block
-    monkeypatch.setattr(graph_store, "_read_batch", real_read)
+    monkeypatch.setattr(graph_store, "read_batch_arrays", real_read)
 
     tracemalloc.start()
     try:
