@@ -26,6 +26,7 @@ from bench import fixtures as F  # noqa: E402
 
 def child(params: dict) -> None:
     C.set_threads(params["threads"])
+    # imported after set_threads: numpy's BLAS reads its thread count when it loads
     from pipeline.graph.pruning import compute_graph_scores, prune_graph
     from pipeline.graph.store import Graph
     from pipeline.run.cli import count_edges

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files
 from pipeline.analysis.figures import write_graph_figures
-from pipeline.graph.pruning import load_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir
 from stages.features import store_path

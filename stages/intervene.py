@@ -20,7 +20,7 @@ import dataclasses
 from pathlib import Path
 
 from pipeline.analysis.evaluation import EvaluationSpec, evaluate, write_report
-from pipeline.graph.pruning import load_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.config import PipelineConfig
 from stages._config import load_config, parse_args
 from stages._io import atomic_path, prompt_dir, setup_torch, write_json

@@ -5,7 +5,8 @@ scores.json (a DVC metric): replacement and completeness scores, kept nodes and 
 
 from __future__ import annotations
 
-from pipeline.graph.pruning import prune_graph, save_pruned_graph
+from pipeline.graph.pruned import save_pruned_graph
+from pipeline.graph.pruning import prune_graph
 from pipeline.graph.store import Graph
 from stages._config import load_config, parse_args
 from stages._io import prompt_dir, write_json

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline._io import atomic_write_bytes
 from pipeline.analysis.export import (
     GRAPH_METADATA_FILE,
     SCHEMA_VERSION,
@@ -61,7 +62,7 @@ from pipeline.analysis.export import (
     token_node_id,
     update_graph_metadata,
 )
-from pipeline.graph.pruning import atomic_write_bytes, load_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.study import graph_done, load_study
 
 __all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs", "render_figures", "write_figures"]
@@ -86,7 +87,7 @@ class PromptGraph:
     key: str
     tags: dict[str, str]
     done: dict[str, Any]
-    pruned: Any  # pipeline.graph.pruning.PrunedGraph
+    pruned: Any  # pipeline.graph.pruned.PrunedGraph
 
     @property
     def n_pos(self) -> int:

@@ -5,7 +5,7 @@ Steps of :func:`evaluate`:
 
 1. Load: the prompt (given, or the graph's ``prompt`` attribute, checked against its tokens),
    the graph-order feature table (layer, pos, feature, activation), node influence and the
-   circuit (the pruned node mask: a :class:`~pipeline.graph.pruning.PrunedGraph`'s, or
+   circuit (the pruned node mask: a :class:`~pipeline.graph.pruned.PrunedGraph`'s, or
    :func:`~pipeline.graph.pruning.prune_graph` of a :class:`~pipeline.graph.store.Graph`), the
    first logit node (the top token) and its read vector, and every feature's direct edge to it.
 2. Top-k features by influence: ablate each one alone, in direct-effects mode and with
@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline._io import atomic_write_bytes
 from pipeline.engine.interventions import (
     ERROR_MODES,
     InterventionRunner,
@@ -72,13 +73,8 @@ from pipeline.engine.interventions import (
     load_supernodes,
     supernodes_from_config,
 )
-from pipeline.graph.pruning import (
-    atomic_write_bytes,
-    first_logit_feature_row,
-    load_pruned_graph,
-    prune_graph,
-    selected_feature_table,
-)
+from pipeline.graph.pruned import first_logit_feature_row, load_pruned_graph, selected_feature_table
+from pipeline.graph.pruning import prune_graph
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.engine.replacement import ReplacementModel

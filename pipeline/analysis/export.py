@@ -61,14 +61,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.graph.pruning import (
-    PrunedGraph,
-    PruneResult,
-    atomic_write_bytes,
-    load_pruned_graph,
-    prune_graph,
-    selected_feature_table,
-)
+from pipeline._io import atomic_write_bytes
+from pipeline.graph.pruned import PrunedGraph, load_pruned_graph, selected_feature_table
+from pipeline.graph.pruning import PruneResult, prune_graph
 
 __all__ = [
     "FEATURE_TYPES",
@@ -521,7 +516,7 @@ def create_graph_files(
     ``pruned`` is a saved pruned graph (which carries everything export needs).
     ``pruned``: ``None`` (prune here with ``node_threshold`` / ``edge_threshold``, defaults 0.8
     / 0.98), a :class:`~pipeline.graph.pruning.PruneResult`, a
-    :class:`~pipeline.graph.pruning.PrunedGraph` or the path of one; thresholds given together with
+    :class:`~pipeline.graph.pruned.PrunedGraph` or the path of one; thresholds given together with
     a pruning result must equal the ones it used.  ``tokenizer``: see :func:`_token_decoder`.
     ``labels``: see :func:`load_labels` (become the nodes' ``clerp``).  ``scan``: overrides
     ``graph.attrs["scan"]``; a list of transcoder names gives ``transcoder_list``.

@@ -50,53 +50,48 @@ Deliberate, documented differences:
   descending influence, ties in ascending node index (``np.argsort(-x, kind="stable")``).
   If the total influence is 0 the cumulative scores are 0 (circuit-tracer: NaN).
 
-Out of core: :func:`prune_graph` reads the graph one stored row block at a time
-(``graph.iter_row_blocks()``), keeping O(n_nodes) vectors plus one block (plus an optional
-in-memory block cache bounded by ``cache_bytes``).  Each power-series term is one pass over
-the blocks; the edge-score threshold is found by a streaming exact selection (radix histogram
-over the float64 bit patterns, then an exact sort of the candidates in the crossing bin).
-The results equal :func:`prune_graph_dense` up to floating-point summation order.
+Out of core: :func:`prune_graph` reads the graph one stored row block at a time with the
+primitives of :mod:`pipeline.graph.streaming` (O(n_nodes) vectors plus one block, an optional
+block cache bounded by ``cache_bytes``, one pass per power-series term, an exact streaming
+selection of the edge-score threshold).  The results equal :func:`prune_graph_dense` up to
+floating-point summation order.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.graph.streaming import (
+    RowBlocks,
+    influence_series,
+    normalized_data,
+    row_ids,
+    row_stats,
+    row_sums,
+    streaming_threshold,
+)
+
 __all__ = [
     "NORMALIZE_EPS",
     "PruneResult",
-    "PrunedGraph",
-    "atomic_write_bytes",
     "compute_edge_influence",
     "compute_graph_scores",
     "compute_graph_scores_dense",
     "compute_influence",
     "compute_node_influence",
     "cumulative_influence_scores",
+    "edge_matrices",
     "find_threshold",
-    "load_pruned_graph",
     "logit_weights_for",
     "normalize_matrix",
     "prune_graph",
     "prune_graph_dense",
-    "save_pruned_graph",
-    "selected_feature_table",
-    "streaming_threshold",
 ]
 
 NORMALIZE_EPS = 1e-10  # circuit-tracer clamps row sums below at this value
-PRUNED_FORMAT = "circuit-pipeline/pruned-graph"
-PRUNED_FORMAT_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,6 +280,20 @@ def _prune_dangling(node_mask, rows, cols, n_features, fe_end):
     return alive
 
 
+def edge_matrices(n, rows, cols, weights, scores) -> tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]:
+    """``(edge_mask, edge_weights, edge_scores)`` of an edge list (rows = targets): canonical
+    (n, n) CSR matrices with one structure, bool, the weights' float dtype, float64."""
+    weights = np.asarray(weights)
+    wdtype = weights.dtype if weights.dtype.kind == "f" else np.float64
+    edge_weights = _edge_csr(n, rows, cols, weights, wdtype)
+    edge_scores = _edge_csr(n, rows, cols, scores, np.float64)
+    edge_mask = sp.csr_matrix(
+        (np.ones(edge_weights.nnz, dtype=bool), edge_weights.indices, edge_weights.indptr),
+        shape=(n, n),
+    )
+    return edge_mask, edge_weights, edge_scores
+
+
 def _edge_csr(n, rows, cols, values, dtype) -> sp.csr_matrix:
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]
@@ -316,16 +325,11 @@ def _finish(
     depth,
     extra=None,
 ) -> PruneResult:
+    """The tail both paths share: drop dangling nodes and their edges, build the result."""
     fe_end = n_features + n_errors
     alive = _prune_dangling(node_mask, rows, cols, n_features, fe_end)
     rows, cols, weights, scores = rows[alive], cols[alive], weights[alive], scores[alive]
-    wdtype = weights.dtype if weights.dtype.kind == "f" else np.float64
-    edge_weights = _edge_csr(n, rows, cols, weights, wdtype)
-    edge_scores = _edge_csr(n, rows, cols, scores, np.float64)
-    edge_mask = sp.csr_matrix(
-        (np.ones(edge_weights.nnz, dtype=bool), edge_weights.indices, edge_weights.indptr),
-        shape=(n, n),
-    )
+    edge_mask, edge_weights, edge_scores = edge_matrices(n, rows, cols, weights, scores)
     return PruneResult(
         node_mask=node_mask,
         edge_mask=edge_mask,
@@ -349,6 +353,8 @@ def _finish(
 
 
 def _scores_from(node_influence, logit_weights, non_error_fraction, n_features, n_errors, n_tokens):
+    """(replacement, completeness) from the node influence and each row's normalised mass
+    outside the error columns (circuit-tracer's ``compute_graph_scores``)."""
     error_end = n_features + n_errors
     token_end = error_end + n_tokens
     token_influence = node_influence[error_end:token_end].sum()
@@ -438,203 +444,8 @@ def prune_graph_dense(
 
 
 # --------------------------------------------------------------------------------------------
-# Out-of-core path
+# Out-of-core path (any size; reads the graph's row blocks, see pipeline.graph.streaming)
 # --------------------------------------------------------------------------------------------
-
-
-class _Blocks:
-    """Re-iterable view of ``graph.iter_row_blocks()`` with canonical CSR blocks.
-
-    The first full pass also caches the blocks in memory while they fit in ``cache_bytes``;
-    later passes then read the cache (same blocks, same order, so the same arithmetic).
-    """
-
-    def __init__(self, graph, cache_bytes: int):
-        self.graph = graph
-        self.n = int(graph.n_nodes)
-        self.cache_bytes = int(cache_bytes)
-        self.cache: list | None = None
-        self.passes = 0
-
-    def _canonical(self, rows, block):
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        m = sp.csr_matrix(block, copy=True)
-        if m.shape != (rows.shape[0], self.n):
-            raise ValueError(f"row block has shape {m.shape}, expected ({rows.shape[0]}, {self.n})")
-        m.sum_duplicates()
-        m.eliminate_zeros()
-        m.sort_indices()
-        return rows, m
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, sp.csr_matrix]]:
-        self.passes += 1
-        if self.cache is not None:
-            yield from self.cache
-            return
-        building = self.cache_bytes > 0
-        cache, used = [], 0
-        for rows, block in self.graph.iter_row_blocks():
-            rows, m = self._canonical(rows, block)
-            if building:
-                used += rows.nbytes + m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
-                if used > self.cache_bytes:
-                    building, cache = False, []
-                else:
-                    cache.append((rows, m))
-            yield rows, m
-        if building:
-            self.cache = cache
-
-
-def _abs64(m: sp.csr_matrix) -> np.ndarray:
-    return np.abs(m.data.astype(np.float64, copy=False))
-
-
-def _row_ids(m: sp.csr_matrix) -> np.ndarray:
-    return np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-
-
-def _normalized_data(rows, m, denom, keep=None) -> np.ndarray:
-    """Entries of the row-normalised |block| (optionally restricted to kept rows/columns)."""
-    data = _abs64(m)
-    if keep is not None:
-        data = data * (keep[m.indices] & np.repeat(keep[rows], np.diff(m.indptr)))
-    return data / np.repeat(denom[rows], np.diff(m.indptr))
-
-
-def _block_row_sums(m: sp.csr_matrix, data: np.ndarray) -> np.ndarray:
-    return np.bincount(_row_ids(m), weights=data, minlength=m.shape[0])
-
-
-def _row_sums(blocks: _Blocks, keep=None) -> np.ndarray:
-    sums = np.zeros(blocks.n, dtype=np.float64)
-    for rows, m in blocks:
-        data = _abs64(m)
-        if keep is not None:
-            data = data * (keep[m.indices] & np.repeat(keep[rows], np.diff(m.indptr)))
-        sums[rows] = _block_row_sums(m, data)
-    return sums
-
-
-def _series(blocks: _Blocks, denom, w, keep=None, max_iter=None):
-    """``w @ (N + N^2 + ...)`` for the row-normalised blocks, one pass per term."""
-    n = blocks.n
-    if max_iter is None:
-        max_iter = max(n, 1)
-    v = np.asarray(w, dtype=np.float64)
-    influence = np.zeros(n, dtype=np.float64)
-    depth = 0
-    while True:
-        nxt = np.zeros(n, dtype=np.float64)
-        for rows, m in blocks:
-            u = v[rows]
-            if not u.any():
-                continue
-            data = _normalized_data(rows, m, denom, keep)
-            nm = sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
-            nxt += nm.T @ u
-        if not nxt.any():
-            return influence, depth
-        depth += 1
-        if depth > max_iter:
-            raise RuntimeError(
-                f"influence series did not terminate after {max_iter} terms: "
-                "the adjacency is not nilpotent (does the graph have a cycle?)"
-            )
-        influence += nxt
-        v = nxt
-
-
-def streaming_threshold(
-    make_iter: Callable[[], Iterable[np.ndarray]],
-    threshold: float,
-    n_implicit_zeros: int = 0,
-    max_candidates: int = 1 << 22,
-) -> float:
-    """:func:`find_threshold` over scores produced in chunks, in bounded memory.
-
-    ``make_iter()`` must yield the same non-negative float64 chunks on every call.  One pass
-    sums the mass; while more than ``max_candidates`` scores could hold the answer, a pass
-    histograms the candidates' float64 bit patterns (monotone in value for non-negative
-    floats) into 4096 bins and narrows to the bin where the cumulative mass crosses
-    ``threshold``; a last pass collects that bin and sorts it exactly.
-    """
-    if threshold >= 1.0:  # keep every positive score, as find_threshold
-        smallest = None
-        for s in make_iter():
-            s = np.asarray(s, dtype=np.float64)
-            positive = s[s > 0]
-            if positive.size:
-                m = float(positive.min())
-                smallest = m if smallest is None else min(smallest, m)
-        return 0.0 if smallest is None else smallest
-    total, count = 0.0, 0
-    for s in make_iter():
-        total += float(np.sum(s))
-        count += int(np.size(s))
-    if count == 0 or not total > 0:
-        return 0.0
-
-    def bits_of(s):
-        s = np.asarray(s, dtype=np.float64) + 0.0  # -0.0 -> +0.0
-        return s, s.view(np.int64)
-
-    lo, hi = 0, 1 << 63  # candidate bit range [lo, hi)
-    mass_above = 0.0  # mass of scores whose bits are >= hi
-    n_in = count
-    nbins = 4096
-    crossed = True
-    while n_in > max_candidates and hi - lo > 1:
-        width = -(-(hi - lo) // nbins)
-        counts = np.zeros(nbins, dtype=np.int64)
-        sums = np.zeros(nbins, dtype=np.float64)
-        for chunk in make_iter():
-            s, b = bits_of(chunk)
-            sel = (b >= lo) & (b < hi)
-            idx = (b[sel] - lo) // width
-            counts += np.bincount(idx, minlength=nbins)
-            sums += np.bincount(idx, weights=s[sel], minlength=nbins)
-        cum = (mass_above + np.cumsum(sums[::-1])) / total
-        j = int(np.searchsorted(cum, threshold, side="left"))
-        if j >= nbins:  # the mass never reaches the threshold inside the range
-            crossed = False
-            break
-        b_idx = nbins - 1 - j
-        mass_above = mass_above + float(np.sum(sums[b_idx + 1 :]))
-        lo, hi = lo + b_idx * width, min(hi, lo + (b_idx + 1) * width)
-        n_in = int(counts[b_idx])
-
-    if not crossed:
-        vals = np.zeros(0)
-    elif hi - lo == 1 and n_in > max_candidates:  # one value, tied many times: it is the answer
-        return float(np.array([lo], dtype=np.int64).view(np.float64)[0])
-    else:
-        vals = [s[(b >= lo) & (b < hi)] for s, b in (bits_of(c) for c in make_iter())]
-        vals = np.sort(np.concatenate(vals) if vals else np.zeros(0))[::-1]
-        if vals.size:
-            cumulative = (mass_above + np.cumsum(vals)) / total
-            idx = int(np.searchsorted(cumulative, threshold, side="left"))
-            if idx < vals.size:
-                return float(vals[idx])
-    # floating-point rounding kept the cumulative mass below the threshold through the range:
-    # like find_threshold, continue with the next smaller score (an implicit zero, if any, or
-    # clamp to the smallest score)
-    below_max, range_min = None, None
-    for chunk in make_iter():
-        s, b = bits_of(chunk)
-        below = s[b < lo]
-        if below.size:
-            m = float(below.max())
-            below_max = m if below_max is None else max(below_max, m)
-        inside = s[(b >= lo) & (b < hi)]
-        if inside.size:
-            m = float(inside.min())
-            range_min = m if range_min is None else min(range_min, m)
-    if below_max is not None:
-        return below_max
-    if n_implicit_zeros > 0 or range_min is None:
-        return 0.0
-    return range_min
 
 
 def _graph_layout(graph):
@@ -647,35 +458,13 @@ def _graph_layout(graph):
     return n, n_features, n_errors, n_tokens, n_logits
 
 
-def _stats_pass(blocks: _Blocks, n_features: int, fe_end: int):
-    """Row sums of |A|, sum of normalised error-column entries per row, stored nnz."""
-    n = blocks.n
-    sums = np.zeros(n, dtype=np.float64)
-    err = np.zeros(n, dtype=np.float64)
-    seen = np.zeros(n, dtype=bool)
-    nnz = 0
-    for rows, m in blocks:
-        if seen[rows].any() or np.unique(rows).size != rows.size:
-            raise ValueError("graph.iter_row_blocks() yielded a row twice")
-        seen[rows] = True
-        nnz += m.nnz
-        counts = np.diff(m.indptr)
-        data = _abs64(m)
-        block_sums = _block_row_sums(m, data)
-        sums[rows] = block_sums
-        ndata = data / np.repeat(np.maximum(block_sums, NORMALIZE_EPS), counts)
-        is_err = (m.indices >= n_features) & (m.indices < fe_end)
-        err[rows] = np.bincount(_row_ids(m)[is_err], weights=ndata[is_err], minlength=rows.size)
-    return sums, err, nnz
-
-
 def compute_graph_scores(graph, *, cache_bytes: int = 512 << 20) -> tuple[float, float]:
     """(replacement_score, completeness_score) of the unpruned graph, out of core."""
     n, n_features, n_errors, n_tokens, _ = _graph_layout(graph)
-    blocks = _Blocks(graph, cache_bytes)
-    sums, err, _ = _stats_pass(blocks, n_features, n_features + n_errors)
+    blocks = RowBlocks(graph, cache_bytes)
+    sums, err, _ = row_stats(blocks, n_features, n_features + n_errors, NORMALIZE_EPS)
     w = logit_weights_for(graph)
-    influence, _ = _series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
+    influence, _ = influence_series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
     return _scores_from(influence, w, 1.0 - err, n_features, n_errors, n_tokens)
 
 
@@ -715,13 +504,18 @@ def prune_graph(
         )
     if method != "blocks":
         raise ValueError(f"unknown method {method!r}")
+    return _prune_blocks(graph, w, node_threshold, edge_threshold, cache_bytes, max_candidates)
 
+
+def _prune_blocks(graph, w, node_threshold, edge_threshold, cache_bytes, max_candidates) -> PruneResult:
+    """:func:`prune_graph`'s out-of-core path, in passes over the graph's row blocks."""
+    n, n_features, n_errors, n_tokens, n_logits = _graph_layout(graph)
     fe_end = n_features + n_errors
-    blocks = _Blocks(graph, cache_bytes)
+    blocks = RowBlocks(graph, cache_bytes)
 
     # 1. node influence on the full graph (+ both graph scores, which share it)
-    sums, err, nnz = _stats_pass(blocks, n_features, fe_end)
-    node_influence, depth = _series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
+    sums, err, nnz = row_stats(blocks, n_features, fe_end, NORMALIZE_EPS)
+    node_influence, depth = influence_series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
     replacement, completeness = _scores_from(node_influence, w, 1.0 - err, n_features, n_errors, n_tokens)
 
     node_thr = find_threshold(node_influence, node_threshold)
@@ -730,13 +524,13 @@ def prune_graph(
 
     # 2. influence on the node-pruned graph, edge scores, threshold
     keep = node_mask.copy()
-    denom_p = np.maximum(_row_sums(blocks, keep), NORMALIZE_EPS)
-    infl_p, _ = _series(blocks, denom_p, w, keep)
+    denom_p = np.maximum(row_sums(blocks, keep), NORMALIZE_EPS)
+    infl_p, _ = influence_series(blocks, denom_p, w, keep)
     target_weight = infl_p + w
 
     def block_scores():
         for rows, m in blocks:
-            data = _normalized_data(rows, m, denom_p, keep)
+            data = normalized_data(rows, m, denom_p, keep)
             yield rows, m, data * np.repeat(target_weight[rows], np.diff(m.indptr))
 
     def score_chunks():
@@ -755,7 +549,7 @@ def prune_graph(
     for rows, m, s in block_scores():
         sel = s >= edge_thr
         if sel.any():
-            r_parts.append(rows[_row_ids(m)[sel]])
+            r_parts.append(rows[row_ids(m)[sel]])
             c_parts.append(m.indices[sel].astype(np.int64))
             w_parts.append(m.data[sel])
             s_parts.append(s[sel])
@@ -783,227 +577,4 @@ def prune_graph(
         completeness=completeness,
         depth=depth,
         extra={"passes": blocks.passes, "cached": blocks.cache is not None},
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Artifact
-# --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """A numpy-loadable .npz with deterministic bytes (sorted members, fixed timestamps)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name in sorted(arrays):
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            info.create_system = 3
-            zf.writestr(info, member.getvalue(), compresslevel=6)
-    return buf.getvalue()
-
-
-def _jsonable_attrs(attrs) -> dict:
-    out = {}
-    for key in sorted(attrs or {}):
-        value = attrs[key]
-        try:
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError):
-            continue
-        out[str(key)] = value
-    return out
-
-
-@dataclass(eq=False)
-class PrunedGraph:
-    """A loaded pruned-graph artifact.  Offers the parts of the graph protocol that export
-    needs (``n_layers``, ``n_pos``, ``n_logits``, ``n_selected``, ``n_nodes``, ``input_tokens``,
-    ``logit_tokens``, ``logit_probabilities``, ``attrs``) plus ``feature_info`` (layer, pos,
-    feature) and ``feature_activations`` of every selected feature, and ``result``."""
-
-    result: PruneResult
-    n_layers: int
-    n_pos: int
-    input_tokens: np.ndarray
-    logit_tokens: np.ndarray
-    logit_probabilities: np.ndarray
-    feature_info: np.ndarray
-    feature_activations: np.ndarray
-    attrs: dict
-    #: the first logit target's edge from every selected feature, from the unpruned graph
-    #: (n_selected,), and the direction it reads (d_model,); None when not saved
-    target_feature_edges: np.ndarray | None = None
-    target_vector: np.ndarray | None = None
-
-    @property
-    def n_logits(self) -> int:
-        return self.result.n_logits
-
-    @property
-    def n_selected(self) -> int:
-        return self.result.n_features
-
-    @property
-    def n_nodes(self) -> int:
-        return self.result.n_nodes
-
-
-def selected_feature_table(graph) -> tuple[np.ndarray, np.ndarray]:
-    """``(layer, pos, feature)`` (n_selected, 3) and activation of every selected feature, in
-    graph order, for a graph-store ``Graph`` or a :class:`PrunedGraph`."""
-    if hasattr(graph, "feature_info"):
-        return np.asarray(graph.feature_info, np.int64), np.asarray(graph.feature_activations)
-    sel = np.asarray(graph.selected_features, dtype=np.int64)
-    info = np.asarray(graph.active_features, dtype=np.int64).reshape(-1, 3)[sel]
-    acts = np.asarray(graph.activation_values)[sel]
-    return info, acts
-
-
-def first_logit_feature_row(graph, n_features: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """From a graph store: the first logit's edge from each of the first ``n_features`` nodes
-    (the selected features), (n_features,) in the store's dtype, and the direction that logit
-    reads (d_model,), or None when the store holds no logit vectors."""
-    cols, vals = graph.row(graph.logit_node(0))
-    edge = np.zeros(n_features, dtype=np.asarray(vals).dtype)
-    sel = cols < n_features
-    edge[cols[sel]] = vals[sel]
-    has_vectors = "logit_vectors" in getattr(graph, "table_names", ())
-    vector = np.asarray(graph.table("logit_vectors")[0]) if has_vectors else None
-    return edge, vector
-
-
-def save_pruned_graph(graph, result: PruneResult, path) -> Path:
-    """Write the pruned graph as a small deterministic compressed ``.npz``, atomically.
-
-    Members: ``node_mask``, ``node_influence``, ``cumulative_scores`` (all nodes);
-    ``edge_targets``, ``edge_sources``, ``edge_weights``, ``edge_scores`` (kept edges,
-    row-major); ``kept_nodes``; ``input_tokens``, ``logit_tokens``, ``logit_probabilities``;
-    ``feature_info`` (n_selected, 3) and ``feature_activations``; ``metadata`` (UTF-8 JSON,
-    sorted keys: layout, thresholds, score thresholds, graph scores, depth, graph attrs).
-    From a graph store, also ``target_feature_edges``: the first logit's full row of edges
-    from the selected features (kept or not; interventions predict ablation effects from it,
-    so they need not read the store), and ``target_vector``, the direction it reads, when
-    the store holds logit vectors.
-    """
-    rows, cols, weights = result.kept_edges()
-    scores = result.edge_scores.tocoo().data
-    info, acts = selected_feature_table(graph)
-    meta = {
-        "format": PRUNED_FORMAT,
-        "format_version": PRUNED_FORMAT_VERSION,
-        "n_layers": int(graph.n_layers),
-        "n_pos": int(graph.n_pos),
-        "n_features": result.n_features,
-        "n_errors": result.n_errors,
-        "n_tokens": result.n_tokens,
-        "n_logits": result.n_logits,
-        "n_nodes": result.n_nodes,
-        "node_threshold": result.node_threshold,
-        "edge_threshold": result.edge_threshold,
-        "node_score_threshold": result.node_score_threshold,
-        "edge_score_threshold": result.edge_score_threshold,
-        "replacement_score": result.replacement_score,
-        "completeness_score": result.completeness_score,
-        "depth": result.depth,
-        "attrs": _jsonable_attrs(getattr(graph, "attrs", {})),
-    }
-    meta_bytes = json.dumps(meta, sort_keys=True, allow_nan=True).encode("utf-8")
-    arrays = {
-        "node_mask": np.asarray(result.node_mask, dtype=bool),
-        "node_influence": np.asarray(result.node_influence, dtype=np.float64),
-        "cumulative_scores": np.asarray(result.cumulative_scores, dtype=np.float64),
-        "kept_nodes": np.flatnonzero(result.node_mask).astype(np.int64),
-        "edge_targets": rows.astype(np.int64),
-        "edge_sources": cols.astype(np.int64),
-        "edge_weights": np.asarray(weights),
-        "edge_scores": np.asarray(scores, dtype=np.float64),
-        "input_tokens": np.asarray(graph.input_tokens, dtype=np.int64),
-        "logit_tokens": np.asarray(graph.logit_tokens, dtype=np.int64),
-        "logit_probabilities": np.asarray(graph.logit_probabilities),
-        "feature_info": info.astype(np.int64).reshape(-1, 3),
-        "feature_activations": np.asarray(acts),
-        "metadata": np.frombuffer(meta_bytes, dtype=np.uint8),
-    }
-    if hasattr(graph, "row") and hasattr(graph, "logit_node") and result.n_logits > 0:
-        edge, vector = first_logit_feature_row(graph, result.n_features)
-        arrays["target_feature_edges"] = edge
-        if vector is not None:
-            arrays["target_vector"] = vector
-    path = Path(path)
-    atomic_write_bytes(path, _npz_bytes(arrays))
-    return path
-
-
-def load_pruned_graph(path) -> PrunedGraph:
-    """Read an artifact written by :func:`save_pruned_graph`."""
-    with np.load(Path(path), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(arrays["metadata"].tobytes().decode("utf-8"))
-    if meta.get("format") != PRUNED_FORMAT:
-        raise ValueError(f"{path} is not a pruned-graph artifact")
-    if meta.get("format_version") != PRUNED_FORMAT_VERSION:
-        raise ValueError(f"unsupported pruned-graph format_version {meta.get('format_version')}")
-    n = int(meta["n_nodes"])
-    rows, cols = arrays["edge_targets"], arrays["edge_sources"]
-    edge_weights = _edge_csr(n, rows, cols, arrays["edge_weights"], arrays["edge_weights"].dtype)
-    edge_scores = _edge_csr(n, rows, cols, arrays["edge_scores"], np.float64)
-    edge_mask = sp.csr_matrix(
-        (np.ones(edge_weights.nnz, dtype=bool), edge_weights.indices, edge_weights.indptr),
-        shape=(n, n),
-    )
-    result = PruneResult(
-        node_mask=arrays["node_mask"],
-        edge_mask=edge_mask,
-        cumulative_scores=arrays["cumulative_scores"],
-        node_influence=arrays["node_influence"],
-        edge_weights=edge_weights,
-        edge_scores=edge_scores,
-        node_threshold=meta["node_threshold"],
-        edge_threshold=meta["edge_threshold"],
-        node_score_threshold=meta["node_score_threshold"],
-        edge_score_threshold=meta["edge_score_threshold"],
-        replacement_score=meta["replacement_score"],
-        completeness_score=meta["completeness_score"],
-        n_features=meta["n_features"],
-        n_errors=meta["n_errors"],
-        n_tokens=meta["n_tokens"],
-        n_logits=meta["n_logits"],
-        depth=meta["depth"],
-    )
-    return PrunedGraph(
-        result=result,
-        n_layers=int(meta["n_layers"]),
-        n_pos=int(meta["n_pos"]),
-        input_tokens=arrays["input_tokens"],
-        logit_tokens=arrays["logit_tokens"],
-        logit_probabilities=arrays["logit_probabilities"],
-        feature_info=arrays["feature_info"],
-        feature_activations=arrays["feature_activations"],
-        attrs=meta["attrs"],
-        target_feature_edges=arrays.get("target_feature_edges"),
-        target_vector=arrays.get("target_vector"),
     )

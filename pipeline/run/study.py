@@ -60,6 +60,7 @@ from typing import Any
 
 import yaml
 
+from pipeline._io import atomic_write_bytes
 from pipeline.run.prompt_sets import PromptRecord, PromptSet
 
 __all__ = [
@@ -450,7 +451,8 @@ def _compute_key(model, item: TaskItem, settings: StudySettings, graphs_dir: Pat
     """Attribute, prune and export one key into ``graphs_dir/<key>/``; return its outcome."""
     from pipeline.analysis.export import create_graph_files
     from pipeline.engine.attribution import AttributionConfig, attribute, fingerprint
-    from pipeline.graph.pruning import atomic_write_bytes, prune_graph, save_pruned_graph
+    from pipeline.graph.pruned import save_pruned_graph
+    from pipeline.graph.pruning import prune_graph
 
     key_dir = graphs_dir / item.key
     pruning = settings.pruning()
@@ -841,7 +843,6 @@ def _rerun_command(command: Sequence[str] | None, failed: list[str]) -> str | No
 def _write_viewer(out: Path, statuses: list[PromptStatus], graphs_dir: Path) -> None:
     """``out/viewer/<id>.json`` (slug = prompt id) for every finished prompt, + its index."""
     from pipeline.analysis.export import update_graph_metadata
-    from pipeline.graph.pruning import atomic_write_bytes
 
     viewer = out / "viewer"
     tmp = Path(tempfile.mkdtemp(prefix=".viewer.", dir=out))
@@ -957,8 +958,6 @@ def _rel(path: Path, base: Path) -> str:
 def _write_study_json(
     result: StudyResult, prompt_set: PromptSet, settings: StudySettings, launcher: LauncherConfig, graphs: Path
 ) -> None:
-    from pipeline.graph.pruning import atomic_write_bytes
-
     records = {r.id: r for r in prompt_set}
     prompts = []
     for p in result.prompts:

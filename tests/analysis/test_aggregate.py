@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.analysis.aggregate import aggregate_study, render_figures
 from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
-from pipeline.graph.pruning import load_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records
 from pipeline.run.study import LauncherConfig, StudySettings, load_study, run_study
 

@@ -21,7 +21,8 @@ from pipeline.analysis.evaluation import (
 from pipeline.engine.attribution import attribute
 from pipeline.engine.interventions import Scale, feature_intervention
 from pipeline.engine.replacement import ReplacementModel
-from pipeline.graph.pruning import load_pruned_graph, prune_graph, save_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph
+from pipeline.graph.pruning import prune_graph
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

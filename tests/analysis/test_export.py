@@ -18,7 +18,8 @@ from pipeline.analysis.export import (
     load_labels,
     update_graph_metadata,
 )
-from pipeline.graph.pruning import prune_graph, save_pruned_graph
+from pipeline.graph.pruned import save_pruned_graph
+from pipeline.graph.pruning import prune_graph
 from tests.graph_fixtures import FakeGraph, hand_graph, make_graph, write_store  # noqa: E402
 
 FEATURE_TYPES = {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
@@ -351,7 +352,7 @@ def test_export_stage_labels_cover_exactly_the_exported_features(kind, tmp_path)
     """The export stage labels the pruned graph's features (stages.export.kept_features) before
     writing; those are exactly the feature nodes of the graph JSON, each with its label."""
     from pipeline.analysis.dashboards import graph_features
-    from pipeline.graph.pruning import load_pruned_graph
+    from pipeline.graph.pruned import load_pruned_graph
     from stages.export import kept_features
 
     g = make_graph(11, kind, n_layers=3, n_pos=5, d_transcoder=40)

@@ -11,19 +11,18 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.graph import pruning
+from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph
 from pipeline.graph.pruning import (
     PruneResult,
     compute_graph_scores,
     compute_influence,
     find_threshold,
-    load_pruned_graph,
     logit_weights_for,
     normalize_matrix,
     prune_graph,
     prune_graph_dense,
-    save_pruned_graph,
-    streaming_threshold,
 )
+from pipeline.graph.streaming import streaming_threshold
 from tests.graph_fixtures import hand_graph, layout_of, make_graph, write_store
 
 # ----------------------------------------------------------------------------------------------

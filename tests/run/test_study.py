@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import testing
-from pipeline.graph.pruning import load_pruned_graph
+from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
 from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run import study as S
