@@ -79,7 +79,6 @@ __all__ = [
     "PruneResult",
     "compute_edge_influence",
     "compute_graph_scores",
-    "compute_graph_scores_dense",
     "compute_influence",
     "compute_node_influence",
     "cumulative_influence_scores",
@@ -370,15 +369,6 @@ def _scores_from(node_influence, logit_weights, non_error_fraction, n_features, 
 # --------------------------------------------------------------------------------------------
 # Dense path (small graphs; the reference the out-of-core path must equal)
 # --------------------------------------------------------------------------------------------
-
-
-def compute_graph_scores_dense(adjacency, n_features, n_errors, n_tokens, logit_weights):
-    """(replacement_score, completeness_score) of a dense adjacency (circuit-tracer)."""
-    w = np.asarray(logit_weights, dtype=np.float64)
-    normalized = normalize_matrix(adjacency)
-    influence = compute_influence(normalized, w)
-    nef = 1.0 - normalized[:, n_features : n_features + n_errors].sum(axis=-1)
-    return _scores_from(influence, w, nef, n_features, n_errors, n_tokens)
 
 
 def prune_graph_dense(
