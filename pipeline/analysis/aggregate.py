@@ -52,12 +52,12 @@ import numpy as np
 from pipeline.analysis.export import (
     GRAPH_METADATA_FILE,
     SCHEMA_VERSION,
-    _node,
     cantor_pairing,
     error_node_id,
     feature_node_id,
     load_labels,
     logit_node_id,
+    node_record,
     token_node_id,
     update_graph_metadata,
 )
@@ -398,7 +398,7 @@ def _union_graph(
         infl = _r(t["infl_sum"] / n_graphs)
         if kind == "feature":
             pos = positions[slot]
-            d = _node(
+            d = node_record(
                 feature_node_id(layer, b, pos),
                 cantor_pairing(layer, b),
                 layer,
@@ -411,11 +411,11 @@ def _union_graph(
             )
         elif kind == "error":
             pos = positions[slot]
-            d = _node(error_node_id(layer, pos), -1, layer, pos, "error", js=f"{layer}_{pos}-0", influence=infl)
+            d = node_record(error_node_id(layer, pos), -1, layer, pos, "error", js=f"{layer}_{pos}-0", influence=infl)
         elif kind == "token":
             pos = positions[slot]
             tok = slot_token[slot]
-            d = _node(
+            d = node_record(
                 token_node_id(tok, pos),
                 pos,
                 "E",
@@ -428,7 +428,7 @@ def _union_graph(
         else:
             prob = _r(t["prob_sum"] / n_graphs)
             text = tables.logit_text.get(b, f"<{b}>")
-            d = _node(
+            d = node_record(
                 logit_node_id(n_layers, b, frame),
                 b,
                 n_layers + 1,
