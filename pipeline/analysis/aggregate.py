@@ -61,8 +61,8 @@ from pipeline.analysis.export import (
     token_node_id,
     update_graph_metadata,
 )
+from pipeline.analysis.study_files import graph_done, load_study
 from pipeline.graph.pruning import atomic_write_bytes, load_pruned_graph
-from pipeline.run.study import graph_done, load_study
 
 __all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs", "render_figures", "write_figures"]
 
