@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.analysis.aggregate import aggregate_study, render_figures
+from pipeline.analysis.aggregate import aggregate_study
+from pipeline.analysis.aggregate_figures import render_figures
 from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
 from pipeline.analysis.study_files import load_study
 from pipeline.graph.pruning import load_pruned_graph
