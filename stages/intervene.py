@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pipeline.analysis.evaluation import EvaluationSpec, evaluate, write_report
+from pipeline.analysis.evaluation import EvaluationSpec, evaluate
+from pipeline.analysis.report import write_report
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.config import PipelineConfig
 from stages._config import load_config, parse_args

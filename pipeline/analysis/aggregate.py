@@ -1,31 +1,22 @@
-"""Cross-prompt aggregation of a study: recurring features, a union "task circuit", figures.
+"""Cross-prompt aggregation of a study: recurring features and a union "task circuit".
 
-Input: a study folder (``study.json`` + its graph cache, see :mod:`pipeline.run.study`). Every
-finished prompt contributes its **pruned graph** (``graphs/<key>/pruned.npz``), read one at a
-time (out of core: memory holds the running tables, never two graphs).
+Input: a study folder (read by :mod:`pipeline.analysis.study_files`). Every finished prompt
+contributes its pruned graph, read one at a time: memory holds the running tables, never two
+graphs. Details in docs/pipeline.md.
 
-1. Positions are aligned by template slot: ``align="end"`` gives position ``p`` of an
-   ``n``-token prompt the slot ``p - n`` (-1 is the last token, where the answer is read),
-   ``align="start"`` the slot ``p``. A slot's label is its token when every prompt has the
-   same token there, else ``{key}`` when the token is the value of the prompt's ``key=value``
-   tag in every prompt (``{city}``), else ``*``.
-2. Recurring features, keyed by (layer, feature): in how many prompts' pruned graphs the
-   feature is a kept node (at any position), its influence per prompt (the node influence on
-   the logits, summed over the feature's kept positions) averaged over the prompts where it
-   appears, its maximum, its mean activation, and the slots it sits at (with prompt counts).
-   The same per (layer, feature, slot).
-3. The task circuit: the union of the pruned graphs in the aligned frame. Nodes are features
-   (layer, feature, slot), errors (layer, slot), tokens (slot; the slot's most common token)
-   and logits (token); a feature or error node is kept when it appears in at least
-   ``min_prompts`` prompts; an edge's weight is the mean of its weight over all prompts (0
-   where absent). Written as graph JSON in the schema of :mod:`pipeline.analysis.export` (its id
-   helpers and node builder), plus the fields ``n_prompts`` and ``prompt_share`` on nodes
-   and links; ``metadata.prompt_tokens`` are the slot labels.
-4. Figures (:func:`render_figures`, from ``aggregate.json`` alone): a feature × prompt
-   heatmap of the most recurring features' influence, and the top recurring features with
-   their labels (from a dashboards store or a labels file, when given). Matplotlib Agg with a
-   fixed font family, fixed SVG hash salt and no dates in the metadata: the same input gives
-   byte-identical PNG and SVG files on one platform.
+1. Align positions by template slot: ``align="end"`` gives position ``p`` of an ``n``-token
+   prompt the slot ``p - n`` (-1: the last token, where the answer is read), ``"start"`` the
+   slot ``p``. A slot's label is its token when all prompts share it, else ``{key}`` when the
+   token is the value of every prompt's ``key=value`` tag (``{city}``), else ``*``.
+2. Recurring features, per (layer, feature) and per (layer, feature, slot): in how many
+   prompts' pruned graphs they are kept, their influence on the logits (summed over kept
+   positions; mean over those prompts, and max), mean activation, the slots they sit at.
+3. The task circuit: the union of the pruned graphs in the aligned frame. Feature and error
+   nodes are kept when they appear in at least ``min_prompts`` prompts; an edge's weight is
+   its mean over all prompts (0 where absent). Graph JSON as :mod:`pipeline.analysis.export`
+   writes it, plus ``n_prompts`` and ``prompt_share`` on nodes and links; the slot labels are
+   ``metadata.prompt_tokens``.
+4. Figures, from ``aggregate.json`` alone (:mod:`pipeline.analysis.aggregate_figures`).
 
 Outputs of :func:`aggregate_study` in ``out``::
 
@@ -39,44 +30,36 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline._io import atomic_write_bytes
+from pipeline._io import atomic_write_bytes, json_bytes, read_json
+from pipeline.analysis.aggregate_figures import write_figures
 from pipeline.analysis.export import (
     GRAPH_METADATA_FILE,
     SCHEMA_VERSION,
-    _node,
     cantor_pairing,
     error_node_id,
     feature_node_id,
     load_labels,
     logit_node_id,
+    node_record,
     token_node_id,
     update_graph_metadata,
 )
+from pipeline.analysis.study_files import graph_done, load_study
 from pipeline.graph.pruned import load_pruned_graph
-from pipeline.run.study import graph_done, load_study
 
-__all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs", "render_figures", "write_figures"]
+__all__ = ["AGGREGATE_FORMAT", "PromptGraph", "aggregate_study", "iter_study_graphs"]
 
 AGGREGATE_FORMAT = "circuit-pipeline/aggregate"
 ALIGNS = ("end", "start")
-_RC = {
-    "svg.hashsalt": "circuit-pipeline",
-    "font.family": "DejaVu Sans",
-    "font.size": 8,
-    "axes.titlesize": 9,
-    "path.simplify": True,
-    "svg.fonttype": "path",
-}
 
 
 @dataclass
@@ -269,6 +252,7 @@ def _feature_labels(labels, wanted: list[tuple[int, int]]) -> dict[tuple[int, in
     if labels is None:
         return {}
     if isinstance(labels, (str, os.PathLike)) and (Path(labels) / "zarr.json").is_file():
+        # dashboards imports torch: only a dashboards store as the labels source pays for it
         from pipeline.analysis.dashboards import Dashboards
 
         dash = Dashboards.open(labels)
@@ -399,7 +383,7 @@ def _union_graph(
         infl = _r(t["infl_sum"] / n_graphs)
         if kind == "feature":
             pos = positions[slot]
-            d = _node(
+            d = node_record(
                 feature_node_id(layer, b, pos),
                 cantor_pairing(layer, b),
                 layer,
@@ -412,11 +396,11 @@ def _union_graph(
             )
         elif kind == "error":
             pos = positions[slot]
-            d = _node(error_node_id(layer, pos), -1, layer, pos, "error", js=f"{layer}_{pos}-0", influence=infl)
+            d = node_record(error_node_id(layer, pos), -1, layer, pos, "error", js=f"{layer}_{pos}-0", influence=infl)
         elif kind == "token":
             pos = positions[slot]
             tok = slot_token[slot]
-            d = _node(
+            d = node_record(
                 token_node_id(tok, pos),
                 pos,
                 "E",
@@ -429,7 +413,7 @@ def _union_graph(
         else:
             prob = _r(t["prob_sum"] / n_graphs)
             text = tables.logit_text.get(b, f"<{b}>")
-            d = _node(
+            d = node_record(
                 logit_node_id(n_layers, b, frame),
                 b,
                 n_layers + 1,
@@ -477,15 +461,9 @@ def _frame_slots(frame: int, align: str) -> list[int]:
     return [p - frame for p in range(frame)] if align == "end" else list(range(frame))
 
 
-def _json_bytes(obj: Any, indent: int | None = 2) -> bytes:
-    return (json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
 def _scan_of(study_dir, tables: _Tables) -> tuple[str, list[str]]:
     doc = load_study(study_dir)
-    path = Path(doc["graphs_dir"]) / tables.meta["key"] / tables.meta["json"]
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)["metadata"]
+    meta = read_json(Path(doc["graphs_dir"]) / tables.meta["key"] / tables.meta["json"])["metadata"]
     return str(meta.get("scan", "")), list(meta.get("transcoder_list", []))
 
 
@@ -549,10 +527,10 @@ def aggregate_study(
         "heatmap": _heatmap(study_dir, features[:top], group_by),
         "task_circuit": {"slug": slug, "nodes": len(union["nodes"]), "links": len(union["links"])},
     }
-    atomic_write_bytes(out / "aggregate.json", _json_bytes(result))
+    atomic_write_bytes(out / "aggregate.json", json_bytes(result, sort_keys=False))
     atomic_write_bytes(out / "features.csv", _features_csv(features))
     graph_dir = out / "graph"
-    atomic_write_bytes(graph_dir / f"{slug}.json", _json_bytes(union))
+    atomic_write_bytes(graph_dir / f"{slug}.json", json_bytes(union, sort_keys=False))
     update_graph_metadata(graph_dir, union["metadata"])
     (graph_dir / f".{GRAPH_METADATA_FILE}.lock").unlink(missing_ok=True)
     if figures:
@@ -591,89 +569,3 @@ def _features_csv(rows: list[dict[str, Any]]) -> bytes:
             ]
         )
     return buf.getvalue().encode("utf-8")
-
-
-# --------------------------------------------------------------------------------------- figures
-def _feature_name(row: Mapping[str, Any], width: int = 38) -> str:
-    name = f"L{row['layer']} F{row['feature']}"
-    label = str(row.get("label") or "")
-    if label:
-        label = label if len(label) <= width else label[: width - 1] + "…"
-        name = f"{name}  {label}"
-    return name
-
-
-def _save(fig) -> dict[str, bytes]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    out = {}
-    for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=100, metadata=meta)
-        out[fmt] = buf.getvalue()
-    return out
-
-
-def _fig_heatmap(agg: Mapping[str, Any]):
-    from matplotlib.figure import Figure
-
-    hm = agg["heatmap"]
-    values = np.asarray(hm["values"], dtype=np.float64).reshape(len(hm["features"]), len(hm["prompts"]))
-    rows = agg["features"][: len(hm["features"])]
-    fig = Figure(figsize=(max(4.0, 1.8 + 0.28 * len(hm["prompts"])), max(2.5, 1.2 + 0.22 * len(rows))))
-    ax = fig.add_subplot()
-    im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
-    groups = hm.get("groups") or [""] * len(hm["prompts"])
-    ax.set_xticks(
-        range(len(hm["prompts"])), [f"{p} ({g})" if g else p for p, g in zip(hm["prompts"], groups)], rotation=90
-    )
-    for i in range(1, len(groups)):
-        if groups[i] != groups[i - 1]:
-            ax.axvline(i - 0.5, color="white", linewidth=0.8)
-    ax.set_yticks(range(len(rows)), [_feature_name(r, 24) for r in rows])
-    ax.set_xlabel("prompt")
-    ax.set_title(f"Influence of the {len(rows)} most recurring features ({agg['study']}, {agg['n_prompts']} prompts)")
-    fig.colorbar(im, ax=ax, label="influence on the logits")
-    fig.tight_layout()
-    return fig
-
-
-def _fig_top_features(agg: Mapping[str, Any], top: int = 20):
-    from matplotlib.figure import Figure
-
-    rows = agg["features"][:top]
-    fig = Figure(figsize=(8.0, max(2.5, 1.0 + 0.25 * len(rows))))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))[::-1]
-    ax.barh(y, [r["n_prompts"] for r in rows], color="#4c72b0")
-    ax.set_yticks(y, [_feature_name(r) for r in rows])
-    for yi, r in zip(y, rows):
-        ax.text(r["n_prompts"], yi, f" {r['mean_influence']:.3g}", va="center", fontsize=7)
-    ax.set_xlim(0, agg["n_prompts"] * 1.15)
-    ax.set_xlabel(f"prompts whose pruned circuit keeps the feature (of {agg['n_prompts']})")
-    ax.set_title(f"Top recurring features ({agg['study']}); at each bar its mean influence on the logits")
-    fig.tight_layout()
-    return fig
-
-
-def render_figures(agg: Mapping[str, Any]) -> dict[str, bytes]:
-    """``{"heatmap.png": bytes, "heatmap.svg": ..., "top_features.png": ..., ...}``."""
-    import matplotlib
-
-    out: dict[str, bytes] = {}
-    with matplotlib.rc_context(_RC):
-        for name, make in (("heatmap", _fig_heatmap), ("top_features", _fig_top_features)):
-            for fmt, data in _save(make(agg)).items():
-                out[f"{name}.{fmt}"] = data
-    return out
-
-
-def write_figures(agg: Mapping[str, Any], figures_dir: str | os.PathLike) -> dict[str, Path]:
-    """Render and write the figures atomically; returns ``{name: path}``."""
-    paths = {}
-    for name, data in render_figures(agg).items():
-        path = Path(figures_dir) / name
-        atomic_write_bytes(path, data)
-        paths[name] = path
-    return paths

@@ -1,67 +1,43 @@
 """Check a circuit causally: ablate its top features, keep or remove the whole circuit, run the
-prompt's named experiments, and write the report (JSON, Markdown, figures).
+prompt's named experiments (details: docs/interventions.md).
 
-Steps of :func:`evaluate`:
+The phases of :func:`evaluate`:
 
-1. Load: the prompt (given, or the graph's ``prompt`` attribute, checked against its tokens),
-   the graph-order feature table (layer, pos, feature, activation), node influence and the
-   circuit (the pruned node mask: a :class:`~pipeline.graph.pruned.PrunedGraph`'s, or
-   :func:`~pipeline.graph.pruning.prune_graph` of a :class:`~pipeline.graph.store.Graph`), the
-   first logit node (the top token) and its read vector, and every feature's direct edge to it.
-2. Top-k features by influence: ablate each one alone, in direct-effects mode and with
-   iterative patching, and measure the change of the target's de-meaned logit
-   ``v · Δ(unembedding input)`` at the last position. Attribution predicts ``-A[logit, f]``
-   for a direct-effect ablation (an edge weight is activation × decoder · gradient, so removing
-   the whole output vector moves the target by minus the edge). Report both correlations.
-3. Faithfulness: four runs with iterative patching — clean, circuit only (every active feature
-   outside the circuit set to 0), circuit ablated (its features set to 0), all features
-   ablated — with the target's de-meaned logit, the clean top token's probability, the top
-   token and KL(clean || run) at the last position. ``faithfulness`` = (circuit only − all
-   ablated) / (clean − all ablated) on the de-meaned logit; error vectors stay at their
-   clean values (errors="frozen"), so the fully ablated model is "errors + biases + skips".
-4. Named experiments (:class:`Experiment`): ``ablate`` (scale the source features, default
-   ×0), ``steer`` (set them to ``value`` or scale them by ``source_factor``), ``swap`` (source ×
-   ``source_factor`` (default 0), and the target features set to ``target_factor`` × their
-   activation on ``donor_prompt``). Target features are written in the donor prompt's
-   positions (as its graph / annotations name them) and applied end-aligned: donor position
-   ``q`` maps to ``q + n_pos - n_donor`` (the last token to the last token). Top tokens
-   before / after, whether the expected tokens came out (``flipped``), and greedy generations
-   without and with the intervention (open-ended when ``open_ended``). Source and target
-   entries are supernode names, ``[layer, pos, feature]`` triples, or *selectors*
-   ``{"pos": P, "layers": [...], "not_on_donor": bool}``: every feature active at position
-   ``P`` (negative: from the end) of this prompt (source) or of the donor prompt (target), in
-   those layers (all when omitted); ``not_on_donor`` (source only) keeps the features that
-   are not active at the end-aligned position of ``donor_prompt`` (the features specific to
-   this prompt, e.g. its language's). So a config can say "swap everything active at the
-   last position" without naming feature indices of one particular set of transcoders. An
-   optional ``group`` labels experiments for the per-group flip rates (``by_group``).
-5. Summary: flip rate (experiments with an ``expected_after`` whose top token after the
-   intervention is it, and before it ``expected_before`` when given), overall and per
-   experiment kind, faithfulness, correlations. :func:`study_metrics` sums them over a study.
+1. Read the circuit (:func:`~pipeline.analysis.circuit.read_circuit`) and run the prompt clean.
+2. Top-k features by influence, each ablated alone, in direct-effects mode and with iterative
+   patching: the change of the target's de-meaned logit ``v · Δ(unembedding input)`` at the
+   last position against the attribution's prediction ``-A[logit, f]`` (an edge weight is
+   activation × decoder · gradient, so removing the whole output vector moves the target by
+   minus the edge).
+3. Faithfulness: clean, circuit only (every active feature outside the circuit set to 0),
+   circuit ablated, all features ablated, with iterative patching and error vectors frozen at
+   their clean values (so the fully ablated model is "errors + biases + skips");
+   ``faithfulness`` = (circuit only − all ablated) / (clean − all ablated) on the de-meaned
+   target logit.
+4. Named experiments (:class:`Experiment`): ablate, steer or swap features; top tokens before
+   and after, whether the expected token came out (``flipped``), greedy generations without
+   and with the intervention.
+5. Summary: the flip rate (of the experiments with an ``expected_after``, those whose top
+   token after is it, and before ``expected_before`` when given), overall, per experiment
+   kind and per group; faithfulness; correlations. :func:`study_metrics` sums them over a study.
 
-:func:`write_report` writes ``report.json`` (sorted keys, floats to 6 significant digits),
-``report.md``, ``metrics.json`` (the summary, for ``dvc metrics``) and
-``figures/{top_features,faithfulness,experiments}.{png,svg}`` (matplotlib Agg, no timestamps,
-fixed SVG hash salt), each atomically. Same inputs on the same machine give the same bytes.
+The report is a JSON-ready dict, floats rounded to 6 significant digits;
+:mod:`pipeline.analysis.report` writes it as files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline._io import atomic_write_bytes
+from pipeline.analysis.circuit import Circuit, read_circuit
 from pipeline.engine.interventions import (
     ERROR_MODES,
     InterventionRunner,
@@ -73,28 +49,16 @@ from pipeline.engine.interventions import (
     load_supernodes,
     supernodes_from_config,
 )
-from pipeline.graph.pruned import first_logit_feature_row, load_pruned_graph, selected_feature_table
-from pipeline.graph.pruning import prune_graph
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.engine.replacement import ReplacementModel
 
-__all__ = [
-    "EvaluationSpec",
-    "Experiment",
-    "REPORT_FORMAT",
-    "evaluate",
-    "render_figures",
-    "render_markdown",
-    "study_metrics",
-    "write_report",
-]
+__all__ = ["REPORT_FORMAT", "EvaluationSpec", "Experiment", "evaluate", "study_metrics"]
 
 REPORT_FORMAT = "circuit-pipeline/intervention-report"
 REPORT_VERSION = 1
 KINDS = ("ablate", "steer", "swap")
 MODES = ("iterative", "constrained", "direct")
-FIGURES = ("top_features", "faithfulness", "experiments")
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -102,9 +66,19 @@ FIGURES = ("top_features", "faithfulness", "experiments")
 class Experiment:
     """One named intervention experiment on the graph's prompt.
 
-    source: supernode names, [layer, pos, feature] triples (this prompt's positions) and/or
-    selectors {"pos": P, "layers": [...]} (every feature active there on this prompt)
-    target: swap only: the same forms, in ``donor_prompt``'s positions and activations
+    Kinds: ``ablate`` scales the source features (default ×0); ``steer`` sets them to
+    ``value`` or scales them by ``source_factor``; ``swap`` scales the source by
+    ``source_factor`` (default 0) and sets the target features to ``target_factor`` × their
+    activation on ``donor_prompt``, end-aligned (donor position ``q`` is this prompt's
+    ``q + n_pos - n_donor``: the last token maps to the last token).
+
+    Source and target entries are supernode names, ``[layer, pos, feature]`` triples, or
+    selectors ``{"pos": P, "layers": [...], "not_on_donor": bool}``: every feature active at
+    position ``P`` (negative: from the end) of this prompt (source) or of the donor prompt
+    (target), in those layers (all when omitted); ``not_on_donor`` (source only) keeps the
+    features inactive at the end-aligned position of ``donor_prompt``. A config can so say
+    "swap everything active at the last position" without naming feature indices.
+
     source_factor: multiplier for the source features (ablate / swap default 0; steer: used
     when ``value`` is None)
     value: steer: the value the source features are set to
@@ -267,98 +241,6 @@ def _kl(p_logits: Tensor, q_logits: Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
-def _load_graph(graph):
-    if isinstance(graph, (str, os.PathLike)):
-        path = Path(graph)
-        if path.is_file():
-            return load_pruned_graph(path)
-        from pipeline.graph.store import Graph
-
-        return Graph.open(path)
-    return graph
-
-
-@dataclass
-class _Circuit:
-    """Graph-order features and what the graph says about them."""
-
-    features: np.ndarray  # (n_features, 3) layer, pos, feature
-    activations: np.ndarray  # (n_features,)
-    influence: np.ndarray  # (n_features,)
-    in_circuit: np.ndarray  # (n_features,) bool
-    edge_to_target: np.ndarray  # (n_features,) A[first logit, feature]
-    target_token: int
-    target_vector: Tensor  # (d_model,)
-    tokens: np.ndarray
-    prompt: str | None
-    pruning: dict
-
-
-def _full_row(edges, feats: np.ndarray, n_f: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first logit's edges from every feature, and its read vector, from the unpruned store."""
-    efeats, _ = selected_feature_table(edges)
-    if efeats.shape != feats.shape or not np.array_equal(efeats, feats):
-        raise ValueError(
-            "edges: the graph store does not hold the pruned graph's features (same prompt, model and attribution run?)"
-        )
-    return first_logit_feature_row(edges, n_f)
-
-
-def _circuit(model, graph, spec: EvaluationSpec, edges=None) -> _Circuit:
-    feats, acts = selected_feature_table(graph)
-    n_f = len(feats)
-    if hasattr(graph, "result") and edges is not None:  # pruned circuit, full attribution row
-        result = graph.result
-        edge, vector = _full_row(edges, np.asarray(feats, np.int64).reshape(-1, 3), n_f)
-    elif getattr(graph, "target_feature_edges", None) is not None:  # full row saved by prune
-        result = graph.result
-        edge = np.asarray(graph.target_feature_edges, np.float64)
-        if edge.shape != (n_f,):
-            raise ValueError(f"the pruned graph's target_feature_edges has shape {edge.shape}, expected ({n_f},)")
-        vector = graph.target_vector
-    elif hasattr(graph, "result"):  # a pruned-graph artifact without it: its kept edges only
-        result = graph.result
-        logit0 = result.n_nodes - result.n_logits
-        row = result.edge_weights.getrow(logit0).tocoo()
-        edge = np.zeros(n_f)
-        sel = row.col < n_f
-        edge[row.col[sel]] = row.data[sel]
-        vector = None
-    else:
-        result = prune_graph(graph, spec.node_threshold, spec.edge_threshold)
-        edge, vector = first_logit_feature_row(graph, n_f)
-    if graph.n_logits == 0:
-        raise ValueError("the graph has no logit nodes: nothing to measure interventions against")
-    token = int(graph.logit_tokens[0])
-    W_U = model.W_U
-    if vector is not None:
-        vector = torch.as_tensor(vector)
-    else:
-        if token < 0:
-            raise ValueError(
-                "the graph's first logit target is not a token and the graph stores no "
-                "logit vectors: evaluate the unpruned graph store instead"
-            )
-        vector = W_U[:, token] - W_U.mean(-1)
-    return _Circuit(
-        features=np.asarray(feats, np.int64).reshape(-1, 3),
-        activations=np.asarray(acts, np.float64),
-        influence=np.asarray(result.node_influence[:n_f], np.float64),
-        in_circuit=np.asarray(result.node_mask[:n_f], bool),
-        edge_to_target=edge.astype(np.float64),
-        target_token=token,
-        target_vector=vector.to(dtype=model.dtype, device=W_U.device),
-        tokens=np.asarray(graph.input_tokens, np.int64),
-        prompt=(getattr(graph, "attrs", {}) or {}).get("prompt"),
-        pruning={
-            "node_threshold": _r(result.node_threshold),
-            "edge_threshold": _r(result.edge_threshold),
-            "replacement_score": _r(result.replacement_score),
-            "completeness_score": _r(result.completeness_score),
-        },
-    )
-
-
 # ------------------------------------------------------------------------------------ evaluate
 def evaluate(
     model: ReplacementModel,
@@ -375,13 +257,10 @@ def evaluate(
     ``.npz``); annotations: a viewer annotations file / mapping whose supernodes the
     experiments may name; edges: with a pruned graph, the unpruned graph store (a Graph or
     its path) it was pruned from, so the top-k predictions use the target's full row of
-    attribution edges. Not needed for a pruned graph saved from a store (it carries that row,
-    ``target_feature_edges``); otherwise a pruned graph has only its kept edges, and a feature
-    whose edge to the target was pruned would be predicted 0.
+    attribution edges (see :mod:`pipeline.analysis.circuit` for when it is needed).
     """
     spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
-    graph = _load_graph(graph)
-    c = _circuit(model, graph, spec, None if edges is None else _load_graph(edges))
+    c = read_circuit(model, graph, node_threshold=spec.node_threshold, edge_threshold=spec.edge_threshold, edges=edges)
 
     # Phase 1: the prompt and its clean run
     text = prompt if prompt is not None else c.prompt
@@ -413,7 +292,7 @@ def evaluate(
         "transcoders": {"kind": model.transcoders.kind, "scan": model.transcoders.scan},
         "spec": spec.to_dict(),
         "target": {"token": _tok(model, c.target_token), "id": c.target_token, "demeaned_logit": _r(base_target)},
-        "pruning": c.pruning,
+        "pruning": {name: _r(value) for name, value in c.pruning.items()},
         "clean": {"top_tokens": _top_tokens(model, clean.logits[-1], spec.n_top_tokens)},
     }
 
@@ -497,7 +376,7 @@ def _flip_counts(experiments: Sequence[Mapping[str, Any]]) -> dict:
     }
 
 
-def _faithfulness(model, runner: InterventionRunner, c: _Circuit, target_of, common) -> dict:
+def _faithfulness(model, runner: InterventionRunner, c: Circuit, target_of, common) -> dict:
     clean = runner.clean
     active = clean.activations.nonzero().tolist()  # (layer, pos, feature), BOS excluded
     circuit = {tuple(int(v) for v in f) for f in c.features[c.in_circuit]}
@@ -722,299 +601,3 @@ def study_metrics(
             name: _sum_counts([summaries[i] for i in sorted(idx)]) for name, idx in sorted(prompt_groups.items())
         }
     return out
-
-
-# ------------------------------------------------------------------------------------ markdown
-def _md_cell(x: Any) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
-    return lines
-
-
-def _quote(s: str | None) -> str:
-    return "–" if s is None else "`" + s.replace("`", "'") + "`"
-
-
-def _md_faithfulness(f: Mapping[str, Any]) -> list[str]:
-    L = [f"{f['n_circuit_features']} circuit features of {f['n_active_features']} active features.", ""]
-    L += _md_table(
-        ["run", "features ablated", "de-meaned target logit", "p(clean top)", "top token", "KL from clean"],
-        [
-            [name, c["n_ablated"], c["demeaned_logit"], c["prob_clean_top"], _quote(c["top_token"]), c["kl_from_clean"]]
-            for name, c in f["conditions"].items()
-        ],
-    )
-    L += [
-        "",
-        f"Faithfulness (circuit only vs all ablated, on the target logit): {_md_cell(f['faithfulness'])}; "
-        f"effect of ablating the circuit: {_md_cell(f['circuit_ablation_effect'])}.",
-        "",
-        "![faithfulness](figures/faithfulness.png)",
-        "",
-    ]
-    return L
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """The report as Markdown (figures linked from ``figures/``)."""
-    L: list[str] = []
-    prompt = report["prompt"] if report["prompt"] is not None else "".join(report["tokens"])
-    L += [f"# Intervention report: {_quote(prompt)}", ""]
-    t = report["target"]
-    L += [
-        f"Model `{report['model']}`, transcoders: {report['transcoders']['kind']}. Target: the top "
-        f"token {_quote(t['token'])} (id {t['id']}), de-meaned logit {_md_cell(t['demeaned_logit'])}. "
-        f"Iterative runs: attention {'frozen' if report['spec']['freeze_attention'] else 'free'}, "
-        f"error vectors {report['spec']['errors']}.",
-        "",
-    ]
-    s = report["summary"]
-    L += ["## Summary", ""]
-    L += _md_table(
-        ["metric", "value"],
-        [
-            ["experiments", s["n_experiments"]],
-            ["experiments with an expected flip", s["n_checked"]],
-            ["flipped as expected", s["n_flipped"]],
-            ["flip rate", s["flip_rate"]],
-            *[
-                [f"flip rate, {kind} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
-                for kind, k in s.get("by_kind", {}).items()
-            ],
-            *[
-                [f"flip rate, group {g} ({k['n_flipped']}/{k['n_checked']})", k["flip_rate"]]
-                for g, k in s.get("by_group", {}).items()
-            ],
-            ["faithfulness (circuit only)", s["faithfulness"]],
-            ["circuit ablation effect", s["circuit_ablation_effect"]],
-            ["correlation, predicted vs direct", s["correlation_direct"]],
-            ["correlation, predicted vs iterative", s["correlation_iterative"]],
-        ],
-    )
-    L += ["", "## Clean run", ""]
-    L += _md_table(
-        ["rank", "token", "prob", "logit"],
-        [[r["rank"], _quote(r["token"]), r["prob"], r["logit"]] for r in report["clean"]["top_tokens"]],
-    )
-    tf = report["top_features"]
-    L += [
-        "",
-        "## Top features by influence: ablation vs attribution",
-        "",
-        "Change of the target's de-meaned logit when each feature is set to 0 alone. "
-        "*Predicted* is minus its attribution edge to the target (exact for direct effects).",
-        "",
-    ]
-    L += _md_table(
-        [
-            "node",
-            "layer",
-            "pos",
-            "token",
-            "feature",
-            "activation",
-            "influence",
-            "circuit",
-            "predicted",
-            "direct",
-            "iterative",
-        ],
-        [
-            [
-                r["node"],
-                r["layer"],
-                r["pos"],
-                _quote(r["token"]),
-                r["feature"],
-                r["activation"],
-                r["influence"],
-                r["in_circuit"],
-                r["predicted"],
-                r["direct"],
-                r["iterative"],
-            ]
-            for r in tf["rows"]
-        ],
-    )
-    L += [
-        "",
-        f"Correlation with the prediction: direct effects {_md_cell(tf['correlation_direct'])}, "
-        f"iterative {_md_cell(tf['correlation_iterative'])}; largest direct-effect error "
-        f"{_md_cell(tf['max_abs_error_direct'])}.",
-        "",
-        "![top features](figures/top_features.png)",
-        "",
-    ]
-    f = report["faithfulness"]
-    L += ["## Faithfulness", ""]
-    if f is None:
-        L += ["Not run (intervention.faithfulness is false).", ""]
-    else:
-        L += _md_faithfulness(f)
-    L += ["## Experiments", ""]
-    if not report["experiments"]:
-        L += ["No experiments configured.", ""]
-    for e in report["experiments"]:
-        L += [
-            f"### {e['name']} ({e['kind']}, {e['mode']})",
-            "",
-            f"{e['n_source_features']} source features, {e['n_interventions']} interventions. "
-            f"Expected {_quote(e['expected_before'])} → {_quote(e['expected_after'])}: "
-            f"before {_md_cell(e['before_ok'])}, after {_md_cell(e['after_ok'])}, "
-            f"**flipped: {_md_cell(e['flipped'])}**. KL from clean {_md_cell(e['kl_from_clean'])}.",
-            "",
-        ]
-        if e["n_target_inactive_on_donor"]:
-            L += [f"{e['n_target_inactive_on_donor']} target features are inactive on the donor prompt.", ""]
-        rows = []
-        for b, a in zip(e["before"], e["after"]):
-            rows.append([b["rank"], _quote(b["token"]), b["prob"], _quote(a["token"]), a["prob"]])
-        L += _md_table(["rank", "before", "p", "after", "p"], rows)
-        if e["generation"]:
-            g = e["generation"]
-            L += [
-                "",
-                f"Generation ({g['max_new_tokens']} tokens): clean {_quote(g['clean'])}; "
-                f"steered {_quote(g['steered'])}.",
-            ]
-        L += [""]
-    L += ["![experiments](figures/experiments.png)", ""]
-    return "\n".join(L)
-
-
-# ------------------------------------------------------------------------------------ figures
-_RC = {"svg.hashsalt": "circuit-pipeline", "font.size": 9, "axes.titlesize": 10, "path.simplify": True}
-
-
-def _save(fig, formats: Sequence[str] = ("png", "svg")) -> dict[str, bytes]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    out = {}
-    for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        if fmt not in formats:
-            continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=100, metadata=meta)
-        out[fmt] = buf.getvalue()
-    return out
-
-
-def _fig_top_features(report):
-    from matplotlib.figure import Figure
-
-    rows = report["top_features"]["rows"]
-    fig = Figure(figsize=(5, 4))
-    ax = fig.add_subplot()
-    pred = [r["predicted"] for r in rows]
-    for key, marker, label in (("direct", "o", "direct effects"), ("iterative", "x", "iterative")):
-        ax.scatter(pred, [r[key] for r in rows], marker=marker, label=label)
-    vals = [v for r in rows for v in (r["predicted"], r["direct"], r["iterative"]) if v is not None]
-    if vals:
-        lo, hi = min(vals), max(vals)
-        pad = (hi - lo) * 0.05 or 1.0
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", linewidth=0.8, label="y = x")
-    ax.set_xlabel("predicted change (−edge weight)")
-    ax.set_ylabel("measured change of the de-meaned logit")
-    ax.set_title(f"Top {len(rows)} features by influence, ablated")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    return fig
-
-
-def _fig_faithfulness(report):
-    from matplotlib.figure import Figure
-
-    conds = report["faithfulness"]["conditions"]
-    names = list(conds)
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    vals = [conds[n]["demeaned_logit"] or 0.0 for n in names]
-    ax.bar(range(len(names)), vals, color=["#4c72b0", "#55a868", "#c44e52", "#8c8c8c"][: len(names)])
-    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
-    ax.set_ylabel("de-meaned target logit")
-    ax.set_title(f"Faithfulness {_md_cell(report['faithfulness']['faithfulness'])}")
-    ax.axhline(0, color="black", linewidth=0.6)
-    fig.tight_layout()
-    return fig
-
-
-def _fig_experiments(report):
-    from matplotlib.figure import Figure
-
-    exps = report["experiments"]
-    n = max(len(exps), 1)
-    fig = Figure(figsize=(8, 2.4 * n))
-    if not exps:
-        ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no experiments configured", ha="center", va="center")
-        ax.set_axis_off()
-        return fig
-    for i, e in enumerate(exps):
-        for j, (key, title) in enumerate((("before", "before"), ("after", "after"))):
-            ax = fig.add_subplot(n, 2, 2 * i + j + 1)
-            toks = e[key][::-1]
-            ax.barh(range(len(toks)), [t["prob"] or 0.0 for t in toks], color="#4c72b0" if j == 0 else "#c44e52")
-            ax.set_yticks(range(len(toks)), [repr(t["token"]) for t in toks])
-            ax.set_xlim(0, 1)
-            ax.set_title(f"{e['name']}\n{title}" + (f" (flipped: {_md_cell(e['flipped'])})" if j else ""), fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def render_figures(report: Mapping[str, Any], formats: Sequence[str] = ("png", "svg")) -> dict[str, bytes]:
-    """``{"top_features.png": bytes, "top_features.svg": ..., ...}`` for every figure, in
-    ``formats`` (png and/or svg)."""
-    bad = sorted(set(formats) - {"png", "svg"})
-    if bad:
-        raise ValueError(f"figure formats are png and svg, got {bad}")
-    import matplotlib
-
-    out: dict[str, bytes] = {}
-    with matplotlib.rc_context(_RC):
-        for name, make in (
-            ("top_features", _fig_top_features),
-            ("faithfulness", _fig_faithfulness),
-            ("experiments", _fig_experiments),
-        ):
-            if name == "faithfulness" and report["faithfulness"] is None:
-                continue
-            for fmt, data in _save(make(report), formats).items():
-                out[f"{name}.{fmt}"] = data
-    return out
-
-
-# ------------------------------------------------------------------------------------ write
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
-def write_report(
-    report: Mapping[str, Any], out_dir: str | os.PathLike, figure_formats: Sequence[str] = ("png", "svg")
-) -> dict[str, Path]:
-    """Write report.json, report.md, metrics.json and figures/* (``figure_formats``) under
-    ``out_dir``, each atomically; returns {name: path}."""
-    out = Path(out_dir)
-    files: dict[str, bytes] = {
-        "report.json": _json_bytes(report),
-        "report.md": render_markdown(report).encode("utf-8"),
-        "metrics.json": _json_bytes(report["summary"]),
-    }
-    for name, data in render_figures(report, figure_formats).items():
-        files[f"figures/{name}"] = data
-    paths = {}
-    for name, data in files.items():
-        path = out / name
-        atomic_write_bytes(path, data)
-        paths[name] = path
-    return paths

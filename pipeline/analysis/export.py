@@ -1,19 +1,10 @@
-"""Graph JSON files for circuit-tracer's viewer and Neuronpedia.
+"""Graph JSON files for circuit-tracer's viewer and Neuronpedia: ``{slug}.json`` and the
+folder's ``graph-metadata.json`` index (the full schema: docs/formats.md).
 
-Mirrors ``circuit_tracer/utils/create_graph_files.py`` and the pydantic models in
-``circuit_tracer/frontend/graph_models.py`` (decoderesearch/circuit-tracer):
-
-``{slug}.json``::
-
-    {"metadata": {slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold,
-                  schema_version: 1},
-     "qParams":  {pinnedIds: [], supernodes: [], linkType: "both", clickedId: "", sg_pos: ""},
-     "nodes":    [{node_id, feature, layer, ctx_idx, feature_type, token_prob, is_target_logit,
-                   run_idx, reverse_ctx_idx, jsNodeId, clerp, influence, activation}, ...],
-     "links":    [{source, target, weight}, ...]}
-
-Nodes (in graph node order: features, errors, tokens, logits; only pruning survivors, and of
-those only nodes touched by a kept link plus every token and logit)::
+Mirrors circuit-tracer's ``utils/create_graph_files.py`` and ``frontend/graph_models.py``. A
+file holds ``metadata``, ``qParams``, ``nodes`` (pruning survivors in graph order: features,
+errors, tokens, logits; only those a kept link touches, plus every token and logit) and
+``links`` (every kept edge, by target then source, ``weight`` = ``A[target, source]``)::
 
     kind     node_id                    feature       layer       ctx_idx     jsNodeId
     feature  {layer}_{feature}_{pos}    cantor(l, f)  "{layer}"   pos         {layer}_{feature}-0
@@ -21,30 +12,14 @@ those only nodes touched by a kept link plus every token and logit)::
     token    E_{token_id}_{pos}         pos           "E"         pos         E_{token_id}-{pos}
     logit    {L+1}_{token_id}_{P-1}     token_id      "{L+1}"     P - 1       L_{token_id}-{P-1}
 
-(L = n_layers, P = n_pos.)  ``feature_type``: "cross layer transcoder" (every feature, PLT or
-CLT, as circuit-tracer writes), "mlp reconstruction error", "embedding", "logit".
-``cantor(x, y) = (x + y)(x + y + 1)/2 + y``.  ``influence`` is the node's *cumulative* influence score from pruning (null for
-logits); ``activation`` is set for features only (null otherwise).  Logits: ``token_prob`` is
-the probability, ``is_target_logit`` is true for the first logit, ``clerp`` is
-``Output "{token}" (p={prob:.3f})``; other nodes: ``token_prob`` 0.0, ``clerp`` "" unless a
-label is given.  ``run_idx`` and ``reverse_ctx_idx`` are 0.
+(L = n_layers, P = n_pos.) Kept for compatibility: an error node's id can equal a layer-0
+feature's (warned). Deliberate differences from circuit-tracer: a list ``scan`` is named
+``"custom-"`` + a SHA-256 digest of the names (not Python's salted ``hash``); with a string
+``scan``, ``transcoder_list`` comes from ``graph.attrs`` when present; float32 values are
+written with their shortest float32 repr; ``graph-metadata.json`` is sorted by slug.
 
-Links: every kept edge, row-major (by target node, then source node), ``source`` = the source
-node's id, ``target`` = the target's id, ``weight`` = ``A[target, source]``.
-
-Known quirk kept for compatibility: an error node id ``0_{layer}_{pos}`` equals the id of a
-layer-0 feature whose index equals that layer number at the same position; such collisions
-are reported with a warning.
-
-Deliberate differences from circuit-tracer: when ``scan`` is a list, ``metadata.scan`` is
-``"custom-"`` + a SHA-256 digest of the joined names (circuit-tracer uses Python's salted
-``hash``, which changes between runs); when ``scan`` is a string, ``transcoder_list`` is taken
-from ``graph.attrs["transcoder_list"]`` if present (circuit-tracer: always ``[]``); float32
-values (weights, activations, probabilities) are written with their shortest float32 repr;
-``graph-metadata.json`` lists graphs sorted by slug (circuit-tracer: append order).
-
-Determinism: fixed key order, fixed float formatting, UTF-8, no timestamps - the same graph,
-pruning and labels give byte-identical files.  Every file is written atomically.
+Fixed key order and float formatting, no timestamps: the same graph, pruning and labels give
+byte-identical files, each written atomically.
 """
 
 from __future__ import annotations
@@ -52,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -61,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline._io import atomic_write_bytes
+from pipeline._io import atomic_write_bytes, json_bytes, read_json
 from pipeline.graph.pruned import PrunedGraph, load_pruned_graph, selected_feature_table
 from pipeline.graph.pruning import PruneResult, prune_graph
 
@@ -77,6 +51,7 @@ __all__ = [
     "feature_node_id",
     "load_labels",
     "logit_node_id",
+    "node_record",
     "token_node_id",
     "update_graph_metadata",
 ]
@@ -225,8 +200,7 @@ def load_labels(labels) -> tuple[dict[str, str], dict[tuple[int, int], str]]:
     if labels is None:
         return by_id, by_feature
     if isinstance(labels, (str, os.PathLike)):
-        with open(labels, encoding="utf-8") as f:
-            labels = json.load(f)
+        labels = read_json(labels)
     if isinstance(labels, Mapping):
         for key, value in labels.items():
             if isinstance(key, tuple):
@@ -270,7 +244,7 @@ def _scan_fields(graph, scan) -> tuple[str, list[str]]:
     return str(scan), [str(s) for s in attrs.get("transcoder_list", []) or []]
 
 
-def _node(
+def node_record(
     node_id,
     feature,
     layer,
@@ -284,6 +258,8 @@ def _node(
     influence=None,
     activation=None,
 ) -> dict[str, Any]:
+    """One node of the graph JSON, its fields in ``NODE_FIELDS`` order; ``kind`` is a key of
+    ``FEATURE_TYPES``, ``js`` the ``jsNodeId``."""
     return {
         "node_id": node_id,
         "feature": int(feature),
@@ -351,7 +327,7 @@ def build_graph_json(
         if idx < n_features:
             layer, pos, feat = (int(v) for v in info[idx])
             nid = feature_node_id(layer, feat, pos)
-            node = _node(
+            node = node_record(
                 nid,
                 cantor_pairing(layer, feat),
                 layer,
@@ -365,7 +341,7 @@ def build_graph_json(
         elif idx < error_end:
             layer, pos = divmod(idx - n_features, n_pos)
             nid = error_node_id(layer, pos)
-            node = _node(
+            node = node_record(
                 nid,
                 -1,
                 layer,
@@ -379,7 +355,7 @@ def build_graph_json(
             pos = idx - error_end
             tok = int(input_tokens[pos])
             nid = token_node_id(tok, pos)
-            node = _node(
+            node = node_record(
                 nid,
                 pos,
                 "E",
@@ -395,7 +371,7 @@ def build_graph_json(
             prob = _float(logit_probs[i])
             nid = logit_node_id(n_layers, tok, n_pos)
             text = decode_logit(tok, i)
-            node = _node(
+            node = node_record(
                 nid,
                 tok,
                 n_layers + 1,
@@ -446,10 +422,6 @@ def build_graph_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": used_nodes, "links": links}
 
 
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
 def _check_slug(slug: str) -> None:
     if (
         not isinstance(slug, str)
@@ -487,14 +459,13 @@ def update_graph_metadata(output_dir, metadata: Mapping[str, Any]) -> Path:
     with _locked(output_dir):
         graphs = []
         if path.exists():
-            with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = read_json(path)
             if not isinstance(doc, dict) or not isinstance(doc.get("graphs"), list):
                 raise ValueError(f"{path} is not a graph-metadata index ({{'graphs': [...]}})")
             graphs = [g for g in doc["graphs"] if g.get("slug") != entry["slug"]]
         graphs.append(entry)
         graphs.sort(key=lambda g: str(g.get("slug")))
-        atomic_write_bytes(path, _json_bytes({"graphs": graphs}))
+        atomic_write_bytes(path, json_bytes({"graphs": graphs}, sort_keys=False))
     return path
 
 
@@ -528,6 +499,6 @@ def create_graph_files(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"{slug}.json"
-    atomic_write_bytes(path, _json_bytes(doc))
+    atomic_write_bytes(path, json_bytes(doc, sort_keys=False))
     update_graph_metadata(output_dir, doc["metadata"])
     return path

@@ -22,25 +22,31 @@ link whose ends are in it.
 
 Determinism: the same graph gives byte-identical files. Figures are built on the Agg canvas
 (no pyplot, no global state), with one font family (DejaVu Sans, bundled with matplotlib),
-SVG text as paths with a fixed ``svg.hashsalt``, and no software / date metadata in either
-format.
+SVG text as paths with a fixed ``svg.hashsalt`` (``RC``), and saved by :func:`figure_bytes`
+without software / date metadata; the study and report figures are saved the same way.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-__all__ = ["GraphDrawing", "draw_graph", "graph_layout", "render_graph", "write_graph_figures"]
+from pipeline._io import atomic_write_bytes, read_json
+
+__all__ = ["GraphDrawing", "draw_graph", "figure_bytes", "graph_layout", "render_graph", "write_graph_figures"]
 
 FEATURE = "cross layer transcoder"
 ERROR = "mlp reconstruction error"
@@ -82,10 +88,25 @@ class GraphDrawing:
     n_links: int = 0
 
 
+def figure_bytes(fig: Figure, formats: Sequence[str], dpi: int) -> dict[str, bytes]:
+    """``{format: bytes}`` of ``fig`` (``png`` and / or ``svg``) drawn on the Agg canvas, without
+    software or date metadata: the same figure gives the same bytes. Every figure of the
+    package is saved through here (each under its own ``matplotlib.rc_context``)."""
+    unknown = [f for f in formats if f not in SAVE_METADATA]
+    if unknown:
+        raise ValueError(f"unsupported figure formats {unknown}; use {list(SAVE_METADATA)}")
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    out = {}
+    for fmt in formats:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata=SAVE_METADATA[fmt])
+        out[fmt] = buf.getvalue()
+    return out
+
+
 def _load(graph) -> Mapping[str, Any]:
-    if isinstance(graph, Mapping):
-        return graph
-    return json.loads(Path(graph).read_text(encoding="utf-8"))
+    return graph if isinstance(graph, Mapping) else read_json(graph)
 
 
 def _row(node: Mapping[str, Any], n_layers: int) -> int:
@@ -178,11 +199,6 @@ def _short(text: str, limit: int = 14) -> str:
 
 def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
     """Draw a graph JSON (dict or path) on a new matplotlib ``Figure`` (Agg canvas)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
     graph = _load(graph)
     nodes = list(graph.get("nodes", []))
     links = list(graph.get("links", []))
@@ -288,19 +304,8 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
 
 def render_graph(graph, *, formats=FORMATS, dpi: int = 150, title: str | None = None) -> dict[str, bytes]:
     """``{format: bytes}`` of the graph's figure (``png`` and / or ``svg``), deterministic."""
-    import matplotlib
-
-    unknown = [f for f in formats if f not in SAVE_METADATA]
-    if unknown:
-        raise ValueError(f"unsupported figure formats {unknown}; use {list(SAVE_METADATA)}")
-    out: dict[str, bytes] = {}
     with matplotlib.rc_context(RC):
-        fig = draw_graph(graph, title=title).figure
-        for fmt in formats:
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=dpi, metadata=SAVE_METADATA[fmt])
-            out[fmt] = buf.getvalue()
-    return out
+        return figure_bytes(draw_graph(graph, title=title).figure, formats, dpi)
 
 
 def write_graph_figures(
@@ -309,14 +314,7 @@ def write_graph_figures(
     """Write ``out_dir/<stem>.<format>`` for each format, atomically; returns ``{format: path}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for fmt, data in render_graph(graph, formats=formats, dpi=dpi).items():
-        path = out_dir / f"{stem}.{fmt}"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        paths[fmt] = path
-    return paths
+    return {
+        fmt: atomic_write_bytes(out_dir / f"{stem}.{fmt}", data)
+        for fmt, data in render_graph(graph, formats=formats, dpi=dpi).items()
+    }

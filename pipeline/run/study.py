@@ -61,6 +61,7 @@ from typing import Any
 import yaml
 
 from pipeline._io import atomic_write_bytes
+from pipeline.analysis.study_files import DONE_FORMAT, STUDY_FORMAT, graph_done
 from pipeline.run.prompt_sets import PromptRecord, PromptSet
 
 __all__ = [
@@ -72,9 +73,7 @@ __all__ = [
     "StudyResult",
     "StudySettings",
     "conf_choice",
-    "graph_done",
     "load_launcher",
-    "load_study",
     "run_study",
     "run_task",
     "study_overrides",
@@ -83,8 +82,6 @@ __all__ = [
 KEY_LENGTH = 32
 LAUNCHERS = ("sequential", "local", "submitit_local", "submitit_slurm", "ray")
 CONF_LAUNCHER = Path(__file__).resolve().parents[2] / "conf" / "launcher"
-STUDY_FORMAT = "circuit-pipeline/study"
-DONE_FORMAT = "circuit-pipeline/study-graph"
 FORMAT_VERSION = 1
 _ROOT = Path(__file__).resolve().parents[2]  # put on PYTHONPATH of job processes
 
@@ -410,30 +407,6 @@ def _json_bytes(obj: Any) -> bytes:
 
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
-
-
-def graph_done(key_dir: str | os.PathLike, pruning: Mapping[str, float] | None = None) -> dict | None:
-    """``done.json`` of a finished key (None when the key is not done, or was pruned with other
-    thresholds than ``pruning``)."""
-    key_dir = Path(key_dir)
-    try:
-        done = _read_json(key_dir / "done.json")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(done, dict) or done.get("format") != DONE_FORMAT:
-        return None
-    if pruning is not None and done.get("pruning") != dict(pruning):
-        return None
-    files = done.get("files", {})
-    if not all((key_dir / files.get(k, "\0")).exists() for k in ("graph", "pruned", "json")):
-        return None
-    try:
-        meta = _read_json(key_dir / files["graph"] / "zarr.json")
-        if not meta["attributes"]["graph_store"]["finished"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return done
 
 
 @contextlib.contextmanager
@@ -987,16 +960,3 @@ def _write_study_json(
         "prompts": prompts,
     }
     atomic_write_bytes(result.out / "study.json", _json_bytes(doc))
-
-
-def load_study(study_dir: str | os.PathLike) -> dict[str, Any]:
-    """``study.json`` of a study folder, with ``graphs_dir`` resolved to a path."""
-    study_dir = Path(study_dir)
-    path = study_dir / "study.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `circuit-pipeline study ... --out {study_dir}` first")
-    doc = _read_json(path)
-    if doc.get("format") != STUDY_FORMAT:
-        raise ValueError(f"{path} is not a study file ({STUDY_FORMAT})")
-    doc["graphs_dir"] = str((study_dir / doc["graphs_dir"]).resolve())
-    return doc

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.analysis.aggregate import aggregate_study, render_figures
+from pipeline.analysis.aggregate import aggregate_study
+from pipeline.analysis.aggregate_figures import render_figures
 from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
+from pipeline.analysis.study_files import load_study
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records
-from pipeline.run.study import LauncherConfig, StudySettings, load_study, run_study
+from pipeline.run.study import LauncherConfig, StudySettings, run_study
 
 STATES = ("texas", "california", "florida", "ohio")
 

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from pipeline import testing
-from pipeline.analysis.evaluation import (
-    EvaluationSpec,
-    Experiment,
-    evaluate,
-    render_markdown,
-    study_metrics,
-    write_report,
-)
+from pipeline.analysis.evaluation import EvaluationSpec, Experiment, evaluate, study_metrics
+from pipeline.analysis.report import render_markdown, write_report
 from pipeline.engine.attribution import attribute
 from pipeline.engine.interventions import Scale, feature_intervention
 from pipeline.engine.replacement import ReplacementModel

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import testing
+from pipeline.analysis.study_files import graph_done, load_study
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
 from pipeline.organism.world import WorldConfig, make_world
@@ -28,7 +29,7 @@ from pipeline.run.prompt_sets import (
     prompt_set_from_records,
     to_conf_yaml,
 )
-from pipeline.run.study import LauncherConfig, LauncherError, StudySettings, load_launcher, load_study, run_study
+from pipeline.run.study import LauncherConfig, LauncherError, StudySettings, load_launcher, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = ("p0", "p1", "p2")
@@ -67,11 +68,11 @@ def _check_tiny_outcome(result, out: Path):
     graphs = Path(doc["graphs_dir"])
     for i in GOOD:
         key_dir = graphs / st[i].key
-        done = S.graph_done(key_dir, {"node_threshold": 0.8, "edge_threshold": 0.98})
+        done = graph_done(key_dir, {"node_threshold": 0.8, "edge_threshold": 0.98})
         assert done is not None and done["key"] == st[i].key
         assert Graph.open(key_dir / "graph.zarr").fingerprint.startswith(st[i].key)
         assert (out / "viewer" / f"{i}.json").is_file()
-    assert S.graph_done(graphs / st["bad_target"].key) is None  # a failed job's outputs never count
+    assert graph_done(graphs / st["bad_target"].key) is None  # a failed job's outputs never count
     index = json.loads((out / "viewer" / "graph-metadata.json").read_text())
     assert [g["slug"] for g in index["graphs"]] == list(GOOD)
     assert doc["counts"]["failed"] == 2
@@ -252,9 +253,9 @@ def test_partial_outputs_of_a_killed_job_are_not_done_and_resume(tmp_path, tiny_
     key_dir = out / "graphs" / first.prompts[0].key
     (key_dir / "done.json").unlink()  # as if the job died after attribution
     (key_dir / "pruned.npz").unlink()
-    assert S.graph_done(key_dir) is None
+    assert graph_done(key_dir) is None
     again = run_study(one, settings, out, seq, log=None)
-    assert again.prompts[0].status == "done" and S.graph_done(key_dir) is not None
+    assert again.prompts[0].status == "done" and graph_done(key_dir) is not None
     # changing only the pruning re-prunes the same graph store
     stamp = (key_dir / "graph.zarr" / "zarr.json").stat().st_mtime_ns
     other = StudySettings(**{**settings.__dict__, "node_threshold": 0.5})
