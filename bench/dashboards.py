@@ -48,17 +48,17 @@ SIZES = {
 
 # ----------------------------------------------------------------------------- child side
 class _Timers:
-    """Wall time of each compute_dashboards phase (wraps the module's phase functions)."""
+    """Wall time of each compute_dashboards phase (wraps DashboardRun's phases and write_store)."""
 
     def __init__(self):
-        from pipeline.analysis import dashboards as D
+        from pipeline.analysis.dashboards import compute
 
         self.seconds: dict[str, float] = {}
         for owner, name, label in (
-            (D._Run, "stream", "stream"),
-            (D._Run, "logits", "logits"),
-            (D._Run, "contexts", "contexts"),
-            (D, "_write_store", "write"),
+            (compute.DashboardRun, "stream", "stream"),
+            (compute.DashboardRun, "logits", "logits"),
+            (compute.DashboardRun, "contexts", "contexts"),
+            (compute, "write_store", "write"),
         ):
             setattr(owner, name, self._wrap(getattr(owner, name), label))
 
@@ -149,6 +149,8 @@ def child_gpt2small(params: dict) -> dict:
     from fixtures import GPT2_SMALL, build, vocab_words
 
     from pipeline.analysis import dashboards as D
+    from pipeline.analysis.dashboards.compute import DashboardRun
+    from pipeline.analysis.dashboards.logits import decoder_logits
     from pipeline.engine.replacement import ReplacementModel
 
     set_threads(params["threads"])
@@ -170,7 +172,7 @@ def child_gpt2small(params: dict) -> dict:
         "batch_tokens": cfg.batch_tokens,
     }
     if params["gpt2_logit_features"]:  # quick: the stream phase, and the logits of a slice
-        run = D._Run(model, corpus, out, cfg, progress=False)
+        run = DashboardRun(model, corpus, out, cfg, progress=False)
         run.reset_partial()
         t0 = time.perf_counter()
         run.stream()
@@ -184,7 +186,7 @@ def child_gpt2small(params: dict) -> dict:
             decoder_vectors = model.transcoders.decoder_vectors
 
         t0 = time.perf_counter()
-        D.decoder_logits(Slice, model.W_U, 0, cfg.n_logits, chunk=cfg.logits_chunk)
+        decoder_logits(Slice, model.W_U, 0, cfg.n_logits, chunk=cfg.logits_chunk)
         logit_s = time.perf_counter() - t0
         per_feature = logit_s / nf
         shutil.rmtree(run.partial, ignore_errors=True)

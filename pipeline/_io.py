@@ -53,6 +53,14 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
     fsync_dir(root.parent)
 
 
+def fsync_files(root: str | os.PathLike[str]) -> None:
+    """fsync every file under directory ``root``: for writers (zarr) that do not sync their own."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *, sync_dir: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename).
 

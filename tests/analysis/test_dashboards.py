@@ -15,6 +15,9 @@ from safetensors.torch import load_file
 
 from pipeline import testing
 from pipeline.analysis import dashboards as D
+from pipeline.analysis.dashboards import compute, stats
+from pipeline.analysis.dashboards.corpus import sequences
+from pipeline.analysis.dashboards.labels import auto_label
 from pipeline.engine.replacement import ReplacementModel
 
 CFG = dict(
@@ -168,7 +171,7 @@ def test_quantile_examples_lie_in_their_quantile(dash, brute):
 
 def test_quantile_bins_snap_to_the_nearest_edge():
     hist = np.array([[10, 10, 10, 10, 10, 10], [0, 0, 60, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
-    bounds = D.quantile_bins(hist, 3)
+    bounds = stats.quantile_bins(hist, 3)
     assert bounds[0].tolist() == [0, 2, 4, 6]
     assert bounds[1].tolist() == [0, 0, 3, 6]  # one bin holds everything: one non-empty group
     assert bounds[2].tolist() == [0, 0, 0, 6]
@@ -185,13 +188,13 @@ def test_streaming_state_does_not_depend_on_batching():
     inner = cfg.hist_edges()[1:-1]
     states = []
     for cuts in ([n], [13, 200, 201, 390, n], list(range(1, n + 1))):
-        st, start = D._LayerState(F, cfg), 0
+        st, start = stats.LayerState(F, cfg), 0
         for end in cuts:
-            D._update_layer(st, 0, tids[start:end], feats[start:end], vals[start:end], inner, seed=1)
+            stats.update_layer(st, 0, tids[start:end], feats[start:end], vals[start:end], inner, seed=1)
             start = end
         states.append(st)
     for st in states[1:]:
-        for name in D._LayerState.NAMES:
+        for name in stats.LayerState.NAMES:
             np.testing.assert_array_equal(getattr(st, name), getattr(states[0], name))
     st = states[0]
     for f in range(F):  # top-k: (value desc, id asc)
@@ -253,8 +256,8 @@ def test_labels_name_top_tokens_and_logits_and_feed_export(dash):
             assert ins.split("/")[0] in tops
     _, by_feature = load_labels(labels)
     assert by_feature[(1, 5)] == labels[(1, 5)]
-    assert D.auto_label([], ["x"]) == "(dead) → x"
-    assert D.auto_label(["a", "b", "b"], [" y ", "y", "z"]) == "b/a → y/z"
+    assert auto_label([], ["x"]) == "(dead) → x"
+    assert auto_label(["a", "b", "b"], [" y ", "y", "z"]) == "b/a → y/z"
 
 
 # ----------------------------------------------------------------------------- viewer JSON
@@ -283,10 +286,10 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("where, nth", [("_update_layer", 5), ("decoder_logits", 2), ("_write_store", 1)])
+@pytest.mark.parametrize("where, nth", [("update_layer", 5), ("decoder_logits", 2), ("write_store", 1)])
 def test_interrupt_and_resume_gives_identical_store(model, corpus, store, tmp_path, monkeypatch, where, nth):
     out = tmp_path / "plt.zarr"
-    real = getattr(D, where)
+    real = getattr(compute, where)
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -295,32 +298,32 @@ def test_interrupt_and_resume_gives_identical_store(model, corpus, store, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(D, where, interrupted)
+    monkeypatch.setattr(compute, where, interrupted)
     with pytest.raises(KeyboardInterrupt):
         D.compute_dashboards(model, corpus, out, D.DashboardConfig(**CFG), progress=False)
     assert not out.exists()
     assert (tmp_path / ".plt.zarr.partial" / "state.bin").exists()
-    monkeypatch.setattr(D, where, real)
+    monkeypatch.setattr(compute, where, real)
 
     updates = {"n": 0}
-    real_update = D._update_layer
+    real_update = compute.update_layer
 
     def counting(*args, **kwargs):
         updates["n"] += 1
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(D, "_update_layer", counting)
+    monkeypatch.setattr(compute, "update_layer", counting)
     D.compute_dashboards(model, corpus, out, D.DashboardConfig(**CFG), progress=False)
     n_batches = D.Dashboards.open(out).meta["n_batches"]
     # resumed, not restarted: the 5th layer update is batch 3's first, batches 1-2 were checkpointed
-    assert updates["n"] == (model.n_layers * (n_batches - 2) if where == "_update_layer" else 0)
+    assert updates["n"] == (model.n_layers * (n_batches - 2) if where == "update_layer" else 0)
     assert _files(out) == _files(store)
     assert not (tmp_path / ".plt.zarr.partial").exists()
 
 
 def test_resume_after_the_corpus_changed_starts_over(model, corpus, tmp_path, monkeypatch):
     out = tmp_path / "plt.zarr"
-    real = D._update_layer
+    real = compute.update_layer
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -329,7 +332,7 @@ def test_resume_after_the_corpus_changed_starts_over(model, corpus, tmp_path, mo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(D, "_update_layer", interrupted)
+    monkeypatch.setattr(compute, "update_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         D.compute_dashboards(model, corpus, out, D.DashboardConfig(**CFG), progress=False)
     calls["n"] = -(10**9)
@@ -364,7 +367,7 @@ def test_existing_output_is_refused_unless_overwrite(model, corpus, store, tmp_p
 def test_long_documents_are_split_into_bos_first_sequences(model, tiny_gpt2_dir):
     words = testing.vocabulary_words(tiny_gpt2_dir)
     doc = " ".join(words[i % len(words)] for i in range(70))
-    seqs = list(D._sequences(model, lambda: iter([doc, "", doc[:20]]), 16, None))
+    seqs = list(sequences(model, lambda: iter([doc, "", doc[:20]]), 16, None))
     full = model.bridge.to_tokens(doc, truncate=False)[0].numpy()
     bos = full[0]
     body = [s for s in seqs if s.doc == 0]
@@ -372,7 +375,7 @@ def test_long_documents_are_split_into_bos_first_sequences(model, tiny_gpt2_dir)
     assert np.concatenate([s.tokens[1:] for s in body]).tolist() == full[1:].tolist()
     assert [s.start for s in body] == list(range(0, 70, 15))
     assert [s.doc for s in seqs][-1] == 2 and [s.seq_id for s in seqs] == list(range(len(seqs)))
-    capped = list(D._sequences(model, lambda: iter([doc]), 16, 20))
+    capped = list(sequences(model, lambda: iter([doc]), 16, 20))
     assert sum(s.tokens.size - 1 for s in capped) == 20
 
 

@@ -381,7 +381,7 @@ def test_export_stage_draws_the_pruned_graph_deterministically(stage_run):
 def test_dvc_yaml_features_export_intervene_dependencies():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     feat = stages["features"]
-    for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/analysis/dashboards.py"):
+    for dep in ("${model.dep}", "${transcoders.dep}", "${features.dep}", "pipeline/analysis/dashboards"):
         assert dep in feat["deps"]
     assert stage_params(feat) == {GLOBAL_PARAMS: ["features", "model", "transcoders", "runtime"]}  # not attribution...
     assert feat["outs"] == ["data/dashboards/${features.name}.zarr"]
