@@ -11,7 +11,7 @@ Fixtures
 ``gpt2small``: GPT-2 small's shape (12 layers, d_model 768, 12 heads, n_ctx 1024, vocabulary
 50257: the toy words of ``pipeline.testing`` padded with filler words ``w<i>``), random init,
 with per-layer JumpReLU transcoders of 16384 features at density 0.004 (≈ 65 active features
-per token per layer, DESIGN.md section 6).
+per token per layer, as real transcoders fire; docs/performance.md).
 
 ``scale``: a cheap model for the scale case (see ``bench/attribution.py``): GPT-2 layout with
 few layers and a small d_model, long context, and PLTs with many features firing per token,

@@ -1,6 +1,6 @@
 """Exact attribution graphs, streamed row batch by row batch into a Zarr graph store.
 
-The algorithm (DESIGN.md section 2; circuit-tracer's ``attribute``):
+The algorithm (docs/algorithm.md; circuit-tracer's ``attribute``):
 
 1. Precompute: one clean forward pass gives the active features (value > 0, BOS excluded),
    their activations, the error vector of every (layer, pos) and the token embeddings.
