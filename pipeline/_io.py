@@ -91,6 +91,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _mkdtemp_beside(target: Path) -> Path:
+    """A new empty temporary directory beside ``target``, with the mode a plain ``mkdir`` would
+    give (``mkdtemp`` makes it 0o700, which would become the final directory's mode)."""
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Move directory ``tmp`` to ``target``; a previous ``target`` is moved aside first, then
     removed, so ``target`` is always either the old or the new complete version."""
@@ -112,9 +122,10 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     ``path``. On error it is removed and ``path`` is left as it was."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    tmp = _mkdtemp_beside(target)
     try:
         yield tmp
+        fsync_files(tmp)
         fsync_tree(tmp)
         _replace_dir(tmp, target)
     finally:
@@ -127,13 +138,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     directory to; when the block succeeds it replaces ``path``. On error nothing changes."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    tmp_dir = _mkdtemp_beside(target)
     tmp = tmp_dir / target.name
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"nothing was written to {tmp}")
         if tmp.is_dir():
+            fsync_files(tmp)
             fsync_tree(tmp)
             _replace_dir(tmp, target)
         else:

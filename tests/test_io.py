@@ -108,3 +108,15 @@ def test_write_and_read_json_round_trip(tmp_path):
     path = _io.write_json(tmp_path / "x.json", {"k": [1, "ü"]})
     assert _io.read_json(path) == {"k": [1, "ü"]}
     assert path.read_bytes().endswith(b"]\n}\n")
+
+
+def test_atomic_directory_gets_a_plain_mkdir_mode(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with _io.atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("1")
+        assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
