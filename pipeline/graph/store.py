@@ -830,11 +830,11 @@ class Graph:
         return i
 
     def error_node(self, layer: int, pos: int) -> int:
-        self.layout._check_layer_pos(layer, pos)
+        self.layout.check_layer_pos(layer, pos)
         return self.error_slice.start + layer * self.n_pos + pos
 
     def token_node(self, pos: int) -> int:
-        self.layout._check_layer_pos(0, pos)
+        self.layout.check_layer_pos(0, pos)
         return self.token_slice.start + pos
 
     def logit_node(self, i: int) -> int:
