@@ -2,7 +2,7 @@
 
 Transcoder configs published for circuit-tracer name their read and write locations with
 TransformerLens **2** hook names, relative to a block. Some of those names mean another
-tensor on the TL4 bridge (DESIGN.md section 4, measured table), so every name goes through
+tensor on the TL4 bridge (``docs/hooks.md``, measured table), so every name goes through
 ``block_hook`` which returns the bridge hook carrying the tensor TL2 meant.
 
 This module is the single table of hook names; nothing else spells them out.
