@@ -61,17 +61,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.engine.interventions import (
-    ERROR_MODES,
-    InterventionRunner,
-    Scale,
-    Supernode,
-    clean_run,
-    feature_intervention_generate,
-    intervene,
-    load_supernodes,
-    supernodes_from_config,
-)
+from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
+from pipeline.engine.generation import feature_intervention_generate
+from pipeline.engine.intervened_forward import InterventionRunner, clean_run
+from pipeline.engine.interventions import ERROR_MODES, Scale
 from pipeline.graph.pruning import (
     atomic_write_bytes,
     first_logit_feature_row,
