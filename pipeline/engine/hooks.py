@@ -29,7 +29,6 @@ WRITE_HOOKS = frozenset({"mlp.hook_out", "hook_mlp_out"})
 # Global (not per-block) locations.
 EMBED = "hook_embed"  # token embedding, before positional embeddings are added
 UNEMBED_IN = "unembed.hook_in"  # TL2's unembed.hook_pre: after the final norm
-ATTN_PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 # Every normalisation scale: ln1, ln2, post-norms (Gemma-2's ln1_post / ln2_post), ln_final.
 _SCALE_HOOK = re.compile(r"(^|\.)ln\w*\.hook_scale$")

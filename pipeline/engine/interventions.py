@@ -121,10 +121,6 @@ class Plan:
     closed: dict[int, PromptInterventions]
     open: list[OpenIntervention]
 
-    @property
-    def empty(self) -> bool:
-        return not self.closed and not self.open
-
 
 def _check_layer(layer: Any, n_layers: int, what: str = "layer") -> int:
     layer = as_int(layer, what)
@@ -277,12 +273,6 @@ class Mode:
     freeze_scales: bool
     reference: Literal["live", "clean"]
     errors: str
-
-    @property
-    def name(self) -> str:
-        if not self.frozen_layers:
-            return "iterative"
-        return "direct" if self.freeze_scales else "constrained"
 
 
 def resolve_mode(
