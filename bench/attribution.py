@@ -45,7 +45,7 @@ DENSE_48GB_NODES = 109_545  # n_nodes**2 * 4 bytes >= 48e9
 def dense_rows(ff, batch, layout, sources):
     """(B, n_cols) direct effects, computed the dense way.
 
-    The same arithmetic as ``pipeline.engine.attribution.compute_rows`` (a single-copy frozen forward
+    The same arithmetic as ``pipeline.engine.rows.compute_rows`` (a single-copy frozen forward
     with one vmapped backward per batch, ``is_grads_batched``), except in the two respects the
     baseline exists to measure: (1) the backward pass always starts at the top of the model (``ff.unembed_in`` is
     an output, with a zero gradient unless the batch holds logit rows), so it runs through
@@ -86,7 +86,7 @@ def dense_rows(ff, batch, layout, sources):
     grads = [g[:, 0] for g in grads]
     g_out, g_embed = grads[:-1], grads[-1]
 
-    values = torch.zeros(B, layout.n_cols, dtype=ff.embed.dtype)
+    values = torch.zeros(B, layout.n_compute, dtype=ff.embed.dtype)
     for src_layer in range(n_layers):
         dec = sources.decoders[src_layer]  # (n_pos, k_max, n_out, d_model)
         effect = None
@@ -98,10 +98,11 @@ def dense_rows(ff, batch, layout, sources):
         valid = cols >= 0
         values[:, cols[valid]] = effect.transpose(0, 1).reshape(B, -1)[:, valid]
         err = (g_out[src_layer] * sources.errors[src_layer][None]).sum(-1)
-        start = layout.error_col(src_layer, 0)
+        start = layout.compute_error_node(src_layer, 0)
         values[:, start : start + layout.n_pos] = err
     tok = (g_embed * sources.tokens[None]).sum(-1)
-    values[:, layout.token_start : layout.token_start + layout.n_pos] = tok
+    tok_start = layout.compute_token_slice.start
+    values[:, tok_start : tok_start + layout.n_pos] = tok
     return values.numpy()
 
 
@@ -110,43 +111,47 @@ def dense_attribution(model, prompt: str, batch_size: int) -> tuple[np.ndarray, 
     when every feature is selected)."""
     import torch
 
-    from pipeline.engine import attribution as A
+    from pipeline.engine import rows as R
+    from pipeline.engine.targets import salient_logit_targets
+    from pipeline.graph.layout import NodeLayout
 
     times, cpu = {}, {}
     t, c = time.perf_counter(), time.process_time()
     capture = model.capture(prompt)
     active, values = capture.active_features()
     act = active.cpu().numpy()
-    targets = A.salient_logit_targets(model, capture.logits[-1], 10, 0.95)
-    layout = A.NodeLayout(model.n_layers, capture.n_pos, len(targets), act[:, 0], act[:, 1], act[:, 2])
-    sources = A.build_sources(model, capture, layout, values)
+    targets = salient_logit_targets(model, capture.logits[-1], 10, 0.95)
+    layout = NodeLayout(model.n_layers, capture.n_pos, len(act), len(targets))
+    features = R.ActiveFeatures(layout, act)
+    sources = R.build_sources(model, capture, features, values)
     times["precompute"], cpu["precompute"] = time.perf_counter() - t, time.process_time() - c
     t, c = time.perf_counter(), time.process_time()
     ff = model.frozen_forward(capture, batch=1)  # as the engine does: one vmapped backward per batch
     times["frozen_forward"], cpu["frozen_forward"] = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
-    n = layout.n_cols
+    n = layout.n_compute
+    logit_start = layout.compute_logit_slice.start
     dense = np.zeros((n, n), dtype=np.float32)
     dtype = capture.errors.dtype
     logit_vecs = torch.stack([tg.vector for tg in targets]).to(dtype)
-    row_nodes = np.concatenate([np.arange(layout.n_active), layout.logit_start + np.arange(len(targets))])
+    row_nodes = np.concatenate([np.arange(layout.n_active), logit_start + np.arange(len(targets))])
     n_batches = 0
     for start in range(0, len(row_nodes), batch_size):  # plain index order, layers mixed
         nodes = row_nodes[start : start + batch_size]
         is_feat = nodes < layout.n_active
         feats = nodes[is_feat]
-        layer = np.where(is_feat, layout.feature_layer[np.where(is_feat, nodes, 0)], model.n_layers)
-        pos = np.where(is_feat, layout.feature_pos[np.where(is_feat, nodes, 0)], capture.n_pos - 1)
+        layer = np.where(is_feat, features.layer[np.where(is_feat, nodes, 0)], model.n_layers)
+        pos = np.where(is_feat, features.pos[np.where(is_feat, nodes, 0)], capture.n_pos - 1)
         vecs = torch.empty(len(nodes), model.d_model, dtype=dtype)
-        for lay in np.unique(layout.feature_layer[feats]):
+        for lay in np.unique(features.layer[feats]):
             sel = np.nonzero(is_feat & (layer == lay))[0]
-            f_idx = torch.as_tensor(layout.feature_index[nodes[sel]], dtype=torch.long)
+            f_idx = torch.as_tensor(features.index[nodes[sel]], dtype=torch.long)
             vecs[torch.as_tensor(sel)] = model.transcoders.encoder_vectors(int(lay), f_idx).to(dtype)
         logit_rows = np.nonzero(~is_feat)[0]
         if len(logit_rows):
-            vecs[torch.as_tensor(logit_rows)] = logit_vecs[torch.as_tensor(nodes[logit_rows] - layout.logit_start)]
-        batch = A.RowBatch(layer.astype(np.int64), pos.astype(np.int64), vecs, nodes.astype(np.int64))
+            vecs[torch.as_tensor(logit_rows)] = logit_vecs[torch.as_tensor(nodes[logit_rows] - logit_start)]
+        batch = R.RowBatch(layer.astype(np.int64), pos.astype(np.int64), vecs, nodes.astype(np.int64))
         dense[nodes] = dense_rows(ff, batch, layout, sources)
         n_batches += 1
     times["rows"], cpu["rows"] = time.perf_counter() - t, time.process_time() - c

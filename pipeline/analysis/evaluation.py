@@ -38,16 +38,12 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.circuit import Circuit, read_circuit
+from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
+from pipeline.engine.generation import feature_intervention_generate
+from pipeline.engine.intervened_forward import InterventionRunner, clean_run
 from pipeline.engine.interventions import (
     ERROR_MODES,
-    InterventionRunner,
     Scale,
-    Supernode,
-    clean_run,
-    feature_intervention_generate,
-    intervene,
-    load_supernodes,
-    supernodes_from_config,
 )
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -2,7 +2,7 @@
 
 Transcoder configs published for circuit-tracer name their read and write locations with
 TransformerLens **2** hook names, relative to a block. Some of those names mean another
-tensor on the TL4 bridge (docs/hooks.md, measured table), so every name goes through
+tensor on the TL4 bridge (``docs/hooks.md``, measured table), so every name goes through
 ``block_hook`` which returns the bridge hook carrying the tensor TL2 meant.
 
 This module is the single table of hook names; nothing else spells them out.
@@ -29,7 +29,6 @@ WRITE_HOOKS = frozenset({"mlp.hook_out", "hook_mlp_out"})
 # Global (not per-block) locations.
 EMBED = "hook_embed"  # token embedding, before positional embeddings are added
 UNEMBED_IN = "unembed.hook_in"  # TL2's unembed.hook_pre: after the final norm
-ATTN_PATTERN = "blocks.{layer}.attn.hook_pattern"
 
 # Every normalisation scale: ln1, ln2, post-norms (Gemma-2's ln1_post / ln2_post), ln_final.
 _SCALE_HOOK = re.compile(r"(^|\.)ln\w*\.hook_scale$")

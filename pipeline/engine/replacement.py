@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.engine import generation, intervened_forward
 from pipeline.engine import hooks as H
 from pipeline.transcoders import Transcoders, load_transcoders
 
@@ -151,6 +152,7 @@ class ReplacementModel:
         forward, rows read on demand; see ``load_transcoders``). Attribution encodes once, so
         this lowers its peak memory by the encoders' size at no measurable cost.
         """
+        # imported here: TransformerLens takes seconds to import, and only loading a model needs it
         from transformer_lens import TransformerBridge
 
         source = str(model_name_or_dir)
@@ -384,16 +386,12 @@ class ReplacementModel:
 
     # ------------------------------------------------------------------ interventions
     def feature_intervention(self, prompt: str | Tensor, interventions, **kwargs):
-        """See :func:`pipeline.engine.interventions.feature_intervention`."""
-        from pipeline.engine.interventions import feature_intervention
-
-        return feature_intervention(self, prompt, interventions, **kwargs)
+        """See :func:`pipeline.engine.intervened_forward.feature_intervention`."""
+        return intervened_forward.feature_intervention(self, prompt, interventions, **kwargs)
 
     def feature_intervention_generate(self, prompt: str | Tensor, interventions, **kwargs):
-        """See :func:`pipeline.engine.interventions.feature_intervention_generate`."""
-        from pipeline.engine.interventions import feature_intervention_generate
-
-        return feature_intervention_generate(self, prompt, interventions, **kwargs)
+        """See :func:`pipeline.engine.generation.feature_intervention_generate`."""
+        return generation.feature_intervention_generate(self, prompt, interventions, **kwargs)
 
 
 def _check_local_model_dir(path: Path) -> None:

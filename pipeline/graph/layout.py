@@ -52,14 +52,6 @@ class NodeLayout:
         return self.n_active + self.n_errors + self.n_pos + self.n_logits
 
     @property
-    def compute_feature_slice(self) -> slice:
-        return slice(0, self.n_active)
-
-    @property
-    def compute_error_slice(self) -> slice:
-        return slice(self.n_active, self.n_active + self.n_errors)
-
-    @property
     def compute_token_slice(self) -> slice:
         start = self.n_active + self.n_errors
         return slice(start, start + self.n_pos)
@@ -70,11 +62,11 @@ class NodeLayout:
         return slice(start, start + self.n_logits)
 
     def compute_error_node(self, layer: int, pos: int) -> int:
-        self._check_layer_pos(layer, pos)
+        self.check_layer_pos(layer, pos)
         return self.n_active + layer * self.n_pos + pos
 
     def compute_token_node(self, pos: int) -> int:
-        self._check_layer_pos(0, pos)
+        self.check_layer_pos(0, pos)
         return self.compute_token_slice.start + pos
 
     def compute_logit_node(self, i: int) -> int:
@@ -89,7 +81,8 @@ class NodeLayout:
             (nodes >= self.compute_logit_slice.start) & (nodes < self.n_compute)
         )
 
-    def _check_layer_pos(self, layer: int, pos: int) -> None:
+    def check_layer_pos(self, layer: int, pos: int) -> None:
+        """IndexError unless 0 <= layer < n_layers and 0 <= pos < n_pos."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
         if not 0 <= pos < self.n_pos:

@@ -13,7 +13,8 @@ from pipeline import testing
 from pipeline.analysis.evaluation import EvaluationSpec, Experiment, evaluate, study_metrics
 from pipeline.analysis.report import render_markdown, write_report
 from pipeline.engine.attribution import attribute
-from pipeline.engine.interventions import Scale, feature_intervention
+from pipeline.engine.intervened_forward import feature_intervention
+from pipeline.engine.interventions import Scale
 from pipeline.engine.replacement import ReplacementModel
 from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph
 from pipeline.graph.pruning import prune_graph
@@ -186,7 +187,7 @@ def test_pruned_graph_saved_from_a_store_carries_the_target_full_row(setup, tmp_
 
 def test_selectors_pick_active_features_and_not_on_donor_excludes_the_donors(setup):
     model, prompt, donor, graph = setup
-    from pipeline.engine.interventions import clean_run
+    from pipeline.engine.intervened_forward import clean_run
 
     acts, dacts = clean_run(model, prompt).activations, clean_run(model, donor).activations
     n, nd = acts.shape[1], dacts.shape[1]

@@ -8,14 +8,20 @@ the skip term's change, and one source's output vector added. The change of ever
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline import testing
+from pipeline.engine import attribution
 from pipeline.engine import hooks as H
 from pipeline.engine.attribution import attribute
 from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.rows import ActiveFeatures, RowBatch, build_sources, compute_rows
+from pipeline.graph.layout import NodeLayout
 from pipeline.graph.store import Graph, GraphStoreMismatchError
 
 PROMPT_WORDS = 7
@@ -23,9 +29,6 @@ PROMPT_WORDS = 7
 
 def tree_digest(root) -> dict:
     """Relative path -> sha256 of every file under ``root``."""
-    import hashlib
-    from pathlib import Path
-
     root = Path(root)
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -253,14 +256,12 @@ def test_logit_rows_are_demeaned_unembedding_reads(fixture_dirs, tmp_path):
 def test_rows_from_a_prompt_prefix_equal_rows_from_the_whole_prompt(fixture_dirs, arch):
     """The engine differentiates the shortest prefix holding a batch's targets: exact because
     the model is causal."""
-    from pipeline.engine.attribution import NodeLayout, RowBatch, build_sources, compute_rows
-
     model = load(fixture_dirs, arch, "clt")
     capture = model.capture(prompt_for(fixture_dirs[arch]))
     active, values = capture.active_features()
     a = active.numpy()
-    layout = NodeLayout(model.n_layers, capture.n_pos, 1, a[:, 0], a[:, 1], a[:, 2])
-    sources = build_sources(model, capture, layout, values)
+    layout = NodeLayout(model.n_layers, capture.n_pos, len(a), 1)
+    sources = build_sources(model, capture, ActiveFeatures(layout, a), values)
     ids = np.nonzero((a[:, 0] == model.n_layers - 1) & (a[:, 1] < capture.n_pos - 2))[0]
     assert len(ids) > 0
     feats = torch.as_tensor(a[ids, 2])
@@ -407,7 +408,6 @@ def test_rerun_on_finished_store_recomputes_nothing(fixture_dirs, tmp_path, monk
     model = load(fixture_dirs, "gpt2", "plt")
     prompt = prompt_for(fixture_dirs["gpt2"])
     g1 = attribute(prompt, model, batch_size=4, store=tmp_path / "g.zarr", verbose=False)
-    import pipeline.engine.attribution as attribution
 
     def fail(*a, **k):
         raise AssertionError("rows recomputed")
@@ -418,8 +418,6 @@ def test_rerun_on_finished_store_recomputes_nothing(fixture_dirs, tmp_path, monk
 
 
 def test_interrupted_attribution_resumes_to_identical_store(fixture_dirs, tmp_path, monkeypatch):
-    import pipeline.engine.attribution as attribution
-
     model = load(fixture_dirs, "gpt2", "clt")
     prompt = prompt_for(fixture_dirs["gpt2"])
     reference = attribute(

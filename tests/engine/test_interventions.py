@@ -10,24 +10,14 @@ skip change + decoder change`` (constrained, direct).
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline.engine.attribution import attribute
-from pipeline.engine.interventions import (
-    Add,
-    InterventionRunner,
-    Scale,
-    Supernode,
-    feature_intervention,
-    feature_intervention_generate,
-    intervene,
-    load_supernodes,
-    read_annotations,
-)
+from pipeline.engine.generation import feature_intervention_generate
+from pipeline.engine.intervened_forward import InterventionRunner, feature_intervention
+from pipeline.engine.interventions import Add, Scale
 from pipeline.engine.replacement import ReplacementModel
 from pipeline.transcoders import load_transcoders
 
@@ -415,33 +405,6 @@ def test_generation_stops_at_eos_and_samples_reproducibly(load):
     assert len(new) == 8 or new[-1] == eos
 
 
-# ---------------------------------------------------------------------------- supernodes
-def test_supernodes_from_annotations_intervene_as_one_unit(load, tmp_path):
-    model = load("tiny_gpt2_dir", "clt_dir")
-    prompt = prompt_for(model)
-    members = [[0, 2, 5], [1, 3, 9], [1, 4, 9]]
-    simple = tmp_path / "simple.annotations.json"
-    simple.write_text(json.dumps({"supernodes": {"texas": members}, "labels": {"0_5_2": "tx"}}))
-    viewer = tmp_path / "viewer.annotations.json"
-    viewer.write_text(
-        json.dumps(
-            {"schema_version": 1, "supernodes": {"texas": {"nodes": ["0_5_2", "1_9_3", "1_9_4"], "features": members}}}
-        )
-    )
-    ann = read_annotations(simple)
-    assert ann.labels == {"0_5_2": "tx"}
-    assert ann.supernodes["texas"].features == tuple(tuple(m) for m in members)
-    assert load_supernodes(viewer) == ann.supernodes
-    assert load_supernodes({"texas": members}) == ann.supernodes
-    ivs = intervene(ann.supernodes, "texas", Scale(-2.0))
-    assert ivs == [(l, p, f, Scale(-2.0)) for l, p, f in members]
-    a, _ = feature_intervention(model, prompt, ivs)
-    b, _ = feature_intervention(model, prompt, [(l, p, f, Scale(-2.0)) for l, p, f in members])
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    open_ivs = Supernode("t", ((0, 2, 5),)).interventions(0.0, open_ended=True)
-    assert open_ivs == [(0, slice(2, None), 5, 0.0)]
-
-
 # ---------------------------------------------------------------------------- bad input
 BAD = [
     ([(0, 1, 64, 1.0)], "feature index 64 is out of range.*d_transcoder=64"),
@@ -477,13 +440,9 @@ def test_bad_interventions_are_clear_errors(load, ivs, match):
         (lambda: Scale(float("nan")), "Scale factor is NaN"),
         (lambda: Scale(torch.tensor(float("nan"))), "Scale factor is NaN"),
         (lambda: Add(float("inf")), "infinite"),
-        (lambda: intervene({"a": Supernode("a", ((0, 1, 2),))}, "texas", 0.0), "unknown supernode 'texas'.*'a'"),
-        (lambda: Supernode("x", ()), "has no features"),
-        (lambda: Supernode("x", ((0, 1),)), "\\[layer, pos, feature\\]"),
-        (lambda: load_supernodes({"x": {"nodes": ["0_1_2"]}}), "no 'features'"),
     ],
 )
-def test_bad_values_and_supernodes_are_clear_errors(make, match):
+def test_bad_values_are_clear_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
 

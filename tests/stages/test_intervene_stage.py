@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from pipeline import testing  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
-from pipeline.engine.interventions import clean_run  # noqa: E402
+from pipeline.engine.intervened_forward import clean_run  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import save_pruned_graph  # noqa: E402
 from pipeline.graph.pruning import prune_graph  # noqa: E402
