@@ -2,8 +2,9 @@
 
 The prompt pass is an intervened forward pass (:mod:`pipeline.engine.intervened_forward`) with
 its mode; every generated position runs like circuit-tracer's open-ended hooks: iterative,
-attention free, the base model's MLPs (its error is recomputed: a generated position has no
-clean run) plus the decoder changes of the open-ended interventions (``pos=slice(k, None)``).
+attention free, the base model's MLPs (its error is recomputed, whatever ``errors`` says: a
+generated position has no clean run) plus the decoder changes of the open-ended interventions
+(``pos=slice(k, None)``), by default at every generated position (``generated_positions``).
 With ``use_kv_cache=True`` the prompt's keys and values are computed once, under the
 intervention, and each step runs one token; cached and uncached generation give the same tokens.
 """
@@ -77,15 +78,18 @@ def feature_intervention_generate(
     direct_effects: bool = False,
     apply_activation_function: bool = True,
     sparse: bool = False,
-    errors: str = "frozen",
+    errors: str = "recomputed",
+    generated_positions: str = "all",
     clean: CleanRun | None = None,
 ) -> GenerationResult:
     """Generate with interventions (circuit-tracer's ``feature_intervention_generate``).
 
     The prompt pass is :func:`~pipeline.engine.intervened_forward.feature_intervention` with
     the same mode (the arguments it shares mean the same); open-ended
-    interventions (``pos=slice(k, None)``) also apply at every generated position, which runs
-    live (see the module docstring). Sampling: greedy unless ``do_sample``; then softmax of
+    interventions (``pos=slice(k, None)``) also apply at generated positions, which run live
+    (see the module docstring): at every one with ``generated_positions="all"`` (circuit-tracer's
+    rule, whatever the slice's start and step), at those the slice selects with ``"slice"``
+    (position >= k, every step-th). Sampling: greedy unless ``do_sample``; then softmax of
     logits / ``temperature`` over the ``top_k`` best, drawn from a generator seeded with
     ``seed`` (the global RNG when None). ``clean``: the prompt's :func:`clean_run`, when the
     caller has it (an ``InterventionRunner``'s ``clean``), so it is not recomputed; it
@@ -115,7 +119,14 @@ def feature_intervention_generate(
         direct_effects=direct_effects,
         errors=errors,
     )
-    plan = resolve_plan(interventions, m.n_layers, m.transcoders.d_transcoder, n_prompt, generating=True)
+    plan = resolve_plan(
+        interventions,
+        m.n_layers,
+        m.transcoders.d_transcoder,
+        n_prompt,
+        generating=True,
+        generated_positions=generated_positions,
+    )
     mode = effective_mode(mode, plan, clean.activations)
     generator = None
     if seed is not None:

@@ -8,9 +8,12 @@ Steps of a run (:class:`InterventionRunner`; the modes in ``docs/interventions.m
 2. Resolve the interventions into a :class:`~pipeline.engine.interventions.Plan` and the mode
    into a :class:`~pipeline.engine.interventions.Mode`.
 3. Hooked forward pass (:class:`InterventionPass`): at each transcoder input the features are
-   recomputed from the live residual stream; at each MLP output the hook writes ``clean output
-   + (decoder change of every changed feature) + (skip(x_live) - skip(x_clean))``. Only changed
-   features are decoded, so an intervention that changes nothing returns the clean run exactly.
+   recomputed from the live residual stream; at each MLP output the hook keeps the model's own
+   output (a live layer with ``errors="recomputed"``, circuit-tracer's default) or writes
+   ``clean output + (skip(x_live) - skip(x_clean))`` (a frozen layer; with ``errors="frozen"``
+   every layer, plus the live features' changes), then adds the decoder changes of the
+   intervened features. Only changed features are decoded, so an intervention that changes
+   nothing returns the clean run exactly.
 """
 
 from __future__ import annotations
@@ -335,7 +338,7 @@ class InterventionRunner:
         direct_effects: bool = False,
         apply_activation_function: bool = True,
         sparse: bool = False,
-        errors: str = "frozen",
+        errors: str = "recomputed",
     ) -> InterventionResult:
         """One intervention run on this prompt; arguments as :func:`feature_intervention`."""
         m = self.model
@@ -367,7 +370,7 @@ def feature_intervention(
     direct_effects: bool = False,
     apply_activation_function: bool = True,
     sparse: bool = False,
-    errors: str = "frozen",
+    errors: str = "recomputed",
 ) -> tuple[Tensor, Tensor]:
     """Intervene on features and rerun (circuit-tracer's ``feature_intervention``).
 
@@ -376,6 +379,12 @@ def feature_intervention(
     (:func:`~pipeline.engine.interventions.resolve_plan`). constrained_layers, freeze_attention,
     direct_effects, errors: the mode (:func:`~pipeline.engine.interventions.resolve_mode`).
     returns (logits (n_pos, d_vocab), activations (n_layers, n_pos, d_transcoder))
+
+    The defaults compute what circuit-tracer 0.5.0's ``feature_intervention`` computes: the
+    model's own MLPs on the live input plus the intervened features' decoder changes, attention
+    patterns frozen at their clean values. ``errors="frozen"`` intervenes on the local
+    replacement model instead (error vectors held at their clean values), which is what a
+    circuit's faithfulness inside the replacement model asks about.
 
     The activations are the transcoders' reading of this run's live MLP inputs, zero at BOS (as
     circuit-tracer returns them: an intervened feature shows the value it was read at, not the

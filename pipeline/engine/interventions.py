@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ERROR_MODES = ("frozen", "recomputed")
+#: How MLP outputs of layers that run live are formed. "recomputed" (the default): the model's
+#: own MLP on the live input plus the intervened features' decoder changes, which is what
+#: circuit-tracer 0.5.0 computes; "frozen": the local replacement model, error vectors held at
+#: their clean values (docs/interventions.md#error-vectors).
+ERROR_MODES = ("recomputed", "frozen")
+#: Which generated positions an open-ended intervention (``pos=slice(k, None, step)``) applies
+#: to. "all" (the default): every generated token, whatever k and step, as circuit-tracer 0.5.0
+#: does; "slice": only those the slice selects (position >= k, every step-th).
+GENERATED_POSITIONS = ("all", "slice")
 
 
 # ------------------------------------------------------------------------------------ numbers
@@ -197,15 +205,26 @@ def _positions(pos: Any, n_pos: int, generating: bool) -> tuple[list[int], tuple
     return [one(pos)], None
 
 
-def resolve_plan(interventions: Sequence, n_layers: int, d_transcoder: int, n_pos: int, *, generating: bool) -> Plan:
+def resolve_plan(
+    interventions: Sequence,
+    n_layers: int,
+    d_transcoder: int,
+    n_pos: int,
+    *,
+    generating: bool,
+    generated_positions: str = "all",
+) -> Plan:
     """Check and vectorise ``interventions`` against a model and an ``n_pos``-token prompt.
 
     Each is ``(layer, pos, feature_idx, value)``. value: a number sets the feature (0.0
     ablates), :class:`Scale` / :class:`Add` multiply / add to its reference activation. pos: an
     int (negative counts from the prompt's end), a range, a list, or a slice; ``slice(k, None)``
-    is open-ended: every prompt position from k and, when ``generating``, every generated one.
-    feature_idx: an int or a list. Duplicated (layer, pos, feature) entries: the last one wins.
+    is open-ended: every prompt position from k and, when ``generating``, generated positions
+    as ``generated_positions`` says (:data:`GENERATED_POSITIONS`). feature_idx: an int or a
+    list. Duplicated (layer, pos, feature) entries: the last one wins.
     """
+    if generated_positions not in GENERATED_POSITIONS:
+        raise ValueError(f"generated_positions must be one of {GENERATED_POSITIONS}, got {generated_positions!r}")
     if isinstance(interventions, tuple) and len(interventions) == 4 and not isinstance(interventions[0], (tuple, list)):
         raise ValueError(
             "interventions must be a list of (layer, pos, feature_idx, value) tuples; "
@@ -225,11 +244,12 @@ def resolve_plan(interventions: Sequence, n_layers: int, d_transcoder: int, n_po
         rows.extend((p, f, mul, add) for p in closed for f in feats)
         if open_part is not None and generating:
             k = len(feats)
+            start, step = open_part if generated_positions == "slice" else (n_pos, 1)
             opens.append(
                 OpenIntervention(
                     layer,
-                    open_part[0],
-                    open_part[1],
+                    start,
+                    step,
                     torch.tensor(feats, dtype=torch.long),
                     torch.full((k,), mul, dtype=torch.float64),
                     torch.full((k,), add, dtype=torch.float64),
@@ -263,8 +283,8 @@ class Mode:
     write_layers: output layers the prompt interventions' decoder changes are added to
     freeze_patterns / freeze_scales: attention patterns / norm scales at their clean values
     reference: the activation a Scale / Add / delta is taken against ("live" or "clean")
-    errors: "frozen" (clean error vectors: the local replacement model) or "recomputed" (the
-    base model's own MLPs on the live input, as circuit-tracer's replacement model runs)
+    errors: in layers that run live, "recomputed" (the base model's own MLP on the live input,
+    as circuit-tracer runs it) or "frozen" (clean error vectors: the local replacement model)
     """
 
     frozen_layers: frozenset[int]
@@ -281,7 +301,7 @@ def resolve_mode(
     constrained_layers: Iterable[int] | None = None,
     freeze_attention: bool = True,
     direct_effects: bool = False,
-    errors: str = "frozen",
+    errors: str = "recomputed",
 ) -> Mode:
     """The :class:`Mode` of circuit-tracer's ``feature_intervention`` arguments.
 
@@ -293,6 +313,9 @@ def resolve_mode(
       scales too when the range covers every layer;
     * direct effects (``direct_effects=True``): the constrained mode over every layer, i.e. the
       frozen model of attribution, whose responses are attribution edges.
+
+    errors: how the layers that run live form their MLP output (:data:`ERROR_MODES`); the
+    default, "recomputed", is circuit-tracer's. It does not matter in direct-effects mode.
     """
     if errors not in ERROR_MODES:
         raise ValueError(f"errors must be one of {ERROR_MODES}, got {errors!r}")

@@ -1,18 +1,23 @@
-"""Feature interventions: every mode equals a forward pass written here with plain hooks, the
-direct-effects mode reproduces attribution edges, zero interventions reproduce the clean run,
-cached generation equals uncached generation, and bad input is a clear error.
+"""Feature interventions: every mode and error option equals a forward pass written here with
+plain hooks, the direct-effects mode reproduces attribution edges, zero interventions reproduce
+the clean run, cached generation equals uncached generation, and bad input is a clear error.
 
-The references below are written in another form than the library: the replacement model as
-``reconstruct(acts with the interventions set) + clean error`` (iterative), circuit-tracer's
-``real MLP + (value - live activation) x decoder`` (errors recomputed), and ``clean output +
-skip change + decoder change`` (constrained, direct).
+The reference (:func:`manual_run`) is written from the definitions in docs/interventions.md, in
+circuit-tracer 0.5.0's form rather than the library's: its own clean run, a
+``(n_layers, n_pos, d_model)`` buffer of decoder deltas that each intervened layer fills (a CLT
+feature into every later layer) and each MLP output in the intervention range adds, and the
+local replacement model (``errors="frozen"``) as ``clean error + reconstruction``. It uses the
+transcoders' own encoders, decoders and skip terms, and nothing of the intervention code.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from pipeline.engine.attribution import attribute
 from pipeline.engine.generation import feature_intervention_generate
@@ -56,30 +61,62 @@ def prompt_for(model: ReplacementModel, n_words: int = 6) -> str:
 
 
 def some_interventions(model: ReplacementModel, prompt: str) -> list:
-    """A set, a scale and an add on active features of both layers, plus an inactive one."""
+    """A set, a scale and an add on active features of both layers, an inactive feature set,
+    and a layer-1 feature set at the last position (its live activation differs from the clean
+    one once layer 0 is changed, so the reference activation matters)."""
     cap = model.capture(prompt)
     idx, _ = cap.active_features()
     by_layer = {l: idx[idx[:, 0] == l] for l in range(model.n_layers)}
     assert all(len(v) >= 2 for v in by_layer.values()), "fixture has too few active features"
     (l0, p0, f0), (l0b, p0b, f0b) = by_layer[0][0].tolist(), by_layer[0][-1].tolist()
     (l1, p1, f1) = by_layer[1][len(by_layer[1]) // 2].tolist()
+    (l1b, p1b, f1b) = by_layer[1][-1].tolist()
     inactive = int((cap.activations[0, 2] == 0).nonzero()[0])
-    return [(l0, p0, f0, 0.0), (l0b, p0b, f0b, Scale(-2.0)), (l1, p1, f1, Add(0.7)), (0, 2, inactive, 1.5)]
+    return [
+        (l0, p0, f0, 0.0),
+        (l0b, p0b, f0b, Scale(-2.0)),
+        (l1, p1, f1, Add(0.7)),
+        (0, 2, inactive, 1.5),
+        (l1b, p1b, f1b, 0.25),
+    ]
 
 
 # ---------------------------------------------------------------------------- references
-def clean_frozen(model: ReplacementModel, tokens) -> dict:
-    frozen = {}
+@dataclass
+class ManualClean:
+    """The base model's run with plain hooks. x, y: (n_layers, n_pos, d_model) at the
+    transcoders' input / output hooks; acts: (n_layers, n_pos, d_transcoder), zero at BOS;
+    frozen: every attention pattern and norm scale by hook name."""
 
-    def save(t, *, hook):
-        frozen[hook.name] = t.detach().clone()
+    logits: Tensor
+    x: Tensor
+    y: Tensor
+    acts: Tensor
+    frozen: dict
 
-    with model.hooks([(n, save) for n in model.pattern_hooks + model.scale_hooks]), torch.no_grad():
-        model.bridge(tokens[None])
-    return frozen
+
+@torch.no_grad()
+def manual_clean(model: ReplacementModel, tokens: Tensor) -> ManualClean:
+    tc = model.transcoders
+    saved: dict = {}
+
+    def save(name):  # by the name asked for (the bridge may report an alias's target)
+        def hook(t, *, hook):
+            saved[name] = t.detach().clone()
+
+        return hook
+
+    names = model.pattern_hooks + model.scale_hooks + model.input_hooks + model.output_hooks
+    with model.hooks([(name, save(name)) for name in names]):
+        logits = model.bridge(tokens[None])[0]
+    x = torch.stack([saved[h][0] for h in model.input_hooks])
+    acts = torch.stack([tc.activations(l, x[l]) for l in range(model.n_layers)])
+    acts[:, 0] = 0
+    y = torch.stack([saved[h][0] for h in model.output_hooks])
+    return ManualClean(logits, x, y, acts, {n: saved[n] for n in model.pattern_hooks + model.scale_hooks})
 
 
-def new_value(value, ref):
+def new_value(value, ref: float) -> float:
     if isinstance(value, Scale):
         return value.factor * ref
     if isinstance(value, Add):
@@ -87,23 +124,79 @@ def new_value(value, ref):
     return float(value)
 
 
+def prompt_rows(pos, n_prompt: int) -> list[int]:
+    if isinstance(pos, slice):
+        return list(range(*pos.indices(n_prompt)))
+    if isinstance(pos, (range, list)):
+        return [p % n_prompt for p in pos]
+    return [pos % n_prompt]
+
+
+def generated_rows(pos, n_prompt: int, n_seq: int, generated_positions: str) -> list[int]:
+    """circuit-tracer ("all"): every generated position for an open-ended slice; "slice": those
+    the slice selects."""
+    if not (isinstance(pos, slice) and pos.stop is None):
+        return []
+    if generated_positions == "all":
+        return list(range(n_prompt, n_seq))
+    start = pos.start or 0
+    if start < 0:
+        start += n_prompt
+    return [r for r in range(n_prompt, n_seq) if r >= start and (r - start) % (pos.step or 1) == 0]
+
+
 @torch.no_grad()
-def reference_run(model, prompt, interventions, *, constrained=None, freeze_attention=True, errors="frozen"):
-    """A plain-hooks forward pass with the documented semantics; returns (logits, activations)."""
+def manual_run(
+    model: ReplacementModel,
+    prompt,
+    interventions: list,
+    *,
+    constrained=None,
+    freeze_attention: bool = True,
+    errors: str = "recomputed",
+    tokens: Tensor | None = None,
+    generated_positions: str = "all",
+    wrong: str | None = None,
+):
+    """One forward pass by the definitions; returns (logits, activations read at the transcoder
+    inputs, zero at BOS).
+
+    constrained: layers frozen (None: iterative patching). tokens: the prompt plus generated
+    tokens, which run with attention free and the model's MLPs plus the open-ended
+    interventions' deltas. wrong: a deliberate mistake, to show that the comparison fails —
+    "other_errors", "attention_free", "clean_reference", "own_layer_only", "no_skip_change",
+    "scales_frozen".
+    """
     tc = model.transcoders
-    cap = model.capture(prompt)
-    frozen = clean_frozen(model, cap.tokens)
     n = model.n_layers
+    prompt_tokens = model.tokenize(prompt)
+    n_prompt = prompt_tokens.numel()
+    seq = prompt_tokens if tokens is None else tokens
+    n_seq = seq.numel()
+    clean = manual_clean(model, prompt_tokens)
+    if wrong == "other_errors":
+        errors = "frozen" if errors == "recomputed" else "recomputed"
     frozen_layers = set(constrained) if constrained is not None else set()
-    freeze_patterns = freeze_attention or constrained is not None
-    freeze_scales = frozen_layers == set(range(n))
-    acts_set: list = [None] * n  # activations with the interventions applied (iterative)
-    deltas: list = [None] * n  # (n_pos, d_tc) value - reference, the intervened features only
-    read: list = [None] * n
+    freeze_patterns = (freeze_attention or constrained is not None) and wrong != "attention_free"
+    freeze_scales = frozen_layers == set(range(n)) or (wrong == "scales_frozen" and constrained is not None)
+    in_range = set(range(n)) if constrained is None else frozen_layers  # where deltas are added
+    live_reference = constrained is None and wrong != "clean_reference"
+
+    deltas = torch.zeros(n, n_seq, clean.y.shape[-1], dtype=clean.y.dtype)
+    read: list = [None] * n  # the transcoders' reading of the live inputs
+    acts_model: list = [None] * n  # frozen errors, iterative: the reading with interventions set
     x_live: list = [None] * n
 
-    def patch(t, *, hook):
-        return frozen[hook.name]
+    def freeze(name):  # prompt rows only: generated positions run with attention free
+        def hook(t, *, hook):
+            out = t.clone()
+            if name in model.pattern_hooks:
+                out[:, :, :n_prompt, :n_prompt] = clean.frozen[name]
+            else:
+                out[:, :n_prompt] = clean.frozen[name]
+            return out
+
+        return hook
 
     def on_read(layer):
         def hook(t, *, hook):
@@ -112,67 +205,70 @@ def reference_run(model, prompt, interventions, *, constrained=None, freeze_atte
             a = tc.activations(layer, x)
             a[0] = 0
             read[layer] = a.clone()
-            ref_acts = a if constrained is None else cap.activations[layer]
-            d = torch.zeros_like(a)
-            s = a.clone()
-            for l, p, f, v in interventions:
-                if l == layer:
-                    target = new_value(v, float(ref_acts[p, f]))
-                    d[p, f] = target - ref_acts[p, f]
-                    s[p, f] = target
-            deltas[layer], acts_set[layer] = d, s
+            acts_model[layer] = a.clone()
+            delta = torch.zeros_like(a)  # (n_seq, d_transcoder): new value - reference
+            for l, pos, f, v in interventions:
+                if l != layer:
+                    continue
+                for p in prompt_rows(pos, n_prompt):
+                    ref = float(a[p, f]) if live_reference else float(clean.acts[layer, p, f])
+                    delta[p, f] = new_value(v, ref) - ref
+                    acts_model[layer][p, f] = new_value(v, ref)
+                for p in generated_rows(pos, n_prompt, n_seq, generated_positions):
+                    delta[p, f] = new_value(v, float(a[p, f])) - float(a[p, f])
+            outs = tc.output_layers(layer)
+            dec = tc.decoder_vectors(layer, torch.arange(tc.d_transcoder))  # (d_tc, n_out, d_model)
+            for j in outs:
+                if wrong == "own_layer_only" and j != layer:
+                    continue
+                deltas[j] += delta @ dec[:, j - outs.start]
 
         return hook
 
     def on_write(layer):
         def hook(t, *, hook):
-            write_deltas = constrained is None or layer in frozen_layers
-            if layer in frozen_layers:  # constrained / direct
-                y = cap.mlp_outputs[layer].clone()
-                sk = tc.skip(layer, x_live[layer])
-                if sk is not None:
-                    y = y + sk - tc.skip(layer, cap.mlp_inputs[layer])
-            elif errors == "frozen":  # the replacement model with clean errors
-                acts = acts_set if constrained is None else read
-                y = tc.reconstruct(layer, acts[: layer + 1], x_live[layer]) + cap.errors[layer]
-                write_deltas = False  # the set activations already carry them
-            else:  # circuit-tracer: the real MLP
-                y = t[0].clone()
-            if write_deltas:
-                for src in range(layer + 1):
-                    outs = tc.output_layers(src)
-                    if layer in outs:
-                        dec = tc.decoder_vectors(src, torch.arange(tc.d_transcoder))[:, layer - outs.start]
-                        y = y + deltas[src] @ dec
+            y = t[0].clone()  # the model's own MLP output on the live input
+            P = slice(0, n_prompt)
+            if layer in frozen_layers:
+                y[P] = clean.y[layer]
+                skip_live = tc.skip(layer, x_live[layer][P])
+                if skip_live is not None and wrong != "no_skip_change":
+                    y[P] += skip_live - tc.skip(layer, clean.x[layer])
+            elif errors == "frozen":  # the local replacement model: clean error + reconstruction
+                error = clean.y[layer] - tc.reconstruct(layer, list(clean.acts[: layer + 1]), clean.x[layer])
+                acts = acts_model if constrained is None else read
+                y[P] = error + tc.reconstruct(layer, [a[P] for a in acts[: layer + 1]], x_live[layer][P])
+            if layer in in_range and (layer in frozen_layers or errors == "recomputed"):
+                y[P] += deltas[layer, P]  # (frozen errors carry them in the reconstruction)
+            y[n_prompt:] += deltas[layer, n_prompt:]  # generated positions: live, every layer
             return y[None]
 
         return hook
 
     fwd = []
     if freeze_patterns:
-        fwd += [(n_, patch) for n_ in model.pattern_hooks]
+        fwd += [(name, freeze(name)) for name in model.pattern_hooks]
     if freeze_scales:
-        fwd += [(n_, patch) for n_ in model.scale_hooks]
+        fwd += [(name, freeze(name)) for name in model.scale_hooks]
     for layer in range(n):
         fwd += [(model.input_hooks[layer], on_read(layer)), (model.output_hooks[layer], on_write(layer))]
     with model.hooks(fwd):
-        logits = model.bridge(cap.tokens[None])[0]
+        logits = model.bridge(seq[None])[0]
     return logits, torch.stack(read)
 
 
 MODES = {
     "iterative": dict(),
     "iterative_free_attention": dict(freeze_attention=False),
-    "iterative_errors_recomputed": dict(errors="recomputed"),
-    "free_attention_errors_recomputed": dict(freeze_attention=False, errors="recomputed"),
-    "constrained_layer_1": dict(constrained_layers=range(1, 2)),
     "constrained_layer_0": dict(constrained_layers=[0]),
+    "constrained_layer_1": dict(constrained_layers=range(1, 2)),
     "direct": dict(direct_effects=True),
 }
+ERRORS = {"default": {}, "frozen": dict(errors="frozen")}
 
 
-def reference_kwargs(kw):
-    out = dict(freeze_attention=kw.get("freeze_attention", True), errors=kw.get("errors", "frozen"))
+def manual_kwargs(kw: dict) -> dict:
+    out = dict(freeze_attention=kw.get("freeze_attention", True), errors=kw.get("errors", "recomputed"))
     if kw.get("direct_effects"):
         out["constrained"] = range(2)
     elif "constrained_layers" in kw:
@@ -180,31 +276,70 @@ def reference_kwargs(kw):
     return out
 
 
-# ---------------------------------------------------------------------------- modes
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("kind", KINDS)
-def test_each_mode_equals_manual_forward_with_plain_hooks_gpt2(load, mode, kind):
-    model = load("tiny_gpt2_dir", kind)
+def check_against_manual(model, mode: str, errors: str) -> None:
+    kw = {**MODES[mode], **ERRORS[errors]}
     prompt = prompt_for(model)
     ivs = some_interventions(model, prompt)
-    logits, acts = feature_intervention(model, prompt, ivs, **MODES[mode])
-    ref_logits, ref_acts = reference_run(model, prompt, ivs, **reference_kwargs(MODES[mode]))
+    logits, acts = feature_intervention(model, prompt, ivs, **kw)
+    ref_logits, ref_acts = manual_run(model, prompt, ivs, **manual_kwargs(kw))
     clean = model.capture(prompt).logits
     assert (logits - clean).abs().max() > 1e-4, "the interventions changed nothing"
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10)
     torch.testing.assert_close(acts, ref_acts, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["iterative", "iterative_errors_recomputed", "constrained_layer_1", "direct"])
+# ---------------------------------------------------------------------------- modes
+@pytest.mark.parametrize("errors", list(ERRORS))
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_mode_equals_manual_forward_with_plain_hooks_gpt2(load, mode, errors, kind):
+    check_against_manual(load("tiny_gpt2_dir", kind), mode, errors)
+
+
+@pytest.mark.parametrize("errors", list(ERRORS))
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("kind", ["plt_skip_dir", "clt_dir"])
-def test_each_mode_equals_manual_forward_with_plain_hooks_llama(load, mode, kind):
-    model = load("tiny_llama_dir", kind)
+def test_each_mode_equals_manual_forward_with_plain_hooks_llama(load, mode, errors, kind):
+    check_against_manual(load("tiny_llama_dir", kind), mode, errors)
+
+
+def test_default_is_circuit_tracers_definition(load):
+    # the default is errors="recomputed" (the model's own MLPs), bit for bit, and differs
+    # from the local replacement model once a change reaches a later layer
+    model = load("tiny_gpt2_dir", "clt_dir")
     prompt = prompt_for(model)
     ivs = some_interventions(model, prompt)
-    logits, acts = feature_intervention(model, prompt, ivs, **MODES[mode])
-    ref_logits, ref_acts = reference_run(model, prompt, ivs, **reference_kwargs(MODES[mode]))
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10)
-    torch.testing.assert_close(acts, ref_acts, rtol=0, atol=1e-10)
+    default, _ = feature_intervention(model, prompt, ivs)
+    recomputed, _ = feature_intervention(model, prompt, ivs, errors="recomputed")
+    frozen, _ = feature_intervention(model, prompt, ivs, errors="frozen")
+    assert torch.equal(default, recomputed)
+    assert (default - frozen).abs().max() > 1e-3
+
+
+WRONG = [  # (mistake, mode, errors, transcoders): each must make the manual pass disagree
+    ("other_errors", "iterative", "default", "plt_dir"),
+    ("other_errors", "constrained_layer_0", "frozen", "clt_dir"),
+    ("attention_free", "iterative", "default", "clt_dir"),
+    ("attention_free", "constrained_layer_0", "default", "plt_dir"),
+    ("clean_reference", "iterative", "default", "plt_dir"),
+    ("own_layer_only", "iterative", "default", "clt_dir"),
+    ("own_layer_only", "direct", "default", "clt_dir"),
+    ("no_skip_change", "direct", "default", "plt_skip_dir"),
+    ("scales_frozen", "constrained_layer_1", "default", "plt_dir"),
+]
+
+
+@pytest.mark.parametrize("wrong, mode, errors, kind", WRONG)
+def test_a_deliberately_wrong_manual_pass_differs(load, wrong, mode, errors, kind):
+    model = load("tiny_gpt2_dir", kind)
+    kw = {**MODES[mode], **ERRORS[errors]}
+    prompt = prompt_for(model)
+    ivs = some_interventions(model, prompt)
+    logits, _ = feature_intervention(model, prompt, ivs, **kw)
+    right, _ = manual_run(model, prompt, ivs, **manual_kwargs(kw))
+    mistaken, _ = manual_run(model, prompt, ivs, **manual_kwargs(kw), wrong=wrong)
+    torch.testing.assert_close(logits, right, rtol=0, atol=1e-10)
+    assert (logits - mistaken).abs().max() > 1e-6, f"the comparison cannot see {wrong!r}"
 
 
 def test_open_ended_slice_and_range_positions_equal_listing_them(load):
@@ -272,7 +407,7 @@ def test_zero_interventions_reproduce_the_clean_run_exactly(load, arch, kind):
         [(l, p, f, Add(0.0))],
         [(0, 1, 0, Scale(3.0))] if cap.activations[0, 1, 0] == 0 else [],
     ]
-    for kw in MODES.values():
+    for kw in [{**m, **e} for m in MODES.values() for e in ERRORS.values()]:
         for ivs in no_ops:
             res = runner.run(ivs, **kw)
             assert torch.equal(res.logits, cap.logits), (kw, ivs)
@@ -343,6 +478,63 @@ def test_generation_with_kv_cache_equals_without(load, arch, open_ended):
         first, acts = feature_intervention(model, prompt, ivs, direct_effects=kw.get("direct_effects", False))
         torch.testing.assert_close(a.logits[0], first[-1], rtol=0, atol=1e-12)
         torch.testing.assert_close(a.activations[:, : cap.n_pos], acts, rtol=0, atol=1e-12)
+
+
+def manual_generate(model, prompt, interventions, n_new: int, **kw):
+    """Greedy generation by the definitions: each step reruns the whole sequence with
+    :func:`manual_run` (prompt positions in the mode, generated ones live). Returns (tokens,
+    logits (n_new, d_vocab), activations of the last pass)."""
+    tokens = model.tokenize(prompt)
+    steps = []
+    for _ in range(n_new):
+        logits, acts = manual_run(model, prompt, interventions, tokens=tokens, **kw)
+        steps.append(logits[-1])
+        tokens = torch.cat([tokens, logits[-1].argmax().reshape(1)])
+    return tokens, torch.stack(steps), acts
+
+
+GENERATION_MODES = {
+    "default": dict(),
+    "free_attention": dict(freeze_attention=False),
+    "constrained_layer_0": dict(constrained_layers=[0]),
+    "errors_frozen": dict(errors="frozen"),
+}
+
+
+@pytest.mark.parametrize("mode", list(GENERATION_MODES))
+@pytest.mark.parametrize("arch, kind", [("tiny_gpt2_dir", "clt_dir"), ("tiny_llama_dir", "plt_skip_dir")])
+def test_generation_equals_manual_greedy_generation(load, arch, kind, mode):
+    model = load(arch, kind)
+    prompt = prompt_for(model, 4)
+    idx, _ = model.capture(prompt).active_features()
+    l, p, f = idx[len(idx) // 2].tolist()
+    ivs = [(l, slice(p, None), f, Scale(-3.0)), (1, slice(1, None), 7, 2.5), (0, 2, 5, 1.0)]
+    kw = GENERATION_MODES[mode]
+    gen = feature_intervention_generate(model, prompt, ivs, max_new_tokens=5, stop_at_eos=False, **kw)
+    tokens, logits, acts = manual_generate(model, prompt, ivs, 5, **manual_kwargs(kw))
+    assert gen.tokens.tolist() == tokens.tolist()
+    torch.testing.assert_close(gen.logits, logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gen.activations, acts, rtol=0, atol=1e-10)
+
+
+def test_open_ended_interventions_apply_at_every_generated_position_by_default(load):
+    # circuit-tracer applies an open-ended intervention at every generated token, whatever the
+    # slice's start and step; generated_positions="slice" applies it where the slice says
+    model = load("tiny_gpt2_dir", "clt_dir")
+    prompt = prompt_for(model, 4)
+    n = model.tokenize(prompt).numel()
+    ivs = [(0, slice(n + 2, None), 5, 3.0), (1, slice(1, None, 2), 7, Scale(-3.0))]
+    out = {}
+    for where in ("all", "slice"):
+        gen = feature_intervention_generate(
+            model, prompt, ivs, max_new_tokens=5, stop_at_eos=False, generated_positions=where
+        )
+        tokens, logits, _ = manual_generate(model, prompt, ivs, 5, generated_positions=where)
+        assert gen.tokens.tolist() == tokens.tolist()
+        torch.testing.assert_close(gen.logits, logits, rtol=0, atol=1e-10)
+        out[where] = gen.logits
+    torch.testing.assert_close(out["all"][0], out["slice"][0], rtol=0, atol=0)  # the prompt pass
+    assert (out["all"][1:] - out["slice"][1:]).abs().max() > 1e-6
 
 
 def test_generation_reuses_a_given_clean_run_exactly(load):
@@ -471,6 +663,8 @@ def test_bad_generation_arguments_are_clear_errors(load):
         feature_intervention_generate(model, prompt, [], max_new_tokens=2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         feature_intervention_generate(model, prompt, [], max_new_tokens=40)
+    with pytest.raises(ValueError, match="generated_positions must be one of"):
+        feature_intervention_generate(model, prompt, [], max_new_tokens=2, generated_positions="from_start")
     # an open-ended slice may start after the prompt when generating
     g = feature_intervention_generate(model, prompt, [(0, slice(9, None), 3, 5.0)], max_new_tokens=4, stop_at_eos=False)
     assert g.tokens.numel() == 11
