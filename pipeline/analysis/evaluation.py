@@ -10,10 +10,11 @@ The phases of :func:`evaluate`:
    activation × decoder · gradient, so removing the whole output vector moves the target by
    minus the edge).
 3. Faithfulness: clean, circuit only (every active feature outside the circuit set to 0),
-   circuit ablated, all features ablated, with iterative patching and error vectors frozen at
-   their clean values (so the fully ablated model is "errors + biases + skips");
-   ``faithfulness`` = (circuit only − all ablated) / (clean − all ablated) on the de-meaned
-   target logit.
+   circuit ablated, all features ablated, with iterative patching and the spec's ``errors``:
+   by default circuit-tracer's (the model's own MLPs on the live input minus the ablated
+   features' live contributions), or ``"frozen"`` (the local replacement model, so the fully
+   ablated model is "clean errors + biases + skips"); ``faithfulness`` = (circuit only − all
+   ablated) / (clean − all ablated) on the de-meaned target logit.
 4. Named experiments (:class:`Experiment`): ablate, steer or swap features; top tokens before
    and after, whether the expected token came out (``flipped``), greedy generations without
    and with the intervention.
@@ -142,6 +143,8 @@ class EvaluationSpec:
     node_threshold / edge_threshold: pruning of a raw Graph (a pruned graph keeps its own)
     faithfulness: run the four faithfulness conditions (False: the report's ``faithfulness``
     section is None)
+    errors: "recomputed" (circuit-tracer's definition) or "frozen" (the local replacement
+    model: a circuit's faithfulness inside the replacement model); see resolve_mode
     """
 
     top_k: int = 10
@@ -149,7 +152,7 @@ class EvaluationSpec:
     faithfulness: bool = True
     supernodes: dict = field(default_factory=dict)
     freeze_attention: bool = True
-    errors: str = "frozen"
+    errors: str = "recomputed"  # circuit-tracer's definition, so its users' numbers carry over
     n_top_tokens: int = 5
     max_new_tokens: int = 8
     node_threshold: float = 0.8

@@ -64,6 +64,12 @@ def _md_faithfulness(f: Mapping[str, Any]) -> list[str]:
     return L
 
 
+_ERRORS_MEANING = {
+    "recomputed": "the model's own MLPs on the live input, as circuit-tracer computes interventions",
+    "frozen": "held at their clean values: the local replacement model",
+}
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown (figures linked from ``figures/``)."""
     L: list[str] = []
@@ -74,7 +80,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Model `{report['model']}`, transcoders: {report['transcoders']['kind']}. Target: the top "
         f"token {_quote(t['token'])} (id {t['id']}), de-meaned logit {_md_cell(t['demeaned_logit'])}. "
         f"Iterative runs: attention {'frozen' if report['spec']['freeze_attention'] else 'free'}, "
-        f"error vectors {report['spec']['errors']}.",
+        f"error vectors {report['spec']['errors']} ({_ERRORS_MEANING.get(report['spec']['errors'], '?')}).",
         "",
     ]
     s = report["summary"]

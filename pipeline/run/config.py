@@ -339,7 +339,7 @@ class InterventionSpec:
     top_k: int = 10
     faithfulness: bool = True
     freeze_attention: bool = True
-    errors: str = "frozen"
+    errors: str = "recomputed"  # circuit-tracer's definition, so its users' numbers carry over
     n_top_tokens: int = 5
     max_new_tokens: int = 5
 
