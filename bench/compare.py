@@ -1,7 +1,8 @@
-"""Side-by-side benchmark against circuit-tracer 0.5.0: exactness, pruning, graph JSON, speed, scale.
+"""Side-by-side benchmark against circuit-tracer 0.5.0: exactness, pruning, graph JSON, interventions, speed, scale.
 
     python bench/compare.py            # everything (creates circuit-tracer's venv on first use)
-    python bench/compare.py --quick    # tiny fixtures only (exactness, pruning, JSON), < 3 min
+    python bench/compare.py --quick    # tiny fixtures only (exactness, pruning, JSON, interventions), < 4 min
+    python bench/compare.py --only interventions --out bench/results/compare-interventions.json
 
 Run it with the project's environment active. It builds the shared fixtures once under a
 git-ignored work directory (``bench/.work/compare``), then runs circuit-tracer
@@ -20,6 +21,13 @@ Fixtures (all float32, random, seeded; built with ``pipeline.testing``):
 * scale: 2 layers, d_model 64, 1024 positions, 16384-feature PLTs at density 0.004: many nodes
   per token for cheap backward passes (``bench/fixtures.py``'s ``scale`` spec).
 
+Interventions (tiny fixtures): circuit-tracer's ``feature_intervention`` and
+``feature_intervention_generate`` with its defaults against ours with ours, on the same absolute
+values (ablation, ×−2 with frozen and free attention, 10× in constrained layer ranges, greedy
+generation with open-ended ×−2); ``max |Δlogit| / max |logit|`` per case (goal <= 1e-5), and
+the same for ours with ``errors="frozen"`` (the local replacement model) to show what the
+option changes (``intervention_cases``, ``intervention_rows``).
+
 Exactness is checked with ``max_feature_nodes`` unset (all features) and set. The adjacency is
 compared over every entry of the rows and columns both graphs have; ``rel`` is
 ``max |ours - theirs| / max |theirs|`` over those entries (the goal is <= 1e-5 in float32),
@@ -37,8 +45,9 @@ kernel's OOM killer hitting other processes).
 Where the adjacency differs, the differing columns are checked by intervention on the frozen
 model (the test suite's ``FrozenReference``). ``--zero-bos-errors`` runs our engine with
 ``attribute(..., zero_bos_errors=True)`` (zero BOS-position error vectors, as circuit-tracer
-does) in the exactness sections, to show that this alone explains the differences. Sections can be rerun alone: ``--skip`` the others and ``--reuse`` an
-earlier results JSON for them (``--scale-append`` keeps earlier scale rows of other lengths).
+does) in the exactness sections, to show that this alone explains the differences. Sections can
+be rerun alone: ``--only`` them (or ``--skip`` the others) and ``--reuse`` an earlier results
+JSON for the rest (``--scale-append`` keeps earlier scale rows of other lengths).
 A full run takes about 66 minutes on 2 busy cores (2026-11-26, load average 4-10);
 ``--quick`` about 2.5 minutes.
 """
@@ -71,6 +80,7 @@ RESULTS = BENCH / "results"
 SCAN = "circuit-pipeline-bench"
 SECTION_KEYS = {  # report sections, in table order, and the report keys each one fills
     "exactness": ["exactness", "exactness_status", "verify_by_intervention", "versions"],
+    "interventions": ["interventions", "interventions_status", "interventions_versions"],
     "big-exactness": ["exactness_big", "exactness_big_settings"],
     "speed": ["speed", "speed_settings"],
     "scale": ["scale", "scale_settings", "scale_settings_earlier"],
@@ -316,6 +326,9 @@ def worker(job_path: str) -> None:
             }
             del hf
         save()
+        if setup.get("interventions"):
+            res["interventions"] = run_our_interventions(model, setup["interventions"], sdir)
+            save()
         for spec in setup["runs"]:
             info: dict = {}
             res["runs"][spec["name"]] = info
@@ -404,6 +417,60 @@ def worker(job_path: str) -> None:
         del model
     result["total_s"] = time.perf_counter() - t_start
     save()
+
+
+def _decode_interventions(items: list) -> list[tuple]:
+    """JSON ``[layer, pos, feature, value]`` rows as intervention tuples (as ct_runner.py reads
+    them); ``pos`` is an int or ``{"slice": [start, stop]}``, stop null for open-ended."""
+    out = []
+    for layer, pos, feature, value in items:
+        if isinstance(pos, dict):
+            pos = slice(*pos["slice"])
+        out.append((int(layer), pos, int(feature), float(value)))
+    return out
+
+
+def run_our_interventions(model, spec: dict, out_dir: Path) -> dict:
+    """Our ``feature_intervention`` / ``feature_intervention_generate`` with our defaults, and
+    again with ``errors="frozen"`` (the local replacement model); arrays as ct_runner.py's
+    ``run_interventions`` names them (the frozen-errors ones with ``.frozen`` before the suffix)."""
+    import numpy as np
+    import torch
+
+    tokens = torch.tensor(spec["tokens"], dtype=torch.long)
+    arrays: dict = {"clean.logits": model.capture(tokens).logits.float().numpy()}
+    info: dict = {}
+    for case in spec["cases"]:
+        kwargs = {}
+        if case.get("constrained_layers") is not None:
+            kwargs["constrained_layers"] = range(*case["constrained_layers"])
+        if "freeze_attention" in case:
+            kwargs["freeze_attention"] = case["freeze_attention"]
+        ivs = _decode_interventions(case["interventions"])
+        for variant, extra in (("", {}), (".frozen", {"errors": "frozen"})):
+            name = case["name"] + variant
+            t0 = time.perf_counter()
+            try:
+                if case.get("generate"):
+                    g = model.feature_intervention_generate(
+                        tokens,
+                        ivs,
+                        max_new_tokens=case["generate"]["max_new_tokens"],
+                        stop_at_eos=False,
+                        **kwargs,
+                        **extra,
+                    )
+                    logits, acts = g.logits, g.activations
+                    arrays[f"{name}.tokens"] = g.tokens.numpy().astype(np.int64)
+                else:
+                    logits, acts = model.feature_intervention(tokens, ivs, **kwargs, **extra)
+                arrays[f"{name}.logits"] = logits.float().numpy()
+                arrays[f"{name}.activations"] = acts.float().numpy()
+                info[name] = {"s": time.perf_counter() - t0}
+            except Exception as exc:  # report it and go on with the other cases
+                info[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    np.savez(out_dir / "interventions.npz", **arrays)
+    return info
 
 
 # ============================================================================================
@@ -805,6 +872,133 @@ def exactness_setups(setups: list[Setup], n_tokens: int, mfn: int, batch_size: i
     return out
 
 
+def intervention_cases(setup: Setup, tokens: list[int]) -> list[dict]:
+    """The interventions section's cases on one setup, with absolute values (circuit-tracer's
+    form: a number sets the activation), so both engines are given the same numbers.
+
+    Picks the 3 strongest active features of layer 0 and the 2 strongest of the last layer
+    (positions after BOS; their clean activations ``a`` from our engine): ablation (0) and
+    ×−2 with frozen and free attention; 10 a in a constrained range (layer 0 only, the last
+    layer only, every layer); greedy generation with open-ended ×−2 (from the first picked
+    position on) with frozen and free attention.
+    """
+    import torch
+
+    from pipeline.engine.replacement import ReplacementModel
+
+    model = ReplacementModel.from_pretrained(setup.model_dir, setup.transcoder_dir)
+    acts = model.capture(torch.tensor(tokens, dtype=torch.long)).activations
+    n_layers = acts.shape[0]
+
+    def strongest(layer: int, k: int) -> list[tuple[int, int, int, float]]:
+        a = acts[layer, 1:].clone()
+        flat = torch.argsort(a.reshape(-1), descending=True, stable=True)[:k]
+        out = []
+        for i in flat.tolist():
+            pos, feat = divmod(i, a.shape[1])
+            if float(a[pos, feat]) > 0:
+                out.append((layer, pos + 1, feat, float(a[pos, feat])))
+        return out
+
+    first, last = strongest(0, 3), strongest(n_layers - 1, 2)
+    picks = first + last
+
+    def scaled(feats, factor, open_ended=False):
+        start = min(p for _, p, _, _ in feats)
+        return [[l, {"slice": [start, None]} if open_ended else p, f, factor * a] for l, p, f, a in feats]
+
+    gen = {"max_new_tokens": 4}
+    return [
+        {"name": "ablate", "interventions": scaled(picks, 0.0)},
+        {"name": "ablate, attention free", "interventions": scaled(picks, 0.0), "freeze_attention": False},
+        {"name": "x-2", "interventions": scaled(picks, -2.0)},
+        {"name": "x-2, attention free", "interventions": scaled(picks, -2.0), "freeze_attention": False},
+        {"name": "10x, constrained [0, 1)", "interventions": scaled(first, 10.0), "constrained_layers": [0, 1]},
+        {
+            "name": f"10x, constrained [{n_layers - 1}, {n_layers})",
+            "interventions": scaled(picks, 10.0),
+            "constrained_layers": [n_layers - 1, n_layers],
+        },
+        {
+            "name": f"10x, constrained [0, {n_layers})",
+            "interventions": scaled(picks, 10.0),
+            "constrained_layers": [0, n_layers],
+        },
+        {"name": "generate, open-ended x-2", "interventions": scaled(first, -2.0, True), "generate": gen},
+        {
+            "name": "generate, open-ended x-2, attention free",
+            "interventions": scaled(first, -2.0, True),
+            "generate": gen,
+            "freeze_attention": False,
+        },
+    ]
+
+
+def intervention_rows(ours: dict, theirs: dict, setups: list[dict], work: Path) -> list[dict]:
+    """Per setup and case: ``rel`` = max |ours - theirs| / max |theirs| over every logit (our
+    defaults), ``rel_frozen`` the same for ours with ``errors="frozen"``, ``rel_acts`` for the
+    returned activations, ``effect`` = max |theirs - clean| / max |theirs| (what the case moved),
+    ``attention_effect`` for a free-attention case: max |theirs - theirs with frozen attention| /
+    max |theirs| (the difference the case can detect)."""
+    import numpy as np
+
+    rows = []
+    for s in setups:
+        name = s["name"]
+        try:
+            o = _load_npz(work / "ours" / name / "interventions.npz")
+            t = _load_npz(work / "theirs" / name / "interventions.npz")
+        except OSError as exc:
+            rows.append({"setup": name, "error": str(exc)})
+            continue
+        io = ours.get("setups", {}).get(name, {}).get("interventions", {})
+        it = theirs.get("setups", {}).get(name, {}).get("interventions", {})
+        for case in s["interventions"]["cases"]:
+            c = case["name"]
+            row: dict = {"setup": name, "case": c}
+            errs = {k: v[c]["error"] for k, v in (("ours", io), ("theirs", it)) if "error" in v.get(c, {})}
+            if errs or f"{c}.logits" not in t or f"{c}.logits" not in o:
+                row["error"] = errs or "missing"
+                rows.append(row)
+                continue
+            tl = t[f"{c}.logits"].astype(np.float64)
+            scale = float(np.abs(tl).max())
+            if f"{c}.tokens" in t:
+                row["tokens_equal"] = bool(np.array_equal(o[f"{c}.tokens"], t[f"{c}.tokens"]))
+                row["tokens_equal_frozen"] = bool(np.array_equal(o[f"{c}.frozen.tokens"], t[f"{c}.tokens"]))
+                clean = t["clean.logits"][-1:]
+                row["effect"] = float(np.abs(tl[0] - clean[0]).max()) / scale
+            else:
+                row["effect"] = float(np.abs(tl - t["clean.logits"]).max()) / scale
+            row["max_abs_logit"] = scale
+            row["rel"] = float(np.abs(o[f"{c}.logits"] - tl).max()) / scale
+            row["rel_frozen"] = float(np.abs(o[f"{c}.frozen.logits"] - tl).max()) / scale
+            twin = c.removesuffix(", attention free")
+            if twin != c and f"{twin}.logits" in t:  # how much freeing attention moved circuit-tracer's logits
+                row["attention_effect"] = float(np.abs(t[f"{twin}.logits"] - tl).max()) / scale
+            ta = t[f"{c}.activations"]
+            row["rel_acts"] = float(np.abs(o[f"{c}.activations"] - ta).max()) / max(float(np.abs(ta).max()), 1e-30)
+            rows.append(row)
+    return rows
+
+
+def interventions_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| fixture | case | effect | ours vs circuit-tracer | ours, errors=frozen, vs circuit-tracer | activations | tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['setup']} | {r.get('case', '-')} | error: {r['error']} |||||")
+            continue
+        tok = "-" if "tokens_equal" not in r else ("same" if r["tokens_equal"] else "DIFFER")
+        lines.append(
+            f"| {r['setup']} | {r['case']} | {_fmt(r['effect'])} | {_fmt(r['rel'])} | {_fmt(r['rel_frozen'])} | "
+            f"{_fmt(r['rel_acts'])} | {tok} |"
+        )
+    return lines
+
+
 def n_layers_of(model_dir: str) -> int:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return int(cfg.get("n_layer") or cfg.get("num_hidden_layers"))
@@ -998,6 +1192,25 @@ def build_tables(report: dict) -> list[str]:
                 f"{r['ours_info'].get('string_tokens', [None])[0]} (it prepends the first non-zero special-token "
                 "id, so a BOS id of 0 is skipped).",
             ]
+    if report.get("interventions"):
+        rows = report["interventions"]
+        ok = [r["rel"] for r in rows if "rel" in r]
+        lines += [
+            "",
+            "Interventions against circuit-tracer 0.5.0, defaults on both sides (tiny fixtures, 12 tokens; "
+            "max |Δlogit| / max |logit| over every position, goal <= 1e-5; effect: max |logit - clean| / "
+            "max |logit|, first generated step for generation):",
+            "",
+        ] + interventions_table(rows)
+        att = [r["attention_effect"] for r in rows if "attention_effect" in r]
+        if ok:
+            lines += ["", f"Largest difference with our defaults: {max(ok):.2g} ({len(ok)} cases)."]
+        if att:
+            lines += [
+                f"Freeing attention moves circuit-tracer's logits by {min(att):.2g} to {max(att):.2g} of the "
+                "largest logit in these fixtures (their attention is nearly uniform): what the free-attention "
+                "rows can tell apart."
+            ]
     verify = report.get("verify_by_intervention") or {}
     if verify:
         lines += [
@@ -1150,6 +1363,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip", nargs="*", default=[], choices=list(SECTION_KEYS))
     ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=list(SECTION_KEYS),
+        help="run only these sections (--skip every other one); with --reuse the others come from there",
+    )
+    ap.add_argument(
         "--reuse",
         type=Path,
         default=None,
@@ -1159,6 +1379,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
+    if args.only:
+        args.skip = [s for s in SECTION_KEYS if s not in args.only]
 
     t_all = time.perf_counter()
     ensure_ct_venv()
@@ -1207,8 +1429,37 @@ def main(argv: list[str] | None = None) -> int:
                 verify[st.name] = {"error": f"{type(exc).__name__}: {exc}"}
         report["verify_by_intervention"] = verify
 
+    # ---------------------------------------------------------------- interventions (tiny)
+    if "interventions" not in args.skip:
+        iv_setups = []
+        for st in tiny:
+            toks, _ = token_ids(st.model_dir, 12)
+            iv_setups.append(
+                {
+                    "name": st.name,
+                    "model_dir": st.model_dir,
+                    "transcoder_dir": st.transcoder_dir,
+                    "runs": [],
+                    "interventions": {"tokens": toks, "cases": intervention_cases(st, toks)},
+                }
+            )
+        print(f"[compare] interventions on {len(iv_setups)} tiny setups (ours, then circuit-tracer) ...", flush=True)
+        la = _loadavg()
+        kw = dict(threads=args.threads, timeout_s=900, mem_cap_gb=args.mem_cap_gb)
+        ours = run_engine("ours", iv_setups, work / "interventions" / "ours", **kw)
+        theirs = run_engine("theirs", iv_setups, work / "interventions" / "theirs", **kw)
+        report["interventions"] = intervention_rows(ours, theirs, iv_setups, work / "interventions")
+        report["interventions_status"] = {
+            "ours": ours["status"],
+            "theirs": theirs["status"],
+            "load_avg": f"{la} -> {_loadavg()}",
+        }
+        report["interventions_versions"] = {"ours": ours.get("versions"), "circuit_tracer_env": theirs.get("versions")}
+
     if not args.quick:
-        big = build_big(work, "gpt2small", with_clt=True)
+        # the GPT-2-small-shaped fixtures take minutes and gigabytes to build: only when used
+        needs_big = "big-exactness" not in args.skip or "speed" not in args.skip
+        big = build_big(work, "gpt2small", with_clt=True) if needs_big else []
         # ------------------------------------------------------------ exactness (gpt2small)
         if "big-exactness" not in args.skip:
             ex = []

@@ -34,6 +34,10 @@ Loading without the hub (HF_HUB_OFFLINE=1):
   resolves relative paths against the working directory) and dtype float32 (its CLT loader
   defaults to bfloat16).
 
+A setup may also carry ``"interventions": {"tokens": [...], "cases": [...]}`` (see
+``run_interventions``): circuit-tracer's ``feature_intervention`` / ``feature_intervention_generate``
+with its defaults, logits and activations saved to ``out_dir/<setup>/interventions.npz``.
+
 Prompts are passed as token ids (BOS first) so both engines see identical input ids:
 circuit-tracer's own string tokenization prepends the first *non-zero* special-token id, so a
 tokenizer whose BOS id is 0 gets another special token there. Its string tokenization is
@@ -256,6 +260,90 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
     return info
 
 
+def decode_interventions(items: list) -> list[tuple]:
+    """JSON ``[layer, pos, feature, value]`` rows as intervention tuples; ``pos`` is an int or
+    ``{"slice": [start, stop]}`` (stop null: open-ended)."""
+    out = []
+    for layer, pos, feature, value in items:
+        if isinstance(pos, dict):
+            pos = slice(*pos["slice"])
+        out.append((int(layer), pos, int(feature), float(value)))
+    return out
+
+
+def text_for_free_generation(model, tokens) -> tuple[str, dict]:
+    """A text and ``generate`` keyword arguments that give exactly ``tokens`` (BOS first) both
+    through ``model.tokenizer`` and through ``generate``'s own tokenization.
+
+    circuit-tracer 0.5.0's ``feature_intervention_generate`` with ``freeze_attention=False``
+    takes the prompt length from ``inputs.size(0)`` for a token tensor, which is the batch
+    dimension of the (1, n_pos) batch ``generate`` needs, so that case fails ("index out of
+    bounds"); for a string it takes the length from the tokenizer. So this case gets text: the
+    words (when the tokenizer adds BOS itself) or the BOS token's string, then the words, with
+    ``prepend_bos=False``.
+    """
+    tok = model.tokenizer
+    ids = tokens.tolist()
+    words = " ".join(tok.convert_ids_to_tokens(ids[1:]))
+    for text, kwargs in ((words, {}), (f"{tok.bos_token} {words}", {"prepend_bos": False})):
+        if tok(text).input_ids == ids and model.to_tokens(text, **kwargs)[0].tolist() == ids:
+            return text, kwargs
+    raise RuntimeError("no text tokenizes to the given ids both ways")
+
+
+def run_interventions(model, spec: dict, out_dir: Path) -> dict:
+    """circuit-tracer's interventions with its own defaults; only the arguments a case names are
+    passed (constrained_layers, freeze_attention; max_new_tokens and greedy decoding for
+    generation). Saves ``<case>.logits`` (n_pos, d_vocab), ``<case>.activations`` and, for
+    generation, ``<case>.tokens``, plus the clean run's ``clean.logits``."""
+    import numpy as np
+    import torch
+
+    tokens = torch.tensor(spec["tokens"], dtype=torch.long)
+    arrays: dict = {}
+    info: dict = {}
+    with torch.no_grad():
+        arrays["clean.logits"] = model(tokens)[0].float().numpy()
+    for case in spec["cases"]:
+        kwargs = {}
+        if case.get("constrained_layers") is not None:
+            kwargs["constrained_layers"] = range(*case["constrained_layers"])
+        if "freeze_attention" in case:
+            kwargs["freeze_attention"] = case["freeze_attention"]
+        ivs = decode_interventions(case["interventions"])
+        name = case["name"]
+        t0 = time.perf_counter()
+        try:
+            if case.get("generate"):
+                # a (1, n_pos) batch: HookedTransformer.generate takes batches
+                inputs, extra = tokens[None], {}
+                if case.get("freeze_attention") is False:
+                    inputs, extra = text_for_free_generation(model, tokens)
+                    info.setdefault("free_generation_input", {"text": inputs, **extra})
+                out, logits, acts = model.feature_intervention_generate(
+                    inputs,
+                    ivs,
+                    do_sample=False,
+                    max_new_tokens=case["generate"]["max_new_tokens"],
+                    stop_at_eos=False,
+                    verbose=False,
+                    return_type="tokens",
+                    **kwargs,
+                    **extra,
+                )
+                arrays[f"{name}.tokens"] = np.asarray(out).reshape(-1).astype(np.int64)
+            else:
+                logits, acts = model.feature_intervention(tokens, ivs, **kwargs)
+                logits = logits[0]
+            arrays[f"{name}.logits"] = logits.float().numpy()
+            arrays[f"{name}.activations"] = acts.to_dense().float().numpy()
+            info[name] = {"s": time.perf_counter() - t0}
+        except Exception as exc:  # report it and go on with the other cases
+            info[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    np.savez(out_dir / "interventions.npz", **arrays)
+    return info
+
+
 def main(job_path: str) -> None:
     import torch
 
@@ -297,6 +385,9 @@ def main(job_path: str) -> None:
                     res["runs"][spec["name"]] = run_one(model, spec, setup_dir, scan)
                 except Exception as exc:  # report it and go on with the other runs
                     res["runs"][spec["name"]] = {"error": f"{type(exc).__name__}: {exc}"}
+                save()
+            if setup.get("interventions"):
+                res["interventions"] = run_interventions(model, setup["interventions"], setup_dir)
                 save()
             del model, transcoders
     result["total_s"] = time.perf_counter() - t_start
