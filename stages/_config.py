@@ -14,7 +14,6 @@ the same schema and turned into the dataclasses, so a stage never reads an unche
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,14 +69,6 @@ def load_config(path: str | os.PathLike = PARAMS_FILE) -> PipelineConfig:
         raise ConfigError(f"{path}: {exc}") from exc
     assert isinstance(cfg, PipelineConfig)
     return cfg
-
-
-def library_config(spec, cls, **extra):
-    """Build the library's config class ``cls`` from a schema dataclass with the same fields
-    (lists become the tuples the library uses); ``extra`` sets fields the schema lacks."""
-    values = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values, **extra)
 
 
 def parse_args(

@@ -31,16 +31,10 @@ def main(argv=None) -> None:
     model = load_replacement_model(cfg, lazy_encoder=True)  # attribution encodes once
     run = prompt_dir(args.prompt_id)
     tokens = read_tokens(run / "tokens.safetensors")
-    a = cfg.attribution
     partial = PARTIAL / args.prompt_id / "graph.zarr"
     partial.parent.mkdir(parents=True, exist_ok=True)
     options = dict(
-        max_n_logits=a.max_n_logits,
-        desired_logit_prob=a.desired_logit_prob,
-        batch_size=a.batch_size,
-        max_feature_nodes=a.max_feature_nodes,
-        update_interval=a.update_interval,
-        zero_bos_errors=a.zero_bos_errors,
+        config=cfg.attribution,  # its load dtype is no attribution option: attribute() leaves it out
         logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
         verbose=False,
     )

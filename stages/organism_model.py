@@ -7,11 +7,12 @@ time (same params -> byte-identical outputs); the training time is printed to th
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.organism.train_model import ModelConfig, TrainConfig, train_model
+from pipeline.organism.train_model import TrainConfig, train_model
 from pipeline.organism.world import WorldConfig, make_world
-from stages._config import library_config, load_config, parse_args
+from stages._config import load_config, parse_args
 from stages._io import atomic_path, read_json, scalars, setup_torch, shown, write_json
 
 WORLD = Path("data/organism/world.json")
@@ -44,8 +45,8 @@ def main(argv=None) -> None:
     with atomic_path(OUT) as tmp:
         result = train_model(
             load_world(),
-            library_config(spec.model, ModelConfig),
-            library_config(spec.train, TrainConfig, threads=cfg.runtime.threads),
+            spec.model,
+            TrainConfig(**asdict(spec.train), threads=cfg.runtime.threads),
             out_dir=tmp,
             progress=False,
         )

@@ -7,10 +7,11 @@ either (byte-identical reruns); the training time is printed to the log.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.organism.train_transcoders import TranscoderTrainConfig, train_clt, train_plt
-from stages._config import library_config, load_config, parse_args
+from stages._config import load_config, parse_args
 from stages._io import atomic_path, scalars, setup_torch, shown, write_json
 from stages.organism_model import OUT as MODEL_DIR
 from stages.organism_model import load_world, strip_volatile
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
         result = TRAIN[args.kind](
             MODEL_DIR,
             load_world(),
-            library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
+            TranscoderTrainConfig(**asdict(spec), threads=cfg.runtime.threads),
             out_dir=tmp,
             progress=False,
         )

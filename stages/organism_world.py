@@ -8,21 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.organism.world import SENTENCE_KINDS, WorldConfig, make_world
-from stages._config import library_config, load_config, parse_args
+from pipeline.organism.world import SENTENCE_KINDS, make_world
+from stages._config import load_config, parse_args
 from stages._io import write_json
 
 OUT = Path("data/organism/world.json")
 
 
-def world_config(spec) -> WorldConfig:
-    return library_config(spec, WorldConfig)
-
-
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
-    world = make_world(world_config(cfg.organism.world))
+    world = make_world(cfg.organism.world)
     write_json(
         OUT,
         {

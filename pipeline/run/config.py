@@ -1,4 +1,4 @@
-"""The pipeline's configuration schema: one plain dataclass per config group.
+"""The pipeline's configuration schema: one dataclass per config group.
 
 ``conf/<group>/<option>.yaml`` files are validated against these classes when Hydra
 composes the configuration (``stages/_config.py`` registers them; this module imports
@@ -6,16 +6,17 @@ neither Hydra nor OmegaConf), and every DVC stage loads the composed ``params.ya
 :class:`PipelineConfig` before it reads a value. A field without a default is required: a
 choice file must set it.
 
-Field types are kept to what a structured config can check (str, int, float, bool,
-Optional, List, Dict, nested dataclasses); the library's own config classes (for example
-``pipeline.organism.TrainConfig``) are built from these in the stages.
+Where the library has a config class, the schema uses it (``attribution`` extends
+``AttributionConfig``; ``organism`` is made of the organism's own configs), so an option is
+defined, defaulted and checked in one place. Field types are kept to what a structured
+config can check (str, int, float, bool, Optional, List, Tuple, Dict, nested dataclasses).
 
     PipelineConfig
       runtime       RuntimeConfig        threads, device
       model         ModelSpec            which model: hub id or local directory
       transcoders   TranscodersSpec      which transcoders: hub repo or local directory
       prompts       PromptSetSpec        prompt set: {prompt id: PromptSpec}
-      attribution   AttributionSpec      options of pipeline.engine.attribution.attribute
+      attribution   AttributionSpec      pipeline.engine.attribution.AttributionConfig + load dtype
       pruning       PruningSpec          node/edge thresholds
       export        ExportSpec           graph files
       features      FeaturesSpec         feature dashboards: corpus and what they record
@@ -28,6 +29,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from pipeline.engine.attribution import AttributionConfig
+from pipeline.organism.train_model import ModelConfig, TrainSettings
+from pipeline.organism.train_transcoders import TranscoderTrainSettings
+from pipeline.organism.world import WorldConfig
 
 #: A prompt id names DVC stages (``attribute@<id>``), params keys (``prompts.items.<id>``) and
 #: output folders, so it is restricted to characters that are safe in all three.
@@ -161,26 +167,26 @@ class PromptSetSpec:
 
 
 @dataclass
-class AttributionSpec:
-    """Options of ``pipeline.engine.attribution.attribute`` (see there) and the load dtype."""
+class AttributionSpec(AttributionConfig):
+    """The options of ``pipeline.engine.attribution.attribute`` (its ``AttributionConfig``) and
+    the dtype the model and transcoders load in."""
 
-    max_n_logits: int = 10
-    desired_logit_prob: float = 0.95
-    batch_size: int = 256
-    max_feature_nodes: Optional[int] = None
-    update_interval: int = 4
-    zero_bos_errors: bool = False
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"help": "load dtype of model and transcoders", "choices": DTYPES})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dtype not in DTYPES:
             raise ValueError(f"attribution.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 @dataclass
 class PruningSpec:
-    node_threshold: float = 0.8  # share of influence on the logits the kept nodes carry
-    edge_threshold: float = 0.98  # share of edge score mass the kept edges carry
+    """The thresholds of ``pipeline.graph.pruning.prune_graph``."""
+
+    node_threshold: float = field(
+        default=0.8, metadata={"help": "share of influence on the logits the kept nodes carry"}
+    )
+    edge_threshold: float = field(default=0.98, metadata={"help": "share of edge score mass the kept edges carry"})
 
 
 @dataclass
@@ -245,82 +251,15 @@ class FeaturesSpec:
 
 
 @dataclass
-class WorldSpec:
-    """``pipeline.organism.WorldConfig`` (same fields)."""
-
-    seed: int = 0
-    n_states: int = 12
-    cities_per_state: int = 6
-    languages: int = 2
-    held_out_per_state: int = 2
-    templates_per_kind: List[int] = field(default_factory=lambda: [4, 3, 3])
-    kind_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 2.0])
-    language_weights: List[float] = field(default_factory=lambda: [1.0, 0.5])
-    pinned_trained: List[str] = field(default_factory=lambda: ["Dallas", "Fresno"])
-
-
-@dataclass
-class OrganismModelSpec:
-    """``pipeline.organism.ModelConfig`` (same fields): the GPT-2 architecture."""
-
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: Optional[int] = None
-    n_ctx: int = 16
-    activation: str = "gelu_new"
-    tie_embeddings: bool = True
-
-
-@dataclass
-class OrganismTrainSpec:
-    """``pipeline.organism.TrainConfig`` (same fields except ``threads``, which comes from
-    ``runtime.threads``)."""
-
-    steps: int = 400
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    grad_clip: float = 1.0
-    loss_on: str = "all"
-    seed: int = 0
-
-
-@dataclass
-class TranscoderTrainSpec:
-    """``pipeline.organism.TranscoderTrainConfig`` (same fields except ``threads``)."""
-
-    d_transcoder: int = 256
-    steps: int = 500
-    batch_size: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    sparsity_coefficient: float = 0.005
-    tanh_scale: float = 1.0
-    bandwidth: float = 0.1
-    threshold_init: float = 0.1
-    sparsity_warmup: float = 0.2
-    skip: bool = True
-    skip_init: str = "zero"
-    skip_l2: float = 0.01
-    n_tokens: Optional[int] = None
-    seed: int = 0
-
-
-@dataclass
 class OrganismSpec:
-    """The model organism: world -> model -> transcoders (PLT with skip, CLT)."""
+    """The model organism: world -> model -> transcoders (PLT with skip, CLT), as the library's
+    own configs (``pipeline.organism``); the training threads come from ``runtime.threads``."""
 
-    world: WorldSpec = field(default_factory=WorldSpec)
-    model: OrganismModelSpec = field(default_factory=OrganismModelSpec)
-    train: OrganismTrainSpec = field(default_factory=OrganismTrainSpec)
-    plt: TranscoderTrainSpec = field(default_factory=TranscoderTrainSpec)
-    clt: TranscoderTrainSpec = field(default_factory=lambda: TranscoderTrainSpec(skip=False))
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    plt: TranscoderTrainSettings = field(default_factory=TranscoderTrainSettings)
+    clt: TranscoderTrainSettings = field(default_factory=lambda: TranscoderTrainSettings(skip=False))
 
 
 @dataclass
