@@ -12,9 +12,9 @@ import shutil
 
 from pipeline.engine.attribution import attribute
 from pipeline.graph.store import GraphStoreMismatchError
-from stages._config import load_config, parse_args
-from stages._io import PARTIAL, prompt_dir, setup_torch
+from pipeline.run.compose import load_config
 from stages._model import load_replacement_model, read_tokens
+from stages._stage import PARTIAL, parse_args, prompt_dir, setup_torch
 
 
 def logit_targets(specs: list[str]):

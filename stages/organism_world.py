@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline._io import write_json
 from pipeline.organism.world import SENTENCE_KINDS, make_world
-from stages._config import load_config, parse_args
-from stages._io import write_json
+from pipeline.run.compose import load_config
+from stages._stage import parse_args
 
 OUT = Path("data/organism/world.json")
 

@@ -1,7 +1,7 @@
 """The pipeline's configuration schema: one dataclass per config group.
 
 ``conf/<group>/<option>.yaml`` files are validated against these classes when Hydra
-composes the configuration (``stages/_config.py`` registers them; this module imports
+composes the configuration (:mod:`pipeline.run.compose` registers them; this module imports
 neither Hydra nor OmegaConf), and every DVC stage loads the composed ``params.yaml`` into
 :class:`PipelineConfig` before it reads a value. A field without a default is required: a
 choice file must set it.
@@ -22,6 +22,7 @@ config can check (str, int, float, bool, Optional, List, Tuple, Dict, nested dat
       features      FeaturesSpec         feature dashboards: corpus and what they record
       organism      OrganismSpec         the embedded toy world, its model and transcoders
       intervention  InterventionSpec     the intervene stage's checks (experiments: per prompt)
+    StudyConfig     PipelineConfig + launcher (LauncherConfig) and out: a batch study
 """
 
 from __future__ import annotations
@@ -304,3 +305,89 @@ class PipelineConfig:
     features: FeaturesSpec = field(default_factory=FeaturesSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
     intervention: InterventionSpec = field(default_factory=InterventionSpec)
+
+
+# ------------------------------------------------------------------------------------ studies
+LAUNCHERS: tuple[str, ...] = ("sequential", "local", "submitit_local", "submitit_slurm", "ray")
+
+
+@dataclass
+class SlurmSettings:
+    """sbatch settings of ``submitit_slurm`` (submitit's names; see conf/launcher/).
+
+    partition: ``--partition``; gpus_per_node: ``--gpus-per-node``; cpus_per_task:
+    ``--cpus-per-task``; mem_gb: ``--mem``; account / qos / constraint: the same sbatch
+    options; array_parallelism: at most this many array tasks run at once; setup: shell lines
+    run before each job (``module load``, activating the environment); additional: any other
+    sbatch option as ``{name: value}``.
+    """
+
+    partition: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 8.0
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 64
+    setup: List[str] = field(default_factory=list)
+    additional: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    """Where and how the jobs of a study run (``conf/launcher/<name>.yaml``).
+
+    name: sequential | local | submitit_local | submitit_slurm | ray.
+    jobs: jobs running at once (local: worker processes; submitit_local: job processes; ray:
+        CPUs of the local Ray instance; submitit_slurm: ignored, see slurm.array_parallelism).
+    prompts_per_job: prompts per job; None: 1 where workers keep the model loaded between
+        jobs (local, ray, sequential), ``ceil(pending / jobs)`` for submitit_local, 1 for SLURM.
+    threads: torch threads of each job. device: where jobs run the model (cpu, cuda).
+    timeout_min: wall-time limit of a submitit job (SLURM ``--time``).
+    ray_address: None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster.
+    ray_gpus_per_job: GPUs Ray reserves per job.
+    start_method: local: how worker processes start (fork, spawn, forkserver); None: fork on
+        Linux for CPU jobs (workers inherit the planning process's loaded model), else spawn.
+    folder: submitit's job folder (logs, pickles); None: ``STUDY_DIR/submitit``.
+    """
+
+    name: str = "local"
+    jobs: int = 2
+    prompts_per_job: Optional[int] = None
+    threads: int = 1
+    device: str = "cpu"
+    timeout_min: float = 60.0
+    ray_address: Optional[str] = None
+    ray_gpus_per_job: float = 0.0
+    folder: Optional[str] = None
+    start_method: Optional[str] = None
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+
+    def __post_init__(self) -> None:
+        if self.name not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.name!r}")
+        for name in ("jobs", "threads", "prompts_per_job"):
+            value = getattr(self, name)
+            if value is None and name == "prompts_per_job":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"launcher.{name} must be an integer >= 1, got {value!r}")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(
+                f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}"
+            )
+        if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, (int, float)):
+            raise ValueError(f"launcher.timeout_min must be a number, got {self.timeout_min!r}")
+        if self.timeout_min <= 0:
+            raise ValueError(f"launcher.timeout_min must be positive, got {self.timeout_min}")
+
+
+@dataclass
+class StudyConfig(PipelineConfig):
+    """A batch study (``circuit-pipeline study``, ``conf/study.yaml``): the pipeline's choices,
+    of which a study uses model, transcoders, prompts, attribution, pruning and export.scan,
+    plus where its jobs run and its folder (``out``; None: ``studies/<prompt set name>``)."""
+
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    out: Optional[str] = None

@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from dvc.utils.hydra import compose_and_dump  # noqa: E402
 
-from stages._config import ConfigError, load_config, register_configs  # noqa: E402
+from pipeline.run.compose import ConfigError, load_config, register_configs  # noqa: E402
 
 TINY = ["experiment=tiny"]
 PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
