@@ -13,15 +13,9 @@ import shutil
 from pipeline.engine.attribution import attribute
 from pipeline.graph.store import GraphStoreMismatchError
 from pipeline.run.compose import load_config
+from pipeline.run.prompt_sets import logit_targets
 from stages._model import load_replacement_model, read_tokens
 from stages._stage import PARTIAL, parse_args, prompt_dir, setup_torch
-
-
-def logit_targets(specs: list[str]):
-    """``"A"`` -> token A; ``"A,B"`` -> the logit difference A - B; none -> the top logits."""
-    if not specs:
-        return None
-    return [tuple(s.split(",", 1)) if "," in s else s for s in specs]
 
 
 def main(argv=None) -> None:
