@@ -51,9 +51,8 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- config
-# Not frozen, and typing.Optional rather than ``int | None``: the Hydra schema's attribution
-# node extends this class, and OmegaConf 2.3 makes frozen nodes read-only and cannot read
-# PEP 604 unions.
+# The Hydra schema's attribution node extends this class: not frozen (OmegaConf makes frozen
+# nodes read-only), and typing.Optional, the form OmegaConf 2.3 documents, not ``int | None``.
 @dataclass
 class AttributionConfig:
     """The options of :func:`attribute`, the one definition of their names, defaults, help

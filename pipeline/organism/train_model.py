@@ -35,8 +35,8 @@ from .world import Sentence, World, WorldConfig, make_world
 
 
 # ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
-# config schema, hence typing's Optional and Tuple and a plain str for loss_on (OmegaConf 2.3
-# reads neither ``int | None`` nor Literal).
+# config schema, hence typing's Optional and Tuple (the forms OmegaConf 2.3 documents) and a
+# plain str for loss_on (OmegaConf has no Literal).
 @dataclass
 class ModelConfig:
     """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""

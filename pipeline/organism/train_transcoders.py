@@ -67,8 +67,8 @@ FEATURE_OUTPUT_HOOK = "hook_mlp_out"
 
 
 # The pipeline's config schema uses TranscoderTrainSettings as its organism.plt / organism.clt
-# nodes, hence typing's Optional and a plain str for skip_init (OmegaConf 2.3 reads neither
-# ``int | None`` nor Literal).
+# nodes, hence typing's Optional (the form OmegaConf 2.3 documents) and a plain str for
+# skip_init (OmegaConf has no Literal).
 @dataclass
 class TranscoderTrainSettings:
     """Transcoder training.

@@ -106,8 +106,8 @@ def toy_spelling(name: str) -> str:
     return name.translate(_VOWEL_ROTATION)
 
 
-# The node organism.world of the pipeline's config schema, hence typing's Tuple (the forms
-# OmegaConf 2.3 reads).
+# The node organism.world of the pipeline's config schema, hence typing's Tuple (the form
+# OmegaConf 2.3 documents).
 @dataclass
 class WorldConfig:
     """Configuration of the toy world.

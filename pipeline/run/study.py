@@ -426,7 +426,7 @@ def run_study(
     a line per finished key. ``only``: run just these ids (the others are still planned and
     reported: skipped when done, else pending). ``command``: the command line that started
     the study, from which the rerun command of the failed prompts is made.
-    Raises :class:`LauncherError` when the engine cannot start, before any work.
+    Raises :class:`~pipeline.run.launchers.LauncherError` when the engine cannot start, before any work.
     """
     t0 = time.perf_counter()
     launcher = launcher or LauncherConfig(name="sequential")
