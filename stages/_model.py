@@ -5,22 +5,28 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
+from safetensors.torch import load_file
+from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.sources._bridge_builder import (
+    build_bridge_config_from_hf,
+    configure_tokenizer,
+    skip_tokenizer_for_modality,
+)
+from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+from transformer_lens.utilities.hf_utils import autotokenizer_with_special_token_compat
+from transformers import AutoConfig, AutoTokenizer
+
+from pipeline.engine.replacement import PromptError, ReplacementModel
 from pipeline.run.config import PipelineConfig
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
+from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 
 
 def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_encoder: bool = False):
     """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype: ``attribution.dtype``
     unless given; lazy_encoder for stages that encode once)."""
-    from pipeline.engine.replacement import ReplacementModel
-    from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
-
-    dtype = torch_dtype(dtype or cfg.attribution.dtype)
+    dtype = getattr(torch, dtype or cfg.attribution.dtype)
     tc = load_transcoders(
         cfg.transcoders.source,
         revision=cfg.transcoders.revision,
@@ -52,20 +58,6 @@ class PromptTokenizer:
     """
 
     def __init__(self, name: str, revision: str | None = None):
-        import torch
-        from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
-        from transformer_lens.model_bridge import TransformerBridge
-        from transformer_lens.model_bridge.sources._bridge_builder import (
-            build_bridge_config_from_hf,
-            configure_tokenizer,
-            skip_tokenizer_for_modality,
-        )
-        from transformer_lens.model_bridge.sources._hf_format import (
-            determine_architecture_from_hf_config,
-        )
-        from transformer_lens.utilities.hf_utils import autotokenizer_with_special_token_compat
-        from transformers import AutoConfig, AutoTokenizer
-
         hf_config = AutoConfig.from_pretrained(name, revision=revision, output_attentions=True)
         architecture = determine_architecture_from_hf_config(hf_config)
         bridge_cfg = build_bridge_config_from_hf(hf_config, architecture, name, torch.float32)
@@ -88,8 +80,6 @@ class PromptTokenizer:
 
     def tokenize(self, prompt: str):
         """Input ids (n_pos,) as ``ReplacementModel.tokenize(prompt)``, on the CPU."""
-        from pipeline.engine.replacement import PromptError
-
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty: give at least one token of text")
         tokens = self._to_tokens(
@@ -115,6 +105,4 @@ def load_prompt_tokenizer(cfg: PipelineConfig) -> PromptTokenizer:
 
 def read_tokens(path):
     """The prompt's token ids (n_pos,) as the tokenize stage wrote them."""
-    from safetensors.torch import load_file
-
     return load_file(str(path))["tokens"]

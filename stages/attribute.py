@@ -12,16 +12,10 @@ import shutil
 
 from pipeline.engine.attribution import attribute
 from pipeline.graph.store import GraphStoreMismatchError
-from stages._config import load_config, parse_args
-from stages._io import PARTIAL, prompt_dir, setup_torch
+from pipeline.run.compose import load_config
+from pipeline.run.prompt_sets import logit_targets
 from stages._model import load_replacement_model, read_tokens
-
-
-def logit_targets(specs: list[str]):
-    """``"A"`` -> token A; ``"A,B"`` -> the logit difference A - B; none -> the top logits."""
-    if not specs:
-        return None
-    return [tuple(s.split(",", 1)) if "," in s else s for s in specs]
+from stages._stage import PARTIAL, parse_args, prompt_dir, setup_torch
 
 
 def main(argv=None) -> None:
@@ -31,16 +25,10 @@ def main(argv=None) -> None:
     model = load_replacement_model(cfg, lazy_encoder=True)  # attribution encodes once
     run = prompt_dir(args.prompt_id)
     tokens = read_tokens(run / "tokens.safetensors")
-    a = cfg.attribution
     partial = PARTIAL / args.prompt_id / "graph.zarr"
     partial.parent.mkdir(parents=True, exist_ok=True)
     options = dict(
-        max_n_logits=a.max_n_logits,
-        desired_logit_prob=a.desired_logit_prob,
-        batch_size=a.batch_size,
-        max_feature_nodes=a.max_feature_nodes,
-        update_interval=a.update_interval,
-        zero_bos_errors=a.zero_bos_errors,
+        config=cfg.attribution,  # its load dtype is no attribution option: attribute() leaves it out
         logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
         verbose=False,
     )

@@ -17,9 +17,10 @@ import json
 
 from safetensors.torch import save_file
 
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, prompt_dir, setup_torch
+from pipeline._io import atomic_path
+from pipeline.run.compose import load_config
 from stages._model import load_replacement_model, read_tokens
+from stages._stage import parse_args, prompt_dir, setup_torch
 
 
 def main(argv=None) -> None:

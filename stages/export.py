@@ -20,13 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
+from pipeline._io import atomic_path
+from pipeline.analysis.dashboards import Dashboards, export_feature_json
 from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files
 from pipeline.analysis.figures import write_graph_figures
 from pipeline.graph.pruned import load_pruned_graph
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, prompt_dir
-from stages.features import store_path
+from pipeline.run.compose import load_config
+from stages._stage import dashboards_path, parse_args, prompt_dir
 
 
 class TokenDecoder:
@@ -34,8 +39,6 @@ class TokenDecoder:
     tokens kept), read from its ``tokenizer.json`` with the light ``tokenizers`` library."""
 
     def __init__(self, tokenizer_json: str | Path):
-        from tokenizers import Tokenizer
-
         self._tok = Tokenizer.from_file(str(tokenizer_json))
 
     def decode(self, ids: list[int]) -> str:
@@ -49,15 +52,10 @@ def load_tokenizer(cfg):
     if (local / "tokenizer.json").is_file():
         return TokenDecoder(local / "tokenizer.json")
     if not local.exists():
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
         try:
             return TokenDecoder(hf_hub_download(cfg.model.name, "tokenizer.json", revision=cfg.model.revision))
         except EntryNotFoundError:
             pass
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(cfg.model.name, revision=cfg.model.revision)
 
 
@@ -70,15 +68,13 @@ def kept_features(pruned) -> list[tuple[int, int]]:
 
 
 def main(argv=None) -> None:
-    from pipeline.analysis.dashboards import Dashboards, export_feature_json
-
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
     run = prompt_dir(args.prompt_id)
     pruned = load_pruned_graph(run / "pruned.npz")
     scan = cfg.export.scan or pruned.attrs.get("scan") or cfg.transcoders.source
     slug = f"{cfg.export.slug_prefix}{args.prompt_id}"
-    dash = Dashboards.open(store_path(cfg.features))
+    dash = Dashboards.open(dashboards_path(cfg.features))
     labels = {key: dash.label(*key) for key in kept_features(pruned)}
     out = run / "graph"
     with atomic_path(out) as tmp:

@@ -13,24 +13,16 @@ same bytes. The log gets the token count and throughput.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
+from pipeline.analysis import dashboards as D
+from pipeline.run.compose import load_config
 from pipeline.run.config import FeaturesSpec
-from stages._config import load_config, parse_args
-from stages._io import setup_torch
-
-#: where the stores go: data/dashboards/<features.name>.zarr (dvc.yaml spells the same path)
-DASHBOARDS = Path("data/dashboards")
+from stages._model import load_replacement_model
+from stages._stage import dashboards_path, parse_args, setup_torch
 
 
-def store_path(spec: FeaturesSpec) -> Path:
-    return DASHBOARDS / f"{spec.name}.zarr"
-
-
-def dashboard_config(spec: FeaturesSpec):
-    from pipeline.analysis.dashboards import DashboardConfig
-
-    return DashboardConfig(
+def dashboard_config(spec: FeaturesSpec) -> D.DashboardConfig:
+    return D.DashboardConfig(
         top_k=spec.top_k,
         n_quantiles=spec.n_quantiles,
         examples_per_quantile=spec.examples_per_quantile,
@@ -46,8 +38,6 @@ def dashboard_config(spec: FeaturesSpec):
 
 def load_corpus(spec: FeaturesSpec):
     """The corpus ``features`` names, as a re-iterable of texts."""
-    from pipeline.analysis import dashboards as D
-
     if spec.source == "organism":
         return D.organism_corpus(spec.corpus, spec.n_documents)
     if spec.source == "file":
@@ -56,9 +46,6 @@ def load_corpus(spec: FeaturesSpec):
 
 
 def main(argv=None) -> None:
-    from pipeline.analysis.dashboards import Dashboards, compute_dashboards
-    from stages._model import load_replacement_model
-
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
@@ -67,10 +54,10 @@ def main(argv=None) -> None:
     corpus = load_corpus(spec)
     model = load_replacement_model(cfg, dtype=spec.dtype)
     t1 = time.perf_counter()
-    out = compute_dashboards(
-        model, corpus, store_path(spec), dashboard_config(spec), progress=False, overwrite=True
+    out = D.compute_dashboards(
+        model, corpus, dashboards_path(spec), dashboard_config(spec), progress=False, overwrite=True
     )  # DVC removed the old store; a finished one is replaced
-    dash = Dashboards.open(out)
+    dash = D.Dashboards.open(out)
     wall = time.perf_counter() - t1
     print(
         f"features: {out}  {dash.kind} layers {dash.n_layers} x {dash.d_transcoder} features, "

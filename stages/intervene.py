@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from pipeline._io import atomic_path, finite_or_none, write_json
 from pipeline.analysis.evaluation import EvaluationSpec, evaluate
 from pipeline.analysis.report import write_report
 from pipeline.graph.pruned import load_pruned_graph
+from pipeline.run.compose import load_config
 from pipeline.run.config import PipelineConfig
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, prompt_dir, setup_torch, write_json
 from stages._model import load_replacement_model
+from stages._stage import parse_args, prompt_dir, setup_torch
 
 #: Per-prompt summaries (one file per prompt id); intervene_summary reads this folder.
 METRICS_DIR = Path("metrics") / "interventions"
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     report = evaluate(model, pruned, spec, prompt=item.prompt)
     with atomic_path(run / "report") as tmp:
         write_report(report, tmp, figure_formats=("png",))
-    write_json(METRICS_DIR / f"{args.prompt_id}.json", report["summary"])
+    write_json(METRICS_DIR / f"{args.prompt_id}.json", finite_or_none(report["summary"]))
     s = report["summary"]
     rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"
     print(

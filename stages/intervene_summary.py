@@ -10,9 +10,10 @@ faithfulness and mean correlations of the top-k ablations with the attribution.
 
 from __future__ import annotations
 
+from pipeline._io import finite_or_none, read_json, write_json
 from pipeline.analysis.evaluation import study_metrics
-from stages._config import load_config, parse_args
-from stages._io import read_json, write_json
+from pipeline.run.compose import load_config
+from stages._stage import parse_args
 from stages.intervene import METRICS_DIR
 
 OUT = METRICS_DIR.parent / "interventions.json"
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
         kinds.setdefault(cfg.prompts.items[pid].kind or "unlabelled", []).append(i)
     metrics = study_metrics(summaries, prompt_groups=kinds)
     metrics["by_prompt_kind"] = metrics.pop("by_prompt_group")
-    write_json(OUT, metrics)
+    write_json(OUT, finite_or_none(metrics))
     by_kind = "  ".join(f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in metrics["by_kind"].items())
     print(f"interventions: {OUT}  flipped {metrics['n_flipped']}/{metrics['n_checked']}  {by_kind}")
 

@@ -7,12 +7,14 @@ time (same params -> byte-identical outputs); the training time is printed to th
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.organism.train_model import ModelConfig, TrainConfig, train_model
+from pipeline._io import atomic_path, finite_or_none, read_json, write_json
+from pipeline.organism.train_model import TrainConfig, train_model
 from pipeline.organism.world import WorldConfig, make_world
-from stages._config import library_config, load_config, parse_args
-from stages._io import atomic_path, read_json, scalars, setup_torch, shown, write_json
+from pipeline.run.compose import load_config
+from stages._stage import parse_args, scalars, setup_torch, shown
 
 WORLD = Path("data/organism/world.json")
 OUT = Path("models/organism/model")
@@ -32,7 +34,7 @@ def strip_volatile(path: Path) -> dict:
     metrics = read_json(path)
     for key in VOLATILE:
         metrics.pop(key, None)
-    write_json(path, metrics)
+    write_json(path, finite_or_none(metrics))
     return metrics
 
 
@@ -44,13 +46,13 @@ def main(argv=None) -> None:
     with atomic_path(OUT) as tmp:
         result = train_model(
             load_world(),
-            library_config(spec.model, ModelConfig),
-            library_config(spec.train, TrainConfig, threads=cfg.runtime.threads),
+            spec.model,
+            TrainConfig(**asdict(spec.train), threads=cfg.runtime.threads),
             out_dir=tmp,
             progress=False,
         )
         metrics = strip_volatile(tmp / "metrics.json")
-    write_json(METRICS, scalars(metrics))
+    write_json(METRICS, finite_or_none(scalars(metrics)))
     print(f"organism model: {OUT}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")
 
 

@@ -7,11 +7,13 @@ either (byte-identical reruns); the training time is printed to the log.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
+from pipeline._io import atomic_path, finite_or_none, write_json
 from pipeline.organism.train_transcoders import TranscoderTrainConfig, train_clt, train_plt
-from stages._config import library_config, load_config, parse_args
-from stages._io import atomic_path, scalars, setup_torch, shown, write_json
+from pipeline.run.compose import load_config
+from stages._stage import parse_args, scalars, setup_torch, shown
 from stages.organism_model import OUT as MODEL_DIR
 from stages.organism_model import load_world, strip_volatile
 
@@ -31,12 +33,12 @@ def main(argv=None) -> None:
         result = TRAIN[args.kind](
             MODEL_DIR,
             load_world(),
-            library_config(spec, TranscoderTrainConfig, threads=cfg.runtime.threads),
+            TranscoderTrainConfig(**asdict(spec), threads=cfg.runtime.threads),
             out_dir=tmp,
             progress=False,
         )
         metrics = strip_volatile(tmp / "metrics.json")
-    write_json(Path("metrics/organism") / f"{args.kind}.json", scalars(metrics, drop=("d_transcoder",)))
+    write_json(Path("metrics/organism") / f"{args.kind}.json", finite_or_none(scalars(metrics, drop=("d_transcoder",))))
     print(f"organism {args.kind}: {out}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")
 
 

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.organism.world import SENTENCE_KINDS, WorldConfig, make_world
-from stages._config import library_config, load_config, parse_args
-from stages._io import write_json
+from pipeline._io import write_json
+from pipeline.organism.world import SENTENCE_KINDS, make_world
+from pipeline.run.compose import load_config
+from stages._stage import parse_args
 
 OUT = Path("data/organism/world.json")
-
-
-def world_config(spec) -> WorldConfig:
-    return library_config(spec, WorldConfig)
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
-    world = make_world(world_config(cfg.organism.world))
+    world = make_world(cfg.organism.world)
     write_json(
         OUT,
         {

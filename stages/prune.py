@@ -5,11 +5,12 @@ scores.json (a DVC metric): replacement and completeness scores, kept nodes and 
 
 from __future__ import annotations
 
+from pipeline._io import finite_or_none, write_json
 from pipeline.graph.pruned import save_pruned_graph
 from pipeline.graph.pruning import prune_graph
 from pipeline.graph.store import Graph
-from stages._config import load_config, parse_args
-from stages._io import prompt_dir, write_json
+from pipeline.run.compose import load_config
+from stages._stage import parse_args, prompt_dir
 
 
 def main(argv=None) -> None:
@@ -20,16 +21,14 @@ def main(argv=None) -> None:
     result = prune_graph(graph, cfg.pruning.node_threshold, cfg.pruning.edge_threshold)
     save_pruned_graph(graph, result, run / "pruned.npz")  # atomic
     rows, _, _ = result.kept_edges()
-    write_json(
-        run / "scores.json",
-        {
-            "replacement_score": result.replacement_score,
-            "completeness_score": result.completeness_score,
-            "kept_nodes": int(result.node_mask.sum()),
-            "kept_edges": int(len(rows)),
-            "nodes": int(result.n_nodes),
-        },
-    )
+    scores = {
+        "replacement_score": result.replacement_score,
+        "completeness_score": result.completeness_score,
+        "kept_nodes": int(result.node_mask.sum()),
+        "kept_edges": int(len(rows)),
+        "nodes": int(result.n_nodes),
+    }
+    write_json(run / "scores.json", finite_or_none(scores))
     print(
         f"pruned: {run / 'pruned.npz'}  replacement {result.replacement_score:.3f}  "
         f"completeness {result.completeness_score:.3f}"

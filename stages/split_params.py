@@ -18,35 +18,28 @@ params.yaml is validated against the schema first: a bad value fails here, namin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from pipeline._io import atomic_path, json_text
+from pipeline.run.compose import load_params
+from stages._stage import parse_args
 
-from stages._config import PARAMS_SPLIT_DIR, load_config, parse_args
-from stages._io import atomic_path
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+OUT = Path("data/params")
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
-    load_config(args.params)  # the schema check every stage would do
-    raw = OmegaConf.to_container(OmegaConf.load(args.params), resolve=True)
+    raw = load_params(args.params)  # checked against the schema as every stage would
     prompts = raw.get("prompts") or {}
     items = prompts.get("items") or {}
     global_part = {**raw, "prompts": {k: v for k, v in prompts.items() if k != "items"}}
-    with atomic_path(PARAMS_SPLIT_DIR) as tmp:
+    with atomic_path(OUT) as tmp:
         (tmp / "prompts").mkdir(parents=True)
-        (tmp / "global.json").write_text(_json(global_part), encoding="utf-8")
+        (tmp / "global.json").write_text(json_text(global_part, indent=1), encoding="utf-8")
         for pid, item in items.items():
-            (tmp / "prompts" / f"{pid}.json").write_text(_json({"prompts": {"items": {pid: item}}}), encoding="utf-8")
-    print(
-        f"params: {Path(PARAMS_SPLIT_DIR) / 'global.json'} and {len(items)} prompt files in "
-        f"{Path(PARAMS_SPLIT_DIR) / 'prompts'}"
-    )
+            text = json_text({"prompts": {"items": {pid: item}}}, indent=1)
+            (tmp / "prompts" / f"{pid}.json").write_text(text, encoding="utf-8")
+    print(f"params: {OUT / 'global.json'} and {len(items)} prompt files in {OUT / 'prompts'}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages._config import load_config, parse_args
-from stages._io import prompt_dir, read_json, shown
+from pipeline._io import read_json
+from pipeline.run.compose import load_config
+from stages._stage import dashboards_path, parse_args, prompt_dir, shown
 
 ORGANISM_METRICS = {
     "model": ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accuracy", "prompt_set_accuracy"),
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         print(f"      report     {run / 'report' / 'report.md'}  {flips(run / 'report' / 'metrics.json')}")
         print(f"      pruned     {run / 'pruned.npz'}  (full graph {run / 'graph.zarr'})")
         print(f"      capture    {run / 'capture.safetensors'}")
-    dashboards = Path("data/dashboards") / f"{cfg.features.name}.zarr"
+    dashboards = dashboards_path(cfg.features)
     print(f"\nfeature dashboards: {dashboards}{'' if dashboards.exists() else '  (missing: run dvc repro)'}")
     summary = Path("metrics/interventions.json")
     if summary.exists():

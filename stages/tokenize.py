@@ -11,9 +11,10 @@ import json
 
 from safetensors.torch import save_file
 
-from stages._config import load_config, parse_args
-from stages._io import atomic_path, prompt_dir
+from pipeline._io import atomic_path
+from pipeline.run.compose import load_config
 from stages._model import load_prompt_tokenizer
+from stages._stage import parse_args, prompt_dir
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,14 +50,29 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- config
-@dataclass(frozen=True)
+# The Hydra schema's attribution node extends this class: not frozen (OmegaConf makes frozen
+# nodes read-only), and typing.Optional, the form OmegaConf 2.3 documents, not ``int | None``.
+@dataclass
 class AttributionConfig:
-    max_n_logits: int = 10
-    desired_logit_prob: float = 0.95
-    batch_size: int = 256
-    max_feature_nodes: int | None = None
-    update_interval: int = 4
-    zero_bos_errors: bool = False
+    """The options of :func:`attribute`, the one definition of their names, defaults, help
+    (``metadata["help"]``, the command line's) and checks. ``asdict`` of it is hashed into
+    every graph store's fingerprint, so a new field changes every key."""
+
+    max_n_logits: int = field(default=10, metadata={"help": "at most this many logit nodes: the top next-token logits"})
+    desired_logit_prob: float = field(
+        default=0.95, metadata={"help": "no more logit nodes once their cumulative probability reaches this"}
+    )
+    batch_size: int = field(default=256, metadata={"help": "targets per backward pass"})
+    max_feature_nodes: Optional[int] = field(  # noqa: UP045
+        default=None, metadata={"help": "rows for the N most influential features only (default: every active one)"}
+    )
+    update_interval: int = field(
+        default=4, metadata={"help": "batches between influence re-rankings (with max_feature_nodes)"}
+    )
+    zero_bos_errors: bool = field(
+        default=False,
+        metadata={"help": "no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -71,6 +87,14 @@ class AttributionConfig:
             )
         if self.update_interval <= 0:
             raise ValueError(f"update_interval must be positive, got {self.update_interval!r}")
+
+    @classmethod
+    def of(cls, config: AttributionConfig | None = None, **changes: Any) -> AttributionConfig:
+        """The options of ``config`` (the defaults when None) with ``changes``, as this class:
+        fields a subclass adds (the schema's load ``dtype``) are not attribution options and
+        must stay out of the fingerprint."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
+        return cls(**{**values, **changes})
 
 
 # ---------------------------------------------------------------------------- ranking
@@ -139,29 +163,25 @@ def attribute(
     prompt: str | Tensor,
     model: ReplacementModel,
     *,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
-    batch_size: int = 256,
-    max_feature_nodes: int | None = None,
-    update_interval: int = 4,
+    config: AttributionConfig | None = None,
     logit_targets: Sequence | None = None,
-    zero_bos_errors: bool = False,
     store,
     verbose: bool = True,
+    **options: Any,
 ) -> Graph:
     """Compute the attribution graph of ``prompt`` into the Zarr store at ``store``.
 
     Returns the finished ``Graph`` (circuit-tracer's node order). Rerunning with the same
     inputs on an interrupted store resumes it; on a finished store returns it at once.
 
-    ``zero_bos_errors``: give the error nodes at the BOS position zero output vectors, as
-    circuit-tracer 0.5.0 does, so every edge out of them is 0. By default they keep their
-    true error vectors, whose edges are exact direct effects like any other (README,
-    "Differences from circuit-tracer").
+    The options are :class:`AttributionConfig`'s fields, given as ``config``, as keywords
+    (circuit-tracer's spelling: ``attribute(prompt, model, max_n_logits=5, store=...)``), or
+    both (keywords win). ``zero_bos_errors``: give the error nodes at the BOS position zero
+    output vectors, as circuit-tracer 0.5.0 does, so every edge out of them is 0. By default
+    they keep their true error vectors, whose edges are exact direct effects like any other
+    (README, "Differences from circuit-tracer").
     """
-    cfg = AttributionConfig(
-        max_n_logits, desired_logit_prob, batch_size, max_feature_nodes, update_interval, zero_bos_errors
-    )
+    cfg = AttributionConfig.of(config, **options)
     t0 = time.perf_counter()
 
     # Phase 1: precompute activations, error vectors and token vectors

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from .tokenizer import build_tokenizer, save_tokenizer
 from .world import Sentence, World, WorldConfig, make_world
 
 
+# ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
+# config schema, hence typing's Optional and Tuple (the forms OmegaConf 2.3 documents) and a
+# plain str for loss_on (OmegaConf has no Literal).
 @dataclass
 class ModelConfig:
     """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""
@@ -41,7 +44,7 @@ class ModelConfig:
     n_layers: int = 2
     d_model: int = 128
     n_heads: int = 4
-    d_mlp: int | None = None
+    d_mlp: Optional[int] = None
     n_ctx: int = 16
     activation: str = "gelu_new"
     tie_embeddings: bool = True
@@ -54,9 +57,10 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainSettings:
     """Optimization. The learning rate warms up linearly for ``warmup_steps`` then follows a
-    cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``."""
+    cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``. ``loss_on``: ``all`` or
+    ``answer`` (the module docstring)."""
 
     steps: int = 400
     batch_size: int = 128
@@ -64,11 +68,10 @@ class TrainConfig:
     warmup_steps: int = 40
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: Tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    loss_on: Literal["all", "answer"] = "all"
+    loss_on: str = "all"
     seed: int = 0
-    threads: int = 2
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -76,6 +79,14 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.loss_on not in ("all", "answer"):
             raise ValueError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}")
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """The settings and the torch threads of the run (a choice of the machine, not of the
+    experiment: the pipeline takes it from ``runtime.threads``)."""
+
+    threads: int = 2
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -49,7 +49,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +66,11 @@ FEATURE_INPUT_HOOK = "ln2.hook_normalized"
 FEATURE_OUTPUT_HOOK = "hook_mlp_out"
 
 
+# The pipeline's config schema uses TranscoderTrainSettings as its organism.plt / organism.clt
+# nodes, hence typing's Optional (the form OmegaConf 2.3 documents) and a plain str for
+# skip_init (OmegaConf has no Literal).
 @dataclass
-class TranscoderTrainConfig:
+class TranscoderTrainSettings:
     """Transcoder training.
 
     d_transcoder: features per layer.
@@ -95,17 +98,23 @@ class TranscoderTrainConfig:
     threshold_init: float = 0.1
     sparsity_warmup: float = 0.2
     skip: bool = True
-    skip_init: Literal["zero", "least_squares"] = "zero"
+    skip_init: str = "zero"
     skip_l2: float = 0.01
-    n_tokens: int | None = None
+    n_tokens: Optional[int] = None
     seed: int = 0
-    threads: int = 2
 
     def __post_init__(self) -> None:
         if self.d_transcoder < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("d_transcoder, steps and batch_size must be >= 1")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be > 0")
+
+
+@dataclass
+class TranscoderTrainConfig(TranscoderTrainSettings):
+    """The settings and the torch threads of the run (the pipeline's ``runtime.threads``)."""
+
+    threads: int = 2
 
 
 # --- 1. activations ----------------------------------------------------------------------------

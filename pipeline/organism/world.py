@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Tuple
 
 # ---------------------------------------------------------------------------------------------
 # Fixed name lists: (state, capital, cities). Every name is a single word and unique across
@@ -106,6 +106,8 @@ def toy_spelling(name: str) -> str:
     return name.translate(_VOWEL_ROTATION)
 
 
+# The node organism.world of the pipeline's config schema, hence typing's Tuple (the form
+# OmegaConf 2.3 documents).
 @dataclass
 class WorldConfig:
     """Configuration of the toy world.
@@ -130,10 +132,10 @@ class WorldConfig:
     cities_per_state: int = 6
     languages: int = 2
     held_out_per_state: int = 2
-    templates_per_kind: tuple[int, int, int] = (4, 3, 3)
-    kind_weights: tuple[float, float, float] = (1.0, 1.0, 2.0)
-    language_weights: tuple[float, ...] = (1.0, 0.5)
-    pinned_trained: tuple[str, ...] = ("Dallas", "Fresno")
+    templates_per_kind: Tuple[int, int, int] = (4, 3, 3)
+    kind_weights: Tuple[float, float, float] = (1.0, 1.0, 2.0)
+    language_weights: Tuple[float, ...] = (1.0, 0.5)
+    pinned_trained: Tuple[str, ...] = ("Dallas", "Fresno")
 
     def __post_init__(self) -> None:
         self.templates_per_kind = tuple(int(t) for t in self.templates_per_kind)  # type: ignore[assignment]

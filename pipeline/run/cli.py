@@ -1,20 +1,28 @@
 """``circuit-pipeline``: the command line.
 
-Subcommands call library functions; they parse arguments and print where results are.
+Subcommands call library functions; they parse arguments and print where results are. The
+attribution and pruning options are generated from the config dataclasses (names, types,
+defaults, help), and the study's ``key=value`` words are Hydra overrides of ``conf/study.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import resource
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
+
+# Each subcommand imports the library modules it runs inside its function: building the
+# parser needs only the config dataclasses, and `serve`, `aggregate` or `--help` should not
+# start by importing the models, the dashboards, matplotlib or the study engines.
 
 
 def peak_rss_mib() -> float:
@@ -22,32 +30,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _add_attribution_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-n-logits", type=int, default=10)
-    p.add_argument("--desired-logit-prob", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-feature-nodes", type=int, default=None)
-    p.add_argument("--update-interval", type=int, default=4)
-    p.add_argument(
-        "--zero-bos-errors",
-        action="store_true",
-        help="no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)",
-    )
-    p.add_argument(
-        "--logit-target",
-        action="append",
-        default=None,
-        metavar="TOKEN[,TOKEN]",
-        help="a token to attribute from (repeatable); 'A,B' attributes the difference A - B",
-    )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def _logit_targets(values: list[str] | None):
-    if not values:
-        return None
-    return [tuple(v.split(",", 1)) if "," in v else v for v in values]
+def add_options(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = True) -> None:
+    """One ``--option`` per field of the dataclass ``cls``, with the field's type, default and
+    ``metadata`` (``help``, ``choices``); a bool is ``--name / --no-name``. ``defaults=False``:
+    every option is None unless given, for options that override a composed config."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        options: dict = {"default": f.default if defaults else None, "help": f.metadata.get("help")}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X]: X
+            options["choices"] = f.metadata.get("choices")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
 
 
 def count_edges(graph) -> int:
@@ -59,22 +55,19 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
     from pipeline.memory import release_freed_buffers
+    from pipeline.run.prompt_sets import logit_targets
 
     release_freed_buffers()
+    spec = AttributionSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AttributionSpec)})
     t0 = time.perf_counter()
     model = ReplacementModel.from_pretrained(
-        args.model, args.transcoders, dtype=DTYPES[args.dtype], lazy_encoder=True
+        args.model, args.transcoders, dtype=getattr(torch, spec.dtype), lazy_encoder=True
     )  # attribution encodes once
     graph = attribute(
         args.prompt,
         model,
-        max_n_logits=args.max_n_logits,
-        desired_logit_prob=args.desired_logit_prob,
-        batch_size=args.batch_size,
-        max_feature_nodes=args.max_feature_nodes,
-        update_interval=args.update_interval,
-        logit_targets=_logit_targets(args.logit_target),
-        zero_bos_errors=args.zero_bos_errors,
+        config=spec,
+        logit_targets=logit_targets(args.logit_target),
         store=args.out,
         verbose=not args.quiet,
     )
@@ -137,7 +130,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=DTYPES[args.dtype])
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=getattr(torch, args.dtype))
     out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     dash = D.Dashboards.open(out)
     print(
@@ -147,85 +140,68 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the study's flags and the config keys they set, as Hydra overrides (``--jobs 4``:
+#: ``launcher.jobs=4``) or, for paths and names, on the composed result
+STUDY_FLAGS = {
+    "prompts": "prompts",
+    "model": "model",
+    "transcoders": "transcoders",
+    "out": "out",
+    "scan": "export.scan",
+    "launcher": "launcher",
+    "jobs": "launcher.jobs",
+    "threads": "launcher.threads",
+    **{f.name: f"attribution.{f.name}" for f in dataclasses.fields(AttributionSpec)},
+    **{f.name: f"pruning.{f.name}" for f in dataclasses.fields(PruningSpec)},
+}
+_APPLIED_AFTER = ("prompts", "model", "transcoders", "out", "scan")  # paths: no override quoting
+
+
+def _study_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` words, then the flags given as Hydra overrides; a key both give is an
+    error."""
+    words = list(args.overrides)
+    keys = {w.split("=", 1)[0].lstrip("+~") for w in words}
+    given = {name: key for name, key in STUDY_FLAGS.items() if getattr(args, name) is not None}
+    for name, key in given.items():
+        if any(k == key or k.startswith(f"{key}.") for k in keys):
+            raise ValueError(f"{key} given twice (--{name.replace('_', '-')} and {key}=)")
+    for name, key in given.items():
+        if name not in _APPLIED_AFTER:
+            value = getattr(args, name)
+            words.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return [*words, *(f"launcher.{opt}" for opt in args.launcher_opt or ())]
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a prompt set as a batch study on a launcher (see pipeline.run.study)."""
-    from pipeline.run.prompt_sets import load_prompt_set
-    from pipeline.run.study import StudySettings, conf_choice, load_launcher, run_study, study_overrides
+    from pipeline.run.compose import compose_study
+    from pipeline.run.prompt_sets import CONF_PROMPTS, load_prompt_set, prompt_set_from_spec
+    from pipeline.run.study import StudySettings, run_study
 
-    # Hydra-style words (prompts=capitals launcher=submitit_slurm ...) fill what no flag gives
-    words = study_overrides(args.overrides)
-    for name in ("prompts", "launcher", "model", "transcoders", "out"):
-        if getattr(args, name) is not None and name in words:
-            raise ValueError(f"{name} given twice (--{name} and {name}=)")
-    organism = conf_choice("model", "organism")
-    prompts = args.prompts or words.get("prompts")
-    if prompts is None:
-        raise ValueError("give the prompt set: --prompts FILE_OR_SET (or prompts=NAME)")
-    prompt_set = load_prompt_set(prompts)
-    model = args.model or words.get("model") or organism["model"]
-    transcoders = (
-        args.transcoders
-        or words.get("transcoders")
-        or conf_choice("transcoders", organism["transcoders"] or "organism_plt")["transcoders"]
-    )
-    out = args.out or words.get("out") or str(Path("studies") / prompt_set.name)
-    launcher_name = args.launcher or words.get("launcher") or "local"
-    opts = [*words.get("launcher_opts", []), *(args.launcher_opt or [])]
-    overrides = list(opts)
-    if args.jobs is not None:
-        overrides.append(f"jobs={args.jobs}")
-    if args.threads is not None:
-        overrides.append(f"threads={args.threads}")
-    launcher = load_launcher(launcher_name, overrides)
-    settings = StudySettings(
-        model=model,
-        transcoders=transcoders,
-        dtype=args.dtype,
-        max_n_logits=args.max_n_logits,
-        desired_logit_prob=args.desired_logit_prob,
-        batch_size=args.batch_size,
-        max_feature_nodes=args.max_feature_nodes,
-        update_interval=args.update_interval,
-        node_threshold=args.node_threshold,
-        edge_threshold=args.edge_threshold,
-        scan=args.scan,
-        model_revision=words.get("model_revision"),
-        transcoders_revision=words.get("transcoders_revision"),
-    )
+    cfg, choices = compose_study(_study_overrides(args))
+    if args.prompts:
+        prompt_set = load_prompt_set(args.prompts)
+    else:
+        prompt_set = prompt_set_from_spec(cfg.prompts, source=str(CONF_PROMPTS / f"{choices['prompts']}.yaml"))
+    settings = StudySettings.from_config(cfg)
+    if args.model:
+        settings = dataclasses.replace(settings, model=args.model, model_revision=None)
+    if args.transcoders:
+        settings = dataclasses.replace(settings, transcoders=args.transcoders, transcoders_revision=None)
+    if args.scan:
+        settings = dataclasses.replace(settings, scan=args.scan)
+    out = args.out or cfg.out or str(Path("studies") / prompt_set.name)
     only = [i for i in args.only.split(",") if i] if args.only else None
-    # the same study, spelled out: the rerun command of the failed prompts appends --only
-    command = [
-        "circuit-pipeline",
-        "study",
-        "--prompts",
-        prompts,
-        "--model",
-        model,
-        "--transcoders",
-        transcoders,
-        "--out",
-        out,
-        "--launcher",
-        launcher_name,
-    ]
-    for flag in ("jobs", "graphs", "threads", "scan", "max_feature_nodes"):
-        if getattr(args, flag) is not None:
-            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    for opt in opts:
-        command += ["--launcher-opt", opt]
-    for flag, default in (
-        ("node_threshold", 0.8),
-        ("edge_threshold", 0.98),
-        ("max_n_logits", 10),
-        ("desired_logit_prob", 0.95),
-        ("batch_size", 256),
-        ("update_interval", 4),
-        ("dtype", "float32"),
-    ):
-        if getattr(args, flag) != default:
-            command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     result = run_study(
-        prompt_set, settings, out, launcher, graphs_dir=args.graphs, only=only, command=command, progress=not args.quiet
+        prompt_set,
+        settings,
+        out,
+        cfg.launcher,
+        graphs_dir=args.graphs,
+        only=only,
+        command=["circuit-pipeline", *args.argv],  # the rerun of the failed prompts appends --only
+        progress=not args.quiet,
     )
     print(
         f"study: {Path(out) / 'study.json'}  graphs: {Path(out) / 'viewer'} "
@@ -273,7 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="graph store to write (Zarr directory)")
-    _add_attribution_args(p)
+    add_options(p, AttributionSpec)
+    p.add_argument(
+        "--logit-target",
+        action="append",
+        default=None,
+        metavar="TOKEN[,TOKEN]",
+        help="a token to attribute from (repeatable); 'A,B' attributes the difference A - B",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("demo", help="attribute a prompt on a tiny built-in model (no downloads)")
@@ -307,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dashboards store")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_features)
 
@@ -316,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="Hydra-style: prompts=capitals launcher=submitit_slurm launcher.slurm.partition=gpu "
-        "model=<conf/model choice> transcoders=<conf/transcoders choice> out=DIR",
+        help="Hydra overrides of conf/study.yaml: prompts=capitals launcher=submitit_slurm "
+        "launcher.slurm.partition=gpu model=<conf/model choice> transcoders=<conf/transcoders choice> "
+        "attribution.batch_size=64 pruning.node_threshold=0.7 out=DIR",
     )
     p.add_argument("--prompts", default=None, help="prompt set: a .yaml/.jsonl/.csv file or a conf/prompts name")
     p.add_argument("--model", default=None, help="Hugging Face model name or local directory (default: the organism)")
@@ -326,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--launcher",
         default=None,
-        help="conf/launcher choice: sequential, local (default), "
-        "submitit_local, submitit_slurm, ray (or a launcher .yaml file)",
+        help="conf/launcher choice: sequential, local (default), submitit_local, submitit_slurm, ray",
     )
     p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
     p.add_argument(
@@ -338,15 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
     p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
-    p.add_argument("--node-threshold", type=float, default=0.8)
-    p.add_argument("--edge-threshold", type=float, default=0.98)
     p.add_argument("--scan", default=None, help="transcoder set name in graph JSON (default: the source)")
-    p.add_argument("--max-n-logits", type=int, default=10)
-    p.add_argument("--desired-logit-prob", type=float, default=0.95)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-feature-nodes", type=int, default=None)
-    p.add_argument("--update-interval", type=int, default=4)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_options(p, PruningSpec, defaults=False)
+    add_options(p, AttributionSpec, defaults=False)
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (overrides the launcher's)")
     p.set_defaults(func=cmd_study)
 
@@ -369,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

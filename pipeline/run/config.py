@@ -1,26 +1,28 @@
-"""The pipeline's configuration schema: one plain dataclass per config group.
+"""The pipeline's configuration schema: one dataclass per config group.
 
 ``conf/<group>/<option>.yaml`` files are validated against these classes when Hydra
-composes the configuration (``stages/_config.py`` registers them; this module imports
+composes the configuration (:mod:`pipeline.run.compose` registers them; this module imports
 neither Hydra nor OmegaConf), and every DVC stage loads the composed ``params.yaml`` into
 :class:`PipelineConfig` before it reads a value. A field without a default is required: a
 choice file must set it.
 
-Field types are kept to what a structured config can check (str, int, float, bool,
-Optional, List, Dict, nested dataclasses); the library's own config classes (for example
-``pipeline.organism.TrainConfig``) are built from these in the stages.
+Where the library has a config class, the schema uses it (``attribution`` extends
+``AttributionConfig``; ``organism`` is made of the organism's own configs), so an option is
+defined, defaulted and checked in one place. Field types are kept to what a structured
+config can check (str, int, float, bool, Optional, List, Tuple, Dict, nested dataclasses).
 
     PipelineConfig
       runtime       RuntimeConfig        threads, device
       model         ModelSpec            which model: hub id or local directory
       transcoders   TranscodersSpec      which transcoders: hub repo or local directory
       prompts       PromptSetSpec        prompt set: {prompt id: PromptSpec}
-      attribution   AttributionSpec      options of pipeline.engine.attribution.attribute
+      attribution   AttributionSpec      pipeline.engine.attribution.AttributionConfig + load dtype
       pruning       PruningSpec          node/edge thresholds
       export        ExportSpec           graph files
       features      FeaturesSpec         feature dashboards: corpus and what they record
       organism      OrganismSpec         the embedded toy world, its model and transcoders
       intervention  InterventionSpec     the intervene stage's checks (experiments: per prompt)
+    StudyConfig     PipelineConfig + launcher (LauncherConfig) and out: a batch study
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from pipeline.engine.attribution import AttributionConfig
+from pipeline.organism.train_model import ModelConfig, TrainSettings
+from pipeline.organism.train_transcoders import TranscoderTrainSettings
+from pipeline.organism.world import WorldConfig
 
 #: A prompt id names DVC stages (``attribute@<id>``), params keys (``prompts.items.<id>``) and
 #: output folders, so it is restricted to characters that are safe in all three.
@@ -161,26 +168,26 @@ class PromptSetSpec:
 
 
 @dataclass
-class AttributionSpec:
-    """Options of ``pipeline.engine.attribution.attribute`` (see there) and the load dtype."""
+class AttributionSpec(AttributionConfig):
+    """The options of ``pipeline.engine.attribution.attribute`` (its ``AttributionConfig``) and
+    the dtype the model and transcoders load in."""
 
-    max_n_logits: int = 10
-    desired_logit_prob: float = 0.95
-    batch_size: int = 256
-    max_feature_nodes: Optional[int] = None
-    update_interval: int = 4
-    zero_bos_errors: bool = False
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"help": "load dtype of model and transcoders", "choices": DTYPES})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.dtype not in DTYPES:
             raise ValueError(f"attribution.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 @dataclass
 class PruningSpec:
-    node_threshold: float = 0.8  # share of influence on the logits the kept nodes carry
-    edge_threshold: float = 0.98  # share of edge score mass the kept edges carry
+    """The thresholds of ``pipeline.graph.pruning.prune_graph``."""
+
+    node_threshold: float = field(
+        default=0.8, metadata={"help": "share of influence on the logits the kept nodes carry"}
+    )
+    edge_threshold: float = field(default=0.98, metadata={"help": "share of edge score mass the kept edges carry"})
 
 
 @dataclass
@@ -245,82 +252,15 @@ class FeaturesSpec:
 
 
 @dataclass
-class WorldSpec:
-    """``pipeline.organism.WorldConfig`` (same fields)."""
-
-    seed: int = 0
-    n_states: int = 12
-    cities_per_state: int = 6
-    languages: int = 2
-    held_out_per_state: int = 2
-    templates_per_kind: List[int] = field(default_factory=lambda: [4, 3, 3])
-    kind_weights: List[float] = field(default_factory=lambda: [1.0, 1.0, 2.0])
-    language_weights: List[float] = field(default_factory=lambda: [1.0, 0.5])
-    pinned_trained: List[str] = field(default_factory=lambda: ["Dallas", "Fresno"])
-
-
-@dataclass
-class OrganismModelSpec:
-    """``pipeline.organism.ModelConfig`` (same fields): the GPT-2 architecture."""
-
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: Optional[int] = None
-    n_ctx: int = 16
-    activation: str = "gelu_new"
-    tie_embeddings: bool = True
-
-
-@dataclass
-class OrganismTrainSpec:
-    """``pipeline.organism.TrainConfig`` (same fields except ``threads``, which comes from
-    ``runtime.threads``)."""
-
-    steps: int = 400
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    grad_clip: float = 1.0
-    loss_on: str = "all"
-    seed: int = 0
-
-
-@dataclass
-class TranscoderTrainSpec:
-    """``pipeline.organism.TranscoderTrainConfig`` (same fields except ``threads``)."""
-
-    d_transcoder: int = 256
-    steps: int = 500
-    batch_size: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    sparsity_coefficient: float = 0.005
-    tanh_scale: float = 1.0
-    bandwidth: float = 0.1
-    threshold_init: float = 0.1
-    sparsity_warmup: float = 0.2
-    skip: bool = True
-    skip_init: str = "zero"
-    skip_l2: float = 0.01
-    n_tokens: Optional[int] = None
-    seed: int = 0
-
-
-@dataclass
 class OrganismSpec:
-    """The model organism: world -> model -> transcoders (PLT with skip, CLT)."""
+    """The model organism: world -> model -> transcoders (PLT with skip, CLT), as the library's
+    own configs (``pipeline.organism``); the training threads come from ``runtime.threads``."""
 
-    world: WorldSpec = field(default_factory=WorldSpec)
-    model: OrganismModelSpec = field(default_factory=OrganismModelSpec)
-    train: OrganismTrainSpec = field(default_factory=OrganismTrainSpec)
-    plt: TranscoderTrainSpec = field(default_factory=TranscoderTrainSpec)
-    clt: TranscoderTrainSpec = field(default_factory=lambda: TranscoderTrainSpec(skip=False))
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    plt: TranscoderTrainSettings = field(default_factory=TranscoderTrainSettings)
+    clt: TranscoderTrainSettings = field(default_factory=lambda: TranscoderTrainSettings(skip=False))
 
 
 @dataclass
@@ -365,3 +305,89 @@ class PipelineConfig:
     features: FeaturesSpec = field(default_factory=FeaturesSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
     intervention: InterventionSpec = field(default_factory=InterventionSpec)
+
+
+# ------------------------------------------------------------------------------------ studies
+LAUNCHERS: tuple[str, ...] = ("sequential", "local", "submitit_local", "submitit_slurm", "ray")
+
+
+@dataclass
+class SlurmSettings:
+    """sbatch settings of ``submitit_slurm`` (submitit's names; see conf/launcher/).
+
+    partition: ``--partition``; gpus_per_node: ``--gpus-per-node``; cpus_per_task:
+    ``--cpus-per-task``; mem_gb: ``--mem``; account / qos / constraint: the same sbatch
+    options; array_parallelism: at most this many array tasks run at once; setup: shell lines
+    run before each job (``module load``, activating the environment); additional: any other
+    sbatch option as ``{name: value}``.
+    """
+
+    partition: Optional[str] = None
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 8.0
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 64
+    setup: List[str] = field(default_factory=list)
+    additional: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LauncherConfig:
+    """Where and how the jobs of a study run (``conf/launcher/<name>.yaml``).
+
+    name: sequential | local | submitit_local | submitit_slurm | ray.
+    jobs: jobs running at once (local: worker processes; submitit_local: job processes; ray:
+        CPUs of the local Ray instance; submitit_slurm: ignored, see slurm.array_parallelism).
+    prompts_per_job: prompts per job; None: 1 where workers keep the model loaded between
+        jobs (local, ray, sequential), ``ceil(pending / jobs)`` for submitit_local, 1 for SLURM.
+    threads: torch threads of each job. device: where jobs run the model (cpu, cuda).
+    timeout_min: wall-time limit of a submitit job (SLURM ``--time``).
+    ray_address: None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster.
+    ray_gpus_per_job: GPUs Ray reserves per job.
+    start_method: local: how worker processes start (fork, spawn, forkserver); None: fork on
+        Linux for CPU jobs (workers inherit the planning process's loaded model), else spawn.
+    folder: submitit's job folder (logs, pickles); None: ``STUDY_DIR/submitit``.
+    """
+
+    name: str = "local"
+    jobs: int = 2
+    prompts_per_job: Optional[int] = None
+    threads: int = 1
+    device: str = "cpu"
+    timeout_min: float = 60.0
+    ray_address: Optional[str] = None
+    ray_gpus_per_job: float = 0.0
+    folder: Optional[str] = None
+    start_method: Optional[str] = None
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+
+    def __post_init__(self) -> None:
+        if self.name not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.name!r}")
+        for name in ("jobs", "threads", "prompts_per_job"):
+            value = getattr(self, name)
+            if value is None and name == "prompts_per_job":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"launcher.{name} must be an integer >= 1, got {value!r}")
+        if self.start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(
+                f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}"
+            )
+        if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, (int, float)):
+            raise ValueError(f"launcher.timeout_min must be a number, got {self.timeout_min!r}")
+        if self.timeout_min <= 0:
+            raise ValueError(f"launcher.timeout_min must be positive, got {self.timeout_min}")
+
+
+@dataclass
+class StudyConfig(PipelineConfig):
+    """A batch study (``circuit-pipeline study``, ``conf/study.yaml``): the pipeline's choices,
+    of which a study uses model, transcoders, prompts, attribution, pruning and export.scan,
+    plus where its jobs run and its folder (``out``; None: ``studies/<prompt set name>``)."""
+
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    out: Optional[str] = None

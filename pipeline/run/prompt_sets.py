@@ -59,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.run.config import PROMPT_ID
+from pipeline.run.config import PROMPT_ID, PromptSetSpec
 
 __all__ = [
     "CONF_PROMPTS",
@@ -68,8 +68,10 @@ __all__ = [
     "PromptSetError",
     "expand_templates",
     "load_prompt_set",
+    "logit_targets",
     "organism_capitals",
     "prompt_set_from_records",
+    "prompt_set_from_spec",
     "to_conf_yaml",
 ]
 
@@ -277,6 +279,24 @@ def prompt_set_from_records(
     return PromptSet(name, out, source)
 
 
+def prompt_set_from_spec(spec: PromptSetSpec, *, source: str = "") -> PromptSet:
+    """A ``conf/prompts`` set as Hydra composed it into the schema. Its experiments are the
+    intervene stage's, not a study's; a contrast prompt is a ``contrast=`` tag there."""
+    records = [
+        {
+            "id": pid,
+            "prompt": item.prompt,
+            "answer": item.answer,
+            "tags": list(item.tags),
+            "kind": item.kind,
+            "language": item.language,
+            "logit_targets": list(item.logit_targets),
+        }
+        for pid, item in spec.items.items()
+    ]
+    return prompt_set_from_records(records, spec.name, source=source)
+
+
 def _record_of(raw: Any, default_where: str, problems: list[str]) -> PromptRecord | None:
     """Validate a parsed mapping or an already built record (e.g. from the generator)."""
     where = getattr(raw, "where", "") or default_where
@@ -471,6 +491,14 @@ def load_prompt_set(source: str | os.PathLike, *, conf_dir: str | os.PathLike | 
         problems.append(f"{where}: no prompts")
     _raise(problems, name)
     return PromptSet(name, records, where)
+
+
+def logit_targets(specs: Sequence[str] | None) -> list | None:
+    """A record's ``logit_targets`` as ``attribute()`` takes them: ``"A"`` is the token A,
+    ``"A,B"`` the difference of the logits of A and B; none: None (the top logits)."""
+    if not specs:
+        return None
+    return [tuple(s.split(",", 1)) if "," in s else s for s in specs]
 
 
 # ------------------------------------------------------------------------------------ generator

@@ -14,9 +14,11 @@ from pipeline.analysis.aggregate import aggregate_study
 from pipeline.analysis.aggregate_figures import render_figures
 from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
 from pipeline.analysis.study_files import load_study
+from pipeline.engine.attribution import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
+from pipeline.run.config import LauncherConfig
 from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records
-from pipeline.run.study import LauncherConfig, StudySettings, run_study
+from pipeline.run.study import StudySettings, run_study
 
 STATES = ("texas", "california", "florida", "ohio")
 
@@ -29,7 +31,9 @@ def study_dir(tmp_path_factory, tiny_gpt2_dir, plt_dir):
     )
     ps = prompt_set_from_records([*recs, {"id": "too_long", "prompt": " ".join(["the"] * 40)}], "capitals_tiny")
     out = tmp_path_factory.mktemp("study") / "capitals_tiny"
-    settings = StudySettings(model=str(tiny_gpt2_dir), transcoders=str(plt_dir), batch_size=32)
+    settings = StudySettings(
+        model=str(tiny_gpt2_dir), transcoders=str(plt_dir), attribution=AttributionConfig(batch_size=32)
+    )
     result = run_study(ps, settings, out, LauncherConfig(name="sequential", threads=1), log=None)
     assert result.count("done") == 4 and result.count("failed") == 1
     return out

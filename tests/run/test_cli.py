@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from pipeline import testing
+from pipeline.engine.attribution import AttributionConfig
 from pipeline.graph.store import Graph
-from pipeline.run.cli import main
+from pipeline.run.cli import build_parser, main
+from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
 
 
 def test_attribute_command_writes_a_store_and_prints_a_summary(tmp_path, tiny_gpt2_dir, plt_skip_dir, capsys):
@@ -54,3 +60,47 @@ def test_attribute_command_reports_bad_input_in_one_line(tmp_path, tiny_gpt2_dir
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "empty" in err and "\n" not in err
     assert not (tmp_path / "g.zarr").exists()
+
+
+def _given(cls) -> tuple[list[str], dict]:
+    """Every field of ``cls`` as its command-line option with a value other than its default."""
+    argv, values = [], {}
+    for f in dataclasses.fields(cls):
+        if f.type in ("bool", bool):
+            argv.append(f"--{f.name.replace('_', '-')}" if not f.default else f"--no-{f.name.replace('_', '-')}")
+            values[f.name] = not f.default
+        else:
+            value = f.metadata.get("choices", ("float64",))[-1] if f.name == "dtype" else (f.default or 1) + 1
+            argv += [f"--{f.name.replace('_', '-')}", str(value)]
+            values[f.name] = value
+    return argv, values
+
+
+def test_attribution_and_pruning_options_are_the_dataclass_fields(capsys):
+    """`attribute` has an option per AttributionSpec field (AttributionConfig's options and the
+    load dtype): its name, type, default and help; `study` has those and PruningSpec's, None
+    unless given (given, they override the composed config)."""
+    required = ["--model", "m", "--transcoders", "t", "--prompt", "p", "--out", "o"]
+    args = build_parser().parse_args(["attribute", *required])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(AttributionSpec)} == dataclasses.asdict(
+        AttributionSpec()
+    )
+    argv, values = _given(AttributionSpec)
+    args = build_parser().parse_args(["attribute", *required, *argv])
+    assert {name: getattr(args, name) for name in values} == values
+    args = build_parser().parse_args(["study"])
+    assert all(getattr(args, f.name) is None for cls in (AttributionSpec, PruningSpec) for f in dataclasses.fields(cls))
+    for cls in (AttributionSpec, PruningSpec):
+        argv, values = _given(cls)
+        args = build_parser().parse_args(["study", *argv])
+        assert {name: getattr(args, name) for name in values} == values
+    for command, classes in (("attribute", (AttributionSpec,)), ("study", (AttributionSpec, PruningSpec))):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+        for f in (f for cls in classes for f in dataclasses.fields(cls)):
+            assert "".join(f.metadata["help"].split()) in shown, f.name
+    assert {f.name for f in dataclasses.fields(AttributionConfig)} < {
+        f.name for f in dataclasses.fields(AttributionSpec)
+    }
+    assert AttributionSpec.__dataclass_fields__["dtype"].metadata["choices"] == DTYPES

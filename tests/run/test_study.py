@@ -8,7 +8,9 @@ ones be reported with their reason, and a rerun must recompute nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,11 +18,15 @@ import pytest
 
 from pipeline import testing
 from pipeline.analysis.study_files import graph_done, load_study
+from pipeline.engine.attribution import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
 from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run import study as S
 from pipeline.run.cli import main
+from pipeline.run.compose import ConfigError, compose_study
+from pipeline.run.config import LauncherConfig, PruningSpec
+from pipeline.run.launchers import LauncherError, submitit_executor
 from pipeline.run.prompt_sets import (
     PromptSetError,
     expand_templates,
@@ -29,7 +35,7 @@ from pipeline.run.prompt_sets import (
     prompt_set_from_records,
     to_conf_yaml,
 )
-from pipeline.run.study import LauncherConfig, LauncherError, StudySettings, load_launcher, run_study
+from pipeline.run.study import StudySettings, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = ("p0", "p1", "p2")
@@ -51,7 +57,15 @@ def tiny_set(words):
 
 @pytest.fixture(scope="module")
 def settings(tiny_gpt2_dir, plt_dir):
-    return StudySettings(model=str(tiny_gpt2_dir), transcoders=str(plt_dir), batch_size=32)
+    return StudySettings(
+        model=str(tiny_gpt2_dir), transcoders=str(plt_dir), attribution=AttributionConfig(batch_size=32)
+    )
+
+
+def load_launcher(name: str, *overrides: str) -> LauncherConfig:
+    """``conf/launcher/<name>.yaml`` with ``launcher.KEY=VALUE`` overrides, as a study composes it."""
+    cfg, _ = compose_study([f"launcher={name}", *(f"launcher.{o}" for o in overrides)])
+    return cfg.launcher
 
 
 def _by_id(result):
@@ -184,8 +198,8 @@ def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
     monkeypatch.setattr(
         shutil, "which", lambda name, *a, **k: f"/usr/bin/{name}" if name in ("sbatch", "srun") else real_which(name)
     )
-    cfg = load_launcher("submitit_slurm", ["slurm.partition=a100", "slurm.account=lab", "timeout_min=90"])
-    ex = S._submitit_executor(cfg, tmp_path / "jobs", "slurm")
+    cfg = load_launcher("submitit_slurm", "slurm.partition=a100", "slurm.account=lab", "timeout_min=90")
+    ex = submitit_executor(cfg, tmp_path / "jobs", "slurm")
     text = ex._executor._make_submission_file_text("echo job", "uid")
     for line in (
         "#SBATCH --partition=a100",
@@ -258,7 +272,7 @@ def test_partial_outputs_of_a_killed_job_are_not_done_and_resume(tmp_path, tiny_
     assert again.prompts[0].status == "done" and graph_done(key_dir) is not None
     # changing only the pruning re-prunes the same graph store
     stamp = (key_dir / "graph.zarr" / "zarr.json").stat().st_mtime_ns
-    other = StudySettings(**{**settings.__dict__, "node_threshold": 0.5})
+    other = dataclasses.replace(settings, pruning=PruningSpec(node_threshold=0.5))
     assert run_study(one, other, out, seq, log=None).prompts[0].status == "done"
     assert (key_dir / "graph.zarr" / "zarr.json").stat().st_mtime_ns == stamp
     assert load_pruned_graph(key_dir / "pruned.npz").result.node_threshold == 0.5
@@ -322,56 +336,108 @@ def test_study_command_takes_hydra_style_words(tmp_path, tiny_gpt2_dir, plt_dir,
         [
             "-q",
             "study",
-            f"prompts={prompts}",
-            "hydra/launcher=sequential",
+            "launcher=sequential",
             "launcher.threads=1",
+            "attribution.batch_size=32",
+            "--prompts",
+            str(prompts),
             "--model",
             str(tiny_gpt2_dir),
             "--transcoders",
             str(plt_dir),
-            "--batch-size",
-            "32",
         ]
     )
     assert rc == 0 and (tmp_path / "studies" / "one" / "study.json").is_file()
+    assert load_study(tmp_path / "studies" / "one")["settings"]["attribution"]["batch_size"] == 32
     for bad, match in (
-        (["prompts=capitals", "--prompts", "capitals"], "given twice"),
-        (["prompts=capitals", "colour=red"], "unknown study setting"),
-        (["prompts=capitals", "model=no_such_model"], "conf/model has"),
+        (["prompts=capitals", "--prompts", "capitals"], "prompts given twice"),
+        (["attribution.batch_size=8", "--batch-size", "16"], "attribution.batch_size given twice"),
+        (["prompts=capitals", "colour=red"], "colour: Key 'colour' not in 'StudyConfig'"),
+        (["prompts=capitals", "attribution.batch_sise=3"], "attribution.batch_sise"),
+        (["prompts=capitals", "attribution.batch_size=many"], "attribution.batch_size: Value 'many'"),
+        (["prompts=capitals", "model=no_such_model"], "conf/model has no 'no_such_model' (choices: gemma-2-2b"),
+        (["prompts=no_such_set"], "conf/prompts has no 'no_such_set' (choices: capitals"),
     ):
         assert main(["-q", "study", *bad]) == 2
-        assert match in capsys.readouterr().err
+        err = capsys.readouterr().err.strip()
+        assert match in err and "\n" not in err, err
+
+
+def test_study_composes_model_and_transcoders_as_dvc_exp_run_does():
+    """The words are Hydra overrides of conf/study.yaml: a model choice brings its transcoders by
+    its defaults list (the organism: config.yaml's organism_plt), a transcoders choice replaces
+    them, and the composed config becomes the study's settings."""
+    organism = StudySettings.from_config(compose_study(["model=organism"])[0])
+    assert (organism.model, organism.transcoders) == ("models/organism/model", "models/organism/plt")
+    assert organism.model_revision is None and organism.attribution == AttributionConfig()
+    cfg, choices = compose_study(
+        ["model=gemma-2-2b", "prompts=capitals", "attribution=large", "pruning.node_threshold=0.7"]
+    )
+    gemma = StudySettings.from_config(cfg)
+    assert (gemma.model, gemma.transcoders, gemma.model_revision) == (
+        "google/gemma-2-2b",
+        "mntss/gemma-scope-transcoders",
+        "main",
+    )
+    assert (gemma.dtype, gemma.attribution.max_feature_nodes, gemma.pruning.node_threshold) == ("bfloat16", 7500, 0.7)
+    assert choices["prompts"] == "capitals" and cfg.prompts.name == "capitals" and cfg.launcher.name == "local"
+    clt = compose_study(["model=gemma-2-2b", "transcoders=gemma_clt_426k"])[0]
+    assert clt.transcoders.source == "mntss/clt-gemma-2-2b-426k"
+    with pytest.raises(ConfigError, match=r"^attribution\.batch_sise: "):
+        compose_study(["attribution.batch_sise=3"])
+    with pytest.raises(ConfigError, match=r"^launcher\.jbos: "):
+        compose_study(["+launcher.jbos=3"])  # added keys are refused too
+
+
+def test_zero_bos_errors_of_a_study_reach_attribute(tmp_path, tiny_gpt2_dir, plt_dir, words):
+    """attribution.zero_bos_errors=true, a word of the study command, is an option of every graph
+    it computes: in the graph store's config, and in the key (a new fingerprint)."""
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": " ".join(words[3:8])}) + "\n")
+    common = ["-q", "study", "launcher=sequential", "launcher.threads=1", "attribution.batch_size=32"]
+    paths = ["--prompts", str(prompts), "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir)]
+    assert main([*common, "attribution.zero_bos_errors=true", *paths, "--out", str(tmp_path / "zero")]) == 0
+    assert main([*common, *paths, "--out", str(tmp_path / "default")]) == 0
+    keys = {}
+    for name, zero in (("zero", True), ("default", False)):
+        doc = load_study(tmp_path / name)
+        assert doc["settings"]["attribution"]["zero_bos_errors"] is zero
+        keys[name] = doc["prompts"][0]["key"]
+        graph = Graph.open(Path(doc["graphs_dir"]) / keys[name] / "graph.zarr")
+        assert graph.attrs["config"]["zero_bos_errors"] is zero
+    assert keys["zero"] != keys["default"]
 
 
 def test_every_launcher_file_loads_and_overrides_apply():
     for path in sorted((ROOT / "conf" / "launcher").glob("*.yaml")):
         cfg = load_launcher(path.stem)
         assert cfg.name == path.stem
-    cfg = load_launcher("local", ["jobs=3", "threads=1", "launcher.prompts_per_job=2"])
+    cfg = load_launcher("local", "jobs=3", "threads=1", "prompts_per_job=2")
     assert (cfg.jobs, cfg.threads, cfg.prompts_per_job) == (3, 1, 2)
-    assert load_launcher("submitit_slurm", ["slurm.partition=cpu"]).slurm.partition == "cpu"
+    assert load_launcher("submitit_slurm", "slurm.partition=cpu").slurm.partition == "cpu"
 
 
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["jbos=3"], "unknown key"),
-        (["slurm.partiton=x"], "unknown key"),
-        (["jobs=0"], "jobs must be an integer >= 1"),
+        (["jbos=3"], "launcher.jbos: Key 'jbos' not in 'LauncherConfig'"),
+        (["slurm.partiton=x"], "launcher.slurm.partiton: Key 'partiton' not in 'SlurmSettings'"),
+        (["jobs=0"], "launcher.jobs must be an integer >= 1, got 0"),
         (["name=kubernetes"], "launcher must be one of"),
-        (["jobs"], "not key=value"),
-        (["start_method=thread"], "start_method must be"),
-        (["slurm=3"], "launcher.slurm must be a mapping"),
-        (["jobs=many"], "jobs must be an integer >= 1, got 'many'"),
+        (["jobs"], "Error parsing override 'launcher.jobs'"),
+        (["start_method=thread"], "launcher.start_method must be"),
+        (["slurm=3"], "launcher.slurm: Invalid type assigned"),
+        (["jobs=many"], "launcher.jobs: Value 'many' of type 'str' could not be converted to Integer"),
     ],
 )
 def test_bad_launcher_settings_are_clear_errors(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        load_launcher("local", overrides)
+    with pytest.raises(ValueError, match=re.escape(match)) as info:
+        load_launcher("local", *overrides)
+    assert "\n" not in str(info.value)
 
 
 def test_unknown_launcher_name_lists_the_choices():
-    with pytest.raises(ValueError, match="submitit_slurm"):
+    with pytest.raises(ConfigError, match="conf/launcher has no 'no_such_launcher' .*submitit_slurm"):
         load_launcher("no_such_launcher")
 
 

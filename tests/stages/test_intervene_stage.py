@@ -24,8 +24,8 @@ from pipeline.engine.intervened_forward import clean_run  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import save_pruned_graph  # noqa: E402
 from pipeline.graph.pruning import prune_graph  # noqa: E402
+from pipeline.run.compose import ConfigError, load_config, register_configs  # noqa: E402
 from stages import intervene, intervene_summary  # noqa: E402
-from stages._config import ConfigError, load_config, register_configs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
