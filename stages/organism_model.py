@@ -11,7 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline._io import atomic_path, finite_or_none, read_json, write_json
-from pipeline.organism.train_model import TrainConfig, train_model
+from pipeline.organism.config import TrainConfig
+from pipeline.organism.train_model import train_model
 from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.compose import load_config
 from stages._stage import parse_args, scalars, setup_torch, shown

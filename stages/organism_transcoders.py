@@ -11,7 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline._io import atomic_path, finite_or_none, write_json
-from pipeline.organism.train_transcoders import TranscoderTrainConfig, train_clt, train_plt
+from pipeline.organism.config import TranscoderTrainConfig
+from pipeline.organism.train_transcoders import train_clt, train_plt
 from pipeline.run.compose import load_config
 from stages._stage import parse_args, scalars, setup_torch, shown
 from stages.organism_model import OUT as MODEL_DIR

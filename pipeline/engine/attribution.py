@@ -20,8 +20,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional
+from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline._io import digest_json
+from pipeline.engine.options import AttributionConfig
 from pipeline.engine.replacement import Capture, ReplacementModel
 from pipeline.engine.rows import (
     ActiveFeatures,
@@ -47,54 +48,6 @@ from pipeline.graph.store import Graph
 from pipeline.graph.writer import GraphStoreWriter
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- config
-# The Hydra schema's attribution node extends this class: not frozen (OmegaConf makes frozen
-# nodes read-only), and typing.Optional, the form OmegaConf 2.3 documents, not ``int | None``.
-@dataclass
-class AttributionConfig:
-    """The options of :func:`attribute`, the one definition of their names, defaults, help
-    (``metadata["help"]``, the command line's) and checks. ``asdict`` of it is hashed into
-    every graph store's fingerprint, so a new field changes every key."""
-
-    max_n_logits: int = field(default=10, metadata={"help": "at most this many logit nodes: the top next-token logits"})
-    desired_logit_prob: float = field(
-        default=0.95, metadata={"help": "no more logit nodes once their cumulative probability reaches this"}
-    )
-    batch_size: int = field(default=256, metadata={"help": "targets per backward pass"})
-    max_feature_nodes: Optional[int] = field(  # noqa: UP045
-        default=None, metadata={"help": "rows for the N most influential features only (default: every active one)"}
-    )
-    update_interval: int = field(
-        default=4, metadata={"help": "batches between influence re-rankings (with max_feature_nodes)"}
-    )
-    zero_bos_errors: bool = field(
-        default=False,
-        metadata={"help": "no edges out of the BOS-position error nodes (circuit-tracer 0.5.0's graphs)"},
-    )
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.max_n_logits <= 0:
-            raise ValueError(f"max_n_logits must be positive, got {self.max_n_logits!r}")
-        if not 0.0 < self.desired_logit_prob <= 1.0:
-            raise ValueError(f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob!r}")
-        if self.max_feature_nodes is not None and self.max_feature_nodes <= 0:
-            raise ValueError(
-                f"max_feature_nodes must be positive or None (all features), got {self.max_feature_nodes!r}"
-            )
-        if self.update_interval <= 0:
-            raise ValueError(f"update_interval must be positive, got {self.update_interval!r}")
-
-    @classmethod
-    def of(cls, config: AttributionConfig | None = None, **changes: Any) -> AttributionConfig:
-        """The options of ``config`` (the defaults when None) with ``changes``, as this class:
-        fields a subclass adds (the schema's load ``dtype``) are not attribution options and
-        must stay out of the fingerprint."""
-        values = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
-        return cls(**{**values, **changes})
 
 
 # ---------------------------------------------------------------------------- ranking

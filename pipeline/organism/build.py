@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ._util import write_json
-from .train_model import ModelConfig, TrainConfig, train_model
-from .train_transcoders import TranscoderTrainConfig, train_clt, train_plt
+from .config import ModelConfig, TrainConfig, TranscoderTrainConfig
+from .train_model import train_model
+from .train_transcoders import train_clt, train_plt
 from .world import WorldConfig, make_world
 
 

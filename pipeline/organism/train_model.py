@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,63 +29,9 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ._util import atomic_directory, read_json, torch_scope, write_json
-from .tokenizer import build_tokenizer, save_tokenizer
+from .config import ModelConfig, TrainConfig
+from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from .world import Sentence, World, WorldConfig, make_world
-
-
-# ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
-# config schema, hence typing's Optional and Tuple (the forms OmegaConf 2.3 documents) and a
-# plain str for loss_on (OmegaConf has no Literal).
-@dataclass
-class ModelConfig:
-    """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""
-
-    n_layers: int = 2
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: Optional[int] = None
-    n_ctx: int = 16
-    activation: str = "gelu_new"
-    tie_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_heads:
-            raise ValueError("d_model must be divisible by n_heads")
-        if self.n_layers < 1 or self.n_ctx < 2:
-            raise ValueError("n_layers >= 1 and n_ctx >= 2 required")
-
-
-@dataclass
-class TrainSettings:
-    """Optimization. The learning rate warms up linearly for ``warmup_steps`` then follows a
-    cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``. ``loss_on``: ``all`` or
-    ``answer`` (the module docstring)."""
-
-    steps: int = 400
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: Tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    loss_on: str = "all"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.loss_on not in ("all", "answer"):
-            raise ValueError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}")
-
-
-@dataclass
-class TrainConfig(TrainSettings):
-    """The settings and the torch threads of the run (a choice of the machine, not of the
-    experiment: the pipeline takes it from ``runtime.threads``)."""
-
-    threads: int = 2
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -278,7 +223,6 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
 
 def load_organism(model_dir: str | Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, World]:
     """Load a saved organism: the HF model (eval mode), its tokenizer and its world."""
-    from .tokenizer import load_tokenizer
 
     model = GPT2LMHeadModel.from_pretrained(str(model_dir))
     model.eval()

@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,63 +57,13 @@ from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ._util import atomic_directory, torch_scope, write_json
+from .config import TranscoderTrainConfig
 from .tokenizer import load_tokenizer
 from .train_model import encode_texts
 from .world import World
 
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"
 FEATURE_OUTPUT_HOOK = "hook_mlp_out"
-
-
-# The pipeline's config schema uses TranscoderTrainSettings as its organism.plt / organism.clt
-# nodes, hence typing's Optional (the form OmegaConf 2.3 documents) and a plain str for
-# skip_init (OmegaConf has no Literal).
-@dataclass
-class TranscoderTrainSettings:
-    """Transcoder training.
-
-    d_transcoder: features per layer.
-    sparsity_coefficient: lambda of the tanh sparsity penalty (per layer, per token);
-        tanh_scale: c inside the tanh.
-    bandwidth: eps of the threshold's straight-through estimator (standardized units);
-        threshold_init: initial theta.
-    sparsity_warmup: share of the steps over which lambda ramps up from 0.
-    skip: learn a linear skip W_skip (PLT only; the CLT is trained without one).
-    skip_init: "zero" or "least_squares" (the affine least-squares fit of y on x).
-    skip_l2: L2 penalty on W_skip (standardized units), keeps the state in the features.
-    n_tokens: cap on the training contexts (None: all distinct contexts, a few thousand).
-    """
-
-    d_transcoder: int = 256
-    steps: int = 500
-    batch_size: int = 512
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    sparsity_coefficient: float = 0.005
-    tanh_scale: float = 1.0
-    bandwidth: float = 0.1
-    threshold_init: float = 0.1
-    sparsity_warmup: float = 0.2
-    skip: bool = True
-    skip_init: str = "zero"
-    skip_l2: float = 0.01
-    n_tokens: Optional[int] = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.d_transcoder < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("d_transcoder, steps and batch_size must be >= 1")
-        if self.bandwidth <= 0 or self.threshold_init <= 0:
-            raise ValueError("bandwidth and threshold_init must be > 0")
-
-
-@dataclass
-class TranscoderTrainConfig(TranscoderTrainSettings):
-    """The settings and the torch threads of the run (the pipeline's ``runtime.threads``)."""
-
-    threads: int = 2
 
 
 # --- 1. activations ----------------------------------------------------------------------------

@@ -31,9 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from pipeline.engine.attribution import AttributionConfig
-from pipeline.organism.train_model import ModelConfig, TrainSettings
-from pipeline.organism.train_transcoders import TranscoderTrainSettings
+from pipeline.engine.options import AttributionConfig
+from pipeline.organism.config import ModelConfig, TrainSettings, TranscoderTrainSettings
 from pipeline.organism.world import WorldConfig
 
 #: A prompt id names DVC stages (``attribute@<id>``), params keys (``prompts.items.<id>``) and

@@ -35,7 +35,8 @@ import torch
 from pipeline._io import atomic_directory, finite_or_none, read_json, write_json
 from pipeline.analysis.export import create_graph_files, update_graph_metadata
 from pipeline.analysis.study_files import DONE_FORMAT, STUDY_FORMAT, graph_done
-from pipeline.engine.attribution import AttributionConfig, attribute, fingerprint
+from pipeline.engine.attribution import attribute, fingerprint
+from pipeline.engine.options import AttributionConfig
 from pipeline.engine.replacement import PromptError, ReplacementModel
 from pipeline.graph.pruned import save_pruned_graph
 from pipeline.graph.pruning import prune_graph

@@ -14,7 +14,7 @@ from pipeline.analysis.aggregate import aggregate_study
 from pipeline.analysis.aggregate_figures import render_figures
 from pipeline.analysis.export import LINK_FIELDS, METADATA_FIELDS, NODE_FIELDS, QPARAMS_FIELDS
 from pipeline.analysis.study_files import load_study
-from pipeline.engine.attribution import AttributionConfig
+from pipeline.engine.options import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.config import LauncherConfig
 from pipeline.run.prompt_sets import expand_templates, prompt_set_from_records

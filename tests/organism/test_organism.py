@@ -14,21 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.organism import (
-    ModelConfig,
-    TrainConfig,
-    TranscoderTrainConfig,
-    WorldConfig,
-    build_tokenizer,
-    collect_activations,
-    load_tokenizer,
-    make_world,
-    save_tokenizer,
-    train_clt,
-    train_model,
-    train_plt,
-)
-from pipeline.organism.train_model import encode_texts
+from pipeline.organism.config import ModelConfig, TrainConfig, TranscoderTrainConfig
+from pipeline.organism.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
+from pipeline.organism.train_model import encode_texts, train_model
+from pipeline.organism.train_transcoders import collect_activations, train_clt, train_plt
+from pipeline.organism.world import WorldConfig, make_world
 
 TINY_WORLD = WorldConfig(n_states=3, cities_per_state=3, held_out_per_state=1, seed=1)
 TINY_MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=16)
@@ -233,7 +223,7 @@ def test_transcoder_training_is_deterministic(tmp_path, tiny_world, tiny_model_d
 # --- the full default build ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_organism_meets_its_targets(tmp_path):
-    from pipeline.organism import OrganismConfig, build_organism
+    from pipeline.organism.build import OrganismConfig, build_organism
 
     m = build_organism(tmp_path, OrganismConfig(), progress=False)
     assert m["model"]["one_hop_accuracy"] >= 0.95

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from pipeline import testing
-from pipeline.engine.attribution import AttributionConfig
+from pipeline.engine.options import AttributionConfig
 from pipeline.graph.store import Graph
 from pipeline.run.cli import build_parser, main
 from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec

@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import testing
 from pipeline.analysis.study_files import graph_done, load_study
-from pipeline.engine.attribution import AttributionConfig
+from pipeline.engine.options import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
 from pipeline.organism.world import WorldConfig, make_world

@@ -122,7 +122,7 @@ def test_organism_schema_is_the_librarys_configs_at_their_defaults(part):
     """The schema's organism nodes are the library's config classes (less the training
     ``threads``, which come from runtime.threads), and the committed params.yaml holds the
     library's defaults (``pipeline.organism.OrganismConfig``)."""
-    from pipeline.organism import OrganismConfig
+    from pipeline.organism.build import OrganismConfig
 
     lib = getattr(OrganismConfig(), part)
     composed = getattr(load_config(ROOT / "params.yaml").organism, part)
@@ -272,7 +272,9 @@ def test_organism_training_saves_no_wall_time(tmp_path):
     never written into a saved metrics.json."""
     import json
 
-    from pipeline.organism import ModelConfig, TrainConfig, TranscoderTrainConfig, train_model, train_plt
+    from pipeline.organism.config import ModelConfig, TrainConfig, TranscoderTrainConfig
+    from pipeline.organism.train_model import train_model
+    from pipeline.organism.train_transcoders import train_plt
     from pipeline.organism.world import WorldConfig, make_world
 
     world = make_world(WorldConfig(n_states=2, cities_per_state=3, held_out_per_state=1, seed=1))

@@ -1,0 +1,112 @@
+"""The organism's training settings: plain dataclasses (no torch), so the pipeline's config schema
+can use them as its ``organism.*`` nodes without importing the training code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
+# config schema, hence typing's Optional and Tuple (the forms OmegaConf 2.3 documents) and a
+# plain str for loss_on (OmegaConf has no Literal).
+@dataclass
+class ModelConfig:
+    """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""
+
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int | None = None
+    n_ctx: int = 16
+    activation: str = "gelu_new"
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        if self.n_layers < 1 or self.n_ctx < 2:
+            raise ValueError("n_layers >= 1 and n_ctx >= 2 required")
+
+
+@dataclass
+class TrainSettings:
+    """Optimization. The learning rate warms up linearly for ``warmup_steps`` then follows a
+    cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``. ``loss_on``: ``all`` or
+    ``answer`` (the module docstring)."""
+
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    loss_on: str = "all"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.loss_on not in ("all", "answer"):
+            raise ValueError(f"loss_on must be 'all' or 'answer', got {self.loss_on!r}")
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """The settings and the torch threads of the run (a choice of the machine, not of the
+    experiment: the pipeline takes it from ``runtime.threads``)."""
+
+    threads: int = 2
+
+
+# The pipeline's config schema uses TranscoderTrainSettings as its organism.plt / organism.clt
+# nodes, hence typing's Optional (the form OmegaConf 2.3 documents) and a plain str for
+# skip_init (OmegaConf has no Literal).
+@dataclass
+class TranscoderTrainSettings:
+    """Transcoder training.
+
+    d_transcoder: features per layer.
+    sparsity_coefficient: lambda of the tanh sparsity penalty (per layer, per token);
+        tanh_scale: c inside the tanh.
+    bandwidth: eps of the threshold's straight-through estimator (standardized units);
+        threshold_init: initial theta.
+    sparsity_warmup: share of the steps over which lambda ramps up from 0.
+    skip: learn a linear skip W_skip (PLT only; the CLT is trained without one).
+    skip_init: "zero" or "least_squares" (the affine least-squares fit of y on x).
+    skip_l2: L2 penalty on W_skip (standardized units), keeps the state in the features.
+    n_tokens: cap on the training contexts (None: all distinct contexts, a few thousand).
+    """
+
+    d_transcoder: int = 256
+    steps: int = 500
+    batch_size: int = 512
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    sparsity_coefficient: float = 0.005
+    tanh_scale: float = 1.0
+    bandwidth: float = 0.1
+    threshold_init: float = 0.1
+    sparsity_warmup: float = 0.2
+    skip: bool = True
+    skip_init: str = "zero"
+    skip_l2: float = 0.01
+    n_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_transcoder < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("d_transcoder, steps and batch_size must be >= 1")
+        if self.bandwidth <= 0 or self.threshold_init <= 0:
+            raise ValueError("bandwidth and threshold_init must be > 0")
+
+
+@dataclass
+class TranscoderTrainConfig(TranscoderTrainSettings):
+    """The settings and the torch threads of the run (the pipeline's ``runtime.threads``)."""
+
+    threads: int = 2
