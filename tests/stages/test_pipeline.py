@@ -9,6 +9,7 @@ repository holding conf/, stages/, pipeline/ and dvc.yaml, compose the tiny conf
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -589,3 +590,101 @@ def test_a_clone_pulls_the_study_from_the_remote(repo, tmp_path):
     dvc(clone, "pull")
     assert "Data and pipelines are up to date" in dvc(clone, "status").stdout
     assert (clone / "results" / PROMPTS[0] / "graph" / f"{PROMPTS[0]}.json").is_file()
+
+
+# ----------------------------------------------------------------------- code dependencies
+def _module_file(module: str) -> Path | None:
+    """The repository file of a ``pipeline.*`` / ``stages.*`` module (None for anything else)."""
+    if module.split(".")[0] not in ("pipeline", "stages"):
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imported_modules(tree: ast.AST, package: str) -> set[str]:
+    """Every module an AST imports (at any depth: a function's imports run when it is called),
+    with ``from x import y`` also yielding ``x.y`` in case ``y`` is a submodule."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def _has_code(path: Path) -> bool:
+    """Whether a module holds more than a docstring."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
+def _code_closure(files: list[Path]) -> set[Path]:
+    """The repository files that importing ``files`` executes: their imports, transitively,
+    with every parent package's ``__init__.py``."""
+    seen: set[Path] = set()
+    todo = list(files)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        rel = path.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        package = ".".join(parts if path.name == "__init__.py" else parts[:-1])
+        for i in range(1, len(parts)):
+            init = ROOT.joinpath(*parts[:i], "__init__.py")
+            if init.is_file():
+                todo.append(init)
+        if path.name == "__init__.py" and not _has_code(path):
+            seen.discard(path)  # an empty package marker runs nothing
+        for module in _imported_modules(ast.parse(path.read_text(encoding="utf-8")), package):
+            found = _module_file(module)
+            if found is not None:
+                todo.append(found)
+    return seen
+
+
+def _stage_entry(cmd: str) -> list[Path]:
+    """The code a stage's command runs: ``python -m stages.X`` -> stages/X.py;
+    ``circuit-pipeline SUB`` -> what the CLI module imports at its top and in its ``cmd_SUB``
+    (pipeline/run/cli.py itself is checked apart: it holds every subcommand)."""
+    if m := re.search(r"python -m (stages\.\w+)", cmd):
+        return [_module_file(m.group(1))]
+    m = re.search(r"circuit-pipeline(?: -q)? (\w+)", cmd)
+    assert m, f"unknown stage command {cmd!r}"
+    cli = ROOT / "pipeline" / "run" / "cli.py"
+    tree = ast.parse(cli.read_text(encoding="utf-8"))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    sub = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == f"cmd_{m.group(1)}"]
+    assert sub, f"no cmd_{m.group(1)} in {cli}"
+    modules = _imported_modules(ast.Module(body=top + sub, type_ignores=[]), "pipeline.run")
+    return [f for f in map(_module_file, modules) if f is not None]
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "studies/dvc.yaml"])
+def test_every_stage_lists_the_code_it_runs(dvc_file):
+    """A stage reruns when code it runs changes only if dvc.yaml lists that code: every
+    repository module its command imports (transitively, function-level imports included) is a
+    dep, itself or through a listed folder."""
+    base = (ROOT / dvc_file).parent
+    stages = yaml.safe_load((ROOT / dvc_file).read_text())["stages"]
+    unlisted = {}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        deps = [(base / d).resolve() for d in body.get("deps", []) if "${" not in d]
+        code = _code_closure(_stage_entry(body["cmd"]))
+        if "circuit-pipeline" in body["cmd"]:
+            code.add(ROOT / "pipeline" / "run" / "cli.py")
+        missing = sorted(str(f.relative_to(ROOT)) for f in code if not any(f == d or d in f.parents for d in deps))
+        if missing:
+            unlisted[name] = missing
+    assert not unlisted, f"{dvc_file}: stages run code they do not list as deps: {unlisted}"
