@@ -88,10 +88,9 @@ def pipeline_version() -> dict:
     import hashlib
 
     h = hashlib.sha256()
-    for name in ("attribution.py", "replacement.py", "graph_store.py", "hooks.py"):
-        path = REPO / "pipeline" / name
-        h.update(name.encode())
-        h.update(path.read_bytes() if path.exists() else b"")
+    for path in sorted([*(REPO / "pipeline" / "engine").glob("*.py"), *(REPO / "pipeline" / "graph").glob("*.py")]):
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
     return {"git_head": _git("rev-parse", "--short", "HEAD"), "engine_sources_sha256": h.hexdigest()[:16]}
 
 

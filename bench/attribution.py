@@ -386,7 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small model, short prompt (< 2 min)")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: bench/README.md)",
     )
     ap.add_argument("--keep-stores", action="store_true", help="keep the graph stores written")
     ap.add_argument("--skip-main", action="store_true", help="keep the saved main-case results")

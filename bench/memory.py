@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small model, smoke test (< 2 min)")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: bench/README.md)",
     )
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--child", help=argparse.SUPPRESS)

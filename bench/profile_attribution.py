@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workdir", type=Path, default=F.DEFAULT_WORKDIR)
     ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (default 1: see README, oversubscription on a loaded box)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: bench/README.md)",
     )
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)

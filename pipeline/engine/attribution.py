@@ -132,7 +132,7 @@ def attribute(
     both (keywords win). ``zero_bos_errors``: give the error nodes at the BOS position zero
     output vectors, as circuit-tracer 0.5.0 does, so every edge out of them is 0. By default
     they keep their true error vectors, whose edges are exact direct effects like any other
-    (README, "Differences from circuit-tracer").
+    (docs/differences-from-circuit-tracer.md).
     """
     cfg = AttributionConfig.of(config, **options)
     t0 = time.perf_counter()

@@ -161,7 +161,7 @@ class LayeredTranscoders(Transcoders):
         if self.activation == "jump_relu":
             assert w.threshold is not None
             return pre * (pre > w.threshold).to(pre.dtype)
-        # TopK: keep the k largest pre-activations per position, then ReLU (see README note)
+        # TopK: keep the k largest pre-activations per position, then ReLU (circuit-tracer's TopK)
         k = min(int(w.k or 0), pre.shape[-1])
         idx = pre.topk(k, dim=-1).indices
         gate = torch.zeros_like(pre).scatter_(-1, idx, 1.0)
