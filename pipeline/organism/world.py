@@ -335,6 +335,21 @@ class World:
             "two_hop_heldout": self.sentences("two_hop", split="heldout", canonical_only=True),
         }
 
+    def labeled_prompts(self) -> list[dict]:
+        """Every canonical two-hop prompt (all cities, trained and held out, every language) with
+        what it is about: ``{prompt, answer, labels: {state, city, language, kind}, anchors:
+        {city: the city's word}}``. A prompt bank for measuring which features are selective for
+        a state or a language, at the city's position or the last one."""
+        return [
+            {
+                "prompt": s.prompt,
+                "answer": s.answer,
+                "labels": {"state": s.state, "city": s.city, "language": s.language, "kind": s.kind},
+                "anchors": {"city": s.city},
+            }
+            for s in self.sentences("two_hop", split="all", canonical_only=True)
+        ]
+
     def prompt_set(self) -> list[dict]:
         """The default prompt set: two-hop, one-hop, held-out two-hop and language prompts.
 
