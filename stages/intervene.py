@@ -97,9 +97,10 @@ def main(argv=None) -> None:
     write_json(METRICS_DIR / f"{args.prompt_id}.json", finite_or_none(report["summary"]))
     s = report["summary"]
     rate = "-" if s["flip_rate"] is None else f"{s['flip_rate']:.2f}"
+    baselines = "  ".join(f"{name} {b['n_flipped']}/{b['n_runs']}" for name, b in s["baselines"].items() if b["n_runs"])
     print(
         f"report: {run / 'report' / 'report.md'}  flipped {s['n_flipped']}/{s['n_checked']} ({rate})  "
-        f"faithfulness {s['faithfulness']}  correlation (direct) {s['correlation_direct']}"
+        f"baselines: {baselines or '-'}  faithfulness {s['faithfulness']}  correlation (direct) {s['correlation_direct']}"
     )
 
 

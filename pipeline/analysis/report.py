@@ -385,14 +385,17 @@ def _fig_baselines(report):
     height = 0.8 / len(names)
     colours = ["#4c72b0", "#8c8c8c", "#55a868", "#dd8452"]
     for j, name in enumerate(names):
-        vals = [
-            float(bool(e["flipped"]))
-            if name == "experiment"
-            else ((e["baselines"].get(name) or {}).get("flip_rate") or 0.0)
+        rates = [
+            float(bool(e["flipped"])) if name == "experiment" else (e["baselines"].get(name) or {}).get("flip_rate")
             for e in exps
         ]
         ys = [i + j * height for i in range(len(exps))]
-        ax.barh(ys, vals, height=height, color=colours[j % len(colours)], label=name.replace("_", " "))
+        ax.barh(
+            ys, [r or 0.0 for r in rates], height=height, color=colours[j % len(colours)], label=name.replace("_", " ")
+        )
+        for y, r, e in zip(ys, rates, exps):  # the numbers, so that a zero or a missing run shows
+            text = e["status"] if e["status"] != "ran" and j == 0 else ("not run" if r is None else f"{r:.2f}")
+            ax.text((r or 0.0) + 0.01, y, text, va="center", fontsize=6)
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(exps))], [e["name"] for e in exps], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
