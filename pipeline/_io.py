@@ -9,7 +9,8 @@ that :func:`remove_stale_temps` recognises.
 
 JSON files are UTF-8, ``ensure_ascii=False``, no NaN or infinity, one trailing newline; keys
 are sorted unless a format fixes their order (``sort_keys=False``), and ``indent=None`` gives
-the compact form. Content digests hash :func:`digest_json`'s encoding instead, which never
+the compact form. ``.npz`` files (:func:`npz_bytes`) have fixed member order and
+timestamps, so the same arrays give the same bytes. Content digests hash :func:`digest_json`'s encoding instead, which never
 changes: a stored fingerprint stays valid across releases.
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +215,25 @@ def write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool = True
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def npz_bytes(arrays: Mapping[str, Any]) -> bytes:
+    """A numpy-loadable compressed ``.npz`` of ``arrays`` ({name: array}) with deterministic
+    bytes: members sorted by name, fixed timestamps and permissions, no pickles."""
+    # numpy imported here: this module is on the config schema's start-up path
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zf.writestr(info, member.getvalue(), compresslevel=6)
+    return buf.getvalue()
 
 
 def digest_json(obj: Any, *, default: Callable[[Any], Any] | None = None) -> str:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline._io import read_json
 from pipeline.memory import release_freed_buffers
+from pipeline.organism.world import World, WorldConfig, make_world
 from pipeline.run.compose import PARAMS_FILE
-from pipeline.run.config import FeaturesSpec, RuntimeConfig
+from pipeline.run.config import FeaturesSpec, RuntimeConfig, SelectivitySpec
 
 #: Where the per-prompt artifacts go: results/<prompt id>/<file>. dvc.yaml spells the same paths.
 RESULTS = Path("results")
@@ -25,6 +27,8 @@ RESULTS = Path("results")
 PARTIAL = Path("tmp") / "partial"
 #: The features stage's stores: data/dashboards/<features.name>.zarr (dvc.yaml spells the same).
 DASHBOARDS = Path("data/dashboards")
+#: The selectivity stage's tables: data/selectivity/<selectivity.name>.npz (dvc.yaml spells the same).
+SELECTIVITY = Path("data/selectivity")
 
 
 def prompt_dir(prompt_id: str) -> Path:
@@ -33,6 +37,15 @@ def prompt_dir(prompt_id: str) -> Path:
 
 def dashboards_path(features: FeaturesSpec) -> Path:
     return DASHBOARDS / f"{features.name}.zarr"
+
+
+def selectivity_path(spec: SelectivitySpec) -> Path:
+    return SELECTIVITY / f"{spec.name}.npz"
+
+
+def load_world(path: str | Path) -> World:
+    """The organism's world from the world.json the organism_world stage wrote (its config)."""
+    return make_world(WorldConfig.from_dict(read_json(path)["config"]))
 
 
 def parse_args(

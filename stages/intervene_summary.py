@@ -3,9 +3,10 @@
 Reads metrics/interventions/<id>.json (each prompt's report summary, written by
 intervene@<id>) for every prompt of the prompt set and writes, as a DVC metric (``dvc metrics show``): the share of experiments
 whose expected flip happened, overall, per experiment kind (``by_kind``: swap, ablate,
-steer), per experiment group (``by_group``: state_swap, language_swap, ...) and per prompt
-kind (``by_prompt_kind``: two_hop, one_hop, language, ...), plus mean
-faithfulness and mean correlations of the top-k ablations with the attribution.
+steer), per experiment group (``by_group``: state_swap, language_steer, ...) and per prompt
+kind (``by_prompt_kind``: two_hop, one_hop, language, ...), each with its baselines' runs,
+flips and flip rates, plus mean faithfulness and mean correlations of the top-k ablations
+with the attribution.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ def main(argv=None) -> None:
     metrics["by_prompt_kind"] = metrics.pop("by_prompt_group")
     write_json(OUT, finite_or_none(metrics))
     by_kind = "  ".join(f"{k} {v['n_flipped']}/{v['n_checked']}" for k, v in metrics["by_kind"].items())
-    print(f"interventions: {OUT}  flipped {metrics['n_flipped']}/{metrics['n_checked']}  {by_kind}")
+    baselines = "  ".join(
+        f"{name} {b['n_flipped']}/{b['n_runs']}" for name, b in metrics["baselines"].items() if b["n_runs"]
+    )
+    print(
+        f"interventions: {OUT}  flipped {metrics['n_flipped']}/{metrics['n_checked']}  {by_kind}  "
+        f"baselines: {baselines or '-'}"
+    )
 
 
 if __name__ == "__main__":

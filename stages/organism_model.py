@@ -13,9 +13,8 @@ from pathlib import Path
 from pipeline._io import atomic_path, finite_or_none, read_json, write_json
 from pipeline.organism.config import TrainConfig
 from pipeline.organism.train_model import train_model
-from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.compose import load_config
-from stages._stage import parse_args, scalars, setup_torch, shown
+from stages._stage import load_world, parse_args, scalars, setup_torch, shown
 
 WORLD = Path("data/organism/world.json")
 OUT = Path("models/organism/model")
@@ -24,10 +23,6 @@ SHOWN = ("one_hop_accuracy", "two_hop_trained_accuracy", "two_hop_heldout_accura
 #: run-dependent entries (the library returns its wall time but no longer saves it); dropped from
 #: any saved metrics all the same, so outputs stay byte-stable
 VOLATILE = ("wall_time_s", "total_wall_time_s")
-
-
-def load_world():
-    return make_world(WorldConfig.from_dict(read_json(WORLD)["config"]))
 
 
 def strip_volatile(path: Path) -> dict:
@@ -46,7 +41,7 @@ def main(argv=None) -> None:
     spec = cfg.organism
     with atomic_path(OUT) as tmp:
         result = train_model(
-            load_world(),
+            load_world(WORLD),
             spec.model,
             TrainConfig(**asdict(spec.train), threads=cfg.runtime.threads),
             out_dir=tmp,

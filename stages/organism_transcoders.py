@@ -14,9 +14,9 @@ from pipeline._io import atomic_path, finite_or_none, write_json
 from pipeline.organism.config import TranscoderTrainConfig
 from pipeline.organism.train_transcoders import train_clt, train_plt
 from pipeline.run.compose import load_config
-from stages._stage import parse_args, scalars, setup_torch, shown
+from stages._stage import load_world, parse_args, scalars, setup_torch, shown
 from stages.organism_model import OUT as MODEL_DIR
-from stages.organism_model import load_world, strip_volatile
+from stages.organism_model import WORLD, strip_volatile
 
 TRAIN = {"plt": train_plt, "clt": train_clt}
 SHOWN = ("fve", "l0_total", "dead_share", "agreement_answer_positions")
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     with atomic_path(out) as tmp:
         result = TRAIN[args.kind](
             MODEL_DIR,
-            load_world(),
+            load_world(WORLD),
             TranscoderTrainConfig(**asdict(spec), threads=cfg.runtime.threads),
             out_dir=tmp,
             progress=False,

@@ -15,12 +15,19 @@ The phases of :func:`evaluate`:
    features' live contributions), or ``"frozen"`` (the local replacement model, so the fully
    ablated model is "clean errors + biases + skips"); ``faithfulness`` = (circuit only − all
    ablated) / (clean − all ablated) on the de-meaned target logit.
-4. Named experiments (:class:`Experiment`): ablate, steer or swap features; top tokens before
-   and after, whether the expected token came out (``flipped``), greedy generations without
-   and with the intervention.
-5. Summary: the flip rate (of the experiments with an ``expected_after``, those whose top
-   token after is it, and before ``expected_before`` when given), overall, per experiment
-   kind and per group; faithfulness; correlations. :func:`study_metrics` sums them over a study.
+4. Named experiments (:class:`Experiment`): ablate, steer or swap features, named by position,
+   index, supernode or selection rule (:mod:`pipeline.analysis.selection`, resolved on the
+   graph's circuit and a selectivity table); the features each chose; top tokens before and
+   after, whether the experiment flipped (:func:`is_flip`: the top token changed from the
+   clean one to ``expected_after``; for a steer measured by language, the continuation
+   switched to ``expected_language``, :func:`language_share`); greedy generations without and
+   with the intervention. Beside each experiment with an expected flip, its baselines
+   (:data:`BASELINES`): random feature sets of the same shape, donors that share this prompt's
+   value of the swapped label, and the same swap at a wrong position.
+5. Summary: the flip rate (of the experiments with an expected flip, those that flipped; a
+   rule that selects nothing counts as not flipped), overall, per experiment kind and per
+   group, each with its baselines' flip rates; faithfulness; correlations.
+   :func:`study_metrics` sums them over a study.
 
 The report is a JSON-ready dict, floats rounded to 6 significant digits;
 :mod:`pipeline.analysis.report` writes it as files.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,9 +47,11 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.circuit import Circuit, read_circuit
+from pipeline.analysis.selection import Chosen, Rule, is_rule, moved, random_like, select
+from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
 from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
-from pipeline.engine.generation import feature_intervention_generate
-from pipeline.engine.intervened_forward import InterventionRunner, clean_run
+from pipeline.engine.generation import GenerationResult, feature_intervention_generate
+from pipeline.engine.intervened_forward import CleanRun, InterventionRunner, clean_run
 from pipeline.engine.interventions import (
     ERROR_MODES,
     Scale,
@@ -50,12 +60,28 @@ from pipeline.engine.interventions import (
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.engine.replacement import ReplacementModel
 
-__all__ = ["REPORT_FORMAT", "EvaluationSpec", "Experiment", "evaluate", "study_metrics"]
+__all__ = [
+    "BASELINES",
+    "REPORT_FORMAT",
+    "EvaluationSpec",
+    "Experiment",
+    "PromptContext",
+    "evaluate",
+    "faithfulness_scores",
+    "is_flip",
+    "language_share",
+    "study_metrics",
+]
 
 REPORT_FORMAT = "circuit-pipeline/intervention-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 KINDS = ("ablate", "steer", "swap")
 MODES = ("iterative", "constrained", "direct")
+#: random: feature sets of the selected sets' shape (n_random seeded draws); same_state: the swap
+#: from donors with this prompt's value of the swapped label; wrong_position: every
+#: intervention moved by wrong_offset tokens
+BASELINES = ("random", "same_state", "wrong_position")
+NO_MATCH = "no feature matched"
 
 
 # ------------------------------------------------------------------------------------ spec
@@ -66,31 +92,41 @@ class Experiment:
     Kinds: ``ablate`` scales the source features (default ×0); ``steer`` sets them to
     ``value`` or scales them by ``source_factor``; ``swap`` scales the source by
     ``source_factor`` (default 0) and sets the target features to ``target_factor`` × their
-    activation on ``donor_prompt``, end-aligned (donor position ``q`` is this prompt's
-    ``q + n_pos - n_donor``: the last token maps to the last token).
+    activation on the donor: the prompt ``donor`` names by id (its tags known), or the text
+    ``donor_prompt``.
 
-    Source and target entries are supernode names, ``[layer, pos, feature]`` triples, or
-    selectors ``{"pos": P, "layers": [...], "not_on_donor": bool}``: every feature active at
-    position ``P`` (negative: from the end) of this prompt (source) or of the donor prompt
-    (target), in those layers (all when omitted); ``not_on_donor`` (source only) keeps the
-    features inactive at the end-aligned position of ``donor_prompt``. A config can so say
-    "swap everything active at the last position" without naming feature indices.
+    Source and target entries are supernode names, ``[layer, pos, feature]`` triples,
+    selectors ``{"pos": P, "layers": [...], "not_on_donor": bool}`` (every feature active at
+    position ``P``, negative from the end, of this prompt for a source or of the donor for a
+    target, in those layers; ``not_on_donor``, source only: those inactive at the end-aligned
+    donor position), or selection rules ``{"select": "selective", "label": L, "role": R, ...}``
+    (:mod:`pipeline.analysis.selection`): for a source, on this prompt and its circuit; for a
+    target, on the donor (no ``in_graph``: the donor's circuit is another prompt's). A
+    target picked by a rule is written at this prompt's position of the same role (city to
+    city); any other target end-aligned (donor position ``q`` is this prompt's
+    ``q + n_pos - n_donor``). A rule at role ``any`` applies its features at every position
+    but BOS.
 
     source_factor: multiplier for the source features (ablate / swap default 0; steer: used
     when ``value`` is None)
     value: steer: the value the source features are set to
     open_ended: apply from each feature's position to the end, generated tokens included
-    expected_before / expected_after: the top next token before / after (text, compared
-    without surrounding whitespace)
-    mode: "iterative" | "constrained" (with constrained_layers) | "direct"
+    expected_before / expected_after: the clean top token and the top token the intervention
+    should give (text, compared without surrounding whitespace)
+    expected_language: the flip is measured on the continuation instead: the intervention's
+    greedy continuation is mostly (more than the spec's ``language_share``) in this language and
+    the clean one is not
+    mode: "iterative" | "constrained" | "direct"; constrained_layers: the layers of the
+    constrained mode (given alone, they make the mode constrained)
     max_new_tokens: steered generation length (None: the spec's; 0: none)
-    group: a label for the per-group flip rates (e.g. "state_swap", "language_swap")
+    group: a label for the per-group flip rates (e.g. "state_swap", "language_steer")
     """
 
     name: str
     kind: str = "ablate"
     source: list = field(default_factory=list)
     target: list = field(default_factory=list)
+    donor: str | None = None
     donor_prompt: str | None = None
     source_factor: float | None = None
     target_factor: float = 1.0
@@ -98,6 +134,7 @@ class Experiment:
     open_ended: bool = False
     expected_before: str | None = None
     expected_after: str | None = None
+    expected_language: str | None = None
     mode: str = "iterative"
     constrained_layers: list[int] | None = None
     max_new_tokens: int | None = None
@@ -106,24 +143,47 @@ class Experiment:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"an experiment needs a non-blank name, got {self.name!r}")
+        what = f"experiment {self.name!r}"
         if self.kind not in KINDS:
-            raise ValueError(f"experiment {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValueError(f"{what}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.mode not in MODES:
-            raise ValueError(f"experiment {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"{what}: mode must be one of {MODES}, got {self.mode!r}")
+        if self.constrained_layers and self.mode == "iterative":
+            self.mode = "constrained"  # circuit-tracer: constrained_layers is the constrained mode
         if self.mode == "constrained" and not self.constrained_layers:
-            raise ValueError(f"experiment {self.name!r}: mode 'constrained' needs constrained_layers")
+            raise ValueError(f"{what}: mode 'constrained' needs constrained_layers")
+        if self.mode == "direct" and self.constrained_layers:
+            raise ValueError(f"{what}: mode 'direct' freezes every layer; constrained_layers do not apply")
         if not self.source:
-            raise ValueError(f"experiment {self.name!r} has no source features or supernodes")
-        if self.kind == "swap" and (not self.target or not self.donor_prompt):
+            raise ValueError(f"{what} has no source features or supernodes")
+        if self.donor is not None and self.donor_prompt is not None:
+            raise ValueError(f"{what}: give donor (a prompt id) or donor_prompt (a text), not both")
+        if self.kind == "swap" and (not self.target or (self.donor is None and self.donor_prompt is None)):
             raise ValueError(
-                f"experiment {self.name!r}: a swap needs target features and the donor_prompt on which they are active"
+                f"{what}: a swap needs target features and the donor (or donor_prompt) on which they are active"
             )
         if self.kind == "steer" and self.value is None and self.source_factor is None:
-            raise ValueError(f"experiment {self.name!r}: a steer needs a value or a source_factor")
+            raise ValueError(f"{what}: a steer needs a value or a source_factor")
+        if self.expected_language is not None and self.max_new_tokens == 0:
+            raise ValueError(f"{what}: expected_language is measured on generated tokens; max_new_tokens is 0")
         for name in ("source_factor", "target_factor", "value"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
-                raise ValueError(f"experiment {self.name!r}: {name} must be a finite number, got {v!r}")
+                raise ValueError(f"{what}: {name} must be a finite number, got {v!r}")
+        for side in ("source", "target"):
+            for item in getattr(self, side):
+                if is_rule(item):
+                    rule = Rule.parse(item, f"{what} {side}")
+                    if side == "target" and (rule.in_graph or rule.role == ANY):
+                        raise ValueError(
+                            f"{what} target: a target rule is evaluated on the donor, which has no "
+                            "circuit here (no in_graph) and needs one position per feature (no role any)"
+                        )
+
+    @property
+    def checked(self) -> bool:
+        """Whether the experiment has an expected flip."""
+        return self.expected_after is not None or self.expected_language is not None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
@@ -145,6 +205,13 @@ class EvaluationSpec:
     section is None)
     errors: "recomputed" (circuit-tracer's definition) or "frozen" (the local replacement
     model: a circuit's faithfulness inside the replacement model); see resolve_mode
+    baselines: which of :data:`BASELINES` run beside every experiment with an expected flip
+    n_random / seed: the random baseline's number of draws and their seed (each experiment's
+    draws come from ``(seed, its name)``, so they do not depend on the other experiments)
+    wrong_offset: the wrong-position baseline writes every feature this many tokens away
+    (-1: the token before; not run where a feature would land on BOS or outside the prompt)
+    language_share: a continuation is in a language when more than this share of its
+    language-marked tokens are (:func:`language_share`)
     """
 
     top_k: int = 10
@@ -157,6 +224,11 @@ class EvaluationSpec:
     max_new_tokens: int = 8
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    n_random: int = 100
+    seed: int = 0
+    wrong_offset: int = -1
+    language_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.experiments = [e if isinstance(e, Experiment) else Experiment.from_dict(e) for e in self.experiments]
@@ -164,10 +236,17 @@ class EvaluationSpec:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"experiment names must be unique; repeated: {dupes}")
-        for name in ("top_k", "n_top_tokens", "max_new_tokens"):
+        for name in ("top_k", "n_top_tokens", "max_new_tokens", "n_random", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"baselines must be among {BASELINES}, got {unknown}")
+        if isinstance(self.wrong_offset, bool) or not isinstance(self.wrong_offset, int) or self.wrong_offset == 0:
+            raise ValueError(f"wrong_offset must be a non-zero integer, got {self.wrong_offset!r}")
+        if not 0 <= self.language_share < 1:
+            raise ValueError(f"language_share must be in [0, 1), got {self.language_share!r}")
         if self.n_top_tokens == 0:
             raise ValueError("n_top_tokens must be positive")
         if self.errors not in ERROR_MODES:
@@ -186,6 +265,26 @@ class EvaluationSpec:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+
+@dataclass
+class PromptContext:
+    """What selection rules, donors named by id and baselines read beyond the graph and the model.
+
+    prompt: this prompt as a labeled prompt (:func:`pipeline.analysis.selectivity.labeled_prompt`:
+    its tags as labels, its city as the ``city`` anchor)
+    prompts: prompt id -> labeled prompt, the donors experiments may name (``donor:``)
+    selectivity: the table selection rules read
+    bank: labeled prompts the same-state donors are drawn from (``World.labeled_prompts()``)
+    word_languages: word -> language (``World.word_languages()``), for experiments with an
+    ``expected_language``
+    """
+
+    prompt: Mapping[str, Any] | None = None
+    prompts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    selectivity: SelectivityTable | None = None
+    bank: Sequence[Mapping[str, Any]] = ()
+    word_languages: Mapping[str, str] = field(default_factory=dict)
 
 
 def _plain(v: Any) -> Any:
@@ -249,6 +348,7 @@ def evaluate(
     prompt: str | None = None,
     annotations=None,
     edges=None,
+    context: PromptContext | None = None,
 ) -> dict:
     """Run the checks of the module docstring and return the report (a JSON-ready dict).
 
@@ -256,7 +356,10 @@ def evaluate(
     ``.npz``); annotations: a viewer annotations file / mapping whose supernodes the
     experiments may name; edges: with a pruned graph, the unpruned graph store (a Graph or
     its path) it was pruned from, so the top-k predictions use the target's full row of
-    attribution edges (see :mod:`pipeline.analysis.circuit` for when it is needed).
+    attribution edges (see :mod:`pipeline.analysis.circuit` for when it is needed);
+    context: the prompt's labels, the donors, the selectivity table, the prompt bank and the
+    words' languages, for experiments that use selection rules, donors by id, same-state
+    baselines or an expected language.
     """
     spec = spec if isinstance(spec, EvaluationSpec) else EvaluationSpec.from_dict(spec)
     c = read_circuit(model, graph, node_threshold=spec.node_threshold, edge_threshold=spec.edge_threshold, edges=edges)
@@ -271,7 +374,6 @@ def evaluate(
             "the graph was computed on (and the same model)"
         )
     clean = runner.clean
-    n_pos = clean.n_pos
     vec = c.target_vector
 
     def target_of(u: Tensor) -> float:
@@ -333,12 +435,11 @@ def evaluate(
     faith = report["faithfulness"] or {"faithfulness": None, "circuit_ablation_effect": None}
 
     # Phase 4: named experiments
-    clean_generation: dict[int, str] = {}
-    donors: dict[str, Any] = {}
-    experiments = []
-    for exp in spec.experiments:
-        experiments.append(_run_experiment(model, runner, exp, spec, supernodes, n_pos, clean_generation, donors))
-    report["experiments"] = experiments
+    context = context or PromptContext()
+    item = context.prompt or {"prompt": text, "labels": {}, "anchors": {}}
+    circuit = {tuple(int(v) for v in f) for f in c.features[c.in_circuit]}
+    setting = _Setting(model, runner, spec, supernodes, context, item, circuit)
+    report["experiments"] = experiments = [_run_experiment(setting, exp) for exp in spec.experiments]
 
     # Phase 5: summary
     report["summary"] = {
@@ -365,13 +466,34 @@ def _by_kind_and_group(experiments: Sequence[Mapping[str, Any]]) -> dict:
 
 
 def _flip_counts(experiments: Sequence[Mapping[str, Any]]) -> dict:
-    checked = [e for e in experiments if e["expected_after"] is not None]
-    flipped = [e for e in checked if e["flipped"]]
+    """Experiments, those with an expected flip (checked), those that flipped, those whose
+    rules selected nothing, and per baseline the runs and flips summed over the checked ones."""
+    checked = [e for e in experiments if e["flipped"] is not None]
+    n_flipped = sum(bool(e["flipped"]) for e in checked)
+    baselines = {}
+    for name in BASELINES:
+        runs = [e["baselines"][name] for e in checked if name in (e.get("baselines") or {})]
+        baselines[name] = _sum_runs(runs)
     return {
         "n_experiments": len(experiments),
         "n_checked": len(checked),
-        "n_flipped": len(flipped),
-        "flip_rate": _r(len(flipped) / len(checked)) if checked else None,
+        "n_flipped": n_flipped,
+        "n_no_match": sum(e.get("status") == NO_MATCH for e in experiments),
+        "flip_rate": _r(n_flipped / len(checked)) if checked else None,
+        "baselines": baselines,
+    }
+
+
+def _sum_runs(runs: Sequence[Mapping[str, Any]]) -> dict:
+    """Baseline runs summed: experiments that ran it, runs, flips, their rate."""
+    ran = [r for r in runs if r.get("n_runs")]
+    n_runs = sum(r["n_runs"] for r in ran)
+    n_flipped = sum(r["n_flipped"] for r in ran)
+    return {
+        "n_experiments": sum(r.get("n_experiments", 1) for r in ran),
+        "n_runs": n_runs,
+        "n_flipped": n_flipped,
+        "flip_rate": _r(n_flipped / n_runs) if n_runs else None,
     }
 
 
@@ -402,10 +524,23 @@ def _faithfulness(model, runner: InterventionRunner, c: Circuit, target_of, comm
             "top_id": top,
             "kl_from_clean": _r(_kl(clean.logits[-1], last)),
         }
-    span = values["clean"] - values["all_ablated"]
-    faith["faithfulness"] = _r((values["circuit_only"] - values["all_ablated"]) / span) if span else None
-    faith["circuit_ablation_effect"] = _r((values["clean"] - values["circuit_ablated"]) / span) if span else None
+    faith.update({name: _r(v) for name, v in faithfulness_scores(values).items()})
     return faith
+
+
+def faithfulness_scores(values: Mapping[str, float]) -> dict[str, float | None]:
+    """From the target's de-meaned logit under each condition (``clean``, ``circuit_only``,
+    ``circuit_ablated``, ``all_ablated``): ``faithfulness`` = (circuit only − all ablated) /
+    (clean − all ablated), the share of the clean logit above the fully ablated one that the
+    circuit alone keeps; ``circuit_ablation_effect`` = (clean − circuit ablated) / (clean − all
+    ablated), the share removing the circuit removes. None where clean equals all ablated."""
+    span = values["clean"] - values["all_ablated"]
+    if not span:
+        return {"faithfulness": None, "circuit_ablation_effect": None}
+    return {
+        "faithfulness": (values["circuit_only"] - values["all_ablated"]) / span,
+        "circuit_ablation_effect": (values["clean"] - values["circuit_ablated"]) / span,
+    }
 
 
 _SELECTOR_KEYS = ("pos", "layers", "not_on_donor")
@@ -451,23 +586,43 @@ def _features_of(
     items: Sequence,
     supernodes: Mapping[str, Supernode],
     what: str,
-    activations: Tensor | None = None,
+    activations: Tensor,
     donor: Tensor | None = None,
 ) -> list[tuple[int, int, int]]:
+    """The (layer, pos, feature) triples of supernode names, listed triples and selectors, in
+    range of ``activations`` (n_layers, n_pos, d_transcoder), positions counted from 0."""
+    n_layers, n_pos, d_transcoder = (int(v) for v in activations.shape)
     out: list[tuple[int, int, int]] = []
     for item in items:
         if isinstance(item, str):  # a supernode (unknown names: intervene's clear error)
-            out += [(layer, pos, feat) for layer, pos, feat, _ in intervene(supernodes, item, 0.0)]
-        elif isinstance(item, Mapping) and activations is not None:
-            out += _select(item, activations, what, donor)
+            found = [(layer, pos, feat) for layer, pos, feat, _ in intervene(supernodes, item, 0.0)]
+        elif isinstance(item, Mapping):
+            found = _select(item, activations, what, donor)
         elif isinstance(item, (list, tuple)) and len(item) == 3:
-            out.append(tuple(int(v) for v in item))
+            layer, pos, feat = (int(v) for v in item)
+            found = [(layer, pos, feat)]
         else:
             raise ValueError(
-                f"{what}: each entry is a supernode name, [layer, pos, feature] or "
-                f"{{pos: P, layers: [...]}}, got {item!r}"
+                f"{what}: each entry is a supernode name, [layer, pos, feature], a selector "
+                f"{{pos: P, layers: [...]}} or a rule {{select: selective, ...}}, got {item!r}"
             )
+        for layer, pos, feat in found:
+            if not (0 <= layer < n_layers and -n_pos <= pos < n_pos and 0 <= feat < d_transcoder):
+                raise ValueError(
+                    f"{what}: feature ({layer}, {pos}, {feat}) is not in the {n_layers} layers x "
+                    f"{n_pos} positions x {d_transcoder} features of the prompt it is read on"
+                )
+            out.append((layer, pos % n_pos, feat))
     return out
+
+
+def _describe(item: Any) -> str:
+    """How a non-rule entry named its features, for the report."""
+    if isinstance(item, str):
+        return f"supernode {item}"
+    if isinstance(item, Mapping):
+        return "selector " + ", ".join(f"{k}={v}" for k, v in item.items())
+    return "listed"
 
 
 def _matches(token: str, expected: str | None) -> bool | None:
@@ -476,96 +631,379 @@ def _matches(token: str, expected: str | None) -> bool | None:
     return token.strip() == expected.strip()
 
 
-def _run_experiment(
-    model,
-    runner: InterventionRunner,
-    exp: Experiment,
-    spec: EvaluationSpec,
-    supernodes,
-    n_pos: int,
-    clean_generation: dict,
-    donors: dict,
-) -> dict:
-    donor = None
-    if exp.donor_prompt is not None:  # donors' clean runs are shared by the prompt's experiments
-        if exp.donor_prompt not in donors:
-            donors[exp.donor_prompt] = clean_run(model, exp.donor_prompt)
-        donor = donors[exp.donor_prompt]
-    src = _features_of(
-        exp.source,
-        supernodes,
-        f"experiment {exp.name!r} source",
-        runner.clean.activations,
-        None if donor is None else donor.activations,
-    )
-    ivs: list[tuple] = []
-    if exp.kind == "steer" and exp.value is not None:
-        src_value: Any = float(exp.value)
+def is_flip(before: str, after: str, expected_before: str | None, expected_after: str | None) -> bool | None:
+    """Whether an intervention flipped the answer: the top token changed from the clean one
+    (``before``) to ``expected_after`` (and the clean one is ``expected_before`` when that is
+    given). Tokens are compared without surrounding whitespace. None without ``expected_after``:
+    there is nothing to check. An intervention that leaves the top token alone never flips,
+    whatever it was expected to give."""
+    if expected_after is None:
+        return None
+    before, after = before.strip(), after.strip()
+    if expected_before is not None and before != expected_before.strip():
+        return False
+    return after != before and after == expected_after.strip()
+
+
+def language_share(words: Sequence[str], word_languages: Mapping[str, str], language: str) -> float | None:
+    """The share of the language-marked ``words`` (those ``word_languages`` knows) that are in
+    ``language``; None when no word is marked."""
+    marked = [word_languages[w.strip()] for w in words if w.strip() in word_languages]
+    return sum(lang == language for lang in marked) / len(marked) if marked else None
+
+
+@dataclass
+class _Setting:
+    """What every experiment on one prompt shares: the model and the prompt's clean run, the
+    spec and supernodes, the context (``item``: this prompt, labeled), the circuit's
+    (layer, pos, feature) triples, and clean runs / generations computed once."""
+
+    model: Any
+    runner: InterventionRunner
+    spec: EvaluationSpec
+    supernodes: Mapping[str, Supernode]
+    context: PromptContext
+    item: Mapping[str, Any]
+    circuit: set[tuple[int, ...]]
+    runs: dict[str, CleanRun] = field(default_factory=dict)
+    generations: dict[int, GenerationResult] = field(default_factory=dict)
+
+    def clean_run_of(self, text: str) -> CleanRun:
+        if text not in self.runs:
+            self.runs[text] = clean_run(self.model, text)
+        return self.runs[text]
+
+    def clean_generation(self, n_new: int) -> GenerationResult:
+        if n_new not in self.generations:
+            clean = self.runner.clean
+            self.generations[n_new] = feature_intervention_generate(
+                self.model, clean.tokens, [], max_new_tokens=n_new, clean=clean
+            )
+        return self.generations[n_new]
+
+    def labeled(self, text: str) -> Mapping[str, Any]:
+        """The labeled prompt of this text among the context's prompts and bank (unlabeled if none)."""
+        for item in [*self.context.prompts.values(), *self.context.bank]:
+            if item["prompt"] == text:
+                return item
+        return {"prompt": text, "labels": {}, "anchors": {}}
+
+
+def _donor(s: _Setting, exp: Experiment) -> tuple[Mapping[str, Any] | None, CleanRun | None]:
+    """The donor as a labeled prompt, and its clean run (None, None without one)."""
+    if exp.donor is not None:
+        if exp.donor not in s.context.prompts:
+            raise ValueError(f"experiment {exp.name!r}: donor {exp.donor!r} is not a prompt id of the prompt set")
+        item = s.context.prompts[exp.donor]
+    elif exp.donor_prompt is not None:
+        item = s.labeled(exp.donor_prompt)
     else:
-        src_value = Scale(exp.source_factor if exp.source_factor is not None else 0.0)
-    for layer, pos, feat in src:
-        ivs.append((layer, slice(pos, None) if exp.open_ended else pos, feat, src_value))
-    n_target_inactive = 0
-    if exp.kind == "swap":
-        shift = n_pos - donor.n_pos
-        for layer, dpos, feat in _features_of(
-            exp.target, supernodes, f"experiment {exp.name!r} target", donor.activations
-        ):
-            if not 0 <= dpos < donor.n_pos or not 0 <= dpos + shift < n_pos:
+        return None, None
+    return item, s.clean_run_of(item["prompt"])
+
+
+def _source(s: _Setting, exp: Experiment, donor: CleanRun | None) -> list[Chosen]:
+    """The source features, on this prompt."""
+    what = f"experiment {exp.name!r} source"
+    clean = s.runner.clean
+    table = s.context.selectivity
+    out: list[Chosen] = []
+    for entry in exp.source:
+        if is_rule(entry):
+            rule = Rule.parse(entry, what)
+            out += select(rule, s.item, clean.tokens, clean.activations, s.model.tokenizer, table, s.circuit, what)[0]
+            continue
+        donor_acts = None if donor is None else donor.activations
+        for layer, pos, feat in _features_of([entry], s.supernodes, what, clean.activations, donor_acts):
+            act = float(clean.activations[layer, pos, feat])
+            out.append(Chosen(layer, pos, feat, act, _describe(entry), at=pos))
+    return out
+
+
+def _target(s: _Setting, exp: Experiment, donor_item: Mapping[str, Any], donor: CleanRun) -> list[Chosen]:
+    """A swap's target features, picked on the donor, each with the position of this prompt it
+    is written at: a rule's at this prompt's position of the same role, the others end-aligned."""
+    what = f"experiment {exp.name!r} target"
+    here = s.runner.clean
+    shift = here.n_pos - donor.n_pos
+    out: list[Chosen] = []
+    for entry in exp.target:
+        if is_rule(entry):
+            rule = Rule.parse(entry, what)
+            chosen, _ = select(
+                rule, donor_item, donor.tokens, donor.activations, s.model.tokenizer, s.context.selectivity, None, what
+            )
+            at = role_position(s.model.tokenizer, here.tokens, rule.role, s.item)
+            if at is None:
+                raise ValueError(f"{what}: this prompt has no {rule.role!r} position to write the donor's features at")
+            out += [dataclasses.replace(c, at=at) for c in chosen]
+            continue
+        for layer, dpos, feat in _features_of([entry], s.supernodes, what, donor.activations):
+            if not 0 <= dpos + shift < here.n_pos:
                 raise ValueError(
-                    f"experiment {exp.name!r}: target feature ({layer}, {dpos}, {feat}) has no "
-                    f"position in the donor prompt ({donor.n_pos} tokens) that maps into this "
-                    f"prompt ({n_pos} tokens, end-aligned)"
+                    f"{what}: target feature ({layer}, {dpos}, {feat}) has no position in the donor "
+                    f"prompt ({donor.n_pos} tokens) that maps into this prompt ({here.n_pos} tokens, end-aligned)"
                 )
-            a = float(donor.activations[layer, dpos, feat])
-            n_target_inactive += a == 0
-            pos = dpos + shift
-            ivs.append((layer, slice(pos, None) if exp.open_ended else pos, feat, exp.target_factor * a))
-    mode = dict(freeze_attention=spec.freeze_attention, errors=spec.errors)
+            act = float(donor.activations[layer, dpos, feat])
+            out.append(Chosen(layer, dpos, feat, act, _describe(entry), at=dpos + shift))
+    return out
+
+
+def _where(at: int | None, open_ended: bool, n_pos: int) -> Any:
+    """An intervention's position: ``at``, or every position but BOS for None; open-ended:
+    from there on, generated tokens included."""
+    start = 1 if at is None else at
+    if open_ended:
+        return slice(start, None)
+    return range(1, n_pos) if at is None else at
+
+
+def _interventions(exp: Experiment, src: Sequence[Chosen], tgt: Sequence[Chosen], n_pos: int) -> list[tuple]:
+    """Source features scaled (or set, for a steer with a value); targets set to
+    ``target_factor`` × their activation on the donor, at their positions here."""
+    if exp.kind == "steer" and exp.value is not None:
+        value: Any = float(exp.value)
+    else:
+        value = Scale(exp.source_factor if exp.source_factor is not None else 0.0)
+    ivs = [(c.layer, _where(c.at, exp.open_ended, n_pos), c.feature, value) for c in src]
+    ivs += [(c.layer, _where(c.at, exp.open_ended, n_pos), c.feature, exp.target_factor * c.activation) for c in tgt]
+    return ivs
+
+
+def _mode(exp: Experiment, spec: EvaluationSpec) -> dict:
+    mode: dict[str, Any] = dict(freeze_attention=spec.freeze_attention, errors=spec.errors)
     if exp.mode == "direct":
         mode["direct_effects"] = True
     elif exp.mode == "constrained":
-        mode["constrained_layers"] = list(exp.constrained_layers)
-    res = runner.run(ivs, **mode)
-    clean = runner.clean
-    before = _top_tokens(model, clean.logits[-1], spec.n_top_tokens)
-    after = _top_tokens(model, res.logits[-1], spec.n_top_tokens)
-    ok_before = _matches(before[0]["token"], exp.expected_before)
-    ok_after = _matches(after[0]["token"], exp.expected_after)
-    flipped = None if ok_after is None else bool(ok_after and ok_before is not False)
-    out = {
+        mode["constrained_layers"] = list(exp.constrained_layers or ())
+    return mode
+
+
+def _n_new(s: _Setting, exp: Experiment) -> int:
+    """Tokens to generate for ``exp`` (0: none), within the model's context."""
+    n_new = s.spec.max_new_tokens if exp.max_new_tokens is None else exp.max_new_tokens
+    return min(n_new, s.model.n_ctx - s.runner.clean.n_pos + 1) if n_new else 0
+
+
+def _completion_words(model, generation: GenerationResult) -> list[str]:
+    return [_tok(model, t) for t in generation.tokens[generation.n_prompt :].tolist()]
+
+
+def _outcome(s: _Setting, exp: Experiment, ivs: list[tuple], mode: dict, *, full: bool) -> dict:
+    """One intervention run of ``exp``: top tokens after, KL from clean, whether it flipped;
+    the steered generation when ``full`` or when the flip is measured on it (an
+    ``expected_language``), with the continuations' language shares."""
+    clean = s.runner.clean
+    res = s.runner.run(ivs, **mode)
+    after = _top_tokens(s.model, res.logits[-1], s.spec.n_top_tokens)
+    out: dict[str, Any] = {
+        "after": after,
+        "kl_from_clean": _r(_kl(clean.logits[-1], res.logits[-1])),
+        "generation": None,
+        "language": None,
+    }
+    n_new = _n_new(s, exp)
+    if exp.expected_language is not None and not n_new:
+        raise ValueError(f"experiment {exp.name!r}: expected_language needs generated tokens (max_new_tokens > 0)")
+    if n_new and (full or exp.expected_language is not None):
+        clean_gen = s.clean_generation(n_new)
+        steered = feature_intervention_generate(s.model, clean.tokens, ivs, max_new_tokens=n_new, clean=clean, **mode)
+        out["generation"] = {"max_new_tokens": n_new, "clean": clean_gen.completion, "steered": steered.completion}
+    if exp.expected_language is not None:
+        langs, lang = s.context.word_languages, exp.expected_language
+        shares = [language_share(_completion_words(s.model, g), langs, lang) for g in (clean_gen, steered)]
+        out["language"] = {"expected": lang, "clean_share": _r(shares[0]), "steered_share": _r(shares[1])}
+        was, now = (x is not None and x > s.spec.language_share for x in shares)
+        out["flipped"] = now and not was
+    else:
+        before = _tok(s.model, int(torch.argmax(clean.logits[-1])))
+        out["flipped"] = is_flip(before, after[0]["token"], exp.expected_before, exp.expected_after)
+    return out
+
+
+def _rows(s: _Setting, chosen: Sequence[Chosen]) -> list[dict]:
+    """The report's record of selected features: where they were read and where written."""
+    tokens = s.runner.clean.tokens.tolist()
+    return [
+        {
+            "layer": c.layer,
+            "pos": c.pos,
+            "feature": c.feature,
+            "activation": _r(c.activation),
+            "at": c.at,
+            "token": None if c.at is None else _tok(s.model, tokens[c.at]),
+            "rule": c.rule,
+        }
+        for c in chosen
+    ]
+
+
+def _run_experiment(s: _Setting, exp: Experiment) -> dict:
+    clean = s.runner.clean
+    donor_item, donor = _donor(s, exp)
+    src = _source(s, exp, donor)
+    tgt = _target(s, exp, donor_item, donor) if exp.kind == "swap" and donor_item and donor else []
+    before = _top_tokens(s.model, clean.logits[-1], s.spec.n_top_tokens)
+    out: dict[str, Any] = {
         "name": exp.name,
         "kind": exp.kind,
         "mode": exp.mode,
+        "constrained_layers": exp.constrained_layers,
         "group": exp.group,
+        "donor": None if donor_item is None else {"id": exp.donor, "prompt": donor_item["prompt"]},
+        "selected": {"source": _rows(s, src), "target": _rows(s, tgt)},
         "n_source_features": len(src),
-        "n_interventions": len(ivs),
-        "n_target_inactive_on_donor": int(n_target_inactive),
+        "n_target_features": len(tgt),
+        "n_target_inactive_on_donor": sum(c.activation == 0 for c in tgt),
         "before": before,
-        "after": after,
         "expected_before": exp.expected_before,
         "expected_after": exp.expected_after,
-        "before_ok": ok_before,
-        "after_ok": ok_after,
-        "flipped": flipped,
-        "kl_from_clean": _r(_kl(clean.logits[-1], res.logits[-1])),
-        "generation": None,
+        "expected_language": exp.expected_language,
+        "before_ok": _matches(before[0]["token"], exp.expected_before),
     }
-    n_new = spec.max_new_tokens if exp.max_new_tokens is None else exp.max_new_tokens
-    if n_new:
-        n_new = min(n_new, model.n_ctx - n_pos + 1)
-        if n_new not in clean_generation:
-            clean_generation[n_new] = feature_intervention_generate(
-                model, clean.tokens, [], max_new_tokens=n_new, clean=clean
-            ).completion
-        steered = feature_intervention_generate(model, clean.tokens, ivs, max_new_tokens=n_new, clean=clean, **mode)
-        out["generation"] = {"max_new_tokens": n_new, "clean": clean_generation[n_new], "steered": steered.completion}
+    if not src or (exp.kind == "swap" and not tgt):  # reported, never run, never a flip
+        out.update(
+            status=NO_MATCH,
+            n_interventions=0,
+            after=None,
+            after_ok=None,
+            flipped=False if exp.checked else None,
+            kl_from_clean=None,
+            generation=None,
+            language=None,
+            baselines={},
+        )
+        return out
+    ivs = _interventions(exp, src, tgt, clean.n_pos)
+    mode = _mode(exp, s.spec)
+    result = _outcome(s, exp, ivs, mode, full=True)
+    out.update(
+        status="ran", n_interventions=len(ivs), after_ok=_matches(result["after"][0]["token"], exp.expected_after)
+    )
+    out.update(result)
+    out["baselines"] = _baselines(s, exp, src, tgt, donor_item, donor, mode) if exp.checked else {}
+    return out
+
+
+# ------------------------------------------------------------------------------------ baselines
+def _baselines(s: _Setting, exp: Experiment, src, tgt, donor_item, donor, mode) -> dict:
+    """The baselines of :data:`BASELINES` the spec asks for that apply to ``exp`` (same-state
+    donors: swaps only), each with ``n_runs``, ``n_flipped`` and ``flip_rate``."""
+    out = {}
+    if "random" in s.spec.baselines:
+        out["random"] = _random_baseline(s, exp, src, tgt, donor, mode)
+    if "same_state" in s.spec.baselines and exp.kind == "swap":
+        out["same_state"] = _same_state_baseline(s, exp, src, donor_item, mode)
+    if "wrong_position" in s.spec.baselines:
+        out["wrong_position"] = _wrong_position_baseline(s, exp, src, tgt, mode)
+    return out
+
+
+def _rate(n_flipped: int, n_runs: int) -> float | None:
+    return _r(n_flipped / n_runs) if n_runs else None
+
+
+def _random_baseline(s: _Setting, exp: Experiment, src, tgt, donor: CleanRun | None, mode) -> dict:
+    """``n_random`` random feature sets of the selected sets' shape (selection.random_like:
+    per (layer, position) cell as many features, drawn from those active there), the source's
+    on this prompt and the target's on the donor, run as the experiment."""
+    rng = np.random.default_rng([s.spec.seed, zlib.crc32(exp.name.encode("utf-8"))])
+    n_pos = s.runner.clean.n_pos
+    n_flipped, shares = 0, []
+    for _ in range(s.spec.n_random):
+        rs = random_like(src, s.runner.clean.activations, rng)
+        rt = random_like(tgt, donor.activations, rng) if tgt and donor is not None else []
+        o = _outcome(s, exp, _interventions(exp, rs, rt, n_pos), mode, full=False)
+        n_flipped += bool(o["flipped"])
+        if o["language"] is not None and o["language"]["steered_share"] is not None:
+            shares.append(o["language"]["steered_share"])
+    out = {
+        "n_runs": s.spec.n_random,
+        "n_flipped": n_flipped,
+        "flip_rate": _rate(n_flipped, s.spec.n_random),
+        "seed": s.spec.seed,
+        "size": {"source": len(src), "target": len(tgt)},
+    }
+    if exp.expected_language is not None:
+        out["mean_language_share"] = _r(sum(shares) / len(shares)) if shares else None
+    return out
+
+
+def _same_state_baseline(s: _Setting, exp: Experiment, src, donor_item, mode) -> dict:
+    """The swap from every bank prompt that shares this prompt's value of the swapped label
+    (the first target rule's label, else ``state``): other cities of the same state, in the
+    donor's language. It should not flip."""
+    what = f"experiment {exp.name!r} target"
+    rules = [Rule.parse(e, what) for e in exp.target if is_rule(e)]
+    label = rules[0].label if rules else "state"
+    labels = s.item.get("labels", {})
+    value = labels.get(label)
+    language = (donor_item or {}).get("labels", {}).get("language")
+    donors = [
+        b
+        for b in s.context.bank
+        if value is not None
+        and b["labels"].get(label) == value
+        and b["prompt"] != s.item["prompt"]
+        and (language is None or b["labels"].get("language") == language)
+        and ("city" not in labels or b["labels"].get("city") != labels["city"])
+    ]
+    out: dict[str, Any] = {"label": label, "value": value, "donors": []}
+    n_flipped = 0
+    for b in donors:
+        try:
+            tgt = _target(s, exp, b, s.clean_run_of(b["prompt"]))
+        except ValueError as exc:  # this donor cannot take the swap: recorded, not counted
+            out["donors"].append({"prompt": b["prompt"], "error": str(exc)})
+            continue
+        o = _outcome(s, exp, _interventions(exp, src, tgt, s.runner.clean.n_pos), mode, full=False)
+        n_flipped += bool(o["flipped"])
+        out["donors"].append(
+            {
+                "prompt": b["prompt"],
+                "anchor": next(iter(b.get("anchors", {}).values()), None),
+                "n_target_features": len(tgt),
+                "top_token": o["after"][0]["token"],
+                "flipped": o["flipped"],
+            }
+        )
+    n_runs = sum("flipped" in d for d in out["donors"])
+    out.update(n_runs=n_runs, n_flipped=n_flipped, flip_rate=_rate(n_flipped, n_runs))
+    if not n_runs:
+        out["note"] = f"no prompt of the bank shares this prompt's {label} ({value}) in the donor's language"
+    return out
+
+
+def _wrong_position_baseline(s: _Setting, exp: Experiment, src, tgt, mode) -> dict:
+    """The same interventions, each written ``wrong_offset`` tokens away from its position."""
+    off, n_pos = s.spec.wrong_offset, s.runner.clean.n_pos
+    ms, mt = moved(src, off, n_pos), moved(tgt, off, n_pos)
+    out: dict[str, Any] = {"offset": off}
+    if ms is None or mt is None:
+        out.update(n_runs=0, n_flipped=0, flip_rate=None)
+        out["note"] = "not run: a feature is applied at every position, or would move onto BOS or past the prompt"
+        return out
+    o = _outcome(s, exp, _interventions(exp, ms, mt, n_pos), mode, full=False)
+    tokens = s.runner.clean.tokens.tolist()
+    moves = sorted({(c.at, c.at + off) for c in [*src, *tgt] if c.at is not None})
+    out.update(
+        moves=[{"from": a, "to": b, "token": _tok(s.model, tokens[b])} for a, b in moves],
+        top_token=o["after"][0]["token"],
+        flipped=o["flipped"],
+        n_runs=1,
+        n_flipped=int(bool(o["flipped"])),
+        flip_rate=float(bool(o["flipped"])),
+    )
     return out
 
 
 def _sum_counts(counts: Sequence[Mapping[str, Any]]) -> dict:
-    n = {k: sum(c[k] for c in counts) for k in ("n_experiments", "n_checked", "n_flipped")}
-    return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None}
+    """Flip counts (:func:`_flip_counts`) summed, baselines included."""
+    n = {k: sum(c.get(k, 0) for c in counts) for k in ("n_experiments", "n_checked", "n_flipped", "n_no_match")}
+    baselines = {
+        name: _sum_runs([c["baselines"][name] for c in counts if name in c.get("baselines", {})]) for name in BASELINES
+    }
+    return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None, "baselines": baselines}
 
 
 def study_metrics(
@@ -573,7 +1011,7 @@ def study_metrics(
 ) -> dict:
     """Summary over a study, from each prompt's report ``summary`` (or the whole report):
     flip rate over all checked experiments, per experiment kind (``by_kind``) and group
-    (``by_group``), mean faithfulness and correlations (None where no prompt has the value).
+    (``by_group``), each with its baselines' runs, flips and flip rates, mean faithfulness and correlations (None where no prompt has the value).
     ``prompt_groups``: {name: indices into ``summaries``} adds ``by_prompt_group`` (for
     example the flip rate per prompt kind)."""
     summaries = [r["summary"] if "summary" in r else r for r in summaries]

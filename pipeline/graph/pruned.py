@@ -7,9 +7,7 @@ the node tables export needs, so later stages need not read the graph store.
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,7 +146,7 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
         if vector is not None:
             arrays["target_vector"] = vector
     path = Path(path)
-    _io.atomic_write_bytes(path, _npz_bytes(arrays))
+    _io.atomic_write_bytes(path, _io.npz_bytes(arrays))
     return path
 
 
@@ -197,21 +195,6 @@ def load_pruned_graph(path) -> PrunedGraph:
         target_feature_edges=arrays.get("target_feature_edges"),
         target_vector=arrays.get("target_vector"),
     )
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """A numpy-loadable .npz with deterministic bytes (sorted members, fixed timestamps)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name in sorted(arrays):
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            info.create_system = 3
-            zf.writestr(info, member.getvalue(), compresslevel=6)
-    return buf.getvalue()
 
 
 def _jsonable_attrs(attrs) -> dict:

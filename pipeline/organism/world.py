@@ -251,6 +251,18 @@ class World:
                 add(c)
         return words
 
+    def word_languages(self) -> dict[str, str]:
+        """Each word only one language writes -> that language (``en``, ``toy``): its template
+        words and its spellings of states and capitals. Words both languages write (city names)
+        are left out: they say nothing about the language of a text."""
+        words: dict[str, set[str]] = {}
+        for lang in self.languages:
+            own = {w for kind in SENTENCE_KINDS for t in _TEMPLATES[lang][kind] for w in t.split()}
+            own |= {self.spell(n, lang) for s in self.states for n in (s.name, s.capital)}
+            for w in own - {"{city}", "{state}", "{capital}"}:
+                words.setdefault(w, set()).add(lang)
+        return {w: next(iter(langs)) for w, langs in sorted(words.items()) if len(langs) == 1}
+
     # --- sentences ---------------------------------------------------------------------------
     def _make(self, kind: str, language: str, template: int, state: State, city: str) -> Sentence:
         t = _TEMPLATES[language][kind][template]

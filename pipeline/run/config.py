@@ -21,6 +21,7 @@ config can check (str, int, float, bool, Optional, List, Tuple, Dict, nested dat
       export        ExportSpec           graph files
       features      FeaturesSpec         feature dashboards: corpus and what they record
       organism      OrganismSpec         the embedded toy world, its model and transcoders
+      selectivity   SelectivitySpec      which features fire for one state / language only
       intervention  InterventionSpec     the intervene stage's checks (experiments: per prompt)
     StudyConfig     PipelineConfig + launcher (LauncherConfig) and out: a batch study
 """
@@ -42,6 +43,7 @@ PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation.KINDS
 EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.analysis.evaluation.MODES
+BASELINES: tuple[str, ...] = ("random", "same_state", "wrong_position")  # pipeline.analysis.evaluation.BASELINES
 
 
 @dataclass
@@ -101,18 +103,28 @@ class ExperimentSpec:
     """A named intervention experiment on one prompt, run by the ``intervene`` stage
     (``pipeline.analysis.evaluation.Experiment``, same fields; checked there when the stage runs).
 
-    source / target: entries are ``[layer, pos, feature]`` triples, supernode names, or
+    source / target: entries are ``[layer, pos, feature]`` triples, supernode names,
         selectors ``{pos: P, layers: [..], not_on_donor: bool}`` (every feature active at
-        position P of this prompt (source) or of ``donor_prompt`` (target), in those layers,
-        all when omitted; ``not_on_donor``: only those inactive on the donor prompt).
-    kind: ``ablate`` | ``steer`` | ``swap``; expected_before / expected_after: the top token
-        before / after, for the flip check; group: a label for per-group flip rates.
+        position P of this prompt (source) or of the donor (target), in those layers, all when
+        omitted; ``not_on_donor``: only those inactive on the donor prompt), or selection rules
+        ``{select: selective, label: L, role: R, value: V, in_graph: bool, layers: [..]}`` (the
+        features selective for the prompt's value of L, or V, at role R: ``city``, ``last`` or
+        ``any``; with in_graph, those of the pruned circuit; a target's on the donor, written at
+        this prompt's position of the same role).
+    donor: the swap's donor as a prompt id of the prompt set (its tags are known);
+        donor_prompt: as a text (labeled when the organism's prompt bank holds it).
+    kind: ``ablate`` | ``steer`` | ``swap``; expected_before / expected_after: the clean top
+        token and the one the intervention should give (a flip: the top token changes to it);
+        expected_language: the flip is the greedy continuation switching to this language
+        instead; constrained_layers: the constrained mode's layers (circuit-tracer's);
+        group: a label for per-group flip rates.
     """
 
     name: str
     kind: str = "ablate"
     source: List[Any] = field(default_factory=list)
     target: List[Any] = field(default_factory=list)
+    donor: Optional[str] = None
     donor_prompt: Optional[str] = None
     source_factor: Optional[float] = None
     target_factor: float = 1.0
@@ -120,6 +132,7 @@ class ExperimentSpec:
     open_ended: bool = False
     expected_before: Optional[str] = None
     expected_after: Optional[str] = None
+    expected_language: Optional[str] = None
     mode: str = "iterative"
     constrained_layers: Optional[List[int]] = None
     max_new_tokens: Optional[int] = None
@@ -262,6 +275,39 @@ class OrganismSpec:
     clt: TranscoderTrainSettings = field(default_factory=lambda: TranscoderTrainSettings(skip=False))
 
 
+SELECTIVITY_ROLES: tuple[str, ...] = ("city", "last", "any")  # pipeline.analysis.selectivity.ROLES
+
+
+@dataclass
+class SelectivitySpec:
+    """Feature selectivity (the ``selectivity`` stage, ``pipeline.analysis.selectivity``): on
+    the organism world's labeled two-hop prompts, which features fire for one value of a label
+    and not for the others; the intervene stage's selection rules read the table.
+
+    name: the table's file, ``data/selectivity/<name>.npz`` (default: the transcoders' kind).
+    world: the world.json whose ``World.labeled_prompts()`` are counted (also the intervene
+        stage's bank of same-state donors and its words' languages).
+    labels / roles: what is counted (roles: ``city``, ``last``, ``any``).
+    hi / lo: a feature is selective for (label, value, role) when it fires on at least ``hi``
+        of that value's prompts and at most ``lo`` of all the others.
+    """
+
+    name: str = "plt"
+    world: str = "data/organism/world.json"
+    labels: List[str] = field(default_factory=lambda: ["state", "language"])
+    roles: List[str] = field(default_factory=lambda: list(SELECTIVITY_ROLES))
+    hi: float = 0.9
+    lo: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not PROMPT_ID.match(self.name):
+            raise ValueError(f"selectivity.name names a file: it must match {PROMPT_ID.pattern}, got {self.name!r}")
+        if not 0 <= self.lo < self.hi <= 1:
+            raise ValueError(f"selectivity needs 0 <= lo < hi <= 1, got lo={self.lo}, hi={self.hi}")
+        if not self.roles or not self.labels:
+            raise ValueError("selectivity.roles and selectivity.labels must not be empty")
+
+
 @dataclass
 class InterventionSpec:
     """The ``intervene`` stage (``pipeline.analysis.evaluation.EvaluationSpec``; the experiments are
@@ -273,6 +319,12 @@ class InterventionSpec:
     errors: ``frozen`` (the local replacement model) or ``recomputed`` error vectors.
     n_top_tokens: rows of the before / after top-token tables.
     max_new_tokens: greedy generation length per experiment (clean and steered; 0: none).
+    baselines: run beside every experiment with an expected flip: ``random`` (n_random feature
+        sets of the selected sets' shape, drawn from ``seed``), ``same_state`` (swaps from
+        donors of this prompt's own state), ``wrong_position`` (every feature written
+        ``wrong_offset`` tokens away).
+    language_share: a continuation is in a language when more than this share of its
+        language-marked tokens are (steers with an ``expected_language``).
     """
 
     top_k: int = 10
@@ -281,13 +333,21 @@ class InterventionSpec:
     errors: str = "recomputed"  # circuit-tracer's definition, so its users' numbers carry over
     n_top_tokens: int = 5
     max_new_tokens: int = 5
+    baselines: List[str] = field(default_factory=lambda: list(BASELINES))
+    n_random: int = 100
+    seed: int = 0
+    wrong_offset: int = -1
+    language_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.errors not in ("frozen", "recomputed"):
             raise ValueError(f"intervention.errors must be 'frozen' or 'recomputed', got {self.errors!r}")
-        for name in ("top_k", "n_top_tokens", "max_new_tokens"):
+        for name in ("top_k", "n_top_tokens", "max_new_tokens", "n_random", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"intervention.{name} must be >= 0, got {getattr(self, name)}")
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"intervention.baselines must be among {BASELINES}, got {unknown}")
 
 
 @dataclass
@@ -303,6 +363,7 @@ class PipelineConfig:
     export: ExportSpec = field(default_factory=ExportSpec)
     features: FeaturesSpec = field(default_factory=FeaturesSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
+    selectivity: SelectivitySpec = field(default_factory=SelectivitySpec)
     intervention: InterventionSpec = field(default_factory=InterventionSpec)
 
 

@@ -107,6 +107,16 @@ def test_default_prompt_set_names_the_case_studies():
         assert set(p["prompt"].split()) <= vocab and p["answer"] in vocab
 
 
+def test_word_languages_mark_the_words_one_language_writes():
+    world = make_world()
+    langs = world.word_languages()
+    assert langs["Austin"] == langs["is"] == "en" and langs["Easton"] == langs["esta"] == "toy"
+    assert "Dallas" not in langs  # city names are shared
+    for p in world.prompt_set():
+        marked = [langs[w] for w in p["prompt"].split() if w in langs]
+        assert marked and set(marked) == {p["language"]}, p["id"]
+
+
 def test_world_config_rejects_bad_values():
     with pytest.raises(ValueError):
         WorldConfig(n_states=1)

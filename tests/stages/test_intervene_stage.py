@@ -4,6 +4,7 @@ that name the key."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -18,25 +19,48 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from pipeline import testing  # noqa: E402
+from pipeline._io import write_json  # noqa: E402
+from pipeline.analysis.evaluation import BASELINES, EvaluationSpec, Experiment  # noqa: E402
+from pipeline.analysis.selectivity import SelectivityTable  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.intervened_forward import clean_run  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import save_pruned_graph  # noqa: E402
 from pipeline.graph.pruning import prune_graph  # noqa: E402
+from pipeline.organism.world import WorldConfig, make_world  # noqa: E402
 from pipeline.run.compose import ConfigError, load_config, register_configs  # noqa: E402
+from pipeline.run.config import BASELINES as SCHEMA_BASELINES  # noqa: E402
+from pipeline.run.config import ExperimentSpec, InterventionSpec  # noqa: E402
 from stages import intervene, intervene_summary  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def selectivity_table(n_layers: int, d_transcoder: int) -> SelectivityTable:
+    """A hand-made table: every layer-0 feature selective for state s1, every layer-1 feature
+    for s2, at every role (two prompts each, always firing for their state, never for the other)."""
+    counts = np.zeros((2, n_layers, d_transcoder), np.int64)
+    counts[0, 0], counts[1, 1] = 2, 2
+    keys = [(role, "state") for role in ("city", "last", "any")]
+    return SelectivityTable(
+        {"state": ["s1", "s2"]},
+        ["city", "last", "any"],
+        {k: counts for k in keys},
+        {k: np.array([2, 2]) for k in keys},
+    )
+
+
 @pytest.fixture(scope="module")
 def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
-    """A study folder: params.yaml (tiny model + PLTs, two prompts with experiments) and each
-    prompt's pruned graph, as the prune stage leaves them."""
+    """A study folder: params.yaml (tiny model + PLTs, two prompts with experiments), each
+    prompt's pruned graph, as the prune stage leaves them, a world.json and a selectivity table."""
     root = tmp_path_factory.mktemp("intervene_study")
     words = testing.vocabulary_words(tiny_gpt2_dir)
     prompts = {"a": " ".join(words[3:9]), "b": " ".join(words[10:16])}  # same length: end-aligned swap
+    tags = {"a": ["state=s1", f"city={words[6]}"], "b": ["state=s2", f"city={words[13]}"]}  # cities at position 4
     model = ReplacementModel.from_pretrained(tiny_gpt2_dir, plt_dir, dtype=torch.float32)
     tops = {}
     for pid, text in prompts.items():
@@ -45,6 +69,9 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
         clean = clean_run(model, text)
         tops[pid] = model.tokenizer.decode([int(torch.argmax(clean.logits[-1]))])
     inactive = [1, 1, int(torch.nonzero(clean.activations[1, 1] == 0)[0])]  # a feature of b that is off
+    world = make_world(WorldConfig(n_states=2, cities_per_state=3, held_out_per_state=1))
+    write_json(root / "data" / "organism" / "world.json", {"config": world.config.to_dict()})
+    selectivity_table(model.n_layers, model.transcoders.d_transcoder).save(root / "data" / "selectivity" / "plt.npz")
     experiments = {
         "a": [
             {
@@ -61,6 +88,17 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
                 "kind": "ablate",
                 "source": [{"pos": -1, "not_on_donor": True, "layers": [0]}],
                 "donor_prompt": prompts["b"],
+                "expected_after": "no such answer",
+            },
+            {
+                "name": "rule swap from b",
+                "group": "state_swap",
+                "kind": "swap",
+                "source": [{"select": "selective", "label": "state", "role": "city"}],
+                "target": [{"select": "selective", "label": "state", "role": "city"}],
+                "donor": "b",
+                "source_factor": -4,
+                "target_factor": 10,
                 "expected_after": "no such answer",
             },
         ],
@@ -80,12 +118,17 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
         "prompts": {
             "name": "tiny",
             "items": {
-                pid: {"prompt": text, "kind": {"a": "two_hop", "b": "language"}[pid], "experiments": experiments[pid]}
+                pid: {
+                    "prompt": text,
+                    "kind": {"a": "two_hop", "b": "language"}[pid],
+                    "tags": tags[pid],
+                    "experiments": experiments[pid],
+                }
                 for pid, text in prompts.items()
             },
         },
         "runtime": {"threads": 1, "device": "cpu"},
-        "intervention": {"top_k": 4, "max_new_tokens": 2},
+        "intervention": {"top_k": 4, "max_new_tokens": 2, "n_random": 4},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
@@ -121,21 +164,51 @@ def test_stages_write_report_and_study_metrics_byte_identical_on_rerun(study, mo
     assert report["top_features"]["max_abs_error_direct"] < 1e-4
     swap = report["experiments"][0]
     assert swap["n_interventions"] > 0 and swap["flipped"] is None and swap["group"] == "swap_last"
+    assert swap["baselines"] == {}  # nothing expected: no baseline
     assert report["experiments"][1]["flipped"] is False
     assert len(report["experiments"][1]["generation"]["steered"]) > 0
+    # the rule swap: read from the table, the circuit and b's tags (donor by id), city to city
+    rule = report["experiments"][2]
+    acts_a = clean_run(load_replacement(study), report["prompt"]).activations
+    want = {(0, 4, int(f)) for f in torch.nonzero(acts_a[0, 4]).reshape(-1)}  # layer 0: s1 (a's state)
+    assert {(r["layer"], r["pos"], r["feature"]) for r in rule["selected"]["source"]} == want
+    assert {(r["layer"], r["pos"], r["at"]) for r in rule["selected"]["target"]} == {(1, 4, 4)}  # layer 1: s2
+    assert rule["donor"] == {"id": "b", "prompt": report["experiments"][0]["donor"]["prompt"]}
+    b = rule["baselines"]
+    assert b["random"]["n_runs"] == 4 and b["wrong_position"]["moves"][0]["to"] == 3
+    assert b["same_state"]["n_runs"] == 0 and "no prompt of the bank" in b["same_state"]["note"]
+    b_report = json.loads((study / "results/b/report/report.json").read_text())
+    assert b_report["experiments"][0]["flipped"] is False  # the no-op: its top token never changed
 
     m = json.loads((study / "metrics/interventions.json").read_text())
-    assert (m["n_prompts"], m["n_experiments"], m["n_checked"], m["n_flipped"], m["flip_rate"]) == (2, 3, 2, 1, 0.5)
-    assert m["by_kind"]["ablate"] == {"n_experiments": 2, "n_checked": 2, "n_flipped": 1, "flip_rate": 0.5}
-    assert m["by_kind"]["swap"]["n_checked"] == 0 and m["by_kind"]["swap"]["flip_rate"] is None
-    assert m["by_group"]["ablation"]["flip_rate"] == 0.5
-    assert m["by_prompt_kind"]["language"]["flip_rate"] == 1.0
-    assert m["by_prompt_kind"]["two_hop"]["flip_rate"] == 0.0
+    assert (m["n_prompts"], m["n_experiments"], m["n_checked"], m["n_flipped"], m["flip_rate"]) == (2, 4, 3, 0, 0.0)
+    assert m["by_kind"]["ablate"]["n_checked"] == 2 and m["by_kind"]["ablate"]["flip_rate"] == 0.0
+    assert m["by_kind"]["swap"]["n_checked"] == 1 and m["by_kind"]["swap"]["n_experiments"] == 2
+    assert m["by_group"]["ablation"]["flip_rate"] == 0.0
+    assert m["by_prompt_kind"]["language"]["flip_rate"] == 0.0
+    random = m["baselines"]["random"]
+    assert (random["n_experiments"], random["n_runs"]) == (3, 12)
+    assert m["by_group"]["state_swap"]["baselines"]["wrong_position"]["n_runs"] == 1
+    assert m["by_kind"]["swap"]["baselines"]["same_state"]["n_runs"] == 0
     assert m["mean_faithfulness"] is not None
 
     shutil.rmtree(study / "results/a/report")
     shutil.rmtree(study / "metrics")
     assert run_stages(study, monkeypatch) == first
+
+
+def load_replacement(root: Path) -> ReplacementModel:
+    cfg = load_config(root / "params.yaml")
+    return ReplacementModel.from_pretrained(cfg.model.name, cfg.transcoders.source, dtype=torch.float32)
+
+
+def test_schema_and_library_agree_on_experiments_and_baselines():
+    lib = {f.name for f in dataclasses.fields(Experiment)}
+    assert {f.name for f in dataclasses.fields(ExperimentSpec)} == lib
+    assert {f.name for f in dataclasses.fields(InterventionSpec)} <= {
+        f.name for f in dataclasses.fields(EvaluationSpec)
+    }
+    assert SCHEMA_BASELINES == BASELINES
 
 
 def test_summary_refuses_a_missing_prompt(study, monkeypatch, tmp_path):
@@ -219,14 +292,36 @@ def test_unknown_experiment_kind_fails_when_loaded(tmp_path):
 
 
 def test_default_prompt_sets_have_the_organism_experiments():
-    """Every default organism prompt carries experiments with an expected flip, and their
-    donor prompts are prompts of the same world (same vocabulary as the prompt set)."""
+    """The default organism prompts carry the paper's recipes on graph-selected features: every
+    prompt with a city a constrained state swap at the city (its own state's circuit features
+    x-4, a labeled donor's x10), every toy-language prompt the open-ended x-2 steer of its
+    toy-language features measured on the continuation; no experiment names positions."""
     cfg = load_config(ROOT / "params.yaml")
-    assert cfg.intervention.top_k > 0
-    groups = set()
+    assert cfg.intervention.top_k > 0 and cfg.intervention.n_random >= 100
+    labeled = {p.prompt for p in cfg.prompts.items.values()} | {
+        p["prompt"] for p in make_world(cfg.organism.world).labeled_prompts()
+    }
     for pid, item in cfg.prompts.items.items():
-        assert item.experiments, pid
+        tags = dict(t.split("=", 1) for t in item.tags)
+        kinds = {e.group: e for e in item.experiments}
+        assert ("state_swap" in kinds) == ("city" in tags), pid
+        assert ("language_steer" in kinds) == (item.language == "toy"), pid
         for e in item.experiments:
-            assert e.expected_after and e.expected_before == item.answer, (pid, e.name)
-            groups.add(e.group)
-    assert {"state_swap", "language_swap", "language_ablation"} <= groups
+            assert e.expected_before == item.answer, (pid, e.name)
+            assert all(isinstance(x, dict) and x["select"] == "selective" for x in e.source + e.target), (pid, e.name)
+        if "state_swap" in kinds:
+            e = kinds["state_swap"]
+            assert (e.source_factor, e.target_factor, e.constrained_layers) == (-4, 10, [0])
+            assert e.source[0]["role"] == e.target[0]["role"] == "city" and e.source[0]["in_graph"]
+            donor = cfg.prompts.items[e.donor].prompt if e.donor else e.donor_prompt
+            assert donor in labeled and e.expected_after, (pid, e.name)
+        if "language_steer" in kinds:
+            e = kinds["language_steer"]
+            assert (e.source_factor, e.open_ended, e.expected_language) == (-2, True, "en")
+            assert e.source[0] == {
+                "select": "selective",
+                "label": "language",
+                "value": "toy",
+                "role": "any",
+                "in_graph": True,
+            }

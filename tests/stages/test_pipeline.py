@@ -36,8 +36,9 @@ TINY = ["experiment=tiny"]
 PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
 PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "intervene")
 AFTER_PRUNE = ("prune", "export", "intervene")  # what a pruning parameter reruns
-#: stages over all prompts: dashboards (before export) and the interventions' summary (after)
-GLOBAL = ("split_params", "features", "intervene_summary")
+#: stages over all prompts: dashboards (before export), selectivity (before intervene) and the
+#: interventions' summary (after)
+GLOBAL = ("split_params", "features", "selectivity", "intervene_summary")
 #: rerun by any change of params.yaml (cheap; its unchanged files keep the stages below idle)
 #: and by any change of prompt results, respectively
 ALWAYS = {"split_params", "intervene_summary"}
@@ -395,6 +396,14 @@ def test_dvc_yaml_features_export_intervene_dependencies():
     assert "figures" not in stages  # drawn by export: one stage less per prompt for a no-op repro
     # intervene predicts from the full target row pruned.npz carries, not from the graph store
     assert not any("graph.zarr" in d for d in stages["intervene"]["do"]["deps"])
+    # its selection rules read the selectivity table, counted on the world's labeled prompts
+    sel = stages["selectivity"]
+    assert sel["outs"] == ["data/selectivity/${selectivity.name}.npz"]
+    assert {"${model.dep}", "${transcoders.dep}", "${selectivity.world}"} <= set(sel["deps"])
+    assert "selectivity" in stage_params(sel)[GLOBAL_PARAMS]
+    assert {"data/selectivity/${selectivity.name}.npz", "${selectivity.world}"} <= set(
+        stages["intervene"]["do"]["deps"]
+    )
 
 
 # ------------------------------------------------------------------------------------ slow
