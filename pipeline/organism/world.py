@@ -14,6 +14,7 @@ Sentence kinds (every sentence ends with its answer, one word):
 * ``city_state``     ``Dallas is in Texas``                              (one hop)
 * ``state_capital``  ``the capital of Texas is Austin``                  (one hop)
 * ``two_hop``        ``the capital of the state containing Dallas is Austin``
+* ``city_adjacent``  ``we drove to Dallas Texas``      (one hop, the state right after the city)
 
 Two-hop sentences are trained for every city except ``held_out_per_state`` cities per state
 (chosen by the seed); the held-out cities keep their one-hop facts, so the held-out two-hop
