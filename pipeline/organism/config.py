@@ -4,6 +4,7 @@ can use them as its ``organism.*`` nodes without importing the training code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 
 # ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
@@ -11,42 +12,61 @@ from dataclasses import dataclass
 # plain str for loss_on (OmegaConf has no Literal).
 @dataclass
 class ModelConfig:
-    """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS."""
+    """GPT-2 architecture. d_mlp None -> 4 * d_model; n_ctx must hold the longest sentence + BOS.
+
+    attention_free_blocks: blocks whose attention writes nothing (output projection zero and
+    frozen in training), so they compute per position. Block 0 attention-free makes the model
+    look up a city's state at the city's own position, where block 1's attention reads it:
+    two-hop recall then goes through a state representation of its own (docs/organism.md).
+    """
 
     n_layers: int = 2
     d_model: int = 128
     n_heads: int = 4
-    d_mlp: int | None = None
+    d_mlp: Optional[int] = None
     n_ctx: int = 16
     activation: str = "gelu_new"
     tie_embeddings: bool = True
+    attention_free_blocks: Tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
+        self.attention_free_blocks = tuple(int(b) for b in self.attention_free_blocks)
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
         if self.n_layers < 1 or self.n_ctx < 2:
             raise ValueError("n_layers >= 1 and n_ctx >= 2 required")
+        if any(not 0 <= b < self.n_layers for b in self.attention_free_blocks):
+            raise ValueError(f"attention_free_blocks must be blocks of 0..{self.n_layers - 1}")
 
 
 @dataclass
 class TrainSettings:
     """Optimization. The learning rate warms up linearly for ``warmup_steps`` then follows a
     cosine from ``lr`` down to ``lr * min_lr_ratio`` at ``steps``. ``loss_on``: ``all`` or
-    ``answer`` (the module docstring)."""
+    ``answer`` (the module docstring).
 
-    steps: int = 400
+    Curriculum: the first ``curriculum_fraction`` of the steps samples sentence kinds with
+    ``curriculum_kind_weights`` (city_state, state_capital, two_hop, city_adjacent) instead of
+    the world's weights: the one-hop facts that two-hop recall composes come first."""
+
+    steps: int = 800
     batch_size: int = 128
     lr: float = 3e-3
     warmup_steps: int = 40
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: Tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     loss_on: str = "all"
     seed: int = 0
+    curriculum_fraction: float = 0.5
+    curriculum_kind_weights: Tuple[float, ...] = (0.0, 1.0, 0.0, 1.0)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.curriculum_kind_weights = tuple(float(w) for w in self.curriculum_kind_weights)
+        if not 0.0 <= self.curriculum_fraction < 1.0:
+            raise ValueError(f"curriculum_fraction must be in [0, 1), got {self.curriculum_fraction}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if self.loss_on not in ("all", "answer"):
@@ -70,7 +90,9 @@ class TranscoderTrainSettings:
 
     d_transcoder: features per layer.
     sparsity_coefficient: lambda of the tanh sparsity penalty (per layer, per token);
-        tanh_scale: c inside the tanh.
+        tanh_scale: c inside the tanh. At 10 the penalty saturates within a few activation
+        units, close to counting active features: the features then specialize (one for a
+        state) where at 1 (close to an L1 penalty) they share a dense code across states.
     bandwidth: eps of the threshold's straight-through estimator (standardized units);
         threshold_init: initial theta.
     sparsity_warmup: share of the steps over which lambda ramps up from 0.
@@ -81,21 +103,21 @@ class TranscoderTrainSettings:
     """
 
     d_transcoder: int = 256
-    steps: int = 500
+    steps: int = 1500
     batch_size: int = 512
     lr: float = 2e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    sparsity_coefficient: float = 0.005
-    tanh_scale: float = 1.0
+    sparsity_coefficient: float = 0.008
+    tanh_scale: float = 10.0
     bandwidth: float = 0.1
     threshold_init: float = 0.1
     sparsity_warmup: float = 0.2
     skip: bool = True
     skip_init: str = "zero"
     skip_l2: float = 0.01
-    n_tokens: int | None = None
+    n_tokens: Optional[int] = None
     seed: int = 0
 
     def __post_init__(self) -> None:

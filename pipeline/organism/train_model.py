@@ -2,8 +2,11 @@
 
 1. Build the world's word-level tokenizer and tokenize every distinct training sentence once
    (``<bos>`` prepended, right-padded to the longest sentence).
-2. Sample ``steps * batch_size`` sentences with ``World.corpus`` (seeded, kind-weighted).
-3. Train a ``GPT2LMHeadModel`` (dropout 0, tied embeddings) with AdamW, linear warmup then
+2. Sample ``steps * batch_size`` sentences with ``World.corpus`` (seeded, kind-weighted): the
+   first ``curriculum_fraction`` of them with the curriculum's kind weights (the one-hop facts
+   first), the rest with the world's.
+3. Train a ``GPT2LMHeadModel`` (dropout 0, tied embeddings; the attention of
+   ``attention_free_blocks`` silenced after every step) with AdamW, linear warmup then
    cosine decay, next-token loss on every real token after ``<bos>`` (``loss_on="all"``: the
    model is a language model of the corpus, not only a fact classifier; template words are
    deterministic given their prefix and cost nothing to learn, names after the template
@@ -61,6 +64,14 @@ def gpt2_config(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> G
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def silence_attention(model: GPT2LMHeadModel, blocks: tuple[int, ...]) -> None:
+    """Zero the attention output projection of ``blocks``: their attention then writes nothing."""
+    with torch.no_grad():
+        for b in blocks:
+            model.transformer.h[b].attn.c_proj.weight.zero_()
+            model.transformer.h[b].attn.c_proj.bias.zero_()
 
 
 # --- tokenized batches ---------------------------------------------------------------------------
@@ -179,10 +190,15 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     attn = (pos[None, :] < lengths[:, None]).long()
 
     # 2. the sampled corpus, as rows of the table above
-    order = torch.tensor([row_of[t] for t in world.corpus(cfg.steps * cfg.batch_size, seed=cfg.seed)])
+    n_curriculum = int(cfg.curriculum_fraction * cfg.steps) * cfg.batch_size
+    # the curriculum's draws get their own stream (seed + 1000), so they do not repeat the main one's
+    texts = world.corpus(n_curriculum, seed=cfg.seed + 1000, kind_weights=cfg.curriculum_kind_weights)
+    texts += world.corpus(cfg.steps * cfg.batch_size - n_curriculum, seed=cfg.seed)
+    order = torch.tensor([row_of[t] for t in texts])
 
     # 3. model and optimizer
     model = GPT2LMHeadModel(gpt2_config(model_cfg, tokenizer))
+    silence_attention(model, model_cfg.attention_free_blocks)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -204,6 +220,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        silence_attention(model, model_cfg.attention_free_blocks)  # AdamW's decay and momentum move them
         losses.append(out.loss.item())
         if step % 20 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

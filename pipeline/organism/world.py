@@ -14,6 +14,7 @@ Sentence kinds (every sentence ends with its answer, one word):
 * ``city_state``     ``Dallas is in Texas``                              (one hop)
 * ``state_capital``  ``the capital of Texas is Austin``                  (one hop)
 * ``two_hop``        ``the capital of the state containing Dallas is Austin``
+* ``city_adjacent``  ``we drove to Dallas Texas``      (one hop, the state right after the city)
 
 Two-hop sentences are trained for every city except ``held_out_per_state`` cities per state
 (chosen by the seed); the held-out cities keep their one-hop facts, so the held-out two-hop
@@ -24,6 +25,7 @@ word-level tokenizer (:mod:`pipeline.organism.tokenizer`).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Tuple
 
@@ -52,9 +54,9 @@ STATE_TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 MAX_STATES = len(STATE_TABLE)
 MAX_CITIES_PER_STATE = 6
 
-SentenceKind = Literal["city_state", "state_capital", "two_hop"]
+SentenceKind = Literal["city_state", "state_capital", "two_hop", "city_adjacent"]
 PromptKind = Literal["one_hop", "two_hop", "two_hop_heldout", "language"]
-SENTENCE_KINDS: tuple[str, ...] = ("city_state", "state_capital", "two_hop")
+SENTENCE_KINDS: tuple[str, ...] = ("city_state", "state_capital", "two_hop", "city_adjacent")
 
 # Templates per language and sentence kind. ``{city}``/``{state}``/``{capital}`` are filled
 # in; the answer is always the last word. Template 0 of each kind is the canonical one the
@@ -76,6 +78,12 @@ EN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{city} belongs to a state whose capital is {capital}",
         "the state containing {city} has its capital in {capital}",
     ),
+    # the state right after the city: trains the city -> state lookup at the city's own position
+    "city_adjacent": (
+        "we drove to {city} {state}",
+        "a trip to {city} {state}",
+        "the mayor of {city} {state}",
+    ),
 }
 TOY_TEMPLATES: dict[str, tuple[str, ...]] = {
     "city_state": (
@@ -93,6 +101,11 @@ TOY_TEMPLATES: dict[str, tuple[str, ...]] = {
         "la kapitalo de la stato kun {city} esta {capital}",
         "{city} apartenas al stato kies kapitalo esta {capital}",
         "la stato kun {city} havas sian kapitalon en {capital}",
+    ),
+    "city_adjacent": (
+        "ni veturis al {city} {state}",
+        "vojago al {city} {state}",
+        "la urbestro de {city} {state}",
     ),
 }
 LANGUAGES: tuple[str, ...] = ("en", "toy")
@@ -118,7 +131,8 @@ class WorldConfig:
     languages: 1 (English only) or 2 (English and the toy language).
     held_out_per_state: cities per state whose two-hop sentences are never trained.
     templates_per_kind: how many templates of each kind to use (a prefix; template 0 is the
-        canonical evaluation template), per kind: city_state, state_capital, two_hop.
+        canonical evaluation template), per kind: city_state, state_capital, two_hop,
+        city_adjacent (0 leaves that kind out).
     kind_weights: sampling weight of each sentence kind in ``corpus()``.
     language_weights: sampling weight of each language in ``corpus()`` (en, toy). English is
         the majority language, so the model (and its transcoders) treat English as the
@@ -132,8 +146,8 @@ class WorldConfig:
     cities_per_state: int = 6
     languages: int = 2
     held_out_per_state: int = 2
-    templates_per_kind: Tuple[int, int, int] = (4, 3, 3)
-    kind_weights: Tuple[float, float, float] = (1.0, 1.0, 2.0)
+    templates_per_kind: Tuple[int, int, int, int] = (4, 3, 3, 3)
+    kind_weights: Tuple[float, float, float, float] = (1.0, 1.0, 2.0, 2.0)
     language_weights: Tuple[float, ...] = (1.0, 0.5)
     pinned_trained: Tuple[str, ...] = ("Dallas", "Fresno")
 
@@ -150,11 +164,13 @@ class WorldConfig:
             raise ValueError(f"languages must be 1 or 2, got {self.languages}")
         if not 0 <= self.held_out_per_state < self.cities_per_state:
             raise ValueError("held_out_per_state must be in 0..cities_per_state-1")
-        if len(self.templates_per_kind) != 3 or len(self.kind_weights) != 3:
-            raise ValueError("templates_per_kind and kind_weights need one entry per sentence kind (3)")
+        n_kinds = len(SENTENCE_KINDS)
+        if len(self.templates_per_kind) != n_kinds or len(self.kind_weights) != n_kinds:
+            raise ValueError(f"templates_per_kind and kind_weights need one entry per sentence kind {SENTENCE_KINDS}")
         for kind, n in zip(SENTENCE_KINDS, self.templates_per_kind):
-            if not 1 <= n <= len(EN_TEMPLATES[kind]):
-                raise ValueError(f"templates_per_kind for {kind} must be in 1..{len(EN_TEMPLATES[kind])}")
+            least = 0 if kind == "city_adjacent" else 1  # the others hold the evaluation templates
+            if not least <= n <= len(EN_TEMPLATES[kind]):
+                raise ValueError(f"templates_per_kind for {kind} must be in {least}..{len(EN_TEMPLATES[kind])}")
         if any(w < 0 for w in self.kind_weights) or sum(self.kind_weights) <= 0:
             raise ValueError("kind_weights must be non-negative with a positive sum")
         if len(self.language_weights) < self.languages or any(w <= 0 for w in self.language_weights[: self.languages]):
@@ -316,16 +332,16 @@ class World:
         """Every distinct training sentence (all kinds, languages and templates)."""
         return [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train")]
 
-    def corpus(self, n: int, *, seed: int | None = None) -> list[str]:
-        """``n`` training sentences sampled with ``kind_weights`` x ``language_weights``
-        (uniform within a kind and language).
+    def corpus(self, n: int, *, seed: int | None = None, kind_weights: Sequence[float] | None = None) -> list[str]:
+        """``n`` training sentences sampled with ``kind_weights`` (the config's unless given) x
+        ``language_weights`` (uniform within a kind and language).
 
         Deterministic: the same world config (and ``seed``, default the world's) gives the
         same list.
         """
         rng = random.Random(f"corpus:{self.config.seed if seed is None else seed}")
         pools, weights = [], []
-        for kind, kw in zip(SENTENCE_KINDS, self.config.kind_weights):
+        for kind, kw in zip(SENTENCE_KINDS, self.config.kind_weights if kind_weights is None else kind_weights):
             for lang, lw in zip(self.languages, self.config.language_weights):
                 pool = self.sentences(kind, split="train", languages=(lang,))
                 pools.append(pool)
