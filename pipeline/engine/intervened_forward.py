@@ -18,16 +18,16 @@ Steps of a run (:class:`InterventionRunner`; the modes in ``docs/interventions.m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Unpack
 
 import torch
 from torch import Tensor
 
 from pipeline.engine import hooks as H
-from pipeline.engine.interventions import Mode, Plan, effective_mode, resolve_mode, resolve_plan
+from pipeline.engine.interventions import Mode, ModeArguments, Plan, effective_mode, resolve_mode, resolve_plan
 from pipeline.transcoders import Transcoders
 
 
@@ -333,22 +333,13 @@ class InterventionRunner:
         self,
         interventions: Sequence,
         *,
-        constrained_layers: Iterable[int] | None = None,
-        freeze_attention: bool = True,
-        direct_effects: bool = False,
         apply_activation_function: bool = True,
         sparse: bool = False,
-        errors: str = "recomputed",
+        **mode_args: Unpack[ModeArguments],
     ) -> InterventionResult:
         """One intervention run on this prompt; arguments as :func:`feature_intervention`."""
         m = self.model
-        mode = resolve_mode(
-            m.n_layers,
-            constrained_layers=constrained_layers,
-            freeze_attention=freeze_attention,
-            direct_effects=direct_effects,
-            errors=errors,
-        )
+        mode = resolve_mode(m.n_layers, **mode_args)
         plan = resolve_plan(interventions, m.n_layers, m.transcoders.d_transcoder, self.clean.n_pos, generating=False)
         mode = effective_mode(mode, plan, self.clean.activations)
         p = InterventionPass(m, self.clean, plan, mode, 0, self.clean.n_pos, apply_activation_function)
@@ -365,19 +356,17 @@ def feature_intervention(
     prompt: str | Tensor,
     interventions: Sequence,
     *,
-    constrained_layers: Iterable[int] | None = None,
-    freeze_attention: bool = True,
-    direct_effects: bool = False,
     apply_activation_function: bool = True,
     sparse: bool = False,
-    errors: str = "recomputed",
+    **mode_args: Unpack[ModeArguments],
 ) -> tuple[Tensor, Tensor]:
     """Intervene on features and rerun (circuit-tracer's ``feature_intervention``).
 
     interventions: list of ``(layer, pos, feature_idx, value)``; ``pos`` an int, slice, range
     or list; ``feature_idx`` an int or list; ``value`` a number, ``Scale`` or ``Add``
     (:func:`~pipeline.engine.interventions.resolve_plan`). constrained_layers, freeze_attention,
-    direct_effects, errors: the mode (:func:`~pipeline.engine.interventions.resolve_mode`).
+    direct_effects, errors: the mode (:func:`~pipeline.engine.interventions.resolve_mode`, with its
+    defaults).
     returns (logits (n_pos, d_vocab), activations (n_layers, n_pos, d_transcoder))
 
     The defaults compute what circuit-tracer 0.5.0's ``feature_intervention`` computes: the
@@ -391,13 +380,6 @@ def feature_intervention(
     value it was set to); ``apply_activation_function=False`` returns pre-activations instead,
     which is what attribution edges predict.
     """
-    res = InterventionRunner(model, prompt).run(
-        interventions,
-        constrained_layers=constrained_layers,
-        freeze_attention=freeze_attention,
-        direct_effects=direct_effects,
-        apply_activation_function=apply_activation_function,
-        sparse=sparse,
-        errors=errors,
-    )
+    runner = InterventionRunner(model, prompt)
+    res = runner.run(interventions, apply_activation_function=apply_activation_function, sparse=sparse, **mode_args)
     return res.logits, res.activations
