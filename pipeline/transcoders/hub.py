@@ -27,6 +27,7 @@ from .config import (
     TranscoderConfig,
     TranscoderFileNotFoundError,
     TranscoderSourceError,
+    require_directory,
 )
 
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -190,15 +191,7 @@ def resolve_source(
     if local.exists() or isinstance(source, Path) or looks_local(text):
         if subfolder:
             local = local / subfolder
-        if not local.exists():
-            raise TranscoderFileNotFoundError(
-                f"transcoder directory {str(local)!r} does not exist; pass a directory holding "
-                "config.yaml or a Hugging Face repo id"
-            )
-        if not local.is_dir():
-            raise TranscoderFileNotFoundError(
-                f"{str(local)!r} is a file; pass the directory that holds config.yaml and the weight files"
-            )
+        require_directory(local)
         return local.absolute(), None
     ref = parse_hub_ref(text, revision=revision, subfolder=subfolder)
     return fetch_config_dir(ref), ref
