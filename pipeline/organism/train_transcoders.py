@@ -45,6 +45,7 @@ see ``intervention_metrics``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict
@@ -466,14 +467,19 @@ def _export(model: JumpReLUTranscoders, sx: Tensor, sy: Tensor) -> dict:
     }
 
 
-def _train_and_save(
+def train_transcoders(
     model_dir: str | Path,
     world: World,
-    cfg: TranscoderTrainConfig,
-    out_dir: str | Path | None,
+    cfg: TranscoderTrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
     cross_layer: bool,
-    progress: bool,
 ) -> dict:
+    """JumpReLU transcoders on ln2.hook_normalized -> hook_mlp_out: per-layer (with a skip when
+    ``cfg.skip``), or with ``cross_layer=True`` one cross-layer transcoder (no skip); use
+    :func:`train_plt` / :func:`train_clt`. Returns the metrics; with ``out_dir``, saves the transcoders and
+    metrics.json there."""
     t0 = time.perf_counter()
     cfg = cfg or TranscoderTrainConfig()
     kind = "clt" if cross_layer else "plt"
@@ -544,23 +550,5 @@ def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_
         write_json(tmp / "metrics.json", metrics)
 
 
-def train_plt(
-    model_dir: str | Path,
-    world: World,
-    cfg: TranscoderTrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Per-layer JumpReLU transcoders with skip on ln2.hook_normalized -> hook_mlp_out."""
-    return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, False, progress)
-
-
-def train_clt(
-    model_dir: str | Path,
-    world: World,
-    cfg: TranscoderTrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """A JumpReLU cross-layer transcoder (no skip) on ln2.hook_normalized -> hook_mlp_out."""
-    return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, True, progress)
+train_plt = functools.partial(train_transcoders, cross_layer=False)
+train_clt = functools.partial(train_transcoders, cross_layer=True)
