@@ -127,11 +127,7 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"experiment {d.get('name', '?')!r}: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**{k: _plain(v) for k, v in d.items()})
+        return cls(**_fields_of(cls, d, f"experiment {d.get('name', '?')!r}"))
 
 
 @dataclass
@@ -176,13 +172,7 @@ class EvaluationSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> EvaluationSpec:
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"intervention spec: unknown keys {unknown}; known: {sorted(names)}")
-        d = {k: _plain(v) for k, v in d.items()}
-        return cls(**d)
+        return cls(**_fields_of(cls, d or {}, "intervention spec"))
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -195,6 +185,15 @@ def _plain(v: Any) -> Any:
     if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig":
         return [_plain(x) for x in v]
     return v
+
+
+def _fields_of(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``d`` as plain keyword arguments of the dataclass ``cls``; an unknown key is an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; known: {sorted(names)}")
+    return {k: _plain(v) for k, v in d.items()}
 
 
 # ------------------------------------------------------------------------------------ helpers
