@@ -109,6 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
 
 
+#: the DashboardConfig fields `features` takes as options of the same names
+DASHBOARD_OPTIONS = ("top_k", "max_tokens", "batch_tokens", "seq_len", "n_quantiles", "seed", "checkpoint_every")
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     """Feature dashboards of every transcoder feature from a corpus (see pipeline.analysis.dashboards)."""
     from pipeline.analysis import dashboards as D
@@ -120,15 +124,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         corpus = D.hf_dataset_corpus(args.hf_dataset, args.split, args.field, config=args.hf_config)
     else:
         corpus = D.organism_corpus(args.world, args.n_documents)
-    cfg = D.DashboardConfig(
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        batch_tokens=args.batch_tokens,
-        seq_len=args.seq_len,
-        n_quantiles=args.n_quantiles,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+    cfg = D.DashboardConfig(**{name: getattr(args, name) for name in DASHBOARD_OPTIONS})
     t0 = time.perf_counter()
     model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=getattr(torch, args.dtype))
     out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
