@@ -122,12 +122,7 @@ def _save_tokenizer(directory: Path, vocab: dict[str, int], *, n_ctx: int, adds_
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        model_max_length=n_ctx,
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=n_ctx
     )
     fast.save_pretrained(directory)
 

@@ -94,7 +94,7 @@ class FrozenForward:
 
     @property
     def batch(self) -> int:
-        return int(self.embed.shape[0])
+        return len(self.embed)
 
 
 class ReplacementModel:

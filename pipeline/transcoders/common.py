@@ -154,13 +154,13 @@ class LayeredTranscoders(Transcoders):
         scan: str | None,
         load: WeightLoader,
     ):
-        self.config = config
-        self.directory = config.directory
         self.layers = layers
         self.files = files
         self.activation = activation
         self.n_layers = len(layers)
         self.d_transcoder, self.d_model = layers[0].encoder.shape
+        self.config = config
+        self.directory = config.directory
         self.feature_input_hook = config.feature_input_hook
         self.feature_output_hook = config.feature_output_hook
         self.model_name = config.model_name
