@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
@@ -267,7 +266,7 @@ def _random_encoder(
     activation: str,
     density: float,
     input_scale: float,
-) -> dict[str, Tensor | int]:
+) -> dict[str, Any]:
     """W_enc, b_enc (and threshold / top_k) with about ``density`` of features active.
 
     For x with iid per-coordinate scale s, w . x ~ N(0, s^2 |w|^2); a feature fires when
@@ -277,7 +276,7 @@ def _random_encoder(
     norm = W_enc.norm(dim=1) * input_scale
     z = _gaussian_quantile(1.0 - density)
     jitter = 0.1 * torch.randn(d_transcoder, generator=g)
-    out: dict[str, Tensor | int] = {"W_enc": W_enc}
+    out: dict[str, Any] = {"W_enc": W_enc}
     if activation == "relu":
         out["b_enc"] = -norm * (z + jitter)
     elif activation == "jump_relu":

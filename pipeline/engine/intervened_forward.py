@@ -253,12 +253,12 @@ class InterventionPass:
                             for f, mu, ad in zip(op.feature.tolist(), op.mul.tolist(), op.add.tolist()):
                                 chosen[r, f] = (mu, ad)
                 if chosen:
-                    r = torch.tensor([k[0] for k in chosen], dtype=torch.long, device=dev)
+                    gen_rows = torch.tensor([k[0] for k in chosen], dtype=torch.long, device=dev)
                     feat = torch.tensor([k[1] for k in chosen], dtype=torch.long, device=dev)
                     mul = torch.tensor([v[0] for v in chosen.values()], dtype=torch.float64, device=dev)
                     add = torch.tensor([v[1] for v in chosen.values()], dtype=torch.float64, device=dev)
-                    ref = acts[r, feat].double()
-                    self._add_write(layer, r, feat, mul * ref + add - ref, "all")
+                    ref = acts[gen_rows, feat].double()
+                    self._add_write(layer, gen_rows, feat, mul * ref + add - ref, "all")
 
         return hook
 
@@ -282,8 +282,8 @@ class InterventionPass:
                 x = self.x[layer]
                 if x is not None:
                     skip_live = m.transcoders.skip(layer, x[:n_pr])
-                    if skip_live is not None:
-                        skip_clean = m.transcoders.skip(layer, clean.mlp_inputs[layer, lo : lo + n_pr])
+                    skip_clean = m.transcoders.skip(layer, clean.mlp_inputs[layer, lo : lo + n_pr])
+                    if skip_live is not None and skip_clean is not None:  # the layer has a skip
                         base = base + (skip_live - skip_clean).to(y.dtype)
                 out[:n_pr] = base
             for src in range(layer + 1):
@@ -303,7 +303,11 @@ class InterventionPass:
         return hook
 
     def activations(self) -> Tensor:
-        return torch.stack(self.reported)  # (n_layers, length, d_transcoder)
+        """(n_layers, length, d_transcoder): what every layer's transcoder read in the pass."""
+        reported = [a for a in self.reported if a is not None]
+        if len(reported) != len(self.reported):
+            raise RuntimeError("activations() asked before the pass ran every layer")
+        return torch.stack(reported)
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -348,6 +352,7 @@ class InterventionRunner:
         acts = p.activations()
         if sparse:
             acts = acts.to_sparse().coalesce()
+        assert p.unembed_in is not None  # the pass's unembedding hook saw it
         return InterventionResult(logits=logits, activations=acts, unembed_in=p.unembed_in)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,7 +358,9 @@ class ReplacementModel:
         def grab_unembed(tensor: Tensor, *, hook) -> None:
             grabbed["unembed_in"] = tensor
 
-        fwd = [(name, detach) for name in self.pattern_hooks + self.scale_hooks]
+        fwd: list[tuple[str, Callable[..., Tensor | None]]] = [
+            (name, detach) for name in self.pattern_hooks + self.scale_hooks
+        ]
         fwd.append((H.EMBED, leaf_embed))
         for layer in range(self.n_layers):
             fwd.append((self.input_hooks[layer], read(layer)))

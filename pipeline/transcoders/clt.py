@@ -168,7 +168,8 @@ class CrossLayerTranscoder(LayeredTranscoders):
             sel = a.index_select(-1, active.to(a.device))
             for j, out_layer in enumerate(range(layer, self.n_layers)):
                 contrib = sel @ rows[:, j]
-                outs[out_layer] = contrib if outs[out_layer] is None else outs[out_layer] + contrib
+                prev = outs[out_layer]
+                outs[out_layer] = contrib if prev is None else prev + contrib
         result = []
         for out_layer in range(self.n_layers):
             y = outs[out_layer]

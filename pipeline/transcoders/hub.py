@@ -71,6 +71,7 @@ def parse_hub_ref(source: str, *, revision: str | None = None, subfolder: str | 
     if "@" in ref:
         ref, rev = ref.rsplit("@", 1)
         revision = revision or rev or None
+    sub: str | None
     if "//" in ref:
         repo, sub = ref.split("//", 1)
     else:
