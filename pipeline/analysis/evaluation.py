@@ -42,10 +42,7 @@ from pipeline.analysis.circuit import Circuit, read_circuit
 from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
 from pipeline.engine.generation import feature_intervention_generate
 from pipeline.engine.intervened_forward import InterventionRunner, clean_run
-from pipeline.engine.interventions import (
-    ERROR_MODES,
-    Scale,
-)
+from pipeline.engine.interventions import ERROR_MODES, ModeArguments, Scale
 
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.engine.replacement import ReplacementModel
@@ -208,10 +205,10 @@ def _r(x: float | None) -> float | None:
 
 
 def _corr(a: Sequence[float], b: Sequence[float]) -> float | None:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return None
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _tok(model: ReplacementModel, token_id: int) -> str:
@@ -277,7 +274,7 @@ def evaluate(
         return float(vec @ u[-1].to(vec.dtype))
 
     base_target = target_of(clean.unembed_in)
-    common = dict(freeze_attention=spec.freeze_attention, errors=spec.errors)
+    common: ModeArguments = {"freeze_attention": spec.freeze_attention, "errors": spec.errors}
     supernodes = load_supernodes(annotations)
     supernodes.update(supernodes_from_config(spec.supernodes))
 
@@ -353,7 +350,7 @@ def evaluate(
 
 def _by_kind_and_group(experiments: Sequence[Mapping[str, Any]]) -> dict:
     """Flip counts per experiment kind and per group (experiments without a group: none)."""
-    groups = sorted({e.get("group") for e in experiments} - {None})
+    groups = sorted({e["group"] for e in experiments if e.get("group") is not None})
     return {
         "by_kind": {
             kind: _flip_counts([e for e in experiments if e["kind"] == kind])
@@ -460,7 +457,8 @@ def _features_of(
         elif isinstance(item, Mapping) and activations is not None:
             out += _select(item, activations, what, donor)
         elif isinstance(item, (list, tuple)) and len(item) == 3:
-            out.append(tuple(int(v) for v in item))
+            layer, pos, feat = (int(v) for v in item)
+            out.append((layer, pos, feat))
         else:
             raise ValueError(
                 f"{what}: each entry is a supernode name, [layer, pos, feature] or "
@@ -506,6 +504,7 @@ def _run_experiment(
         ivs.append((layer, slice(pos, None) if exp.open_ended else pos, feat, src_value))
     n_target_inactive = 0
     if exp.kind == "swap":
+        assert donor is not None  # a swap has a donor_prompt (Experiment checks it)
         shift = n_pos - donor.n_pos
         for layer, dpos, feat in _features_of(
             exp.target, supernodes, f"experiment {exp.name!r} target", donor.activations
@@ -520,10 +519,11 @@ def _run_experiment(
             n_target_inactive += a == 0
             pos = dpos + shift
             ivs.append((layer, slice(pos, None) if exp.open_ended else pos, feat, exp.target_factor * a))
-    mode = dict(freeze_attention=spec.freeze_attention, errors=spec.errors)
+    mode: ModeArguments = {"freeze_attention": spec.freeze_attention, "errors": spec.errors}
     if exp.mode == "direct":
         mode["direct_effects"] = True
     elif exp.mode == "constrained":
+        assert exp.constrained_layers  # Experiment checks that a constrained one has them
         mode["constrained_layers"] = list(exp.constrained_layers)
     res = runner.run(ivs, **mode)
     clean = runner.clean
@@ -532,7 +532,7 @@ def _run_experiment(
     ok_before = _matches(before[0]["token"], exp.expected_before)
     ok_after = _matches(after[0]["token"], exp.expected_after)
     flipped = None if ok_after is None else bool(ok_after and ok_before is not False)
-    out = {
+    out: dict[str, Any] = {
         "name": exp.name,
         "kind": exp.kind,
         "mode": exp.mode,

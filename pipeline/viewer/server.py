@@ -214,7 +214,7 @@ def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]]
     sn_in = doc.get("supernodes", {})
     if not isinstance(sn_in, dict):
         raise ValueError("supernodes must be an object {name: {nodes: [...]}}")
-    supernodes = {}
+    supernodes: dict[str, dict[str, list]] = {}
     for name in sorted(sn_in):
         if not name.strip() or len(name) > MAX_NAME_CHARS:
             raise ValueError(f"supernode names are non-blank strings of at most {MAX_NAME_CHARS} chars")
@@ -315,14 +315,13 @@ class ViewerServer(http.server.ThreadingHTTPServer):
         # HTTPServer.server_bind would look up the host's FQDN (a DNS query); not needed here
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET or AF_INET6 address
         self.server_name, self.server_port = host, port
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{port}/"
+        host = f"[{self.server_name}]" if ":" in self.server_name else self.server_name
+        return f"http://{host}:{self.server_port}/"
 
     # -- files of the graph folder -----------------------------------------------------------
 
@@ -503,10 +502,10 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise HTTPError(411, "Content-Length required")
-        length = int(length)
-        if length > MAX_ANNOTATION_BYTES:
+        n_bytes = int(length)
+        if n_bytes > MAX_ANNOTATION_BYTES:
             raise HTTPError(413, f"annotations larger than {MAX_ANNOTATION_BYTES} bytes refused")
-        body = self.rfile.read(length)
+        body = self.rfile.read(n_bytes)
         slug = self.server.check_slug(segments[2])
         try:
             doc = _loads(body)

@@ -163,9 +163,8 @@ def organism_corpus(world: str | os.PathLike | Mapping, n: int = 4096, *, seed: 
     # every reader of a store would otherwise pay
     from pipeline.organism.world import WorldConfig, make_world
 
-    if not isinstance(world, Mapping):
-        world = read_json(world)
-    cfg = world.get("config", world)
+    data = world if isinstance(world, Mapping) else read_json(world)
+    cfg = data.get("config", data)
     d = dict(cfg)
     for key in ("templates_per_kind", "kind_weights", "pinned_trained"):
         if key in d:

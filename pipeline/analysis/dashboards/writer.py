@@ -107,6 +107,7 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
         def create(name: str, shape: tuple, dtype, feature_axis: int | None):
             """Per-feature arrays (layer axis 0): chunks of ``fc`` features, one shard per layer
             holding every feature; 1-D tables: SPAN_CHUNK-element chunks in one shard."""
+            shards: tuple[int, ...] | None
             if 0 in shape:
                 chunks, shards = tuple(max(1, s) for s in shape), None
             elif feature_axis is None:
