@@ -26,12 +26,12 @@ from pipeline.transcoders import CrossLayerTranscoder, load_transcoders
 def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_encoder: bool = False):
     """``ReplacementModel`` for ``cfg.model`` + ``cfg.transcoders`` (dtype: ``attribution.dtype``
     unless given; lazy_encoder for stages that encode once)."""
-    dtype = getattr(torch, dtype or cfg.attribution.dtype)
+    torch_dtype = getattr(torch, dtype or cfg.attribution.dtype)
     tc = load_transcoders(
         cfg.transcoders.source,
         revision=cfg.transcoders.revision,
         device=cfg.runtime.device,
-        dtype=dtype,
+        dtype=torch_dtype,
         lazy_encoder=lazy_encoder,
     )
     is_clt = isinstance(tc, CrossLayerTranscoder)
@@ -41,7 +41,7 @@ def load_replacement_model(cfg: PipelineConfig, dtype: str | None = None, lazy_e
             f"{'a cross-layer transcoder' if is_clt else 'per-layer transcoders'}"
         )
     return ReplacementModel.from_pretrained(
-        cfg.model.name, tc, dtype=dtype, device=cfg.runtime.device, revision=cfg.model.revision
+        cfg.model.name, tc, dtype=torch_dtype, device=cfg.runtime.device, revision=cfg.model.revision
     )
 
 
@@ -82,9 +82,8 @@ class PromptTokenizer:
         """Input ids (n_pos,) as ``ReplacementModel.tokenize(prompt)``, on the CPU."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise PromptError("the prompt is empty: give at least one token of text")
-        tokens = self._to_tokens(
-            SimpleNamespace(tokenizer=self.tokenizer, cfg=self.cfg), prompt, truncate=False, move_to_device=False
-        )[0]
+        bridge = SimpleNamespace(tokenizer=self.tokenizer, cfg=self.cfg)  # all of the bridge that to_tokens uses
+        tokens = self._to_tokens(bridge, prompt, truncate=False, move_to_device=False)[0]  # type: ignore[arg-type]
         if tokens.numel() < 2:
             raise PromptError("the prompt is empty: give at least one token of text")
         if tokens.numel() > self.n_ctx:

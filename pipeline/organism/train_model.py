@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ def prompt_accuracy(
         return float("nan"), []
     ids, lengths = encode_texts(tokenizer, prompts)
     pred = last_position_logits(model, ids, lengths).argmax(-1)
-    words = tokenizer.convert_ids_to_tokens(pred.tolist())
+    words = cast(list[str], tokenizer.convert_ids_to_tokens(pred.tolist()))  # a list for a list of ids
     return sum(w == a for w, a in zip(words, answers)) / len(prompts), words
 
 

@@ -50,6 +50,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +88,8 @@ def collect_activations(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor) ->
     ys: list[Tensor] = []
     handles = []
     for blk in blocks:
-        handles.append(blk.ln_2.register_forward_hook(lambda m, i, o: xs.append(o.detach())))
-        handles.append(blk.mlp.register_forward_hook(lambda m, i, o: ys.append(o.detach())))
+        handles.append(blk.get_submodule("ln_2").register_forward_hook(lambda m, i, o: xs.append(o.detach())))
+        handles.append(blk.get_submodule("mlp").register_forward_hook(lambda m, i, o: ys.append(o.detach())))
     try:
         mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
         model(input_ids=ids, attention_mask=mask)
@@ -331,8 +332,8 @@ class _Replacement:
         handles = []
         try:
             for l, blk in enumerate(self.hf.transformer.h):
-                handles.append(blk.ln_2.register_forward_hook(self._ln2(l)))
-                handles.append(blk.mlp.register_forward_hook(self._mlp(l)))
+                handles.append(blk.get_submodule("ln_2").register_forward_hook(self._ln2(l)))
+                handles.append(blk.get_submodule("mlp").register_forward_hook(self._mlp(l)))
             return self.hf(input_ids=ids, attention_mask=mask).logits
         finally:
             for h in handles:
@@ -520,7 +521,7 @@ def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_
     from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
     L = w["W_enc"].shape[0]
-    common = dict(
+    common: dict[str, Any] = dict(
         feature_input_hook=FEATURE_INPUT_HOOK, feature_output_hook=FEATURE_OUTPUT_HOOK, scan=None, model_name=None
     )
     with atomic_directory(out_dir) as tmp:

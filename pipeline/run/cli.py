@@ -14,6 +14,7 @@ import resource
 import sys
 import time
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -118,6 +119,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.analysis import dashboards as D
     from pipeline.engine.replacement import ReplacementModel
 
+    corpus: Iterable[str]  # re-iterable: dashboards read it twice
     if args.corpus:
         corpus = D.read_corpus(args.corpus, field=args.field)
     elif args.hf_dataset:
