@@ -25,6 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
 
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
@@ -110,9 +121,6 @@ def _vocab(words: Sequence[str] | None) -> dict[str, int]:
 
 
 def _save_tokenizer(directory: Path, vocab: dict[str, int], *, n_ctx: int, adds_bos: bool) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -142,16 +150,12 @@ def _save_model(model, directory: Path) -> None:
 
 
 def _quiet_hf():
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
 
 # A builder makes a model from its vocabulary size, special token ids and size (the defaults
 # of n_kv_heads and d_mlp are the architecture's, see make_tiny_model).
 def _gpt2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     if n_kv_heads is not None:
         raise ValueError("GPT-2 has no grouped-query attention: leave n_kv_heads None")
     sizes = dict(n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp)
@@ -171,8 +175,6 @@ def _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx) ->
 
 
 def _llama(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if n_kv_heads is None:
         n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
     sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 4 * d_model, n_ctx)
@@ -180,8 +182,6 @@ def _llama(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n
 
 
 def _gemma2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
     if n_kv_heads is None:
         n_kv_heads = max(1, n_heads // 2)
     sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 2 * d_model, n_ctx)

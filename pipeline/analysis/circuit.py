@@ -16,18 +16,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.engine.replacement import ReplacementModel
 from pipeline.graph.pruned import first_logit_feature_row, load_pruned_graph, selected_feature_table
 from pipeline.graph.pruning import prune_graph
 from pipeline.graph.store import Graph
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.engine.replacement import ReplacementModel
 
 __all__ = ["Circuit", "read_circuit"]
 

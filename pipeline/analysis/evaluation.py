@@ -32,7 +32,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,9 +43,7 @@ from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, 
 from pipeline.engine.generation import feature_intervention_generate
 from pipeline.engine.intervened_forward import InterventionRunner, clean_run
 from pipeline.engine.interventions import ERROR_MODES, ModeArguments, Scale
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.replacement import ReplacementModel
 
 __all__ = ["REPORT_FORMAT", "EvaluationSpec", "Experiment", "evaluate", "study_metrics"]
 

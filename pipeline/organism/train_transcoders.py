@@ -58,6 +58,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
+
 from ._util import atomic_directory, torch_scope, write_json
 from .config import TranscoderTrainConfig
 from .tokenizer import load_tokenizer
@@ -518,8 +520,6 @@ def train_transcoders(
 
 
 def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_name: str | None) -> None:
-    from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
-
     L = w["W_enc"].shape[0]
     common: dict[str, Any] = dict(
         feature_input_hook=FEATURE_INPUT_HOOK, feature_output_hook=FEATURE_OUTPUT_HOOK, scan=None, model_name=None

@@ -47,6 +47,7 @@ The ``conf/prompts`` format is checked against the pipeline's schema, which has 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -59,6 +60,7 @@ from typing import Any, overload
 
 import yaml
 
+from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.config import PROMPT_ID, PromptSetSpec
 
 __all__ = [
@@ -674,10 +676,6 @@ def to_conf_yaml(prompt_set: PromptSet, header: str = "") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.run.prompt_sets capitals [-n 20] [--out conf/prompts/capitals.yaml]``."""
-    import argparse
-
-    from pipeline.organism.world import WorldConfig, make_world
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.run.prompt_sets", description=main.__doc__)
     ap.add_argument("set", choices=["capitals"], help="which generated set")
     ap.add_argument("-n", type=int, default=20, help="number of prompts (default 20)")

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from huggingface_hub import snapshot_download
+
 from .config import (
     CONFIG_NAME,
     TranscoderConfig,
@@ -92,8 +94,6 @@ def parse_hub_ref(source: str, *, revision: str | None = None, subfolder: str | 
 
 def _snapshot(ref: HubRef, patterns: list[str], what: str) -> Path:
     """snapshot_download restricted to ``patterns``; returns the snapshot root."""
-    from huggingface_hub import snapshot_download
-
     offline = _offline()
     try:
         root = snapshot_download(
