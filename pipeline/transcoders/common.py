@@ -258,7 +258,7 @@ class LayeredTranscoders(Transcoders):
         if w.W_skip is not None:
             if x is None:
                 raise ValueError(f"layer {out_layer} has a skip connection; pass its MLP input x to reconstruct")
-            y = y + x.to(w.W_skip.dtype) @ w.W_skip.T  # self.skip(out_layer, x)
+            y = y + x.to(w.W_skip.dtype) @ w.W_skip.T  # the skip term, as self.skip computes it
         return y
 
     # --- bookkeeping -----------------------------------------------------------------
