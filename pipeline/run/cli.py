@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.memory import release_freed_buffers
 from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
 
 # A subcommand imports the library modules it runs inside its function: building the parser
-# needs only the config dataclasses, and `serve`, `aggregate` or `--help` should not start by
-# importing the models, the dashboards, matplotlib, Hydra or the study engines.
+# needs only the config dataclasses, `serve`, `aggregate` or `--help` should not start by
+# importing the models, the dashboards, matplotlib, Hydra or the study engines, and a DVC stage
+# that runs one subcommand depends on what that one imports, not on every subcommand's code.
 
 
 def peak_rss_mib() -> float:
@@ -54,9 +54,10 @@ def count_edges(graph) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    # off the start-up path (see the top of the module)
+    # this subcommand's own code (see the top of the module)
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
+    from pipeline.memory import release_freed_buffers
     from pipeline.run.prompt_sets import logit_targets
 
     release_freed_buffers()
@@ -82,7 +83,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a tiny GPT-2 and transcoders, then attribute a prompt: a smoke run of the engine."""
-    # off the start-up path (see the top of the module)
+    # this subcommand's own code (see the top of the module)
     from pipeline import testing
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
@@ -107,7 +108,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the graph viewer for the graph JSON files of a folder (see pipeline.viewer.server)."""
-    from pipeline.viewer.server import serve  # off the start-up path (see the top of the module)
+    from pipeline.viewer.server import serve  # this subcommand's own code (see the top of the module)
 
     return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
 
@@ -118,7 +119,7 @@ DASHBOARD_OPTIONS = ("top_k", "max_tokens", "batch_tokens", "seq_len", "n_quanti
 
 def cmd_features(args: argparse.Namespace) -> int:
     """Feature dashboards of every transcoder feature from a corpus (see pipeline.analysis.dashboards)."""
-    # off the start-up path (see the top of the module)
+    # this subcommand's own code (see the top of the module)
     from pipeline.analysis import dashboards as D
     from pipeline.engine.replacement import ReplacementModel
 
@@ -176,7 +177,7 @@ def _study_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a prompt set as a batch study on a launcher (see pipeline.run.study)."""
-    # off the start-up path (see the top of the module)
+    # this subcommand's own code (see the top of the module)
     from pipeline.run.compose import compose_study
     from pipeline.run.prompt_sets import CONF_PROMPTS, load_prompt_set, prompt_set_from_spec
     from pipeline.run.study import StudySettings, run_study
@@ -214,7 +215,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """Recurring features, the union task circuit and figures of a study (see pipeline.analysis.aggregate)."""
-    # off the start-up path (see the top of the module)
+    # this subcommand's own code (see the top of the module)
     from pipeline.analysis.aggregate import aggregate_study
 
     out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"
