@@ -16,14 +16,26 @@ Same arguments and seed -> byte-identical files. The global torch RNG is left un
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
 
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
@@ -109,9 +121,6 @@ def _vocab(words: Sequence[str] | None) -> dict[str, int]:
 
 
 def _save_tokenizer(directory: Path, vocab: dict[str, int], *, n_ctx: int, adds_bos: bool) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -120,12 +129,7 @@ def _save_tokenizer(directory: Path, vocab: dict[str, int], *, n_ctx: int, adds_
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        model_max_length=n_ctx,
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=n_ctx
     )
     fast.save_pretrained(directory)
 
@@ -146,55 +150,62 @@ def _save_model(model, directory: Path) -> None:
 
 
 def _quiet_hf():
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
 
 
-def _write_tiny_model(directory, vocab_words, n_ctx: int, seed: int, adds_bos: bool, build) -> Path:
-    """The body every ``make_tiny_*`` shares: the vocabulary, ``build(vocab_size, special)`` (a
-    model from its config; ``special`` holds the BOS/EOS/PAD token ids) under ``seed``, and the
-    Hugging Face files with a word-level tokenizer."""
-    _quiet_hf()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = _vocab(vocab_words)
-    special = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build(len(vocab), special)
-    _save_model(model, directory)
-    _save_tokenizer(directory, vocab, n_ctx=n_ctx, adds_bos=adds_bos)
-    return directory
+# A builder makes a model from its vocabulary size, special token ids and size (the defaults
+# of n_kv_heads and d_mlp are the architecture's, see make_tiny_model).
+def _gpt2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+    if n_kv_heads is not None:
+        raise ValueError("GPT-2 has no grouped-query attention: leave n_kv_heads None")
+    sizes = dict(n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **sizes, **special))
 
 
-def make_tiny_gpt2(
+def _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx) -> dict[str, int]:
+    """The sizes under the names Llama-family configs (Llama, Gemma-2) give them."""
+    return dict(
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=n_ctx,
+    )
+
+
+def _llama(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+    if n_kv_heads is None:
+        n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
+    sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 4 * d_model, n_ctx)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **sizes, **special))
+
+
+def _gemma2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+    if n_kv_heads is None:
+        n_kv_heads = max(1, n_heads // 2)
+    sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 2 * d_model, n_ctx)
+    head_dim = d_model // n_heads
+    config = Gemma2Config(
+        vocab_size=vocab_size,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=max(2, n_ctx // 2),
+        **sizes,
+        **special,
+    )
+    return Gemma2ForCausalLM(config)
+
+
+#: architecture -> (builder of the model from its vocabulary size, special token ids and shape;
+#: whether its tokenizer adds BOS by default, as the real model's does)
+_ARCHITECTURES = {"gpt2": (_gpt2, False), "llama": (_llama, True), "gemma2": (_gemma2, True)}
+
+
+def make_tiny_model(
     directory: str | os.PathLike,
     *,
-    n_layers: int = 2,
-    d_model: int = 16,
-    n_heads: int = 2,
-    n_ctx: int = 32,
-    vocab_words: Sequence[str] | None = None,
-    seed: int = 0,
-    tokenizer_adds_bos: bool = False,
-) -> Path:
-    """A randomly initialised GPT-2 (LayerNorm, learned positions, GELU MLP) + tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    def build(vocab_size, special):
-        return GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=vocab_size, n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, **special
-            )
-        )
-
-    return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
-
-
-def make_tiny_llama(
-    directory: str | os.PathLike,
-    *,
+    arch: str,
     n_layers: int = 2,
     d_model: int = 16,
     n_heads: int = 2,
@@ -203,69 +214,43 @@ def make_tiny_llama(
     n_ctx: int = 32,
     vocab_words: Sequence[str] | None = None,
     seed: int = 0,
-    tokenizer_adds_bos: bool = True,
+    tokenizer_adds_bos: bool | None = None,
 ) -> Path:
-    """A randomly initialised Llama (RMSNorm, rotary, grouped-query attention, SwiGLU) + tokenizer.
+    """A randomly initialised Hugging Face model + word-level tokenizer; use
+    :func:`make_tiny_gpt2`, :func:`make_tiny_llama` or :func:`make_tiny_gemma2`.
 
-    n_kv_heads defaults to n_heads // 2 (GQA) when n_heads is even, else n_heads.
+    * gpt2: LayerNorm, learned positions, GELU MLP (d_mlp None: 4 * d_model); its tokenizer
+      does not add BOS (``tokenizer_adds_bos`` None).
+    * llama: RMSNorm, rotary, grouped-query attention (n_kv_heads None: n_heads // 2 when
+      n_heads is even, else n_heads), SwiGLU (d_mlp None: 4 * d_model); adds BOS.
+    * gemma2: RMSNorm with post-attention and post-MLP norms, logit soft-capping,
+      sliding-window layers (n_kv_heads None: max(1, n_heads // 2); d_mlp None: 2 * d_model);
+      adds BOS.
+
+    The model is built under ``seed`` (the global torch RNG is left as it was) and saved with
+    the tokenizer's files.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if n_kv_heads is None:
-        n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
-
-    def build(vocab_size, special):
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab_size,
-                hidden_size=d_model,
-                intermediate_size=d_mlp or 4 * d_model,
-                num_hidden_layers=n_layers,
-                num_attention_heads=n_heads,
-                num_key_value_heads=n_kv_heads,
-                max_position_embeddings=n_ctx,
-                tie_word_embeddings=False,
-                **special,
-            )
-        )
-
-    return _write_tiny_model(directory, vocab_words, n_ctx, seed, tokenizer_adds_bos, build)
+    if arch not in _ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(_ARCHITECTURES)}, got {arch!r}")
+    build, adds_bos = _ARCHITECTURES[arch]
+    _quiet_hf()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = _vocab(vocab_words)
+    special = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(len(vocab), special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx)
+    _save_model(model, directory)
+    _save_tokenizer(
+        directory, vocab, n_ctx=n_ctx, adds_bos=adds_bos if tokenizer_adds_bos is None else tokenizer_adds_bos
+    )
+    return directory
 
 
-def make_tiny_gemma2(
-    directory: str | os.PathLike,
-    *,
-    n_layers: int = 2,
-    d_model: int = 16,
-    n_heads: int = 2,
-    n_ctx: int = 32,
-    vocab_words: Sequence[str] | None = None,
-    seed: int = 0,
-) -> Path:
-    """A randomly initialised Gemma-2 (RMSNorm with post-attention and post-MLP norms, logit
-    soft-capping, sliding-window layers) + tokenizer that adds BOS."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    head_dim = d_model // n_heads
-
-    def build(vocab_size, special):
-        return Gemma2ForCausalLM(
-            Gemma2Config(
-                vocab_size=vocab_size,
-                hidden_size=d_model,
-                intermediate_size=2 * d_model,
-                num_hidden_layers=n_layers,
-                num_attention_heads=n_heads,
-                num_key_value_heads=max(1, n_heads // 2),
-                head_dim=head_dim,
-                query_pre_attn_scalar=head_dim,
-                sliding_window=max(2, n_ctx // 2),
-                max_position_embeddings=n_ctx,
-                **special,
-            )
-        )
-
-    return _write_tiny_model(directory, vocab_words, n_ctx, seed, True, build)
+make_tiny_gpt2 = functools.partial(make_tiny_model, arch="gpt2")
+make_tiny_llama = functools.partial(make_tiny_model, arch="llama")
+make_tiny_gemma2 = functools.partial(make_tiny_model, arch="gemma2")
 
 
 # --------------------------------------------------------------------------- transcoders
@@ -281,7 +266,7 @@ def _random_encoder(
     activation: str,
     density: float,
     input_scale: float,
-) -> dict[str, Tensor | int]:
+) -> dict[str, Any]:
     """W_enc, b_enc (and threshold / top_k) with about ``density`` of features active.
 
     For x with iid per-coordinate scale s, w . x ~ N(0, s^2 |w|^2); a feature fires when
@@ -291,7 +276,7 @@ def _random_encoder(
     norm = W_enc.norm(dim=1) * input_scale
     z = _gaussian_quantile(1.0 - density)
     jitter = 0.1 * torch.randn(d_transcoder, generator=g)
-    out: dict[str, Tensor | int] = {"W_enc": W_enc}
+    out: dict[str, Any] = {"W_enc": W_enc}
     if activation == "relu":
         out["b_enc"] = -norm * (z + jitter)
     elif activation == "jump_relu":
@@ -313,9 +298,10 @@ def _check_sizes(n_layers: int, d_model: int, d_transcoder: int, density: float)
         raise ValueError(f"density must be in (0, 1), got {density}")
 
 
-def make_random_plt(
+def make_random_transcoders(
     directory: str | os.PathLike,
     *,
+    cross_layer: bool,
     n_layers: int,
     d_model: int,
     d_transcoder: int,
@@ -331,15 +317,25 @@ def make_random_plt(
     model_name: str | None = None,
     scan: str | None = None,
 ) -> Path:
-    """Random per-layer transcoders in circuit-tracer's format (or GemmaScope's npz layout).
+    """Random transcoders: per-layer in circuit-tracer's format (or GemmaScope's npz layout with
+    ``gemmascope=True``), or with ``cross_layer=True`` cross-layer in circuit-tracer's
+    W_enc_{i}/W_dec_{i} layout; use :func:`make_random_plt` / :func:`make_random_clt`.
 
     scale: norm of each decoder row (and about the norm of the skip term); b_dec has norm
-    0.1 * scale. activation: relu | jump_relu | topk (k = round(density * d_transcoder)).
+    0.1 * scale. A CLT's decoder slice rows have norm scale / sqrt(n_layers - i), so the summed
+    write of a feature over its output layers has about the norm of a PLT feature's.
+    activation: relu | jump_relu | topk (k = round(density * d_transcoder); PLT only).
+    skip=True adds W_skip (for a CLT, W_skip_{i}: our extension of the layout).
     """
     _check_sizes(n_layers, d_model, d_transcoder, density)
+    if cross_layer and activation not in ("relu", "jump_relu"):
+        raise ValueError(f"activation {activation!r} is not supported for a CLT; use relu or jump_relu")
+    if cross_layer and gemmascope:
+        raise ValueError("the GemmaScope layout holds per-layer transcoders only")
     g = torch.Generator().manual_seed(seed)
     layers = []
-    for _ in range(n_layers):
+    for i in range(n_layers):
+        n_out = n_layers - i if cross_layer else 1
         layer = _random_encoder(
             g,
             d_model,
@@ -348,73 +344,23 @@ def make_random_plt(
             density=density,
             input_scale=input_scale,
         )
-        layer["W_dec"] = torch.randn(d_transcoder, d_model, generator=g) * (scale / math.sqrt(d_model))
+        layer["W_dec"] = torch.randn(d_transcoder, n_out, d_model, generator=g) * (scale / math.sqrt(d_model * n_out))
         layer["b_dec"] = torch.randn(d_model, generator=g) * (0.1 * scale / math.sqrt(d_model))
         if skip:
             layer["W_skip"] = torch.randn(d_model, d_model, generator=g) * (scale / d_model)
         layers.append(layer)
-    return save_transcoder_set(
-        directory,
-        layers,
-        feature_input_hook=feature_input_hook,
-        feature_output_hook=feature_output_hook,
-        scan=scan,
-        model_name=model_name,
-        gemmascope=gemmascope,
+    hooks_and_names: dict[str, Any] = dict(
+        feature_input_hook=feature_input_hook, feature_output_hook=feature_output_hook, scan=scan, model_name=model_name
     )
+    if cross_layer:
+        decoders = [layer.pop("W_dec") for layer in layers]
+        return save_cross_layer_transcoder(directory, layers, decoders, **hooks_and_names)
+    for layer in layers:
+        layer["W_dec"] = layer["W_dec"][:, 0]  # (d_transcoder, d_model)
+    return save_transcoder_set(directory, layers, gemmascope=gemmascope, **hooks_and_names)
 
 
-def make_random_clt(
-    directory: str | os.PathLike,
-    *,
-    n_layers: int,
-    d_model: int,
-    d_transcoder: int,
-    activation: str = "relu",
-    skip: bool = False,
-    density: float = 0.1,
-    feature_input_hook: str = DEFAULT_INPUT_HOOK,
-    feature_output_hook: str = DEFAULT_OUTPUT_HOOK,
-    seed: int = 0,
-    scale: float = 0.05,
-    input_scale: float = 1.0,
-    model_name: str | None = None,
-    scan: str | None = None,
-) -> Path:
-    """Random cross-layer transcoders in circuit-tracer's W_enc_{i}/W_dec_{i} layout.
-
-    Each decoder slice row has norm scale / sqrt(n_layers - i), so the summed write of a
-    feature over its output layers has about the norm of a PLT feature's. activation: relu |
-    jump_relu. skip=True adds W_skip_{i} (our extension of the layout).
-    """
-    _check_sizes(n_layers, d_model, d_transcoder, density)
-    if activation not in ("relu", "jump_relu"):
-        raise ValueError(f"activation {activation!r} is not supported for a CLT; use relu or jump_relu")
-    g = torch.Generator().manual_seed(seed)
-    encoders, decoders = [], []
-    for i in range(n_layers):
-        enc = _random_encoder(
-            g,
-            d_model,
-            d_transcoder,
-            activation=activation,
-            density=density,
-            input_scale=input_scale,
-        )
-        n_out = n_layers - i
-        dec = torch.randn(d_transcoder, n_out, d_model, generator=g)
-        dec *= scale / math.sqrt(d_model * n_out)
-        enc["b_dec"] = torch.randn(d_model, generator=g) * (0.1 * scale / math.sqrt(d_model))
-        if skip:
-            enc["W_skip"] = torch.randn(d_model, d_model, generator=g) * (scale / d_model)
-        encoders.append(enc)
-        decoders.append(dec)
-    return save_cross_layer_transcoder(
-        directory,
-        encoders,
-        decoders,
-        feature_input_hook=feature_input_hook,
-        feature_output_hook=feature_output_hook,
-        scan=scan,
-        model_name=model_name,
-    )
+#: random per-layer transcoders (arguments: :func:`make_random_transcoders`)
+make_random_plt = functools.partial(make_random_transcoders, cross_layer=False)
+#: a random cross-layer transcoder (arguments: :func:`make_random_transcoders`)
+make_random_clt = functools.partial(make_random_transcoders, cross_layer=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import Any
 
 from pipeline.engine.attribution import attribute
 from pipeline.graph.store import GraphStoreMismatchError
@@ -27,7 +28,7 @@ def main(argv=None) -> None:
     tokens = read_tokens(run / "tokens.safetensors")
     partial = PARTIAL / args.prompt_id / "graph.zarr"
     partial.parent.mkdir(parents=True, exist_ok=True)
-    options = dict(
+    options: dict[str, Any] = dict(
         config=cfg.attribution,  # its load dtype is no attribution option: attribute() leaves it out
         logit_targets=logit_targets(cfg.prompts.items[args.prompt_id].logit_targets),
         verbose=False,

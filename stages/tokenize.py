@@ -12,8 +12,8 @@ import json
 from safetensors.torch import save_file
 
 from pipeline._io import atomic_path
+from pipeline.engine.tokens import PromptTokenizer
 from pipeline.run.compose import load_config
-from stages._model import load_prompt_tokenizer
 from stages._stage import parse_args, prompt_dir
 
 
@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
     cfg = load_config(args.params)
     prompt = cfg.prompts.items[args.prompt_id]
-    tokenizer = load_prompt_tokenizer(cfg)
+    tokenizer = PromptTokenizer(cfg.model.name, revision=cfg.model.revision)  # no weights, no transcoders
     tokens = tokenizer.tokenize(prompt.prompt).cpu().contiguous()
     strings = tokenizer.convert_ids_to_tokens(tokens.tolist())
     out = prompt_dir(args.prompt_id) / "tokens.safetensors"

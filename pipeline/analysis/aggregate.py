@@ -117,12 +117,19 @@ class _Tables:
 
     def __init__(self) -> None:
         self.prompts: list[dict[str, Any]] = []
-        self.feat = defaultdict(
+        # per (layer, feature), (layer, feature, slot), node identity: counts, sums, maxima
+        self.feat: defaultdict[tuple[int, int], dict[str, Any]] = defaultdict(
             lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0, "act_n": 0, "slots": Counter()}
         )
-        self.slot_feat = defaultdict(lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0})
-        self.nodes = defaultdict(lambda: {"n": 0, "infl_sum": 0.0, "act_sum": 0.0, "prob_sum": 0.0})
-        self.edges = defaultdict(lambda: [0, 0.0])  # (target, source) -> [prompts, weight sum]
+        self.slot_feat: defaultdict[tuple[int, int, int], dict[str, Any]] = defaultdict(
+            lambda: {"n": 0, "infl_sum": 0.0, "infl_max": -np.inf, "act_sum": 0.0}
+        )
+        self.nodes: defaultdict[tuple, dict[str, Any]] = defaultdict(
+            lambda: {"n": 0, "infl_sum": 0.0, "act_sum": 0.0, "prob_sum": 0.0}
+        )
+        self.edges: defaultdict[tuple, list[float]] = defaultdict(
+            lambda: [0, 0.0]
+        )  # (target, source) -> [prompts, weight sum]
         self.slot_tokens: dict[int, list[tuple[int, str, dict[str, str]]]] = defaultdict(list)
         self.logit_text: dict[int, str] = {}
         self.n_layers = 0
@@ -151,7 +158,7 @@ class _Tables:
         probs = np.asarray(pg.logit_probabilities, dtype=np.float64)
 
         # 2. features of this prompt, per (layer, feature) and per (layer, feature, slot)
-        per_feat: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0.0, -np.inf, set()])
+        per_feat: dict[tuple[int, int], list[Any]] = defaultdict(lambda: [0.0, -np.inf, set()])  # sum, max, slots
         per_slot: dict[tuple[int, int, int], list[float]] = {}
         kept = np.flatnonzero(mask[:n_feat])
         for i in kept.tolist():
@@ -172,8 +179,8 @@ class _Tables:
             t["act_sum"] += amax
             t["act_n"] += 1
             t["slots"].update(slots)
-        for k, (isum, amax) in per_slot.items():
-            t = self.slot_feat[k]
+        for key, (isum, amax) in per_slot.items():
+            t = self.slot_feat[key]
             t["n"] += 1
             t["infl_sum"] += isum
             t["infl_max"] = max(t["infl_max"], isum)
@@ -427,7 +434,8 @@ def _union_graph(
         d.update(extra)
         docs[node] = d
     rank = {n: i for i, n in enumerate(kept_nodes)}
-    links, used = [], set()
+    links: list[dict[str, Any]] = []
+    used: set[tuple] = set()
     for tgt, src in sorted(
         (k for k in tables.edges if k[0] in docs and k[1] in docs), key=lambda k: (rank[k[0]], rank[k[1]])
     ):

@@ -16,18 +16,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.engine.replacement import ReplacementModel
 from pipeline.graph.pruned import first_logit_feature_row, load_pruned_graph, selected_feature_table
 from pipeline.graph.pruning import prune_graph
 from pipeline.graph.store import Graph
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.engine.replacement import ReplacementModel
 
 __all__ = ["Circuit", "read_circuit"]
 
@@ -105,14 +103,14 @@ def read_circuit(
     token = int(graph.logit_tokens[0])
     W_U = model.W_U
     if vector is not None:
-        vector = torch.as_tensor(vector)
+        target_vector = torch.as_tensor(vector)
     else:
         if token < 0:
             raise ValueError(
                 "the graph's first logit target is not a token and the graph stores no "
                 "logit vectors: evaluate the unpruned graph store instead"
             )
-        vector = W_U[:, token] - W_U.mean(-1)
+        target_vector = W_U[:, token] - W_U.mean(-1)
     return Circuit(
         features=np.asarray(feats, np.int64).reshape(-1, 3),
         activations=np.asarray(acts, np.float64),
@@ -120,7 +118,7 @@ def read_circuit(
         in_circuit=np.asarray(result.node_mask[:n_f], bool),
         edge_to_target=edge.astype(np.float64),
         target_token=token,
-        target_vector=vector.to(dtype=model.dtype, device=W_U.device),
+        target_vector=target_vector.to(dtype=model.dtype, device=W_U.device),
         tokens=np.asarray(graph.input_tokens, np.int64),
         prompt=(getattr(graph, "attrs", {}) or {}).get("prompt"),
         pruning={

@@ -40,7 +40,7 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,13 +52,8 @@ from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
 from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
 from pipeline.engine.generation import GenerationResult, feature_intervention_generate
 from pipeline.engine.intervened_forward import CleanRun, InterventionRunner, clean_run
-from pipeline.engine.interventions import (
-    ERROR_MODES,
-    Scale,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.interventions import ERROR_MODES, ModeArguments, Scale
+from pipeline.engine.replacement import ReplacementModel
 
 __all__ = [
     "BASELINES",
@@ -187,11 +182,7 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Experiment:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"experiment {d.get('name', '?')!r}: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**{k: _plain(v) for k, v in d.items()})
+        return cls(**_fields_of(cls, d, f"experiment {d.get('name', '?')!r}"))
 
 
 @dataclass
@@ -255,13 +246,7 @@ class EvaluationSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> EvaluationSpec:
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"intervention spec: unknown keys {unknown}; known: {sorted(names)}")
-        d = {k: _plain(v) for k, v in d.items()}
-        return cls(**d)
+        return cls(**_fields_of(cls, d or {}, "intervention spec"))
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -296,6 +281,15 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def _fields_of(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``d`` as plain keyword arguments of the dataclass ``cls``; an unknown key is an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; known: {sorted(names)}")
+    return {k: _plain(v) for k, v in d.items()}
+
+
 # ------------------------------------------------------------------------------------ helpers
 def _r(x: float | None) -> float | None:
     """Round to 6 significant digits; NaN / inf / None -> None (JSON null)."""
@@ -308,10 +302,10 @@ def _r(x: float | None) -> float | None:
 
 
 def _corr(a: Sequence[float], b: Sequence[float]) -> float | None:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return None
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _tok(model: ReplacementModel, token_id: int) -> str:
@@ -380,7 +374,7 @@ def evaluate(
         return float(vec @ u[-1].to(vec.dtype))
 
     base_target = target_of(clean.unembed_in)
-    common = dict(freeze_attention=spec.freeze_attention, errors=spec.errors)
+    common: ModeArguments = {"freeze_attention": spec.freeze_attention, "errors": spec.errors}
     supernodes = load_supernodes(annotations)
     supernodes.update(supernodes_from_config(spec.supernodes))
 
@@ -455,7 +449,7 @@ def evaluate(
 
 def _by_kind_and_group(experiments: Sequence[Mapping[str, Any]]) -> dict:
     """Flip counts per experiment kind and per group (experiments without a group: none)."""
-    groups = sorted({e.get("group") for e in experiments} - {None})
+    groups = sorted({e["group"] for e in experiments if e.get("group") is not None})
     return {
         "by_kind": {
             kind: _flip_counts([e for e in experiments if e["kind"] == kind])

@@ -398,7 +398,8 @@ def build_graph_json(
         )
 
     targets, sources, weights = pruned.kept_edges()
-    links, used = [], set()
+    links: list[dict[str, Any]] = []
+    used: set[int] = set()
     for t, s, w in zip(targets.tolist(), sources.tolist(), weights):
         if t in nodes and s in nodes:
             links.append({"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": _float(w)})

@@ -43,6 +43,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.typing import RcKeyType
 
 from pipeline._io import atomic_write_bytes, read_json
 
@@ -53,7 +54,7 @@ ERROR = "mlp reconstruction error"
 EMBEDDING = "embedding"
 LOGIT = "logit"
 
-RC = {
+RC: dict[RcKeyType, Any] = {
     "svg.hashsalt": "circuit-pipeline",
     "font.family": "DejaVu Sans",
     "font.size": 8,

@@ -16,6 +16,7 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.typing import RcKeyType
 
 from pipeline._io import atomic_write_bytes, json_bytes
 from pipeline.analysis.figures import figure_bytes
@@ -308,7 +309,12 @@ def _md_baseline(name: str, b: Mapping[str, Any]) -> list[Any]:
 
 # ------------------------------------------------------------------------------------ figures
 # the report's own look (default font family and SVG text as text), kept for byte-identical reports
-_RC = {"svg.hashsalt": "circuit-pipeline", "font.size": 9, "axes.titlesize": 10, "path.simplify": True}
+_RC: dict[RcKeyType, Any] = {
+    "svg.hashsalt": "circuit-pipeline",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "path.simplify": True,
+}
 
 
 def _fig_top_features(report):

@@ -257,7 +257,7 @@ def _layer_grouped_batches(ids: np.ndarray, features: ActiveFeatures, batch_size
     """
     ids = ids[np.lexsort((features.pos[ids], features.layer[ids]))]
     layers = features.layer[ids]
-    batches = []
+    batches: list[np.ndarray] = []
     for layer in np.unique(layers):
         chunk = ids[layers == layer]
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))

@@ -11,14 +11,15 @@ intervention, and each step runs one token; cached and uncached generation give 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor
 
 from pipeline.engine.intervened_forward import CleanRun, HookedModel, InterventionPass, clean_run
-from pipeline.engine.interventions import as_finite, as_int, effective_mode, resolve_mode, resolve_plan
+from pipeline.engine.interventions import ModeArguments, as_finite, as_int, effective_mode, resolve_mode, resolve_plan
 
 
 @dataclass
@@ -73,14 +74,11 @@ def feature_intervention_generate(
     seed: int | None = None,
     use_kv_cache: bool = True,
     stop_at_eos: bool = True,
-    constrained_layers: Iterable[int] | None = None,
-    freeze_attention: bool = True,
-    direct_effects: bool = False,
     apply_activation_function: bool = True,
     sparse: bool = False,
-    errors: str = "recomputed",
     generated_positions: str = "all",
     clean: CleanRun | None = None,
+    **mode_args: Unpack[ModeArguments],
 ) -> GenerationResult:
     """Generate with interventions (circuit-tracer's ``feature_intervention_generate``).
 
@@ -112,13 +110,7 @@ def feature_intervention_generate(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {m.n_ctx}: generate fewer tokens"
         )
-    mode = resolve_mode(
-        m.n_layers,
-        constrained_layers=constrained_layers,
-        freeze_attention=freeze_attention,
-        direct_effects=direct_effects,
-        errors=errors,
-    )
+    mode = resolve_mode(m.n_layers, **mode_args)
     plan = resolve_plan(
         interventions,
         m.n_layers,

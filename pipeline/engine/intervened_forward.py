@@ -18,16 +18,16 @@ Steps of a run (:class:`InterventionRunner`; the modes in ``docs/interventions.m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Unpack
 
 import torch
 from torch import Tensor
 
 from pipeline.engine import hooks as H
-from pipeline.engine.interventions import Mode, Plan, effective_mode, resolve_mode, resolve_plan
+from pipeline.engine.interventions import Mode, ModeArguments, Plan, effective_mode, resolve_mode, resolve_plan
 from pipeline.transcoders import Transcoders
 
 
@@ -253,12 +253,12 @@ class InterventionPass:
                             for f, mu, ad in zip(op.feature.tolist(), op.mul.tolist(), op.add.tolist()):
                                 chosen[r, f] = (mu, ad)
                 if chosen:
-                    r = torch.tensor([k[0] for k in chosen], dtype=torch.long, device=dev)
+                    gen_rows = torch.tensor([k[0] for k in chosen], dtype=torch.long, device=dev)
                     feat = torch.tensor([k[1] for k in chosen], dtype=torch.long, device=dev)
                     mul = torch.tensor([v[0] for v in chosen.values()], dtype=torch.float64, device=dev)
                     add = torch.tensor([v[1] for v in chosen.values()], dtype=torch.float64, device=dev)
-                    ref = acts[r, feat].double()
-                    self._add_write(layer, r, feat, mul * ref + add - ref, "all")
+                    ref = acts[gen_rows, feat].double()
+                    self._add_write(layer, gen_rows, feat, mul * ref + add - ref, "all")
 
         return hook
 
@@ -282,8 +282,8 @@ class InterventionPass:
                 x = self.x[layer]
                 if x is not None:
                     skip_live = m.transcoders.skip(layer, x[:n_pr])
-                    if skip_live is not None:
-                        skip_clean = m.transcoders.skip(layer, clean.mlp_inputs[layer, lo : lo + n_pr])
+                    skip_clean = m.transcoders.skip(layer, clean.mlp_inputs[layer, lo : lo + n_pr])
+                    if skip_live is not None and skip_clean is not None:  # the layer has a skip
                         base = base + (skip_live - skip_clean).to(y.dtype)
                 out[:n_pr] = base
             for src in range(layer + 1):
@@ -303,7 +303,11 @@ class InterventionPass:
         return hook
 
     def activations(self) -> Tensor:
-        return torch.stack(self.reported)  # (n_layers, length, d_transcoder)
+        """(n_layers, length, d_transcoder): what every layer's transcoder read in the pass."""
+        reported = [a for a in self.reported if a is not None]
+        if len(reported) != len(self.reported):
+            raise RuntimeError("activations() asked before the pass ran every layer")
+        return torch.stack(reported)
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -333,22 +337,13 @@ class InterventionRunner:
         self,
         interventions: Sequence,
         *,
-        constrained_layers: Iterable[int] | None = None,
-        freeze_attention: bool = True,
-        direct_effects: bool = False,
         apply_activation_function: bool = True,
         sparse: bool = False,
-        errors: str = "recomputed",
+        **mode_args: Unpack[ModeArguments],
     ) -> InterventionResult:
         """One intervention run on this prompt; arguments as :func:`feature_intervention`."""
         m = self.model
-        mode = resolve_mode(
-            m.n_layers,
-            constrained_layers=constrained_layers,
-            freeze_attention=freeze_attention,
-            direct_effects=direct_effects,
-            errors=errors,
-        )
+        mode = resolve_mode(m.n_layers, **mode_args)
         plan = resolve_plan(interventions, m.n_layers, m.transcoders.d_transcoder, self.clean.n_pos, generating=False)
         mode = effective_mode(mode, plan, self.clean.activations)
         p = InterventionPass(m, self.clean, plan, mode, 0, self.clean.n_pos, apply_activation_function)
@@ -357,6 +352,7 @@ class InterventionRunner:
         acts = p.activations()
         if sparse:
             acts = acts.to_sparse().coalesce()
+        assert p.unembed_in is not None  # the pass's unembedding hook saw it
         return InterventionResult(logits=logits, activations=acts, unembed_in=p.unembed_in)
 
 
@@ -365,19 +361,17 @@ def feature_intervention(
     prompt: str | Tensor,
     interventions: Sequence,
     *,
-    constrained_layers: Iterable[int] | None = None,
-    freeze_attention: bool = True,
-    direct_effects: bool = False,
     apply_activation_function: bool = True,
     sparse: bool = False,
-    errors: str = "recomputed",
+    **mode_args: Unpack[ModeArguments],
 ) -> tuple[Tensor, Tensor]:
     """Intervene on features and rerun (circuit-tracer's ``feature_intervention``).
 
     interventions: list of ``(layer, pos, feature_idx, value)``; ``pos`` an int, slice, range
     or list; ``feature_idx`` an int or list; ``value`` a number, ``Scale`` or ``Add``
     (:func:`~pipeline.engine.interventions.resolve_plan`). constrained_layers, freeze_attention,
-    direct_effects, errors: the mode (:func:`~pipeline.engine.interventions.resolve_mode`).
+    direct_effects, errors: the mode (:func:`~pipeline.engine.interventions.resolve_mode`, with its
+    defaults).
     returns (logits (n_pos, d_vocab), activations (n_layers, n_pos, d_transcoder))
 
     The defaults compute what circuit-tracer 0.5.0's ``feature_intervention`` computes: the
@@ -391,13 +385,6 @@ def feature_intervention(
     value it was set to); ``apply_activation_function=False`` returns pre-activations instead,
     which is what attribution edges predict.
     """
-    res = InterventionRunner(model, prompt).run(
-        interventions,
-        constrained_layers=constrained_layers,
-        freeze_attention=freeze_attention,
-        direct_effects=direct_effects,
-        apply_activation_function=apply_activation_function,
-        sparse=sparse,
-        errors=errors,
-    )
+    runner = InterventionRunner(model, prompt)
+    res = runner.run(interventions, apply_activation_function=apply_activation_function, sparse=sparse, **mode_args)
     return res.logits, res.activations

@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -292,6 +292,16 @@ class Mode:
     freeze_patterns: bool
     freeze_scales: bool
     reference: Literal["live", "clean"]
+    errors: str
+
+
+class ModeArguments(TypedDict, total=False):
+    """:func:`resolve_mode`'s keyword arguments: every intervention run and steered generation
+    takes them and passes them on, so their defaults are resolve_mode's."""
+
+    constrained_layers: Iterable[int] | None
+    freeze_attention: bool
+    direct_effects: bool
     errors: str
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +29,10 @@ from torch import Tensor
 
 from pipeline.engine import generation, intervened_forward
 from pipeline.engine import hooks as H
+from pipeline.engine.tokens import check_prompt_text, check_prompt_tokens
 from pipeline.transcoders import Transcoders, load_transcoders
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-class PromptError(ValueError):
-    """The prompt cannot be run (empty, too long)."""
 
 
 @dataclass
@@ -94,7 +91,7 @@ class FrozenForward:
 
     @property
     def batch(self) -> int:
-        return int(self.embed.shape[0])
+        return len(self.embed)
 
 
 class ReplacementModel:
@@ -205,16 +202,9 @@ class ReplacementModel:
         if isinstance(prompt, Tensor):
             tokens = prompt.flatten().to(torch.long)
         else:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise PromptError("the prompt is empty: give at least one token of text")
+            check_prompt_text(prompt)
             tokens = self.bridge.to_tokens(prompt, truncate=False)[0]
-        if tokens.numel() < 2 and not isinstance(prompt, Tensor):
-            raise PromptError("the prompt is empty: give at least one token of text")
-        if tokens.numel() > self.n_ctx:
-            raise PromptError(
-                f"the prompt has {tokens.numel()} tokens (BOS included) but the model's context "
-                f"is {self.n_ctx}: shorten the prompt"
-            )
+        check_prompt_tokens(tokens, self.n_ctx, from_text=not isinstance(prompt, Tensor))
         return tokens.to(self.bridge.cfg.device)
 
     # ------------------------------------------------------------------ clean run
@@ -358,7 +348,9 @@ class ReplacementModel:
         def grab_unembed(tensor: Tensor, *, hook) -> None:
             grabbed["unembed_in"] = tensor
 
-        fwd = [(name, detach) for name in self.pattern_hooks + self.scale_hooks]
+        fwd: list[tuple[str, Callable[..., Tensor | None]]] = [
+            (name, detach) for name in self.pattern_hooks + self.scale_hooks
+        ]
         fwd.append((H.EMBED, leaf_embed))
         for layer in range(self.n_layers):
             fwd.append((self.input_hooks[layer], read(layer)))

@@ -175,7 +175,7 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         outputs.append(read)
         grad_outputs.append(g)
     writes = ff.mlp_outputs[: min(top, n_layers)]
-    grads = torch.autograd.grad(
+    raw = torch.autograd.grad(
         outputs,
         writes + [ff.embed],
         grad_outputs,
@@ -183,7 +183,7 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         allow_unused=True,
         is_grads_batched=True,
     )
-    grads = [None if g is None else g[:, 0] for g in grads]
+    grads = [None if g is None else g[:, 0] for g in raw]
     g_out = grads[:-1]  # (B, n, d_model) per write layer
     g_embed = grads[-1]
 

@@ -26,6 +26,22 @@ __all__ = [
 
 PRUNED_FORMAT = "circuit-pipeline/pruned-graph"
 PRUNED_FORMAT_VERSION = 1
+#: the PruneResult fields the metadata holds, under their own names
+RESULT_METADATA = (
+    "n_features",
+    "n_errors",
+    "n_tokens",
+    "n_logits",
+    "node_threshold",
+    "edge_threshold",
+    "node_score_threshold",
+    "edge_score_threshold",
+    "replacement_score",
+    "completeness_score",
+    "depth",
+)
+#: the PrunedGraph fields stored as members of the same name
+GRAPH_MEMBERS = ("input_tokens", "logit_tokens", "logit_probabilities", "feature_info", "feature_activations")
 
 
 @dataclass(eq=False)
@@ -107,18 +123,8 @@ def save_pruned_graph(graph, result: PruneResult, path) -> Path:
         "format_version": PRUNED_FORMAT_VERSION,
         "n_layers": int(graph.n_layers),
         "n_pos": int(graph.n_pos),
-        "n_features": result.n_features,
-        "n_errors": result.n_errors,
-        "n_tokens": result.n_tokens,
-        "n_logits": result.n_logits,
         "n_nodes": result.n_nodes,
-        "node_threshold": result.node_threshold,
-        "edge_threshold": result.edge_threshold,
-        "node_score_threshold": result.node_score_threshold,
-        "edge_score_threshold": result.edge_score_threshold,
-        "replacement_score": result.replacement_score,
-        "completeness_score": result.completeness_score,
-        "depth": result.depth,
+        **{name: getattr(result, name) for name in RESULT_METADATA},
         "attrs": _jsonable_attrs(getattr(graph, "attrs", {})),
     }
     # the member's own encoding, fixed since format version 1 (not _io's): compact, and NaN
@@ -170,27 +176,13 @@ def load_pruned_graph(path) -> PrunedGraph:
         node_influence=arrays["node_influence"],
         edge_weights=edge_weights,
         edge_scores=edge_scores,
-        node_threshold=meta["node_threshold"],
-        edge_threshold=meta["edge_threshold"],
-        node_score_threshold=meta["node_score_threshold"],
-        edge_score_threshold=meta["edge_score_threshold"],
-        replacement_score=meta["replacement_score"],
-        completeness_score=meta["completeness_score"],
-        n_features=meta["n_features"],
-        n_errors=meta["n_errors"],
-        n_tokens=meta["n_tokens"],
-        n_logits=meta["n_logits"],
-        depth=meta["depth"],
+        **{name: meta[name] for name in RESULT_METADATA},
     )
     return PrunedGraph(
         result=result,
         n_layers=int(meta["n_layers"]),
         n_pos=int(meta["n_pos"]),
-        input_tokens=arrays["input_tokens"],
-        logit_tokens=arrays["logit_tokens"],
-        logit_probabilities=arrays["logit_probabilities"],
-        feature_info=arrays["feature_info"],
-        feature_activations=arrays["feature_activations"],
+        **{name: arrays[name] for name in GRAPH_MEMBERS},
         attrs=meta["attrs"],
         target_feature_edges=arrays.get("target_feature_edges"),
         target_vector=arrays.get("target_vector"),

@@ -302,51 +302,58 @@ def _edge_csr(n, rows, cols, values, dtype) -> sp.csr_matrix:
     return sp.csr_matrix((values.astype(dtype, copy=False), cols.astype(np.int64), indptr), shape=(n, n))
 
 
-def _finish(
-    *,
-    n,
-    node_mask,
-    rows,
-    cols,
-    weights,
-    scores,
-    node_influence,
-    n_features,
-    n_errors,
-    n_tokens,
-    n_logits,
-    node_threshold,
-    edge_threshold,
-    node_thr,
-    edge_thr,
-    replacement,
-    completeness,
-    depth,
-    extra=None,
-) -> PruneResult:
+@dataclass(frozen=True)
+class _NodeStage:
+    """What both paths compute before the edges: the layout (n, n_features, n_errors, n_tokens,
+    n_logits), the node influence on the full graph and its series depth, both graph scores,
+    and the node threshold, score threshold and mask."""
+
+    layout: tuple[int, int, int, int, int]
+    influence: np.ndarray
+    depth: int
+    replacement: float
+    completeness: float
+    threshold: float
+    score_threshold: float
+    mask: np.ndarray
+
+
+def _prune_nodes(layout, influence, depth, logit_weights, non_error_fraction, node_threshold) -> _NodeStage:
+    """Graph scores and the node mask (error, token and logit nodes always kept)."""
+    _, n_features, n_errors, n_tokens, _ = layout
+    replacement, completeness = _scores_from(
+        influence, logit_weights, non_error_fraction, n_features, n_errors, n_tokens
+    )
+    node_thr = find_threshold(influence, node_threshold)
+    mask = influence >= node_thr
+    mask[n_features + n_errors :] = True
+    return _NodeStage(layout, influence, depth, replacement, completeness, node_threshold, node_thr, mask)
+
+
+def _finish(nodes: _NodeStage, edge_threshold, edge_thr, rows, cols, weights, scores, extra=None) -> PruneResult:
     """The tail both paths share: drop dangling nodes and their edges, build the result."""
-    fe_end = n_features + n_errors
-    alive = _prune_dangling(node_mask, rows, cols, n_features, fe_end)
+    n, n_features, n_errors, n_tokens, n_logits = nodes.layout
+    alive = _prune_dangling(nodes.mask, rows, cols, n_features, n_features + n_errors)
     rows, cols, weights, scores = rows[alive], cols[alive], weights[alive], scores[alive]
     edge_mask, edge_weights, edge_scores = edge_matrices(n, rows, cols, weights, scores)
     return PruneResult(
-        node_mask=node_mask,
+        node_mask=nodes.mask,
         edge_mask=edge_mask,
-        cumulative_scores=cumulative_influence_scores(node_influence),
-        node_influence=node_influence,
+        cumulative_scores=cumulative_influence_scores(nodes.influence),
+        node_influence=nodes.influence,
         edge_weights=edge_weights,
         edge_scores=edge_scores,
-        node_threshold=float(node_threshold),
+        node_threshold=float(nodes.threshold),
         edge_threshold=float(edge_threshold),
-        node_score_threshold=float(node_thr),
+        node_score_threshold=float(nodes.score_threshold),
         edge_score_threshold=float(edge_thr),
-        replacement_score=float(replacement),
-        completeness_score=float(completeness),
+        replacement_score=float(nodes.replacement),
+        completeness_score=float(nodes.completeness),
         n_features=int(n_features),
         n_errors=int(n_errors),
         n_tokens=int(n_tokens),
         n_logits=int(n_logits),
-        depth=int(depth),
+        depth=int(nodes.depth),
         extra=dict(extra or {}),
     )
 
@@ -398,39 +405,17 @@ def prune_graph_dense(
     normalized = normalize_matrix(A)
     node_influence, depth = compute_influence(normalized, w, return_depth=True)
     nef = 1.0 - normalized[:, n_features:fe_end].sum(axis=-1)
-    replacement, completeness = _scores_from(node_influence, w, nef, n_features, n_errors, n_tokens)
-
-    node_thr = find_threshold(node_influence, node_threshold)
-    node_mask = node_influence >= node_thr
-    node_mask[fe_end:] = True
+    nodes = _prune_nodes((n, n_features, n_errors, n_tokens, n_logits), node_influence, depth, w, nef, node_threshold)
 
     pruned = np.array(A, dtype=np.float64)
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
+    pruned[~nodes.mask] = 0
+    pruned[:, ~nodes.mask] = 0
     edge_scores = compute_edge_influence(pruned, w)
     edge_thr = find_threshold(edge_scores.ravel(), edge_threshold)
     # only stored non-zero entries of A can be edges (see module docstring)
     rows, cols = np.nonzero((edge_scores >= edge_thr) & (A != 0))
-    return _finish(
-        n=n,
-        node_mask=node_mask,
-        rows=rows.astype(np.int64),
-        cols=cols.astype(np.int64),
-        weights=A[rows, cols],
-        scores=edge_scores[rows, cols],
-        node_influence=node_influence,
-        n_features=n_features,
-        n_errors=n_errors,
-        n_tokens=n_tokens,
-        n_logits=n_logits,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-        node_thr=node_thr,
-        edge_thr=edge_thr,
-        replacement=replacement,
-        completeness=completeness,
-        depth=depth,
-    )
+    weights, scores = A[rows, cols], edge_scores[rows, cols]
+    return _finish(nodes, edge_threshold, edge_thr, rows.astype(np.int64), cols.astype(np.int64), weights, scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,21 +484,17 @@ def prune_graph(
 
 def _prune_blocks(graph, w, node_threshold, edge_threshold, cache_bytes, max_candidates) -> PruneResult:
     """:func:`prune_graph`'s out-of-core path, in passes over the graph's row blocks."""
-    n, n_features, n_errors, n_tokens, n_logits = _graph_layout(graph)
-    fe_end = n_features + n_errors
+    layout = _graph_layout(graph)
+    n, n_features, n_errors, _, _ = layout
     blocks = RowBlocks(graph, cache_bytes)
 
     # 1. node influence on the full graph (+ both graph scores, which share it)
-    sums, err, nnz = row_stats(blocks, n_features, fe_end, NORMALIZE_EPS)
+    sums, err, nnz = row_stats(blocks, n_features, n_features + n_errors, NORMALIZE_EPS)
     node_influence, depth = influence_series(blocks, np.maximum(sums, NORMALIZE_EPS), w)
-    replacement, completeness = _scores_from(node_influence, w, 1.0 - err, n_features, n_errors, n_tokens)
-
-    node_thr = find_threshold(node_influence, node_threshold)
-    node_mask = node_influence >= node_thr
-    node_mask[fe_end:] = True
+    nodes = _prune_nodes(layout, node_influence, depth, w, 1.0 - err, node_threshold)
 
     # 2. influence on the node-pruned graph, edge scores, threshold
-    keep = node_mask.copy()
+    keep = nodes.mask.copy()
     denom_p = np.maximum(row_sums(blocks, keep), NORMALIZE_EPS)
     infl_p, _ = influence_series(blocks, denom_p, w, keep)
     target_weight = infl_p + w
@@ -548,23 +529,12 @@ def _prune_blocks(graph, w, node_threshold, edge_threshold, cache_bytes, max_can
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
     return _finish(
-        n=n,
-        node_mask=node_mask,
-        rows=cat(r_parts, np.int64),
-        cols=cat(c_parts, np.int64),
-        weights=cat(w_parts, np.float32),
-        scores=cat(s_parts, np.float64),
-        node_influence=node_influence,
-        n_features=n_features,
-        n_errors=n_errors,
-        n_tokens=n_tokens,
-        n_logits=n_logits,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-        node_thr=node_thr,
-        edge_thr=edge_thr,
-        replacement=replacement,
-        completeness=completeness,
-        depth=depth,
+        nodes,
+        edge_threshold,
+        edge_thr,
+        cat(r_parts, np.int64),
+        cat(c_parts, np.int64),
+        cat(w_parts, np.float32),
+        cat(s_parts, np.float64),
         extra={"passes": blocks.passes, "cached": blocks.cache is not None},
     )

@@ -136,6 +136,16 @@ def read_batch_arrays(store: LocalStore, batch_index: int, *, with_extra: bool =
 # ---------------------------------------------------------------------------------------------
 
 
+def _node_table(name: str, doc: str) -> cached_property[np.ndarray]:
+    """A cached property of :class:`Graph`: its node table ``name``."""
+
+    def read(graph: Graph) -> np.ndarray:
+        return graph.table(name)
+
+    read.__doc__ = doc
+    return cached_property(read)
+
+
 class Graph:
     """A finished attribution graph, read lazily from its store, in circuit-tracer's node order.
 
@@ -199,30 +209,14 @@ class Graph:
             raise KeyError(f"{self.path} has no node table {name!r}; it has {self.table_names}")
         return read_array(self._store, f"{NODES}/{name}")
 
-    @cached_property
-    def active_features(self) -> np.ndarray:
-        """(n_active, 3) int: (layer, pos, feature) of every active feature, compute order."""
-        return self.table("active_features")
-
-    @cached_property
-    def activation_values(self) -> np.ndarray:
-        """(n_active,) activation of every active feature."""
-        return self.table("activation_values")
-
-    @cached_property
-    def input_tokens(self) -> np.ndarray:
-        """(n_pos,) token ids of the prompt."""
-        return self.table("input_tokens")
-
-    @cached_property
-    def logit_tokens(self) -> np.ndarray:
-        """(n_logits,) token ids of the logit nodes."""
-        return self.table("logit_tokens")
-
-    @cached_property
-    def logit_probabilities(self) -> np.ndarray:
-        """(n_logits,) probabilities of the logit nodes."""
-        return self.table("logit_probabilities")
+    # the node tables every reader of a graph uses, each read on first use
+    active_features = _node_table(
+        "active_features", "(n_active, 3) int: (layer, pos, feature) of every active feature, compute order."
+    )
+    activation_values = _node_table("activation_values", "(n_active,) activation of every active feature.")
+    input_tokens = _node_table("input_tokens", "(n_pos,) token ids of the prompt.")
+    logit_tokens = _node_table("logit_tokens", "(n_logits,) token ids of the logit nodes.")
+    logit_probabilities = _node_table("logit_probabilities", "(n_logits,) probabilities of the logit nodes.")
 
     # -- node index helpers (graph order) ------------------------------------------------------
     def feature_node(self, active_index: int) -> int:

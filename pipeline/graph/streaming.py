@@ -55,7 +55,8 @@ class RowBlocks:
             yield from self.cache
             return
         building = self.cache_bytes > 0
-        cache, used = [], 0
+        cache: list[tuple[np.ndarray, sp.csr_matrix]] = []
+        used = 0
         for rows, block in self.graph.iter_row_blocks():
             rows, m = self._canonical(rows, block)
             if building:
@@ -219,8 +220,8 @@ def streaming_threshold(
     elif hi - lo == 1 and n_in > max_candidates:  # one value, tied many times: it is the answer
         return float(np.array([lo], dtype=np.int64).view(np.float64)[0])
     else:
-        vals = [s[(b >= lo) & (b < hi)] for s, b in (bits_of(c) for c in make_iter())]
-        vals = np.sort(np.concatenate(vals) if vals else np.zeros(0))[::-1]
+        parts = [s[(b >= lo) & (b < hi)] for s, b in (bits_of(c) for c in make_iter())]
+        vals = np.sort(np.concatenate(parts) if parts else np.zeros(0))[::-1]
         if vals.size:
             cumulative = (mass_above + np.cumsum(vals)) / total
             idx = int(np.searchsorted(cumulative, threshold, side="left"))

@@ -472,21 +472,21 @@ def _recover(path: Path) -> None:
                 os.unlink(os.path.join(d, f))
     records = done_records(path)
     adjacency = path / ADJ
-    for entry in sorted(os.listdir(adjacency)) if adjacency.is_dir() else []:
-        index = batch_index_of(entry)
+    for name in sorted(os.listdir(adjacency)) if adjacency.is_dir() else []:
+        index = batch_index_of(name)
         if index is None:
             continue
         record = records.get(index)
         if record is None or not _record_files_present(path, record):
-            shutil.rmtree(adjacency / entry)
+            shutil.rmtree(adjacency / name)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path / PROGRESS / f"{entry}.json")
+                os.unlink(path / PROGRESS / f"{name}.json")
     for index in records:  # a record without its batch: not done
         if not (adjacency / batch_name(index)).is_dir():
             os.unlink(path / PROGRESS / f"{batch_name(index)}.json")
-    for d in (path / PROGRESS, adjacency, path / NODES, path):
-        if d.is_dir():
-            _io.fsync_dir(d)
+    for directory in (path / PROGRESS, adjacency, path / NODES, path):
+        if directory.is_dir():
+            _io.fsync_dir(directory)
 
 
 def _record_files_present(path: Path, record: Mapping[str, Any]) -> bool:

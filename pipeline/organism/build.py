@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ._util import write_json
 from .config import ModelConfig, TrainConfig, TranscoderTrainConfig
@@ -51,7 +52,7 @@ def build_organism(out_dir: str | Path, cfg: OrganismConfig | None = None, progr
     t0 = time.perf_counter()
     world = make_world(cfg.world)
     write_prompts(out / "prompts.json", world)
-    metrics = {"model": train_model(world, cfg.model, cfg.train, out / "model", progress=progress)}
+    metrics: dict[str, Any] = {"model": train_model(world, cfg.model, cfg.train, out / "model", progress=progress)}
     metrics["plt"] = train_plt(out / "model", world, cfg.plt, out / "plt", progress=progress)
     metrics["clt"] = train_clt(out / "model", world, cfg.clt, out / "clt", progress=progress)
     metrics["total_wall_time_s"] = time.perf_counter() - t0

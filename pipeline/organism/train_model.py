@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -70,8 +71,8 @@ def silence_attention(model: GPT2LMHeadModel, blocks: tuple[int, ...]) -> None:
     """Zero the attention output projection of ``blocks``: their attention then writes nothing."""
     with torch.no_grad():
         for b in blocks:
-            model.transformer.h[b].attn.c_proj.weight.zero_()
-            model.transformer.h[b].attn.c_proj.bias.zero_()
+            for weight in model.transformer.h[b].get_submodule("attn.c_proj").parameters():
+                weight.zero_()
 
 
 # --- tokenized batches ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def prompt_accuracy(
         return float("nan"), []
     ids, lengths = encode_texts(tokenizer, prompts)
     pred = last_position_logits(model, ids, lengths).argmax(-1)
-    words = tokenizer.convert_ids_to_tokens(pred.tolist())
+    words = cast(list[str], tokenizer.convert_ids_to_tokens(pred.tolist()))  # a list for a list of ids
     return sum(w == a for w, a in zip(words, answers)) / len(prompts), words
 
 

@@ -45,16 +45,20 @@ see ``intervention_metrics``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
 from ._util import atomic_directory, torch_scope, write_json
 from .config import TranscoderTrainConfig
@@ -86,8 +90,8 @@ def collect_activations(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor) ->
     ys: list[Tensor] = []
     handles = []
     for blk in blocks:
-        handles.append(blk.ln_2.register_forward_hook(lambda m, i, o: xs.append(o.detach())))
-        handles.append(blk.mlp.register_forward_hook(lambda m, i, o: ys.append(o.detach())))
+        handles.append(blk.get_submodule("ln_2").register_forward_hook(lambda m, i, o: xs.append(o.detach())))
+        handles.append(blk.get_submodule("mlp").register_forward_hook(lambda m, i, o: ys.append(o.detach())))
     try:
         mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
         model(input_ids=ids, attention_mask=mask)
@@ -330,8 +334,8 @@ class _Replacement:
         handles = []
         try:
             for l, blk in enumerate(self.hf.transformer.h):
-                handles.append(blk.ln_2.register_forward_hook(self._ln2(l)))
-                handles.append(blk.mlp.register_forward_hook(self._mlp(l)))
+                handles.append(blk.get_submodule("ln_2").register_forward_hook(self._ln2(l)))
+                handles.append(blk.get_submodule("mlp").register_forward_hook(self._mlp(l)))
             return self.hf(input_ids=ids, attention_mask=mask).logits
         finally:
             for h in handles:
@@ -466,14 +470,19 @@ def _export(model: JumpReLUTranscoders, sx: Tensor, sy: Tensor) -> dict:
     }
 
 
-def _train_and_save(
+def train_transcoders(
     model_dir: str | Path,
     world: World,
-    cfg: TranscoderTrainConfig,
-    out_dir: str | Path | None,
+    cfg: TranscoderTrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    *,
     cross_layer: bool,
-    progress: bool,
 ) -> dict:
+    """JumpReLU transcoders on ln2.hook_normalized -> hook_mlp_out: per-layer (with a skip when
+    ``cfg.skip``), or with ``cross_layer=True`` one cross-layer transcoder (no skip); use
+    :func:`train_plt` / :func:`train_clt`. Returns the metrics; with ``out_dir``, saves the transcoders and
+    metrics.json there."""
     t0 = time.perf_counter()
     cfg = cfg or TranscoderTrainConfig()
     kind = "clt" if cross_layer else "plt"
@@ -511,10 +520,8 @@ def _train_and_save(
 
 
 def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_name: str | None) -> None:
-    from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
-
     L = w["W_enc"].shape[0]
-    common = dict(
+    common: dict[str, Any] = dict(
         feature_input_hook=FEATURE_INPUT_HOOK, feature_output_hook=FEATURE_OUTPUT_HOOK, scan=None, model_name=None
     )
     with atomic_directory(out_dir) as tmp:
@@ -544,23 +551,5 @@ def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_
         write_json(tmp / "metrics.json", metrics)
 
 
-def train_plt(
-    model_dir: str | Path,
-    world: World,
-    cfg: TranscoderTrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """Per-layer JumpReLU transcoders with skip on ln2.hook_normalized -> hook_mlp_out."""
-    return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, False, progress)
-
-
-def train_clt(
-    model_dir: str | Path,
-    world: World,
-    cfg: TranscoderTrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    progress: bool = True,
-) -> dict:
-    """A JumpReLU cross-layer transcoder (no skip) on ln2.hook_normalized -> hook_mlp_out."""
-    return _train_and_save(model_dir, world, cfg or TranscoderTrainConfig(), out_dir, True, progress)
+train_plt = functools.partial(train_transcoders, cross_layer=False)
+train_clt = functools.partial(train_transcoders, cross_layer=True)

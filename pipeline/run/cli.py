@@ -14,15 +14,17 @@ import resource
 import sys
 import time
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
 
-# Each subcommand imports the library modules it runs inside its function: building the
-# parser needs only the config dataclasses, and `serve`, `aggregate` or `--help` should not
-# start by importing the models, the dashboards, matplotlib or the study engines.
+# A subcommand imports the library modules it runs inside its function: building the parser
+# needs only the config dataclasses, `serve`, `aggregate` or `--help` should not start by
+# importing the models, the dashboards, matplotlib, Hydra or the study engines, and a DVC stage
+# that runs one subcommand depends on what that one imports, not on every subcommand's code.
 
 
 def peak_rss_mib() -> float:
@@ -52,6 +54,7 @@ def count_edges(graph) -> int:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
+    # this subcommand's own code (see the top of the module)
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
     from pipeline.memory import release_freed_buffers
@@ -80,6 +83,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build a tiny GPT-2 and transcoders, then attribute a prompt: a smoke run of the engine."""
+    # this subcommand's own code (see the top of the module)
     from pipeline import testing
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
@@ -104,31 +108,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the graph viewer for the graph JSON files of a folder (see pipeline.viewer.server)."""
-    from pipeline.viewer.server import serve
+    from pipeline.viewer.server import serve  # this subcommand's own code (see the top of the module)
 
     return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
 
 
+#: the DashboardConfig fields `features` takes as options of the same names
+DASHBOARD_OPTIONS = ("top_k", "max_tokens", "batch_tokens", "seq_len", "n_quantiles", "seed", "checkpoint_every")
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     """Feature dashboards of every transcoder feature from a corpus (see pipeline.analysis.dashboards)."""
+    # this subcommand's own code (see the top of the module)
     from pipeline.analysis import dashboards as D
     from pipeline.engine.replacement import ReplacementModel
 
+    corpus: Iterable[str]  # re-iterable: dashboards read it twice
     if args.corpus:
         corpus = D.read_corpus(args.corpus, field=args.field)
     elif args.hf_dataset:
         corpus = D.hf_dataset_corpus(args.hf_dataset, args.split, args.field, config=args.hf_config)
     else:
         corpus = D.organism_corpus(args.world, args.n_documents)
-    cfg = D.DashboardConfig(
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        batch_tokens=args.batch_tokens,
-        seq_len=args.seq_len,
-        n_quantiles=args.n_quantiles,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+    cfg = D.DashboardConfig(**{name: getattr(args, name) for name in DASHBOARD_OPTIONS})
     t0 = time.perf_counter()
     model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=getattr(torch, args.dtype))
     out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
@@ -175,6 +177,7 @@ def _study_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Run a prompt set as a batch study on a launcher (see pipeline.run.study)."""
+    # this subcommand's own code (see the top of the module)
     from pipeline.run.compose import compose_study
     from pipeline.run.prompt_sets import CONF_PROMPTS, load_prompt_set, prompt_set_from_spec
     from pipeline.run.study import StudySettings, run_study
@@ -212,6 +215,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
     """Recurring features, the union task circuit and figures of a study (see pipeline.analysis.aggregate)."""
+    # this subcommand's own code (see the top of the module)
     from pipeline.analysis.aggregate import aggregate_study
 
     out = Path(args.out) if args.out else Path(args.study_dir) / "aggregate"

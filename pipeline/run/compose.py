@@ -69,7 +69,9 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict:
     """A composed ``params.yaml`` as plain data (interpolations resolved), after the schema
     check of :func:`load_config`: the keys and values DVC's ``params:`` name."""
     load_config(path)
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    params = OmegaConf.to_container(OmegaConf.load(Path(path)), resolve=True)
+    assert isinstance(params, dict)  # load_config read it as the schema's mapping
+    return params
 
 
 def compose_study(

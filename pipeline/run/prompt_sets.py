@@ -47,6 +47,7 @@ The ``conf/prompts`` format is checked against the pipeline's schema, which has 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -55,10 +56,11 @@ import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import yaml
 
+from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.config import PROMPT_ID, PromptSetSpec
 
 __all__ = [
@@ -506,6 +508,10 @@ def _fields_of(template: str) -> set[str]:
     return {f for _, f, _, _ in string.Formatter().parse(template) if f}
 
 
+@overload
+def _fill(template: str, row: Mapping[str, Any], what: str) -> str: ...
+@overload
+def _fill(template: str | None, row: Mapping[str, Any], what: str) -> str | None: ...
 def _fill(template: str | None, row: Mapping[str, Any], what: str) -> str | None:
     if template is None:
         return None
@@ -517,7 +523,7 @@ def _fill(template: str | None, row: Mapping[str, Any], what: str) -> str | None
 
 def expand_templates(
     templates: Sequence[str] | str,
-    fillers: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
+    fillers: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]] | None,
     *,
     id: str | None = None,  # noqa: A002 - the record field's name
     answer: str | None = None,
@@ -542,10 +548,10 @@ def expand_templates(
         names = list(fillers)
         rows: list[dict[str, Any]] = [{}]
         for n in names:
-            values = fillers[n]
-            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            column = fillers[n]
+            if isinstance(column, (str, bytes)) or not isinstance(column, Sequence) or not column:
                 raise PromptSetError(f"filler {n!r} must be a non-empty list of values")
-            rows = [{**r, n: v} for r in rows for v in values]
+            rows = [{**r, n: v} for r in rows for v in column]
     elif isinstance(fillers, Sequence) and not isinstance(fillers, (str, bytes)) and fillers:
         rows = []
         for r in fillers:
@@ -587,7 +593,8 @@ def organism_capitals(world, n: int = 20, *, language: str = "en", template: int
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     states = world.states
-    rows, taken = [], set()
+    rows: list[dict[str, str]] = []
+    taken: set[str] = set()
     rank = 0
     while len(rows) < n:
         added = False
@@ -669,10 +676,6 @@ def to_conf_yaml(prompt_set: PromptSet, header: str = "") -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m pipeline.run.prompt_sets capitals [-n 20] [--out conf/prompts/capitals.yaml]``."""
-    import argparse
-
-    from pipeline.organism.world import WorldConfig, make_world
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.run.prompt_sets", description=main.__doc__)
     ap.add_argument("set", choices=["capitals"], help="which generated set")
     ap.add_argument("-n", type=int, default=20, help="number of prompts (default 20)")

@@ -37,7 +37,8 @@ from pipeline.analysis.export import create_graph_files, update_graph_metadata
 from pipeline.analysis.study_files import DONE_FORMAT, STUDY_FORMAT, graph_done
 from pipeline.engine.attribution import attribute, fingerprint
 from pipeline.engine.options import AttributionConfig
-from pipeline.engine.replacement import PromptError, ReplacementModel
+from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.tokens import PromptError
 from pipeline.graph.pruned import save_pruned_graph
 from pipeline.graph.pruning import prune_graph
 from pipeline.memory import release_freed_buffers

@@ -20,6 +20,7 @@ import torch
 
 from .base import Transcoders
 from .clt import CrossLayerTranscoder
+from .common import WeightLoader
 from .config import (
     SUPPORTED_HOOKS,
     TranscoderConfig,
@@ -91,17 +92,7 @@ def load_transcoders(
     if ref is not None:
         fetch_weight_files(ref, config)
     scan = config.scan if config.scan is not None else (ref.describe() if ref else None)
-    device = torch.device(device)
+    load = WeightLoader(dtype, torch.device(device), lazy_decoder, lazy_encoder)
     if config.model_kind == "transcoder_set":
-        return TranscoderSet(
-            config,
-            _plt_paths(config),
-            scan=scan,
-            dtype=dtype,
-            device=device,
-            lazy_decoder=lazy_decoder,
-            lazy_encoder=lazy_encoder,
-        )
-    return CrossLayerTranscoder(
-        config, directory, scan=scan, dtype=dtype, device=device, lazy_decoder=lazy_decoder, lazy_encoder=lazy_encoder
-    )
+        return TranscoderSet(config, _plt_paths(config), load, scan)
+    return CrossLayerTranscoder(config, directory, load, scan)

@@ -22,13 +22,13 @@ from torch import Tensor
 from .common import (
     LayeredTranscoders,
     LayerWeights,
+    WeightLoader,
     check_finite,
-    check_threshold,
     expect_shape,
     resolve_activation,
 )
 from .config import TranscoderConfig, TranscoderConfigError, TranscoderFileNotFoundError
-from .lazy import DecoderRows, EncoderRows, TensorFile
+from .lazy import TensorFile
 
 _ENC_RE = re.compile(r"^W_enc_(\d+)\.safetensors$")
 
@@ -67,18 +67,9 @@ def _get(tf: TensorFile, name: str) -> Tensor:
 class CrossLayerTranscoder(LayeredTranscoders):
     """Cross-layer transcoders: layer l's features write to every output layer l' >= l."""
 
-    def __init__(
-        self,
-        config: TranscoderConfig,
-        directory: Path,
-        *,
-        scan: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        lazy_decoder: bool = True,
-        lazy_encoder: bool = False,
-    ):
-        device = torch.device(device)
+    kind = "cross_layer_transcoder"
+
+    def __init__(self, config: TranscoderConfig, directory: Path, load: WeightLoader, scan: str | None = None):
         directory = Path(directory)
         n_layers = clt_layer_count(directory)
         layers: list[LayerWeights] = []
@@ -89,9 +80,9 @@ class CrossLayerTranscoder(LayeredTranscoders):
             dec_path = directory / f"W_dec_{i}.safetensors"
             enc = TensorFile(enc_path)
             dec = TensorFile(dec_path)
-            encoder = EncoderRows(enc, _require(enc, f"W_enc_{i}"), lazy=lazy_encoder, dtype=dtype, device=device)
-            b_enc = _get(enc, f"b_enc_{i}").to(device=device, dtype=dtype)
-            b_dec = _get(enc, f"b_dec_{i}").to(device=device, dtype=dtype)
+            encoder = load.encoder(enc, _require(enc, f"W_enc_{i}"))
+            b_enc = load.resident(_get(enc, f"b_enc_{i}"))
+            b_dec = load.resident(_get(enc, f"b_dec_{i}"))
             if i == 0:
                 d_transcoder, d_model = encoder.shape
             if encoder.shape != (d_transcoder, d_model):
@@ -105,16 +96,10 @@ class CrossLayerTranscoder(LayeredTranscoders):
                 check_finite(t, what, enc_path)
             threshold = None
             if f"threshold_{i}" in enc:
-                threshold = enc.load(f"threshold_{i}").to(device=device, dtype=dtype)
-                if threshold.numel() == d_transcoder:
-                    threshold = threshold.reshape(d_transcoder)
-                expect_shape(threshold, (d_transcoder,), f"threshold_{i}", enc_path)
-                check_threshold(threshold, f"threshold_{i}", enc_path)
+                threshold = load.threshold(enc, f"threshold_{i}", d_transcoder, enc_path)
             W_skip = None
             if f"W_skip_{i}" in enc:
-                W_skip = enc.load(f"W_skip_{i}").to(device=device, dtype=dtype)
-                expect_shape(W_skip, (d_model, d_model), f"W_skip_{i}", enc_path)
-                check_finite(W_skip, f"W_skip_{i}", enc_path)
+                W_skip = load.skip(enc, f"W_skip_{i}", d_model, enc_path)
             if f"W_dec_{i}" not in dec:
                 raise TranscoderConfigError(
                     f"{str(dec_path)!r} has no tensor 'W_dec_{i}' (keys: "
@@ -136,7 +121,7 @@ class CrossLayerTranscoder(LayeredTranscoders):
                 )
             if activation != "jump_relu":
                 threshold = None
-            decoder = DecoderRows(dec, f"W_dec_{i}", lazy=lazy_decoder, dtype=dtype, device=device)
+            decoder = load.decoder(dec, f"W_dec_{i}")
             layers.append(
                 LayerWeights(
                     encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder, threshold=threshold, k=k, W_skip=W_skip
@@ -144,38 +129,21 @@ class CrossLayerTranscoder(LayeredTranscoders):
             )
             files.extend((enc, dec))
         assert activation is not None
-        super().__init__(
-            kind="cross_layer_transcoder",
-            config=config,
-            layers=layers,
-            files=files,
-            activation=activation,
-            scan=scan,
-            dtype=dtype,
-            device=device,
-        )
+        super().__init__(config, layers, files, activation, scan, load)
 
     def output_layers(self, layer: int) -> range:
         self._layer(layer)
         return range(layer, self.n_layers)
-
-    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        return self._layer(layer).decoder.rows(features)
 
     def decode(self, layer: int, acts: Tensor, out_layer: int) -> Tensor:
         """What layer ``layer``'s features write to ``out_layer`` (no bias, no skip).
 
         acts: (..., d_transcoder) -> (..., d_model); reads only active features' slices.
         """
-        w = self._layer(layer)
+        self._layer(layer)
         if not layer <= out_layer < self.n_layers:
             raise IndexError(f"layer {layer} features do not write to layer {out_layer}")
-        active = self._active(acts)
-        out_shape = (*acts.shape[:-1], self.d_model)
-        if active.numel() == 0:
-            return torch.zeros(out_shape, dtype=acts.dtype, device=acts.device)
-        rows = w.decoder.rows(active, out_layer - layer).to(device=acts.device, dtype=acts.dtype)
-        return acts.index_select(-1, active.to(acts.device)) @ rows
+        return self._decode_slice(layer, acts, out_layer - layer)
 
     def reconstruct(self, out_layer: int, acts: list[Tensor], x: Tensor | None = None) -> Tensor:
         self._layer(out_layer)
@@ -200,7 +168,8 @@ class CrossLayerTranscoder(LayeredTranscoders):
             sel = a.index_select(-1, active.to(a.device))
             for j, out_layer in enumerate(range(layer, self.n_layers)):
                 contrib = sel @ rows[:, j]
-                outs[out_layer] = contrib if outs[out_layer] is None else outs[out_layer] + contrib
+                prev = outs[out_layer]
+                outs[out_layer] = contrib if prev is None else prev + contrib
         result = []
         for out_layer in range(self.n_layers):
             y = outs[out_layer]

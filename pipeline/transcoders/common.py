@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import TranscoderKind, Transcoders
+from .base import Transcoders
 from .config import TranscoderConfig, TranscoderConfigError
 from .lazy import DecoderRows, EncoderRows, TensorFile, all_finite
 
@@ -99,35 +99,74 @@ def resolve_activation(
     return "relu", None
 
 
+@dataclass(frozen=True)
+class WeightLoader:
+    """How a set's weights are loaded: resident tensors as ``dtype`` on ``device``; decoders
+    and encoders read from their files on demand (``lazy_decoder`` / ``lazy_encoder``) or
+    loaded whole. Its methods load one layer's weights of either layout, checked."""
+
+    dtype: torch.dtype
+    device: torch.device
+    lazy_decoder: bool
+    lazy_encoder: bool
+
+    def resident(self, t: Tensor) -> Tensor:
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def encoder(self, tf: TensorFile, name: str, *, transposed: bool = False) -> EncoderRows:
+        return EncoderRows(
+            tf, name, lazy=self.lazy_encoder, transposed=transposed, dtype=self.dtype, device=self.device
+        )
+
+    def decoder(self, tf: TensorFile, name: str) -> DecoderRows:
+        return DecoderRows(tf, name, lazy=self.lazy_decoder, dtype=self.dtype, device=self.device)
+
+    def threshold(self, tf: TensorFile, name: str, d_transcoder: int, path: Path) -> Tensor:
+        """JumpReLU thresholds (d_transcoder,), stored as a vector or any shape of that size."""
+        threshold = self.resident(tf.load(name))
+        if threshold.numel() == d_transcoder:
+            threshold = threshold.reshape(d_transcoder)
+        expect_shape(threshold, (d_transcoder,), name, path)
+        check_threshold(threshold, name, path)
+        return threshold
+
+    def skip(self, tf: TensorFile, name: str, d_model: int, path: Path, *, transposed: bool = False) -> Tensor:
+        """W_skip (d_model, d_model) as skip(x) = x @ W_skip.T; ``transposed``: stored as W_skip.T."""
+        W_skip = tf.load(name)
+        if transposed:
+            W_skip = W_skip.T
+        W_skip = self.resident(W_skip).contiguous()
+        expect_shape(W_skip, (d_model, d_model), name, path)
+        check_finite(W_skip, name, path)
+        return W_skip
+
+
 class LayeredTranscoders(Transcoders):
-    """Shared implementation; subclasses define the decoders' layout."""
+    """Shared implementation; subclasses set ``kind``, read the files and define the decoders'
+    layout."""
 
     def __init__(
         self,
-        *,
-        kind: TranscoderKind,
         config: TranscoderConfig,
         layers: list[LayerWeights],
         files: list[TensorFile],
         activation: str,
         scan: str | None,
-        dtype: torch.dtype,
-        device: torch.device,
+        load: WeightLoader,
     ):
-        self.kind = kind
-        self.config = config
-        self.directory = config.directory
         self.layers = layers
         self.files = files
         self.activation = activation
         self.n_layers = len(layers)
         self.d_transcoder, self.d_model = layers[0].encoder.shape
+        self.config = config
+        self.directory = config.directory
         self.feature_input_hook = config.feature_input_hook
         self.feature_output_hook = config.feature_output_hook
         self.model_name = config.model_name
         self.scan = scan
-        self.dtype = dtype
-        self.device = device
+        self.dtype = load.dtype
+        self.device = load.device
         self._digest: str | None = None
 
     # --- helpers ---------------------------------------------------------------------
@@ -183,8 +222,24 @@ class LayeredTranscoders(Transcoders):
         return self._layer(layer).k
 
     # --- decoders --------------------------------------------------------------------
+    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
+        return self._layer(layer).decoder.rows(features)
+
     def decoder_bias(self, layer: int) -> Tensor:
         return self._layer(layer).b_dec
+
+    def _decode_slice(self, layer: int, acts: Tensor, j: int) -> Tensor:
+        """What ``layer``'s features write through decoder slice ``j`` (no bias, no skip).
+
+        acts: (..., d_transcoder) -> (..., d_model); reads only active features' rows.
+        """
+        w = self._layer(layer)
+        active = self._active(acts)
+        out_shape = (*acts.shape[:-1], self.d_model)
+        if active.numel() == 0:
+            return torch.zeros(out_shape, dtype=acts.dtype, device=acts.device)
+        rows = w.decoder.rows(active, j).to(device=acts.device, dtype=acts.dtype)
+        return acts.index_select(-1, active.to(acts.device)) @ rows
 
     # --- skip --------------------------------------------------------------------------
     @property
@@ -203,7 +258,7 @@ class LayeredTranscoders(Transcoders):
         if w.W_skip is not None:
             if x is None:
                 raise ValueError(f"layer {out_layer} has a skip connection; pass its MLP input x to reconstruct")
-            y = y + self.skip(out_layer, x)
+            y = y + x.to(w.W_skip.dtype) @ w.W_skip.T  # the skip term, as self.skip computes it
         return y
 
     # --- bookkeeping -----------------------------------------------------------------

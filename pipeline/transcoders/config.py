@@ -54,6 +54,19 @@ class TranscoderFileNotFoundError(TranscoderConfigError, FileNotFoundError):
     """A file the transcoder config needs does not exist."""
 
 
+def require_directory(directory: Path) -> None:
+    """Raise TranscoderFileNotFoundError unless the local transcoder directory exists."""
+    if not directory.exists():
+        raise TranscoderFileNotFoundError(
+            f"transcoder directory {str(directory)!r} does not exist; pass a directory holding "
+            "config.yaml or a Hugging Face repo id"
+        )
+    if not directory.is_dir():
+        raise TranscoderFileNotFoundError(
+            f"{str(directory)!r} is a file; pass the directory that holds config.yaml and the weight files"
+        )
+
+
 class TranscoderSourceError(TranscoderConfigError, FileNotFoundError):
     """A Hugging Face source could not be fetched (offline and not cached, unreachable, ...)."""
 
@@ -180,11 +193,7 @@ def read_config(directory: str | Path) -> TranscoderConfig:
     """Read and validate ``directory/config.yaml``."""
     directory = Path(directory)
     path = directory / CONFIG_NAME
-    if not directory.is_dir():
-        raise TranscoderFileNotFoundError(
-            f"transcoder directory {str(directory)!r} does not exist; pass a directory holding "
-            "config.yaml or a Hugging Face repo id"
-        )
+    require_directory(directory)
     if not path.is_file():
         raise TranscoderFileNotFoundError(
             f"{str(path)!r} not found; a transcoder directory needs a config.yaml with keys {', '.join(REQUIRED_KEYS)}"

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from huggingface_hub import snapshot_download
+
 from .config import (
     CONFIG_NAME,
     TranscoderConfig,
     TranscoderFileNotFoundError,
     TranscoderSourceError,
+    require_directory,
 )
 
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -70,6 +73,7 @@ def parse_hub_ref(source: str, *, revision: str | None = None, subfolder: str | 
     if "@" in ref:
         ref, rev = ref.rsplit("@", 1)
         revision = revision or rev or None
+    sub: str | None
     if "//" in ref:
         repo, sub = ref.split("//", 1)
     else:
@@ -90,8 +94,6 @@ def parse_hub_ref(source: str, *, revision: str | None = None, subfolder: str | 
 
 def _snapshot(ref: HubRef, patterns: list[str], what: str) -> Path:
     """snapshot_download restricted to ``patterns``; returns the snapshot root."""
-    from huggingface_hub import snapshot_download
-
     offline = _offline()
     try:
         root = snapshot_download(
@@ -190,15 +192,7 @@ def resolve_source(
     if local.exists() or isinstance(source, Path) or looks_local(text):
         if subfolder:
             local = local / subfolder
-        if not local.exists():
-            raise TranscoderFileNotFoundError(
-                f"transcoder directory {str(local)!r} does not exist; pass a directory holding "
-                "config.yaml or a Hugging Face repo id"
-            )
-        if not local.is_dir():
-            raise TranscoderFileNotFoundError(
-                f"{str(local)!r} is a file; pass the directory that holds config.yaml and the weight files"
-            )
+        require_directory(local)
         return local.absolute(), None
     ref = parse_hub_ref(text, revision=revision, subfolder=subfolder)
     return fetch_config_dir(ref), ref

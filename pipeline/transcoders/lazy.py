@@ -220,7 +220,7 @@ class TensorFile:
                     self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         out = np.empty(n, dtype=np.uint8)
         done = 0
-        view = memoryview(out)
+        view = out.data  # a memoryview of its buffer
         while done < n:
             if hasattr(os, "preadv"):
                 got = os.preadv(self._fd, [view[done:]], offset + done)

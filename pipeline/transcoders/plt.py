@@ -21,19 +21,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from .common import (
     LayeredTranscoders,
     LayerWeights,
+    WeightLoader,
     check_finite,
-    check_threshold,
-    expect_shape,
     resolve_activation,
 )
 from .config import TranscoderConfig, TranscoderConfigError
-from .lazy import DecoderRows, EncoderRows, TensorFile
+from .lazy import TensorFile
 
 
 def _pick(tf: TensorFile, *names: str) -> str | None:
@@ -53,15 +51,7 @@ def _require(tf: TensorFile, *names: str) -> str:
     return name
 
 
-def read_plt_layer(
-    path: Path,
-    config: TranscoderConfig,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    lazy_decoder: bool,
-    lazy_encoder: bool = False,
-) -> tuple[LayerWeights, TensorFile, str]:
+def read_plt_layer(path: Path, config: TranscoderConfig, load: WeightLoader) -> tuple[LayerWeights, TensorFile, str]:
     """Read one layer's file: resident encoder, biases, threshold, skip; decoder lazy or not.
 
     Returns the weights, the open file and the layer's activation name.
@@ -99,19 +89,13 @@ def read_plt_layer(
             f"({d_transcoder}, {d_model}) = (d_transcoder, d_model)"
         )
 
-    encoder = EncoderRows(tf, enc_name, lazy=lazy_encoder, transposed=transposed, dtype=dtype, device=device)
-    b_enc = b_enc.to(device=device, dtype=dtype)
-    b_dec = b_dec.to(device=device, dtype=dtype)
+    encoder = load.encoder(tf, enc_name, transposed=transposed)
+    b_enc = load.resident(b_enc)
+    b_dec = load.resident(b_dec)
     check_finite(b_enc, b_enc_name, path)
     check_finite(b_dec, b_dec_name, path)
 
-    threshold = None
-    if thr_name is not None:
-        threshold = tf.load(thr_name).to(device=device, dtype=dtype)
-        if threshold.numel() == d_transcoder:
-            threshold = threshold.reshape(d_transcoder)
-        expect_shape(threshold, (d_transcoder,), thr_name, path)
-        check_threshold(threshold, thr_name, path)
+    threshold = None if thr_name is None else load.threshold(tf, thr_name, d_transcoder, path)
 
     file_k = None
     if "k" in tf:
@@ -122,17 +106,12 @@ def read_plt_layer(
 
     W_skip = None
     if skip_name is not None:
-        W_skip = tf.load(skip_name)
-        if skip_name == "affine_skip_connection":
-            W_skip = W_skip.T
-        W_skip = W_skip.to(device=device, dtype=dtype).contiguous()
-        expect_shape(W_skip, (d_model, d_model), skip_name, path)
-        check_finite(W_skip, skip_name, path)
+        W_skip = load.skip(tf, skip_name, d_model, path, transposed=skip_name == "affine_skip_connection")
 
     activation, k = resolve_activation(config, threshold is not None, file_k, path)
     if activation != "jump_relu":
         threshold = None
-    decoder = DecoderRows(tf, dec_name, lazy=lazy_decoder, dtype=dtype, device=device)
+    decoder = load.decoder(tf, dec_name)
     return (
         LayerWeights(
             encoder=encoder, b_enc=b_enc, b_dec=b_dec, decoder=decoder, threshold=threshold, k=k, W_skip=W_skip
@@ -145,30 +124,14 @@ def read_plt_layer(
 class TranscoderSet(LayeredTranscoders):
     """Per-layer transcoders: layer l's features write to layer l's MLP output only."""
 
-    def __init__(
-        self,
-        config: TranscoderConfig,
-        paths: list[Path],
-        *,
-        scan: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        lazy_decoder: bool = True,
-        lazy_encoder: bool = False,
-    ):
-        device = torch.device(device)
+    kind = "transcoder_set"
+
+    def __init__(self, config: TranscoderConfig, paths: list[Path], load: WeightLoader, scan: str | None = None):
         layers: list[LayerWeights] = []
         files: list[TensorFile] = []
         activations: list[str] = []
         for path in paths:
-            weights, tf, activation = read_plt_layer(
-                path,
-                config,
-                dtype=dtype,
-                device=device,
-                lazy_decoder=lazy_decoder,
-                lazy_encoder=lazy_encoder,
-            )
+            weights, tf, activation = read_plt_layer(path, config, load)
             if layers:
                 ref = layers[0]
                 if weights.encoder.shape != ref.encoder.shape:
@@ -184,34 +147,16 @@ class TranscoderSet(LayeredTranscoders):
             layers.append(weights)
             files.append(tf)
             activations.append(activation)
-        super().__init__(
-            kind="transcoder_set",
-            config=config,
-            layers=layers,
-            files=files,
-            activation=activations[0],
-            scan=scan,
-            dtype=dtype,
-            device=device,
-        )
+        super().__init__(config, layers, files, activations[0], scan, load)
         self.paths = list(paths)
 
     def output_layers(self, layer: int) -> range:
         self._layer(layer)
         return range(layer, layer + 1)
 
-    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        return self._layer(layer).decoder.rows(features)
-
     def decode(self, layer: int, acts: Tensor) -> Tensor:
         """sum_f acts[..., f] W_dec[f] over active features only (no bias, no skip)."""
-        w = self._layer(layer)
-        active = self._active(acts)
-        out_shape = (*acts.shape[:-1], self.d_model)
-        if active.numel() == 0:
-            return torch.zeros(out_shape, dtype=acts.dtype, device=acts.device)
-        rows = w.decoder.rows(active, 0).to(device=acts.device, dtype=acts.dtype)
-        return acts.index_select(-1, active.to(acts.device)) @ rows
+        return self._decode_slice(layer, acts, 0)
 
     def reconstruct(self, out_layer: int, acts: list[Tensor], x: Tensor | None = None) -> Tensor:
         self._layer(out_layer)

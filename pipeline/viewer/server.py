@@ -67,6 +67,7 @@ it in sync with every change and restores from it (falling back to the sidecar) 
 from __future__ import annotations
 
 import argparse
+import functools
 import http.server
 import ipaddress
 import json
@@ -76,13 +77,14 @@ import re
 import socket
 import socketserver
 import sys
-import tempfile
 import threading
 import webbrowser
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
+
+from pipeline import _io
 
 __all__ = [
     "ANNOTATIONS_SCHEMA_VERSION",
@@ -212,7 +214,7 @@ def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]]
     sn_in = doc.get("supernodes", {})
     if not isinstance(sn_in, dict):
         raise ValueError("supernodes must be an object {name: {nodes: [...]}}")
-    supernodes = {}
+    supernodes: dict[str, dict[str, list]] = {}
     for name in sorted(sn_in):
         if not name.strip() or len(name) > MAX_NAME_CHARS:
             raise ValueError(f"supernode names are non-blank strings of at most {MAX_NAME_CHARS} chars")
@@ -268,38 +270,6 @@ def normalize_annotations(doc, slug: str, nodes: Mapping[str, Mapping[str, Any]]
     }
 
 
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, ``os.replace``, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -345,14 +315,13 @@ class ViewerServer(http.server.ThreadingHTTPServer):
         # HTTPServer.server_bind would look up the host's FQDN (a DNS query); not needed here
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET or AF_INET6 address
         self.server_name, self.server_port = host, port
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{port}/"
+        host = f"[{self.server_name}]" if ":" in self.server_name else self.server_name
+        return f"http://{host}:{self.server_port}/"
 
     # -- files of the graph folder -----------------------------------------------------------
 
@@ -431,7 +400,8 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_json(self, status: int, obj, *, head: bool = False) -> None:
-        self._send(status, _json_bytes(obj), "application/json; charset=utf-8", head=head)
+        # keys in the order the document was built in: the annotations' schema order
+        self._send(status, _io.json_bytes(obj, sort_keys=False), "application/json; charset=utf-8", head=head)
 
     def _error(self, status: int, message: str, *, head: bool = False) -> None:
         self._send_json(status, {"error": message}, head=head)
@@ -481,27 +451,6 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
             self._error(exc.status, exc.message, head=head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-    def do_GET(self):  # noqa: N802
-        self._dispatch("GET")
-
-    def do_HEAD(self):  # noqa: N802
-        self._dispatch("HEAD")
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._dispatch("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):  # noqa: N802
-        self._dispatch("PATCH")
-
-    def do_OPTIONS(self):  # noqa: N802
-        self._dispatch("OPTIONS")
 
     # -- GET -----------------------------------------------------------------------------------
 
@@ -553,10 +502,10 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise HTTPError(411, "Content-Length required")
-        length = int(length)
-        if length > MAX_ANNOTATION_BYTES:
+        n_bytes = int(length)
+        if n_bytes > MAX_ANNOTATION_BYTES:
             raise HTTPError(413, f"annotations larger than {MAX_ANNOTATION_BYTES} bytes refused")
-        body = self.rfile.read(length)
+        body = self.rfile.read(n_bytes)
         slug = self.server.check_slug(segments[2])
         try:
             doc = _loads(body)
@@ -570,10 +519,16 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         path = annotations_path(self.server.graph_dir, slug)
         with self.server.write_lock:
             try:
-                _atomic_write(path, _json_bytes(stored))
+                _io.atomic_write_bytes(path, _io.json_bytes(stored, sort_keys=False))
             except OSError as exc:
                 raise HTTPError(500, f"could not save annotations: {exc.strerror or exc}") from None
         self._send_json(200, stored)
+
+
+# http.server answers a request with the handler's do_<METHOD>: every method goes through
+# _dispatch, which refuses those the viewer does not serve (405) in its JSON error form
+for _method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+    setattr(ViewerHandler, f"do_{_method}", functools.partialmethod(ViewerHandler._dispatch, _method))
 
 
 def make_server(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True) -> ViewerServer:

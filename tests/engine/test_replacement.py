@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline import testing
-from pipeline.engine.replacement import PromptError, ReplacementModel
+from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.tokens import PromptError
 
 ARCHS = ["tiny_gpt2_dir", "tiny_llama_dir"]
 KINDS = ["plt_dir", "plt_skip_dir", "clt_dir", "gemmascope_dir"]

@@ -225,8 +225,8 @@ def test_tokenize_stage_tokenizer_gives_the_replacement_models_ids(fixture, requ
     """The tokenize stage reads only the tokenizer and config, yet gives the ids (BOS handling,
     errors) of ``ReplacementModel.tokenize``, for tokenizers that add BOS and ones that do not."""
     from pipeline import testing
-    from pipeline.engine.replacement import PromptError, ReplacementModel
-    from stages._model import PromptTokenizer
+    from pipeline.engine.replacement import ReplacementModel
+    from pipeline.engine.tokens import PromptError, PromptTokenizer
 
     if fixture == "gpt2_adds_bos":
         model_dir = testing.make_tiny_gpt2(tmp_path / "gpt2_bos", n_layers=2, d_model=16, tokenizer_adds_bos=True)
@@ -257,7 +257,7 @@ def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, mo
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     tokenize.main(["--prompt-id", "p"])
-    from stages._model import PromptTokenizer
+    from pipeline.engine.tokens import PromptTokenizer
 
     expected = PromptTokenizer(str(tiny_gpt2_dir)).tokenize("the river").tolist()
     assert load_file("results/p/tokens.safetensors")["tokens"].tolist() == expected and len(expected) == 3

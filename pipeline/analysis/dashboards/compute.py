@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,7 +124,7 @@ class DashboardRun:
         self.pad_id = int(pad if pad is not None else (tok.eos_token_id or 0))
         self.device = model.bridge.cfg.device
         self.layers: list[LayerState] = []
-        self.meta = {
+        self.meta: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "n_batches": 0,
             "n_seqs": 0,
@@ -267,7 +268,7 @@ class DashboardRun:
         return out
 
     # ------------------------------------------------------------------ step 4: quantile groups
-    def examples(self) -> list[dict[str, np.ndarray]]:
+    def examples(self) -> list[dict[str, Any]]:
         """Per layer, every example slot: top-k (F*K) then quantile (F*Q*M), flattened.
 
         Each dict: tid (token ids, -1 empty), value, feature, bounds (F, Q+1) and n_top (F*K).
@@ -289,7 +290,7 @@ class DashboardRun:
         return out
 
     # ------------------------------------------------------------------ step 5: contexts
-    def contexts(self, examples: list[dict[str, np.ndarray]]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    def contexts(self, examples: list[dict[str, Any]]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """Windows of every example; examples[l]["tid"]: (E_l,) token ids (-1 empty).
 
         returns windows[l] (E_l, W) float32 and the stored sequences table.
@@ -306,7 +307,7 @@ class DashboardRun:
             per_layer.append((slots[order], seq[order], (tid[slots] & (MAX_SEQ_LEN - 1))[order]))
         ref = np.unique(np.concatenate([p[1] for p in per_layer] + [np.zeros(0, np.int64)]))
         windows = [np.zeros((ex["tid"].size, W), dtype=np.float32) for ex in examples]
-        table = {"id": [], "doc": [], "start": [], "tokens": []}
+        table: dict[str, list] = {"id": [], "doc": [], "start": [], "tokens": []}
         if ref.size == 0:
             return windows, _sequence_table(table)
         last_ref = int(ref[-1])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline._io import digest_json, read_json
+from pipeline.organism.world import WorldConfig, make_world
 
 from .config import POS_BITS
 
@@ -159,13 +160,8 @@ def organism_corpus(world: str | os.PathLike | Mapping, n: int = 4096, *, seed: 
     world: the ``data/organism/world.json`` written by the organism_world stage (or its dict,
     or a ``WorldConfig`` dict under ``"config"``).
     """
-    # here, not at the top: the pipeline.organism package imports transformers (seconds), which
-    # every reader of a store would otherwise pay
-    from pipeline.organism.world import WorldConfig, make_world
-
-    if not isinstance(world, Mapping):
-        world = read_json(world)
-    cfg = world.get("config", world)
+    data = world if isinstance(world, Mapping) else read_json(world)
+    cfg = data.get("config", data)
     d = dict(cfg)
     for key in ("templates_per_kind", "kind_weights", "pinned_trained"):
         if key in d:

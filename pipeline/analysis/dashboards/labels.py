@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def _compose(ins: Sequence[str], outs: Sequence[str], n_inputs: int, n_outputs: 
 def feature_labels(
     cfg: DashboardConfig,
     n_features: int,
-    examples: list[dict[str, np.ndarray]],
+    examples: list[dict[str, Any]],
     seqs: dict[str, np.ndarray],
     logits: list[DecoderLogits],
     vocab: list[str],

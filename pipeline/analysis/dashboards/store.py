@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,11 @@ class Dashboards:
             self._arrays[name] = zarr.open_array(self._store, path=name, mode="r")
         return self._arrays[name]
 
-    def _cached(self, key: tuple, load: Callable[[], np.ndarray]) -> np.ndarray:
+    def _cached(self, key: tuple, name: str, index: Any) -> np.ndarray:
+        """``self._array(name)[index]`` read as numpy, kept in the LRU cache under ``key``."""
         block = self._blocks.get(key)
         if block is None:
-            block = load()
+            block = np.asarray(self._array(name)[index])
             self._blocks[key] = block
             if len(self._blocks) > _CACHE_BLOCKS:
                 self._blocks.popitem(last=False)
@@ -109,9 +110,9 @@ class Dashboards:
         c, r = divmod(f, FEATURE_CHUNK)
         sl = slice(c * FEATURE_CHUNK, (c + 1) * FEATURE_CHUNK)
         if name.startswith("logits/layer_"):  # (L, L, F, V): feature axis 2
-            block = self._cached((name, layer, c), lambda: np.asarray(self._array(name)[layer, :, sl]))
+            block = self._cached((name, layer, c), name, (layer, slice(None), sl))
             return block[:, r]
-        block = self._cached((name, layer, c), lambda: np.asarray(self._array(name)[layer, sl]))
+        block = self._cached((name, layer, c), name, (layer, sl))
         return block[r]
 
     def _span(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -119,7 +120,7 @@ class Dashboards:
         n = SPAN_CHUNK
         parts = []
         for c in range(start // n, (max(stop, start + 1) - 1) // n + 1):
-            block = self._cached((name, c), lambda c=c: np.asarray(self._array(name)[c * n : (c + 1) * n]))
+            block = self._cached((name, c), name, slice(c * n, (c + 1) * n))
             parts.append(block[max(start - c * n, 0) : max(min(stop - c * n, n), 0)])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 

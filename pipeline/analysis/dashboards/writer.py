@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -97,7 +97,12 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
         },
         "dtype": str(model.dtype),
     }
-    compressor = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    # what every array of the store shares: its codec, zero fill, v2 chunk keys ("." separator)
+    encoding: dict[str, Any] = dict(
+        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+        fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "."},
+    )
     fc = min(FEATURE_CHUNK, F)
     remove_stale_temps(run.out)  # what a killed earlier writer left
     with atomic_path(run.out) as tmp:
@@ -107,6 +112,7 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
         def create(name: str, shape: tuple, dtype, feature_axis: int | None):
             """Per-feature arrays (layer axis 0): chunks of ``fc`` features, one shard per layer
             holding every feature; 1-D tables: SPAN_CHUNK-element chunks in one shard."""
+            shards: tuple[int, ...] | None
             if 0 in shape:
                 chunks, shards = tuple(max(1, s) for s in shape), None
             elif feature_axis is None:
@@ -118,15 +124,7 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
                     1 if i == 0 else -(-s // fc) * fc if i == feature_axis else s for i, s in enumerate(shape)
                 )
             return zarr.create_array(
-                store,
-                name=name,
-                shape=shape,
-                dtype=dtype,
-                chunks=chunks,
-                shards=shards,
-                compressors=compressor,
-                fill_value=0,
-                chunk_key_encoding={"name": "v2", "separator": "."},
+                store, name=name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, **encoding
             )
 
         def put(name: str, data: np.ndarray) -> None:

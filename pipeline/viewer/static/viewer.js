@@ -422,12 +422,19 @@
     return { m, rowH, colW, yOf };
   }
 
-  function renderGraph() {
-    const svg = $("graph");
-    const W = Math.max(320, svg.clientWidth || 800);
-    const H = Math.max(240, svg.clientHeight || 560);
+  // The SVG `id`, emptied, its viewBox its size on the page (at least min; fallback while it is
+  // not laid out yet).
+  function clearedSvg(id, [minW, minH], [fallbackW, fallbackH]) {
+    const svg = $(id);
+    const W = Math.max(minW, svg.clientWidth || fallbackW);
+    const H = Math.max(minH, svg.clientHeight || fallbackH);
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.replaceChildren();
+    return { svg, W, H };
+  }
+
+  function renderGraph() {
+    const { svg, W, H } = clearedSvg("graph", [320, 240], [800, 560]);
     const L = layoutGraph(W, H);
 
     const grid = s("g", { class: "grid" });
@@ -949,11 +956,7 @@
   }
 
   function renderSubgraph() {
-    const svg = $("subgraph");
-    const W = Math.max(200, svg.clientWidth || 360);
-    const H = Math.max(120, svg.clientHeight || 240);
-    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
-    svg.replaceChildren();
+    const { svg, W, H } = clearedSvg("subgraph", [200, 120], [360, 240]);
     // items: each supernode, then every pinned node outside a supernode
     const items = [];
     const itemOf = new Map();
