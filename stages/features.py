@@ -21,21 +21,6 @@ from stages._model import load_replacement_model
 from stages._stage import dashboards_path, parse_args, setup_torch
 
 
-def dashboard_config(spec: FeaturesSpec) -> D.DashboardConfig:
-    return D.DashboardConfig(
-        top_k=spec.top_k,
-        n_quantiles=spec.n_quantiles,
-        examples_per_quantile=spec.examples_per_quantile,
-        context_before=spec.context_before,
-        context_after=spec.context_after,
-        n_logits=spec.n_logits,
-        batch_tokens=spec.batch_tokens,
-        seq_len=spec.seq_len,
-        max_tokens=spec.max_tokens,
-        seed=spec.seed,
-    )
-
-
 def load_corpus(spec: FeaturesSpec):
     """The corpus ``features`` names, as a re-iterable of texts."""
     if spec.source == "organism":
@@ -55,7 +40,7 @@ def main(argv=None) -> None:
     model = load_replacement_model(cfg, dtype=spec.dtype)
     t1 = time.perf_counter()
     out = D.compute_dashboards(
-        model, corpus, dashboards_path(spec), dashboard_config(spec), progress=False, overwrite=True
+        model, corpus, dashboards_path(spec), D.DashboardConfig.of(spec), progress=False, overwrite=True
     )  # DVC removed the old store; a finished one is replaced
     dash = D.Dashboards.open(out)
     wall = time.perf_counter() - t1

@@ -47,12 +47,13 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.circuit import Circuit, read_circuit
+from pipeline.analysis.options import BASELINES, InterventionSettings
 from pipeline.analysis.selection import Chosen, Rule, is_rule, moved, random_like, select
 from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
 from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
 from pipeline.engine.generation import GenerationResult, feature_intervention_generate
 from pipeline.engine.intervened_forward import CleanRun, InterventionRunner, clean_run
-from pipeline.engine.interventions import ERROR_MODES, ModeArguments, Scale
+from pipeline.engine.interventions import ModeArguments, Scale
 from pipeline.engine.replacement import ReplacementModel
 
 __all__ = [
@@ -75,7 +76,6 @@ MODES = ("iterative", "constrained", "direct")
 #: random: feature sets of the selected sets' shape (n_random seeded draws); same_state: the swap
 #: from donors with this prompt's value of the swapped label; wrong_position: every
 #: intervention moved by wrong_offset tokens
-BASELINES = ("random", "same_state", "wrong_position")
 NO_MATCH = "no feature matched"
 
 
@@ -186,62 +186,28 @@ class Experiment:
 
 
 @dataclass
-class EvaluationSpec:
-    """What :func:`evaluate` runs (the ``intervention`` config group's schema).
+class EvaluationSpec(InterventionSettings):
+    """What :func:`evaluate` runs: the :class:`~pipeline.analysis.options.InterventionSettings`
+    (the ``intervention`` config group) plus what is per prompt or per call.
 
+    experiments: the prompt's named experiments (:class:`Experiment`)
     supernodes: {name: [[layer, pos, feature], ...]} defined in the config (they override
     annotation supernodes of the same name)
     node_threshold / edge_threshold: pruning of a raw Graph (a pruned graph keeps its own)
-    faithfulness: run the four faithfulness conditions (False: the report's ``faithfulness``
-    section is None)
-    errors: "recomputed" (circuit-tracer's definition) or "frozen" (the local replacement
-    model: a circuit's faithfulness inside the replacement model); see resolve_mode
-    baselines: which of :data:`BASELINES` run beside every experiment with an expected flip
-    n_random / seed: the random baseline's number of draws and their seed (each experiment's
-    draws come from ``(seed, its name)``, so they do not depend on the other experiments)
-    wrong_offset: the wrong-position baseline writes every feature this many tokens away
-    (-1: the token before; not run where a feature would land on BOS or outside the prompt)
-    language_share: a continuation is in a language when more than this share of its
-    language-marked tokens are (:func:`language_share`)
     """
 
-    top_k: int = 10
     experiments: list[Experiment] = field(default_factory=list)
-    faithfulness: bool = True
     supernodes: dict = field(default_factory=dict)
-    freeze_attention: bool = True
-    errors: str = "recomputed"  # circuit-tracer's definition, so its users' numbers carry over
-    n_top_tokens: int = 5
-    max_new_tokens: int = 8
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    n_random: int = 100
-    seed: int = 0
-    wrong_offset: int = -1
-    language_share: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.experiments = [e if isinstance(e, Experiment) else Experiment.from_dict(e) for e in self.experiments]
         names = [e.name for e in self.experiments]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"experiment names must be unique; repeated: {dupes}")
-        for name in ("top_k", "n_top_tokens", "max_new_tokens", "n_random", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        unknown = sorted(set(self.baselines) - set(BASELINES))
-        if unknown:
-            raise ValueError(f"baselines must be among {BASELINES}, got {unknown}")
-        if isinstance(self.wrong_offset, bool) or not isinstance(self.wrong_offset, int) or self.wrong_offset == 0:
-            raise ValueError(f"wrong_offset must be a non-zero integer, got {self.wrong_offset!r}")
-        if not 0 <= self.language_share < 1:
-            raise ValueError(f"language_share must be in [0, 1), got {self.language_share!r}")
-        if self.n_top_tokens == 0:
-            raise ValueError("n_top_tokens must be positive")
-        if self.errors not in ERROR_MODES:
-            raise ValueError(f"errors must be one of {ERROR_MODES}, got {self.errors!r}")
         supernodes_from_config(self.supernodes)  # validate early
 
     @classmethod

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.engine.options import ERROR_MODES
+
 #: How MLP outputs of layers that run live are formed. "recomputed" (the default): the model's
 #: own MLP on the live input plus the intervened features' decoder changes, which is what
 #: circuit-tracer 0.5.0 computes; "frozen": the local replacement model, error vectors held at
 #: their clean values (docs/interventions.md#error-vectors).
-ERROR_MODES = ("recomputed", "frozen")
 #: Which generated positions an open-ended intervention (``pos=slice(k, None, step)``) applies
 #: to. "all" (the default): every generated token, whatever k and step, as circuit-tracer 0.5.0
 #: does; "slice": only those the slice selects (position >= k, every step-th).

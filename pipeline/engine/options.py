@@ -52,3 +52,9 @@ class AttributionConfig:
         must stay out of the fingerprint."""
         values = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
         return cls(**{**values, **changes})
+
+
+#: how an intervention's live layers form their MLP output: ``recomputed`` (circuit-tracer's
+#: definition: the model's own MLPs on the live input plus the decoder deltas) or ``frozen``
+#: (the local replacement model: reconstruction plus the clean error vectors)
+ERROR_MODES: tuple[str, ...] = ("recomputed", "frozen")

@@ -86,37 +86,35 @@ class TrainConfig(TrainSettings):
 # skip_init (OmegaConf has no Literal).
 @dataclass
 class TranscoderTrainSettings:
-    """Transcoder training.
+    """Transcoder training (standardized units: x and y scaled so that E||x||^2 = d_model)."""
 
-    d_transcoder: features per layer.
-    sparsity_coefficient: lambda of the tanh sparsity penalty (per layer, per token);
-        tanh_scale: c inside the tanh. At 10 the penalty saturates within a few activation
-        units, close to counting active features: the features then specialize (one for a
-        state) where at 1 (close to an L1 penalty) they share a dense code across states.
-    bandwidth: eps of the threshold's straight-through estimator (standardized units);
-        threshold_init: initial theta.
-    sparsity_warmup: share of the steps over which lambda ramps up from 0.
-    skip: learn a linear skip W_skip (PLT only; the CLT is trained without one).
-    skip_init: "zero" or "least_squares" (the affine least-squares fit of y on x).
-    skip_l2: L2 penalty on W_skip (standardized units), keeps the state in the features.
-    n_tokens: cap on the training contexts (None: all distinct contexts, a few thousand).
-    """
-
+    #: features per layer
     d_transcoder: int = 256
+    #: optimization: AdamW, linear warmup then cosine decay to lr * min_lr_ratio
     steps: int = 1500
     batch_size: int = 512
     lr: float = 2e-3
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    #: lambda of the tanh sparsity penalty (per layer, per token) and c inside the tanh. At
+    #: c = 10 the penalty saturates within a few activation units, close to counting active
+    #: features: features then specialize (one for a state) where at 1 (close to an L1
+    #: penalty) they share a dense code across states
     sparsity_coefficient: float = 0.008
     tanh_scale: float = 10.0
+    #: eps of the threshold's straight-through estimator, and the initial threshold theta
     bandwidth: float = 0.1
     threshold_init: float = 0.1
+    #: share of the steps over which lambda ramps up from 0
     sparsity_warmup: float = 0.2
+    #: learn a linear skip W_skip (PLT only; the CLT is trained without one), initialised at
+    #: "zero" or by "least_squares" (the affine fit of y on x), with an L2 penalty that keeps
+    #: the state in the features
     skip: bool = True
     skip_init: str = "zero"
     skip_l2: float = 0.01
+    #: cap on the training contexts (None: all distinct contexts, a few thousand)
     n_tokens: Optional[int] = None
     seed: int = 0
 

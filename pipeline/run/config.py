@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from pipeline.analysis.options import DashboardConfig, InterventionSettings
 from pipeline.engine.options import AttributionConfig
 from pipeline.organism.config import ModelConfig, TrainSettings, TranscoderTrainSettings
 from pipeline.organism.world import WorldConfig
@@ -43,7 +44,6 @@ PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation.KINDS
 EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.analysis.evaluation.MODES
-BASELINES: tuple[str, ...] = ("random", "same_state", "wrong_position")  # pipeline.analysis.evaluation.BASELINES
 
 
 @dataclass
@@ -219,7 +219,7 @@ FEATURE_CORPORA: tuple[str, ...] = ("organism", "file", "hf")
 
 
 @dataclass
-class FeaturesSpec:
+class FeaturesSpec(DashboardConfig):
     """Feature dashboards of the configured transcoders (the ``features`` stage, see
     ``pipeline.analysis.dashboards``): one store, ``data/dashboards/<name>.zarr``, whose labels and
     per-feature records the export stage uses.
@@ -232,7 +232,7 @@ class FeaturesSpec:
     corpus / dep: see source; dep is the path DVC tracks (the file; for ``hf``, a conf file).
     n_documents: sentences drawn from the organism's world. split: the dataset split (hf).
     dtype: the model's dtype while streaming the corpus.
-    The rest are ``pipeline.analysis.dashboards.DashboardConfig`` fields (same meaning).
+    The fields it extends are ``DashboardConfig``'s (what a dashboard records).
     """
 
     name: str = "plt"
@@ -243,18 +243,9 @@ class FeaturesSpec:
     field: str = "text"
     split: str = "train"
     dtype: str = "float32"
-    top_k: int = 20
-    n_quantiles: int = 5
-    examples_per_quantile: int = 4
-    context_before: int = 8
-    context_after: int = 4
-    n_logits: int = 10
-    batch_tokens: int = 2048
-    seq_len: Optional[int] = None
-    max_tokens: Optional[int] = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.source not in FEATURE_CORPORA:
             raise ValueError(f"features.source must be one of {FEATURE_CORPORA}, got {self.source!r}")
         if self.dtype not in DTYPES:
@@ -308,46 +299,9 @@ class SelectivitySpec:
             raise ValueError("selectivity.roles and selectivity.labels must not be empty")
 
 
-@dataclass
-class InterventionSpec:
-    """The ``intervene`` stage (``pipeline.analysis.evaluation.EvaluationSpec``; the experiments are
-    per prompt, in ``prompts.items.<id>.experiments``).
-
-    top_k: features (by influence) ablated one at a time and compared with the attribution.
-    faithfulness: run the circuit-only / circuit-ablated / all-ablated comparison.
-    freeze_attention: attention patterns frozen in the iterative runs.
-    errors: ``frozen`` (the local replacement model) or ``recomputed`` error vectors.
-    n_top_tokens: rows of the before / after top-token tables.
-    max_new_tokens: greedy generation length per experiment (clean and steered; 0: none).
-    baselines: run beside every experiment with an expected flip: ``random`` (n_random feature
-        sets of the selected sets' shape, drawn from ``seed``), ``same_state`` (swaps from
-        donors of this prompt's own state), ``wrong_position`` (every feature written
-        ``wrong_offset`` tokens away).
-    language_share: a continuation is in a language when more than this share of its
-        language-marked tokens are (steers with an ``expected_language``).
-    """
-
-    top_k: int = 10
-    faithfulness: bool = True
-    freeze_attention: bool = True
-    errors: str = "recomputed"  # circuit-tracer's definition, so its users' numbers carry over
-    n_top_tokens: int = 5
-    max_new_tokens: int = 5
-    baselines: List[str] = field(default_factory=lambda: list(BASELINES))
-    n_random: int = 100
-    seed: int = 0
-    wrong_offset: int = -1
-    language_share: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.errors not in ("frozen", "recomputed"):
-            raise ValueError(f"intervention.errors must be 'frozen' or 'recomputed', got {self.errors!r}")
-        for name in ("top_k", "n_top_tokens", "max_new_tokens", "n_random", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"intervention.{name} must be >= 0, got {getattr(self, name)}")
-        unknown = sorted(set(self.baselines) - set(BASELINES))
-        if unknown:
-            raise ValueError(f"intervention.baselines must be among {BASELINES}, got {unknown}")
+# The intervene stage's settings (the experiments are per prompt, in prompts.items.<id>.experiments):
+# defined once, in pipeline.analysis.options, which evaluation's EvaluationSpec extends.
+InterventionSpec = InterventionSettings
 
 
 @dataclass
