@@ -44,20 +44,7 @@ def evaluation_spec(cfg: PipelineConfig, prompt_id: str) -> EvaluationSpec:
     item = cfg.prompts.items[prompt_id]
     try:
         return EvaluationSpec.from_dict(
-            {
-                "top_k": iv.top_k,
-                "faithfulness": iv.faithfulness,
-                "freeze_attention": iv.freeze_attention,
-                "errors": iv.errors,
-                "n_top_tokens": iv.n_top_tokens,
-                "max_new_tokens": iv.max_new_tokens,
-                "baselines": list(iv.baselines),
-                "n_random": iv.n_random,
-                "seed": iv.seed,
-                "wrong_offset": iv.wrong_offset,
-                "language_share": iv.language_share,
-                "experiments": [dataclasses.asdict(e) for e in item.experiments],
-            }
+            {**dataclasses.asdict(iv), "experiments": [dataclasses.asdict(e) for e in item.experiments]}
         )
     except ValueError as exc:
         raise ValueError(f"prompts.items.{prompt_id}.experiments: {exc}") from None

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from pipeline.analysis.circuit import Circuit, read_circuit
+from pipeline.analysis.hops import prompt_hop
 from pipeline.analysis.options import BASELINES, InterventionSettings
 from pipeline.analysis.selection import Chosen, Rule, is_rule, moved, random_like, select
 from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
@@ -55,6 +56,7 @@ from pipeline.engine.generation import GenerationResult, feature_intervention_ge
 from pipeline.engine.intervened_forward import CleanRun, InterventionRunner, clean_run
 from pipeline.engine.interventions import ModeArguments, Scale
 from pipeline.engine.replacement import ReplacementModel
+from pipeline.graph.pruned import PrunedGraph
 
 __all__ = [
     "BASELINES",
@@ -401,7 +403,12 @@ def evaluate(
     setting = _Setting(model, runner, spec, supernodes, context, item, circuit)
     report["experiments"] = experiments = [_run_experiment(setting, exp) for exp in spec.experiments]
 
-    # Phase 5: summary
+    # Phase 5: the intermediate hop (prompts labeled with a state and a city, given a selectivity table)
+    pruned = graph if isinstance(graph, PrunedGraph) else None  # a raw store has no pruned edges to follow
+    hop = prompt_hop(model, pruned, item, runner.clean.tokens, context.selectivity)
+    report["intermediate_node"] = None if hop is None else hop.to_dict()
+
+    # Phase 6: summary
     report["summary"] = {
         **_flip_counts(experiments),
         **_by_kind_and_group(experiments),
@@ -409,6 +416,7 @@ def evaluate(
         "circuit_ablation_effect": faith["circuit_ablation_effect"],
         "correlation_direct": report["top_features"]["correlation_direct"],
         "correlation_iterative": report["top_features"]["correlation_iterative"],
+        "intermediate_node": None if hop is None else hop.found,
     }
     return report
 
@@ -966,6 +974,17 @@ def _sum_counts(counts: Sequence[Mapping[str, Any]]) -> dict:
     return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None, "baselines": baselines}
 
 
+def _hop_rate(summaries: Sequence[Mapping[str, Any]]) -> dict:
+    """Prompts checked for an intermediate node, those that have one, and the rate."""
+    checked = [s["intermediate_node"] for s in summaries if s.get("intermediate_node") is not None]
+    found = sum(bool(f) for f in checked)
+    return {
+        "n_intermediate_checked": len(checked),
+        "n_intermediate_found": found,
+        "intermediate_node_rate": _r(found / len(checked)) if checked else None,
+    }
+
+
 def study_metrics(
     summaries: Sequence[Mapping[str, Any]], prompt_groups: Mapping[str, Sequence[int]] | None = None
 ) -> dict:
@@ -992,6 +1011,7 @@ def study_metrics(
         "mean_faithfulness": mean("faithfulness"),
         "mean_correlation_direct": mean("correlation_direct"),
         "mean_correlation_iterative": mean("correlation_iterative"),
+        **_hop_rate(summaries),
     }
     if prompt_groups is not None:
         out["by_prompt_group"] = {

@@ -10,15 +10,18 @@ that write the answer (:func:`answer_writers`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from pipeline.analysis.selectivity import SelectivityTable, role_position
 from pipeline.graph.pruned import PrunedGraph
 
-__all__ = ["HopResult", "answer_writers", "intermediate_hop", "reachable"]
+__all__ = ["HopResult", "answer_writers", "intermediate_hop", "prompt_hop", "reachable"]
 
 Node = tuple[int, int, int]  # (layer, position, feature)
 
@@ -116,3 +119,40 @@ def intermediate_hop(
             False, reason="the selective features on the path write the answer", candidates_kept=len(in_circuit)
         )
     return HopResult(True, nodes=hops, candidates_kept=len(in_circuit))
+
+
+def prompt_hop(
+    model,
+    pruned: PrunedGraph | None,
+    item: Mapping[str, Any],
+    tokens: Tensor,
+    table: SelectivityTable | None,
+    *,
+    label: str = "state",
+    source_role: str = "city",
+    roles: tuple[str, ...] = ("city", "last"),
+) -> HopResult | None:
+    """:func:`intermediate_hop` for a labeled prompt: the source is its ``source_role`` token (the
+    city), the candidates the features selective for its ``label`` value (its state) at each of
+    ``roles``, the answer the graph's first logit (the model's top token). None where the check
+    does not apply: no pruned graph, no table, or a prompt without that label or anchor."""
+    value = item.get("labels", {}).get(label)
+    if pruned is None or table is None or value is None or label not in table.labels:
+        return None
+    source = role_position(model.tokenizer, tokens, source_role, item)
+    if source is None:
+        return None
+    candidates: list[Node] = []
+    for role in roles:
+        pos = role_position(model.tokenizer, tokens, role, item) if role in table.roles else None
+        if pos is not None:
+            layers, features = np.nonzero(table.selective(label, value, role))
+            candidates += [(int(layer), pos, int(f)) for layer, f in zip(layers, features)]
+    answer = int(np.asarray(pruned.logit_tokens)[0])
+    return intermediate_hop(
+        pruned,
+        source_pos=source,
+        answer_token=answer,
+        candidates=candidates,
+        writes_answer=lambda nodes: answer_writers(model, nodes, answer),
+    )
