@@ -1,0 +1,212 @@
+"""The organism's case studies over several seeds: the intermediate-node rate, the state-swap flip
+rate and the language-steer switch rate, each with its baselines, for PLT and CLT; mean and worst.
+
+    python bench/organism_seeds.py                    # seeds 0 1 2 (about 25 min on 2 cores)
+    python bench/organism_seeds.py --seeds 0 --quick  # one seed, a few prompts (smoke test)
+
+Per seed, the organism is built from that seed (world split, model and transcoders); then, for
+each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
+two-hop prompts (every state, two cities each, English) the attribution graph, its pruned
+circuit and the intervene checks of the default prompt set's recipes (pipeline.analysis.evaluation):
+the constrained state swap at the city (state features x-4, a donor city of the next state x10,
+layer 0), and on toy-language prompts (one city per state) the open-ended x-2 steer of the
+toy-language features. The library's own code runs everything; this script only loops and counts.
+Writes bench/results/organism_seeds.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._common import machine_info, pipeline_version  # noqa: E402
+from pipeline._io import write_json  # noqa: E402
+from pipeline.analysis.evaluation import EvaluationSpec, PromptContext, evaluate, study_metrics  # noqa: E402
+from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
+from pipeline.engine.attribution import attribute  # noqa: E402
+from pipeline.engine.replacement import ReplacementModel  # noqa: E402
+from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph  # noqa: E402
+from pipeline.graph.pruning import prune_graph  # noqa: E402
+from pipeline.organism.build import OrganismConfig, build_organism  # noqa: E402
+from pipeline.organism.config import TrainConfig, TranscoderTrainConfig  # noqa: E402
+from pipeline.organism.world import WorldConfig, make_world  # noqa: E402
+
+SWAP_RULE = {"select": "selective", "label": "state", "role": "city"}
+
+
+def swap_experiment(donor_id: str, answer: str, donor_answer: str) -> dict:
+    return {
+        "name": "state_swap",
+        "group": "state_swap",
+        "kind": "swap",
+        "constrained_layers": [0],
+        "source": [{**SWAP_RULE, "in_graph": True}],
+        "source_factor": -4,
+        "target": [SWAP_RULE],
+        "target_factor": 10,
+        "donor": donor_id,
+        "expected_before": answer,
+        "expected_after": donor_answer,
+    }
+
+
+def steer_experiment(answer: str) -> dict:
+    return {
+        "name": "language_steer",
+        "group": "language_steer",
+        "kind": "steer",
+        "open_ended": True,
+        "max_new_tokens": 5,
+        "source": [{"select": "selective", "label": "language", "value": "toy", "role": "any", "in_graph": True}],
+        "source_factor": -2,
+        "expected_before": answer,
+        "expected_language": "en",
+    }
+
+
+def prompts_of(world, n_cities: int) -> dict[str, dict]:
+    """id -> labeled prompt with its experiments: English two-hop prompts (n_cities per state)
+    with a state swap from the same position of the next state, toy ones (one per state) with
+    the language steer."""
+    bank = {(p["labels"]["city"], p["labels"]["language"]): p for p in world.labeled_prompts()}
+    states = world.states
+    out: dict[str, dict] = {}
+    for i, state in enumerate(states):
+        donor_state = states[(i + 1) % len(states)]
+        for j, city in enumerate(state.cities[:n_cities]):
+            donor_city = donor_state.cities[j % len(donor_state.cities)]
+            pid, donor_id = f"{city}_en", f"{donor_city}_en"
+            item, donor = bank[(city, "en")], bank[(donor_city, "en")]
+            out[pid] = {**item, "experiments": [swap_experiment(donor_id, item["answer"], donor["answer"])]}
+            out.setdefault(donor_id, {**donor, "experiments": []})
+        toy = bank[(state.cities[0], "toy")]
+        out[f"{state.cities[0]}_toy"] = {**toy, "experiments": [steer_experiment(toy["answer"])]}
+    return out
+
+
+def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) -> dict:
+    model = ReplacementModel.from_pretrained(out / "model", out / kind)
+    bank = world.labeled_prompts()
+    table = compute_selectivity(model, bank)
+    reports = []
+    for pid, item in prompts.items():
+        if not item["experiments"]:
+            continue
+        graph = attribute(item["prompt"], model, store=work / f"{kind}_{pid}.zarr", verbose=False)
+        save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), work / f"{kind}_{pid}.npz")
+        pruned = load_pruned_graph(work / f"{kind}_{pid}.npz")
+        spec = EvaluationSpec(experiments=item["experiments"], top_k=0, faithfulness=False, max_new_tokens=0)
+        context = PromptContext(
+            prompt=item, prompts=prompts, selectivity=table, bank=bank, word_languages=world.word_languages()
+        )
+        reports.append(evaluate(model, pruned, spec, prompt=item["prompt"], context=context))
+    metrics = study_metrics(reports)
+    return {
+        "intermediate_node_rate": metrics["intermediate_node_rate"],
+        "n_intermediate_checked": metrics["n_intermediate_checked"],
+        "by_group": metrics["by_group"],
+        "selective_features": table.n_selective(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--cities", type=int, default=2, help="English two-hop prompts per state")
+    ap.add_argument("--quick", action="store_true", help="3 states, 1 city each, short training (smoke test)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work" / "organism_seeds")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "organism_seeds.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    results: dict = {"seeds": {}, "machine": machine_info(args.threads), "pipeline": pipeline_version()}
+    for seed in args.seeds:
+        world_cfg = WorldConfig(seed=seed, n_states=3 if args.quick else 12)
+        cfg = OrganismConfig(
+            world=world_cfg,
+            train=TrainConfig(seed=seed, steps=60 if args.quick else TrainConfig.steps),
+            plt=TranscoderTrainConfig(seed=seed, steps=60 if args.quick else TranscoderTrainConfig.steps),
+            clt=TranscoderTrainConfig(seed=seed, skip=False, steps=60 if args.quick else TranscoderTrainConfig.steps),
+            threads=args.threads,
+        )
+        out = args.workdir / f"seed{seed}"
+        metrics = build_organism(out, cfg, progress=False)
+        world = make_world(world_cfg)
+        prompts = prompts_of(world, 1 if args.quick else args.cities)
+        row = {"two_hop_heldout_accuracy": metrics["model"]["two_hop_heldout_accuracy"]}
+        with tempfile.TemporaryDirectory(dir=args.workdir) as work:
+            for kind in ("plt", "clt"):
+                row[kind] = run_kind(out, kind, world, prompts, Path(work))
+                g = row[kind]["by_group"]
+                print(
+                    f"seed {seed} {kind}: intermediate node {row[kind]['intermediate_node_rate']}  "
+                    f"state swap {g.get('state_swap', {}).get('flip_rate')}  "
+                    f"language steer {g.get('language_steer', {}).get('flip_rate')}",
+                    flush=True,
+                )
+        results["seeds"][str(seed)] = row
+    results["summary"] = summarize(results["seeds"])
+    results["wall_time_s"] = round(time.time() - t0, 1)
+    write_json(args.out, results)
+    print(f"{args.out}  ({results['wall_time_s']} s)")
+    for line in table_lines(results["summary"]):
+        print(line)
+
+
+def _rate(row: dict, kind: str, what: str) -> float | None:
+    if what == "intermediate_node":
+        return row[kind]["intermediate_node_rate"]
+    group, _, baseline = what.partition(":")
+    counts = row[kind]["by_group"].get(group)
+    if counts is None:
+        return None
+    return counts["flip_rate"] if not baseline else counts["baselines"][baseline]["flip_rate"]
+
+
+MEASURES = (
+    "intermediate_node",
+    "state_swap",
+    "state_swap:random",
+    "state_swap:same_state",
+    "state_swap:wrong_position",
+    "language_steer",
+    "language_steer:random",
+)
+
+
+def summarize(seeds: dict) -> dict:
+    """Per transcoder kind and measure: the value per seed, the mean and the worst (lowest for a
+    rate that should be high, highest for a baseline that should stay low)."""
+    out: dict = {}
+    for kind in ("plt", "clt"):
+        for what in MEASURES:
+            vals = [_rate(row, kind, what) for row in seeds.values()]
+            vals = [v for v in vals if v is not None]
+            worst = (max if ":" in what else min)(vals) if vals else None
+            out[f"{kind} {what}"] = {
+                "per_seed": vals,
+                "mean": round(sum(vals) / len(vals), 4) if vals else None,
+                "worst": worst,
+            }
+    return out
+
+
+def table_lines(summary: dict) -> list[str]:
+    lines = ["| transcoders, measure | per seed | mean | worst |", "|---|---|---|---|"]
+    for key, s in summary.items():
+        lines.append(f"| {key} | {', '.join(f'{v:.2f}' for v in s['per_seed'])} | {s['mean']} | {s['worst']} |")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
