@@ -2,10 +2,12 @@
 features of the pruned circuit at the city" — instead of by position or index, and random
 feature sets of the same shape for baselines (spec: docs/interventions.md#selection-rules).
 
-A rule is ``{select: selective, label: L, role: R, value: V, in_graph: bool, layers: [...]}``.
-On a labeled prompt (:func:`pipeline.analysis.selectivity.labeled_prompt`) it selects the
-features that the selectivity table marks selective for (L, V, R), V being the prompt's own
-value of L unless given, among
+A rule is ``{select: selective | contrast, label: L, role: R, value: V, in_graph: bool,
+layers: [...]}``. On a labeled prompt (:func:`pipeline.analysis.selectivity.labeled_prompt`)
+``selective`` selects the features that the selectivity table marks selective for (L, V, R), V
+being the prompt's own value of L unless given; ``contrast`` those that tell V from the
+counterpart's value of L (a swap's donor for its source, this prompt for its target: Texas
+features that California lacks); among
 
 * the features active (activation > 0) at R's position, or at any position but BOS for
   ``role: any``; or, with ``in_graph``, the features of the prompt's pruned circuit there;
@@ -28,7 +30,7 @@ from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
 
 __all__ = ["SELECT_KINDS", "Chosen", "Rule", "is_rule", "moved", "random_like", "select"]
 
-SELECT_KINDS: tuple[str, ...] = ("selective",)
+SELECT_KINDS: tuple[str, ...] = ("selective", "contrast")
 _RULE_KEYS = ("select", "label", "role", "value", "in_graph", "layers")
 
 
@@ -102,11 +104,13 @@ def select(
     table: SelectivityTable | None,
     circuit: Collection[tuple[int, ...]] | None,
     what: str,
+    counterpart: Mapping[str, Any] | None = None,
 ) -> tuple[list[Chosen], str]:
     """The features ``rule`` selects on the labeled prompt ``item`` (``tokens``, clean
     ``activations`` (n_layers, n_pos, d_transcoder), its pruned ``circuit`` as (layer, pos,
     feature) triples or None where it has none), and the rule's description. ``at`` is the
-    role's position in this prompt."""
+    role's position in this prompt. ``counterpart``: the labeled prompt a ``contrast`` rule
+    contrasts with."""
     if table is None:
         raise ValueError(f"{what}: a selection rule needs a selectivity table (the selectivity stage's output)")
     value = rule.value if rule.value is not None else item.get("labels", {}).get(rule.label)
@@ -119,7 +123,14 @@ def select(
     pos = None if rule.role == ANY else role_position(tokenizer, tokens, rule.role, item)
     if rule.role != ANY and pos is None:
         raise ValueError(f"{what}: the prompt {item.get('prompt')!r} has no {rule.role!r} position")
-    mask = table.selective(rule.label, value, rule.role)
+    if rule.select == "contrast":
+        other = None if counterpart is None else counterpart.get("labels", {}).get(rule.label)
+        if other is None:
+            raise ValueError(f"{what}: a contrast rule needs a counterpart prompt with a {rule.label!r} label")
+        mask = table.contrastive(rule.label, value, other, rule.role)
+        value = f"{value} (not {other})"
+    else:
+        mask = table.selective(rule.label, value, rule.role)
     n_layers = int(activations.shape[0])
     layers = range(n_layers) if rule.layers is None else rule.layers
     for layer in layers:

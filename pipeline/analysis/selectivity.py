@@ -146,6 +146,20 @@ class SelectivityTable:
         inside, outside = fractions
         return (inside >= self.hi) & (outside <= self.lo)
 
+    def contrastive(self, label: str, value: str, other: str, role: str) -> np.ndarray:
+        """(n_layers, d_transcoder) bool: the features that fire on at least ``hi`` of ``value``'s
+        prompts and on at most ``lo`` of ``other``'s at ``role``: what tells ``value`` from
+        ``other`` (Texas from California), shared or not with the remaining values."""
+        key = self._key(label, role)
+        values = self.labels[label]
+        if value not in values or other not in values or value == other:
+            return np.zeros(self.counts[key].shape[1:], dtype=bool)
+        counts, totals = self.counts[key], self.totals[key]
+        v, o = values.index(value), values.index(other)
+        if totals[v] == 0 or totals[o] == 0:
+            return np.zeros(counts.shape[1:], dtype=bool)
+        return (counts[v] / totals[v] >= self.hi) & (counts[o] / totals[o] <= self.lo)
+
     def n_selective(self) -> dict[str, dict[str, dict[str, int]]]:
         """{role: {label: {value: number of selective features}}}."""
         return {

@@ -89,6 +89,34 @@ def test_selective_features_are_the_brute_force_ones(model, table, role):
     assert not table.selective("state", "nowhere", role).any()
 
 
+def brute_force_contrast(model, role: str, value: str, other: str) -> np.ndarray:
+    """Features firing on >= HI of ``value``'s prompts and <= LO of ``other``'s, from scratch."""
+    counts = {value: 0, other: 0}
+    n = {value: 0, other: 0}
+    for item in bank():
+        state = item["labels"]["state"]
+        if state not in counts:
+            continue
+        acts = clean_run(model, item["prompt"]).activations.numpy()
+        counts[state] = counts[state] + (acts[:, city_pos(item) if role == "city" else -1] > 0)
+        n[state] += 1
+    return (counts[value] / n[value] >= HI) & (counts[other] / n[other] <= LO)
+
+
+def test_contrastive_features_are_the_brute_force_ones(model, table):
+    role = "city"
+    found = 0
+    for value, other in (("texas", "florida"), ("florida", "texas"), ("texas", "oregon")):
+        want = brute_force_contrast(model, role, value, other)
+        assert np.array_equal(table.contrastive("state", value, other, role), want), (value, other)
+        found += int(want.sum())
+    assert found, "the fixture has no contrastive feature: the test checks nothing"
+    # selective for a value implies contrastive against any other value
+    sel = table.selective("state", "texas", role)
+    assert not (sel & ~table.contrastive("state", "texas", "florida", role)).any()
+    assert not table.contrastive("state", "texas", "texas", role).any()
+
+
 def test_table_file_round_trips_with_deterministic_bytes(table, tmp_path):
     a = table.save(tmp_path / "a.npz").read_bytes()
     b = table.save(tmp_path / "b.npz").read_bytes()
