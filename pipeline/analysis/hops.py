@@ -134,8 +134,10 @@ def prompt_hop(
 ) -> HopResult | None:
     """:func:`intermediate_hop` for a labeled prompt: the source is its ``source_role`` token (the
     city), the candidates the features selective for its ``label`` value (its state) at each of
-    ``roles``, the answer the graph's first logit (the model's top token). None where the check
-    does not apply: no pruned graph, no table, or a prompt without that label or anchor."""
+    ``roles``, the answer the graph's first logit (the model's top token); a candidate at the
+    last position that promotes the answer itself is that answer's writer, not an intermediate
+    node (one at the city's position writes into the city's residual stream, which the answer
+    reads only through attention). None where the check does not apply: no pruned graph, no table, or a prompt without that label or anchor."""
     value = item.get("labels", {}).get(label)
     if pruned is None or table is None or value is None or label not in table.labels:
         return None
@@ -149,10 +151,12 @@ def prompt_hop(
             layers, features = np.nonzero(table.selective(label, value, role))
             candidates += [(int(layer), pos, int(f)) for layer, f in zip(layers, features)]
     answer = int(np.asarray(pruned.logit_tokens)[0])
+    last = int(tokens.shape[0]) - 1
+
+    def writes_answer(nodes: Iterable[Node]) -> set[Node]:
+        # only a feature at the answer's position can be the one that writes the answer
+        return answer_writers(model, [n for n in nodes if n[1] == last], answer)
+
     return intermediate_hop(
-        pruned,
-        source_pos=source,
-        answer_token=answer,
-        candidates=candidates,
-        writes_answer=lambda nodes: answer_writers(model, nodes, answer),
+        pruned, source_pos=source, answer_token=answer, candidates=candidates, writes_answer=writes_answer
     )
