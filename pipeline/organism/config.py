@@ -89,9 +89,9 @@ class TranscoderTrainSettings:
     """Transcoder training (standardized units: x and y scaled so that E||x||^2 = d_model)."""
 
     #: features per layer
-    d_transcoder: int = 256
+    d_transcoder: int = 512
     #: optimization: AdamW, linear warmup then cosine decay to lr * min_lr_ratio
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 512
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -101,7 +101,7 @@ class TranscoderTrainSettings:
     #: c = 10 the penalty saturates within a few activation units, close to counting active
     #: features: features then specialize (one for a state) where at 1 (close to an L1
     #: penalty) they share a dense code across states
-    sparsity_coefficient: float = 0.008
+    sparsity_coefficient: float = 0.012
     tanh_scale: float = 10.0
     #: eps of the threshold's straight-through estimator, and the initial threshold theta
     bandwidth: float = 0.1
