@@ -29,8 +29,8 @@ The phases of :func:`evaluate`:
    group, each with its baselines' flip rates; faithfulness; correlations.
    :func:`study_metrics` sums them over a study.
 
-The report is a JSON-ready dict, floats rounded to 6 significant digits;
-:mod:`pipeline.analysis.report` writes it as files.
+The report is a JSON-ready dict, floats rounded to 6 significant digits
+(:mod:`pipeline.analysis.readouts`); :mod:`pipeline.analysis.report` writes it as files.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from torch import Tensor
 from pipeline.analysis.circuit import Circuit, read_circuit
 from pipeline.analysis.hops import prompt_hop
 from pipeline.analysis.options import BASELINES, InterventionSettings
+from pipeline.analysis.readouts import kl_divergence, rounded, token_text, top_tokens
 from pipeline.analysis.selection import Chosen, Rule, is_rule, moved, random_like, select
 from pipeline.analysis.selectivity import ANY, SelectivityTable, role_position
 from pipeline.analysis.supernodes import Supernode, intervene, load_supernodes, supernodes_from_config
@@ -259,46 +260,11 @@ def _fields_of(cls: type, d: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _r(x: float | None) -> float | None:
-    """Round to 6 significant digits; NaN / inf / None -> None (JSON null)."""
-    if x is None:
-        return None
-    x = float(x)
-    if not math.isfinite(x):
-        return None
-    return float(f"{x:.6g}")
-
-
 def _corr(a: Sequence[float], b: Sequence[float]) -> float | None:
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return None
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def _tok(model: ReplacementModel, token_id: int) -> str:
-    return model.tokenizer.decode([int(token_id)])
-
-
-def _top_tokens(model, logits: Tensor, k: int) -> list[dict]:
-    probs = torch.softmax(logits.double(), -1)
-    p, idx = torch.topk(probs, min(k, probs.numel()))
-    return [
-        {
-            "rank": i + 1,
-            "id": int(t),
-            "token": _tok(model, int(t)),
-            "prob": _r(float(pp)),
-            "logit": _r(float(logits[t])),
-        }
-        for i, (pp, t) in enumerate(zip(p, idx))
-    ]
-
-
-def _kl(p_logits: Tensor, q_logits: Tensor) -> float:
-    lp = torch.log_softmax(p_logits.double(), -1)
-    lq = torch.log_softmax(q_logits.double(), -1)
-    return float((lp.exp() * (lp - lq)).sum())
 
 
 # ------------------------------------------------------------------------------------ evaluate
@@ -350,13 +316,17 @@ def evaluate(
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "prompt": text,
-        "tokens": [_tok(model, t) for t in c.tokens.tolist()],
+        "tokens": [token_text(model, t) for t in c.tokens.tolist()],
         "model": model.model_name,
         "transcoders": {"kind": model.transcoders.kind, "scan": model.transcoders.scan},
         "spec": spec.to_dict(),
-        "target": {"token": _tok(model, c.target_token), "id": c.target_token, "demeaned_logit": _r(base_target)},
-        "pruning": {name: _r(value) for name, value in c.pruning.items()},
-        "clean": {"top_tokens": _top_tokens(model, clean.logits[-1], spec.n_top_tokens)},
+        "target": {
+            "token": token_text(model, c.target_token),
+            "id": c.target_token,
+            "demeaned_logit": rounded(base_target),
+        },
+        "pruning": {name: rounded(value) for name, value in c.pruning.items()},
+        "clean": {"top_tokens": top_tokens(model, clean.logits[-1], spec.n_top_tokens)},
     }
 
     # Phase 2: top-k features by influence, ablated one at a time
@@ -374,12 +344,12 @@ def evaluate(
                 "pos": pos,
                 "feature": feat,
                 "token": report["tokens"][pos],
-                "activation": _r(c.activations[node]),
-                "influence": _r(c.influence[node]),
+                "activation": rounded(c.activations[node]),
+                "influence": rounded(c.influence[node]),
                 "in_circuit": bool(c.in_circuit[node]),
-                "predicted": _r(-c.edge_to_target[node]),
-                "direct": _r(direct),
-                "iterative": _r(iterative),
+                "predicted": rounded(-c.edge_to_target[node]),
+                "direct": rounded(direct),
+                "iterative": rounded(iterative),
             }
         )
     pred = [-c.edge_to_target[n] for n in order]
@@ -387,9 +357,9 @@ def evaluate(
     its = [r["iterative"] for r in rows]
     report["top_features"] = {
         "rows": rows,
-        "correlation_direct": _r(_corr(pred, dirs)),
-        "correlation_iterative": _r(_corr(pred, its)),
-        "max_abs_error_direct": _r(max((abs(p - d) for p, d in zip(pred, dirs)), default=None)),
+        "correlation_direct": rounded(_corr(pred, dirs)),
+        "correlation_iterative": rounded(_corr(pred, its)),
+        "max_abs_error_direct": rounded(max((abs(p - d) for p, d in zip(pred, dirs)), default=None)),
     }
 
     # Phase 3: faithfulness
@@ -447,7 +417,7 @@ def _flip_counts(experiments: Sequence[Mapping[str, Any]]) -> dict:
         "n_checked": len(checked),
         "n_flipped": n_flipped,
         "n_no_match": sum(e.get("status") == NO_MATCH for e in experiments),
-        "flip_rate": _r(n_flipped / len(checked)) if checked else None,
+        "flip_rate": rounded(n_flipped / len(checked)) if checked else None,
         "baselines": baselines,
     }
 
@@ -461,7 +431,7 @@ def _sum_runs(runs: Sequence[Mapping[str, Any]]) -> dict:
         "n_experiments": sum(r.get("n_experiments", 1) for r in ran),
         "n_runs": n_runs,
         "n_flipped": n_flipped,
-        "flip_rate": _r(n_flipped / n_runs) if n_runs else None,
+        "flip_rate": rounded(n_flipped / n_runs) if n_runs else None,
     }
 
 
@@ -486,13 +456,13 @@ def _faithfulness(model, runner: InterventionRunner, c: Circuit, target_of, comm
         top = int(torch.argmax(last))
         faith["conditions"][name] = {
             "n_ablated": len(ivs),
-            "demeaned_logit": _r(values[name]),
-            "prob_clean_top": _r(float(torch.softmax(last.double(), -1)[top_clean])),
-            "top_token": _tok(model, top),
+            "demeaned_logit": rounded(values[name]),
+            "prob_clean_top": rounded(float(torch.softmax(last.double(), -1)[top_clean])),
+            "top_token": token_text(model, top),
             "top_id": top,
-            "kl_from_clean": _r(_kl(clean.logits[-1], last)),
+            "kl_from_clean": rounded(kl_divergence(clean.logits[-1], last)),
         }
-    faith.update({name: _r(v) for name, v in faithfulness_scores(values).items()})
+    faith.update({name: rounded(v) for name, v in faithfulness_scores(values).items()})
     return faith
 
 
@@ -754,7 +724,7 @@ def _n_new(s: _Setting, exp: Experiment) -> int:
 
 
 def _completion_words(model, generation: GenerationResult) -> list[str]:
-    return [_tok(model, t) for t in generation.tokens[generation.n_prompt :].tolist()]
+    return [token_text(model, t) for t in generation.tokens[generation.n_prompt :].tolist()]
 
 
 def _outcome(s: _Setting, exp: Experiment, ivs: list[tuple], mode: dict, *, full: bool) -> dict:
@@ -763,10 +733,10 @@ def _outcome(s: _Setting, exp: Experiment, ivs: list[tuple], mode: dict, *, full
     ``expected_language``), with the continuations' language shares."""
     clean = s.runner.clean
     res = s.runner.run(ivs, **mode)
-    after = _top_tokens(s.model, res.logits[-1], s.spec.n_top_tokens)
+    after = top_tokens(s.model, res.logits[-1], s.spec.n_top_tokens)
     out: dict[str, Any] = {
         "after": after,
-        "kl_from_clean": _r(_kl(clean.logits[-1], res.logits[-1])),
+        "kl_from_clean": rounded(kl_divergence(clean.logits[-1], res.logits[-1])),
         "generation": None,
         "language": None,
     }
@@ -780,11 +750,11 @@ def _outcome(s: _Setting, exp: Experiment, ivs: list[tuple], mode: dict, *, full
     if exp.expected_language is not None:
         langs, lang = s.context.word_languages, exp.expected_language
         shares = [language_share(_completion_words(s.model, g), langs, lang) for g in (clean_gen, steered)]
-        out["language"] = {"expected": lang, "clean_share": _r(shares[0]), "steered_share": _r(shares[1])}
+        out["language"] = {"expected": lang, "clean_share": rounded(shares[0]), "steered_share": rounded(shares[1])}
         was, now = (x is not None and x > s.spec.language_share for x in shares)
         out["flipped"] = now and not was
     else:
-        before = _tok(s.model, int(torch.argmax(clean.logits[-1])))
+        before = token_text(s.model, int(torch.argmax(clean.logits[-1])))
         out["flipped"] = is_flip(before, after[0]["token"], exp.expected_before, exp.expected_after)
     return out
 
@@ -797,9 +767,9 @@ def _rows(s: _Setting, chosen: Sequence[Chosen]) -> list[dict]:
             "layer": c.layer,
             "pos": c.pos,
             "feature": c.feature,
-            "activation": _r(c.activation),
+            "activation": rounded(c.activation),
             "at": c.at,
-            "token": None if c.at is None else _tok(s.model, tokens[c.at]),
+            "token": None if c.at is None else token_text(s.model, tokens[c.at]),
             "rule": c.rule,
         }
         for c in chosen
@@ -811,7 +781,7 @@ def _run_experiment(s: _Setting, exp: Experiment) -> dict:
     donor_item, donor = _donor(s, exp)
     src = _source(s, exp, donor)
     tgt = _target(s, exp, donor_item, donor) if exp.kind == "swap" and donor_item and donor else []
-    before = _top_tokens(s.model, clean.logits[-1], s.spec.n_top_tokens)
+    before = top_tokens(s.model, clean.logits[-1], s.spec.n_top_tokens)
     out: dict[str, Any] = {
         "name": exp.name,
         "kind": exp.kind,
@@ -868,7 +838,7 @@ def _baselines(s: _Setting, exp: Experiment, src, tgt, donor_item, donor, mode) 
 
 
 def _rate(n_flipped: int, n_runs: int) -> float | None:
-    return _r(n_flipped / n_runs) if n_runs else None
+    return rounded(n_flipped / n_runs) if n_runs else None
 
 
 def _random_baseline(s: _Setting, exp: Experiment, src, tgt, donor: CleanRun | None, mode) -> dict:
@@ -893,7 +863,7 @@ def _random_baseline(s: _Setting, exp: Experiment, src, tgt, donor: CleanRun | N
         "size": {"source": len(src), "target": len(tgt)},
     }
     if exp.expected_language is not None:
-        out["mean_language_share"] = _r(sum(shares) / len(shares)) if shares else None
+        out["mean_language_share"] = rounded(sum(shares) / len(shares)) if shares else None
     return out
 
 
@@ -955,7 +925,7 @@ def _wrong_position_baseline(s: _Setting, exp: Experiment, src, tgt, mode) -> di
     tokens = s.runner.clean.tokens.tolist()
     moves = sorted({(c.at, c.at + off) for c in [*src, *tgt] if c.at is not None})
     out.update(
-        moves=[{"from": a, "to": b, "token": _tok(s.model, tokens[b])} for a, b in moves],
+        moves=[{"from": a, "to": b, "token": token_text(s.model, tokens[b])} for a, b in moves],
         top_token=o["after"][0]["token"],
         flipped=o["flipped"],
         n_runs=1,
@@ -971,7 +941,11 @@ def _sum_counts(counts: Sequence[Mapping[str, Any]]) -> dict:
     baselines = {
         name: _sum_runs([c["baselines"][name] for c in counts if name in c.get("baselines", {})]) for name in BASELINES
     }
-    return {**n, "flip_rate": _r(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None, "baselines": baselines}
+    return {
+        **n,
+        "flip_rate": rounded(n["n_flipped"] / n["n_checked"]) if n["n_checked"] else None,
+        "baselines": baselines,
+    }
 
 
 def _hop_rate(summaries: Sequence[Mapping[str, Any]]) -> dict:
@@ -981,7 +955,7 @@ def _hop_rate(summaries: Sequence[Mapping[str, Any]]) -> dict:
     return {
         "n_intermediate_checked": len(checked),
         "n_intermediate_found": found,
-        "intermediate_node_rate": _r(found / len(checked)) if checked else None,
+        "intermediate_node_rate": rounded(found / len(checked)) if checked else None,
     }
 
 
@@ -997,7 +971,7 @@ def study_metrics(
 
     def mean(key):
         vals = [s[key] for s in summaries if s.get(key) is not None]
-        return _r(sum(vals) / len(vals)) if vals else None
+        return rounded(sum(vals) / len(vals)) if vals else None
 
     def per(field):
         names = sorted({name for s in summaries for name in s.get(field, {})})
