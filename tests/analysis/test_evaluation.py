@@ -11,15 +11,13 @@ import torch
 
 from pipeline import testing
 from pipeline.analysis.evaluation import (
-    EvaluationSpec,
-    Experiment,
-    PromptContext,
     evaluate,
     faithfulness_scores,
     is_flip,
     language_share,
     study_metrics,
 )
+from pipeline.analysis.evaluation_spec import EvaluationSpec, Experiment, PromptContext
 from pipeline.analysis.report import render_markdown, write_report
 from pipeline.analysis.selection import Chosen, random_like
 from pipeline.analysis.selectivity import compute_selectivity
