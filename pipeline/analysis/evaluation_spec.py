@@ -5,8 +5,8 @@ intervention: kinds, modes, how its features are named, its expected flip) and
 :class:`PromptContext` (what selection rules, donors and baselines read beyond the graph).
 Spec: docs/interventions.md#the-intervene-stage.
 
-A module of its own because both the experiment runner and the report, which calls the runner,
-read it.
+A module of its own because both the experiment runner (:mod:`pipeline.analysis.experiments`)
+and the report (:mod:`pipeline.analysis.evaluation`, which calls the runner) read it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """How the intervention report reads a run out: numbers rounded to 6 significant digits (NaN and
 inf as JSON null), token texts, top-token tables and the KL divergence from the clean run.
 
-Every part of the report (:mod:`pipeline.analysis.evaluation`: the clean run, the top-k
-ablations, faithfulness, each experiment and its baselines, the summary) writes its numbers and
-tokens through these, so they are written the same way.
+Shared by :mod:`pipeline.analysis.evaluation` (the clean run, top-k ablations, faithfulness,
+summary) and :mod:`pipeline.analysis.experiments` (each experiment and its baselines), so that
+every number of a report is written the same way.
 """
 
 from __future__ import annotations

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from pipeline import testing
-from pipeline.analysis.evaluation import (
-    evaluate,
-    faithfulness_scores,
-    is_flip,
-    language_share,
-    study_metrics,
-)
+from pipeline.analysis.evaluation import evaluate, faithfulness_scores, study_metrics
 from pipeline.analysis.evaluation_spec import EvaluationSpec, Experiment, PromptContext
+from pipeline.analysis.experiments import is_flip, language_share
 from pipeline.analysis.report import render_markdown, write_report
 from pipeline.analysis.selection import Chosen, random_like
 from pipeline.analysis.selectivity import compute_selectivity
