@@ -27,11 +27,11 @@ from pipeline.run.cli import main
 from pipeline.run.compose import ConfigError, compose_study
 from pipeline.run.config import LauncherConfig, PruningSpec
 from pipeline.run.launchers import LauncherError, submitit_executor
+from pipeline.run.prompt_generators import organism_capitals
 from pipeline.run.prompt_sets import (
     PromptSetError,
     expand_templates,
     load_prompt_set,
-    organism_capitals,
     prompt_set_from_records,
     to_conf_yaml,
 )
