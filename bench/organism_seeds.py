@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:
 
 from bench._common import machine_info, pipeline_version  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
-from pipeline.analysis.evaluation import EvaluationSpec, PromptContext, evaluate, study_metrics  # noqa: E402
+from pipeline.analysis.evaluation import evaluate, study_metrics  # noqa: E402
+from pipeline.analysis.evaluation_spec import EvaluationSpec, PromptContext  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402

@@ -25,7 +25,8 @@ import dataclasses
 from pathlib import Path
 
 from pipeline._io import atomic_path, finite_or_none, write_json
-from pipeline.analysis.evaluation import EvaluationSpec, PromptContext, evaluate
+from pipeline.analysis.evaluation import evaluate
+from pipeline.analysis.evaluation_spec import EvaluationSpec, PromptContext
 from pipeline.analysis.report import write_report
 from pipeline.analysis.selectivity import SelectivityTable, labeled_prompt
 from pipeline.graph.pruned import load_pruned_graph

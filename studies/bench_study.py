@@ -51,10 +51,8 @@ def main(argv=None) -> int:
         sets = {}
         for n in (args.n, args.n + 1):
             sets[n] = tmp / f"capitals{n}.yaml"
-            subprocess.run(
-                [sys.executable, "-m", "pipeline.run.prompt_sets", "capitals", "-n", str(n), "--out", str(sets[n])],
-                check=True,
-            )
+            generate = [sys.executable, "-m", "pipeline.run.prompt_generators", "capitals"]
+            subprocess.run([*generate, "-n", str(n), "--out", str(sets[n])], check=True)
         record = {"n_prompts": args.n, "jobs": args.jobs, "cpu_count": os.cpu_count(), "runs": {}}
         for launcher in ("sequential", "local"):
             base = [

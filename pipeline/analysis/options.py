@@ -1,6 +1,6 @@
 """The settings of the analyses, as plain dataclasses (no torch), so that the config schema uses
 them as its nodes and every setting is defined once: how the intervene checks run
-(:class:`InterventionSettings`, the base of ``evaluation.EvaluationSpec``; docs/interventions.md)
+(:class:`InterventionSettings`, the base of ``evaluation_spec.EvaluationSpec``; docs/interventions.md)
 and what a feature dashboard records (:class:`DashboardConfig`; docs/dashboards.md)."""
 
 from __future__ import annotations

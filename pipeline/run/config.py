@@ -42,8 +42,8 @@ from pipeline.organism.world import WorldConfig
 PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
-EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation.KINDS
-EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.analysis.evaluation.MODES
+EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation_spec.KINDS
+EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.analysis.evaluation_spec.MODES
 
 
 @dataclass
@@ -101,7 +101,7 @@ class TranscodersSpec:
 @dataclass
 class ExperimentSpec:
     """A named intervention experiment on one prompt, run by the ``intervene`` stage
-    (``pipeline.analysis.evaluation.Experiment``, same fields; checked there when the stage runs).
+    (``pipeline.analysis.evaluation_spec.Experiment``, same fields; checked there when the stage runs).
 
     source / target: entries are ``[layer, pos, feature]`` triples, supernode names,
         selectors ``{pos: P, layers: [..], not_on_donor: bool}`` (every feature active at
@@ -300,7 +300,7 @@ class SelectivitySpec:
 
 
 # The intervene stage's settings (the experiments are per prompt, in prompts.items.<id>.experiments):
-# defined once, in pipeline.analysis.options, which evaluation's EvaluationSpec extends.
+# defined once, in pipeline.analysis.options, which evaluation_spec's EvaluationSpec extends.
 InterventionSpec = InterventionSettings
 
 

@@ -1,4 +1,4 @@
-"""Prompt sets as data: load, validate and generate the prompts of a batch study.
+"""Prompt sets as data: what a prompt set is, and how it is read, validated and written.
 
 A prompt set is an ordered list of :class:`PromptRecord` (id, prompt, expected answer,
 optional contrast prompt, tags). Formats, chosen by the file's suffix:
@@ -43,24 +43,25 @@ tokenizes it: that prompt fails alone.
 
 The ``conf/prompts`` format is checked against the pipeline's schema, which has no
 ``contrast`` field: there a contrast prompt is the tag ``contrast=<prompt>``.
+
+Sets generated from the organism world (``capitals``) are :mod:`pipeline.run.prompt_generators`;
+the template expansion stays here because the ``generate:`` format is defined by it.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import os
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
 import yaml
 
-from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.config import PROMPT_ID, PromptSetSpec
 
 __all__ = [
@@ -71,7 +72,6 @@ __all__ = [
     "expand_templates",
     "load_prompt_set",
     "logit_targets",
-    "organism_capitals",
     "prompt_set_from_records",
     "prompt_set_from_spec",
     "to_conf_yaml",
@@ -582,75 +582,6 @@ def expand_templates(
     return out
 
 
-def organism_capitals(world, n: int = 20, *, language: str = "en", template: int = 0) -> PromptSet:
-    """``capitals``: ``n`` two-hop prompts of the organism world ("the capital of the state
-    containing {city} is" -> capital), one city per state in turn so every state appears.
-
-    Each prompt's contrast is the same template with the first city of the next state (its
-    answer differs), and its tags name the state, city, capital, whether the city's two-hop
-    sentences were held out in training, the contrast's state and answer.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    states = world.states
-    rows: list[dict[str, str]] = []
-    taken: set[str] = set()
-    rank = 0
-    while len(rows) < n:
-        added = False
-        for i, s in enumerate(states):
-            if rank < len(s.cities) and len(rows) < n:
-                city = s.cities[rank]
-                if city in taken:
-                    continue
-                taken.add(city)
-                other = states[(i + 1) % len(states)]
-                rows.append(
-                    {
-                        "city": city,
-                        "state": s.name,
-                        "capital": world.spell(s.capital, language),
-                        "heldout": str(world.is_held_out(city)).lower(),
-                        "other_city": other.cities[0],
-                        "other_state": other.name,
-                        "other_capital": world.spell(other.capital, language),
-                    }
-                )
-                added = True
-        if not added:
-            raise ValueError(f"the world has only {len(rows)} cities; asked for {n} prompts")
-        rank += 1
-    tpl = world.templates("two_hop", language)[template]
-    prompt_tpl = " ".join(tpl.split()[:-1])  # the answer ({capital}) is the last word
-    recs = expand_templates(
-        [prompt_tpl],
-        rows,
-        id="capital_{city}_" + language,
-        answer="{capital}",
-        contrast=prompt_tpl.replace("{city}", "{other_city}"),
-        tags=[
-            "state={state}",
-            "city={city}",
-            "capital={capital}",
-            "heldout={heldout}",
-            "contrast_state={other_state}",
-            "contrast_answer={other_capital}",
-        ],
-        kind="two_hop",
-        language=language,
-    )
-    # the template tag is the world's template index, not the index in this one-template list
-    recs = [
-        replace(
-            r,
-            id=r.id.lower(),
-            tags=tuple(t if not t.startswith("template=") else f"template={template}" for t in r.tags),
-        )
-        for r in recs
-    ]
-    return prompt_set_from_records(recs, "capitals", source="organism_capitals")
-
-
 # ------------------------------------------------------------------------------------- writing
 def to_conf_yaml(prompt_set: PromptSet, header: str = "") -> str:
     """The set in the ``conf/prompts`` format (``name`` + ``items``), which the pipeline's
@@ -672,33 +603,3 @@ def to_conf_yaml(prompt_set: PromptSet, header: str = "") -> str:
     )
     lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
     return "\n".join(lines + [body.rstrip()]) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pipeline.run.prompt_sets capitals [-n 20] [--out conf/prompts/capitals.yaml]``."""
-    ap = argparse.ArgumentParser(prog="python -m pipeline.run.prompt_sets", description=main.__doc__)
-    ap.add_argument("set", choices=["capitals"], help="which generated set")
-    ap.add_argument("-n", type=int, default=20, help="number of prompts (default 20)")
-    ap.add_argument("--language", default="en", choices=["en", "toy"])
-    ap.add_argument("--seed", type=int, default=0, help="world seed (held-out split)")
-    ap.add_argument("--out", default=None, help="write here (default: stdout)")
-    args = ap.parse_args(argv)
-    world = make_world(WorldConfig(seed=args.seed))
-    ps = organism_capitals(world, args.n, language=args.language)
-    text = to_conf_yaml(
-        ps,
-        header=(
-            f"Generated by `python -m pipeline.run.prompt_sets capitals -n {args.n} --language {args.language} "
-            f"--seed {args.seed}`:\n{len(ps)} two-hop prompts of the organism world (template 0), one city per state "
-            "in turn.\nThe contrast prompt (tag contrast=...) asks about a city of the next state."
-        ),
-    )
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-    else:
-        print(text, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.analysis.evaluation import NO_MATCH, PromptContext, evaluate
+from pipeline.analysis.evaluation import evaluate
+from pipeline.analysis.evaluation_spec import PromptContext
+from pipeline.analysis.experiments import NO_MATCH
 from pipeline.analysis.selectivity import (
     SelectivityTable,
     anchor_position,

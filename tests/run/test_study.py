@@ -1,4 +1,4 @@
-"""Batch studies: prompt sets as data, the real engines on a tiny study, reruns that skip work.
+"""Batch studies: the real engines on a tiny study, reruns that skip work, launcher settings.
 
 Each engine runs the same tiny study (the conftest's tiny GPT-2 and ReLU PLT): three good
 prompts, one longer than the model's context (fails when the study plans it) and one whose
@@ -21,20 +21,12 @@ from pipeline.analysis.study_files import graph_done, load_study
 from pipeline.engine.options import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
-from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run import study as S
 from pipeline.run.cli import main
 from pipeline.run.compose import ConfigError, compose_study
 from pipeline.run.config import LauncherConfig, PruningSpec
 from pipeline.run.launchers import LauncherError, submitit_executor
-from pipeline.run.prompt_sets import (
-    PromptSetError,
-    expand_templates,
-    load_prompt_set,
-    organism_capitals,
-    prompt_set_from_records,
-    to_conf_yaml,
-)
+from pipeline.run.prompt_sets import PromptSetError, prompt_set_from_records
 from pipeline.run.study import StudySettings, run_study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -439,108 +431,3 @@ def test_bad_launcher_settings_are_clear_errors(overrides, match):
 def test_unknown_launcher_name_lists_the_choices():
     with pytest.raises(ConfigError, match="conf/launcher has no 'no_such_launcher' .*submitit_slurm"):
         load_launcher("no_such_launcher")
-
-
-# ---------------------------------------------------------------------------------- prompt sets
-def test_prompt_set_formats_load_the_same_records(tmp_path):
-    recs = [
-        {"id": "a", "prompt": "x y", "answer": "z", "contrast": "x w", "tags": ["k=v", "t"]},
-        {"id": "b", "prompt": "y x"},
-    ]
-    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    (tmp_path / "s.csv").write_text("id,prompt,answer,contrast,tags\na,x y,z,x w,k=v;t\nb,y x,,,\n")
-    (tmp_path / "list.yaml").write_text("name: s\nprompts:\n" + "".join(f"  - {json.dumps(r)}\n" for r in recs))
-    (tmp_path / "items.yaml").write_text(
-        "name: s\nitems:\n  a: {prompt: x y, answer: z, tags: [k=v, t, 'contrast=x w']}\n  b: {prompt: y x}\n"
-    )
-    sets = [load_prompt_set(tmp_path / f) for f in ("s.jsonl", "s.csv", "list.yaml", "items.yaml")]
-    for ps in sets:
-        assert ps.ids == ["a", "b"]
-        a = ps["a"]
-        assert (a.prompt, a.answer, a.contrast, a.tag("k")) == ("x y", "z", "x w", "v")
-        assert ps["b"].answer is None and ps["b"].contrast is None
-
-
-@pytest.mark.parametrize(
-    "name, text, match",
-    [
-        (
-            "dup.jsonl",
-            '{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "a", "prompt": "z"}\n',
-            r"dup.jsonl:3: duplicate id 'a' \(first at .*dup.jsonl:1\)",
-        ),
-        (
-            "dup.yaml",
-            "name: s\nitems:\n  a: {prompt: x}\n  b: {prompt: y}\n  a: {prompt: z}\n",
-            r"dup.yaml:5: duplicate key 'a' \(first at .*dup.yaml:3\)",
-        ),
-        ("empty.csv", "id,prompt\na,x\nb,   \n", r"empty.csv:3 \(id 'b'\): the prompt is empty"),
-        (
-            "empty.yaml",
-            "prompts:\n  - {id: a, prompt: x}\n  - {id: b, prompt: ''}\n",
-            r"empty.yaml:3 \(id 'b'\): the prompt is empty",
-        ),
-        ("noprompt.jsonl", '{"id": "a"}\n', r"noprompt.jsonl:1 \(id 'a'\): missing prompt"),
-        ("badid.jsonl", '{"id": "a b", "prompt": "x"}\n', r"id 'a b' must match"),
-        ("typo.jsonl", '{"id": "a", "prompt": "x", "anwser": "y"}\n', r"unknown field\(s\) \['anwser'\]"),
-        ("bad.json", "{}", "unknown prompt set format"),
-        ("none.yaml", "prompts: []\n", "no prompts"),
-    ],
-)
-def test_bad_prompt_sets_are_clear_errors_naming_the_line(tmp_path, name, text, match):
-    (tmp_path / name).write_text(text)
-    with pytest.raises(PromptSetError, match=match):
-        load_prompt_set(tmp_path / name)
-
-
-def test_every_problem_of_a_set_is_reported_at_once(tmp_path):
-    (tmp_path / "s.jsonl").write_text('{"id": "a", "prompt": ""}\n{"id": "a", "prompt": "x"}\n{"prompt": "y"}\n')
-    with pytest.raises(PromptSetError) as info:
-        load_prompt_set(tmp_path / "s.jsonl")
-    msg = str(info.value)
-    assert "3 problem(s)" in msg and "empty" in msg and "duplicate" in msg and "missing id" in msg
-
-
-def test_unknown_prompt_set_name_lists_conf_prompts():
-    with pytest.raises(FileNotFoundError, match="capitals"):
-        load_prompt_set("no_such_set")
-
-
-def test_templates_times_fillers(tmp_path):
-    recs = expand_templates(
-        ["a {x} b", "c {x}"], {"x": ["u", "v"]}, id="t{template}_{x}", answer="{x}!", tags=["x={x}"]
-    )
-    assert [(r.id, r.prompt, r.answer) for r in recs] == [
-        ("t0_u", "a u b", "u!"),
-        ("t0_v", "a v b", "v!"),
-        ("t1_u", "c u", "u!"),
-        ("t1_v", "c v", "v!"),
-    ]
-    assert recs[3].tags == ("x=v", "template=1")
-    with pytest.raises(PromptSetError, match=r"needs filler\(s\) \['y'\]"):
-        expand_templates(["{y}"], [{"x": 1}])
-    (tmp_path / "g.yaml").write_text(
-        "name: g\ngenerate:\n  templates: ['the {w} is']\n  id: 'w_{w}'\n  fillers: [{w: a}, {w: a}]\n"
-    )
-    with pytest.raises(PromptSetError, match="duplicate id 'w_a'"):
-        load_prompt_set(tmp_path / "g.yaml")
-
-
-def test_capitals_set_is_twenty_organism_two_hop_prompts_and_matches_conf():
-    world = make_world(WorldConfig())
-    ps = organism_capitals(world, 20)
-    assert len(ps) == 20 and len({r.tag("state") for r in ps}) == len(world.states)
-    two_hop = {
-        s.prompt: s.answer for s in world.sentences("two_hop", split="all", languages=("en",), canonical_only=True)
-    }
-    for r in ps:
-        assert two_hop[r.prompt] == r.answer
-        assert two_hop[r.contrast] == r.tag("contrast_answer") != r.answer
-        assert (r.tag("heldout") == "true") == world.is_held_out(r.tag("city"))
-    committed = load_prompt_set("capitals")
-    assert [r.to_dict() for r in committed] == [r.to_dict() for r in ps]
-
-    def body(text):
-        return [line for line in text.splitlines() if not line.startswith("#")]
-
-    assert body(to_conf_yaml(ps)) == body((ROOT / "conf/prompts/capitals.yaml").read_text())

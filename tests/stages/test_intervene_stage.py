@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from pipeline import testing  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
-from pipeline.analysis.evaluation import EvaluationSpec, Experiment  # noqa: E402
+from pipeline.analysis.evaluation_spec import EvaluationSpec, Experiment  # noqa: E402
 from pipeline.analysis.selectivity import SelectivityTable  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.intervened_forward import clean_run  # noqa: E402
