@@ -41,7 +41,7 @@ from pipeline.organism.build import OrganismConfig, build_organism  # noqa: E402
 from pipeline.organism.config import TrainConfig, TranscoderTrainConfig  # noqa: E402
 from pipeline.organism.world import WorldConfig, make_world  # noqa: E402
 
-SWAP_RULE = {"select": "selective", "label": "state", "role": "city"}
+SWAP_RULE = {"select": "contrast", "label": "state", "role": "city"}
 
 
 def swap_experiment(donor_id: str, answer: str, donor_answer: str) -> dict:

@@ -201,7 +201,9 @@ def _donor(s: ExperimentSetting, exp: Experiment) -> tuple[Mapping[str, Any] | N
     return item, s.clean_run_of(item["prompt"])
 
 
-def _source(s: ExperimentSetting, exp: Experiment, donor: CleanRun | None) -> list[Chosen]:
+def _source(
+    s: ExperimentSetting, exp: Experiment, donor_item: Mapping[str, Any] | None, donor: CleanRun | None
+) -> list[Chosen]:
     """The source features, on this prompt."""
     what = f"experiment {exp.name!r} source"
     clean = s.runner.clean
@@ -210,7 +212,9 @@ def _source(s: ExperimentSetting, exp: Experiment, donor: CleanRun | None) -> li
     for entry in exp.source:
         if is_rule(entry):
             rule = Rule.parse(entry, what)
-            out += select(rule, s.item, clean.tokens, clean.activations, s.model.tokenizer, table, s.circuit, what)[0]
+            out += select(
+                rule, s.item, clean.tokens, clean.activations, s.model.tokenizer, table, s.circuit, what, donor_item
+            )[0]
             continue
         donor_acts = None if donor is None else donor.activations
         for layer, pos, feat in _features_of([entry], s.supernodes, what, clean.activations, donor_acts):
@@ -230,7 +234,15 @@ def _target(s: ExperimentSetting, exp: Experiment, donor_item: Mapping[str, Any]
         if is_rule(entry):
             rule = Rule.parse(entry, what)
             chosen, _ = select(
-                rule, donor_item, donor.tokens, donor.activations, s.model.tokenizer, s.context.selectivity, None, what
+                rule,
+                donor_item,
+                donor.tokens,
+                donor.activations,
+                s.model.tokenizer,
+                s.context.selectivity,
+                None,
+                what,
+                s.item,  # a contrast rule on the donor contrasts with this prompt
             )
             at = role_position(s.model.tokenizer, here.tokens, rule.role, s.item)
             if at is None:
@@ -342,7 +354,7 @@ def run_experiment(s: ExperimentSetting, exp: Experiment) -> dict:
     included."""
     clean = s.runner.clean
     donor_item, donor = _donor(s, exp)
-    src = _source(s, exp, donor)
+    src = _source(s, exp, donor_item, donor)
     tgt = _target(s, exp, donor_item, donor) if exp.kind == "swap" and donor_item and donor else []
     before = top_tokens(s.model, clean.logits[-1], s.spec.n_top_tokens)
     out: dict[str, Any] = {

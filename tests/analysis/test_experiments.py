@@ -206,6 +206,31 @@ def test_a_rule_swap_writes_the_donors_features_at_this_prompts_city(swap_setup)
     assert e["after"][0]["prob"] == pytest.approx(float(probs.max()), rel=1e-5)
 
 
+def test_a_contrast_swap_selects_what_tells_the_two_states_apart(swap_setup):
+    """source: Texas features Florida lacks, active at Dallas; target: Florida features Texas
+    lacks, active at the donor's Miami (the table's contrastive masks, checked by hand)."""
+    model, graph, spec, context = swap_setup
+    exp = dict(spec["experiments"][0], name="contrast swap")
+    exp["source"] = [{"select": "contrast", "label": "state", "role": "city"}]
+    exp["target"] = [{"select": "contrast", "label": "state", "role": "city"}]
+    e = evaluate(model, graph, dict(spec, experiments=[exp]), context=context)["experiments"][0]
+    table = context.selectivity
+    here = clean_run(model, graph.attrs["prompt"]).activations[:, 7]
+    donor = clean_run(model, "la capitale de miami est").activations[:, 4]
+    want_src = {
+        (int(l), int(f))
+        for l, f in zip(*np.nonzero(table.contrastive("state", "texas", "florida", "city") & (here > 0).numpy()))
+    }
+    want_tgt = {
+        (int(l), int(f))
+        for l, f in zip(*np.nonzero(table.contrastive("state", "florida", "texas", "city") & (donor > 0).numpy()))
+    }
+    assert want_src or want_tgt, "the fixture has no contrastive feature: the test checks nothing"
+    assert {(r["layer"], r["feature"]) for r in e["selected"]["source"]} == want_src
+    assert {(r["layer"], r["feature"]) for r in e["selected"]["target"]} == want_tgt
+    assert all(r["rule"] == "contrast state=texas (not florida) at city" for r in e["selected"]["source"])
+
+
 def test_baselines_beside_a_swap(swap_setup):
     model, graph, spec, context = swap_setup
     report = evaluate(model, graph, spec, context=context)

@@ -305,11 +305,16 @@ def test_default_prompt_sets_have_the_organism_experiments():
         assert ("language_steer" in kinds) == (item.language == "toy"), pid
         for e in item.experiments:
             assert e.expected_before == item.answer, (pid, e.name)
-            assert all(isinstance(x, dict) and x["select"] == "selective" for x in e.source + e.target), (pid, e.name)
+            # features named by rules, never by index
+            assert all(isinstance(x, dict) and x["select"] in ("selective", "contrast") for x in e.source + e.target), (
+                pid,
+                e.name,
+            )
         if "state_swap" in kinds:
             e = kinds["state_swap"]
             assert (e.source_factor, e.target_factor, e.constrained_layers) == (-4, 10, [0])
             assert e.source[0]["role"] == e.target[0]["role"] == "city" and e.source[0]["in_graph"]
+            assert e.source[0]["select"] == e.target[0]["select"] == "contrast"  # what tells the states apart
             donor = cfg.prompts.items[e.donor].prompt if e.donor else e.donor_prompt
             assert donor in labeled and e.expected_after, (pid, e.name)
         if "language_steer" in kinds:
