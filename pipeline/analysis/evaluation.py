@@ -167,8 +167,10 @@ def evaluate(
     setting = ExperimentSetting(model, runner, spec, supernodes, context, item, circuit)
     report["experiments"] = experiments = [run_experiment(setting, exp) for exp in spec.experiments]
 
-    # Phase 5: the intermediate hop (prompts labeled with a state and a city, given a selectivity table)
-    pruned = graph if isinstance(graph, PrunedGraph) else None  # a raw store has no pruned edges to follow
+    # Phase 5: the intermediate hop, for a two-hop prompt of the bank (its state is the hop, not
+    # the answer) with a pruned graph (a raw store has no pruned edges to follow)
+    two_hop = any(b["prompt"] == item["prompt"] and b["labels"].get("kind") == "two_hop" for b in context.bank)
+    pruned = graph if isinstance(graph, PrunedGraph) and two_hop else None
     hop = prompt_hop(model, pruned, item, runner.clean.tokens, context.selectivity)
     report["intermediate_node"] = None if hop is None else hop.to_dict()
 

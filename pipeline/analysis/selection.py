@@ -150,23 +150,27 @@ def select(
     return chosen, desc
 
 
-def _pool(activations: Tensor, layer: int, pos: int | None) -> np.ndarray:
-    """The features active at (layer, pos), or at any position but BOS for pos None."""
+def _pool(activations: Tensor, layer: int, pos: int | None, exclude: Collection[int] = ()) -> np.ndarray:
+    """The features active at (layer, pos), or at any position but BOS for pos None, but
+    ``exclude``."""
     row = activations[layer, 1:].amax(dim=0) if pos is None else activations[layer, pos]
-    return np.flatnonzero(row.cpu().numpy() > 0)
+    active = np.flatnonzero(row.cpu().numpy() > 0)
+    return np.setdiff1d(active, np.asarray(sorted(exclude), dtype=active.dtype))
 
 
 def random_like(chosen: Sequence[Chosen], activations: Tensor, rng: np.random.Generator) -> list[Chosen]:
     """A random feature set of ``chosen``'s shape: for each (layer, pos, at) cell of
-    ``chosen``, as many features drawn without replacement from those active in that cell of
-    ``activations`` (the prompt they were selected on), with their activations there."""
+    ``chosen``, as many features drawn without replacement from the *other* features active in
+    that cell of ``activations`` (the prompt they were selected on: the features ``chosen``
+    does not hold), with their activations there. A cell with too few others gets fewer."""
     cells: dict[tuple[int, int | None, int | None], int] = {}
     for c in chosen:
         key = (c.layer, c.pos, c.at)
         cells[key] = cells.get(key, 0) + 1
     out: list[Chosen] = []
     for (layer, pos, at), k in sorted(cells.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]), _order(kv[0][2]))):
-        pool = _pool(activations, layer, pos)
+        taken = {c.feature for c in chosen if (c.layer, c.pos, c.at) == (layer, pos, at)}
+        pool = _pool(activations, layer, pos, exclude=taken)
         drawn = rng.choice(pool, size=min(k, len(pool)), replace=False).tolist() if len(pool) else []
         row = activations[layer, 1:].amax(dim=0) if pos is None else activations[layer, pos]
         out += [
