@@ -390,8 +390,9 @@ def replacement_metrics(
 def intervention_metrics(
     hf: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, world: World, weights: dict, cross_layer: bool
 ) -> dict:
-    """Feature interventions on the replacement model at the last position of the canonical
-    two-hop prompts (every layer's features, iterative patching, no error terms).
+    """Feature interventions on the replacement model on the canonical two-hop prompts (every
+    layer's features, iterative patching, no error terms): state swaps at the city's token,
+    where the organism forms the state, language swaps and ablations at the last position.
 
     A *swap* from prompt p to reference prompt r sets the features active at p but not at r
     to 0 and those active at r but not at p to their values at r (the features active on
@@ -409,15 +410,15 @@ def intervention_metrics(
     ids, lengths = encode_texts(tokenizer, [s.prompt for s in prompts])
     mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
     last, rows = lengths - 1, torch.arange(len(ids))
+    city = torch.tensor([ids[i].tolist().index(tokenizer.convert_tokens_to_ids(s.city)) for i, s in enumerate(prompts)])
     clean = _Replacement(hf, weights, cross_layer)
     clean.logits(ids, mask)
-    acts = {l: a[rows, last] for l, a in clean.acts.items()}
     index = {(s.city, s.language): i for i, s in enumerate(prompts)}
     names = [st.name for st in world.states]
 
-    def swap_patch(pairs: list[tuple[int, int]], add: bool) -> dict[int, Tensor]:
+    def swap_patch(pairs: list[tuple[int, int]], add: bool, pos: Tensor) -> dict[int, Tensor]:
         patch = {}
-        for l, a in acts.items():
+        for l, a in ((l, a[rows, pos]) for l, a in clean.acts.items()):
             p = torch.full((len(pairs), a.shape[1]), float("nan"))
             for k, (i, j) in enumerate(pairs):
                 only_i, only_j = (a[i] > 0) & (a[j] <= 0), (a[j] > 0) & (a[i] <= 0)
@@ -427,11 +428,13 @@ def intervention_metrics(
             patch[l] = p
         return patch
 
-    def rate(pairs: list[tuple[int, int]], targets: list[str], add: bool) -> float:
+    def rate(pairs: list[tuple[int, int]], targets: list[str], add: bool, pos: Tensor) -> float:
+        """Share of ``pairs`` (prompt, reference) whose swap at ``pos`` (one per prompt; the
+        reference's is the same: same template and language) gives its target."""
         if not pairs:
             return float("nan")
         src = torch.tensor([i for i, _ in pairs])
-        rep = _Replacement(hf, weights, cross_layer, swap_patch(pairs, add), last[src])
+        rep = _Replacement(hf, weights, cross_layer, swap_patch(pairs, add, pos), pos[src])
         pred = rep.logits(ids[src], mask[src])[torch.arange(len(src)), last[src]].argmax(-1)
         want = torch.tensor(tokenizer.convert_tokens_to_ids(targets))
         return (pred == want).float().mean().item()
@@ -444,10 +447,10 @@ def intervention_metrics(
     lang_pairs = [(i, index[(s.city, "en")]) for i, s in enumerate(prompts) if s.language != "en"]
     lang_targets = [prompts[i].capital for i, _ in lang_pairs]
     return {
-        "state_swap_rate": rate(state_pairs, state_targets, True),
-        "language_swap_rate": rate(lang_pairs, lang_targets, True),
-        "language_ablation_rate": rate(lang_pairs, lang_targets, False),
-        "last_position_l0_per_layer": [(a > 0).float().sum(-1).mean().item() for a in acts.values()],
+        "state_swap_rate": rate(state_pairs, state_targets, True, city),
+        "language_swap_rate": rate(lang_pairs, lang_targets, True, last),
+        "language_ablation_rate": rate(lang_pairs, lang_targets, False, last),
+        "last_position_l0_per_layer": [(a[rows, last] > 0).float().sum(-1).mean().item() for a in clean.acts.values()],
     }
 
 
