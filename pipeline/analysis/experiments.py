@@ -223,9 +223,16 @@ def _source(
     return out
 
 
-def _target(s: ExperimentSetting, exp: Experiment, donor_item: Mapping[str, Any], donor: CleanRun) -> list[Chosen]:
+def _target(
+    s: ExperimentSetting,
+    exp: Experiment,
+    donor_item: Mapping[str, Any],
+    donor: CleanRun,
+    counterpart: Mapping[str, Any] | None = None,
+) -> list[Chosen]:
     """A swap's target features, picked on the donor, each with the position of this prompt it
-    is written at: a rule's at this prompt's position of the same role, the others end-aligned."""
+    is written at: a rule's at this prompt's position of the same role, the others end-aligned.
+    A contrast rule contrasts the donor with ``counterpart`` (this prompt unless given)."""
     what = f"experiment {exp.name!r} target"
     here = s.runner.clean
     shift = here.n_pos - donor.n_pos
@@ -242,7 +249,7 @@ def _target(s: ExperimentSetting, exp: Experiment, donor_item: Mapping[str, Any]
                 s.context.selectivity,
                 None,
                 what,
-                s.item,  # a contrast rule on the donor contrasts with this prompt
+                s.item if counterpart is None else counterpart,
             )
             at = role_position(s.model.tokenizer, here.tokens, rule.role, s.item)
             if at is None:
@@ -465,7 +472,10 @@ def _same_state_baseline(s: ExperimentSetting, exp: Experiment, src, donor_item,
     n_flipped = 0
     for b in donors:
         try:
-            tgt = _target(s, exp, b, s.clean_run_of(b["prompt"]))
+            # The donor's features are picked as the experiment picks its counterfactual's: a
+            # contrast rule contrasts them with the counterfactual (Houston's Texas-not-California
+            # features), not with this prompt, which shares their value and would leave none.
+            tgt = _target(s, exp, b, s.clean_run_of(b["prompt"]), counterpart=donor_item)
         except ValueError as exc:  # this donor cannot take the swap: recorded, not counted
             out["donors"].append({"prompt": b["prompt"], "error": str(exc)})
             continue
@@ -478,11 +488,14 @@ def _same_state_baseline(s: ExperimentSetting, exp: Experiment, src, donor_item,
                 "n_target_features": len(tgt),
                 "top_token": o["after"][0]["token"],
                 "flipped": o["flipped"],
+                "kept": _matches(o["after"][0]["token"], exp.expected_before),
             }
         )
-    n_runs = sum("flipped" in d for d in out["donors"])
-    out.update(n_runs=n_runs, n_flipped=n_flipped, flip_rate=_rate(n_flipped, n_runs))
-    if not n_runs:
+    runs = [d for d in out["donors"] if "flipped" in d]
+    n_kept = sum(bool(d["kept"]) for d in runs)
+    out.update(n_runs=len(runs), n_flipped=n_flipped, flip_rate=_rate(n_flipped, len(runs)))
+    out.update(n_kept=n_kept, kept_rate=_rate(n_kept, len(runs)))
+    if not runs:
         out["note"] = f"no prompt of the bank shares this prompt's {label} ({value}) in the donor's language"
     return out
 

@@ -300,7 +300,8 @@ def _md_baseline(name: str, b: Mapping[str, Any]) -> list[Any]:
         tops = ", ".join(
             f"{d['anchor'] or d['prompt']}: {_quote(d['top_token'])}" for d in b["donors"] if "flipped" in d
         )
-        detail = b.get("note") or f"{b['label']}={b['value']} donors: {tops}"
+        kept = f"; kept the answer {b['n_kept']}/{b['n_runs']}" if b.get("n_kept") is not None else ""
+        detail = b.get("note") or f"{b['label']}={b['value']} donors: {tops}{kept}"
     else:
         moves = ", ".join(f"{m['from']}→{m['to']} ({_quote(m['token'])})" for m in b.get("moves", []))
         detail = b.get("note") or f"moved {moves}; top {_quote(b.get('top_token'))}"

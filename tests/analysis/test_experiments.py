@@ -266,6 +266,29 @@ def test_baselines_beside_a_swap(swap_setup):
     assert "Flip rates and their baselines" in md and "same-state donors" in md and "houston" in md
 
 
+def test_a_contrast_swaps_same_state_donor_gives_its_features_against_the_counterfactual(swap_setup):
+    """Houston shares Dallas's state: contrasted with Dallas it would give no feature at all,
+    and the baseline would only ablate. It gives the Texas features Florida (the swap's
+    counterfactual) lacks, written at Dallas; kept counts runs that still answer as before."""
+    model, graph, spec, context = swap_setup
+    exp = dict(spec["experiments"][0], name="contrast swap", expected_before="dallas")
+    exp["source"] = [{"select": "contrast", "label": "state", "role": "city"}]
+    exp["target"] = [{"select": "contrast", "label": "state", "role": "city"}]
+    e = evaluate(model, graph, dict(spec, experiments=[exp]), context=context)["experiments"][0]
+    (donor,) = e["baselines"]["same_state"]["donors"]
+    houston = clean_run(model, "la capitale de houston est").activations[:, 4]
+    want = context.selectivity.contrastive("state", "texas", "florida", "city") & (houston > 0).numpy()
+    assert want.any(), "the fixture has no Texas-not-Florida feature at Houston: the test checks nothing"
+    assert donor["n_target_features"] == int(want.sum())
+    src = [(r["layer"], 7, r["feature"], Scale(-4.0)) for r in e["selected"]["source"]]
+    tgt = [(int(l), 7, int(f), 10 * float(houston[l, f])) for l, f in zip(*np.nonzero(want))]
+    logits, _ = feature_intervention(model, graph.attrs["prompt"], src + tgt, constrained_layers=[0])
+    top = model.tokenizer.decode([int(torch.argmax(logits[-1]))])
+    assert donor["top_token"] == top
+    assert donor["kept"] == (top.strip() == "dallas")
+    assert e["baselines"]["same_state"]["n_kept"] == int(donor["kept"])
+
+
 def test_random_draws_are_reproducible_of_the_right_shape_and_active(setup):
     model, prompt, _, _ = setup
     acts = clean_run(model, prompt).activations
