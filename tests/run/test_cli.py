@@ -70,7 +70,12 @@ def _given(cls) -> tuple[list[str], dict]:
             argv.append(f"--{f.name.replace('_', '-')}" if not f.default else f"--no-{f.name.replace('_', '-')}")
             values[f.name] = not f.default
         else:
-            value = f.metadata.get("choices", ("float64",))[-1] if f.name == "dtype" else (f.default or 1) + 1
+            if f.name == "dtype":
+                value = f.metadata.get("choices", ("float64",))[-1]
+            elif f.metadata.get("check") == "probability":  # in (0, 1]: half the default
+                value = f.default / 2
+            else:
+                value = (f.default or 1) + 1
             argv += [f"--{f.name.replace('_', '-')}", str(value)]
             values[f.name] = value
     return argv, values
