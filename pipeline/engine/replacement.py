@@ -412,6 +412,7 @@ def check_model_weights(module: torch.nn.Module, source: str) -> None:
     tensor, chunks only when that sum is not finite."""
     for name, tensor in module.state_dict().items():
         if not all_finite(tensor.detach()):
+            name = name.replace("._original_component", "")  # the bridge's wrapping: the checkpoint's name
             raise ValueError(
                 f"model {source!r}: weight {name} holds NaN or inf; the checkpoint is damaged, "
                 "re-download or re-train it"
