@@ -95,7 +95,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = 
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
-            options["type"] = CHECKS.get(f.metadata.get("check"), None) or next(
+            options["type"] = CHECKS.get(str(f.metadata.get("check"))) or next(
                 (t for t in typing.get_args(kind) if t is not type(None)), kind
             )  # Optional[X]: X
             options["choices"] = f.metadata.get("choices")
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model name or local directory")
     p.add_argument("--transcoders", required=True, help="transcoder directory or HF repo id")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--corpus", type=existing_path, help="local corpus: .txt (one document per line) or .jsonl")
+    src.add_argument("--corpus", help="local corpus: .txt (one document per line) or .jsonl")
     src.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets` and the hub)")
     src.add_argument("--world", type=existing_path, help="the organism's world.json: use its corpus (World.corpus)")
     p.add_argument("--field", default="text", help="text field of .jsonl / dataset records")
@@ -380,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
     p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
-    p.add_argument("--scan", default=None, help="transcoder set name in graph JSON (default: the source)")
+    p.add_argument(
+        "--scan",
+        default=None,
+        help="transcoder set name in graph JSON: letters, digits, _ . - only, as Neuronpedia requires "
+        "(default: the source, other characters replaced by _)",
+    )
     add_options(p, PruningSpec, defaults=False)
     add_options(p, AttributionSpec, defaults=False)
     p.add_argument(
