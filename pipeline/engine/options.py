@@ -13,9 +13,10 @@ from typing import Any, Optional
 class AttributionConfig:
     """The options of :func:`attribute`, the one definition of their names, defaults, help
     (``metadata["help"]``, the command line's) and checks (``__post_init__``; ``metadata["check"]``
-    names the command line's argparse type: ``positive`` integers, ``probability`` in (0, 1]). ``asdict`` of it is hashed into
-    every graph store's fingerprint, so a new field changes every key, unless it is one of
-    :data:`NOT_FINGERPRINTED` (options that decide whether a run is allowed, not its numbers)."""
+    names the command line's argparse type: ``positive`` integers, ``probability`` in (0, 1]).
+    ``asdict`` of it is hashed into every graph store's fingerprint, so a new field changes
+    every key, unless it is one of :data:`NOT_FINGERPRINTED` (options that decide whether a run
+    may go ahead, not its numbers)."""
 
     max_n_logits: int = field(
         default=10, metadata={"help": "at most this many logit nodes: the top next-token logits", "check": "positive"}
