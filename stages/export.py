@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from pipeline._io import atomic_path
 from pipeline.analysis.dashboards import Dashboards, export_feature_json
-from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files
+from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files, neuronpedia_name
 from pipeline.analysis.figures import write_graph_figures
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.compose import load_config
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     cfg = load_config(args.params)
     run = prompt_dir(args.prompt_id)
     pruned = load_pruned_graph(run / "pruned.npz")
-    scan = cfg.export.scan or pruned.attrs.get("scan") or cfg.transcoders.source
+    scan = cfg.export.scan or neuronpedia_name(pruned.attrs.get("scan") or cfg.transcoders.source)
     slug = f"{cfg.export.slug_prefix}{args.prompt_id}"
     dash = Dashboards.open(dashboards_path(cfg.features))
     labels = {key: dash.label(*key) for key in kept_features(pruned)}

@@ -22,7 +22,8 @@ def main(argv=None) -> None:
     cfg = load_config(args.params)
     prompt = cfg.prompts.items[args.prompt_id]
     tokenizer = PromptTokenizer(cfg.model.name, revision=cfg.model.revision)  # no weights, no transcoders
-    tokens = tokenizer.tokenize(prompt.prompt).cpu().contiguous()
+    tokens = tokenizer.tokenize(prompt.prompt, allow_unknown_tokens=cfg.attribution.allow_unknown_tokens)
+    tokens = tokens.cpu().contiguous()
     strings = tokenizer.convert_ids_to_tokens(tokens.tolist())
     out = prompt_dir(args.prompt_id) / "tokens.safetensors"
     with atomic_path(out) as tmp:

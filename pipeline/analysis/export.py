@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -228,20 +229,48 @@ def load_labels(labels) -> tuple[dict[str, str], dict[tuple[int, int], str]]:
 # --------------------------------------------------------------------------------------------
 
 
+#: the names Neuronpedia's upload accepts for ``scan`` and ``slug``
+NEURONPEDIA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NEURONPEDIA_RULE = "Neuronpedia accepts only letters, digits, '_', '.' and '-'"
+
+
+def neuronpedia_name(name: str) -> str:
+    """A name we derive (a transcoder path, a hub repo id) made acceptable to Neuronpedia:
+    every run of other characters becomes one '_' ('models/organism/plt' ->
+    'models_organism_plt', 'org/repo@v1' -> 'org_repo_v1'); a valid name is kept as it is."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("_")
+    return out.lstrip(".") or "custom"
+
+
+def check_scan(scan: str) -> str:
+    """A scan name the user gives must already be one Neuronpedia accepts."""
+    if not isinstance(scan, str) or not NEURONPEDIA_NAME.fullmatch(scan):
+        raise ValueError(
+            f"invalid scan {scan!r}: {_NEURONPEDIA_RULE} (e.g. gemma-2-2b, the name of a model "
+            f"Neuronpedia hosts); give another scan (--scan / export.scan), e.g. {neuronpedia_name(str(scan))!r}"
+        )
+    return scan
+
+
 def _scan_fields(graph, scan) -> tuple[str, list[str]]:
+    """The graph's ``scan`` and ``transcoder_list``: ``scan`` as given (a string must be a valid
+    Neuronpedia name; a list becomes ``custom-<digest>``), else the one the graph records
+    (derived from the transcoders' source: made valid by :func:`neuronpedia_name`)."""
     attrs = getattr(graph, "attrs", {}) or {}
     if scan is None:
         scan = attrs.get("scan")
-    if scan is None:
-        raise ValueError(
-            "Neither scan nor graph.attrs['scan'] is set: one must identify which transcoders "
-            "were used to create the graph."
-        )
+        if scan is None:
+            raise ValueError(
+                "Neither scan nor graph.attrs['scan'] is set: one must identify which transcoders "
+                "were used to create the graph."
+            )
+        if not isinstance(scan, (list, tuple)):
+            scan = neuronpedia_name(str(scan))
     if isinstance(scan, (list, tuple)):
         names = [str(s) for s in scan]
         digest = hashlib.sha256("-".join(names).encode("utf-8")).hexdigest()[:16]
         return f"custom-{digest}", names
-    return str(scan), [str(s) for s in attrs.get("transcoder_list", []) or []]
+    return check_scan(scan), [str(s) for s in attrs.get("transcoder_list", []) or []]
 
 
 def node_record(
@@ -424,16 +453,12 @@ def build_graph_json(
 
 
 def _check_slug(slug: str) -> None:
-    if (
-        not isinstance(slug, str)
-        or not slug
-        or slug in (".", "..")
-        or "/" in slug
-        or "\\" in slug
-        or slug.startswith(".")
-        or "\x00" in slug
-    ):
-        raise ValueError(f"invalid slug {slug!r}: it names a file in output_dir")
+    if not isinstance(slug, str) or not NEURONPEDIA_NAME.fullmatch(slug) or slug.startswith("."):
+        raise ValueError(
+            f"invalid slug {slug!r}: it names a file in output_dir and a graph on Neuronpedia, which "
+            f"accepts only letters, digits, '_', '.' and '-' (not starting with '.'); choose another slug "
+            "(slug prefix / prompt id)"
+        )
 
 
 @contextlib.contextmanager

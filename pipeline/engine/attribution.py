@@ -20,7 +20,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline._io import digest_json
-from pipeline.engine.options import AttributionConfig
+from pipeline.engine.options import AttributionConfig, fingerprinted
 from pipeline.engine.replacement import Capture, ReplacementModel
 from pipeline.engine.rows import (
     ActiveFeatures,
@@ -42,7 +41,8 @@ from pipeline.engine.rows import (
     logit_batch,
     to_csr,
 )
-from pipeline.engine.targets import LogitTarget, custom_logit_targets, salient_logit_targets
+from pipeline.engine.targets import LogitTarget, custom_logit_targets, parse_logit_targets, salient_logit_targets
+from pipeline.engine.tokens import check_unknown_tokens
 from pipeline.graph.layout import NodeLayout
 from pipeline.graph.store import Graph
 from pipeline.graph.writer import GraphStoreWriter
@@ -91,7 +91,7 @@ def fingerprint(model: ReplacementModel, tokens: Tensor, cfg: AttributionConfig,
         "model": model.digest(),
         "transcoders": model.transcoders.digest(),
         "tokens": tokens.tolist(),
-        "config": asdict(cfg),
+        "config": fingerprinted(cfg),
         "dtype": str(model.dtype),
         "logit_targets": _spec_digest(targets_spec),
     }
@@ -127,6 +127,9 @@ def attribute(
     Returns the finished ``Graph`` (circuit-tracer's node order). Rerunning with the same
     inputs on an interrupted store resumes it; on a finished store returns it at once.
 
+    A prompt or a token logit target the tokenizer encodes as its unknown token (a misspelt
+    word) is refused (``PromptError``, naming the words) unless ``allow_unknown_tokens``.
+
     The options are :class:`AttributionConfig`'s fields, given as ``config``, as keywords
     (circuit-tracer's spelling: ``attribute(prompt, model, max_n_logits=5, store=...)``), or
     both (keywords win). ``zero_bos_errors``: give the error nodes at the BOS position zero
@@ -136,6 +139,10 @@ def attribute(
     """
     cfg = AttributionConfig.of(config, **options)
     t0 = time.perf_counter()
+    if not cfg.allow_unknown_tokens:  # a misspelt word would silently be attributed as <unk>
+        check_unknown_tokens(model.tokenizer, model.tokenize(prompt), prompt if isinstance(prompt, str) else None)
+    if logit_targets is not None:  # before the forward pass: a bad target fails at once
+        parse_logit_targets(model, logit_targets, allow_unknown_tokens=cfg.allow_unknown_tokens)
 
     # Phase 1: precompute activations, error vectors and token vectors
     capture = model.capture(prompt)
@@ -151,7 +158,7 @@ def attribute(
     if logit_targets is None:
         targets = salient_logit_targets(model, last_logits, cfg.max_n_logits, cfg.desired_logit_prob)
     else:
-        targets = custom_logit_targets(model, last_logits, logit_targets)
+        targets = custom_logit_targets(model, last_logits, logit_targets, allow_unknown_tokens=cfg.allow_unknown_tokens)
     layout = NodeLayout(n_layers=model.n_layers, n_pos=capture.n_pos, n_active=len(active_np), n_logits=len(targets))
     features = ActiveFeatures(layout, active_np)
     n_features_to_visit = (
@@ -287,7 +294,7 @@ def _store_attrs(
         "d_transcoder": tc.d_transcoder,
         "feature_input_hook": tc.feature_input_hook,
         "feature_output_hook": tc.feature_output_hook,
-        "config": asdict(cfg),
+        "config": fingerprinted(cfg),
         "logit_labels": [t.label for t in targets],
         "dtype": str(model.dtype),
     }

@@ -29,8 +29,9 @@ from torch import Tensor
 
 from pipeline.engine import generation, intervened_forward
 from pipeline.engine import hooks as H
-from pipeline.engine.tokens import check_prompt_text, check_prompt_tokens
+from pipeline.engine.tokens import check_prompt_text, check_prompt_tokens, check_token_ids
 from pipeline.transcoders import Transcoders, load_transcoders
+from pipeline.transcoders.lazy import all_finite
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -168,6 +169,7 @@ class ReplacementModel:
                     "or make the hub reachable"
                 ) from exc
         bridge.eval()
+        check_model_weights(bridge.original_model, source)
         return cls(bridge, transcoders, model_name=source)
 
     @property
@@ -200,7 +202,7 @@ class ReplacementModel:
     def tokenize(self, prompt: str | Tensor) -> Tensor:
         """Input ids (n_pos,), with BOS prepended when the tokenizer does not add one."""
         if isinstance(prompt, Tensor):
-            tokens = prompt.flatten().to(torch.long)
+            tokens = check_token_ids(prompt, int(self.bridge.cfg.d_vocab))
         else:
             check_prompt_text(prompt)
             tokens = self.bridge.to_tokens(prompt, truncate=False)[0]
@@ -234,6 +236,7 @@ class ReplacementModel:
 
         x = torch.stack([mlp_in[layer] for layer in range(self.n_layers)])
         y = torch.stack([mlp_out[layer] for layer in range(self.n_layers)])
+        self._check_finite_residual(tokens, embed[0], x, y)
         acts = torch.stack([self._activations(layer, x[layer]) for layer in range(self.n_layers)])
         recon = torch.stack(
             [self.transcoders.reconstruct(layer, list(acts[: layer + 1]), x[layer]) for layer in range(self.n_layers)]
@@ -247,6 +250,23 @@ class ReplacementModel:
             reconstructions=recon,
             errors=y - recon,
             token_embeddings=embed[0],
+        )
+
+    def _check_finite_residual(self, tokens: Tensor, embed: Tensor, x: Tensor, y: Tensor) -> None:
+        """The clean run's residual stream (the embedding, then every layer's MLP input and output)
+        holds no NaN/inf; otherwise one line naming the first layer and position that does."""
+        if bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all()) and bool(torch.isfinite(embed).all()):
+            return  # the common case: three reductions over tensors the capture keeps anyway
+        stages = [("the token embedding", embed)]
+        for layer in range(self.n_layers):
+            stages += [(f"layer {layer}'s MLP input", x[layer]), (f"layer {layer}'s MLP output", y[layer])]
+        where, t = next((w, t) for w, t in stages if not bool(torch.isfinite(t).all()))
+        pos = int((~torch.isfinite(t)).any(dim=-1).nonzero()[0])
+        token = self.tokenizer.decode([int(tokens[pos])]) if self.tokenizer is not None else str(int(tokens[pos]))
+        raise ValueError(
+            f"the model's residual stream holds NaN or inf at {where}, position {pos} (token {token!r}): "
+            f"the model overflows in {self.dtype} (load it in float32) or its weights are damaged "
+            "(re-download or re-train the checkpoint)"
         )
 
     def get_activations(self, prompt: str | Tensor, sparse: bool = True) -> tuple[Tensor, Tensor]:
@@ -384,6 +404,19 @@ class ReplacementModel:
     def feature_intervention_generate(self, prompt: str | Tensor, interventions, **kwargs):
         """See :func:`pipeline.engine.generation.feature_intervention_generate`."""
         return generation.feature_intervention_generate(self, prompt, interventions, **kwargs)
+
+
+def check_model_weights(module: torch.nn.Module, source: str) -> None:
+    """Every weight of the base model is finite; otherwise one line naming the first tensor that
+    is not (a damaged checkpoint gives NaN graphs everywhere). Bounded memory: a float64 sum per
+    tensor, chunks only when that sum is not finite."""
+    for name, tensor in module.state_dict().items():
+        if not all_finite(tensor.detach()):
+            name = name.replace("._original_component", "")  # the bridge's wrapping: the checkpoint's name
+            raise ValueError(
+                f"model {source!r}: weight {name} holds NaN or inf; the checkpoint is damaged, "
+                "re-download or re-train it"
+            )
 
 
 def _check_local_model_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.engine.replacement import ReplacementModel
+from pipeline.engine.tokens import ALLOW_UNKNOWN_HINT, PromptError, unknown_token_id
 
 
 @dataclass
@@ -54,46 +55,75 @@ def salient_logit_targets(
     ]
 
 
-def custom_logit_targets(model: ReplacementModel, logits: Tensor, specs: Sequence) -> list[LogitTarget]:
+def custom_logit_targets(
+    model: ReplacementModel, logits: Tensor, specs: Sequence, *, allow_unknown_tokens: bool = False
+) -> list[LogitTarget]:
     """Logit targets the user names.
 
     Each spec is a token string (" Austin"), a pair of token strings (" Austin", " Dallas")
     for the difference of two logits, or a dict ``{"label", "vector" (d_model,),
-    "probability"?}`` for any direction in the residual stream.
+    "probability"?}`` for any direction in the residual stream (finite, probability in (0, 1]).
+    A token string the tokenizer encodes as its unknown token is refused unless
+    ``allow_unknown_tokens``.
     logits: (d_vocab,) at the last position
     """
+    probs = torch.softmax(logits.double(), dim=-1)
+    targets = []
+    for label, token_id, vector, probability in parse_logit_targets(
+        model, specs, allow_unknown_tokens=allow_unknown_tokens
+    ):
+        prob = float(probs[token_id]) if probability is None else probability
+        targets.append(LogitTarget(label, token_id, prob, vector))
+    return targets
+
+
+def parse_logit_targets(
+    model: ReplacementModel, specs: Sequence, *, allow_unknown_tokens: bool = False
+) -> list[tuple[str, int, Tensor, float | None]]:
+    """(label, token id or -1, read vector, probability or None for the token's) of each spec
+    of :func:`custom_logit_targets`, every spec checked; needs no forward pass."""
     if len(specs) == 0:
         raise ValueError("logit_targets is empty: give at least one target, or None for the top logits")
-    probs = torch.softmax(logits.double(), dim=-1)
     W_U = model.W_U
     mean = W_U.mean(dim=-1)
-    targets = []
+    parsed: list[tuple[str, int, Tensor, float | None]] = []
     for spec in specs:
         if isinstance(spec, str):
-            tok = _single_token(model, spec)
-            targets.append(LogitTarget(spec, tok, float(probs[tok]), (W_U[:, tok] - mean).detach()))
+            tok = _single_token(model, spec, allow_unknown_tokens)
+            parsed.append((spec, tok, (W_U[:, tok] - mean).detach(), None))
         elif isinstance(spec, (tuple, list)) and len(spec) == 2 and all(isinstance(s, str) for s in spec):
-            a, b = (_single_token(model, s) for s in spec)
-            targets.append(LogitTarget(f"{spec[0]} - {spec[1]}", a, float(probs[a]), (W_U[:, a] - W_U[:, b]).detach()))
+            a, b = (_single_token(model, s, allow_unknown_tokens) for s in spec)
+            parsed.append((f"{spec[0]} - {spec[1]}", a, (W_U[:, a] - W_U[:, b]).detach(), None))
         elif isinstance(spec, dict) and "vector" in spec:
+            label = str(spec.get("label", "custom"))
             vec = torch.as_tensor(spec["vector"], dtype=W_U.dtype, device=W_U.device).flatten()
             if vec.numel() != model.d_model:
                 raise ValueError(
                     f"custom logit target {spec.get('label', '?')!r} has dimension {vec.numel()}, "
                     f"but the residual stream has d_model={model.d_model}"
                 )
+            if not bool(torch.isfinite(vec).all()):
+                raise ValueError(f"custom logit target {label!r}: its vector holds NaN or inf: give a finite direction")
             prob = float(spec.get("probability", 1.0 / len(specs)))
-            targets.append(LogitTarget(str(spec.get("label", "custom")), -1, prob, vec))
+            if not 0.0 < prob <= 1.0:  # False for NaN too
+                raise ValueError(f"custom logit target {label!r}: probability must be in (0, 1], got {prob!r}")
+            parsed.append((label, -1, vec, prob))
         else:
             raise ValueError(
                 f"logit target {spec!r} not understood: give a token string, a pair of token "
                 "strings, or {'label': ..., 'vector': [...]}"
             )
-    return targets
+    return parsed
 
 
-def _single_token(model: ReplacementModel, text: str) -> int:
+def _single_token(model: ReplacementModel, text: str, allow_unknown_tokens: bool = False) -> int:
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"logit target {text!r} is {len(ids)} tokens ({ids}), not one: give a single token")
+    unk = unknown_token_id(model.tokenizer)
+    if not allow_unknown_tokens and unk is not None and int(ids[0]) == unk:
+        raise PromptError(
+            f"the tokenizer does not know the logit target {text!r} (tokenized as {model.tokenizer.unk_token}): "
+            f"check the spelling, or pass {ALLOW_UNKNOWN_HINT} to attribute {model.tokenizer.unk_token}"
+        )
     return int(ids[0])

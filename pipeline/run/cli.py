@@ -32,10 +32,62 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive: give an integer >= 1")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give one in (0, 1]") from None
+    if not 0.0 < value <= 1.0:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: give a number above 0 and at most 1")
+    return value
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number: give 0-65535")
+    return value
+
+
+def existing_path(text: str) -> str:
+    """argparse type: a file or folder that exists."""
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """argparse type: a folder that exists."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder" if Path(text).exists() else f"{text} does not exist")
+    return text
+
+
+#: a dataclass field's ``metadata["check"]``: its argparse type
+CHECKS = {"positive": positive_int, "probability": probability}
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = True) -> None:
     """One ``--option`` per field of the dataclass ``cls``, with the field's type, default and
-    ``metadata`` (``help``, ``choices``); a bool is ``--name / --no-name``. ``defaults=False``:
-    every option is None unless given, for options that override a composed config."""
+    ``metadata`` (``help``, ``choices``, ``check``: the argparse type in :data:`CHECKS`); a bool is
+    ``--name / --no-name``. ``defaults=False``: every option is None unless given, for options
+    that override a composed config."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -43,7 +95,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = 
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
-            options["type"] = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # Optional[X]: X
+            options["type"] = CHECKS.get(str(f.metadata.get("check"))) or next(
+                (t for t in typing.get_args(kind) if t is not type(None)), kind
+            )  # Optional[X]: X
             options["choices"] = f.metadata.get("choices")
         parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
 
@@ -261,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN[,TOKEN]",
         help="a token to attribute from (repeatable); 'A,B' attributes the difference A - B",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("demo", help="attribute a prompt on a tiny built-in model (no downloads)")
@@ -269,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="open exported graph JSON files in the local viewer")
-    p.add_argument("graph_dir", help="folder with graph-metadata.json and {slug}.json files")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("graph_dir", type=existing_dir, help="folder with graph-metadata.json and {slug}.json files")
+    p.add_argument("--port", type=port, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
     p.set_defaults(func=cmd_serve)
@@ -281,22 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help="local corpus: .txt (one document per line) or .jsonl")
     src.add_argument("--hf-dataset", help="Hugging Face dataset name (needs `datasets` and the hub)")
-    src.add_argument("--world", help="the organism's world.json: use its corpus (World.corpus)")
+    src.add_argument("--world", type=existing_path, help="the organism's world.json: use its corpus (World.corpus)")
     p.add_argument("--field", default="text", help="text field of .jsonl / dataset records")
     p.add_argument("--split", default="train", help="dataset split (--hf-dataset)")
     p.add_argument("--hf-config", default=None, help="dataset config name (--hf-dataset)")
-    p.add_argument("--n-documents", type=int, default=4096, help="sentences drawn from --world")
+    p.add_argument("--n-documents", type=positive_int, default=4096, help="sentences drawn from --world")
     p.add_argument("--out", required=True, help="dashboards store to write (Zarr directory)")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(n_ctx, 128))")
-    p.add_argument("--n-quantiles", type=int, default=5)
+    p.add_argument("--top-k", type=positive_int, default=20)
+    p.add_argument("--max-tokens", type=positive_int, default=None)
+    p.add_argument("--batch-tokens", type=positive_int, default=2048)
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default min(n_ctx, 128))")
+    p.add_argument("--n-quantiles", type=positive_int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=20, help="batches between checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=20, help="batches between checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dashboards store")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("study", help="run a prompt set (batch study) on local processes, SLURM or Ray")
@@ -317,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="conf/launcher choice: sequential, local (default), submitit_local, submitit_slurm, ray",
     )
-    p.add_argument("--jobs", type=int, default=None, help="jobs at once (overrides the launcher's)")
+    p.add_argument("--jobs", type=positive_int, default=None, help="jobs at once (overrides the launcher's)")
     p.add_argument(
         "--launcher-opt",
         action="append",
@@ -326,21 +380,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--graphs", default=None, help="graph cache shared by studies (default OUT/graphs)")
     p.add_argument("--only", default=None, metavar="ID[,ID]", help="run only these prompt ids (e.g. the failed ones)")
-    p.add_argument("--scan", default=None, help="transcoder set name in graph JSON (default: the source)")
+    p.add_argument(
+        "--scan",
+        default=None,
+        help="transcoder set name in graph JSON: letters, digits, _ . - only, as Neuronpedia requires "
+        "(default: the source, other characters replaced by _)",
+    )
     add_options(p, PruningSpec, defaults=False)
     add_options(p, AttributionSpec, defaults=False)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per job (overrides the launcher's)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads per job (overrides the launcher's)"
+    )
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("aggregate", help="recurring features, union task circuit and figures of a study")
-    p.add_argument("study_dir", help="a study folder (with study.json)")
+    p.add_argument("study_dir", type=existing_dir, help="a study folder (with study.json)")
     p.add_argument("--out", default=None, help="output folder (default STUDY_DIR/aggregate)")
     p.add_argument(
         "--align", choices=["end", "start"], default="end", help="align positions at the prompt's end or start"
     )
-    p.add_argument("--min-prompts", type=int, default=1, help="task circuit: features in at least this many prompts")
-    p.add_argument("--top", type=int, default=30, help="features in the heatmap")
-    p.add_argument("--labels", default=None, help="feature labels: a dashboards store or a labels JSON file")
+    p.add_argument(
+        "--min-prompts", type=positive_int, default=1, help="task circuit: features in at least this many prompts"
+    )
+    p.add_argument("--top", type=positive_int, default=30, help="features in the heatmap")
+    p.add_argument(
+        "--labels", type=existing_path, default=None, help="feature labels: a dashboards store or a labels JSON file"
+    )
     p.add_argument("--figures-dir", default=None, help="where figures go (default OUT/figures)")
     p.add_argument(
         "--group-by", default=None, metavar="TAG", help="order the heatmap's prompts by this tag (e.g. state)"

@@ -40,6 +40,8 @@ from pipeline.organism.world import WorldConfig
 #: A prompt id names DVC stages (``attribute@<id>``), params keys (``prompts.items.<id>``) and
 #: output folders, so it is restricted to characters that are safe in all three.
 PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+#: the names Neuronpedia's upload accepts for ``scan`` and ``slug`` (pipeline.analysis.export's rule)
+NEURONPEDIA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation_spec.KINDS
@@ -197,9 +199,11 @@ class PruningSpec:
     """The thresholds of ``pipeline.graph.pruning.prune_graph``."""
 
     node_threshold: float = field(
-        default=0.8, metadata={"help": "share of influence on the logits the kept nodes carry"}
+        default=0.8, metadata={"help": "share of influence on the logits the kept nodes carry", "check": "probability"}
     )
-    edge_threshold: float = field(default=0.98, metadata={"help": "share of edge score mass the kept edges carry"})
+    edge_threshold: float = field(
+        default=0.98, metadata={"help": "share of edge score mass the kept edges carry", "check": "probability"}
+    )
 
 
 @dataclass
@@ -208,11 +212,25 @@ class ExportSpec:
 
     slug_prefix: a graph's slug (and file name) is ``<slug_prefix><prompt id>``.
     scan: the transcoders' scan name in the graph metadata; None: the one the graph records
-        (a hub set's repo), else the transcoders' source.
+        (a hub set's repo), else the transcoders' source, with every character Neuronpedia
+        refuses replaced by '_'. Both may hold only letters, digits, '_', '.' and '-'
+        (Neuronpedia's rule; docs/viewer.md).
     """
 
     slug_prefix: str = ""
     scan: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not NEURONPEDIA_NAME.fullmatch(self.slug_prefix or "x") or self.slug_prefix.startswith("."):
+            raise ValueError(
+                f"export.slug_prefix {self.slug_prefix!r} may hold only letters, digits, '_', '.' and '-' "
+                "(Neuronpedia's rule for slugs; not starting with '.')"
+            )
+        if self.scan is not None and not NEURONPEDIA_NAME.fullmatch(self.scan):
+            raise ValueError(
+                f"export.scan {self.scan!r} may hold only letters, digits, '_', '.' and '-' (Neuronpedia's "
+                "rule; it names a model Neuronpedia hosts, e.g. gemma-2-2b)"
+            )
 
 
 FEATURE_CORPORA: tuple[str, ...] = ("organism", "file", "hf")

@@ -469,7 +469,13 @@ def _resolve(source: str | os.PathLike, conf_dir: str | os.PathLike | None) -> P
 def load_prompt_set(source: str | os.PathLike, *, conf_dir: str | os.PathLike | None = None) -> PromptSet:
     """Read and validate a prompt set: a file (.yaml/.yml/.jsonl/.csv) or a conf/prompts name."""
     path = _resolve(source, conf_dir)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}): save the prompt file as UTF-8"
+        ) from None
     where = str(path)
     suffix = path.suffix.lower()
     name = None

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 
 from pipeline._io import atomic_directory, finite_or_none, read_json, write_json
-from pipeline.analysis.export import create_graph_files, update_graph_metadata
+from pipeline.analysis.export import check_scan, create_graph_files, neuronpedia_name, update_graph_metadata
 from pipeline.analysis.study_files import DONE_FORMAT, STUDY_FORMAT, graph_done
 from pipeline.engine.attribution import attribute, fingerprint
-from pipeline.engine.options import AttributionConfig
+from pipeline.engine.options import AttributionConfig, fingerprinted
 from pipeline.engine.replacement import ReplacementModel
-from pipeline.engine.tokens import PromptError
+from pipeline.engine.tokens import PromptError, check_unknown_tokens
 from pipeline.graph.pruned import save_pruned_graph
 from pipeline.graph.pruning import prune_graph
 from pipeline.memory import release_freed_buffers
@@ -75,6 +75,8 @@ class StudySettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         self.attribution = AttributionConfig.of(self.attribution)  # the schema's dtype is no key input
+        if self.scan is not None:
+            check_scan(self.scan)  # fail before any prompt runs
 
     @classmethod
     def from_config(cls, cfg: StudyConfig) -> StudySettings:
@@ -188,7 +190,7 @@ def _compute_key(model, item: TaskItem, settings: StudySettings, graphs_dir: Pat
         )
         result = prune_graph(graph, pruning["node_threshold"], pruning["edge_threshold"])
         save_pruned_graph(graph, result, key_dir / "pruned.npz")
-        scan = settings.scan or graph.attrs.get("scan") or settings.transcoders
+        scan = settings.scan or neuronpedia_name(graph.attrs.get("scan") or settings.transcoders)
         json_dir = key_dir / "graph"
         if json_dir.exists():
             shutil.rmtree(json_dir)
@@ -212,7 +214,7 @@ def _compute_key(model, item: TaskItem, settings: StudySettings, graphs_dir: Pat
             "model": settings.model,
             "transcoders": settings.transcoders,
             "dtype": settings.dtype,
-            "attribution": asdict(settings.attribution),
+            "attribution": fingerprinted(settings.attribution),
             "pruning": pruning,
             "scores": {
                 "replacement_score": finite_or_none(result.replacement_score),
@@ -314,6 +316,8 @@ def _plan(
         st = statuses[rec.id]
         try:
             tokens = model.tokenize(rec.prompt)
+            if not settings.attribution.allow_unknown_tokens:
+                check_unknown_tokens(model.tokenizer, tokens, rec.prompt)
         except PromptError as exc:  # too long, empty: this prompt fails, the others go on
             st.status, st.reason = "failed", f"PromptError: {exc}"
             continue

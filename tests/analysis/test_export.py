@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import warnings
@@ -448,3 +449,32 @@ def test_graph_metadata_concurrent_updates(tmp_path):
     graphs = read(tmp_path / "graph-metadata.json")["graphs"]
     assert [g["slug"] for g in graphs] == [f"g{i}" for i in range(8)]
     assert all(g["node_threshold"] == 4 for g in graphs)
+
+
+def test_scan_and_slug_follow_neuronpedias_rule(graph, tmp_path):
+    """Neuronpedia's upload takes scan and slug from [A-Za-z0-9_.-] only: a scan derived from
+    the transcoders' source is made valid, a scan or slug the user gives must already be."""
+    from pipeline.analysis.export import neuronpedia_name
+
+    assert neuronpedia_name("models/organism/plt") == "models_organism_plt"
+    assert neuronpedia_name("mntss/clt-gemma-2-2b-426k@v1") == "mntss_clt-gemma-2-2b-426k_v1"
+    assert neuronpedia_name("gemma-2-2b") == "gemma-2-2b"
+    result = prune_graph(graph, 0.8, 0.98)
+    g = copy.copy(graph)
+    g.attrs = {**graph.attrs, "scan": "models/organism/plt"}  # what a local transcoder directory records
+    assert build_graph_json(g, "g", result)["metadata"]["scan"] == "models_organism_plt"
+    with pytest.raises(ValueError, match=r"invalid scan 'org/repo': Neuronpedia accepts only letters, digits"):
+        build_graph_json(graph, "g", result, scan="org/repo")
+    for bad in ["my graph", "a:b", "caf\u00e9"]:
+        with pytest.raises(ValueError, match=r"invalid slug .*Neuronpedia, which accepts only letters, digits"):
+            create_graph_files(graph, bad, tmp_path, pruned=result)
+
+
+def test_export_config_refuses_names_neuronpedia_refuses():
+    from pipeline.run.config import ExportSpec
+
+    with pytest.raises(ValueError, match=r"export.scan 'org/repo' may hold only letters"):
+        ExportSpec(scan="org/repo")
+    with pytest.raises(ValueError, match=r"export.slug_prefix 'my set/' may hold only letters"):
+        ExportSpec(slug_prefix="my set/")
+    assert ExportSpec(slug_prefix="run1-", scan="gemma-2-2b").scan == "gemma-2-2b"

@@ -21,6 +21,7 @@ from pipeline.engine import hooks as H
 from pipeline.engine.attribution import attribute
 from pipeline.engine.replacement import ReplacementModel
 from pipeline.engine.rows import ActiveFeatures, RowBatch, build_sources, compute_rows
+from pipeline.engine.tokens import PromptError
 from pipeline.graph.layout import NodeLayout
 from pipeline.graph.store import Graph, GraphStoreMismatchError
 
@@ -450,3 +451,47 @@ def test_interrupted_attribution_resumes_to_identical_store(fixture_dirs, tmp_pa
     np.testing.assert_array_equal(resumed.selected_features, reference.selected_features)
     np.testing.assert_array_equal(resumed.adjacency_dense(), reference.adjacency_dense())
     assert tree_digest(tmp_path / "g.zarr") == tree_digest(tmp_path / "ref.zarr")
+
+
+# ---------------------------------------------------------------------------- unknown words
+def test_unknown_words_in_prompt_and_logit_targets_are_refused_unless_allowed(fixture_dirs, tmp_path):
+    model = load(fixture_dirs, "gpt2", "plt")
+    words = testing.vocabulary_words(fixture_dirs["gpt2"])
+    prompt = f"{words[3]} Austn {words[4]} Dalas"
+    with pytest.raises(PromptError, match=r"does not know the prompt's words 'Austn', 'Dalas' \(tokenized as <unk>\)"):
+        attribute(prompt, model, store=tmp_path / "a.zarr", verbose=False)
+    tokens = model.tokenize(prompt)
+    with pytest.raises(PromptError, match=r"unknown token <unk> \(id 3\) at position\(s\) \[2, 4\]"):
+        attribute(tokens, model, store=tmp_path / "a.zarr", verbose=False)
+    with pytest.raises(PromptError, match=r"does not know the logit target 'Austn'.*--allow-unknown-tokens"):
+        attribute(" ".join(words[3:8]), model, logit_targets=["Austn"], store=tmp_path / "a.zarr", verbose=False)
+    assert not (tmp_path / "a.zarr").exists()
+    graph = attribute(
+        prompt, model, logit_targets=["Austn"], allow_unknown_tokens=True, store=tmp_path / "b.zarr", verbose=False
+    )
+    assert graph.logit_tokens.tolist() == [model.tokenizer.unk_token_id]
+    # the option decides only whether a run may go: valid input keeps its fingerprint
+    cfg = attribution.AttributionConfig()
+    allowed = attribution.AttributionConfig(allow_unknown_tokens=True)
+    assert attribution.fingerprint(model, tokens, cfg, None) == attribution.fingerprint(model, tokens, allowed, None)
+    assert "allow_unknown_tokens" not in graph.attrs["config"]
+
+
+def test_non_finite_custom_logit_targets_are_refused(fixture_dirs, tmp_path):
+    model = load(fixture_dirs, "gpt2", "plt")
+    vec = torch.ones(model.d_model, dtype=torch.float64)
+    vec[2] = float("nan")
+    cases = [
+        ([{"label": "d", "vector": vec}], r"custom logit target 'd': its vector holds NaN or inf"),
+        (
+            [{"label": "d", "vector": torch.ones(model.d_model), "probability": float("nan")}],
+            r"probability must be in \(0, 1\], got nan",
+        ),
+        ([{"label": "d", "vector": torch.ones(model.d_model), "probability": 0.0}], r"probability must be in \(0, 1\]"),
+    ]
+    for targets, match in cases:
+        with pytest.raises(ValueError, match=match):
+            attribute(
+                prompt_for(fixture_dirs["gpt2"]), model, logit_targets=targets, store=tmp_path / "g.zarr", verbose=False
+            )
+    assert not (tmp_path / "g.zarr").exists()

@@ -156,3 +156,64 @@ def test_empty_and_too_long_prompts_are_refused(tiny_gpt2_dir, plt_dir):
     words = testing.vocabulary_words(tiny_gpt2_dir)[3:6]
     with pytest.raises(PromptError, match=f"context is {model.n_ctx}"):
         model.capture(" ".join(words * model.n_ctx))
+
+
+def test_nan_in_model_weights_is_refused_at_load_naming_the_tensor(tmp_path, tiny_gpt2_dir, plt_dir):
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, damaged)
+    weights = load_file(str(damaged / "model.safetensors"))
+    weights["transformer.h.1.mlp.c_fc.weight"][3] = float("nan")  # one row of an MLP weight
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"weight transformer\.h\.1\.mlp\.c_fc\.weight holds NaN or inf; the checkpoint is damaged"
+    ):
+        ReplacementModel.from_pretrained(damaged, plt_dir)
+    weights["transformer.h.1.mlp.c_fc.weight"][3] = float("inf")
+    save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="re-download or re-train"):
+        ReplacementModel.from_pretrained(damaged, plt_dir)
+
+
+def test_non_finite_residual_stream_at_capture_names_layer_and_position(tiny_gpt2_dir, plt_dir):
+    """Weights that overflow only on some input (here: made non-finite after the load check)
+    give an error naming the first layer and position, not NaN graphs."""
+    model = ReplacementModel.from_pretrained(tiny_gpt2_dir, plt_dir)
+    prompt = prompt_for(tiny_gpt2_dir)
+    model.capture(prompt)  # finite: no error
+    params = model.bridge.original_model.named_parameters()
+    w = {n.replace("._original_component", ""): p for n, p in params}["transformer.h.1.mlp.c_proj.weight"]
+    w.data[:, 0] = float("inf")  # every hidden unit writes inf into dimension 0
+    with pytest.raises(ValueError, match=r"residual stream holds NaN or inf at layer 1's MLP output, position 0"):
+        model.capture(prompt)
+
+
+def test_text_prompts_that_are_not_text_are_clear_errors(tiny_gpt2_dir, plt_dir):
+    model = ReplacementModel.from_pretrained(tiny_gpt2_dir, plt_dir)
+    with pytest.raises(PromptError, match=r"the prompt is bytes, not text: decode it"):
+        model.tokenize(b"the river")
+    bad = b"the \xff river".decode("utf-8", "surrogateescape")  # what argv gives for non-UTF-8 bytes
+    with pytest.raises(PromptError, match=r"not valid UTF-8 text \(byte 0xff\) at character 4"):
+        model.tokenize(bad)
+    with pytest.raises(PromptError, match="the prompt is a list, not text"):
+        model.tokenize(["the", "river"])  # type: ignore[arg-type]
+
+
+def test_token_id_tensors_are_checked(tiny_gpt2_dir, plt_dir):
+    model = ReplacementModel.from_pretrained(tiny_gpt2_dir, plt_dir)
+    ids = model.tokenize(prompt_for(tiny_gpt2_dir)).cpu()
+    assert model.tokenize(ids[None]).tolist() == ids.tolist()  # (1, n) is one prompt
+    d_vocab = int(model.bridge.cfg.d_vocab)
+    cases = [
+        (ids.float(), r"integer tensor, got dtype torch.float32"),
+        (torch.stack([ids, ids]), r"shape \(n,\) or \(1, n\).*got \(2, "),
+        (torch.tensor([ids[0].item(), -1]), r"token id -1 at position 1 is outside the vocabulary"),
+        (
+            torch.tensor([ids[0].item(), d_vocab]),
+            rf"token id {d_vocab} at position 1 is outside the vocabulary \[0, {d_vocab}\)",
+        ),
+    ]
+    for bad, match in cases:
+        with pytest.raises(PromptError, match=match):
+            model.capture(bad)

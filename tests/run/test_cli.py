@@ -70,7 +70,12 @@ def _given(cls) -> tuple[list[str], dict]:
             argv.append(f"--{f.name.replace('_', '-')}" if not f.default else f"--no-{f.name.replace('_', '-')}")
             values[f.name] = not f.default
         else:
-            value = f.metadata.get("choices", ("float64",))[-1] if f.name == "dtype" else (f.default or 1) + 1
+            if f.name == "dtype":
+                value = f.metadata.get("choices", ("float64",))[-1]
+            elif f.metadata.get("check") == "probability":  # in (0, 1]: half the default
+                value = f.default / 2
+            else:
+                value = (f.default or 1) + 1
             argv += [f"--{f.name.replace('_', '-')}", str(value)]
             values[f.name] = value
     return argv, values
@@ -104,3 +109,65 @@ def test_attribution_and_pruning_options_are_the_dataclass_fields(capsys):
         f.name for f in dataclasses.fields(AttributionSpec)
     }
     assert AttributionSpec.__dataclass_fields__["dtype"].metadata["choices"] == DTYPES
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "-1"], "argument --threads: -1 is not positive: give an integer >= 1"),
+        (["--threads", "two"], "argument --threads: 'two' is not an integer"),
+        (["--batch-size", "0"], "argument --batch-size: 0 is not positive"),
+        (["--desired-logit-prob", "1.5"], r"argument --desired-logit-prob: 1.5 is not in (0, 1]"),
+        (["--desired-logit-prob", "nan"], r"argument --desired-logit-prob: nan is not in (0, 1]"),
+    ],
+)
+def test_attribute_arguments_are_checked_by_argparse(argv, message, capsys):
+    required = ["--model", "m", "--transcoders", "t", "--prompt", "p", "--out", "o"]
+    with pytest.raises(SystemExit) as exc:
+        main(["attribute", *required, *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_and_aggregate_need_existing_folders(tmp_path, capsys):
+    for argv in (["serve", str(tmp_path / "nope")], ["aggregate", str(tmp_path / "nope")]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert f"{tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(tmp_path), "--port", "70000"])
+    assert "70000 is not a port number" in capsys.readouterr().err
+
+
+def test_attribute_command_refuses_unknown_words_unless_allowed(tmp_path, tiny_gpt2_dir, plt_dir, capsys):
+    words = testing.vocabulary_words(tiny_gpt2_dir)
+    base = ["-q", "attribute", "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir)]
+    prompt = " ".join(words[3:8])
+    rc = main([*base, "--prompt", f"{prompt} Austn", "--out", str(tmp_path / "a.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not know the prompt's word 'Austn'" in err and "--allow-unknown-tokens" in err
+    rc = main([*base, "--prompt", prompt, "--logit-target", "Austn", "--out", str(tmp_path / "a.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "does not know the logit target 'Austn'" in err and "\n" not in err
+    assert not (tmp_path / "a.zarr").exists()
+    rc = main(
+        [
+            *base,
+            "--prompt",
+            prompt,
+            "--logit-target",
+            "Austn",
+            "--allow-unknown-tokens",
+            "--out",
+            str(tmp_path / "b.zarr"),
+        ]
+    )
+    assert rc == 0 and Graph.open(tmp_path / "b.zarr").n_logits == 1
+
+
+def test_attribute_command_reports_a_non_utf8_prompt(tmp_path, tiny_gpt2_dir, plt_dir, capsys):
+    prompt = b"the \xe9 river".decode("utf-8", "surrogateescape")  # a Latin-1 byte on the command line
+    base = ["-q", "attribute", "--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir)]
+    rc = main([*base, "--prompt", prompt, "--out", str(tmp_path / "a.zarr")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "the prompt is not valid UTF-8 text (byte 0xe9) at character 4" in err

@@ -92,3 +92,12 @@ def test_templates_times_fillers(tmp_path):
     )
     with pytest.raises(PromptSetError, match="duplicate id 'w_a'"):
         load_prompt_set(tmp_path / "g.yaml")
+
+
+def test_prompt_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_bytes(b'{"id": "a", "prompt": "the river"}\n{"id": "b", "prompt": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(
+        ValueError, match=r"set\.jsonl: not UTF-8 text \(byte 0xe9 on line 2\): save the prompt file as UTF-8"
+    ):
+        load_prompt_set(path)

@@ -431,3 +431,13 @@ def test_bad_launcher_settings_are_clear_errors(overrides, match):
 def test_unknown_launcher_name_lists_the_choices():
     with pytest.raises(ConfigError, match="conf/launcher has no 'no_such_launcher' .*submitit_slurm"):
         load_launcher("no_such_launcher")
+
+
+def test_a_prompt_with_unknown_words_fails_at_planning_naming_them(tmp_path, words, settings):
+    bad = prompt_set_from_records([{"id": "typo", "prompt": f"{words[3]} Austn {words[4]}"}], "typo")
+    result = run_study(bad, settings, tmp_path / "study", LauncherConfig(name="sequential", threads=1), log=None)
+    st = _by_id(result)["typo"]
+    assert st.status == "failed" and st.key is None
+    assert "does not know the prompt's word 'Austn'" in st.reason and "allow-unknown-tokens" in st.reason
+    with pytest.raises(ValueError, match=r"invalid scan 'org/repo'"):
+        StudySettings(model="m", transcoders="t", scan="org/repo")

@@ -220,6 +220,18 @@ def test_split_params_writes_params_yaml_per_prompt_and_global(tmp_path, monkeyp
     assert not out.exists()
 
 
+def test_tokenize_stage_tokenizer_refuses_unknown_words_unless_allowed(tiny_gpt2_dir):
+    """The tokenize stage applies attribution.allow_unknown_tokens: a misspelt word is an error
+    naming it, not a silent <unk> in every later stage."""
+    from pipeline.engine.tokens import PromptError, PromptTokenizer
+
+    tok = PromptTokenizer(str(tiny_gpt2_dir))
+    with pytest.raises(PromptError, match=r"does not know the prompt's word 'Austn' \(tokenized as <unk>\)"):
+        tok.tokenize("the Austn river")
+    ids = tok.tokenize("the Austn river", allow_unknown_tokens=True)
+    assert ids.tolist().count(tok.tokenizer.unk_token_id) == 1
+
+
 @pytest.mark.parametrize("fixture", ["tiny_gpt2_dir", "tiny_llama_dir", "gpt2_adds_bos"])
 def test_tokenize_stage_tokenizer_gives_the_replacement_models_ids(fixture, request, plt_dir, tmp_path):
     """The tokenize stage reads only the tokenizer and config, yet gives the ids (BOS handling,
@@ -266,7 +278,10 @@ def test_tokenize_stage_runs_without_the_transcoders(tiny_gpt2_dir, tmp_path, mo
 def test_tokenize_stage_deps_leave_out_the_transcoders():
     body = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["tokenize"]["do"]
     assert "${transcoders.dep}" not in body["deps"] and "pipeline/transcoders" not in body["deps"]
-    assert not any(p.startswith(("transcoders", "attribution")) for keys in stage_params(body).values() for p in keys)
+    # of the attribution options only the one the stage applies (whether unknown words may pass)
+    keys = [p for keys in stage_params(body).values() for p in keys]
+    assert not any(p.startswith("transcoders") for p in keys)
+    assert [p for p in keys if p.startswith("attribution")] == ["attribution.allow_unknown_tokens"]
 
 
 def test_organism_training_saves_no_wall_time(tmp_path):
