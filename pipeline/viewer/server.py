@@ -334,7 +334,7 @@ def json_depth_exceeds(data: bytes, limit: int) -> bool:
     """Whether the arrays / objects of JSON text ``data`` nest deeper than ``limit`` (brackets
     inside strings do not count); checked before ``json.loads``, whose parser recurses."""
     brackets = _JSON_STRING.sub(b"", data).translate(None, delete=_NOT_BRACKETS)
-    if len(brackets) <= 2 * limit:
+    if len(brackets) <= limit:
         return False
     depth = 0
     for b in brackets:
@@ -537,6 +537,14 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.limits.timeout
         super().setup()
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # would be answered without a status line or headers
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
     def end_headers(self) -> None:
         # every response, the standard library's own error pages (400/414/431/501/505) included
         for k, v in SECURITY_HEADERS.items():
@@ -547,6 +555,10 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         """The standard library's errors (malformed request line, too long, unsupported
         version...) in the viewer's JSON error form; the connection is closed after them."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            # a request line the standard library could not parse leaves the version at
+            # HTTP/0.9, whose answers have no status line or headers: answer as HTTP/1.1
+            self.request_version = "HTTP/1.1"
         if message is None:
             message = self.responses.get(code, ("error",))[0]
         head = getattr(self, "command", None) == "HEAD" or code < 200 or code in (204, 304)
