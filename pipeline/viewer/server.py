@@ -690,7 +690,10 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         400 for an invalid one (or a Transfer-Encoding), 413 above the limit, 400 when the
         client sends fewer bytes (closes its side, or falls silent for the socket timeout)."""
         if self.headers.get_all("Transfer-Encoding"):
-            raise HTTPError(411 if "Content-Length" not in self.headers else 400, "send the body with a Content-Length, not a Transfer-Encoding")
+            raise HTTPError(
+                411 if "Content-Length" not in self.headers else 400,
+                "send the body with a Content-Length, not a Transfer-Encoding",
+            )
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
             raise HTTPError(411, "Content-Length required")
@@ -813,7 +816,9 @@ def main(argv: list[str] | None = None) -> int:
 def add_limit_options(p: argparse.ArgumentParser) -> None:
     """``--timeout``, ``--workers``, ``--backlog`` (see :class:`ServerLimits`)."""
     d = ServerLimits()
-    p.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds a silent connection is kept (default {d.timeout:g})")
+    p.add_argument(
+        "--timeout", type=float, default=d.timeout, help=f"seconds a silent connection is kept (default {d.timeout:g})"
+    )
     p.add_argument("--workers", type=int, default=d.workers, help=f"threads answering requests (default {d.workers})")
     p.add_argument("--backlog", type=int, default=d.backlog, help=f"listen queue length (default {d.backlog})")
 

@@ -266,7 +266,9 @@ def test_serve_limit_options(tmp_path):
     cli = pytest.importorskip("pipeline.run.cli")
     from pipeline.viewer.server import limits_from_args
 
-    args = cli.build_parser().parse_args(["serve", str(tmp_path), "--timeout", "5", "--workers", "3", "--backlog", "256"])
+    args = cli.build_parser().parse_args(
+        ["serve", str(tmp_path), "--timeout", "5", "--workers", "3", "--backlog", "256"]
+    )
     assert limits_from_args(args) == ServerLimits(timeout=5.0, workers=3, backlog=256)
     assert limits_from_args(cli.build_parser().parse_args(["serve", str(tmp_path)])) == ServerLimits()
 
