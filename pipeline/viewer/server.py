@@ -534,7 +534,7 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         # StreamRequestHandler.setup applies self.timeout to the connection's socket: a read
         # (request line, headers, body, the next keep-alive request) waits at most this long
-        self.timeout = self.server.limits.timeout
+        self.timeout = self.server.limits.timeout  # type: ignore[misc]
         super().setup()
 
     def parse_request(self) -> bool:
