@@ -1,11 +1,12 @@
 """Files a crash cannot leave half written, and the project's one JSON encoding.
 
 Every writer in the package goes through this module. A file or a directory is built beside
-its final path under a hidden temporary name (``.{name}.<random>.tmp``), flushed to disk, and
-renamed into place with ``os.replace`` (atomic on POSIX); the parent directory is then fsynced
-so the rename itself is durable. A reader therefore sees the previous complete version or the
-new complete version, never a partial one, and a killed writer leaves only a temporary name
-that :func:`remove_stale_temps` recognises.
+its final path under a hidden temporary name (``.{name}.<pid>.<random>.tmp``: the writer's
+process id is part of the name), flushed to disk, and renamed into place with ``os.replace``
+(atomic on POSIX); the parent directory is then fsynced so the rename itself is durable. A
+reader therefore sees the previous complete version or the new complete version, never a
+partial one, and a killed writer leaves only a temporary name that :func:`remove_stale_temps`
+recognises (and removes once no live process has that id).
 
 JSON files are UTF-8, ``ensure_ascii=False``, no NaN or infinity, one trailing newline; keys
 are sorted unless a format fixes their order (``sort_keys=False``), and ``indent=None`` gives
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -36,6 +38,42 @@ TMP_SUFFIX = ".tmp"
 def temp_prefix(path: str | os.PathLike[str]) -> str:
     """The hidden prefix of temporaries for ``path``: ``.{name}.``."""
     return f".{Path(path).name}."
+
+
+def _own_prefix(path: str | os.PathLike[str]) -> str:
+    """The prefix of the temporaries this process makes for ``path``: ``.{name}.{pid}.``."""
+    return f"{temp_prefix(path)}{os.getpid()}."
+
+
+def _temp_pattern(path: str | os.PathLike[str]) -> re.Pattern[str]:
+    # .{name}.{pid}.{random}[.old].tmp, or without the pid (written before pids were in names);
+    # the random part is tempfile's (8 of [a-z0-9_]), so ".graph.png.<pid>.<random>.tmp" is no
+    # temporary of "graph", nor is ".graph.json.tmp"
+    return re.compile(re.escape(temp_prefix(path)) + r"(?:(\d+)\.)?[a-z0-9_]{8}(?:\.old)?" + re.escape(TMP_SUFFIX))
+
+
+def temp_owner(temp: str | os.PathLike[str], path: str | os.PathLike[str]) -> int | None:
+    """The process id in the name of ``temp``, a temporary of ``path``; None when its name has
+    none (an older writer's). ValueError if ``temp`` is no temporary of ``path``."""
+    m = _temp_pattern(path).fullmatch(Path(temp).name)
+    if m is None or Path(temp).parent != Path(path).parent:
+        raise ValueError(f"{temp} is not a temporary of {path}")
+    return None if m.group(1) is None else int(m.group(1))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -72,7 +110,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview, *
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_own_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -97,7 +135,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def _mkdtemp_beside(target: Path) -> Path:
     """A new empty temporary directory beside ``target``, with the mode a plain ``mkdir`` would
     give (``mkdtemp`` makes it 0o700, which would become the final directory's mode)."""
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_own_prefix(target), suffix=TMP_SUFFIX, dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -111,7 +149,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         raise FileExistsError(f"{target} exists and is not a directory: move it away and rerun")
     old = None
     if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=temp_prefix(target), suffix=".old" + TMP_SUFFIX, dir=target.parent))
+        old = Path(tempfile.mkdtemp(prefix=_own_prefix(target), suffix=".old" + TMP_SUFFIX, dir=target.parent))
         os.replace(target, old / target.name)
     os.replace(tmp, target)
     fsync_dir(target.parent)
@@ -163,11 +201,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def remove_stale_temps(path: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporaries a killed writer of ``path`` left beside it; return them."""
+    """Remove the temporaries a killed writer of ``path`` left beside it; return them.
+
+    Only ``path``'s own temporaries (``.{name}.<pid>.<random>.tmp``, ``.{name}.<pid>.<random>.old.tmp``)
+    are touched, never another file's, and only those whose process is gone: a temporary whose
+    pid is a live process (this one included) is being written and stays. A name without a
+    pid comes from a writer older than pids in names and counts as stale.
+    """
     target = Path(path)
     if not target.parent.is_dir():
         return []
-    stale = sorted(p for p in target.parent.glob(temp_prefix(target) + "*" + TMP_SUFFIX))
+    pattern = _temp_pattern(target)
+    stale = []
+    for p in sorted(target.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m is None or (m.group(1) is not None and pid_alive(int(m.group(1)))):
+            continue
+        stale.append(p)
     for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

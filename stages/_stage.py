@@ -4,7 +4,10 @@ seed, where outputs go, and the metrics it logs.
 Outputs are written through ``pipeline._io``: beside their final path, moved into place only
 when complete (a stage killed half-way leaves the previous complete output or none, never a
 partial file DVC could hash as the result), JSON with sorted keys and no timestamps (the same
-inputs give the same bytes).
+inputs give the same bytes). A killed stage leaves hidden temporaries beside its outputs
+(``.{name}.<pid>.<random>.tmp``, ``.{name}.<pid>.<random>.old.tmp``): every stage removes its
+own outputs' ones when it next starts (:func:`remove_stale_temps`), those of processes still
+alive excepted, so a concurrently running stage's temporaries are never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import _io
 from pipeline._io import read_json
 from pipeline.memory import release_freed_buffers
 from pipeline.organism.world import World, WorldConfig, make_world
@@ -41,6 +45,16 @@ def dashboards_path(features: FeaturesSpec) -> Path:
 
 def selectivity_path(spec: SelectivitySpec) -> Path:
     return SELECTIVITY / f"{spec.name}.npz"
+
+
+def remove_stale_temps(*outputs: str | Path) -> list[Path]:
+    """Remove the temporaries killed earlier runs left beside ``outputs`` (this stage's own
+    outputs: nothing of another file's), skipping those of live processes; return them.
+    Every stage calls it first, so they never accumulate (nor show in ``git status``)."""
+    removed = [p for out in outputs for p in _io.remove_stale_temps(out)]
+    if removed:
+        print(f"removed {len(removed)} stale temporaries of a killed run: {', '.join(str(p) for p in removed)}")
+    return removed
 
 
 def load_world(path: str | Path) -> World:

@@ -16,11 +16,12 @@ from pipeline.graph.store import GraphStoreMismatchError
 from pipeline.run.compose import load_config
 from pipeline.run.prompt_sets import logit_targets
 from stages._model import load_replacement_model, read_tokens
-from stages._stage import PARTIAL, parse_args, prompt_dir, setup_torch
+from stages._stage import PARTIAL, parse_args, prompt_dir, remove_stale_temps, setup_torch
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(prompt_dir(args.prompt_id) / "graph.zarr")
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
     model = load_replacement_model(cfg, lazy_encoder=True)  # attribution encodes once

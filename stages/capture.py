@@ -20,11 +20,12 @@ from safetensors.torch import save_file
 from pipeline._io import atomic_path
 from pipeline.run.compose import load_config
 from stages._model import load_replacement_model, read_tokens
-from stages._stage import parse_args, prompt_dir, setup_torch
+from stages._stage import parse_args, prompt_dir, remove_stale_temps, setup_torch
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(prompt_dir(args.prompt_id) / "capture.safetensors")
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
     model = load_replacement_model(cfg, lazy_encoder=True)  # one forward

@@ -31,7 +31,7 @@ from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files, ne
 from pipeline.analysis.figures import write_graph_figures
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.compose import load_config
-from stages._stage import dashboards_path, parse_args, prompt_dir
+from stages._stage import dashboards_path, parse_args, prompt_dir, remove_stale_temps
 
 
 class TokenDecoder:
@@ -67,8 +67,15 @@ def kept_features(pruned) -> list[tuple[int, int]]:
     return sorted({(int(l), int(f)) for l, _pos, f in info.tolist()})
 
 
+def outputs(prompt_id: str) -> tuple[Path, ...]:
+    """What this stage writes (dvc.yaml's outs)."""
+    run = prompt_dir(prompt_id)
+    return run / "graph", run / "graph.png", run / "graph.svg"
+
+
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(*outputs(args.prompt_id))
     cfg = load_config(args.params)
     run = prompt_dir(args.prompt_id)
     pruned = load_pruned_graph(run / "pruned.npz")

@@ -18,7 +18,7 @@ from pipeline.analysis import dashboards as D
 from pipeline.run.compose import load_config
 from pipeline.run.config import FeaturesSpec
 from stages._model import load_replacement_model
-from stages._stage import dashboards_path, parse_args, setup_torch
+from stages._stage import dashboards_path, parse_args, remove_stale_temps, setup_torch
 
 
 def load_corpus(spec: FeaturesSpec):
@@ -33,6 +33,7 @@ def load_corpus(spec: FeaturesSpec):
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
+    remove_stale_temps(dashboards_path(cfg.features))  # (the resumable .partial checkpoint stays)
     setup_torch(cfg.runtime)
     spec = cfg.features
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ from pipeline.graph.pruned import load_pruned_graph
 from pipeline.run.compose import load_config
 from pipeline.run.config import PipelineConfig
 from stages._model import load_replacement_model
-from stages._stage import load_world, parse_args, prompt_dir, selectivity_path, setup_torch
+from stages._stage import load_world, parse_args, prompt_dir, remove_stale_temps, selectivity_path, setup_torch
 
 #: Per-prompt summaries (one file per prompt id); intervene_summary reads this folder.
 METRICS_DIR = Path("metrics") / "interventions"
@@ -65,8 +65,14 @@ def prompt_context(cfg: PipelineConfig, prompt_id: str) -> PromptContext:
     )
 
 
+def outputs(prompt_id: str) -> tuple[Path, ...]:
+    """What this stage writes (dvc.yaml's outs)."""
+    return prompt_dir(prompt_id) / "report", METRICS_DIR / f"{prompt_id}.json"
+
+
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(*outputs(args.prompt_id))
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
     item = cfg.prompts.items[args.prompt_id]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pipeline._io import finite_or_none, read_json, write_json
 from pipeline.analysis.evaluation import study_metrics
 from pipeline.run.compose import load_config
-from stages._stage import parse_args
+from stages._stage import parse_args, remove_stale_temps
 from stages.intervene import METRICS_DIR
 
 OUT = METRICS_DIR.parent / "interventions.json"
@@ -22,6 +22,7 @@ OUT = METRICS_DIR.parent / "interventions.json"
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
+    remove_stale_temps(OUT)
     cfg = load_config(args.params)
     ids = list(cfg.prompts.items)
     missing = [pid for pid in ids if not (METRICS_DIR / f"{pid}.json").is_file()]

@@ -14,7 +14,7 @@ from pipeline._io import atomic_path, finite_or_none, read_json, write_json
 from pipeline.organism.config import TrainConfig
 from pipeline.organism.train_model import train_model
 from pipeline.run.compose import load_config
-from stages._stage import load_world, parse_args, scalars, setup_torch, shown
+from stages._stage import load_world, parse_args, remove_stale_temps, scalars, setup_torch, shown
 
 WORLD = Path("data/organism/world.json")
 OUT = Path("models/organism/model")
@@ -36,6 +36,7 @@ def strip_volatile(path: Path) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
+    remove_stale_temps(OUT, METRICS)
     cfg = load_config(args.params)
     setup_torch(cfg.runtime)
     spec = cfg.organism

@@ -14,7 +14,7 @@ from pipeline._io import atomic_path, finite_or_none, write_json
 from pipeline.organism.config import TranscoderTrainConfig
 from pipeline.organism.train_transcoders import train_clt, train_plt
 from pipeline.run.compose import load_config
-from stages._stage import load_world, parse_args, scalars, setup_torch, shown
+from stages._stage import load_world, parse_args, remove_stale_temps, scalars, setup_torch, shown
 from stages.organism_model import OUT as MODEL_DIR
 from stages.organism_model import WORLD, strip_volatile
 
@@ -24,6 +24,7 @@ SHOWN = ("fve", "l0_total", "dead_share", "agreement_answer_positions")
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv, kind="plt or clt")
+    remove_stale_temps(Path("models/organism") / args.kind, Path("metrics/organism") / f"{args.kind}.json")
     if args.kind not in TRAIN:
         raise SystemExit(f"--kind must be one of {sorted(TRAIN)}, got {args.kind!r}")
     cfg = load_config(args.params)

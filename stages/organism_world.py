@@ -11,13 +11,14 @@ from pathlib import Path
 from pipeline._io import write_json
 from pipeline.organism.world import SENTENCE_KINDS, make_world
 from pipeline.run.compose import load_config
-from stages._stage import parse_args
+from stages._stage import parse_args, remove_stale_temps
 
 OUT = Path("data/organism/world.json")
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
+    remove_stale_temps(OUT)
     cfg = load_config(args.params)
     world = make_world(cfg.organism.world)
     write_json(

@@ -5,16 +5,25 @@ scores.json (a DVC metric): replacement and completeness scores, kept nodes and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline._io import finite_or_none, write_json
 from pipeline.graph.pruned import save_pruned_graph
 from pipeline.graph.pruning import prune_graph
 from pipeline.graph.store import Graph
 from pipeline.run.compose import load_config
-from stages._stage import parse_args, prompt_dir
+from stages._stage import parse_args, prompt_dir, remove_stale_temps
+
+
+def outputs(prompt_id: str) -> tuple[Path, ...]:
+    """What this stage writes (dvc.yaml's outs and metrics)."""
+    run = prompt_dir(prompt_id)
+    return run / "pruned.npz", run / "scores.json"
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(*outputs(args.prompt_id))
     cfg = load_config(args.params)
     run = prompt_dir(args.prompt_id)
     graph = Graph.open(run / "graph.zarr")

@@ -14,12 +14,13 @@ from __future__ import annotations
 from pipeline.analysis.selectivity import compute_selectivity
 from pipeline.run.compose import load_config
 from stages._model import load_replacement_model
-from stages._stage import load_world, parse_args, selectivity_path, setup_torch
+from stages._stage import load_world, parse_args, remove_stale_temps, selectivity_path, setup_torch
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
+    remove_stale_temps(selectivity_path(cfg.selectivity))
     setup_torch(cfg.runtime)
     spec = cfg.selectivity
     bank = load_world(spec.world).labeled_prompts()

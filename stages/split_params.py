@@ -22,13 +22,14 @@ from pathlib import Path
 
 from pipeline._io import atomic_path, json_text
 from pipeline.run.compose import load_params
-from stages._stage import parse_args
+from stages._stage import parse_args, remove_stale_temps
 
 OUT = Path("data/params")
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, argv=argv)
+    remove_stale_temps(OUT)
     raw = load_params(args.params)  # checked against the schema as every stage would
     prompts = raw.get("prompts") or {}
     items = prompts.get("items") or {}

@@ -14,11 +14,12 @@ from safetensors.torch import save_file
 from pipeline._io import atomic_path
 from pipeline.engine.tokens import PromptTokenizer
 from pipeline.run.compose import load_config
-from stages._stage import parse_args, prompt_dir
+from stages._stage import parse_args, prompt_dir, remove_stale_temps
 
 
 def main(argv=None) -> None:
     args = parse_args(__doc__, prompt=True, argv=argv)
+    remove_stale_temps(prompt_dir(args.prompt_id) / "tokens.safetensors")
     cfg = load_config(args.params)
     prompt = cfg.prompts.items[args.prompt_id]
     tokenizer = PromptTokenizer(cfg.model.name, revision=cfg.model.revision)  # no weights, no transcoders

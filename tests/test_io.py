@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -75,14 +76,46 @@ def test_atomic_path_refuses_an_empty_result(tmp_path):
 
 
 def test_remove_stale_temps_removes_only_this_paths_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = proc.pid
     target = tmp_path / "graph"
-    (tmp_path / ".graph.abc.tmp").mkdir()
-    (tmp_path / ".graph.def.tmp").write_text("x")
-    (tmp_path / ".other.abc.tmp").write_text("x")
+    (tmp_path / ".graph.abcdefgh.tmp").mkdir()  # no pid: an older writer's
+    (tmp_path / ".graph.def_0123.tmp").write_text("x")
+    (tmp_path / f".graph.{dead}.abcdefgh.tmp").mkdir()  # its writer is gone
+    (tmp_path / f".graph.{dead}.abcdefgh.old.tmp").mkdir()
+    (tmp_path / f".graph.{os.getpid()}.abcdefgh.tmp").mkdir()  # a live writer's (this one)
+    (tmp_path / f".graph.png.{dead}.abcdefgh.tmp").write_text("x")  # graph.png's, not graph's
+    (tmp_path / ".graph.json.tmp").write_text("x")  # no temporary name of this module
+    (tmp_path / ".other.abcdefgh.tmp").write_text("x")
     (tmp_path / "graph").mkdir()
     removed = _io.remove_stale_temps(target)
-    assert [p.name for p in removed] == [".graph.abc.tmp", ".graph.def.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.abc.tmp", "graph"]
+    assert [p.name for p in removed] == sorted(
+        [".graph.abcdefgh.tmp", ".graph.def_0123.tmp", f".graph.{dead}.abcdefgh.tmp", f".graph.{dead}.abcdefgh.old.tmp"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            f".graph.{os.getpid()}.abcdefgh.tmp",
+            f".graph.png.{dead}.abcdefgh.tmp",
+            ".graph.json.tmp",
+            ".other.abcdefgh.tmp",
+            "graph",
+        ]
+    )
+
+
+def test_temporaries_carry_the_writers_pid(tmp_path):
+    target = tmp_path / "out"
+    with _io.atomic_path(target) as tmp:
+        (temp,) = [p for p in tmp_path.iterdir()]
+        assert tmp.parent == temp and _io.temp_owner(temp, target) == os.getpid()
+        tmp.write_text("x")
+    assert _io.pid_alive(os.getpid()) and not _io.pid_alive(0)
+    with pytest.raises(ValueError, match="not a temporary"):
+        _io.temp_owner(tmp_path / "out", target)
 
 
 def test_json_encodings():

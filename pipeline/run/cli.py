@@ -162,9 +162,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the graph viewer for the graph JSON files of a folder (see pipeline.viewer.server)."""
-    from pipeline.viewer.server import serve  # this subcommand's own code (see the top of the module)
+    from pipeline.viewer.server import limits_from_args, serve  # this subcommand's own code (see the top of the module)
 
-    return serve(args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet)
+    return serve(
+        args.graph_dir, args.host, args.port, open_browser=args.open, quiet=args.quiet, limits=limits_from_args(args)
+    )
 
 
 #: the DashboardConfig fields `features` takes as options of the same names
@@ -327,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=port, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds a silent connection is kept open (default 20)")
+    p.add_argument("--workers", type=int, default=32, help="threads answering requests (default 32)")
+    p.add_argument("--backlog", type=int, default=128, help="listen queue length (default 128)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("features", help="compute feature dashboards (top examples, logits, labels) from a corpus")

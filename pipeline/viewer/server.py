@@ -1,6 +1,6 @@
 """``circuit-pipeline serve GRAPH_DIR``: a local viewer for exported graph JSON files.
 
-A standard-library HTTP server (``http.server.ThreadingHTTPServer``) that serves the viewer's
+A standard-library HTTP server (``http.server.HTTPServer`` with a bounded worker pool) that serves the viewer's
 own static page (``static/index.html``, ``viewer.js``, ``viewer.css``: plain JS + SVG, no build
 step, nothing fetched from the internet) and the ``.json`` files of one graph folder, as
 written by :func:`pipeline.analysis.export.create_graph_files` (``{slug}.json`` + ``graph-metadata.json``).
@@ -28,6 +28,18 @@ a POST must carry ``Content-Type: application/json`` and, when the browser sends
 come from the page's own origin.  Every response carries a strict Content-Security-Policy
 (scripts only from this server, no inline script) and ``nosniff``; the page itself renders
 every label with ``textContent`` / SVG text nodes, never as HTML.
+
+Load (:class:`ServerLimits`, ``serve --timeout/--workers/--backlog``): the listen backlog is
+128 (not socketserver's 5); connections are answered by a fixed pool of worker threads fed
+from a bounded queue (a full queue answers 503 at once); every connection's socket times out
+after ``timeout`` seconds of silence (a half-sent request, a body shorter than its
+Content-Length, an idle keep-alive connection: all closed, nothing saved).  A POST needs an
+exact Content-Length (411 without, 400 invalid or with Transfer-Encoding, 413 above
+MAX_ANNOTATION_BYTES, 400 when fewer bytes arrive) and a body nesting at most MAX_JSON_DEPTH
+arrays / objects (400, checked before the recursive JSON parser).  Every response, the
+standard library's own errors (400, 414, 431, 501, 505) included, carries the security
+headers and a JSON ``{"error": ...}`` body.  The Host check is case-insensitive; more than
+one Host header is refused (400).
 
 Sidecar annotations: ``GRAPH_DIR/{slug}.annotations.json`` (schema_version 1), written
 atomically (temp file in the same folder, fsync, ``os.replace``), UTF-8, sorted where order
@@ -73,6 +85,7 @@ import ipaddress
 import json
 import math
 import os
+import queue
 import re
 import socket
 import socketserver
@@ -80,6 +93,7 @@ import sys
 import threading
 import webbrowser
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -89,6 +103,8 @@ from pipeline import _io
 __all__ = [
     "ANNOTATIONS_SCHEMA_VERSION",
     "MAX_ANNOTATION_BYTES",
+    "MAX_JSON_DEPTH",
+    "ServerLimits",
     "ViewerServer",
     "annotations_path",
     "make_server",
@@ -98,6 +114,7 @@ __all__ = [
 
 ANNOTATIONS_SCHEMA_VERSION = 1
 MAX_ANNOTATION_BYTES = 1 << 20  # 1 MiB per POST body
+MAX_JSON_DEPTH = 32  # nesting of a POST body's arrays/objects (an annotations document needs 4)
 MAX_LABEL_CHARS = 2000
 MAX_NAME_CHARS = 200
 MAX_ID_CHARS = 200
@@ -127,6 +144,34 @@ SECURITY_HEADERS = {
 _FEATURE_ID = re.compile(r"(\d+)_(\d+)_(\d+)")
 _LOOPBACK_NAMES = {"localhost", "localhost.", "127.0.0.1", "::1"}
 _TOP_KEYS = {"schema_version", "slug", "pinned", "clicked", "labels", "supernodes", "thresholds", "qParams"}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The server's resource limits (``serve --timeout/--workers/--backlog``).
+
+    ``timeout``: seconds a connection may stay silent (waiting for a request line, headers or
+    the rest of a body, or idle between keep-alive requests) before the server closes it.
+    ``workers``: threads answering connections (a bounded pool, not a thread per connection).
+    ``backlog``: the listen queue of the socket (connections the kernel holds before accept).
+    ``max_pending``: accepted connections waiting for a free worker; beyond it a connection
+    is answered 503 and closed at once.  ``max_body_bytes`` / ``max_json_depth``: a POST body's
+    size (413 above it) and the nesting of its arrays and objects (400 above it).
+    """
+
+    timeout: float = 20.0
+    workers: int = 32
+    backlog: int = 128
+    max_pending: int = 1024
+    max_body_bytes: int = MAX_ANNOTATION_BYTES
+    max_json_depth: int = MAX_JSON_DEPTH
+
+    def __post_init__(self) -> None:
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        for name in ("workers", "backlog", "max_pending", "max_body_bytes", "max_json_depth"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)!r}")
 
 
 class HTTPError(Exception):
@@ -275,7 +320,31 @@ def _reject_constant(name):
 
 
 def _loads(data: bytes):
-    return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether the arrays / objects of JSON text ``data`` nest deeper than ``limit`` (brackets
+    inside strings do not count); checked before ``json.loads``, whose parser recurses."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, delete=_NOT_BRACKETS)
+    if len(brackets) <= limit:
+        return False
+    depth = 0
+    for b in brackets:
+        if b in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,23 +362,90 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-class ViewerServer(http.server.ThreadingHTTPServer):
-    """Serves the viewer and ``graph_dir``; ``.url`` is the page's address."""
+class ViewerServer(http.server.HTTPServer):
+    """Serves the viewer and ``graph_dir``; ``.url`` is the page's address.
+
+    Connections are answered by a fixed pool of ``limits.workers`` threads fed from a bounded
+    queue (not a thread per connection), every connection's socket has ``limits.timeout``,
+    and the listen backlog is ``limits.backlog`` (see :class:`ServerLimits`).
+    """
 
     daemon_threads = True
 
-    def __init__(self, graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True):
+    def __init__(
+        self,
+        graph_dir,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        quiet: bool = True,
+        limits: ServerLimits | None = None,
+    ):
         root = Path(os.path.realpath(graph_dir))
         if not root.is_dir():
             raise NotADirectoryError(f"graph folder {graph_dir} is not a directory")
         self.graph_dir = root
         self.quiet = quiet
+        self.limits = limits or ServerLimits()
+        self.request_queue_size = int(self.limits.backlog)  # listen() backlog (socketserver's is 5)
         self.loopback_only = _is_loopback(host)
         self.write_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._node_cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._pending: queue.Queue[tuple[Any, Any] | None] = queue.Queue(maxsize=int(self.limits.max_pending))
+        self._workers: list[threading.Thread] = []
         super().__init__((host, port), ViewerHandler)
+        for i in range(int(self.limits.workers)):
+            t = threading.Thread(target=self._work, name=f"viewer-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    # -- the worker pool ---------------------------------------------------------------------
+
+    def process_request(self, request, client_address) -> None:
+        """Hand an accepted connection to the pool; refuse it (503) when the queue is full."""
+        try:
+            self._pending.put_nowait((request, client_address))
+        except queue.Full:
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+
+    def _work(self) -> None:
+        while True:
+            item = self._pending.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        if not self.quiet:
+            super().handle_error(request, client_address)
+
+    def server_close(self) -> None:
+        super().server_close()
+        while True:  # connections still waiting for a worker are closed unanswered
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.shutdown_request(item[0])
+        for _ in self._workers:
+            try:
+                self._pending.put_nowait(None)
+            except queue.Full:
+                break
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look up the host's FQDN (a DNS query); not needed here
@@ -377,6 +513,16 @@ class ViewerServer(http.server.ThreadingHTTPServer):
         return slug
 
 
+_BUSY_BODY = b'{"error": "server busy, retry"}\n'
+#: the answer to a connection the full queue cannot take (written by the accepting thread)
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+    + b"".join(f"{k}: {v}\r\n".encode() for k, v in SECURITY_HEADERS.items())
+    + f"Retry-After: 1\r\nConnection: close\r\nContent-Length: {len(_BUSY_BODY)}\r\n\r\n".encode()
+    + _BUSY_BODY
+)
+
+
 class ViewerHandler(http.server.BaseHTTPRequestHandler):
     server: ViewerServer
     server_version = "circuit-pipeline-viewer"
@@ -384,6 +530,49 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     # -- plumbing ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        # StreamRequestHandler.setup applies self.timeout to the connection's socket: a read
+        # (request line, headers, body, the next keep-alive request) waits at most this long
+        self.timeout = self.server.limits.timeout  # type: ignore[misc]
+        super().setup()
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # would be answered without a status line or headers
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
+    def end_headers(self) -> None:
+        # every response, the standard library's own error pages (400/414/431/501/505) included
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        super().end_headers()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's errors (malformed request line, too long, unsupported
+        version...) in the viewer's JSON error form; the connection is closed after them."""
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            # a request line the standard library could not parse leaves the version at
+            # HTTP/0.9, whose answers have no status line or headers: answer as HTTP/1.1
+            self.request_version = "HTTP/1.1"
+        if message is None:
+            message = self.responses.get(code, ("error",))[0]
+        head = getattr(self, "command", None) == "HEAD" or code < 200 or code in (204, 304)
+        try:
+            self.send_response(code, message)
+            self.send_header("Connection", "close")
+            body = _io.json_bytes({"error": message}, sort_keys=False)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", "0" if head else str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+        except OSError:
+            pass
 
     def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's signature)
         if not self.server.quiet:
@@ -393,8 +582,8 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        for k, v in SECURITY_HEADERS.items():
-            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if not head:
             self.wfile.write(body)
@@ -407,11 +596,12 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(status, {"error": message}, head=head)
 
     def _check_host(self) -> None:
-        if not self.server.loopback_only:
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) > 1:
+            raise HTTPError(400, "more than one Host header")
+        if not self.server.loopback_only or not hosts:
             return
-        host = self.headers.get("Host")
-        if host is None:
-            return
+        host = hosts[0].strip().lower()  # host names are case-insensitive
         if host.startswith("["):  # [::1]:8000
             name = host[1 : host.find("]")] if "]" in host else host
         else:
@@ -447,10 +637,17 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
                 raise HTTPError(405, "method not allowed")
         except HTTPError as exc:
             if exc.status >= 400 and method == "POST":
-                self.close_connection = True
+                self.close_connection = True  # an unread or partly read body may follow
             self._error(exc.status, exc.message, head=head)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away (reset, broken pipe) or the socket timed out
             self.close_connection = True
+        except Exception as exc:  # a bug: answer 500 rather than drop the connection
+            self.close_connection = True
+            self.log_error("internal error: %r", exc)
+            try:
+                self._error(500, "internal server error", head=head)
+            except OSError:
+                pass
 
     # -- GET -----------------------------------------------------------------------------------
 
@@ -488,6 +685,42 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
 
     # -- POST ----------------------------------------------------------------------------------
 
+    def _read_body(self) -> bytes:
+        """Exactly Content-Length bytes of body, or HTTPError: 411 without a Content-Length,
+        400 for an invalid one (or a Transfer-Encoding), 413 above the limit, 400 when the
+        client sends fewer bytes (closes its side, or falls silent for the socket timeout)."""
+        if self.headers.get_all("Transfer-Encoding"):
+            raise HTTPError(
+                411 if "Content-Length" not in self.headers else 400,
+                "send the body with a Content-Length, not a Transfer-Encoding",
+            )
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise HTTPError(411, "Content-Length required")
+        values = {v.strip() for v in lengths}
+        if len(values) != 1 or not next(iter(values)).isascii() or not next(iter(values)).isdigit():
+            raise HTTPError(400, "invalid Content-Length")
+        n_bytes = int(next(iter(values)))
+        limit = self.server.limits.max_body_bytes
+        if n_bytes > limit:
+            raise HTTPError(413, f"annotations larger than {limit} bytes refused")
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while got < n_bytes:
+                chunk = self.rfile.read1(n_bytes - got)  # type: ignore[attr-defined]  # a BufferedReader
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            raise HTTPError(
+                400, f"request body shorter than Content-Length ({got} of {n_bytes} bytes before the timeout)"
+            ) from None
+        if got < n_bytes:
+            raise HTTPError(400, f"request body shorter than Content-Length ({got} of {n_bytes} bytes)")
+        return b"".join(chunks)
+
     def _post(self, segments: list[str]) -> None:
         if len(segments) != 3 or segments[:2] != ["api", "annotations"]:
             raise HTTPError(404, "not found")
@@ -499,14 +732,10 @@ class ViewerHandler(http.server.BaseHTTPRequestHandler):
         ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             raise HTTPError(415, "Content-Type must be application/json")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise HTTPError(411, "Content-Length required")
-        n_bytes = int(length)
-        if n_bytes > MAX_ANNOTATION_BYTES:
-            raise HTTPError(413, f"annotations larger than {MAX_ANNOTATION_BYTES} bytes refused")
-        body = self.rfile.read(n_bytes)
+        body = self._read_body()
         slug = self.server.check_slug(segments[2])
+        if json_depth_exceeds(body, self.server.limits.max_json_depth):
+            raise HTTPError(400, f"invalid JSON: nested deeper than {self.server.limits.max_json_depth} levels")
         try:
             doc = _loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -531,16 +760,24 @@ for _method in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
     setattr(ViewerHandler, f"do_{_method}", functools.partialmethod(ViewerHandler._dispatch, _method))
 
 
-def make_server(graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True) -> ViewerServer:
+def make_server(
+    graph_dir, host: str = "127.0.0.1", port: int = 8000, *, quiet: bool = True, limits: ServerLimits | None = None
+) -> ViewerServer:
     """A bound, not yet running server (``port=0``: any free port; see ``.url``)."""
-    return ViewerServer(graph_dir, host, port, quiet=quiet)
+    return ViewerServer(graph_dir, host, port, quiet=quiet, limits=limits)
 
 
 def serve(
-    graph_dir, host: str = "127.0.0.1", port: int = 8000, *, open_browser: bool = False, quiet: bool = False
+    graph_dir,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    open_browser: bool = False,
+    quiet: bool = False,
+    limits: ServerLimits | None = None,
 ) -> int:
     """Serve until interrupted (Ctrl-C)."""
-    server = make_server(graph_dir, host, port, quiet=quiet)
+    server = make_server(graph_dir, host, port, quiet=quiet, limits=limits)
     if not server.loopback_only:
         print(
             f"warning: listening on {host}: anyone who can reach this address can read the "
@@ -571,8 +808,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--open", action="store_true", help="open the page in a browser")
+    add_limit_options(p)
     args = p.parse_args(argv)
-    return serve(args.graph_dir, args.host, args.port, open_browser=args.open)
+    return serve(args.graph_dir, args.host, args.port, open_browser=args.open, limits=limits_from_args(args))
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """``--timeout``, ``--workers``, ``--backlog`` (see :class:`ServerLimits`)."""
+    d = ServerLimits()
+    p.add_argument(
+        "--timeout", type=float, default=d.timeout, help=f"seconds a silent connection is kept (default {d.timeout:g})"
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help=f"threads answering requests (default {d.workers})")
+    p.add_argument("--backlog", type=int, default=d.backlog, help=f"listen queue length (default {d.backlog})")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(timeout=args.timeout, workers=args.workers, backlog=args.backlog)
 
 
 if __name__ == "__main__":
