@@ -150,7 +150,8 @@ def read_array(store: LocalStore, name: str) -> np.ndarray:
         return np.asarray(arr[...])
     except Exception as exc:
         raise GraphStoreCorruptError(
-            f"{root}: array {name!r} is damaged (chunk file {chunk}): {type(exc).__name__}: {exc}. {fix_hint(root)}"
+            f"{root}: array {name!r} is damaged (chunk file {chunk}): {type(exc).__name__}: "
+            f"{str(exc).rstrip('.')}. {fix_hint(root)}"
         ) from exc
 
 
