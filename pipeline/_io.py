@@ -270,8 +270,9 @@ _HELD_GUARD = threading.Lock()
 
 
 def lock_path(path: str | os.PathLike[str]) -> Path:
-    """The lock file of the store at ``path``: ``.{name}.lock`` beside it (it outlives the
-    store's creation by rename, and is never deleted: deleting a lock file races)."""
+    """The lock file of the store at ``path``: ``.{name}.lock`` beside it (beside, so that it
+    outlives the store's creation by rename). It exists while a writer holds it (and after a
+    killed writer, until the next one releases it)."""
     target = Path(path)
     if not target.name:
         target = target.resolve()
@@ -297,19 +298,26 @@ class StoreLock:
                 entry[1] += 1
                 self._held = True
                 return
-            f = open(file, "a+b")  # noqa: SIM115 - kept open while the lock is held
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                f.seek(0)
-                holder = f.read(64).decode("ascii", "replace").strip() or "unknown"
+            while True:
+                f = open(file, "a+b")  # noqa: SIM115 - kept open while the lock is held
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    f.seek(0)
+                    holder = f.read(64).decode("ascii", "replace").strip() or "unknown"
+                    f.close()
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise StoreBusyError(
+                            f"another run is writing {self.path} (pid {holder}): wait for it to "
+                            f"finish or stop it, then rerun (lock file {file})"
+                        ) from None
+                    raise
+                try:  # the holder we waited on may have deleted this file on release: lock the new one
+                    if os.stat(file).st_ino == os.fstat(f.fileno()).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
                 f.close()
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise StoreBusyError(
-                        f"another run is writing {self.path} (pid {holder}): wait for it to finish "
-                        f"or stop it, then rerun (lock file {file})"
-                    ) from None
-                raise
             f.truncate(0)
             f.write(f"{os.getpid()}\n".encode())
             f.flush()
@@ -329,7 +337,7 @@ class StoreLock:
             if entry[1] == 0:
                 del _HELD[self._key]
                 with contextlib.suppress(OSError):
-                    entry[0].truncate(0)
+                    os.unlink(self._key)  # while still held: a later locker re-checks the inode
                 entry[0].close()  # closing the descriptor releases the flock
 
     def __enter__(self) -> StoreLock:

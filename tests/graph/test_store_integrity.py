@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -338,3 +339,12 @@ def test_store_lock_is_shared_within_a_process(tmp_path: Path) -> None:
     b.release()
     assert can_lock_from_another_process(tmp_path / "s")
     shutil.rmtree(tmp_path)
+
+
+def test_the_lock_file_is_removed_on_release_and_a_stale_one_is_reused(tmp_path: Path) -> None:
+    file = _io.lock_path(tmp_path / "s")
+    file.write_text("12345\n")  # left by a killed writer
+    lock = _io.StoreLock(tmp_path / "s")
+    assert file.read_text() == f"{os.getpid()}\n"
+    lock.release()
+    assert not file.exists()
