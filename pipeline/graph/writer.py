@@ -46,6 +46,7 @@ from pipeline.graph.store import (
     READABLE_VERSIONS,
     ROW_INDEX,
     SELECTED,
+    TABLE_ROWS,
     Graph,
     GraphStoreError,
     GraphStoreMismatchError,
@@ -335,7 +336,8 @@ class GraphStoreWriter:
         target_nodes: (B,) compute-order ids of the rows (features or logits); indptr: (B+1,);
         indices: (nnz,) compute-order column ids; values: (nnz,) float32; extra: optional
         per-batch arrays stored beside them. A batch already recorded is not rewritten (its row
-        and entry counts must match). Raises OSError (e.g. ENOSPC) with the batch unrecorded.
+        and entry counts must match). A full disk raises GraphStoreDiskFullError (an OSError),
+        the batch unrecorded and its partial files removed.
         """
         self._check_writable()
         batch_index = _check_batch_index(batch_index)
@@ -656,19 +658,9 @@ def _check_selected(array: np.ndarray, n_active: int) -> np.ndarray:
     return array
 
 
-_TABLE_ROWS = {
-    "active_features": "n_active",
-    "activation_values": "n_active",
-    "input_tokens": "n_pos",
-    "logit_tokens": "n_logits",
-    "logit_probabilities": "n_logits",
-    "logit_vectors": "n_logits",
-}
-
-
 def _check_table_shape(name: str, array: np.ndarray, layout: NodeLayout) -> None:
     """Known tables must have one row per node of their kind."""
-    field = _TABLE_ROWS.get(name)
+    field = TABLE_ROWS.get(name)
     if field is None:
         return
     expected = getattr(layout, field)
