@@ -18,6 +18,8 @@ changes: a stored fingerprint stays valid across releases.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -26,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -301,3 +304,98 @@ def file_digest(path: str | os.PathLike[str]) -> dict[str, Any]:
             h.update(block)
             size += len(block)
     return {"sha256": h.hexdigest(), "size": size}
+
+
+# Writer locks
+# --------------------------------------------------------------------------------------------
+
+
+class StoreBusyError(BlockingIOError):
+    """Another process holds the writer lock of a store."""
+
+
+#: lock files this process holds: real path -> [open file, number of holders]
+_HELD: dict[str, list[Any]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    """The lock file of the store at ``path``: ``.{name}.lock`` beside it (beside, so that it
+    outlives the store's creation by rename). It exists while a writer holds it (and after a
+    killed writer, until the next one releases it)."""
+    target = Path(path)
+    if not target.name:
+        target = target.resolve()
+    return target.parent / f".{target.name}.lock"
+
+
+class StoreLock:
+    """An exclusive ``fcntl.flock`` on the lock file of the store at ``path``, taken at once or
+    never: :class:`StoreBusyError` ("another run is writing <path> (pid N)") when another process
+    holds it. The OS releases it when the process dies, however it dies. Holders in one process
+    share the lock (a writer reopened in the same process is not "another run"); it is released
+    when the last of them calls :meth:`release` (or is garbage collected)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        file = lock_path(self.path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self._key = os.path.realpath(file)
+        self._held = False
+        with _HELD_GUARD:
+            entry = _HELD.get(self._key)
+            if entry is not None:
+                entry[1] += 1
+                self._held = True
+                return
+            while True:
+                f = open(file, "a+b")  # noqa: SIM115 - kept open while the lock is held
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    f.seek(0)
+                    holder = f.read(64).decode("ascii", "replace").strip() or "unknown"
+                    f.close()
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                        raise StoreBusyError(
+                            f"another run is writing {self.path} (pid {holder}): wait for it to "
+                            f"finish or stop it, then rerun (lock file {file})"
+                        ) from None
+                    raise
+                try:  # the holder we waited on may have deleted this file on release: lock the new one
+                    if os.stat(file).st_ino == os.fstat(f.fileno()).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                f.close()
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n".encode())
+            f.flush()
+            _HELD[self._key] = [f, 1]
+            self._held = True
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        with _HELD_GUARD:
+            if not self._held:
+                return
+            self._held = False
+            entry = _HELD.get(self._key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[self._key]
+                with contextlib.suppress(OSError):
+                    os.unlink(self._key)  # while still held: a later locker re-checks the inode
+                entry[0].close()  # closing the descriptor releases the flock
+
+    def __enter__(self) -> StoreLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()

@@ -185,73 +185,78 @@ def attribute(
         log.info("graph store %s is already finished: nothing to compute", store)
         return Graph.open(store)
 
-    # Phase 3: the frozen forward passes that row batches differentiate (one per prefix length)
-    sources = build_sources(model, capture, features, values, errors)
-    frozen = FrozenPrefixes(model, capture)  # each row batch is one vmapped backward of one
-    row_batch = cfg.batch_size
-    n_compute = layout.n_compute
-    logit_start = layout.compute_logit_slice.start
+    with writer:  # holds the store's lock until it finalizes or this run fails
+        # Phase 3: the frozen forward passes that row batches differentiate (one per prefix length)
+        sources = build_sources(model, capture, features, values, errors)
+        frozen = FrozenPrefixes(model, capture)  # each row batch is one vmapped backward of one
+        row_batch = cfg.batch_size
+        n_compute = layout.n_compute
+        logit_start = layout.compute_logit_slice.start
 
-    n_logit_batches = -(-len(targets) // row_batch)
-    n_feature_batches = _count_feature_batches(features, n_features_to_visit, row_batch)
-    progress = tqdm(total=n_logit_batches + n_feature_batches, desc="attribution", unit="batch", disable=not verbose)
-    # the rows computed so far, kept for influence re-ranking when not every feature is visited
-    blocks: list[sp.csr_matrix] = []
-    block_nodes: list[np.ndarray] = []
-    keep_rows = cfg.max_feature_nodes is not None and n_features_to_visit < layout.n_active
+        n_logit_batches = -(-len(targets) // row_batch)
+        n_feature_batches = _count_feature_batches(features, n_features_to_visit, row_batch)
+        progress = tqdm(
+            total=n_logit_batches + n_feature_batches, desc="attribution", unit="batch", disable=not verbose
+        )
+        # the rows computed so far, kept for influence re-ranking when not every feature is visited
+        blocks: list[sp.csr_matrix] = []
+        block_nodes: list[np.ndarray] = []
+        keep_rows = cfg.max_feature_nodes is not None and n_features_to_visit < layout.n_active
 
-    def run(batch_index: int, batch: RowBatch) -> None:
-        """Compute and store one row batch, or read it back when a previous run stored it."""
-        if batch_index in writer.done_batches:
-            if keep_rows:
-                rec = writer.read_batch(batch_index)
-                shape = (len(rec["targets"]), n_compute)
-                blocks.append(sp.csr_matrix((rec["values"], rec["indices"], rec["indptr"]), shape=shape))
-                block_nodes.append(rec["targets"])
-        else:
-            dense = compute_rows(frozen.covering(batch), batch, layout, sources)
-            mask = features.structural_mask(batch.layer, batch.pos)
-            indptr, indices, vals = to_csr(dense, mask)
-            writer.write_batch(batch_index, batch.nodes, indptr, indices, vals)
-            if keep_rows:
-                blocks.append(sp.csr_matrix((vals, indices, indptr), shape=(len(batch.nodes), n_compute)))
-                block_nodes.append(batch.nodes)
-        progress.update(1)
-
-    try:
-        # Phase 4: logit rows
-        batch_index = 0
-        logit_vecs = torch.stack([t.vector for t in targets]).to(capture.errors.dtype)
-        for start in range(0, len(targets), row_batch):
-            idx = np.arange(start, min(start + row_batch, len(targets)))
-            run(batch_index, logit_batch(layout, logit_vecs, idx))
-            batch_index += 1
-
-        # Phase 5: feature rows
-        visited = np.zeros(layout.n_active, dtype=bool)
-        n_visited = 0
-        logit_weights = np.array([t.probability for t in targets], dtype=np.float32)
-        while n_visited < n_features_to_visit:
-            if not keep_rows:
-                pending = np.arange(layout.n_active)
+        def run(batch_index: int, batch: RowBatch) -> None:
+            """Compute and store one row batch, or read it back when a previous run stored it."""
+            if batch_index in writer.done_batches:
+                if keep_rows:
+                    rec = writer.read_batch(batch_index)
+                    shape = (len(rec["targets"]), n_compute)
+                    blocks.append(sp.csr_matrix((rec["values"], rec["indices"], rec["indptr"]), shape=shape))
+                    block_nodes.append(rec["targets"])
             else:
-                influence = partial_influences(blocks, block_nodes, logit_weights, logit_start, n_compute)[
-                    : layout.n_active
-                ]
-                rank = np.argsort(-influence, kind="stable")
-                pending = rank[~visited[rank]][: min(cfg.update_interval * row_batch, n_features_to_visit - n_visited)]
-            for ids in _layer_grouped_batches(pending, features, row_batch):
-                run(batch_index, feature_batch(model, features, ids, capture.errors.dtype))
-                visited[ids] = True
-                n_visited += len(ids)
-                batch_index += 1
-    finally:
-        progress.close()
+                dense = compute_rows(frozen.covering(batch), batch, layout, sources)
+                mask = features.structural_mask(batch.layer, batch.pos)
+                indptr, indices, vals = to_csr(dense, mask)
+                writer.write_batch(batch_index, batch.nodes, indptr, indices, vals)
+                if keep_rows:
+                    blocks.append(sp.csr_matrix((vals, indices, indptr), shape=(len(batch.nodes), n_compute)))
+                    block_nodes.append(batch.nodes)
+            progress.update(1)
 
-    # Phase 6: finalize
-    writer.write_table("selected_features", np.sort(np.nonzero(visited)[0]).astype(np.int64))
-    graph = writer.finalize()
-    log.info("attribution of %d tokens: %d nodes in %.1f s", capture.n_pos, graph.n_nodes, time.perf_counter() - t0)
+        try:
+            # Phase 4: logit rows
+            batch_index = 0
+            logit_vecs = torch.stack([t.vector for t in targets]).to(capture.errors.dtype)
+            for start in range(0, len(targets), row_batch):
+                idx = np.arange(start, min(start + row_batch, len(targets)))
+                run(batch_index, logit_batch(layout, logit_vecs, idx))
+                batch_index += 1
+
+            # Phase 5: feature rows
+            visited = np.zeros(layout.n_active, dtype=bool)
+            n_visited = 0
+            logit_weights = np.array([t.probability for t in targets], dtype=np.float32)
+            while n_visited < n_features_to_visit:
+                if not keep_rows:
+                    pending = np.arange(layout.n_active)
+                else:
+                    influence = partial_influences(blocks, block_nodes, logit_weights, logit_start, n_compute)[
+                        : layout.n_active
+                    ]
+                    rank = np.argsort(-influence, kind="stable")
+                    pending = rank[~visited[rank]][
+                        : min(cfg.update_interval * row_batch, n_features_to_visit - n_visited)
+                    ]
+                for ids in _layer_grouped_batches(pending, features, row_batch):
+                    run(batch_index, feature_batch(model, features, ids, capture.errors.dtype))
+                    visited[ids] = True
+                    n_visited += len(ids)
+                    batch_index += 1
+        finally:
+            progress.close()
+
+        # Phase 6: finalize
+        writer.write_table("selected_features", np.sort(np.nonzero(visited)[0]).astype(np.int64))
+        graph = writer.finalize()
+        log.info("attribution of %d tokens: %d nodes in %.1f s", capture.n_pos, graph.n_nodes, time.perf_counter() - t0)
     return graph
 
 

@@ -38,13 +38,16 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "Graph",
+    "GraphStoreCorruptError",
     "GraphStoreError",
     "GraphStoreIncompleteError",
     "GraphStoreMismatchError",
+    "verify_store",
 ]
 
 FORMAT = "circuit-pipeline/attribution-graph"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk carries a CRC32C checksum (1: none; still read)
+READABLE_VERSIONS = (1, 2)
 
 # Names inside a store (see docs/formats.md)
 META_KEY = "graph_store"  # the store's own metadata in the root zarr.json attributes
@@ -65,6 +68,19 @@ class GraphStoreMismatchError(ValueError):
 
 class GraphStoreIncompleteError(GraphStoreError):
     """The store exists but attribution has not finished writing it."""
+
+
+class GraphStoreCorruptError(GraphStoreError, ValueError):
+    """A finished store is damaged: a chunk fails its checksum or cannot be decoded, a file or a
+    progress record is missing, or an array has the wrong shape."""
+
+
+def fix_hint(path: Path) -> str:
+    """What to do about a damaged store."""
+    return (
+        f"The store cannot be trusted: delete it (rm -r '{path}') and re-run attribute with the "
+        f"same inputs to recompute it (`circuit-pipeline verify {path}` lists every problem)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +130,29 @@ def done_records(path: Path) -> dict[int, dict[str, Any]]:
     return dict(sorted(records.items()))
 
 
+def chunk_key(ndim: int) -> str:
+    """File name of an array's one chunk ("v2" chunk keys: ``0``, ``0.0``, ...)."""
+    return ".".join(["0"] * max(ndim, 1))
+
+
 def read_array(store: LocalStore, name: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(store, path=name, mode="r")[...])
+    """The whole one-chunk array ``name``; GraphStoreCorruptError naming the store, the array
+    and its chunk file if the chunk is missing, fails its checksum or cannot be decoded."""
+    root = Path(store.root)
+    if not (root / name / "zarr.json").is_file():  # no such array: zarr's own error
+        return np.asarray(zarr.open_array(store, path=name, mode="r")[...])
+    chunk = f"{name}/<chunk>"
+    try:
+        arr = zarr.open_array(store, path=name, mode="r")
+        chunk = f"{name}/{chunk_key(arr.ndim)}"
+        if arr.size and not (root / chunk).is_file():  # zarr would read the fill value
+            raise FileNotFoundError(f"chunk file {chunk} is missing")
+        return np.asarray(arr[...])
+    except Exception as exc:
+        raise GraphStoreCorruptError(
+            f"{root}: array {name!r} is damaged (chunk file {chunk}): {type(exc).__name__}: "
+            f"{str(exc).rstrip('.')}. {fix_hint(root)}"
+        ) from exc
 
 
 def read_batch_arrays(store: LocalStore, batch_index: int, *, with_extra: bool = False) -> dict[str, np.ndarray]:
@@ -183,10 +220,10 @@ class Graph:
         meta = root_meta(path)
         if meta is None:
             raise ValueError(f"{path} is not a circuit-pipeline attribution graph store")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: store format version {meta.get('version')} is not supported "
-                f"(this reader reads version {FORMAT_VERSION})"
+                f"(this reader reads versions {list(READABLE_VERSIONS)}); recompute it with attribute"
             )
         if not meta.get("finished"):
             n_done = len(done_records(path))
@@ -194,6 +231,9 @@ class Graph:
                 f"{path} is an unfinished attribution graph ({n_done} batches written): rerun "
                 f"attribution with the same inputs to resume it (or delete it to start over)"
             )
+        problems = check_structure(path, meta)
+        if problems:
+            raise GraphStoreCorruptError(_problems_message(path, problems))
         attrs = _io.read_json(path / "zarr.json")["attributes"].get("attrs", {})
         return cls(path, meta, attrs)
 
@@ -392,15 +432,11 @@ class Graph:
         return dense
 
     def verify(self) -> None:
-        """Re-hash every batch's files against its done record; raises ValueError on damage."""
-        for b, record in done_records(self.path).items():
-            for rel, info in record.get("files", {}).items():
-                try:
-                    actual = _io.file_digest(self.path / rel)
-                except OSError as exc:
-                    raise ValueError(f"{self.path}: batch {b} file {rel} unreadable: {exc}") from exc
-                if actual != info:
-                    raise ValueError(f"{self.path}: batch {b} file {rel} does not match its record")
+        """The full check of :func:`verify_store` (every chunk read, every batch re-hashed);
+        raises GraphStoreCorruptError listing every problem."""
+        problems = verify_store(self.path)
+        if problems:
+            raise GraphStoreCorruptError(_problems_message(self.path, problems))
 
     def __repr__(self) -> str:
         return (
@@ -408,3 +444,163 @@ class Graph:
             f"n_active={self.n_active}, n_layers={self.n_layers}, n_pos={self.n_pos}, "
             f"n_logits={self.n_logits})"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+#: node tables with one row per node of a kind, and the layout field that counts them
+TABLE_ROWS = {
+    "active_features": "n_active",
+    "activation_values": "n_active",
+    "input_tokens": "n_pos",
+    "logit_tokens": "n_logits",
+    "logit_probabilities": "n_logits",
+    "logit_vectors": "n_logits",
+    "error_vectors": "n_layers",
+    "token_embeddings": "n_pos",
+}
+
+
+def _problems_message(path: Path, problems: list[str]) -> str:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return f"{path} is a damaged attribution graph store: {shown}. {fix_hint(path)}"
+
+
+def _array_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """An array's shape from its zarr.json; None if it has none or is unreadable."""
+    try:
+        doc = _io.read_json(path / name / "zarr.json")
+        if doc.get("node_type") != "array":
+            return None
+        return tuple(int(n) for n in doc["shape"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_structure(path: Path, meta: dict[str, Any]) -> list[str]:
+    """The cheap checks of a finished store (no chunk is read): the summary, a progress record
+    for every batch and a batch for every record, the recorded files present with their recorded
+    sizes, the node tables, the selection and the row index with the shapes the layout says.
+    Returns the problems found (none: [])."""
+    problems: list[str] = []
+    try:
+        layout = NodeLayout.from_dict(meta.get("layout", {}))
+    except (ValueError, TypeError) as exc:
+        return [f"metadata: bad layout ({exc})"]
+    summary = meta.get("summary")
+    if not isinstance(summary, dict) or not all(
+        isinstance(summary.get(k), int) for k in ("n_batches", "n_rows", "nnz")
+    ):
+        return [f"metadata: the summary of a finished store is missing or malformed ({summary!r})"]
+    records = done_records(path)
+    for b, record in records.items():
+        if not record:
+            problems.append(f"progress record {PROGRESS}/{batch_name(b)}.json is unreadable")
+    adjacency = path / ADJ
+    batch_dirs = {
+        i for i in (batch_index_of(e) for e in (os.listdir(adjacency) if adjacency.is_dir() else [])) if i is not None
+    }
+    for b in sorted(batch_dirs - set(records)):
+        problems.append(f"batch {b} ({ADJ}/{batch_name(b)}) has no progress record ({PROGRESS}/{batch_name(b)}.json)")
+    for b in sorted(set(records) - batch_dirs):
+        problems.append(f"batch {b} is recorded but its directory {ADJ}/{batch_name(b)} is missing")
+    if len(records) != summary["n_batches"]:
+        problems.append(
+            f"{len(records)} progress records, but the store was finished with {summary['n_batches']} batches"
+        )
+    good = [r for r in records.values() if r]
+    n_rows = sum(int(r.get("n_rows", 0)) for r in good)
+    nnz = sum(int(r.get("nnz", 0)) for r in good)
+    if len(good) == len(records) and (n_rows, nnz) != (summary["n_rows"], summary["nnz"]):
+        problems.append(
+            f"the progress records count {n_rows} rows / {nnz} entries, the summary {summary['n_rows']} / {summary['nnz']}"
+        )
+    for b, record in records.items():
+        for rel, info in (record.get("files") or {}).items():
+            try:
+                size = os.path.getsize(path / rel)
+            except OSError:
+                problems.append(f"batch {b}: file {rel} is missing")
+                continue
+            if not isinstance(info, dict) or size != info.get("size"):
+                problems.append(f"batch {b}: file {rel} has {size} bytes, its record says {info.get('size')}")
+    nodes = path / NODES
+    for name in sorted(os.listdir(nodes)) if nodes.is_dir() else []:
+        if not (nodes / name / "zarr.json").is_file():
+            continue
+        shape = _array_shape(path, f"{NODES}/{name}")
+        field = TABLE_ROWS.get(name)
+        if shape is None:
+            problems.append(f"node table {NODES}/{name}: unreadable zarr.json")
+        elif field is not None and (not shape or shape[0] != getattr(layout, field)):
+            problems.append(
+                f"node table {NODES}/{name} has shape {shape}; the layout needs {field}={getattr(layout, field)} rows"
+            )
+    for name, ok in (
+        (f"{NODES}/{SELECTED}", lambda sh: len(sh) == 1 and sh[0] <= layout.n_active),
+        (ROW_INDEX, lambda sh: sh == (summary["n_rows"], 3)),
+    ):
+        shape = _array_shape(path, name)
+        if shape is None:
+            problems.append(f"array {name} is missing or its zarr.json is unreadable")
+        elif not ok(shape):
+            problems.append(f"array {name} has the wrong shape {shape}")
+    return problems
+
+
+def _arrays(path: Path) -> list[str]:
+    """Every array of a store, by its path inside the store."""
+    out = []
+    for d, dirs, files in os.walk(path):
+        dirs[:] = sorted(e for e in dirs if not e.startswith("."))
+        if d != str(path) and "zarr.json" in files and _array_shape(Path(d), "") is not None:
+            out.append(Path(d).relative_to(path).as_posix())
+    return sorted(out)
+
+
+def verify_store(path: str | os.PathLike[str]) -> list[str]:
+    """The full check of a store: :func:`check_structure`, every batch's files re-hashed against
+    its progress record, every array read whole (so every chunk's checksum is checked), and
+    the row index checked against the batches. Returns the problems found (none: [])."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"no graph store at {path}"]
+    meta = root_meta(path)
+    if meta is None:
+        return ["not a circuit-pipeline attribution graph store (root zarr.json missing or unreadable)"]
+    if meta.get("version") not in READABLE_VERSIONS:
+        return [
+            f"store format version {meta.get('version')} is not supported (this reader reads {list(READABLE_VERSIONS)})"
+        ]
+    if not meta.get("finished"):
+        return ["unfinished: attribution has not finished writing it (rerun attribute with the same inputs to resume)"]
+    problems = check_structure(path, meta)
+    records = done_records(path)
+    for b, record in records.items():
+        for rel, info in (record.get("files") or {}).items():
+            try:
+                actual = _io.file_digest(path / rel)
+            except OSError:
+                continue  # reported by check_structure
+            if actual != info:
+                problems.append(f"batch {b}: file {rel} does not match the SHA-256 in its progress record")
+    store = LocalStore(path, read_only=True)
+    data: dict[str, np.ndarray] = {}
+    for name in _arrays(path):
+        try:
+            data[name] = read_array(store, name)
+        except Exception as exc:
+            problems.append(f"array {name} is unreadable ({str(exc).split('. The store cannot')[0]})")
+    row_index = data.get(ROW_INDEX)
+    if row_index is not None and row_index.ndim == 2 and row_index.shape[1] == 3:
+        for b in np.unique(row_index[:, 1]).tolist():
+            targets = data.get(f"{ADJ}/{batch_name(b)}/targets")
+            if b not in records:
+                problems.append(f"the row index points into batch {b}, which has no progress record")
+            elif targets is not None:
+                rows = row_index[row_index[:, 1] == b]
+                if rows[:, 2].max() >= len(targets) or not np.array_equal(targets[rows[:, 2]], rows[:, 0]):
+                    problems.append(f"the row index does not match the targets of batch {b}")
+    return problems

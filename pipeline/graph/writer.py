@@ -7,29 +7,34 @@ Crash safety: every file is written atomically (:func:`write_file`); a batch is 
 only if its ``progress/`` record exists, written after its fsynced arrays. ``open`` removes what
 a crash left unrecorded and the engine rewrites that batch; ``finalize`` indexes the rows and
 flips ``finished`` in the root ``zarr.json`` last. The same inputs give byte-identical files,
-interrupted or not. One writer per store at a time (no locking). Protocol: ``docs/formats.md``.
+interrupted or not. One writer per store at a time: ``open`` takes the store's lock
+(:class:`pipeline._io.StoreLock`) and fails fast if another process holds it. A full disk
+raises :class:`GraphStoreDiskFullError` naming the store; the run resumes from the last recorded
+batch once there is space. Protocol: ``docs/formats.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from pipeline import _io
+from pipeline._io import StoreLock
 from pipeline.graph.layout import NodeLayout
 from pipeline.graph.store import (
     ADJ,
@@ -38,8 +43,10 @@ from pipeline.graph.store import (
     META_KEY,
     NODES,
     PROGRESS,
+    READABLE_VERSIONS,
     ROW_INDEX,
     SELECTED,
+    TABLE_ROWS,
     Graph,
     GraphStoreError,
     GraphStoreMismatchError,
@@ -51,7 +58,7 @@ from pipeline.graph.store import (
     root_meta,
 )
 
-__all__ = ["GraphStoreWriter", "write_graph_from_dense"]
+__all__ = ["GraphStoreDiskFullError", "GraphStoreWriter", "write_graph_from_dense"]
 
 _STAGING = ".staging"  # inside the store; only during an atomic table write
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -76,7 +83,7 @@ def batch_phase(event: str, batch_index: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Arrays: one chunk each, Blosc-zstd with byte shuffle, written durably
+# Arrays: one chunk each, Blosc-zstd with byte shuffle then a CRC32C checksum, written durably
 # ---------------------------------------------------------------------------------------------
 
 
@@ -101,8 +108,9 @@ class _DurableLocalStore(LocalStore):
         write_file(path, value.as_buffer_like())
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+def _compressors() -> tuple[BloscCodec, Crc32cCodec]:
+    """Every chunk is compressed, then checksummed: a damaged chunk fails its read."""
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()
 
 
 def _create_array(store: LocalStore, name: str | None, data: np.ndarray) -> None:
@@ -117,13 +125,43 @@ def _create_array(store: LocalStore, name: str | None, data: np.ndarray) -> None
         shape=data.shape,
         dtype=data.dtype,
         chunks=chunks,
-        compressors=_compressor(),
+        compressors=_compressors(),
         fill_value=0,
         chunk_key_encoding={"name": "v2", "separator": "."},  # chunk file <array>/0: no c/ dirs
         config={"write_empty_chunks": True},
     )
     if data.size:
         arr[...] = data
+
+
+# ---------------------------------------------------------------------------------------------
+# Full disk
+# ---------------------------------------------------------------------------------------------
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class GraphStoreDiskFullError(OSError):
+    """The disk (or quota) filled up while writing a store; ``errno`` is ENOSPC (or EDQUOT)."""
+
+
+@contextlib.contextmanager
+def _disk_full_guard(path: Path, what: str, partial: Path | None = None) -> Iterator[None]:
+    """Re-raise a full disk inside the block as :class:`GraphStoreDiskFullError` naming the
+    store and the fix; ``partial`` (an unrecorded batch directory) is removed to free space."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL or isinstance(exc, GraphStoreDiskFullError):
+            raise
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise GraphStoreDiskFullError(
+            exc.errno,
+            f"no space left on device while writing {what} of the graph store {path} "
+            f"({exc.filename or exc.strerror}): free space and rerun: the run resumes from the "
+            f"last finished batch",
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +179,9 @@ class GraphStoreWriter:
     done_batches: set[int]
     finished: bool
 
-    def __init__(self, path: Path, layout: NodeLayout, fingerprint: str, finished: bool) -> None:
+    def __init__(
+        self, path: Path, layout: NodeLayout, fingerprint: str, finished: bool, lock: StoreLock | None = None
+    ) -> None:
         self.path = path
         self.layout = layout
         self.fingerprint = fingerprint
@@ -149,6 +189,19 @@ class GraphStoreWriter:
         self._records = done_records(path)
         self.done_batches = set(self._records)
         self._store = _DurableLocalStore(path, read_only=finished)
+        self._lock = lock
+
+    def close(self) -> None:
+        """Release the store's writer lock (``finalize`` does too); idempotent."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> GraphStoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -166,7 +219,9 @@ class GraphStoreWriter:
         layout: {"n_layers", "n_pos", "n_active", "n_logits"}; tables: node tables stored under
         ``nodes/`` (written once); attrs: JSON-able group attributes.
         Raises GraphStoreMismatchError if ``path`` holds a store for another fingerprint or
-        layout, other tables, or anything that is not a graph store.
+        layout, other tables, or anything that is not a graph store; StoreBusyError if another
+        process is writing it. An unfinished writer holds the store's lock until ``finalize`` or
+        ``close``.
         """
         path = Path(path)
         if not path.name:  # "." or "/..."
@@ -189,22 +244,47 @@ class GraphStoreWriter:
             attrs,
         )
 
+        lock = StoreLock(path)
+        try:
+            with _disk_full_guard(path, "the store's metadata"):
+                writer = cls._open_locked(path, fingerprint, layout, tables, attributes, lock)
+        except BaseException:
+            lock.release()
+            raise
+        if writer.finished:
+            writer.close()
+        return writer
+
+    @classmethod
+    def _open_locked(
+        cls,
+        path: Path,
+        fingerprint: str,
+        layout: NodeLayout,
+        tables: Mapping[str, np.ndarray],
+        attributes: dict[str, Any],
+        lock: StoreLock,
+    ) -> GraphStoreWriter:
         creating = path.with_name(f".{path.name}.creating")
         if creating.exists():  # a crashed creation: it never became the store
             shutil.rmtree(creating)
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             _create_store(path, creating, attributes, tables)
-            return cls(path, layout, fingerprint, finished=False)
+            return cls(path, layout, fingerprint, finished=False, lock=lock)
 
         meta = root_meta(path)
         if meta is None:
             raise GraphStoreMismatchError(
                 _mismatch_message(path, "exists and is not a circuit-pipeline attribution graph")
             )
-        if meta.get("version") != FORMAT_VERSION:
+        version = meta.get("version")
+        if version != FORMAT_VERSION and not (meta.get("finished") and version in READABLE_VERSIONS):
+            state = "an unfinished store" if not meta.get("finished") else "a store"
             raise GraphStoreMismatchError(
                 _mismatch_message(
-                    path, f"was written in store format version {meta.get('version')}, not {FORMAT_VERSION}"
+                    path,
+                    f"is {state} in format version {version}; this version writes format "
+                    f"{FORMAT_VERSION} (and reads finished stores of versions {list(READABLE_VERSIONS)})",
                 )
             )
         if meta.get("fingerprint") != fingerprint:
@@ -223,7 +303,7 @@ class GraphStoreWriter:
             return cls(path, layout, fingerprint, finished=True)
 
         _recover(path)
-        writer = cls(path, layout, fingerprint, finished=False)
+        writer = cls(path, layout, fingerprint, finished=False, lock=lock)
         writer._check_tables(tables)
         current = _io.read_json(path / "zarr.json").get("attributes")
         if current != attributes:  # same inputs, other description: the latest run's wins
@@ -256,7 +336,8 @@ class GraphStoreWriter:
         target_nodes: (B,) compute-order ids of the rows (features or logits); indptr: (B+1,);
         indices: (nnz,) compute-order column ids; values: (nnz,) float32; extra: optional
         per-batch arrays stored beside them. A batch already recorded is not rewritten (its row
-        and entry counts must match). Raises OSError (e.g. ENOSPC) with the batch unrecorded.
+        and entry counts must match). A full disk raises GraphStoreDiskFullError (an OSError),
+        the batch unrecorded and its partial files removed.
         """
         self._check_writable()
         batch_index = _check_batch_index(batch_index)
@@ -276,6 +357,20 @@ class GraphStoreWriter:
 
         name = batch_name(batch_index)
         batch_dir = self.path / ADJ / name
+        with _disk_full_guard(self.path, f"batch {batch_index}", partial=batch_dir):
+            self._write_batch_files(batch_index, batch_dir, targets, indptr, indices, values, extra)
+
+    def _write_batch_files(
+        self,
+        batch_index: int,
+        batch_dir: Path,
+        targets: np.ndarray,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        values: np.ndarray,
+        extra: Mapping[str, np.ndarray],
+    ) -> None:
+        name = batch_dir.name
         if batch_dir.exists():  # left by a crash or a failed write: start it over
             shutil.rmtree(batch_dir)
         zarr.create_group(self._store, path=f"{ADJ}/{name}")
@@ -343,7 +438,8 @@ class GraphStoreWriter:
         if name == SELECTED:
             array = _check_selected(array, self.layout.n_active)
         _check_table_shape(name, array, self.layout)
-        self._write_array_atomic(f"{NODES}/{name}", array)
+        with _disk_full_guard(self.path, f"node table {name!r}"):
+            self._write_array_atomic(f"{NODES}/{name}", array)
 
     def _write_array_atomic(self, rel: str, array: np.ndarray) -> None:
         staging = self.path / _STAGING
@@ -370,6 +466,12 @@ class GraphStoreWriter:
         """
         if self.finished:
             return Graph.open(self.path)
+        with _disk_full_guard(self.path, "the row index"):
+            self._finalize(attrs)
+        self.close()
+        return Graph.open(self.path)
+
+    def _finalize(self, attrs: Mapping[str, Any] | None) -> None:
         _recover(self.path)
         parts = [np.zeros((0, 3), dtype=np.int64)]
         for b in sorted(self.done_batches):
@@ -412,7 +514,6 @@ class GraphStoreWriter:
         self._write_root_attributes(_root_attributes(meta, merged))
         self.finished = True
         self._store = _DurableLocalStore(self.path, read_only=True)
-        return Graph.open(self.path)
 
     def _write_root_attributes(self, attributes: dict[str, Any]) -> None:
         doc = {"attributes": attributes, "node_type": "group", "zarr_format": 3}
@@ -557,19 +658,9 @@ def _check_selected(array: np.ndarray, n_active: int) -> np.ndarray:
     return array
 
 
-_TABLE_ROWS = {
-    "active_features": "n_active",
-    "activation_values": "n_active",
-    "input_tokens": "n_pos",
-    "logit_tokens": "n_logits",
-    "logit_probabilities": "n_logits",
-    "logit_vectors": "n_logits",
-}
-
-
 def _check_table_shape(name: str, array: np.ndarray, layout: NodeLayout) -> None:
     """Known tables must have one row per node of their kind."""
-    field = _TABLE_ROWS.get(name)
+    field = TABLE_ROWS.get(name)
     if field is None:
         return
     expected = getattr(layout, field)

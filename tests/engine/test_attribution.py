@@ -495,3 +495,42 @@ def test_non_finite_custom_logit_targets_are_refused(fixture_dirs, tmp_path):
                 prompt_for(fixture_dirs["gpt2"]), model, logit_targets=targets, store=tmp_path / "g.zarr", verbose=False
             )
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_full_disk_names_the_store_and_the_rerun_resumes_from_the_last_batch(fixture_dirs, tmp_path, monkeypatch):
+    import errno
+
+    from pipeline import _io
+    from pipeline.graph import writer as graph_writer
+
+    model = load(fixture_dirs, "gpt2", "plt")
+    prompt = prompt_for(fixture_dirs["gpt2"])
+    reference = attribute(prompt, model, batch_size=4, store=tmp_path / "ref.zarr", verbose=False)
+    real_write = graph_writer.write_file
+
+    def full_disk(path, data):
+        if "batch_000003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data)
+
+    store = tmp_path / "g.zarr"
+    monkeypatch.setattr(graph_writer, "write_file", full_disk)
+    with pytest.raises(graph_writer.GraphStoreDiskFullError) as err:
+        attribute(prompt, model, batch_size=4, store=store, verbose=False)
+    assert err.value.errno == errno.ENOSPC
+    assert f"while writing batch 3 of the graph store {store}" in str(err.value)
+    assert "free space and rerun: the run resumes from the last finished batch" in str(err.value)
+    assert not _io._HELD  # the failed run gave its lock up
+    monkeypatch.setattr(graph_writer, "write_file", real_write)
+
+    real_rows, computed = attribution.compute_rows, []
+
+    def counting(frozen, batch, *a, **k):
+        computed.append(batch.nodes.copy())
+        return real_rows(frozen, batch, *a, **k)
+
+    monkeypatch.setattr(attribution, "compute_rows", counting)
+    resumed = attribute(prompt, model, batch_size=4, store=store, verbose=False)
+    assert len(computed) == reference.summary["n_batches"] - 3  # batches 0-2 were kept
+    np.testing.assert_array_equal(resumed.adjacency_dense(), reference.adjacency_dense())
+    assert tree_digest(store) == tree_digest(tmp_path / "ref.zarr")

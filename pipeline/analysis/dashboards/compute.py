@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline._io import digest_json
+from pipeline._io import StoreLock, digest_json
 
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import FORMAT, FORMAT_VERSION, MAX_SEQ_LEN, POS_BITS, DashboardConfig
@@ -396,12 +396,18 @@ def compute_dashboards(
     """
     cfg = cfg or DashboardConfig()
     out = Path(out_path)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; remove it or pass overwrite=True (--overwrite)")
-        if not is_store(out):
-            raise ValueError(f"{out} exists and is not a dashboards store; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with StoreLock(out):  # one run per output at a time (they would share the checkpoint)
+        if out.exists():
+            if not overwrite:
+                raise FileExistsError(f"{out} exists; remove it or pass overwrite=True (--overwrite)")
+            if not is_store(out):
+                raise ValueError(f"{out} exists and is not a dashboards store; refusing to replace it")
+        _compute(model, corpus, out, cfg, progress)
+    return out
+
+
+def _compute(model, corpus, out: Path, cfg: DashboardConfig, progress: bool) -> None:
+    """Steps 1-8 of :func:`compute_dashboards`, under the output's lock."""
     # 1-3. stream the corpus into the layer states (resuming from a checkpoint; once more from
     # the start if the corpus changed since it)
     for attempt in range(2):
@@ -426,4 +432,3 @@ def compute_dashboards(
     windows, seqs = run.contexts([{"tid": e["tid"], "feature": e["feature"]} for e in examples])
     write_store(run, examples, windows, seqs, logits)
     shutil.rmtree(run.partial, ignore_errors=True)
-    return out
