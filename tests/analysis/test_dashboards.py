@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -526,3 +527,21 @@ def test_cli_features_smoke(tiny_gpt2_dir, plt_dir, corpus, tmp_path, capsys):
     )
     assert rc == 2
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_a_damaged_chunk_is_an_error_naming_the_array(store, tmp_path):
+    """Every array carries a CRC32C checksum: one flipped byte in layer 0's chunks fails the
+    read of a layer-0 feature, naming the store and the array, where it read wrong numbers."""
+    copy = tmp_path / "plt.zarr"
+    shutil.copytree(store, copy)
+    D.Dashboards.open(copy).feature(0, 0)  # intact: reads
+    damaged = []
+    for f in sorted(copy.rglob("0.*")):
+        if f.is_file() and f.stat().st_size > 16:
+            data = bytearray(f.read_bytes())
+            data[8] ^= 0xFF
+            f.write_bytes(bytes(data))
+            damaged.append(f)
+    assert damaged, "no layer-0 chunk file found: the test checks nothing"
+    with pytest.raises(ValueError, match=r"dashboards array '.+' is damaged .*checksum"):
+        D.Dashboards.open(copy).feature(0, 0)

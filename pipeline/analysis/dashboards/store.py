@@ -93,11 +93,23 @@ class Dashboards:
             self._arrays[name] = zarr.open_array(self._store, path=name, mode="r")
         return self._arrays[name]
 
+    def _read(self, name: str, index: Any = Ellipsis) -> np.ndarray:
+        """``self._array(name)[index]`` as numpy; a chunk that fails its checksum or cannot be
+        decoded is an error naming the store, the array and the fix."""
+        try:
+            return np.asarray(self._array(name)[index])
+        except Exception as exc:
+            raise ValueError(
+                f"{self.path}: dashboards array {name!r} is damaged ({type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}): delete the store and compute the dashboards again "
+                "(circuit-pipeline features, or dvc repro -f features)"
+            ) from exc
+
     def _cached(self, key: tuple, name: str, index: Any) -> np.ndarray:
         """``self._array(name)[index]`` read as numpy, kept in the LRU cache under ``key``."""
         block = self._blocks.get(key)
         if block is None:
-            block = np.asarray(self._array(name)[index])
+            block = self._read(name, index)
             self._blocks[key] = block
             if len(self._blocks) > _CACHE_BLOCKS:
                 self._blocks.popitem(last=False)
@@ -128,9 +140,7 @@ class Dashboards:
     def vocab(self) -> list[str]:
         """Every token id's string (tokenizer.decode of the one id)."""
         if self._vocab is None:
-            self._vocab = _decode_strings(
-                np.asarray(self._array("vocab/bytes")[...]), np.asarray(self._array("vocab/offsets")[...])
-            )
+            self._vocab = _decode_strings(self._read("vocab/bytes"), self._read("vocab/offsets"))
         return self._vocab
 
     def _check(self, layer, index) -> tuple[int, int]:
@@ -149,9 +159,7 @@ class Dashboards:
     def labels(self) -> dict[tuple[int, int], str]:
         """Automatic label of every feature, keyed (layer, feature): ``create_graph_files(labels=...)``."""
         if self._labels is None:
-            self._labels = _decode_strings(
-                np.asarray(self._array("labels/bytes")[...]), np.asarray(self._array("labels/offsets")[...])
-            )
+            self._labels = _decode_strings(self._read("labels/bytes"), self._read("labels/offsets"))
         F = self.d_transcoder
         return {(i // F, i % F): s for i, s in enumerate(self._labels)}
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from pipeline._io import atomic_path, fsync_files, remove_stale_temps
@@ -97,9 +97,10 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
         },
         "dtype": str(model.dtype),
     }
-    # what every array of the store shares: its codec, zero fill, v2 chunk keys ("." separator)
+    # what every array of the store shares: its codecs (a CRC32C checksum after compression, so
+    # a damaged chunk fails on read), zero fill, v2 chunk keys ("." separator)
     encoding: dict[str, Any] = dict(
-        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
+        compressors=(BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()),
         fill_value=0,
         chunk_key_encoding={"name": "v2", "separator": "."},
     )
