@@ -678,11 +678,12 @@ def _code_closure(files: list[Path]) -> set[Path]:
 
 
 def _stage_entry(cmd: str) -> list[Path]:
-    """The code a stage's command runs: ``python -m stages.X`` -> stages/X.py;
+    """The code a stage's command runs: ``python -m stages X`` -> stages/X.py (stages/__main__.py
+    only launches it, in this process or a warm fork: stages/_warm.py);
     ``circuit-pipeline SUB`` -> what the CLI module imports at its top and in its ``cmd_SUB``
     (pipeline/run/cli.py itself is checked apart: it holds every subcommand)."""
-    if m := re.search(r"python -m (stages\.\w+)", cmd):
-        return [_module_file(m.group(1))]
+    if m := re.search(r"python -m stages (\w+)", cmd):
+        return [_module_file(f"stages.{m.group(1)}")]
     m = re.search(r"circuit-pipeline(?: -q)? (\w+)", cmd)
     assert m, f"unknown stage command {cmd!r}"
     cli = ROOT / "pipeline" / "run" / "cli.py"
