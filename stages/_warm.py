@@ -224,6 +224,7 @@ def serve(idle_s: float | None = None) -> None:
                         _send(conn, {"pid": os.getpid(), "files": len(code), "served": served})
                         continue
                     if request.get("op") == "stop" or _code_state() != code:
+                        sock.close()  # first: the client starts the next server at once
                         _send(conn, {"status": "stopping"})
                         return
                     served += 1

@@ -117,6 +117,11 @@ def test_the_server_never_runs_changed_code(checkout):
     while _alive(old):
         assert time.monotonic() < deadline, "the stale server kept running"
         time.sleep(0.1)
+    deadline = time.monotonic() + 180
+    while "pid" not in (status := _status(checkout)):  # the refused stage started the next server
+        assert time.monotonic() < deadline, "no new server after the stale one"
+        time.sleep(0.2)
+    assert f"pid {old}," not in status
 
 
 def test_killing_the_client_kills_its_stage(checkout):
