@@ -167,6 +167,12 @@ class ReplacementModel:
             _check_local_model_dir(Path(source))
         if not isinstance(transcoders, Transcoders):
             transcoders = load_transcoders(transcoders, device=device, dtype=dtype, lazy_encoder=lazy_encoder)
+        elif not same_device(transcoders.device, device) or transcoders.dtype != dtype:
+            # before the model loads: the same check as __init__, without the wait
+            raise ValueError(
+                f"the transcoders are on {transcoders.device} in {transcoders.dtype}, the model is to load on "
+                f"{device} in {dtype}: load both with the same device and dtype"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

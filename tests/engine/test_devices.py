@@ -351,3 +351,6 @@ def test_transcoders_in_another_dtype_than_the_model_are_refused(dirs):
     with pytest.raises(ValueError, match="load both with the same device and dtype") as info:
         ReplacementModel(model.bridge, other)
     _one_line(info)
+    with pytest.raises(ValueError, match="load both with the same device and dtype") as info:
+        ReplacementModel.from_pretrained("no/such-model", other)  # refused before the model loads
+    _one_line(info)
