@@ -198,7 +198,7 @@ def build_big(workdir: Path, name: str, with_clt: bool) -> list[Setup]:
     from pipeline import testing as T
 
     spec, vocab_words = _bench_spec(name)
-    params = asdict(spec) if hasattr(spec, "__dataclass_fields__") else dict(spec.__dict__)
+    params = spec.params() if hasattr(spec, "params") else asdict(spec)
     root = workdir / name
     model = _cached(
         root / "model",
@@ -281,8 +281,12 @@ def worker(job_path: str) -> None:
     release_freed_buffers()  # as `circuit-pipeline attribute` and the pipeline stages do
     import importlib.metadata as md
 
+    device, job_dtype = job.get("device", "cpu"), job.get("dtype", "float32")
+    on_gpu = device.startswith("cuda")
     result: dict = {
         "engine": "circuit-pipeline",
+        "device": device,
+        "dtype": job_dtype,
         "setups": {},
         "versions": {n: md.version(n) for n in ("torch", "transformer-lens", "transformers", "numpy")},
     }
@@ -307,7 +311,9 @@ def worker(job_path: str) -> None:
         t0 = time.perf_counter()
         # encoders on disk, as `circuit-pipeline attribute` and the attribute stage load them
         # (circuit-tracer's load_transcoder_set defaults to lazy encoders too)
-        model = ReplacementModel.from_pretrained(setup["model_dir"], setup["transcoder_dir"], lazy_encoder=True)
+        model = ReplacementModel.from_pretrained(
+            setup["model_dir"], setup["transcoder_dir"], lazy_encoder=True, device=device, dtype=job_dtype
+        )
         # attribute(zero_bos_errors=True) gives the BOS-position error nodes zero output vectors,
         # as circuit-tracer 0.5.0 does (error_vectors[:, zero_positions] = 0)
         zero_bos = bool(job.get("zero_bos_errors"))
@@ -321,7 +327,7 @@ def worker(job_path: str) -> None:
             with torch.no_grad():
                 ref = hf(tok[None]).logits[0]
             res["hf_logits"] = {
-                "max_abs_diff": float((model.capture(tok).logits - ref).abs().max()),
+                "max_abs_diff": float((model.capture(tok).logits.cpu().float() - ref).abs().max()),
                 "max_abs_logit": float(ref.abs().max()),
             }
             del hf
@@ -340,6 +346,9 @@ def worker(job_path: str) -> None:
                 store = sdir / f"{spec['name']}.zarr"
                 if store.exists():
                     shutil.rmtree(store)
+                if on_gpu:  # the peak of this call alone (the weights it keeps resident included)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
                 graph = attribute(
                     tokens,
@@ -353,7 +362,11 @@ def worker(job_path: str) -> None:
                     update_interval=spec.get("update_interval", 4),
                     zero_bos_errors=zero_bos,
                 )
+                if on_gpu:
+                    torch.cuda.synchronize()
                 info["attribute_s"] = time.perf_counter() - t0
+                if on_gpu:
+                    info["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
                 info.update(
                     n_nodes=int(graph.n_nodes),
                     n_active=int(graph.n_active),
@@ -438,7 +451,7 @@ def run_our_interventions(model, spec: dict, out_dir: Path) -> dict:
     import torch
 
     tokens = torch.tensor(spec["tokens"], dtype=torch.long)
-    arrays: dict = {"clean.logits": model.capture(tokens).logits.float().numpy()}
+    arrays: dict = {"clean.logits": model.capture(tokens).logits.float().cpu().numpy()}
     info: dict = {}
     for case in spec["cases"]:
         kwargs = {}
@@ -461,11 +474,11 @@ def run_our_interventions(model, spec: dict, out_dir: Path) -> dict:
                         **extra,
                     )
                     logits, acts = g.logits, g.activations
-                    arrays[f"{name}.tokens"] = g.tokens.numpy().astype(np.int64)
+                    arrays[f"{name}.tokens"] = g.tokens.cpu().numpy().astype(np.int64)
                 else:
                     logits, acts = model.feature_intervention(tokens, ivs, **kwargs, **extra)
-                arrays[f"{name}.logits"] = logits.float().numpy()
-                arrays[f"{name}.activations"] = acts.float().numpy()
+                arrays[f"{name}.logits"] = logits.float().cpu().numpy()
+                arrays[f"{name}.activations"] = acts.float().cpu().numpy()
                 info[name] = {"s": time.perf_counter() - t0}
             except Exception as exc:  # report it and go on with the other cases
                 info[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -493,8 +506,12 @@ def run_engine(
     timeout_s: float,
     mem_cap_gb: float | None,
     zero_bos_errors: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
-    """Run one engine's subprocess on ``setups``; returns its result.json plus a ``status``."""
+    """Run one engine's subprocess on ``setups``; returns its result.json plus a ``status``.
+
+    device, dtype: where and in what both engines load the model and transcoders (gpu.py)."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
@@ -504,6 +521,8 @@ def run_engine(
         "scan": SCAN,
         "setups": setups,
         "zero_bos_errors": zero_bos_errors,
+        "device": device,
+        "dtype": dtype,
     }
     job_path = out_dir / "job.json"
     job_path.write_text(json.dumps(job))
@@ -1310,6 +1329,11 @@ def _short_status(text: str) -> str:
     """A failure reason short enough for a table cell (the full text stays in the JSON)."""
     import re
 
+    m = re.search(r"CUDA out of memory\. Tried to allocate ([\d.]+ [KMGT]iB)", text)
+    if m:
+        return f"GPU out of memory (an allocation of {m.group(1)} failed)"
+    if "OutOfMemoryError" in text:
+        return "GPU out of memory"
     m = re.search(r"tried to allocate (\d+) bytes", text)
     if m:
         return f"out of memory (an allocation of {int(m.group(1)) / 2**30:.1f} GiB failed)"

@@ -7,7 +7,7 @@ the project's: it imports ``circuit_tracer`` and TransformerLens 2 and nothing f
 
 JOB.json::
 
-    {"out_dir": ..., "threads": 2, "scan": "bench",
+    {"out_dir": ..., "threads": 2, "scan": "bench", "device": "cpu" | "cuda", "dtype": "float32",
      "setups": [{"name": ..., "model_dir": ..., "transcoder_dir": ..., "check_hf_logits": true,
                  "runs": [{"name": ..., "tokens": [ids, BOS first], "prompt": "text" | null,
                            "max_n_logits": 10, "desired_logit_prob": 0.95, "batch_size": 256,
@@ -19,7 +19,10 @@ Writes ``out_dir/result.json`` (rewritten after every run, so a run killed by th
 still leaves the finished ones), ``out_dir/<setup>/<run>.npz`` (dense adjacency and node
 tables, graph order) and ``out_dir/<setup>/graphs/<run>.json`` (circuit-tracer's
 ``create_graph_files``). Times are wall-clock seconds, memory is the process's peak RSS
-(``ru_maxrss``), both measured here, in the same way as for our engine.
+(``ru_maxrss``), both measured here, in the same way as for our engine; on a GPU also the
+peak GPU memory of each ``attribute`` call (``torch.cuda.max_memory_allocated``).
+``device`` and ``dtype`` (default cpu, float32) are where and in what the model and the
+transcoders are loaded (bench/gpu.py).
 
 Loading without the hub (HF_HUB_OFFLINE=1):
 
@@ -77,7 +80,7 @@ def versions() -> dict:
     return out
 
 
-def load_transcoders(transcoder_dir: Path, scan: str):
+def load_transcoders(transcoder_dir: Path, scan: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     import yaml
 
@@ -95,8 +98,8 @@ def load_transcoders(transcoder_dir: Path, scan: str):
             scan=scan,
             feature_input_hook=cfg["feature_input_hook"],
             feature_output_hook=cfg["feature_output_hook"],
-            device=torch.device("cpu"),
-            dtype=torch.float32,
+            device=torch.device(device),
+            dtype=getattr(torch, dtype),
         )
     elif kind == "cross_layer_transcoder":
         from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
@@ -106,21 +109,30 @@ def load_transcoders(transcoder_dir: Path, scan: str):
             feature_input_hook=cfg["feature_input_hook"],
             feature_output_hook=cfg["feature_output_hook"],
             scan=scan,
-            device=torch.device("cpu"),
-            dtype=torch.float32,
+            device=torch.device(device),
+            dtype=getattr(torch, dtype),
         )
     else:
         raise ValueError(f"unknown model_kind {kind!r} in {transcoder_dir}/config.yaml")
     return tc, kind
 
 
-def load_model(model_dir: Path, transcoders, link_dir: Path):
+#: TransformerLens 2 builds Gemma-2 only from its official names, with the shapes written into
+#: its code: a local Gemma-2 checkpoint of one of those shapes (n_layers, d_model) loads as that
+#: name, its weights and tokenizer passed in (nothing is downloaded)
+TL2_GEMMA2 = {(26, 2304): "google/gemma-2-2b", (42, 3584): "google/gemma-2-9b", (46, 4608): "google/gemma-2-27b"}
+
+
+def load_model(model_dir: Path, transcoders, link_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """circuit-tracer's ReplacementModel on a local Hugging Face directory, offline."""
     import torch
     import transformer_lens.loading_from_pretrained as loading
     from circuit_tracer import ReplacementModel
 
     link, overrides = neutral_model_dir(model_dir, link_dir)
+    hf_config = json.loads((link / "config.json").read_text())
+    if hf_config.get("model_type") == "gemma2":
+        return load_gemma2(link, hf_config, transcoders, overrides, device, dtype)
     official = loading.get_official_model_name
 
     def local_or_official(name: str) -> str:
@@ -134,12 +146,43 @@ def load_model(model_dir: Path, transcoders, link_dir: Path):
                 str(link),
                 transcoders,
                 backend="transformerlens",
-                device=torch.device("cpu"),
-                dtype=torch.float32,
+                device=torch.device(device),
+                dtype=getattr(torch, dtype),
             )
     finally:
         loading.get_official_model_name = official
     model.bench_config_overrides = overrides
+    return model
+
+
+def load_gemma2(link: Path, hf_config: dict, transcoders, overrides: dict, device: str, dtype: str):
+    """A local Gemma-2 checkpoint as TransformerLens 2 can build it (:data:`TL2_GEMMA2`)."""
+    import torch
+    from circuit_tracer import ReplacementModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shape = (hf_config["num_hidden_layers"], hf_config["hidden_size"])
+    name = TL2_GEMMA2.get(shape)
+    if name is None:
+        raise ValueError(
+            f"TransformerLens 2 builds Gemma-2 only in its official shapes {sorted(TL2_GEMMA2)} "
+            f"(n_layers, d_model); this checkpoint is {shape}"
+        )
+    hf_model = AutoModelForCausalLM.from_pretrained(str(link), torch_dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(link))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = ReplacementModel.from_pretrained_and_transcoders(
+            name,
+            transcoders,
+            backend="transformerlens",
+            device=torch.device(device),
+            dtype=getattr(torch, dtype),
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+        )
+    del hf_model
+    model.bench_config_overrides = {**overrides, "loaded_as": name}
     return model
 
 
@@ -179,10 +222,15 @@ def hf_logits_check(model, model_dir: Path, tokens) -> dict:
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(tokens[None]).logits[0]
-        ours = model(tokens[None])[0]
+        ours = model(tokens[None])[0].cpu().float()
     diff = (ours - ref).abs().max().item()
     del hf
     return {"max_abs_diff": diff, "max_abs_logit": ref.abs().max().item()}
+
+
+def _np(t, dtype):
+    """A tensor on any device, in any dtype (bfloat16 included), as a numpy array of ``dtype``."""
+    return t.detach().cpu().float().numpy().astype(dtype) if t.is_floating_point() else t.detach().cpu().numpy()
 
 
 def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
@@ -197,6 +245,10 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
     if spec.get("prompt"):
         info["ct_string_tokens"] = model.ensure_tokenized(spec["prompt"]).tolist()
 
+    on_gpu = torch.cuda.is_available() and str(model.cfg.device).startswith("cuda")
+    if on_gpu:  # the peak of this call alone (resident weights included), as for our engine
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     graph = attribute(
         tokens,
@@ -208,7 +260,11 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
         update_interval=spec.get("update_interval", 4),
         verbose=False,
     )
+    if on_gpu:
+        torch.cuda.synchronize()
     info["attribute_s"] = time.perf_counter() - t0
+    if on_gpu:
+        info["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     A = graph.adjacency_matrix
     info.update(
         n_nodes=int(A.shape[0]),
@@ -218,12 +274,12 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
         peak_rss_mb_after_attribute=peak_rss_mb(),
     )
     arrays = {
-        "input_tokens": graph.input_tokens.cpu().numpy().astype(np.int64),
-        "active_features": graph.active_features.cpu().numpy().astype(np.int64),
-        "activation_values": graph.activation_values.cpu().numpy().astype(np.float32),
-        "selected_features": graph.selected_features.cpu().numpy().astype(np.int64),
+        "input_tokens": _np(graph.input_tokens, np.int64),
+        "active_features": _np(graph.active_features, np.int64),
+        "activation_values": _np(graph.activation_values, np.float32),
+        "selected_features": _np(graph.selected_features, np.int64),
         "logit_tokens": np.array([t.vocab_idx for t in graph.logit_targets], dtype=np.int64),
-        "logit_probabilities": graph.logit_probabilities.cpu().numpy().astype(np.float32),
+        "logit_probabilities": _np(graph.logit_probabilities, np.float32),
     }
     if spec.get("prune", True):
         nt, et = spec.get("node_threshold", 0.8), spec.get("edge_threshold", 0.98)
@@ -244,7 +300,7 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
             node_mask=node_mask.cpu().numpy(),
             edge_rows=rows.astype(np.int64),
             edge_cols=cols.astype(np.int64),
-            cumulative_scores=cumulative.cpu().numpy().astype(np.float64),
+            cumulative_scores=_np(cumulative, np.float64),
         )
         if spec.get("export", True):
             t0 = time.perf_counter()
@@ -253,7 +309,7 @@ def run_one(model, spec: dict, out_dir: Path, scan: str) -> dict:
             )
             info["export_s"] = time.perf_counter() - t0
     if spec.get("save", "full") == "full":
-        arrays["adjacency"] = A.cpu().numpy().astype(np.float32)
+        arrays["adjacency"] = _np(A, np.float32)
     np.savez(out_dir / f"{spec['name']}.npz", **arrays)
     del graph, A
     info["peak_rss_mb"] = peak_rss_mb()
@@ -303,7 +359,7 @@ def run_interventions(model, spec: dict, out_dir: Path) -> dict:
     arrays: dict = {}
     info: dict = {}
     with torch.no_grad():
-        arrays["clean.logits"] = model(tokens)[0].float().numpy()
+        arrays["clean.logits"] = _np(model(tokens)[0], np.float32)
     for case in spec["cases"]:
         kwargs = {}
         if case.get("constrained_layers") is not None:
@@ -335,8 +391,8 @@ def run_interventions(model, spec: dict, out_dir: Path) -> dict:
             else:
                 logits, acts = model.feature_intervention(tokens, ivs, **kwargs)
                 logits = logits[0]
-            arrays[f"{name}.logits"] = logits.float().numpy()
-            arrays[f"{name}.activations"] = acts.to_dense().float().numpy()
+            arrays[f"{name}.logits"] = _np(logits, np.float32)
+            arrays[f"{name}.activations"] = _np(acts.to_dense(), np.float32)
             info[name] = {"s": time.perf_counter() - t0}
         except Exception as exc:  # report it and go on with the other cases
             info[name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -352,7 +408,13 @@ def main(job_path: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(job.get("threads", 2)))
     scan = job.get("scan", "bench")
-    result: dict = {"engine": "circuit-tracer", "versions": versions(), "setups": {}}
+    result: dict = {
+        "engine": "circuit-tracer",
+        "versions": versions(),
+        "device": job.get("device", "cpu"),
+        "dtype": job.get("dtype", "float32"),
+        "setups": {},
+    }
 
     def save() -> None:
         result["peak_rss_mb"] = peak_rss_mb()
@@ -368,8 +430,9 @@ def main(job_path: str) -> None:
         (setup_dir / "graphs").mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ctm") as link_dir:
-            transcoders, kind = load_transcoders(Path(setup["transcoder_dir"]), scan)
-            model = load_model(Path(setup["model_dir"]), transcoders, Path(link_dir))
+            device, dtype = job.get("device", "cpu"), job.get("dtype", "float32")
+            transcoders, kind = load_transcoders(Path(setup["transcoder_dir"]), scan, device, dtype)
+            model = load_model(Path(setup["model_dir"]), transcoders, Path(link_dir), device, dtype)
             res.update(
                 load_s=time.perf_counter() - t0,
                 transcoder_kind=kind,

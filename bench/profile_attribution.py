@@ -1,12 +1,15 @@
 """Where our attribution engine spends its time: cProfile of one ``attribute`` call.
 
-    python bench/profile_attribution.py [--quick] [--prompt-tokens N] [--batch-size B]
+    python bench/profile_attribution.py [--quick] [--prompt-tokens N] [--batch-size B] [--device cuda --dtype bfloat16]
 
 Default: the GPT-2-small-shaped main case of ``bench/attribution.py`` (32-token prompt,
 batch 256). ``--quick``: the small scale-case model (< 2 min). Prints a phase breakdown
 (frozen forward, backward, row assembly, sparsification, store writes, ...) and the top
 functions by own time, and saves ``bench/results/profile[_quick].json`` and the raw
-``.prof`` file under the work directory.
+``.prof`` file under the work directory. ``--device cuda``: where the host (row conversion,
+store writes) and the GPU spend a GPU run's time; CUDA kernels run asynchronously, so their
+time shows in the next call that waits for them (the copy of a batch's rows to the host, in
+``compute_rows``). Results then go to ``profile_<device>[_quick].json``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     args = ap.parse_args(argv)
 
     spec = F.SCALE if args.quick else F.GPT2_SMALL
@@ -90,11 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
 
-    model = ReplacementModel.from_pretrained(str(fx.model_dir), str(fx.transcoder_dir))
+    model = ReplacementModel.from_pretrained(
+        str(fx.model_dir), str(fx.transcoder_dir), device=args.device, dtype=args.dtype
+    )
     store = args.workdir / "stores" / f"profile_{spec.name}.zarr"
     shutil.rmtree(store, ignore_errors=True)
     print(
-        f"profiling attribute() on {spec.name}, {n_tok}-token prompt, batch {bs}, "
+        f"profiling attribute() on {spec.name}, {n_tok}-token prompt, batch {bs}, {model.device}, {args.dtype}, "
         f"threads {args.threads}, load {info['loadavg_start']}",
         flush=True,
     )
@@ -131,14 +138,17 @@ def main(argv: list[str] | None = None) -> None:
     print("\ntop functions by own time:")
     print(top[top.index("ncalls") :] if "ncalls" in top else top)
     shutil.rmtree(store, ignore_errors=True)
+    name = "profile" if args.device == "cpu" else f"profile_{args.device.replace(':', '')}"
     path = C.save_json(
-        "profile_quick.json" if args.quick else "profile.json",
+        f"{name}_quick.json" if args.quick else f"{name}.json",
         {
             "benchmark": "profile",
             "quick": args.quick,
             "fixture": spec.__dict__,
             "prompt_tokens": n_tok,
             "batch_size": bs,
+            "device": str(model.device),
+            "dtype": args.dtype,
             "wall_seconds": round(wall, 2),
             "n_nodes": graph.n_nodes,
             "stored_edges": graph.summary["nnz"],

@@ -141,8 +141,8 @@ def vocabulary_words(model_dir: str | os.PathLike) -> list[str]:
     return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in SPECIAL_TOKENS]
 
 
-def _save_model(model, directory: Path) -> None:
-    model = model.eval().to(torch.float32)
+def _save_model(model, directory: Path, dtype: torch.dtype = torch.float32) -> None:
+    model = model.eval().to(dtype)
     model.generation_config.bos_token_id = model.config.bos_token_id
     model.generation_config.eos_token_id = model.config.eos_token_id
     model.generation_config.pad_token_id = model.config.pad_token_id
@@ -154,10 +154,12 @@ def _quiet_hf():
 
 
 # A builder makes a model from its vocabulary size, special token ids and size (the defaults
-# of n_kv_heads and d_mlp are the architecture's, see make_tiny_model).
-def _gpt2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+# of n_kv_heads, d_mlp and head_dim are the architecture's, see make_tiny_model).
+def _gpt2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx, head_dim):
     if n_kv_heads is not None:
         raise ValueError("GPT-2 has no grouped-query attention: leave n_kv_heads None")
+    if head_dim is not None:
+        raise ValueError("GPT-2's heads are d_model / n_heads wide: leave head_dim None")
     sizes = dict(n_positions=n_ctx, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **sizes, **special))
 
@@ -174,18 +176,19 @@ def _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx) ->
     )
 
 
-def _llama(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+def _llama(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx, head_dim):
     if n_kv_heads is None:
         n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
     sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 4 * d_model, n_ctx)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **sizes, **special))
+    config = LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, head_dim=head_dim, **sizes, **special)
+    return LlamaForCausalLM(config)
 
 
-def _gemma2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx):
+def _gemma2(vocab_size, special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx, head_dim):
     if n_kv_heads is None:
         n_kv_heads = max(1, n_heads // 2)
     sizes = _llama_family_sizes(n_layers, d_model, n_heads, n_kv_heads, d_mlp or 2 * d_model, n_ctx)
-    head_dim = d_model // n_heads
+    head_dim = head_dim or d_model // n_heads
     config = Gemma2Config(
         vocab_size=vocab_size,
         head_dim=head_dim,
@@ -211,10 +214,12 @@ def make_tiny_model(
     n_heads: int = 2,
     n_kv_heads: int | None = None,
     d_mlp: int | None = None,
+    head_dim: int | None = None,
     n_ctx: int = 32,
     vocab_words: Sequence[str] | None = None,
     seed: int = 0,
     tokenizer_adds_bos: bool | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A randomly initialised Hugging Face model + word-level tokenizer; use
     :func:`make_tiny_gpt2`, :func:`make_tiny_llama` or :func:`make_tiny_gemma2`.
@@ -227,8 +232,11 @@ def make_tiny_model(
       sliding-window layers (n_kv_heads None: max(1, n_heads // 2); d_mlp None: 2 * d_model);
       adds BOS.
 
-    The model is built under ``seed`` (the global torch RNG is left as it was) and saved with
-    the tokenizer's files.
+    head_dim (llama, gemma2): width of a head, None: d_model // n_heads (Gemma-2-2B's is 256
+    with d_model 2304 and 8 heads).
+
+    The model is built under ``seed`` (the global torch RNG is left as it was) and saved in
+    ``dtype`` (bfloat16 halves a large benchmark model's files) with the tokenizer's files.
     """
     if arch not in _ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(_ARCHITECTURES)}, got {arch!r}")
@@ -240,8 +248,8 @@ def make_tiny_model(
     special = dict(bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build(len(vocab), special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx)
-    _save_model(model, directory)
+        model = build(len(vocab), special, n_layers, d_model, n_heads, n_kv_heads, d_mlp, n_ctx, head_dim)
+    _save_model(model, directory, dtype)
     _save_tokenizer(
         directory, vocab, n_ctx=n_ctx, adds_bos=adds_bos if tokenizer_adds_bos is None else tokenizer_adds_bos
     )
@@ -316,6 +324,7 @@ def make_random_transcoders(
     input_scale: float = 1.0,
     model_name: str | None = None,
     scan: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Random transcoders: per-layer in circuit-tracer's format (or GemmaScope's npz layout with
     ``gemmascope=True``), or with ``cross_layer=True`` cross-layer in circuit-tracer's
@@ -326,12 +335,16 @@ def make_random_transcoders(
     write of a feature over its output layers has about the norm of a PLT feature's.
     activation: relu | jump_relu | topk (k = round(density * d_transcoder); PLT only).
     skip=True adds W_skip (for a CLT, W_skip_{i}: our extension of the layout).
+    dtype: the files' dtype (drawn in float32, then cast; bfloat16 halves a large set's files,
+    and the GemmaScope npz layout holds no bfloat16).
     """
     _check_sizes(n_layers, d_model, d_transcoder, density)
     if cross_layer and activation not in ("relu", "jump_relu"):
         raise ValueError(f"activation {activation!r} is not supported for a CLT; use relu or jump_relu")
     if cross_layer and gemmascope:
         raise ValueError("the GemmaScope layout holds per-layer transcoders only")
+    if gemmascope and dtype == torch.bfloat16:
+        raise ValueError("the GemmaScope layout (npz) holds no bfloat16: use float32 or float16")
     g = torch.Generator().manual_seed(seed)
     layers = []
     for i in range(n_layers):
@@ -348,7 +361,7 @@ def make_random_transcoders(
         layer["b_dec"] = torch.randn(d_model, generator=g) * (0.1 * scale / math.sqrt(d_model))
         if skip:
             layer["W_skip"] = torch.randn(d_model, d_model, generator=g) * (scale / d_model)
-        layers.append(layer)
+        layers.append({k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in layer.items()})
     hooks_and_names: dict[str, Any] = dict(
         feature_input_hook=feature_input_hook, feature_output_hook=feature_output_hook, scan=scan, model_name=model_name
     )

@@ -13,6 +13,7 @@ alive excepted, so a concurrently running stage's temporaries are never touched.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def setup_torch(runtime: RuntimeConfig, seed: int = 0) -> None:
     """Fix torch's thread count, seed and deterministic mode for this process, and let freed
     buffers leave its resident set (pipeline.memory)."""
     release_freed_buffers()
+    # deterministic cuBLAS on a GPU (runtime.device: cuda) needs a fixed workspace, set before
+    # the first CUDA call; a CPU run ignores it
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(runtime.threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -103,7 +103,7 @@ def read_circuit(
     token = int(graph.logit_tokens[0])
     W_U = model.W_U
     if vector is not None:
-        target_vector = torch.as_tensor(vector)
+        target_vector = torch.as_tensor(vector, dtype=model.dtype, device=W_U.device)
     else:
         if token < 0:
             raise ValueError(

@@ -301,5 +301,6 @@ def _store_attrs(
         "feature_output_hook": tc.feature_output_hook,
         "config": fingerprinted(cfg),
         "logit_labels": [t.label for t in targets],
-        "dtype": str(model.dtype),
+        "dtype": str(model.dtype),  # the compute dtype (also in the fingerprint); values are stored as float32
+        "device": str(model.device),  # where the rows were computed: a description, not a key input
     }

@@ -246,14 +246,16 @@ def resolve_plan(
         if open_part is not None and generating:
             k = len(feats)
             start, step = open_part if generated_positions == "slice" else (n_pos, 1)
+            # a plan is host-side bookkeeping, on the CPU whatever the model's device: the hooks
+            # move what they apply to the activations' device
             opens.append(
                 OpenIntervention(
                     layer,
                     start,
                     step,
-                    torch.tensor(feats, dtype=torch.long),
-                    torch.full((k,), mul, dtype=torch.float64),
-                    torch.full((k,), add, dtype=torch.float64),
+                    torch.tensor(feats, dtype=torch.long, device="cpu"),
+                    torch.full((k,), mul, dtype=torch.float64, device="cpu"),
+                    torch.full((k,), add, dtype=torch.float64, device="cpu"),
                 )
             )
     closed_plan: dict[int, PromptInterventions] = {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.devices import check_device_dtype, parse_dtype, same_device
 from pipeline.engine import generation, intervened_forward
 from pipeline.engine import hooks as H
 from pipeline.engine.tokens import check_prompt_text, check_prompt_tokens, check_token_ids
@@ -112,6 +113,7 @@ class ReplacementModel:
         self.n_ctx: int = int(cfg.n_ctx)
         self.normalization: str = str(getattr(cfg, "normalization_type", "LN") or "LN")
         transcoders.check_compatible(self.n_layers, self.d_model)
+        _check_same_place(bridge, transcoders)
         self.input_hooks = [
             H.block_hook(transcoders.feature_input_hook, layer, self.normalization) for layer in range(self.n_layers)
         ]
@@ -139,13 +141,18 @@ class ReplacementModel:
         model_name_or_dir: str | os.PathLike,
         transcoders: Transcoders | str | os.PathLike,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
         revision: str | None = None,
         lazy_encoder: bool = False,
     ) -> ReplacementModel:
         """Load a Hugging Face model (hub name or local directory, offline) and its transcoders.
 
+        device, dtype: where the model and the transcoders live and compute (``cuda``, ``cuda:1``,
+        ``mps``, ``cpu``; ``float32``, ``bfloat16``, ``float16``, ``float64``, as torch.dtype or
+        name); a device this machine lacks, or a dtype it cannot run, is a ``DeviceError`` (a
+        ValueError) naming the fix, raised before anything loads. Transcoders given as an object
+        must already be on that device in that dtype.
         lazy_encoder: when ``transcoders`` is a path, leave the encoders on disk (streamed per
         forward, rows read on demand; see ``load_transcoders``). Attribution encodes once, so
         this lowers its peak memory by the encoders' size at no measurable cost.
@@ -153,15 +160,23 @@ class ReplacementModel:
         # imported here: TransformerLens takes seconds to import, and only loading a model needs it
         from transformer_lens import TransformerBridge
 
+        dtype = parse_dtype(dtype)
+        device = check_device_dtype(device, dtype)
         source = str(model_name_or_dir)
         if Path(source).exists():
             _check_local_model_dir(Path(source))
         if not isinstance(transcoders, Transcoders):
             transcoders = load_transcoders(transcoders, device=device, dtype=dtype, lazy_encoder=lazy_encoder)
+        elif not same_device(transcoders.device, device) or transcoders.dtype != dtype:
+            # before the model loads: the same check as __init__, without the wait
+            raise ValueError(
+                f"the transcoders are on {transcoders.device} in {transcoders.dtype}, the model is to load on "
+                f"{device} in {dtype}: load both with the same device and dtype"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, revision=revision)
+                bridge = TransformerBridge.boot_transformers(source, device=str(device), dtype=dtype, revision=revision)
             except OSError as exc:
                 raise OSError(
                     f"could not load model {source!r} ({exc.__class__.__name__}): "
@@ -178,7 +193,13 @@ class ReplacementModel:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the model and its transcoders compute in."""
         return self.transcoders.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (``cuda:0``, not ``cuda``): every tensor a run creates goes here."""
+        return self.bridge.W_U.device
 
     @property
     def W_U(self) -> Tensor:
@@ -404,6 +425,18 @@ class ReplacementModel:
     def feature_intervention_generate(self, prompt: str | Tensor, interventions, **kwargs):
         """See :func:`pipeline.engine.generation.feature_intervention_generate`."""
         return generation.feature_intervention_generate(self, prompt, interventions, **kwargs)
+
+
+def _check_same_place(bridge, transcoders: Transcoders) -> None:
+    """The transcoders live on the model's device in the model's dtype: otherwise every hook would
+    copy between devices or mix precisions (one line naming both and the fix)."""
+    W_U = bridge.W_U
+    if not same_device(W_U.device, transcoders.device) or W_U.dtype != transcoders.dtype:
+        raise ValueError(
+            f"the model is on {W_U.device} in {W_U.dtype} but its transcoders on {transcoders.device} in "
+            f"{transcoders.dtype}: load both with the same device and dtype (load_transcoders(..., "
+            f"device={str(W_U.device)!r}, dtype={W_U.dtype}))"
+        )
 
 
 def check_model_weights(module: torch.nn.Module, source: str) -> None:

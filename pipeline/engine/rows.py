@@ -89,22 +89,23 @@ def build_sources(
     error nodes' output vectors (default: the capture's)."""
     tc = model.transcoders
     layout = features.layout
+    device = capture.errors.device  # every source lives where the backward passes run
     decoders, columns, out_layers = [], [], []
     for layer in range(layout.n_layers):
         seg = features.of_layer(layer)
-        feats = torch.as_tensor(features.index[seg], dtype=torch.long)
-        dec = tc.decoder_vectors(layer, feats).to(capture.errors.dtype)  # (k, n_out, d_model)
-        dec = dec * values[seg, None, None].to(dec.dtype)
+        dec = tc.decoder_vectors(layer, features.index[seg]).to(device=device, dtype=capture.errors.dtype)
+        dec = dec * values[seg, None, None].to(dec.dtype)  # (k, n_out, d_model)
         counts = [features.at(layer, p) for p in range(layout.n_pos)]
         k_max = max([c.stop - c.start for c in counts] + [1])
         padded = dec.new_zeros(layout.n_pos, k_max, dec.shape[1], dec.shape[2])
-        cols = torch.full((layout.n_pos, k_max), -1, dtype=torch.long)
+        # built on the CPU from the numpy layout, moved once
+        cols = np.full((layout.n_pos, k_max), -1, dtype=np.int64)
         for pos, c in enumerate(counts):
             n = c.stop - c.start
             padded[pos, :n] = dec[c.start - seg.start : c.stop - seg.start]
-            cols[pos, :n] = torch.arange(c.start, c.stop)
+            cols[pos, :n] = np.arange(c.start, c.stop)
         decoders.append(padded)
-        columns.append(cols.flatten())
+        columns.append(torch.from_numpy(cols.reshape(-1)).to(device))
         out_layers.append(tc.output_layers(layer))
     errors = capture.errors if errors is None else errors
     return Sources(decoders, columns, out_layers, errors, capture.token_embeddings)
@@ -141,16 +142,19 @@ def logit_batch(layout: NodeLayout, vectors: Tensor, idx: np.ndarray) -> RowBatc
 def feature_batch(model: ReplacementModel, features: ActiveFeatures, ids: np.ndarray, dtype: torch.dtype) -> RowBatch:
     """The active features ``ids`` (k,), each read by its encoder row at its layer and position."""
     layers = features.layer[ids]
-    vecs = torch.empty(len(ids), model.d_model, dtype=dtype)
+    vecs = torch.empty(len(ids), model.d_model, dtype=dtype, device=model.device)
     for layer in np.unique(layers):
         sel = np.nonzero(layers == layer)[0]
-        feats = torch.as_tensor(features.index[ids[sel]], dtype=torch.long)
-        vecs[torch.as_tensor(sel)] = model.transcoders.encoder_vectors(int(layer), feats).to(vecs.dtype)
+        rows = model.transcoders.encoder_vectors(int(layer), features.index[ids[sel]])
+        vecs[torch.from_numpy(sel).to(vecs.device)] = rows.to(device=vecs.device, dtype=vecs.dtype)
     return RowBatch(layers.astype(np.int64), features.pos[ids].astype(np.int64), vecs, ids.astype(np.int64))
 
 
 def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources: Sources) -> np.ndarray:
     """Direct effects of every source on each target of ``batch``: (B, n_compute) float32.
+
+    Computed on the frozen forward's device in its dtype; only the finished rows are copied
+    to the host, as float32 (numpy has no bfloat16).
 
     One backward pass from the targets' read locations; columns that the structural mask
     excludes are left at zero (the caller never stores them). ``ff`` may be the frozen
@@ -167,11 +171,13 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         raise ValueError(f"a target at position {int(batch.pos.max())} is outside the {n}-token frozen forward")
     # one vmapped backward serves the whole batch: batch element i carries row i's gradient
     outputs, grad_outputs = [], []
+    device = ff.embed.device
     for layer in sorted(set(batch.layer.tolist())):
         rows = np.nonzero(batch.layer == layer)[0]
         read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
         g = read.new_zeros((B, *read.shape))
-        g[torch.as_tensor(rows), 0, torch.as_tensor(batch.pos[rows])] = batch.vectors[rows].to(g.dtype)
+        at_rows, at_pos = torch.from_numpy(rows).to(device), torch.from_numpy(batch.pos[rows]).to(device)
+        g[at_rows, 0, at_pos] = batch.vectors[rows].to(device=device, dtype=g.dtype)
         outputs.append(read)
         grad_outputs.append(g)
     writes = ff.mlp_outputs[: min(top, n_layers)]
@@ -188,7 +194,7 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
     g_embed = grads[-1]
 
     # accumulate in the model's dtype; the store keeps float32
-    values = torch.zeros(B, layout.n_compute, dtype=ff.embed.dtype)
+    values = torch.zeros(B, layout.n_compute, dtype=ff.embed.dtype, device=device)
     for src_layer in range(len(writes)):
         dec = sources.decoders[src_layer][:n]  # (n, k_max, n_out, d_model)
         effect = None  # (n, B, k_max): each padded feature slot's effect on each row
@@ -211,7 +217,7 @@ def compute_rows(ff: FrozenForward, batch: RowBatch, layout: NodeLayout, sources
         tok = (g_embed * sources.tokens[None, :n]).sum(-1)
         start = layout.compute_token_slice.start
         values[:, start : start + n] = tok
-    return values.numpy()
+    return values.to("cpu", torch.float32).numpy()
 
 
 class FrozenPrefixes:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.devices import check_device_dtype
 from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
 
 # A subcommand imports the library modules it runs inside its function: building the parser
@@ -102,6 +103,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, defaults: bool = 
         parser.add_argument(f"--{f.name.replace('_', '-')}", **options)
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """``--device``: where the model computes (checked before anything loads)."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model computes: cpu (default), cuda, cuda:N, mps; a device this machine lacks is an error",
+    )
+
+
 def count_edges(graph) -> int:
     """Stored edges among the graph's nodes, counted one row batch at a time."""
     return sum(block.nnz for _, block in graph.iter_row_blocks())
@@ -118,7 +128,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     spec = AttributionSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AttributionSpec)})
     t0 = time.perf_counter()
     model = ReplacementModel.from_pretrained(
-        args.model, args.transcoders, dtype=getattr(torch, spec.dtype), lazy_encoder=True
+        args.model, args.transcoders, dtype=spec.dtype, device=args.device, lazy_encoder=True
     )  # attribution encodes once
     graph = attribute(
         args.prompt,
@@ -166,20 +176,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.engine.attribution import attribute
     from pipeline.engine.replacement import ReplacementModel
 
+    check_device_dtype(args.device, args.dtype)  # before building anything
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = testing.make_tiny_gpt2(out / "model", n_layers=4, d_model=64, n_heads=4, n_ctx=64)
     tc_dir = testing.make_random_plt(
         out / "transcoders", n_layers=4, d_model=64, d_transcoder=512, activation="jump_relu", skip=True
     )
-    model = ReplacementModel.from_pretrained(model_dir, tc_dir)
+    model = ReplacementModel.from_pretrained(model_dir, tc_dir, device=args.device, dtype=args.dtype)
     words = testing.vocabulary_words(model_dir)[:12]
     prompt = " ".join(words)
     t0 = time.perf_counter()
     graph = attribute(prompt, model, batch_size=64, store=out / "graph.zarr", verbose=not args.quiet)
     print(
         f"demo graph of {prompt!r}: {out / 'graph.zarr'}  nodes={graph.n_nodes} "
-        f"edges={count_edges(graph)} wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
+        f"edges={count_edges(graph)} device={model.device} dtype={args.dtype} "
+        f"wall={time.perf_counter() - t0:.1f}s peak_rss={peak_rss_mib():.0f}MiB"
     )
     return 0
 
@@ -203,6 +215,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from pipeline.analysis import dashboards as D
     from pipeline.engine.replacement import ReplacementModel
 
+    check_device_dtype(args.device, args.dtype)  # before a corpus download
     corpus: Iterable[str]  # re-iterable: dashboards read it twice
     if args.corpus:
         corpus = D.read_corpus(args.corpus, field=args.field)
@@ -212,7 +225,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         corpus = D.organism_corpus(args.world, args.n_documents)
     cfg = D.DashboardConfig(**{name: getattr(args, name) for name in DASHBOARD_OPTIONS})
     t0 = time.perf_counter()
-    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=getattr(torch, args.dtype))
+    model = ReplacementModel.from_pretrained(args.model, args.transcoders, dtype=args.dtype, device=args.device)
     out = D.compute_dashboards(model, corpus, args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     dash = D.Dashboards.open(out)
     print(
@@ -233,6 +246,7 @@ STUDY_FLAGS = {
     "launcher": "launcher",
     "jobs": "launcher.jobs",
     "threads": "launcher.threads",
+    "device": "launcher.device",
     **{f.name: f"attribution.{f.name}" for f in dataclasses.fields(AttributionSpec)},
     **{f.name: f"pruning.{f.name}" for f in dataclasses.fields(PruningSpec)},
 }
@@ -341,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN[,TOKEN]",
         help="a token to attribute from (repeatable); 'A,B' attributes the difference A - B",
     )
+    add_device(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_attribute)
 
@@ -350,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="attribute a prompt on a tiny built-in model (no downloads)")
     p.add_argument("--out", default="demo")
+    add_device(p)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="load dtype of model and transcoders")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="open exported graph JSON files in the local viewer")
@@ -382,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=positive_int, default=20, help="batches between checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dashboards store")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="load dtype of model and transcoders")
+    add_device(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_features)
 
@@ -423,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, AttributionSpec, defaults=False)
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch threads per job (overrides the launcher's)"
+    )
+    p.add_argument(
+        "--device", default=None, help="where the jobs run the model: cpu, cuda (overrides the launcher's device)"
     )
     p.set_defaults(func=cmd_study)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from pipeline.analysis.options import DashboardConfig, InterventionSettings
+from pipeline.devices import DTYPES, DeviceError, parse_device
 from pipeline.engine.options import AttributionConfig
 from pipeline.organism.config import ModelConfig, TrainSettings, TranscoderTrainSettings
 from pipeline.organism.world import WorldConfig
@@ -43,7 +44,6 @@ PROMPT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 #: the names Neuronpedia's upload accepts for ``scan`` and ``slug`` (pipeline.analysis.export's rule)
 NEURONPEDIA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
-DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 EXPERIMENT_KINDS: tuple[str, ...] = ("ablate", "steer", "swap")  # pipeline.analysis.evaluation_spec.KINDS
 EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pipeline.analysis.evaluation_spec.MODES
 
@@ -51,7 +51,9 @@ EXPERIMENT_MODES: tuple[str, ...] = ("iterative", "constrained", "direct")  # pi
 @dataclass
 class RuntimeConfig:
     """Where stages run. threads: torch CPU threads of every stage (set explicitly, since
-    several torch processes sharing a few cores slow each other down many times over)."""
+    several torch processes sharing a few cores slow each other down many times over).
+    device: where the stages that run the model compute (cpu, cuda, cuda:N, mps); the
+    organism stages train on the CPU whatever it says."""
 
     threads: int = 2
     device: str = "cpu"
@@ -59,6 +61,10 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError(f"runtime.threads must be >= 1, got {self.threads}")
+        try:
+            parse_device(self.device)  # whether this machine has it: checked where the model loads
+        except DeviceError as exc:
+            raise ValueError(f"runtime.device: {exc}") from None
 
 
 @dataclass
@@ -375,10 +381,13 @@ class LauncherConfig:
         CPUs of the local Ray instance; submitit_slurm: ignored, see slurm.array_parallelism).
     prompts_per_job: prompts per job; None: 1 where workers keep the model loaded between
         jobs (local, ray, sequential), ``ceil(pending / jobs)`` for submitit_local, 1 for SLURM.
-    threads: torch threads of each job. device: where jobs run the model (cpu, cuda).
+    threads: torch threads of each job. device: where jobs run the model: cpu, cuda (cuda:N
+        for the engines that run jobs on this machine; Ray and SLURM give each job its own GPU,
+        which it sees as ``cuda``).
     timeout_min: wall-time limit of a submitit job (SLURM ``--time``).
     ray_address: None starts a local Ray instance; "auto" or "ray://host:port" joins a cluster.
-    ray_gpus_per_job: GPUs Ray reserves per job.
+    ray_gpus_per_job: GPUs Ray reserves per job (a fraction shares one); None: 1 for a cuda
+        device, else 0. Ray hides the GPUs from a job that reserves none.
     start_method: local: how worker processes start (fork, spawn, forkserver); None: fork on
         Linux for CPU jobs (workers inherit the planning process's loaded model), else spawn.
     folder: submitit's job folder (logs, pickles); None: ``STUDY_DIR/submitit``.
@@ -391,7 +400,7 @@ class LauncherConfig:
     device: str = "cpu"
     timeout_min: float = 60.0
     ray_address: Optional[str] = None
-    ray_gpus_per_job: float = 0.0
+    ray_gpus_per_job: Optional[float] = None
     folder: Optional[str] = None
     start_method: Optional[str] = None
     slurm: SlurmSettings = field(default_factory=SlurmSettings)
@@ -409,10 +418,42 @@ class LauncherConfig:
             raise ValueError(
                 f"launcher.start_method must be fork, spawn, forkserver or null, got {self.start_method!r}"
             )
+        self._check_device()
         if isinstance(self.timeout_min, bool) or not isinstance(self.timeout_min, (int, float)):
             raise ValueError(f"launcher.timeout_min must be a number, got {self.timeout_min!r}")
         if self.timeout_min <= 0:
             raise ValueError(f"launcher.timeout_min must be positive, got {self.timeout_min}")
+
+    def _check_device(self) -> None:
+        """The device names a device, and the engine gives jobs on it a GPU (checked here, where
+        the study plans: a SLURM login node has no GPU, the nodes that run the jobs do)."""
+        try:
+            device = parse_device(self.device)
+        except DeviceError as exc:
+            raise ValueError(f"launcher.device: {exc}") from None
+        if device.type == "cuda" and device.index is not None and self.name in ("ray", "submitit_slurm"):
+            raise ValueError(
+                f"launcher.device {self.device!r}: {self.name} gives each job its own GPU, which the job "
+                "sees as cuda: use launcher.device=cuda"
+            )
+        if device.type == "cuda" and self.name == "ray" and self.ray_gpus_per_job is not None:
+            if self.ray_gpus_per_job <= 0:
+                raise ValueError(
+                    "launcher.ray_gpus_per_job is 0 with launcher.device cuda: Ray would hide the GPUs from "
+                    "every job; reserve some (launcher.ray_gpus_per_job=1, or 0.5 to share one GPU by two jobs)"
+                )
+        if device.type == "cuda" and self.name == "submitit_slurm" and self.slurm.gpus_per_node < 1:
+            raise ValueError(
+                "launcher.slurm.gpus_per_node is 0 with launcher.device cuda: the jobs would get no GPU; "
+                "set launcher.slurm.gpus_per_node=1 (or launcher.device=cpu for a CPU partition)"
+            )
+
+    def gpus_per_job(self) -> float:
+        """The GPUs a job reserves where the engine reserves them (Ray): ray_gpus_per_job, by
+        default 1 for a cuda device and 0 for the CPU."""
+        if self.ray_gpus_per_job is not None:
+            return float(self.ray_gpus_per_job)
+        return 1.0 if parse_device(self.device).type == "cuda" else 0.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.devices import DeviceError, check_device_dtype, parse_device
 from pipeline.run.config import LauncherConfig
 
 T = TypeVar("T")
@@ -51,8 +52,18 @@ def launch(job: Job, payloads: Sequence[T], cfg: LauncherConfig, folder: Path) -
     return engines[cfg.name](job, payloads, cfg)
 
 
-def check_launcher(cfg: LauncherConfig) -> None:
-    """Fail before any work when the engine cannot start here."""
+#: engines whose jobs run on this machine, whose device is checked here before any work
+LOCAL_ENGINES = ("sequential", "local", "submitit_local")
+
+
+def check_launcher(cfg: LauncherConfig, dtype: str = "float32") -> None:
+    """Fail before any work when the engine cannot start here, or when its jobs would run on
+    this machine and it lacks their device (or that device cannot compute in ``dtype``)."""
+    if cfg.name in LOCAL_ENGINES:
+        try:
+            check_device_dtype(cfg.device, dtype)
+        except DeviceError as exc:
+            raise LauncherError(f"launcher {cfg.name}: {exc}") from None
     if cfg.name.startswith("submitit"):
         submitit_executor(cfg, Path(tempfile.gettempdir()) / "circuit-study-check", cfg.name.split("_")[1])
     elif cfg.name == "ray":
@@ -163,6 +174,10 @@ def submitit_executor(cfg: LauncherConfig, folder: Path, cluster: str):
         )
     ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params: dict[str, Any] = {"timeout_min": int(math.ceil(cfg.timeout_min)), "name": "circuit-study"}
+    if cluster == "local" and parse_device(cfg.device).type == "cuda":
+        # submitit's local jobs see only the GPUs they request (CUDA_VISIBLE_DEVICES): all of
+        # this machine's, so that cuda:N means here what it means in the job
+        params["gpus_per_node"] = max(1, _gpu_count())
     if cluster == "slurm":
         s = cfg.slurm
         params.update(
@@ -206,6 +221,12 @@ def _run_submitit(
                 yield p, exc
 
 
+def _gpu_count() -> int:
+    import torch  # only a GPU study gets here; the launcher module itself stays light
+
+    return torch.cuda.device_count()
+
+
 def _import_ray():
     try:
         import ray  # optional dependency: only the ray launcher needs it
@@ -228,7 +249,8 @@ def _run_ray(job: Job, payloads: Sequence[T], cfg: LauncherConfig) -> Iterator[O
                 raise LauncherError(f"launcher ray could not start: {one_line(exc)}") from exc
             started = True
     try:
-        remote = ray.remote(num_cpus=1, num_gpus=cfg.ray_gpus_per_job, max_retries=0)(job)
+        # a job that reserves no GPU is hidden from all of them: cuda jobs reserve one by default
+        remote = ray.remote(num_cpus=1, num_gpus=cfg.gpus_per_job(), max_retries=0)(job)
         refs = {remote.remote(p): p for p in payloads}
         pending = list(refs)
         while pending:

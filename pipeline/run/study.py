@@ -389,7 +389,7 @@ def run_study(
     """
     t0 = time.perf_counter()
     launcher = launcher or LauncherConfig(name="sequential")
-    check_launcher(launcher)  # before anything is written
+    check_launcher(launcher, settings.dtype)  # before anything is written
     if only is not None:
         prompt_set.subset(only)  # unknown ids are an error
     out = Path(out)

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from pipeline.devices import check_device_dtype, parse_dtype
+
 from .base import Transcoders
 from .clt import CrossLayerTranscoder
 from .common import WeightLoader
@@ -68,7 +70,7 @@ def load_transcoders(
     source: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     revision: str | None = None,
     subfolder: str | None = None,
     lazy_decoder: bool = True,
@@ -79,7 +81,8 @@ def load_transcoders(
     source: a local directory holding config.yaml, or "org/repo", "org/repo//subfolder",
     "org/repo/subfolder", optionally "...@revision". Encoders, biases, thresholds and skip
     matrices become resident tensors of ``dtype`` on ``device``; decoders stay on disk and are
-    read row by row unless ``lazy_decoder=False``. ``lazy_encoder=True`` leaves the encoders
+    read row by row unless ``lazy_decoder=False`` (each read lands on ``device``). A device this
+    machine lacks, or a dtype it cannot run, is a ``DeviceError`` naming the fix. ``lazy_encoder=True`` leaves the encoders
     on disk too (streamed in blocks per forward, rows read on demand): for attribution, which
     encodes once, it halves the transcoders' share of peak memory; keep them resident for
     work that encodes many batches (dashboards, interventions).
@@ -87,12 +90,14 @@ def load_transcoders(
     Raises TranscoderConfigError (a ValueError) or its FileNotFoundError subclasses with a
     one-line message naming the problem and the fix.
     """
+    dtype = parse_dtype(dtype)
+    device = check_device_dtype(device, dtype)  # before any download or read
     directory, ref = resolve_source(source, revision=revision, subfolder=subfolder)
     config = read_config(directory)
     if ref is not None:
         fetch_weight_files(ref, config)
     scan = config.scan if config.scan is not None else (ref.describe() if ref else None)
-    load = WeightLoader(dtype, torch.device(device), lazy_decoder, lazy_encoder)
+    load = WeightLoader(dtype, device, lazy_decoder, lazy_encoder)
     if config.model_kind == "transcoder_set":
         return TranscoderSet(config, _plt_paths(config), load, scan)
     return CrossLayerTranscoder(config, directory, load, scan)

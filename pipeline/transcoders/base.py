@@ -9,7 +9,7 @@ every layer ``l' >= l`` (cross-layer transcoders, CLT)::
     a_l    = f(pre_l)                                        ReLU | JumpReLU | TopK
     y_l'   = sum_{l <= l'} a_l @ W_dec_l[:, l' - l] + b_dec_l' (+ x_l' @ W_skip_l')
 
-Encoders are resident; decoders may be lazy (read from safetensors rows on demand), so
+Encoders and decoders may be lazy (rows read from safetensors on demand, onto ``device``), so
 every decoder access goes through ``decoder_vectors`` / ``reconstruct``.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,8 +52,9 @@ class Transcoders(ABC):
         return self.activation_function(layer, self.encode(layer, x))
 
     @abstractmethod
-    def encoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        """Rows of W_enc for ``features`` (k,) -> (k, d_model): the direction a feature reads."""
+    def encoder_vectors(self, layer: int, features: Tensor | np.ndarray) -> Tensor:
+        """Rows of W_enc for ``features`` (k,) -> (k, d_model) on ``device``: the direction a
+        feature reads. ``features``: ids as a tensor on any device or an integer array."""
 
     @abstractmethod
     def encoder_bias(self, layer: int, features: Tensor) -> Tensor:
@@ -64,8 +66,9 @@ class Transcoders(ABC):
         """Layers whose MLP output a feature of ``layer`` writes to (PLT: [layer]; CLT: layer..L-1)."""
 
     @abstractmethod
-    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
-        """Decoder rows of ``features`` (k,) of ``layer``: (k, len(output_layers(layer)), d_model)."""
+    def decoder_vectors(self, layer: int, features: Tensor | np.ndarray) -> Tensor:
+        """Decoder rows of ``features`` (k,) of ``layer``: (k, len(output_layers(layer)), d_model)
+        on ``device``, read from disk when lazy. ``features``: as for ``encoder_vectors``."""
 
     @abstractmethod
     def decoder_bias(self, layer: int) -> Tensor:

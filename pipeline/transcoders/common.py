@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -206,7 +207,7 @@ class LayeredTranscoders(Transcoders):
         gate = torch.zeros_like(pre).scatter_(-1, idx, 1.0)
         return F.relu(pre * gate)
 
-    def encoder_vectors(self, layer: int, features: Tensor) -> Tensor:
+    def encoder_vectors(self, layer: int, features: Tensor | np.ndarray) -> Tensor:
         return self._layer(layer).encoder.rows(features)  # checks the ids' range
 
     def encoder_bias(self, layer: int, features: Tensor) -> Tensor:
@@ -222,7 +223,7 @@ class LayeredTranscoders(Transcoders):
         return self._layer(layer).k
 
     # --- decoders --------------------------------------------------------------------
-    def decoder_vectors(self, layer: int, features: Tensor) -> Tensor:
+    def decoder_vectors(self, layer: int, features: Tensor | np.ndarray) -> Tensor:
         return self._layer(layer).decoder.rows(features)
 
     def decoder_bias(self, layer: int) -> Tensor:

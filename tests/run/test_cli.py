@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pipeline import testing
 from pipeline.engine.options import AttributionConfig
@@ -171,3 +172,57 @@ def test_attribute_command_reports_a_non_utf8_prompt(tmp_path, tiny_gpt2_dir, pl
     rc = main([*base, "--prompt", prompt, "--out", str(tmp_path / "a.zarr")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "the prompt is not valid UTF-8 text (byte 0xe9) at character 4" in err
+
+
+@pytest.mark.parametrize("command", ["attribute", "features", "demo"])
+def test_a_device_this_machine_lacks_is_one_line_before_anything_loads(
+    command, tmp_path, tiny_gpt2_dir, plt_dir, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    paths = ["--model", str(tiny_gpt2_dir), "--transcoders", str(plt_dir)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the\n")
+    out = tmp_path / "out"
+    argv = {
+        "attribute": [*paths, "--prompt", "the", "--out", str(out)],
+        "features": [*paths, "--corpus", str(corpus), "--out", str(out)],
+        "demo": ["--out", str(out)],
+    }[command]
+    assert main(["-q", command, *argv, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: device 'cuda' asked for, but") and err.endswith("or use device cpu")
+    assert "\n" not in err
+    assert not out.exists()  # nothing written, nothing built
+
+
+def test_device_and_dtype_reach_the_model(tmp_path, tiny_gpt2_dir, plt_skip_dir, monkeypatch):
+    """--device and --dtype of attribute, features and demo are what the model is loaded with."""
+    from pipeline.engine.replacement import ReplacementModel
+
+    loaded = []
+
+    def spy(cls, *args, **kwargs):
+        loaded.append((kwargs.get("device"), kwargs.get("dtype")))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(ReplacementModel, "from_pretrained", classmethod(spy))
+    paths = ["--model", str(tiny_gpt2_dir), "--transcoders", str(plt_skip_dir)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the\n")
+    for argv in (
+        ["attribute", *paths, "--prompt", "the", "--out", str(tmp_path / "g.zarr")],
+        ["features", *paths, "--corpus", str(corpus), "--out", str(tmp_path / "d.zarr")],
+        ["demo", "--out", str(tmp_path / "demo")],
+    ):
+        assert main(["-q", *argv, "--device", "cpu", "--dtype", "bfloat16"]) == 2
+    assert loaded == [("cpu", "bfloat16")] * 3
+
+
+def test_study_device_flag_is_the_launchers_device():
+    from pipeline.run.cli import _study_overrides
+
+    args = build_parser().parse_args(["study", "launcher=ray", "--device", "cuda"])
+    assert _study_overrides(args) == ["launcher=ray", "launcher.device=cuda"]
+    args = build_parser().parse_args(["study", "launcher.device=cuda", "--device", "cpu"])
+    with pytest.raises(ValueError, match="launcher.device given twice"):
+        _study_overrides(args)

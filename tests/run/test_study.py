@@ -15,12 +15,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import testing
 from pipeline.analysis.study_files import graph_done, load_study
 from pipeline.engine.options import AttributionConfig
 from pipeline.graph.pruned import load_pruned_graph
 from pipeline.graph.store import Graph
+from pipeline.run import launchers
 from pipeline.run import study as S
 from pipeline.run.cli import main
 from pipeline.run.compose import ConfigError, compose_study
@@ -202,6 +204,66 @@ def test_slurm_settings_become_sbatch_options(tmp_path, monkeypatch):
         "#SBATCH --account=lab",
     ):
         assert line in text, text
+
+
+# ------------------------------------------------------------------------------------- GPUs
+@pytest.mark.parametrize(
+    "name, overrides, match",
+    [
+        ("ray", ["device=cuda", "ray_gpus_per_job=0"], "launcher.ray_gpus_per_job is 0 with launcher.device cuda"),
+        ("submitit_slurm", ["slurm.gpus_per_node=0"], "launcher.slurm.gpus_per_node is 0 with launcher.device cuda"),
+        ("submitit_slurm", ["device=cuda:1"], "submitit_slurm gives each job its own GPU, which the job sees as cuda"),
+        ("local", ["device=gpu"], "launcher.device: device 'gpu' is not a device name"),
+    ],
+)
+def test_gpu_settings_that_would_leave_jobs_without_their_gpu_are_refused(name, overrides, match):
+    with pytest.raises(ValueError, match=re.escape(match)) as info:
+        load_launcher(name, *overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_ray_reserves_one_gpu_per_cuda_job_unless_told_otherwise(monkeypatch):
+    assert load_launcher("ray").gpus_per_job() == 0
+    assert load_launcher("ray", "device=cuda").gpus_per_job() == 1
+    assert load_launcher("ray", "device=cuda", "ray_gpus_per_job=0.5").gpus_per_job() == 0.5
+    reserved = []
+
+    class FakeRay:  # what _run_ray asks of Ray, recording the reservation
+        def is_initialized(self):
+            return True
+
+        def remote(self, **options):
+            reserved.append(options["num_gpus"])
+            return lambda job: type("Remote", (), {"remote": staticmethod(lambda p: p)})
+
+        def wait(self, pending, num_returns):
+            return pending[:1], pending[1:]
+
+        def get(self, ref):
+            return ref
+
+    monkeypatch.setattr(launchers, "_import_ray", FakeRay)
+    cfg = load_launcher("ray", "device=cuda")
+    assert list(launchers.launch(str, ["a"], cfg, Path("unused"))) == [("a", "a")]
+    assert reserved == [1.0]
+
+
+def test_submitit_local_jobs_of_a_cuda_study_see_this_machines_gpus(tmp_path, monkeypatch):
+    pytest.importorskip("submitit", reason="submitit is not installed (pip install submitit)")
+    monkeypatch.setattr(launchers, "_gpu_count", lambda: 2)
+    cuda = submitit_executor(load_launcher("submitit_local", "device=cuda"), tmp_path / "jobs", "local")
+    assert cuda._executor.parameters["gpus_per_node"] == 2  # CUDA_VISIBLE_DEVICES=0,1 in each job
+    cpu = submitit_executor(load_launcher("submitit_local"), tmp_path / "jobs", "local")
+    assert "gpus_per_node" not in cpu._executor.parameters
+
+
+def test_a_study_on_a_device_this_machine_lacks_fails_before_any_work(tmp_path, tiny_set, settings, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "study"
+    for name in ("sequential", "local", "submitit_local"):
+        with pytest.raises(LauncherError, match=f"launcher {name}: device 'cuda' asked for, but") as info:
+            run_study(tiny_set, settings, out, LauncherConfig(name=name, device="cuda"), log=None)
+        assert "\n" not in str(info.value) and not out.exists()
 
 
 # ------------------------------------------------------------------------------------- reruns

@@ -122,7 +122,7 @@ class DashboardRun:
         tok = model.tokenizer
         pad = getattr(tok, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (tok.eos_token_id or 0))
-        self.device = model.bridge.cfg.device
+        self.device = model.device
         self.layers: list[LayerState] = []
         self.meta: dict[str, Any] = {
             "fingerprint": self.fingerprint,
@@ -353,9 +353,9 @@ class DashboardRun:
                     ok = (P >= 0) & (P < batch.lengths[rows][:, None])
                     Pc = np.clip(P, 0, acts.shape[1] - 1)
                     got = acts[
-                        torch.from_numpy(rows[:, None]),
-                        torch.from_numpy(Pc),
-                        torch.from_numpy(np.broadcast_to(feats[:, None], P.shape).copy()),
+                        torch.from_numpy(rows[:, None]).to(acts.device),
+                        torch.from_numpy(Pc).to(acts.device),
+                        torch.from_numpy(np.broadcast_to(feats[:, None], P.shape).copy()).to(acts.device),
                     ]
                     windows[layer][s_slots] = np.where(ok, got.cpu().numpy(), 0.0)
                 bar.update(len(batch_seqs))

@@ -55,9 +55,9 @@ def decoder_logits(transcoders, W_U: Tensor, layer: int, n_logits: int, *, chunk
         for name in ("layer_top_value", "layer_bottom_value"):
             out[name] = np.zeros((F, n_out, V), np.float32)
     for start in range(0, F, chunk):
-        idx = torch.arange(start, min(F, start + chunk))
+        idx = np.arange(start, min(F, start + chunk))
         rows = transcoders.decoder_vectors(layer, idx).to(device=W.device, dtype=torch.float32)
-        rows_out = slice(start, start + idx.numel())
+        rows_out = slice(start, start + idx.size)
         total = rows.sum(dim=1) @ W  # (c, d_vocab)
         _topk_into(out, "", total, V, (rows_out,))
         if per_layer:

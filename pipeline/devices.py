@@ -1,0 +1,96 @@
+"""Where the model computes, and in which floating-point type: checked before anything loads.
+
+Every entry point (``ReplacementModel.from_pretrained``, ``load_transcoders``, the CLI, the
+stages, the study jobs) passes its ``device`` and ``dtype`` through :func:`check_device_dtype`,
+so a device this machine does not have, or a dtype that device cannot compute in, stops with
+one line naming the fix instead of a traceback from deep inside torch (``Torch not compiled
+with CUDA enabled``, an ``AssertionError``) after minutes of loading.
+
+The names are torch's: devices ``cpu``, ``cuda``, ``cuda:N``, ``mps``; dtypes ``float32``,
+``float64``, ``bfloat16``, ``float16`` (:data:`DTYPES`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: the floating-point types a model and its transcoders may be loaded in
+DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+
+
+class DeviceError(ValueError):
+    """A device this machine does not have, or a dtype that device cannot run."""
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, without asking whether this machine has it (a study plans
+    on a login node for jobs that run on GPU nodes)."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(str(device).strip())
+    except RuntimeError:
+        raise DeviceError(f"device {device!r} is not a device name: use cpu, cuda, cuda:N or mps") from None
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``dtype`` (a torch.dtype or one of :data:`DTYPES`, with or without ``torch.``) as a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if str(dtype).removeprefix("torch.") not in DTYPES:
+            raise DeviceError(f"dtype {dtype} cannot hold a model: use one of {', '.join(DTYPES)}")
+        return dtype
+    name = str(dtype).strip().removeprefix("torch.")
+    if name not in DTYPES:
+        raise DeviceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether ``a`` and ``b`` name one device (``cuda`` is the current GPU, as torch places it)."""
+    a, b = parse_device(a), parse_device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
+def check_device_dtype(device: str | torch.device, dtype: str | torch.dtype = torch.float32) -> torch.device:
+    """The device, checked: this machine has it and it computes in ``dtype``; otherwise a
+    :class:`DeviceError` naming what is missing and the fix."""
+    dev = parse_device(device)
+    dt = parse_dtype(dtype)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            if torch.version.cuda is None:
+                release = torch.__version__.split("+")[0]
+                why = f"this torch ({torch.__version__}) is a CPU-only build"
+                fix = (
+                    f"on the GPU machine install torch's CUDA build (pip install torch=={release} "
+                    "--index-url https://download.pytorch.org/whl/cu<NNN>, NNN the CUDA version its driver supports)"
+                )
+            else:
+                why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU"
+                fix = "check nvidia-smi and CUDA_VISIBLE_DEVICES, run on a machine with a GPU"
+            raise DeviceError(f"device {str(dev)!r} asked for, but {why}: {fix}, or use device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(
+                f"device {str(dev)!r} asked for, but this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})"
+            )
+        if dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            major, minor = torch.cuda.get_device_capability(index)
+            raise DeviceError(
+                f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) cannot compute in "
+                "bfloat16 (it needs 8.0, Ampere or newer): load the model in float16 or float32"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("device 'mps' asked for, but this machine has no Apple GPU (MPS): use device cpu")
+        if dt == torch.float64:
+            raise DeviceError("the Apple GPU (mps) cannot compute in float64: load the model in float32")
+    elif dev.type != "cpu":
+        raise DeviceError(f"device {str(dev)!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return dev
