@@ -277,6 +277,20 @@ def test_streaming_state_equals_brute_force(ordered):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_firing_entries_are_the_positive_activations_row_major(dtype):
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(50, 300, generator=g)
+    acts = (pre * (pre > 1.5)).to(dtype)
+    acts[3, 5], acts[7, 0] = -1.0, -0.5  # negative activations do not fire
+    rows, feats, vals = compute.firing_entries(acts)
+    want_rows, want_feats = (acts > 0).nonzero(as_tuple=True)
+    assert rows.tolist() == want_rows.tolist() and feats.tolist() == want_feats.tolist()
+    assert vals.dtype == torch.float32
+    assert vals.tolist() == acts[want_rows, want_feats].float().tolist()
+    assert [x.numel() for x in compute.firing_entries(torch.zeros(4, 6, dtype=dtype))] == [0, 0, 0]
+
+
 # ----------------------------------------------------------------------------- logits, labels
 def test_top_logits_equal_direct_matrix_product(dash, model, plt_dir):
     W_U = model.W_U.detach().float()

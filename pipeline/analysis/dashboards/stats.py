@@ -195,7 +195,7 @@ def update_layer(
     st.sum += torch.bincount(feats, weights=vals.double(), minlength=F)
     edges = torch.as_tensor(inner_edges, dtype=torch.float64, device=dev)
     slots = feats * H + torch.searchsorted(edges, vals.double(), right=True)
-    st.hist += torch.bincount(slots, minlength=F * H).view(F, H)
+    st.hist.view(-1).index_add_(0, slots, torch.ones_like(slots))  # O(n), not O(F * H)
     # 2. top-k by (activation desc, token id asc)
     _merge_top(st, tids, feats, vals)
     # 3. reservoirs: per (feature, bin) the entries with the smallest hash key
