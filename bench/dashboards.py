@@ -1,6 +1,6 @@
 """Benchmark: feature dashboards (``pipeline.analysis.dashboards``): tokens per second and peak RSS.
 
-    python bench/dashboards.py [--quick] [--threads 2] [--cases organism,gpt2small]
+    python bench/dashboards.py [--quick] [--threads 2] [--cases organism,gpt2small] [--tokens N]
 
 Cases (each in a fresh subprocess, so its peak RSS is its own):
 
@@ -15,6 +15,14 @@ The stream phase (forward + encoders + statistics) is measured on ``tokens`` tok
 logits phase (``W_dec @ W_U``, 16384 x 768 x 50257 per layer) on ``logit_features`` features of
 one layer and extrapolated to all layers (``--quick``), or run in full with the rest of
 ``compute_dashboards`` (default).
+
+Every case also times, in the same run and on the same batches, a bare forward pass plus every
+layer's encoder (``mlp_inputs`` and ``activations`` on the counted positions, nothing else):
+the stream's limit. It is interleaved batch by batch with the stream's own processing (see
+``_Limit``), after one untimed warm-up batch, and left out of the stream's time;
+``stream_vs_limit`` is the stream's tokens/s over the limit's.
+
+``--tokens`` sets the gpt2small case's stream tokens (default: 8192 quick, 16384 full).
 
 Results: ``bench/results/dashboards[_quick].json``.
 """
@@ -41,8 +49,8 @@ WORKDIR = BENCH_DIR / ".work" / "dashboards"
 
 ORGANISM = dict(n_layers=2, d_model=128, n_heads=4, n_ctx=16, d_transcoder=512, density=0.02)
 SIZES = {
-    True: {"organism_sentences": 2000, "gpt2_tokens": 1024, "gpt2_logit_features": 2048},
-    False: {"organism_sentences": 20000, "gpt2_tokens": 4096, "gpt2_logit_features": None},
+    True: {"organism_sentences": 2000, "gpt2_tokens": 8192, "gpt2_logit_features": 2048},
+    False: {"organism_sentences": 20000, "gpt2_tokens": 16384, "gpt2_logit_features": None},
 }
 
 
@@ -71,6 +79,71 @@ class _Timers:
                 self.seconds[label] = round(self.seconds.get(label, 0.0) + time.perf_counter() - t0, 2)
 
         return timed
+
+
+class _Limit:
+    """Interleaves a bare forward + encode of every batch with the stream's own processing.
+
+    While installed, ``DashboardRun._process`` also runs, on the same batch, the forward pass up
+    to the last transcoder input and every layer's activations on the counted positions, and
+    nothing else (the stream's limit), timing both; which of the two goes first alternates
+    from batch to batch. Paired this way, both see the same machine load. ``warm_up`` runs the
+    bare pass once, untimed, on the stream's first batch.
+    """
+
+    def __init__(self, model):
+        from pipeline.analysis.dashboards.compute import DashboardRun
+
+        self.model = model
+        self.seconds = 0.0  # in the bare passes
+        self.tokens = 0
+        self._real = DashboardRun._process
+        limit = self
+
+        def paired(run, batch):
+            for which in ("bare", "ours") if limit.tokens % 2 else ("ours", "bare"):
+                if which == "ours":
+                    limit._real(run, batch)
+                else:
+                    t0 = time.perf_counter()
+                    limit.forward_encode(run, batch)
+                    limit.seconds += time.perf_counter() - t0
+            limit.tokens += batch.n_tokens
+
+        DashboardRun._process = paired  # type: ignore[method-assign]
+
+    def forward_encode(self, run, batch) -> None:
+        import torch
+
+        from pipeline.analysis.dashboards.compute import mlp_inputs
+
+        with torch.no_grad():
+            for layer, x in enumerate(mlp_inputs(self.model, batch.tokens)):
+                run.tc.activations(layer, x[batch.valid])
+        if torch.device(run.device).type == "cuda":
+            torch.cuda.synchronize(run.device)
+
+    def warm_up(self, corpus, cfg) -> None:
+        from pipeline.analysis.dashboards.compute import DashboardRun
+        from pipeline.analysis.dashboards.corpus import batches, make_batch, sequences
+
+        run = DashboardRun(self.model, corpus, WORKDIR / "warm-up.zarr", cfg, progress=False)
+        first = next(batches(sequences(self.model, run.corpus_iter, run.seq_len, cfg.max_tokens), cfg.batch_tokens))
+        self.forward_encode(run, make_batch(first, run.pad_id, run.device))
+
+    def report(self, tokens: int, phases: dict[str, float]) -> dict:
+        """``phases["stream"]``: the stream phase's wall time; the bare passes are taken out of it."""
+        assert tokens == self.tokens, (tokens, self.tokens)
+        ours = phases["stream"] - self.seconds
+        phases["stream"] = round(ours, 2)
+        return {
+            "tokens": tokens,
+            "stream_seconds": round(ours, 2),
+            "stream_tokens_per_s": round(tokens / ours, 1),
+            "limit_seconds": round(self.seconds, 2),
+            "limit_tokens_per_s": round(tokens / self.seconds, 1),
+            "stream_vs_limit": round(self.seconds / ours, 3),
+        }
 
 
 def _organism_fixture(root: Path):
@@ -116,9 +189,12 @@ def child_organism(params: dict) -> dict:
     timers = _Timers()
     out = WORKDIR / "organism.zarr"
     shutil.rmtree(out, ignore_errors=True)
+    cfg = D.DashboardConfig()
+    limit = _Limit(model)
+    limit.warm_up(corpus, cfg)
     t0 = time.perf_counter()
-    D.compute_dashboards(model, corpus, out, D.DashboardConfig(), progress=False)
-    total = time.perf_counter() - t0
+    D.compute_dashboards(model, corpus, out, cfg, progress=False)
+    total = time.perf_counter() - t0 - limit.seconds
     dash = D.Dashboards.open(out)
     n = dash.n_tokens
     t1 = time.perf_counter()
@@ -128,10 +204,9 @@ def child_organism(params: dict) -> dict:
         "case": "organism",
         "fixture": ORGANISM,
         "documents": len(corpus),
-        "tokens": n,
+        **limit.report(n, timers.seconds),
         "phase_seconds": timers.seconds,
         "total_seconds": round(total, 2),
-        "stream_tokens_per_s": round(n / timers.seconds["stream"], 1),
         "end_to_end_tokens_per_s": round(n / total, 1),
         "feature_query_seconds": round(query, 4),
         "example_label": rec["label"],
@@ -172,12 +247,13 @@ def child_gpt2small(params: dict) -> dict:
         "batch_tokens": cfg.batch_tokens,
     }
     if params["gpt2_logit_features"]:  # quick: the stream phase, and the logits of a slice
+        limit = _Limit(model)
+        limit.warm_up(corpus, cfg)
         run = DashboardRun(model, corpus, out, cfg, progress=False)
         run.reset_partial()
         t0 = time.perf_counter()
         run.stream()
-        stream = time.perf_counter() - t0
-        n = int(run.meta["n_tokens"])
+        result.update(limit.report(int(run.meta["n_tokens"]), {"stream": time.perf_counter() - t0}))
         nf = params["gpt2_logit_features"]
 
         class Slice:  # the first nf features of layer 0
@@ -192,9 +268,6 @@ def child_gpt2small(params: dict) -> dict:
         shutil.rmtree(run.partial, ignore_errors=True)
         result.update(
             {
-                "tokens": n,
-                "stream_seconds": round(stream, 1),
-                "stream_tokens_per_s": round(n / stream, 1),
                 "logits_features_timed": nf,
                 "logits_features_per_s": round(nf / logit_s, 1),
                 "logits_all_layers_seconds_estimate": round(
@@ -204,16 +277,17 @@ def child_gpt2small(params: dict) -> dict:
         )
     else:
         timers = _Timers()
+        limit = _Limit(model)
+        limit.warm_up(corpus, cfg)
         t0 = time.perf_counter()
         D.compute_dashboards(model, corpus, out, cfg, progress=False)
-        total = time.perf_counter() - t0
+        total = time.perf_counter() - t0 - limit.seconds
         n = D.Dashboards.open(out).n_tokens
+        result.update(limit.report(n, timers.seconds))
         result.update(
             {
-                "tokens": n,
                 "phase_seconds": timers.seconds,
                 "total_seconds": round(total, 1),
-                "stream_tokens_per_s": round(n / timers.seconds["stream"], 1),
                 "end_to_end_tokens_per_s": round(n / total, 2),
                 "logits_features_per_s": round(
                     GPT2_SMALL.d_transcoder * GPT2_SMALL.n_layers / timers.seconds["logits"], 1
@@ -231,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes; logits of GPT-2 extrapolated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="organism,gpt2small")
+    ap.add_argument("--tokens", type=int, help="stream tokens of the gpt2small case")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -241,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"benchmark": "dashboards", "quick": args.quick, "machine": machine_info(args.threads), "cases": {}}
     for case in args.cases.split(","):
         params = {"case": case, "threads": args.threads, **SIZES[args.quick]}
+        if args.tokens:
+            params["gpt2_tokens"] = args.tokens
         report["cases"][case] = run_child(Path(__file__), params, threads=args.threads, label=case)
         print(json.dumps(report["cases"][case], indent=1), flush=True)
     path = save_json(f"dashboards{'_quick' if args.quick else ''}.json", report)

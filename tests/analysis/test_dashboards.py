@@ -203,6 +203,94 @@ def test_streaming_state_does_not_depend_on_batching():
         assert st.top_id[f, : len(order)].tolist() == tids[order].tolist()
 
 
+def _splitmix64(tid: int, layer: int, feature: int, seed: int) -> int:
+    """The reservoirs' hash key, in Python's unbounded integers taken mod 2**64."""
+    m1, m2, gold, mask = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15, (1 << 64) - 1
+    x = (tid * gold) & mask
+    x ^= ((feature + (layer << 32)) * m2) & mask
+    x ^= (seed * m1 + gold) & mask
+    x ^= x >> 30
+    x = (x * m1) & mask
+    x ^= x >> 27
+    x = (x * m2) & mask
+    return x ^ (x >> 31)
+
+
+def test_hash_keys_order_as_the_unsigned_hash():
+    rng = np.random.default_rng(3)
+    tids = np.concatenate([rng.integers(0, 1 << 62, 500), [0, 1, (1 << 62) - 1]]).astype(np.int64)
+    feats = rng.integers(0, 1 << 17, tids.size).astype(np.int64)
+    for layer, seed in [(0, 0), (5, 1), (25, 123456789)]:
+        keys = stats.hash_keys(torch.from_numpy(tids), layer, torch.from_numpy(feats), seed).numpy()
+        want = [_splitmix64(int(t), layer, int(f), seed) for t, f in zip(tids, feats)]
+        assert (keys.view(np.uint64) ^ np.uint64(1 << 63)).tolist() == want  # the hash, sign bit flipped
+        assert np.argsort(keys, kind="stable").tolist() == sorted(range(tids.size), key=want.__getitem__)
+
+
+def _brute_state(F, cfg, layer, tids, feats, vals, seed):
+    """The statistics of a whole stream computed directly from its definition."""
+    H, K, M = cfg.n_bins, cfg.top_k, cfg.examples_per_quantile
+    bins = np.searchsorted(cfg.hist_edges()[1:-1], vals.astype(np.float64), side="right")
+    out = {
+        "count": np.bincount(feats, minlength=F),
+        "sum": np.bincount(feats, weights=vals.astype(np.float64), minlength=F),
+        "hist": np.bincount(feats * H + bins, minlength=F * H).reshape(F, H),
+        "top_val": np.full((F, K), -np.inf, dtype=np.float32),
+        "top_id": np.full((F, K), -1, dtype=np.int64),
+        "res_id": np.full((F * H, M), -1, dtype=np.int64),
+        "res_val": np.zeros((F * H, M), dtype=np.float32),
+    }
+    for f in range(F):
+        best = sorted(np.nonzero(feats == f)[0], key=lambda i: (-vals[i], tids[i]))[:K]
+        out["top_val"][f, : len(best)] = vals[best]
+        out["top_id"][f, : len(best)] = tids[best]
+        for b in range(H):
+            members = np.nonzero((feats == f) & (bins == b))[0]
+            sample = sorted(members, key=lambda i: _splitmix64(int(tids[i]), layer, f, seed))[:M]
+            out["res_id"][f * H + b, : len(sample)] = tids[sample]
+            out["res_val"][f * H + b, : len(sample)] = vals[sample]
+    return out
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_streaming_state_equals_brute_force(ordered):
+    """Batched updates (token ids in stream order, or shuffled within each batch) give exactly
+    the statistics computed from their definition, and a checkpointed state resumes exactly."""
+    rng = np.random.default_rng(1 + ordered)
+    F, n, layer, seed = 5, 600, 3, 11
+    cfg = D.DashboardConfig(top_k=6, examples_per_quantile=3, hist_bins=4, hist_min=0.1, hist_max=10.0)
+    tids = np.sort(rng.choice(1 << 40, n, replace=False)).astype(np.int64)
+    feats = rng.integers(0, F, n)
+    vals = (np.round(rng.exponential(1.0, n), 1) + 0.05).astype(np.float32)  # many ties
+    inner = cfg.hist_edges()[1:-1]
+    cuts = [0, 1, 40, 41, 200, 350, 351, 599, n]
+    st = stats.LayerState(F, cfg)
+    for i, (start, end) in enumerate(zip(cuts[:-1], cuts[1:])):
+        batch = np.arange(start, end) if ordered else rng.permutation(np.arange(start, end))
+        stats.update_layer(st, layer, tids[batch], feats[batch], vals[batch], inner, seed)
+        if i == 4:  # through a checkpoint's arrays and back
+            st = stats.LayerState(F, cfg, {k: v.copy() for k, v in st.arrays().items()})
+    want = _brute_state(F, cfg, layer, tids, feats, vals, seed)
+    got = st.arrays()
+    for name in stats.LayerState.NAMES:
+        assert got[name].dtype == want[name].dtype, name
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_firing_entries_are_the_positive_activations_row_major(dtype):
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(50, 300, generator=g)
+    acts = (pre * (pre > 1.5)).to(dtype)
+    acts[3, 5], acts[7, 0] = -1.0, -0.5  # negative activations do not fire
+    rows, feats, vals = compute.firing_entries(acts)
+    want_rows, want_feats = (acts > 0).nonzero(as_tuple=True)
+    assert rows.tolist() == want_rows.tolist() and feats.tolist() == want_feats.tolist()
+    assert vals.dtype == torch.float32
+    assert vals.tolist() == acts[want_rows, want_feats].float().tolist()
+    assert [x.numel() for x in compute.firing_entries(torch.zeros(4, 6, dtype=dtype))] == [0, 0, 0]
+
+
 # ----------------------------------------------------------------------------- logits, labels
 def test_top_logits_equal_direct_matrix_product(dash, model, plt_dir):
     W_U = model.W_U.detach().float()

@@ -77,6 +77,21 @@ def mlp_inputs(model, tokens: Tensor) -> list[Tensor]:
     return [store[layer] for layer in range(model.n_layers)]
 
 
+def firing_entries(acts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The entries of ``acts`` (n, F) that are > 0, row-major: rows, features (n_fire,) int64
+    and activations (n_fire,) float32, on the activations' device."""
+    nonzero = acts.bool()  # != 0 is cheaper than > 0 over the dense matrix; negatives drop below
+    if nonzero.device.type == "cpu":  # numpy's nonzero is several times faster than torch's there
+        flat = torch.from_numpy(np.flatnonzero(nonzero.numpy()))
+    else:
+        flat = nonzero.reshape(-1).nonzero().squeeze(1)
+    vals = acts.reshape(-1).index_select(0, flat).float()
+    positive = (vals > 0).nonzero().squeeze(1)
+    flat, vals = flat.index_select(0, positive), vals.index_select(0, positive)
+    n_features = acts.shape[1]
+    return flat // n_features, flat % n_features, vals
+
+
 def _fingerprint(model, cfg: DashboardConfig, corpus_fp: str | None, seq_len: int) -> str:
     """What a checkpoint and a store are valid for: format, config, model, transcoders, corpus."""
     return digest_json(
@@ -118,11 +133,11 @@ class DashboardRun:
         self.partial = out.parent / f".{out.name}.partial"
         self.state_path = self.partial / "state.bin"
         self.fingerprint = _fingerprint(model, cfg, corpus_fingerprint(corpus), self.seq_len)
-        self.inner_edges = cfg.hist_edges()[1:-1]
         tok = model.tokenizer
         pad = getattr(tok, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (tok.eos_token_id or 0))
         self.device = model.device
+        self.inner_edges = torch.as_tensor(cfg.hist_edges()[1:-1], dtype=torch.float64, device=self.device)
         self.layers: list[LayerState] = []
         self.meta: dict[str, Any] = {
             "fingerprint": self.fingerprint,
@@ -148,7 +163,12 @@ class DashboardRun:
             return False
         self.meta = meta
         self.layers = [
-            LayerState(self.tc.d_transcoder, self.cfg, {n: arrays[f"{layer}/{n}"] for n in LayerState.NAMES})
+            LayerState(
+                self.tc.d_transcoder,
+                self.cfg,
+                {n: arrays[f"{layer}/{n}"] for n in LayerState.NAMES},
+                device=self.device,
+            )
             for layer in range(self.model.n_layers)
         ]
         return True
@@ -161,7 +181,9 @@ class DashboardRun:
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
-        self.layers = [LayerState(self.tc.d_transcoder, self.cfg) for _ in range(self.model.n_layers)]
+        self.layers = [
+            LayerState(self.tc.d_transcoder, self.cfg, device=self.device) for _ in range(self.model.n_layers)
+        ]
 
     # ------------------------------------------------------------------ step 2: stream
     def stream(self) -> None:
@@ -228,14 +250,12 @@ class DashboardRun:
         self.save_checkpoint()
 
     def _process(self, batch: TokenBatch) -> None:
+        """One forward pass; every layer's firing entries go to its state without leaving the device."""
         xs = mlp_inputs(self.model, batch.tokens)
+        tids = torch.from_numpy(batch.tids).to(self.device)  # (n_valid,)
         for layer, x in enumerate(xs):
-            a = self.tc.activations(layer, x[batch.valid])  # (n_valid, F)
-            nz = (a > 0).nonzero()
-            rows = nz[:, 0].cpu().numpy()
-            feats = nz[:, 1].cpu().numpy().astype(np.int64)
-            vals = a[nz[:, 0], nz[:, 1]].float().cpu().numpy()
-            update_layer(self.layers[layer], layer, batch.tids[rows], feats, vals, self.inner_edges, self.cfg.seed)
+            rows, feats, vals = firing_entries(self.tc.activations(layer, x[batch.valid]))
+            update_layer(self.layers[layer], layer, tids[rows], feats, vals, self.inner_edges, self.cfg.seed)
 
     # ------------------------------------------------------------------ step 6: logits
     def logits(self) -> list[DecoderLogits]:
@@ -276,13 +296,13 @@ class DashboardRun:
         cfg = self.cfg
         out = []
         for layer, st in enumerate(self.layers):
-            bounds = quantile_bins(st.hist, cfg.n_quantiles)
+            arrays = st.arrays()
+            bounds = quantile_bins(arrays["hist"], cfg.n_quantiles)
             q_id, q_val = quantile_examples(st, layer, bounds, cfg.n_quantiles, cfg.seed)
             F, K = st.F, st.K
-            tid = np.concatenate([st.top_id.reshape(-1), q_id.reshape(-1)])
-            val = np.concatenate(
-                [np.where(st.top_id >= 0, st.top_val, 0).reshape(-1).astype(np.float32), q_val.reshape(-1)]
-            )
+            top_id, top_val = arrays["top_id"], arrays["top_val"]
+            tid = np.concatenate([top_id.reshape(-1), q_id.reshape(-1)])
+            val = np.concatenate([np.where(top_id >= 0, top_val, 0).reshape(-1).astype(np.float32), q_val.reshape(-1)])
             feature = np.concatenate(
                 [np.repeat(np.arange(F), K), np.repeat(np.arange(F), q_id.shape[1] * q_id.shape[2])]
             )

@@ -2,190 +2,244 @@
 
 Firing count and sum, a log-binned histogram, the top-k entries by (activation desc, token id
 asc) and, per histogram bin, a reservoir of the entries with the smallest seeded hash key.
-Every merge is a sort over dense ``(n_features, k)`` tables, so the state does not depend on
-how the stream is batched; the quantile groups and their examples are read from it at the end.
+The state is a set of dense tensors on the model's device, and a batch is folded in with a
+handful of tensor ops there: bincounts for the counts and the histogram, then, for the top-k
+and the reservoirs, one sorted merge of the entries that beat a row's current last entry into
+the rows they touch. Each merge keeps the smallest entries of a total order, so the state does
+not depend on how the stream is batched. The quantile groups and their examples are read from
+the state once, at the end (numpy).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+import torch
+from torch import Tensor
 
 from .config import DashboardConfig
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLD = np.uint64(0x9E3779B97F4A7C15)
+
+def _int64(c: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``c`` (taken mod 2**64)."""
+    c %= 1 << 64
+    return c - (1 << 64) if c >= 1 << 63 else c
 
 
-def _hash_keys(tids: np.ndarray, layer: int, features: np.ndarray, seed: int) -> np.ndarray:
-    """A seeded pseudo-random uint64 key per (token, layer, feature) (splitmix64)."""
-    with np.errstate(over="ignore"):
-        x = tids.astype(np.uint64) * _GOLD
-        x ^= (features.astype(np.uint64) + np.uint64(layer) * np.uint64(1 << 32)) * _M2
-        x ^= np.uint64(seed) * _M1 + _GOLD
-        x ^= x >> np.uint64(30)
-        x *= _M1
-        x ^= x >> np.uint64(27)
-        x *= _M2
-        x ^= x >> np.uint64(31)
-    return x
+_M1 = _int64(0xBF58476D1CE4E5B9)
+_M2 = _int64(0x94D049BB133111EB)
+_GOLD = _int64(0x9E3779B97F4A7C15)
+_SIGN = _int64(1 << 63)
 
 
-def _rank_in_group(groups: np.ndarray) -> np.ndarray:
-    """Rank of each element within its run of equal values (``groups`` sorted)."""
-    first = np.searchsorted(groups, groups, side="left")
-    return np.arange(groups.size) - first
+def _shift_right(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` shifts the sign bit in)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def _empty_key(dtype) -> Any:
-    return np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).max
+def hash_keys(tids: Tensor, layer: int, features: Tensor, seed: int) -> Tensor:
+    """A seeded pseudo-random key per (token, layer, feature) (splitmix64).
 
-
-def _merge_best(
-    slot_id: np.ndarray,
-    slot_key: np.ndarray,
-    slot_val: np.ndarray | None,
-    slots: np.ndarray,
-    ids: np.ndarray,
-    keys: np.ndarray,
-    vals: np.ndarray | None,
-    keep: int,
-) -> None:
-    """Merge candidates into per-slot tables keeping the ``keep`` smallest (key, id).
-
-    slot_id: (n_slots, keep) int64 ids, -1 for empty, rows sorted by (key, id)
-    slot_key: (n_slots, keep) sort key of the entries (+inf / max for empty)
-    slot_val: optional (n_slots, keep) payload carried along (or None)
-    slots, ids, keys, vals: (n,) candidates
-    Updates the tables in place; only the rows of slots that have candidates are touched.
+    tids, features: (n,) int64 -> (n,) int64 keys. The hash is unsigned 64-bit arithmetic;
+    torch has none, but int64 multiplication and xor wrap to the same bits, shifts are made
+    logical, and the sign bit is flipped at the end so that comparing the int64 keys orders
+    them as the unsigned hashes. For a fixed (layer, feature, seed) every step is a bijection,
+    so no two tokens of a feature share a key.
     """
-    if slots.size == 0:
-        return
-    u, inv = np.unique(slots, return_inverse=True)
-    e_id = slot_id[u].reshape(-1)
-    e_key = slot_key[u].reshape(-1)
-    e_grp = np.repeat(np.arange(u.size), keep)
-    full = e_id >= 0
-    grp = np.concatenate([e_grp[full], inv])
-    kk = np.concatenate([e_key[full], keys])
-    ii = np.concatenate([e_id[full], ids])
-    order = np.lexsort((ii, kk, grp))
-    grp, kk, ii = grp[order], kk[order], ii[order]
-    rank = _rank_in_group(grp)
-    sel = rank < keep
-    g, r = grp[sel], rank[sel]
-    new_id = np.full((u.size, keep), -1, dtype=slot_id.dtype)
-    new_key = np.full((u.size, keep), _empty_key(slot_key.dtype), dtype=slot_key.dtype)
-    new_id[g, r] = ii[sel]
-    new_key[g, r] = kk[sel]
-    slot_id[u] = new_id
-    slot_key[u] = new_key
-    if slot_val is not None:
-        e_val = slot_val[u].reshape(-1)
-        vv = np.concatenate([e_val[full], vals])[order]
-        new_val = np.zeros((u.size, keep), dtype=slot_val.dtype)
-        new_val[g, r] = vv[sel]
-        slot_val[u] = new_val
+    x = tids * _GOLD
+    x = x ^ ((features + layer * (1 << 32)) * _M2)
+    x = x ^ _int64(seed * _M1 + _GOLD)
+    x = x ^ _shift_right(x, 30)
+    x = x * _M1
+    x = x ^ _shift_right(x, 27)
+    x = x * _M2
+    x = x ^ _shift_right(x, 31)
+    return x ^ _SIGN
+
+
+def _lex_order(major: Tensor, minor: Tensor) -> Tensor:
+    """The permutation sorting (n,) pairs by (major, minor): a stable sort on the major key
+    after a sort on the minor one, skipped when the minor keys are already ascending (token
+    ids arrive in order from the stream)."""
+    if bool((minor[1:] >= minor[:-1]).all()):
+        return torch.argsort(major, stable=True)
+    order = torch.argsort(minor)
+    return order[torch.argsort(major[order], stable=True)]
+
+
+def _rank_in_group(groups: Tensor) -> Tensor:
+    """Rank of each element within its run of equal values: (n,) sorted -> (n,)."""
+    index = torch.arange(groups.numel(), device=groups.device)
+    starts = torch.ones_like(groups, dtype=torch.bool)
+    starts[1:] = groups[1:] != groups[:-1]
+    first = torch.where(starts, index, 0).cummax(0).values  # where each element's run starts
+    return index - first
+
+
+def _insert_sorted(
+    tables: tuple[Tensor, Tensor],
+    empty: tuple[float, float],
+    u: Tensor,
+    inv: Tensor,
+    n_before: Tensor,
+    new: tuple[Tensor, Tensor],
+) -> None:
+    """Insert sorted candidates into the sorted rows of a pair of (R, W) tables, in place.
+
+    tables: (ids, values) whose rows are sorted by the merge order, empty entries last
+    empty: what an empty entry holds in each table
+    u, inv: (U,) the rows the candidates go to, ascending, and (n,) each candidate's index
+        into u; the candidates are sorted by (row, merge order)
+    n_before: (n,) how many of its row's entries come before each candidate
+    new: (n,) ids and values of the candidates
+
+    A candidate lands at n_before + its rank among its row's candidates; the row's entries
+    keep their order in the positions left free; whatever falls past W drops out. Only the
+    touched rows are rewritten, and nothing already in them is sorted again.
+    """
+    width = tables[0].shape[1]
+    pos = n_before + _rank_in_group(inv)
+    keep = (pos < width).nonzero().squeeze(1)
+    at = (inv.index_select(0, keep), pos.index_select(0, keep))
+    taken = torch.zeros((u.numel(), width), dtype=torch.bool, device=u.device)
+    taken[at] = True
+    source = ((~taken).cumsum(1) - 1).clamp(min=0)  # the k-th free position takes entry k
+    for table, fill, values in zip(tables, empty, new):
+        row = table.index_select(0, u).gather(1, source)
+        row.masked_fill_(taken, fill)
+        row[at] = values.index_select(0, keep)
+        table.index_copy_(0, u, row)
+
+
+def _select(index: Tensor, *xs: Tensor) -> tuple[Tensor, ...]:
+    """The elements ``index`` (m,) of each of the (n,) tensors ``xs``."""
+    return tuple(x.index_select(0, index) for x in xs)
+
+
+def _descending_code(vals: Tensor) -> Tensor:
+    """(n,) float32 activations > 0 -> (n,) int64 in [0, 2**31), smaller for larger values.
+
+    The bits of a positive float32, read as an integer, grow with the value.
+    """
+    return (2**31 - 1) - vals.view(torch.int32).to(torch.int64)
 
 
 class LayerState:
     """Streaming statistics of one layer's features; ``NAMES`` are the arrays a checkpoint holds.
 
-    count (F,), sum (F,), hist (F, H); top_val / top_id (F, K) best first (-inf / -1 empty);
-    res_id / res_val (F * H, M): per (feature, bin) the reservoir, in hash key order.
+    Tensors on ``device``: count (F,) int64, sum (F,) float64, hist (F, H) int64; top_val
+    (F, K) float32 / top_id (F, K) int64, best first (-inf / -1 empty); res_id (F * H, M)
+    int64 / res_val (F * H, M) float32: per (feature, bin) slot ``f * H + bin`` the reservoir,
+    in hash key order (-1 / 0 empty).
     """
 
     NAMES = ("count", "sum", "hist", "top_val", "top_id", "res_id", "res_val")
 
-    def __init__(self, n_features: int, cfg: DashboardConfig, arrays: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        n_features: int,
+        cfg: DashboardConfig,
+        arrays: dict[str, np.ndarray] | None = None,
+        device: torch.device | str = "cpu",
+    ):
         F, H, K, M = n_features, cfg.n_bins, cfg.top_k, cfg.examples_per_quantile
         self.F, self.H, self.K, self.M = F, H, K, M
+        self.device = torch.device(device)
         if arrays is not None:
             for name in self.NAMES:
-                setattr(self, name, arrays[name])
+                setattr(self, name, torch.as_tensor(np.asarray(arrays[name])).to(self.device))
             return
-        self.count = np.zeros(F, dtype=np.int64)
-        self.sum = np.zeros(F, dtype=np.float64)
-        self.hist = np.zeros((F, H), dtype=np.int64)
-        self.top_val = np.full((F, K), -np.inf, dtype=np.float32)
-        self.top_id = np.full((F, K), -1, dtype=np.int64)
-        self.res_id = np.full((F * H, M), -1, dtype=np.int64)
-        self.res_val = np.zeros((F * H, M), dtype=np.float32)
+        dev = self.device
+        self.count = torch.zeros(F, dtype=torch.int64, device=dev)
+        self.sum = torch.zeros(F, dtype=torch.float64, device=dev)
+        self.hist = torch.zeros((F, H), dtype=torch.int64, device=dev)
+        self.top_val = torch.full((F, K), -torch.inf, dtype=torch.float32, device=dev)
+        self.top_id = torch.full((F, K), -1, dtype=torch.int64, device=dev)
+        self.res_id = torch.full((F * H, M), -1, dtype=torch.int64, device=dev)
+        self.res_val = torch.zeros((F * H, M), dtype=torch.float32, device=dev)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in self.NAMES}
+        """The state as numpy arrays (views of it on the CPU, copies from another device).
+
+        ``LayerState(F, cfg, arrays)`` takes such arrays back (sharing their memory on the CPU).
+        """
+        return {name: getattr(self, name).cpu().numpy() for name in self.NAMES}
 
 
 def update_layer(
     st: LayerState,
     layer: int,
-    tids: np.ndarray,
-    feats: np.ndarray,
-    vals: np.ndarray,
-    inner_edges: np.ndarray,
+    tids: Tensor | np.ndarray,
+    feats: Tensor | np.ndarray,
+    vals: Tensor | np.ndarray,
+    inner_edges: Tensor | np.ndarray,
     seed: int,
 ) -> None:
     """Fold one batch's firing entries of one layer into its state.
 
-    tids, feats, vals: (n,) token id, feature, activation (> 0) of every firing entry
-    inner_edges: (hist_bins + 1,) the histogram's finite edges above 0
+    tids, feats, vals: (n,) token id (int64), feature (int64), activation (float32, > 0) of
+    every firing entry, in any order; they are moved to the state's device.
+    inner_edges: (hist_bins + 1,) float64, the histogram's finite edges above 0
     """
-    if vals.size == 0:
+    dev = st.device
+    tids = torch.as_tensor(tids, device=dev).long()
+    feats = torch.as_tensor(feats, device=dev).long()
+    vals = torch.as_tensor(vals, device=dev).float()
+    if vals.numel() == 0:
         return
-    if not np.isfinite(vals).all():
+    if not bool(torch.isfinite(vals).all()):
         raise ValueError(f"layer {layer} has non-finite feature activations; check the model and transcoders")
     F, H = st.F, st.H
-    # 1. count, sum and histogram
-    st.count += np.bincount(feats, minlength=F)
-    st.sum += np.bincount(feats, weights=vals.astype(np.float64), minlength=F)
-    bins = np.searchsorted(inner_edges, vals.astype(np.float64), side="right")
-    slots = feats * H + bins
-    st.hist += np.bincount(slots, minlength=F * H).reshape(F, H)
-
-    # 2. top-k by (activation desc, token id asc); candidates below a full row's last entry drop
-    last_val, last_id = st.top_val[feats, -1], st.top_id[feats, -1]
-    cand = (vals > last_val) | ((vals == last_val) & (tids < last_id))
-    if cand.any():
-        f, v, t = feats[cand], vals[cand], tids[cand]
-        neg = np.negative(st.top_val.astype(np.float64))
-        _merge_best(st.top_id, neg, None, f, t, -v.astype(np.float64), None, st.K)
-        st.top_val[:] = np.negative(neg).astype(np.float32)
-
+    # 1. count, sum and histogram (float32 activations sum exactly in float64 in practice, so
+    # the sum does not depend on the batching either)
+    st.count += torch.bincount(feats, minlength=F)
+    st.sum += torch.bincount(feats, weights=vals.double(), minlength=F)
+    edges = torch.as_tensor(inner_edges, dtype=torch.float64, device=dev)
+    slots = feats * H + torch.searchsorted(edges, vals.double(), right=True)
+    st.hist.view(-1).index_add_(0, slots, torch.ones_like(slots))  # O(n), not O(F * H)
+    # 2. top-k by (activation desc, token id asc)
+    _merge_top(st, tids, feats, vals)
     # 3. reservoirs: per (feature, bin) the entries with the smallest hash key
-    keys = _hash_keys(tids, layer, feats, seed)
-    last = st.res_id[slots, -1]
-    full = last >= 0
-    cand = ~full
-    if full.any():
-        last_key = _hash_keys(last[full], layer, feats[full], seed)
-        k_full, t_full = keys[full], tids[full]
-        cand[full] = (k_full < last_key) | ((k_full == last_key) & (t_full < last[full]))
-    if cand.any():
-        s = slots[cand]
-        _merge_reservoirs(st, layer, seed, np.unique(s), s, tids[cand], keys[cand], vals[cand])
+    _merge_reservoirs(st, layer, seed, slots, tids, feats, vals)
+
+
+def _merge_top(st: LayerState, tids: Tensor, feats: Tensor, vals: Tensor) -> None:
+    """Merge the entries (n,) into the top-k tables; those behind a full row's last drop first."""
+    # (-inf, -1) while the row is not full
+    last_val, last_id = st.top_val[:, -1].index_select(0, feats), st.top_id[:, -1].index_select(0, feats)
+    beats = ((vals > last_val) | ((vals == last_val) & (tids < last_id))).nonzero().squeeze(1)
+    if beats.numel() == 0:
+        return
+    f, v, t = _select(beats, feats, vals, tids)
+    # features below 2**32, so (feature, activation desc) fits one int64 sort key
+    f, v, t = _select(_lex_order((f << 31) | _descending_code(v), t), f, v, t)
+    u, inv = torch.unique_consecutive(f, return_inverse=True)
+    old_val, old_id = (x.index_select(0, u).index_select(0, inv) for x in (st.top_val, st.top_id))  # (n, K)
+    v_, t_ = v[:, None], t[:, None]
+    n_before = ((old_val > v_) | ((old_val == v_) & (old_id < t_))).sum(1)  # empties never come first
+    _insert_sorted((st.top_id, st.top_val), (-1, -torch.inf), u, inv, n_before, (t, v))
 
 
 def _merge_reservoirs(
-    st: LayerState,
-    layer: int,
-    seed: int,
-    touched: np.ndarray,
-    slots: np.ndarray,
-    ids: np.ndarray,
-    keys: np.ndarray,
-    vals: np.ndarray,
+    st: LayerState, layer: int, seed: int, slots: Tensor, tids: Tensor, feats: Tensor, vals: Tensor
 ) -> None:
-    """Merge candidates (slots, ids, keys, vals) into the reservoirs of the sorted ``touched`` slots."""
-    sub_id = st.res_id[touched]
-    sub_val = st.res_val[touched]
-    feats = np.repeat(touched // st.H, st.M).reshape(sub_id.shape)
-    sub_key = _hash_keys(sub_id.reshape(-1), layer, feats.reshape(-1), seed).reshape(sub_id.shape)
-    sub_key[sub_id < 0] = np.iinfo(np.uint64).max
-    _merge_best(sub_id, sub_key, sub_val, np.searchsorted(touched, slots), ids, keys, vals, st.M)
-    st.res_id[touched] = sub_id
-    st.res_val[touched] = sub_val
+    """Merge the entries (n,) into the reservoirs of their (feature, bin) ``slots``.
+
+    A slot keeps the M smallest hash keys; an entry above a full slot's last key drops first.
+    Keys are distinct within a feature (:func:`hash_keys`), so the key alone orders a slot.
+    """
+    keys = hash_keys(tids, layer, feats, seed)
+    last = st.res_id[:, -1].index_select(0, slots)  # -1 while the slot is not full
+    beats = ((last < 0) | (keys < hash_keys(last, layer, feats, seed))).nonzero().squeeze(1)
+    if beats.numel() == 0:
+        return
+    s, k, t, v = _select(beats, slots, keys, tids, vals)
+    s, k, t, v = _select(_lex_order(s, k), s, k, t, v)
+    u, inv = torch.unique_consecutive(s, return_inverse=True)
+    old_id = st.res_id.index_select(0, u)  # (U, M)
+    old_key = hash_keys(old_id, layer, (u // st.H)[:, None], seed)
+    old_key.masked_fill_(old_id < 0, torch.iinfo(torch.int64).max)  # empties never come first
+    n_before = (old_key.index_select(0, inv) < k[:, None]).sum(1)
+    _insert_sorted((st.res_id, st.res_val), (-1, 0.0), u, inv, n_before, (t, v))
 
 
 def quantile_bins(hist: np.ndarray, n_quantiles: int) -> np.ndarray:
@@ -224,18 +278,18 @@ def quantile_examples(
     sample of the group.
     """
     F, H, M, Q = st.F, st.H, st.M, n_quantiles
-    ids = st.res_id.reshape(-1)
-    vals = st.res_val.reshape(-1)
+    ids = st.res_id.cpu().numpy().reshape(-1)
+    vals = st.res_val.cpu().numpy().reshape(-1)
     slot = np.repeat(np.arange(F * H), M)
     full = ids >= 0
     ids, vals, slot = ids[full], vals[full], slot[full]
     feats, bins = slot // H, slot % H
     group = _group_of_bins(bounds, H)[feats, bins]
     gkey = feats * Q + group
-    keys = _hash_keys(ids, layer, feats, seed)
+    keys = hash_keys(torch.from_numpy(ids), layer, torch.from_numpy(feats), seed).numpy()
     order = np.lexsort((ids, keys, gkey))
     gkey, ids, vals = gkey[order], ids[order], vals[order]
-    rank = _rank_in_group(gkey)
+    rank = np.arange(gkey.size) - np.searchsorted(gkey, gkey, side="left")
     sel = rank < M
     q_id = np.full((F * Q, M), -1, dtype=np.int64)
     q_val = np.zeros((F * Q, M), dtype=np.float32)

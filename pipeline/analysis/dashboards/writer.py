@@ -142,9 +142,8 @@ def write_store(run: DashboardRun, examples, windows, seqs, logits: list[Decoder
                 arr[layer] = np.ascontiguousarray(data)
 
         # statistics
-        put_layers("stats/count", [st.count for st in run.layers])
-        put_layers("stats/sum", [st.sum for st in run.layers])
-        put_layers("stats/hist", [st.hist for st in run.layers])
+        for name in ("count", "sum", "hist"):
+            put_layers(f"stats/{name}", [getattr(st, name).cpu().numpy() for st in run.layers])
 
         # examples: top-k then quantile groups, as (row in sequences/, position)
         n_top = F * K
