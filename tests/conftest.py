@@ -23,6 +23,23 @@ D_MODEL = 16
 D_TRANSCODER = 64
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _digest_cache_of_this_run(tmp_path_factory):
+    """Weight digests are remembered in a database of this run (pipeline.digests), never in the
+    user's cache: a test sees no entry another run left."""
+    import os
+
+    from pipeline.digests import CACHE_ENV
+
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("digest-cache"))
+    yield
+    if old is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = old
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matmuls: threads only contend (10x slower on a loaded 2-core machine). A module

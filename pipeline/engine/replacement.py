@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.devices import check_device_dtype, parse_dtype, same_device
+from pipeline.digests import remembered
 from pipeline.engine import generation, intervened_forward
 from pipeline.engine import hooks as H
 from pipeline.engine.tokens import check_prompt_text, check_prompt_tokens, check_token_ids
@@ -133,6 +134,7 @@ class ReplacementModel:
         for p in bridge.parameters():
             p.requires_grad_(False)
         self._digest: str | None = None
+        self._weight_files: list[Path] = []  # the local files it was loaded from (from_pretrained)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -185,7 +187,10 @@ class ReplacementModel:
                 ) from exc
         bridge.eval()
         check_model_weights(bridge.original_model, source)
-        return cls(bridge, transcoders, model_name=source)
+        model = cls(bridge, transcoders, model_name=source)
+        if Path(source).is_dir():
+            model._weight_files = sorted(p for p in Path(source).iterdir() if p.is_file())
+        return model
 
     @property
     def tokenizer(self):
@@ -207,17 +212,30 @@ class ReplacementModel:
         return self.bridge.W_U
 
     def digest(self) -> str:
-        """sha256 of the model's weights (names, shapes and bytes), for caches and stores."""
+        """sha256 of the model's weights (names, shapes and bytes), for caches and stores.
+
+        A model loaded from a local directory has it remembered across processes under the
+        stat of that directory's files, the dtype and the library versions
+        (:mod:`pipeline.digests`): it is the digest of the weights as loaded, so a model edited
+        in memory needs a fresh ``ReplacementModel``.
+        """
         if self._digest is None:
-            h = hashlib.sha256()
-            for name, tensor in sorted(self.bridge.original_model.state_dict().items()):
-                h.update(name.encode())
-                h.update(str(tuple(tensor.shape)).encode())
-                # hashed through the buffer, not .tobytes(): a copy of the embedding would be
-                # the largest allocation of a whole attribution run
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-            self._digest = h.hexdigest()
+            if self._weight_files:
+                extra = f"{self.dtype}|torch {torch.__version__}|transformers {_transformers_version()}"
+                self._digest = remembered("model-state-dict", self._weight_files, self._hash_state_dict, extra)
+            else:
+                self._digest = self._hash_state_dict()
         return self._digest
+
+    def _hash_state_dict(self) -> str:
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.bridge.original_model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            # hashed through the buffer, not .tobytes(): a copy of the embedding would be
+            # the largest allocation of a whole attribution run
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, prompt: str | Tensor) -> Tensor:
@@ -437,6 +455,12 @@ def _check_same_place(bridge, transcoders: Transcoders) -> None:
             f"{transcoders.dtype}: load both with the same device and dtype (load_transcoders(..., "
             f"device={str(W_U.device)!r}, dtype={W_U.dtype}))"
         )
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformers")
 
 
 def check_model_weights(module: torch.nn.Module, source: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,22 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.digests import file_sha256
+
 from .base import Transcoders
 from .config import TranscoderConfig, TranscoderConfigError
 from .lazy import DecoderRows, EncoderRows, TensorFile, all_finite
-
-# (path, size, mtime_ns) -> sha256 hex, so one process hashes a large file once
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(tf: TensorFile) -> str:
-    st = os.stat(tf.path)
-    key = (str(tf.path.resolve()), st.st_size, st.st_mtime_ns)
-    digest = _FILE_HASHES.get(key)
-    if digest is None:
-        digest = tf.sha256()
-        _FILE_HASHES[key] = digest
-    return digest
 
 
 @dataclass
@@ -272,7 +260,7 @@ class LayeredTranscoders(Transcoders):
             h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
             for tf in self.files:
                 h.update(b"\0" + tf.path.name.encode() + b"\0")
-                h.update(file_sha256(tf).encode())
+                h.update(file_sha256(tf.path).encode())
             self._digest = h.hexdigest()
         return self._digest
 
