@@ -11,21 +11,31 @@ Spec: ``docs/head-loadings.md``.
 
 from __future__ import annotations
 
+import hashlib
 import operator
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
+import zarr
 from torch import Tensor
+from zarr.storage import LocalStore
 
+from pipeline import _io
+from pipeline._io import StoreLock
 from pipeline.engine import hooks as H
 from pipeline.engine.replacement import Capture, ReplacementModel
-from pipeline.graph.store import Graph
+from pipeline.graph.pruning import PruneResult
+from pipeline.graph.store import Graph, read_array
+from pipeline.graph.writer import _create_array
 
 __all__ = [
     "HeadLoadings",
     "HeadLoadingsError",
+    "HeadLoadingsTable",
     "SourceSweep",
     "SourceVector",
     "TargetVector",
@@ -35,11 +45,14 @@ __all__ = [
     "graph_capture",
     "head_loadings",
     "layers_on_the_way",
+    "read_head_loadings",
     "source_sweep",
     "source_vector",
     "split_edge",
     "target_gradients",
     "target_vector",
+    "top_edges",
+    "write_head_loadings",
 ]
 
 
@@ -478,4 +491,212 @@ def head_loadings(
         bypass=np.array([float(b) for b in bypass], dtype=np.float64),
         edge=float(sweep.read(tgt)),
         graph_edge=float(vals[hit[0]]) if len(hit) else 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------- many edges, streamed
+GROUP = "head_loadings"  # the group inside a graph store
+GROUP_FORMAT = "circuit-pipeline/head-loadings"
+GROUP_VERSION = 1
+
+
+def top_edges(result: PruneResult, n: int) -> np.ndarray:
+    """The ``n`` kept edges of a pruned graph with the highest edge scores: (k, 2) graph-order
+    [source, target] rows, best first (ties by target, then source: deterministic)."""
+    coo = result.edge_scores.tocoo()
+    order = np.lexsort((coo.col, coo.row, -coo.data))[: int(n)]
+    return np.stack([coo.col[order], coo.row[order]], axis=1).astype(np.int64)
+
+
+def _chunk_name(index: int) -> str:
+    return f"chunk_{index:06d}"
+
+
+def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """The loadings of ``edges`` (B, 2): one backward sweep for all their targets (vmapped), and
+    per distinct source one forward sweep plus one cut sweep per layer on the way.
+
+    returns heads (B, n_layers, n_heads), bypass (B, n_layers), on_way (B, n_layers) bool
+    (layers off an edge's way hold zeros), edge (B,) float64, graph_edge (B,) float32
+    """
+    n_layers = model.n_layers
+    targets = {int(t): target_vector(graph, int(t), model) for t in np.unique(edges[:, 1])}
+    column = {t: i for i, t in enumerate(targets)}
+    grads = target_gradients(model, capture, list(targets.values()), capture.n_pos)
+    B, n_heads = len(edges), int(grads[0].shape[2])
+    out = {
+        "heads": np.zeros((B, n_layers, n_heads)),
+        "bypass": np.zeros((B, n_layers)),
+        "on_way": np.zeros((B, n_layers), dtype=bool),
+        "edge": np.zeros(B),
+        "graph_edge": np.zeros(B, dtype=np.float32),
+    }
+    for s in np.unique(edges[:, 0]).tolist():
+        rows = np.nonzero(edges[:, 0] == s)[0]
+        src = source_vector(graph, s, model, capture)
+        its = [targets[int(edges[i, 1])] for i in rows]
+        n = max(t.pos for t in its) + 1
+        sweep = source_sweep(model, capture, src, n)
+        cuts = {
+            layer: source_sweep(model, capture, src, n, cut_layer=layer)
+            for layer in layers_on_the_way(src.layer, max(t.layer for t in its), n_layers)
+        }
+        for i, tgt in zip(rows.tolist(), its):
+            layers = layers_on_the_way(src.layer, tgt.layer, n_layers)
+            b = column[int(edges[i, 1])]
+            out["heads"][i, layers] = split_edge(sweep, [g[b] for g in grads], layers).double().cpu().numpy()
+            out["bypass"][i, layers] = [float(cuts[layer].read(tgt)) for layer in layers]
+            out["on_way"][i, layers] = True
+            out["edge"][i] = float(sweep.read(tgt))
+    for i, (s, t) in enumerate(edges.tolist()):
+        cols, vals = graph.row(t)
+        hit = np.nonzero(cols == s)[0]
+        out["graph_edge"][i] = vals[hit[0]] if len(hit) else 0.0
+    return out
+
+
+def _write_group_dir(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A zarr group of one-chunk checksummed arrays at ``path``, complete or absent: written
+    into a temporary directory beside it and renamed into place."""
+    _io.remove_stale_temps(path)
+    with _io.atomic_directory(path) as tmp:
+        store = LocalStore(tmp)
+        zarr.create_group(store)
+        for name, array in arrays.items():
+            _create_array(store, name, array)  # the graph store's codecs: Blosc-zstd, then CRC32C
+
+
+def write_head_loadings(
+    graph: Graph, edges, *, model: ReplacementModel, chunk_size: int = 64, capture: Capture | None = None
+) -> Path:
+    """Head loadings of every [source, target] row of ``edges`` ((k, 2) graph-order ids, e.g.
+    :func:`top_edges`), streamed into ``<store>/head_loadings/`` one chunk of ``chunk_size``
+    edges at a time; read them back with :func:`read_head_loadings`. Returns the group's path.
+
+    Resumable: each chunk appears complete (renamed into place) or not at all, so a rerun with
+    the same request skips the chunks already written. A group left by another request (other
+    edges, chunk size, weights or dtype) is refused, naming the fix. Holds the store's writer
+    lock while it runs. Every edge is checked (:func:`check_edge`) before anything is computed.
+    """
+    edges = np.asarray(edges, dtype=np.int64)
+    if edges.ndim != 2 or edges.shape[1] != 2 or not len(edges):
+        raise HeadLoadingsError(f"edges must be a non-empty (k, 2) array of [source, target] rows, got {edges.shape}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise HeadLoadingsError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    for i, (s, t) in enumerate(edges.tolist()):
+        try:
+            check_edge(graph, s, t)
+        except HeadLoadingsError as exc:
+            raise HeadLoadingsError(f"edges[{i}]: {exc}") from None
+    check_same_weights(graph, model)
+    group = graph.path / GROUP
+    request = {
+        "graph": graph.fingerprint,
+        "model": model.digest(),
+        "transcoders": model.transcoders.digest(),
+        "dtype": str(model.dtype),
+        "edges": hashlib.sha256(edges.tobytes()).hexdigest(),
+        "chunk_size": chunk_size,
+    }
+    meta = {
+        "format": GROUP_FORMAT,
+        "version": GROUP_VERSION,
+        "fingerprint": _io.digest_json(request),
+        "n_edges": len(edges),
+        "chunk_size": chunk_size,
+        "n_layers": model.n_layers,
+        "n_heads": int(model.bridge.cfg.n_heads),
+        "dtype": str(model.dtype),
+    }
+    n_chunks = -(-len(edges) // chunk_size)
+    with StoreLock(graph.path):
+        found = _group_meta(group)
+        if found is None:
+            if group.exists():  # a crash before its metadata: nothing in it is recorded
+                shutil.rmtree(group)
+            group.mkdir()
+            _write_group_dir(group / "edges", {"edges": edges})
+            # the metadata last: its presence says the edges beside it are the request's
+            _io.atomic_write_bytes(
+                group / "zarr.json",
+                _io.json_bytes({"zarr_format": 3, "node_type": "group", "attributes": {GROUP: meta}}),
+            )
+        elif found.get("fingerprint") != meta["fingerprint"]:
+            raise HeadLoadingsError(
+                f"{group} holds the head loadings of another request (other edges, chunk size, weights or "
+                f"dtype): delete it (rm -r '{group}') to compute these, or pass the same edges and chunk_size"
+            )
+        for k in range(n_chunks):
+            path = group / _chunk_name(k)
+            if (path / "zarr.json").is_file():
+                continue  # written by an earlier run: a chunk is renamed into place complete
+            if capture is None:
+                capture = graph_capture(graph, model)
+            chunk = edges[k * chunk_size : (k + 1) * chunk_size]
+            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk))
+    return group
+
+
+def _group_meta(group: Path) -> dict | None:
+    """The head-loadings group's metadata, or None when it has none (absent, or cut short)."""
+    try:
+        meta = _io.read_json(group / "zarr.json")["attributes"][GROUP]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == GROUP_FORMAT else None
+
+
+@dataclass(frozen=True)
+class HeadLoadingsTable:
+    """The head loadings of many edges, as :func:`write_head_loadings` stored them.
+
+    edges: (E, 2) [source, target]; on_way: (E, n_layers) the layers on each edge's way
+    heads: (E, n_layers, n_heads) and bypass: (E, n_layers), zero off the way
+    edge: (E,) recomputed in the model's dtype; graph_edge: (E,) as the graph stores it
+    """
+
+    edges: np.ndarray
+    on_way: np.ndarray
+    heads: np.ndarray
+    bypass: np.ndarray
+    edge: np.ndarray
+    graph_edge: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __getitem__(self, i: int) -> HeadLoadings:
+        """Edge ``i`` as :func:`head_loadings` returns it."""
+        layers = np.nonzero(self.on_way[i])[0]
+        return HeadLoadings(
+            source=int(self.edges[i, 0]),
+            target=int(self.edges[i, 1]),
+            layers=layers.astype(np.int64),
+            heads=self.heads[i, layers],
+            bypass=self.bypass[i, layers],
+            edge=float(self.edge[i]),
+            graph_edge=float(self.graph_edge[i]),
+        )
+
+
+def read_head_loadings(graph: Graph) -> HeadLoadingsTable:
+    """The head loadings stored in ``graph``'s store (every chunk checksummed on read); an
+    error naming the fix when there are none or a run has not finished them."""
+    group = graph.path / GROUP
+    meta = _group_meta(group)
+    if meta is None:
+        raise HeadLoadingsError(f"{graph.path} holds no head loadings: compute them with write_head_loadings")
+    store = LocalStore(graph.path, read_only=True)
+    n_chunks = -(-int(meta["n_edges"]) // int(meta["chunk_size"]))
+    missing = [k for k in range(n_chunks) if not (group / _chunk_name(k) / "zarr.json").is_file()]
+    if missing:
+        raise HeadLoadingsError(
+            f"the head loadings in {group} are unfinished ({len(missing)} of {n_chunks} chunks missing): rerun "
+            "write_head_loadings with the same edges to resume"
+        )
+    names = ("heads", "bypass", "on_way", "edge", "graph_edge")
+    chunks = [{k: read_array(store, f"{GROUP}/{_chunk_name(c)}/{k}") for k in names} for c in range(n_chunks)]
+    return HeadLoadingsTable(
+        edges=read_array(store, f"{GROUP}/edges/edges"),
+        **{k: np.concatenate([c[k] for c in chunks]) for k in names},
     )

@@ -16,11 +16,20 @@ import pytest
 import torch
 
 from pipeline import testing
+from pipeline.engine import head_loadings as HL
 from pipeline.engine import hooks as H
 from pipeline.engine.attribution import attribute
-from pipeline.engine.head_loadings import HeadLoadingsError, graph_capture, head_loadings
+from pipeline.engine.head_loadings import (
+    HeadLoadingsError,
+    graph_capture,
+    head_loadings,
+    read_head_loadings,
+    top_edges,
+    write_head_loadings,
+)
 from pipeline.engine.replacement import ReplacementModel
-from pipeline.graph.store import Graph
+from pipeline.graph.pruning import prune_graph
+from pipeline.graph.store import Graph, verify_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -299,3 +308,78 @@ def test_a_graph_made_with_other_weights_is_refused(attributed, fixture_dirs, tm
     other_model = ReplacementModel.from_pretrained(other_dir, fixture_dirs["plt"], dtype=torch.float64)
     with pytest.raises(HeadLoadingsError, match="attributed with other model weights"):
         head_loadings(graph, graph.token_node(1), graph.logit_node(0), model=other_model)
+
+
+# ---------------------------------------------------------------------------- many edges, streamed
+@pytest.fixture
+def graph_copy(attributed, tmp_path):
+    """A copy of the CLT Llama graph (the tests add a group to its store), its model and capture."""
+    import shutil
+
+    model, graph, capture = attributed("llama", "clt")
+    shutil.copytree(graph.path, tmp_path / "g.zarr")
+    return model, Graph.open(tmp_path / "g.zarr"), capture
+
+
+def test_top_edges_are_the_pruned_graphs_highest_scoring_kept_edges(graph_copy):
+    _, graph, _ = graph_copy
+    result = prune_graph(graph, node_threshold=0.9, edge_threshold=0.95)
+    edges = top_edges(result, 10)
+    scores = np.asarray(result.edge_scores[edges[:, 1], edges[:, 0]]).ravel()
+    assert len(edges) == 10 and np.all(np.diff(scores) <= 0)
+    assert scores[-1] >= np.sort(result.edge_scores.data)[::-1][9]  # none better left out
+    assert result.edge_mask[edges[:, 1], edges[:, 0]].all()
+
+
+def test_streamed_head_loadings_equal_single_edge_calls(graph_copy):
+    model, graph, capture = graph_copy
+    edges = top_edges(prune_graph(graph, node_threshold=0.9, edge_threshold=0.95), 12)
+    group = write_head_loadings(graph, edges, model=model, chunk_size=5, capture=capture)
+    assert sorted(p.name for p in group.iterdir()) == [
+        "chunk_000000",
+        "chunk_000001",
+        "chunk_000002",
+        "edges",
+        "zarr.json",
+    ]
+    table = read_head_loadings(graph)
+    np.testing.assert_array_equal(table.edges, edges)
+    for i, (source, target) in enumerate(edges.tolist()):
+        one, streamed = head_loadings(graph, source, target, model=model, capture=capture), table[i]
+        np.testing.assert_array_equal(streamed.layers, one.layers)
+        np.testing.assert_allclose(streamed.heads, one.heads, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(streamed.bypass, one.bypass, rtol=1e-12, atol=1e-15)
+        assert streamed.edge == pytest.approx(one.edge, rel=1e-12, abs=1e-15)
+        assert streamed.graph_edge == one.graph_edge
+        assert streamed.sum_error() <= 1e-9 * max(1.0, abs(streamed.edge))
+    assert verify_store(graph.path) == []  # the store stays valid, the new arrays checksummed
+
+
+def test_streaming_resumes_skipping_finished_chunks(graph_copy, monkeypatch):
+    import shutil
+
+    model, graph, capture = graph_copy
+    edges = top_edges(prune_graph(graph, node_threshold=0.9, edge_threshold=0.95), 9)
+    group = write_head_loadings(graph, edges, model=model, chunk_size=3, capture=capture)
+    first = read_head_loadings(graph)
+    shutil.rmtree(group / "chunk_000001")  # as if the run had been killed before this chunk
+    with pytest.raises(HeadLoadingsError, match=r"unfinished \(1 of 3 chunks missing\): rerun write_head_loadings"):
+        read_head_loadings(graph)
+    computed = []
+    real = HL._compute_chunk
+    monkeypatch.setattr(HL, "_compute_chunk", lambda g, m, c, e: computed.append(e.copy()) or real(g, m, c, e))
+    write_head_loadings(graph, edges, model=model, chunk_size=3, capture=capture)
+    assert len(computed) == 1 and np.array_equal(computed[0], edges[3:6])
+    again = read_head_loadings(graph)
+    for name in ("heads", "bypass", "on_way", "edge", "graph_edge"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    with pytest.raises(HeadLoadingsError, match="another request .*delete it .rm -r"):
+        write_head_loadings(graph, edges[:5], model=model, chunk_size=3, capture=capture)
+
+
+def test_a_bad_edge_in_a_batch_is_refused_naming_its_row(graph_copy):
+    model, graph, capture = graph_copy
+    edges = np.array([[graph.token_node(0), graph.logit_node(0)], [graph.logit_node(0), 0]])
+    with pytest.raises(HeadLoadingsError, match=r"edges\[1\]: source logit node .* is a logit"):
+        write_head_loadings(graph, edges, model=model, capture=capture)
+    assert not (graph.path / HL.GROUP).exists()
