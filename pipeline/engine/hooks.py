@@ -43,6 +43,13 @@ def is_attention_pattern_hook(name: str) -> bool:
     return name.endswith("attn.hook_pattern")
 
 
+def attention_heads_hook(layer: int) -> str:
+    """Bridge hook of layer ``layer``'s per-head attention output before W_O (TL's ``hook_z``,
+    an alias of ``attn.o.hook_in``): (batch, pos, n_heads, d_head), one slice per query head
+    (grouped-query models too: their key/value heads are shared, the outputs are not)."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
 def block_hook(name: str, layer: int, normalization: str) -> str:
     """Bridge hook for a TL2 block-relative ``name`` at ``layer``.
 

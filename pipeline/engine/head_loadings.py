@@ -1,0 +1,702 @@
+"""Head loadings: one edge of an attribution graph split across the attention heads on its way.
+
+The frozen replacement model is linear in every source's output vector, so an edge is a sum over
+paths. At an attention layer L between source and target, the paths through head h carry
+``(d target / d z[L, h]) . dz[L, h]`` (z: the heads' outputs before W_O) and the others bypass
+L's attention. ``dz`` comes from one forward-mode sweep from the source, ``d target / d z`` from
+one backward sweep from the target, and each layer's bypass from one more forward sweep with
+that layer's heads cut: ``heads.sum() + bypass == edge`` is a check, not a definition.
+Spec: ``docs/head-loadings.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
+import zarr
+from torch import Tensor
+from zarr.storage import LocalStore
+
+from pipeline import _io
+from pipeline._io import StoreLock
+from pipeline.engine import hooks as H
+from pipeline.engine.replacement import Capture, ReplacementModel
+from pipeline.graph.pruning import PruneResult
+from pipeline.graph.store import Graph, read_array
+from pipeline.graph.writer import _create_array
+
+__all__ = [
+    "HeadLoadings",
+    "HeadLoadingsError",
+    "HeadLoadingsTable",
+    "SourceSweep",
+    "SourceVector",
+    "TargetVector",
+    "check_edge",
+    "check_same_weights",
+    "describe",
+    "graph_capture",
+    "head_loadings",
+    "layers_on_the_way",
+    "read_head_loadings",
+    "source_sweep",
+    "source_vector",
+    "split_edge",
+    "target_gradients",
+    "target_vector",
+    "top_edges",
+    "write_head_loadings",
+]
+
+
+class HeadLoadingsError(ValueError):
+    """A request a graph cannot answer: a bad node id, a pair with no edge, other weights."""
+
+
+# ---------------------------------------------------------------------------- endpoints
+@dataclass
+class SourceVector:
+    """What a source node adds to the residual stream of the frozen model, and where.
+
+    kind: "feature" | "error" | "token"; layer: its layer (-1 for a token); pos: its position
+    writes: write layer -> (d_model,) added to that layer's MLP output at ``pos`` (a cross-layer
+    transcoder's feature writes into every layer from its own on)
+    embed: (d_model,) added to the token embedding at ``pos`` (token sources), else None
+    """
+
+    kind: str
+    layer: int
+    pos: int
+    writes: dict[int, Tensor]
+    embed: Tensor | None = None
+
+
+@dataclass
+class TargetVector:
+    """Where a target node reads, and the direction it reads.
+
+    kind: "feature" | "logit"; layer: the read layer (a feature's transcoder input, read after
+    that layer's attention; ``n_layers`` for a logit, read at the unembedding's input)
+    pos: its position; vector: (d_model,) the encoder row or the logit direction
+    """
+
+    kind: str
+    layer: int
+    pos: int
+    vector: Tensor
+
+
+def layers_on_the_way(source_layer: int, target_layer: int, n_layers: int) -> list[int]:
+    """The attention layers an edge can pass: source layer < L <= target's read layer.
+
+    A feature or error of layer l writes after layer l's attention, a token below layer 0; a
+    feature target of layer m reads after layer m's attention, a logit after the last layer.
+    """
+    return list(range(source_layer + 1, min(target_layer, n_layers - 1) + 1))
+
+
+# ---------------------------------------------------------------------------- sweeps
+@dataclass
+class SourceSweep:
+    """The change one source makes in the frozen model over its first n positions
+    (forward-mode tangents; exact, no finite differences).
+
+    z: per layer (n, n_heads, d_head) the heads' outputs before W_O
+    reads: per layer (n, d_model) the transcoders' read locations
+    unembed: (n, d_model) the unembedding's input
+    """
+
+    z: list[Tensor]
+    reads: list[Tensor]
+    unembed: Tensor
+
+    def read(self, target: TargetVector) -> Tensor:
+        """The target's change (0-d): its read vector . the tangent where it reads."""
+        at = self.unembed if target.layer == len(self.reads) else self.reads[target.layer]
+        return at[target.pos] @ target.vector.to(at.dtype)
+
+
+def _tangent(t: Tensor) -> Tensor:
+    """The forward-mode tangent of ``t`` without its batch dimension (zeros when none reached it)."""
+    primal, tangent = fwAD.unpack_dual(t)
+    return torch.zeros_like(primal[0]) if tangent is None else tangent[0]
+
+
+def source_sweep(
+    model: ReplacementModel, capture: Capture, source: SourceVector, n_pos: int, *, cut_layer: int | None = None
+) -> SourceSweep:
+    """One forward-mode pass of the frozen model over the first ``n_pos`` tokens, the tangent
+    entering at the source's write locations.
+
+    Frozen as in ``ReplacementModel.frozen_forward``: attention patterns and norm scales keep
+    their clean values and carry no tangent; an MLP output carries the source's vector (when the
+    source writes there) plus the change of the transcoder's skip term. With ``cut_layer`` the
+    heads of that layer pass no tangent on, so what reaches the reads bypasses its attention.
+    """
+    n = int(n_pos)
+    if not source.pos < n <= capture.n_pos:
+        raise ValueError(f"n_pos must be in [{source.pos + 1}, {capture.n_pos}] for a source at position {source.pos}")
+    dtype, device = capture.mlp_outputs.dtype, capture.mlp_outputs.device
+    z: dict[int, Tensor] = {}
+    reads: dict[int, Tensor] = {}
+    live: dict[int, Tensor] = {}
+    unembed: list[Tensor] = []
+
+    def placed(vector: Tensor) -> Tensor:
+        """``vector`` at the source's position of a (1, n, d_model) zero tensor."""
+        out = torch.zeros(1, n, model.d_model, dtype=dtype, device=device)
+        out[0, source.pos] = vector.to(device=device, dtype=dtype)
+        return out
+
+    def primal_only(tensor: Tensor, *, hook) -> Tensor:
+        return fwAD.unpack_dual(tensor).primal
+
+    def embed(tensor: Tensor, *, hook) -> Tensor | None:
+        if source.embed is None:
+            return None
+        return fwAD.make_dual(tensor.detach(), placed(source.embed))
+
+    def heads(layer: int):
+        def hook(tensor: Tensor, *, hook) -> Tensor | None:
+            z[layer] = _tangent(tensor)
+            return fwAD.unpack_dual(tensor).primal if layer == cut_layer else None
+
+        return hook
+
+    def read(layer: int):
+        def hook(tensor: Tensor, *, hook) -> None:
+            live[layer] = tensor
+            reads[layer] = _tangent(tensor)
+
+        return hook
+
+    def write(layer: int):
+        def hook(tensor: Tensor, *, hook) -> Tensor:
+            out = capture.mlp_outputs[layer][None, :n].clone()
+            if layer in source.writes:
+                out = fwAD.make_dual(out, placed(source.writes[layer]))
+            skip = model.transcoders.skip(layer, live[layer])
+            if skip is not None:  # value unchanged (x - x == 0 exactly); tangent: the skip's change
+                out = out + (skip - fwAD.unpack_dual(skip).primal)
+            return out
+
+        return hook
+
+    def grab_unembed(tensor: Tensor, *, hook) -> None:
+        unembed.append(_tangent(tensor))
+
+    fwd: list = [(name, primal_only) for name in model.pattern_hooks + model.scale_hooks]
+    fwd.append((H.EMBED, embed))
+    for layer in range(model.n_layers):
+        fwd.append((H.attention_heads_hook(layer), heads(layer)))
+        fwd.append((model.input_hooks[layer], read(layer)))
+        fwd.append((model.output_hooks[layer], write(layer)))
+    fwd.append((H.UNEMBED_IN, grab_unembed))
+    with torch.no_grad(), fwAD.dual_level(), model.hooks(fwd):
+        model.bridge(capture.tokens[None, :n])
+    layers = range(model.n_layers)
+    return SourceSweep([z[layer] for layer in layers], [reads[layer] for layer in layers], unembed[0])
+
+
+def target_gradients(
+    model: ReplacementModel, capture: Capture, targets: list[TargetVector], n_pos: int
+) -> list[Tensor]:
+    """d (target read) / d z for every target and layer: per layer (B, n_pos, n_heads, d_head).
+
+    One backward pass of ``ReplacementModel.frozen_forward`` over the first ``n_pos`` tokens,
+    vmapped over the B targets (as ``rows.compute_rows`` does), with the heads' outputs recorded
+    as they pass; a layer no target can see gets zeros.
+    """
+    if not targets:
+        raise ValueError("target_gradients needs at least one target")
+    if max(t.pos for t in targets) >= n_pos:
+        raise ValueError(f"a target lies outside the first {n_pos} positions")
+    z: dict[int, Tensor] = {}
+
+    def grab(layer: int):
+        def hook(tensor: Tensor, *, hook) -> Tensor:
+            # the tensor this hook is given is off the bridge's autograd path (its gradient stays
+            # None); the copy returned here is what the rest of the layer is computed from
+            z[layer] = tensor.clone()
+            return z[layer]
+
+        return hook
+
+    # installed around frozen_forward's own hooks: the heads' outputs are recorded in its graph
+    with model.hooks([(H.attention_heads_hook(layer), grab(layer)) for layer in range(model.n_layers)]):
+        ff = model.frozen_forward(capture, batch=1, n_pos=n_pos)
+    B = len(targets)
+    outputs, grad_outputs = [], []
+    for layer in sorted({t.layer for t in targets}):
+        read = ff.unembed_in if layer == model.n_layers else ff.mlp_inputs[layer]
+        g = read.new_zeros((B, *read.shape))
+        for i, t in enumerate(targets):
+            if t.layer == layer:
+                g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
+        outputs.append(read)
+        grad_outputs.append(g)
+    layers = range(model.n_layers)
+    raw = torch.autograd.grad(
+        outputs, [z[layer] for layer in layers], grad_outputs, allow_unused=True, is_grads_batched=True
+    )
+    return [
+        torch.zeros((B, *z[layer].shape[1:]), dtype=z[layer].dtype, device=z[layer].device) if g is None else g[:, 0]
+        for layer, g in zip(layers, raw)
+    ]
+
+
+def split_edge(sweep: SourceSweep, grads: list[Tensor], layers: list[int]) -> Tensor:
+    """Each head's share of one edge: (len(layers), n_heads).
+
+    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient
+    (``target_gradients(...)[layer][b]``). Head h of layer L carries sum over positions and
+    head dimensions of grad * dz: the model is linear downstream of z, and a path crosses a
+    layer's attention at most once.
+    """
+    rows = []
+    for layer in layers:
+        n = min(len(grads[layer]), len(sweep.z[layer]))
+        rows.append((grads[layer][:n] * sweep.z[layer][:n].to(grads[layer].dtype)).sum(dim=(0, 2)))
+    n_heads = int(sweep.z[0].shape[1])
+    return torch.stack(rows) if rows else sweep.z[0].new_zeros((0, n_heads))
+
+
+# ---------------------------------------------------------------------------- graph nodes
+def _node_id(graph: Graph, node, role: str) -> int:
+    """``node`` as a graph-order id of ``graph``, or a one-line error naming the valid range."""
+    try:
+        node = operator.index(node)
+    except TypeError:
+        raise HeadLoadingsError(f"{role} node {node!r} is not an integer: pass a graph-order node id") from None
+    if not 0 <= node < graph.n_nodes:
+        raise HeadLoadingsError(
+            f"{role} node {node} is out of range: {graph.path} has graph-order nodes 0 to {graph.n_nodes - 1} "
+            "(features, errors, tokens, logits); get ids from Graph.feature_node / error_node / token_node / logit_node"
+        )
+    return node
+
+
+def describe(graph: Graph, node: int) -> str:
+    """``node`` in words: its kind, layer and position (for error messages and reports)."""
+    kind = graph.node_kind(node)
+    if kind == "feature":
+        layer, pos, f = (int(v) for v in graph.active_features[graph.node_active_index(node)])
+        return f"feature node {node} (layer {layer}, position {pos}, feature {f})"
+    if kind == "error":
+        layer, pos = divmod(node - graph.error_slice.start, graph.n_pos)
+        return f"error node {node} (layer {layer}, position {pos})"
+    if kind == "token":
+        return f"token node {node} (position {node - graph.token_slice.start})"
+    return f"logit node {node} (token id {int(graph.logit_tokens[node - graph.logit_slice.start])})"
+
+
+def source_vector(graph: Graph, node: int, model: ReplacementModel, capture: Capture) -> SourceVector:
+    """The output vector of graph-order source ``node``, from the model's own run in its dtype
+    (the store keeps float32 copies only)."""
+    node = _node_id(graph, node, "source")
+    kind = graph.node_kind(node)
+    if kind == "feature":
+        layer, pos, f = (int(v) for v in graph.active_features[graph.node_active_index(node)])
+        tc = model.transcoders
+        dec = tc.decoder_vectors(layer, np.array([f]))[0].to(capture.errors)  # (n_out, d_model)
+        act = capture.activations[layer, pos, f]
+        writes = {out: act * dec[j] for j, out in enumerate(tc.output_layers(layer))}
+        return SourceVector(kind, layer, pos, writes)
+    if kind == "error":
+        layer, pos = divmod(node - graph.error_slice.start, graph.n_pos)
+        vector = capture.errors[layer, pos]
+        if pos == 0 and graph.attrs.get("config", {}).get("zero_bos_errors"):
+            vector = torch.zeros_like(vector)  # the graph gave BOS errors no edges
+        return SourceVector(kind, layer, pos, {layer: vector})
+    if kind == "token":
+        pos = node - graph.token_slice.start
+        return SourceVector(kind, -1, pos, {}, embed=capture.token_embeddings[pos])
+    raise HeadLoadingsError(
+        f"source {describe(graph, node)} is a logit: logits have no outgoing edges; pass it as the target"
+    )
+
+
+def target_vector(graph: Graph, node: int, model: ReplacementModel) -> TargetVector:
+    """Where graph-order target ``node`` reads, and its read vector in the model's dtype."""
+    node = _node_id(graph, node, "target")
+    kind = graph.node_kind(node)
+    dtype, device = model.dtype, model.device
+    if kind == "feature":
+        layer, pos, f = (int(v) for v in graph.active_features[graph.node_active_index(node)])
+        vector = model.transcoders.encoder_vectors(layer, np.array([f]))[0].to(device=device, dtype=dtype)
+        return TargetVector(kind, layer, pos, vector)
+    if kind == "logit":
+        i = node - graph.logit_slice.start
+        stored = graph.table("logit_vectors")[i]
+        vector = torch.as_tensor(stored, device=device, dtype=dtype)
+        token = int(graph.logit_tokens[i])
+        if token >= 0:
+            # a token target's vector is its de-meaned unembedding column: recomputed in the model's
+            # dtype when it is the one stored (a pair or custom direction keeps the stored float32)
+            W_U = model.W_U
+            exact = (W_U[:, token] - W_U.mean(dim=-1)).detach()
+            if np.array_equal(exact.float().cpu().numpy(), stored):
+                vector = exact.to(dtype)
+        return TargetVector(kind, graph.n_layers, graph.n_pos - 1, vector)
+    raise HeadLoadingsError(
+        f"target {describe(graph, node)} has no incoming edges (only features and logits have rows): "
+        "pass a feature or logit node as the target"
+    )
+
+
+def check_same_weights(graph: Graph, model: ReplacementModel) -> None:
+    """The graph was attributed with this model's weights and transcoders: the digests its
+    store records equal ``model.digest()`` and ``model.transcoders.digest()``."""
+    for what, key, loaded in (
+        ("model", "model_digest", model.digest),
+        ("transcoders", "transcoders_digest", model.transcoders.digest),
+    ):
+        stored = graph.attrs.get(key)
+        if stored is None:
+            raise HeadLoadingsError(
+                f"graph {graph.path} records no {what} digest ({key}), so its weights cannot be checked: "
+                "re-attribute the prompt with this version of circuit-pipeline"
+            )
+        if stored != loaded():
+            raise HeadLoadingsError(
+                f"graph {graph.path} was attributed with other {what} weights ({key} {stored[:12]}... in the "
+                f"store, {loaded()[:12]}... loaded): load the {what} the graph was made with, or re-attribute "
+                "the prompt with these"
+            )
+
+
+def graph_capture(graph: Graph, model: ReplacementModel) -> Capture:
+    """The clean run of the graph's prompt, checked to have the graph's active features."""
+    check_same_weights(graph, model)
+    tokens = torch.as_tensor(np.asarray(graph.input_tokens), dtype=torch.long)
+    capture = model.capture(tokens)
+    active = capture.active_features()[0].cpu().numpy()
+    if not np.array_equal(active, np.asarray(graph.active_features, dtype=active.dtype)):
+        raise HeadLoadingsError(
+            f"on the prompt of {graph.path} the model has {len(active)} active features, the graph "
+            f"{graph.n_active} (other ones): the graph was attributed in {graph.attrs.get('dtype')}, "
+            f"the model runs in {model.dtype}; load the model in the graph's dtype"
+        )
+    return capture
+
+
+def _location(graph: Graph, node: int) -> tuple[int, int]:
+    """(layer, position) of a graph-order node as the structural mask sees it: tokens at layer
+    -1, logits at layer n_layers and the last position."""
+    kind = graph.node_kind(node)
+    if kind == "feature":
+        layer, pos, _ = (int(v) for v in graph.active_features[graph.node_active_index(node)])
+        return layer, pos
+    if kind == "error":
+        return divmod(node - graph.error_slice.start, graph.n_pos)
+    if kind == "token":
+        return -1, node - graph.token_slice.start
+    return graph.n_layers, graph.n_pos - 1
+
+
+def check_edge(graph: Graph, source, target) -> tuple[int, int]:
+    """``(source, target)`` as graph-order ids of a pair that can have an edge, or a one-line
+    HeadLoadingsError: an id out of range, a logit source, an error or token target, or a source
+    that cannot reach the target. Reads only the graph."""
+    source = _node_id(graph, source, "source")
+    target = _node_id(graph, target, "target")
+    if graph.node_kind(source) == "logit":
+        raise HeadLoadingsError(
+            f"source {describe(graph, source)} is a logit: logits have no outgoing edges; pass it as the target"
+        )
+    if graph.node_kind(target) in ("error", "token"):
+        raise HeadLoadingsError(
+            f"target {describe(graph, target)} has no incoming edges (only features and logits have rows): "
+            "pass a feature or logit node as the target"
+        )
+    (src_layer, src_pos), (tgt_layer, tgt_pos) = _location(graph, source), _location(graph, target)
+    if not (src_layer < tgt_layer and src_pos <= tgt_pos):
+        raise HeadLoadingsError(
+            f"source {describe(graph, source)} cannot reach target {describe(graph, target)}: edges run from an "
+            "earlier layer (tokens: below layer 0) at the same or an earlier position, so there is no such "
+            "edge; pick a source upstream of the target (Graph.row(target) lists its sources)"
+        )
+    return source, target
+
+
+# ---------------------------------------------------------------------------- the API
+@dataclass(frozen=True)
+class HeadLoadings:
+    """One edge split across the attention heads of every layer on its way.
+
+    source, target: graph-order nodes
+    layers: (k,) the attention layers on the way (source layer < L <= target's read layer)
+    heads: (k, n_heads) the part of the edge through each head of each layer
+    bypass: (k,) the part of the edge that avoids that layer's attention (residual stream,
+    transcoder skip terms, writes of a cross-layer feature into later layers)
+    edge: the edge, recomputed in the model's dtype; for every i, heads[i].sum() + bypass[i]
+    equals it up to rounding (:meth:`sum_error`)
+    graph_edge: the edge as the graph stores it (float32; 0.0 when not stored)
+    """
+
+    source: int
+    target: int
+    layers: np.ndarray
+    heads: np.ndarray
+    bypass: np.ndarray
+    edge: float
+    graph_edge: float
+
+    def sum_error(self) -> float:
+        """max over layers of |heads.sum() + bypass - edge| (0.0 with no layer on the way)."""
+        if not len(self.layers):
+            return 0.0
+        return float(np.abs(self.heads.sum(axis=1) + self.bypass - self.edge).max())
+
+
+def head_loadings(
+    graph: Graph, source: int, target: int, *, model: ReplacementModel, capture: Capture | None = None
+) -> HeadLoadings:
+    """Split the edge ``source -> target`` (graph-order node ids) of ``graph`` across the
+    attention heads of every layer on its way.
+
+    model: the replacement model the graph was attributed with (checked by digest; any dtype
+    with the same active features, float64 for exact checks). capture: the clean run of the
+    graph's prompt (``graph_capture``), to reuse across calls.
+    Raises HeadLoadingsError for a node id out of range, a logit source or an error/token
+    target, a source that cannot reach the target, or a graph of other weights.
+    """
+    source, target = check_edge(graph, source, target)
+    if capture is None:
+        capture = graph_capture(graph, model)  # checks the weights too
+    else:
+        check_same_weights(graph, model)
+    src = source_vector(graph, source, model, capture)
+    tgt = target_vector(graph, target, model)
+    n = tgt.pos + 1  # causal: nothing after the target's position can reach it
+    layers = layers_on_the_way(src.layer, tgt.layer, model.n_layers)
+    sweep = source_sweep(model, capture, src, n)
+    grads = [g[0] for g in target_gradients(model, capture, [tgt], n)]
+    heads = split_edge(sweep, grads, layers)
+    bypass = [source_sweep(model, capture, src, n, cut_layer=layer).read(tgt) for layer in layers]
+    cols, vals = graph.row(target)
+    hit = np.nonzero(cols == source)[0]
+    return HeadLoadings(
+        source=source,
+        target=target,
+        layers=np.asarray(layers, dtype=np.int64),
+        heads=heads.detach().double().cpu().numpy(),
+        bypass=np.array([float(b) for b in bypass], dtype=np.float64),
+        edge=float(sweep.read(tgt)),
+        graph_edge=float(vals[hit[0]]) if len(hit) else 0.0,
+    )
+
+
+# ---------------------------------------------------------------------------- many edges, streamed
+GROUP = "head_loadings"  # the group inside a graph store
+GROUP_FORMAT = "circuit-pipeline/head-loadings"
+GROUP_VERSION = 1
+
+
+def top_edges(result: PruneResult, n: int) -> np.ndarray:
+    """The ``n`` kept edges of a pruned graph with the highest edge scores: (k, 2) graph-order
+    [source, target] rows, best first (ties by target, then source: deterministic)."""
+    coo = result.edge_scores.tocoo()
+    order = np.lexsort((coo.col, coo.row, -coo.data))[: int(n)]
+    return np.stack([coo.col[order], coo.row[order]], axis=1).astype(np.int64)
+
+
+def _chunk_name(index: int) -> str:
+    return f"chunk_{index:06d}"
+
+
+def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edges: np.ndarray) -> dict[str, np.ndarray]:
+    """The loadings of ``edges`` (B, 2): one backward sweep for all their targets (vmapped), and
+    per distinct source one forward sweep plus one cut sweep per layer on the way.
+
+    returns heads (B, n_layers, n_heads), bypass (B, n_layers), on_way (B, n_layers) bool
+    (layers off an edge's way hold zeros), edge (B,) float64, graph_edge (B,) float32
+    """
+    n_layers = model.n_layers
+    targets = {int(t): target_vector(graph, int(t), model) for t in np.unique(edges[:, 1])}
+    column = {t: i for i, t in enumerate(targets)}
+    grads = target_gradients(model, capture, list(targets.values()), capture.n_pos)
+    B, n_heads = len(edges), int(grads[0].shape[2])
+    out = {
+        "heads": np.zeros((B, n_layers, n_heads)),
+        "bypass": np.zeros((B, n_layers)),
+        "on_way": np.zeros((B, n_layers), dtype=bool),
+        "edge": np.zeros(B),
+        "graph_edge": np.zeros(B, dtype=np.float32),
+    }
+    for s in np.unique(edges[:, 0]).tolist():
+        rows = np.nonzero(edges[:, 0] == s)[0]
+        src = source_vector(graph, s, model, capture)
+        its = [targets[int(edges[i, 1])] for i in rows]
+        n = max(t.pos for t in its) + 1
+        sweep = source_sweep(model, capture, src, n)
+        cuts = {
+            layer: source_sweep(model, capture, src, n, cut_layer=layer)
+            for layer in layers_on_the_way(src.layer, max(t.layer for t in its), n_layers)
+        }
+        for i, tgt in zip(rows.tolist(), its):
+            layers = layers_on_the_way(src.layer, tgt.layer, n_layers)
+            b = column[int(edges[i, 1])]
+            out["heads"][i, layers] = split_edge(sweep, [g[b] for g in grads], layers).double().cpu().numpy()
+            out["bypass"][i, layers] = [float(cuts[layer].read(tgt)) for layer in layers]
+            out["on_way"][i, layers] = True
+            out["edge"][i] = float(sweep.read(tgt))
+    for i, (s, t) in enumerate(edges.tolist()):
+        cols, vals = graph.row(t)
+        hit = np.nonzero(cols == s)[0]
+        out["graph_edge"][i] = vals[hit[0]] if len(hit) else 0.0
+    return out
+
+
+def _write_group_dir(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A zarr group of one-chunk checksummed arrays at ``path``, complete or absent: written
+    into a temporary directory beside it and renamed into place."""
+    _io.remove_stale_temps(path)
+    with _io.atomic_directory(path) as tmp:
+        store = LocalStore(tmp)
+        zarr.create_group(store)
+        for name, array in arrays.items():
+            _create_array(store, name, array)  # the graph store's codecs: Blosc-zstd, then CRC32C
+
+
+def write_head_loadings(
+    graph: Graph, edges, *, model: ReplacementModel, chunk_size: int = 64, capture: Capture | None = None
+) -> Path:
+    """Head loadings of every [source, target] row of ``edges`` ((k, 2) graph-order ids, e.g.
+    :func:`top_edges`), streamed into ``<store>/head_loadings/`` one chunk of ``chunk_size``
+    edges at a time; read them back with :func:`read_head_loadings`. Returns the group's path.
+
+    Resumable: each chunk appears complete (renamed into place) or not at all, so a rerun with
+    the same request skips the chunks already written. A group left by another request (other
+    edges, chunk size, weights or dtype) is refused, naming the fix. Holds the store's writer
+    lock while it runs. Every edge is checked (:func:`check_edge`) before anything is computed.
+    """
+    edges = np.asarray(edges, dtype=np.int64)
+    if edges.ndim != 2 or edges.shape[1] != 2 or not len(edges):
+        raise HeadLoadingsError(f"edges must be a non-empty (k, 2) array of [source, target] rows, got {edges.shape}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise HeadLoadingsError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    for i, (s, t) in enumerate(edges.tolist()):
+        try:
+            check_edge(graph, s, t)
+        except HeadLoadingsError as exc:
+            raise HeadLoadingsError(f"edges[{i}]: {exc}") from None
+    check_same_weights(graph, model)
+    group = graph.path / GROUP
+    request = {
+        "graph": graph.fingerprint,
+        "model": model.digest(),
+        "transcoders": model.transcoders.digest(),
+        "dtype": str(model.dtype),
+        "edges": hashlib.sha256(edges.tobytes()).hexdigest(),
+        "chunk_size": chunk_size,
+    }
+    meta = {
+        "format": GROUP_FORMAT,
+        "version": GROUP_VERSION,
+        "fingerprint": _io.digest_json(request),
+        "n_edges": len(edges),
+        "chunk_size": chunk_size,
+        "n_layers": model.n_layers,
+        "n_heads": int(model.bridge.cfg.n_heads),
+        "dtype": str(model.dtype),
+    }
+    n_chunks = -(-len(edges) // chunk_size)
+    with StoreLock(graph.path):
+        found = _group_meta(group)
+        if found is None:
+            if group.exists():  # a crash before its metadata: nothing in it is recorded
+                shutil.rmtree(group)
+            group.mkdir()
+            _write_group_dir(group / "edges", {"edges": edges})
+            # the metadata last: its presence says the edges beside it are the request's
+            _io.atomic_write_bytes(
+                group / "zarr.json",
+                _io.json_bytes({"zarr_format": 3, "node_type": "group", "attributes": {GROUP: meta}}),
+            )
+        elif found.get("fingerprint") != meta["fingerprint"]:
+            raise HeadLoadingsError(
+                f"{group} holds the head loadings of another request (other edges, chunk size, weights or "
+                f"dtype): delete it (rm -r '{group}') to compute these, or pass the same edges and chunk_size"
+            )
+        for k in range(n_chunks):
+            path = group / _chunk_name(k)
+            if (path / "zarr.json").is_file():
+                continue  # written by an earlier run: a chunk is renamed into place complete
+            if capture is None:
+                capture = graph_capture(graph, model)
+            chunk = edges[k * chunk_size : (k + 1) * chunk_size]
+            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk))
+    return group
+
+
+def _group_meta(group: Path) -> dict | None:
+    """The head-loadings group's metadata, or None when it has none (absent, or cut short)."""
+    try:
+        meta = _io.read_json(group / "zarr.json")["attributes"][GROUP]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == GROUP_FORMAT else None
+
+
+@dataclass(frozen=True)
+class HeadLoadingsTable:
+    """The head loadings of many edges, as :func:`write_head_loadings` stored them.
+
+    edges: (E, 2) [source, target]; on_way: (E, n_layers) the layers on each edge's way
+    heads: (E, n_layers, n_heads) and bypass: (E, n_layers), zero off the way
+    edge: (E,) recomputed in the model's dtype; graph_edge: (E,) as the graph stores it
+    """
+
+    edges: np.ndarray
+    on_way: np.ndarray
+    heads: np.ndarray
+    bypass: np.ndarray
+    edge: np.ndarray
+    graph_edge: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.edges)
+
+    def __getitem__(self, i: int) -> HeadLoadings:
+        """Edge ``i`` as :func:`head_loadings` returns it."""
+        layers = np.nonzero(self.on_way[i])[0]
+        return HeadLoadings(
+            source=int(self.edges[i, 0]),
+            target=int(self.edges[i, 1]),
+            layers=layers.astype(np.int64),
+            heads=self.heads[i, layers],
+            bypass=self.bypass[i, layers],
+            edge=float(self.edge[i]),
+            graph_edge=float(self.graph_edge[i]),
+        )
+
+
+def read_head_loadings(graph: Graph) -> HeadLoadingsTable:
+    """The head loadings stored in ``graph``'s store (every chunk checksummed on read); an
+    error naming the fix when there are none or a run has not finished them."""
+    group = graph.path / GROUP
+    meta = _group_meta(group)
+    if meta is None:
+        raise HeadLoadingsError(f"{graph.path} holds no head loadings: compute them with write_head_loadings")
+    store = LocalStore(graph.path, read_only=True)
+    n_chunks = -(-int(meta["n_edges"]) // int(meta["chunk_size"]))
+    missing = [k for k in range(n_chunks) if not (group / _chunk_name(k) / "zarr.json").is_file()]
+    if missing:
+        raise HeadLoadingsError(
+            f"the head loadings in {group} are unfinished ({len(missing)} of {n_chunks} chunks missing): rerun "
+            "write_head_loadings with the same edges to resume"
+        )
+    names = ("heads", "bypass", "on_way", "edge", "graph_edge")
+    chunks = [{k: read_array(store, f"{GROUP}/{_chunk_name(c)}/{k}") for k in names} for c in range(n_chunks)]
+    return HeadLoadingsTable(
+        edges=read_array(store, f"{GROUP}/edges/edges"),
+        **{k: np.concatenate([c[k] for c in chunks]) for k in names},
+    )
