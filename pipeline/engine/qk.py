@@ -158,7 +158,7 @@ def qk_attribution(
 
     Bad input is a ValueError naming the fix: a layer, head or position out of range, a key
     after the query, a key the layer masks (sliding window), or a model whose score is not a
-    plain bilinear form (attention logit soft-capping, per-head query/key norms, ALiBi).
+    plain bilinear form (attention logit soft-capping, query/key norms, ALiBi).
     """
     _check_index("layer", layer, model.n_layers, "the model has {n} layers")
     n_heads = int(model.bridge.cfg.n_heads)
@@ -252,7 +252,7 @@ def _check_plain_bilinear(model: ReplacementModel, layer: int) -> None:
     for norm in ("q_norm", "k_norm"):
         if getattr(attn, norm, None) is not None:
             raise ValueError(
-                f"{name} normalises queries and keys per head ({norm}): QK attribution supports only "
+                f"{name} normalises its queries and keys ({norm}): QK attribution supports only "
                 "attention whose queries and keys are affine in the first norm's output"
             )
     pe = str(getattr(model.bridge.cfg, "positional_embedding_type", "standard"))
