@@ -6,6 +6,8 @@ of the two residuals is written as the sum of what reaches it (the graph's nodes
 errors, token embeddings; and the terms the graph does not name: the positional embedding,
 earlier attention outputs, transcoder decoder biases and skip terms), so the score is exactly
 the sum of a matrix of query-term × key-term products plus the norm/projection bias terms.
+With ``expand_attention``, earlier attention outputs are traced through their OV circuits
+(patterns frozen) into the nodes at the positions they read from.
 ``docs/qk-attributions.md`` gives the formula and what is not covered.
 """
 
@@ -22,7 +24,7 @@ from pipeline.engine.replacement import Capture, ReplacementModel
 from pipeline.graph.layout import NodeLayout
 from pipeline.graph.store import Graph
 
-NODE_KINDS = ("token", "position", "feature", "error", "attention", "decoder_bias", "skip", "bias")
+NODE_KINDS = ("token", "position", "feature", "error", "attention", "attention_bias", "decoder_bias", "skip", "bias")
 
 # relative tolerance of the exactness anchors (sums checked against the run's own tensors),
 # per model dtype: Hugging Face computes some norms in float32 even in a float64 model
@@ -38,7 +40,11 @@ class QKNode:
     (activation × its decoder rows into layers < L), "error" (the MLP error of ``layer``),
     "attention" (what layer ``layer``'s attention added), "decoder_bias" (b_dec of ``layer``),
     "skip" (the skip term of ``layer``'s transcoder), "bias" (the norm's bias times W_Q or W_K,
-    plus b_Q or b_K: one per side, independent of the residual).
+    plus b_Q or b_K: one per side, independent of the residual). With ``expand_attention``,
+    "attention" terms are replaced by the upstream nodes they carry (a node's term then holds
+    its direct part and what attention moved from its position to this one) plus
+    "attention_bias" (what layer ``layer``'s attention adds at ``pos`` independent of the
+    residual: b_O and the value biases, mixed by the pattern).
     layer: the feature's encoder layer, or the layer whose output the term is part of; None
     for token, position and bias. pos: where the term sits (None for bias). feature: the
     transcoder feature index (features only).
@@ -123,6 +129,8 @@ class _Run:
     resid: (n_pos, d_model) residual entering L; scale: (n_pos,) ln1 scale of L;
     scores: (n_heads, n_pos, n_pos); attn: [l] (n_pos, d_model) attention outputs of l < L;
     pos_embed: (n_pos, d_model) or None; cos, sin: (n_pos, rotary_dim) or None.
+    Recorded only to expand attention, for every l < L: resids[l] (n_pos, d_model) the residual
+    entering l, patterns[l] (n_heads, n_pos, n_pos), scales[l] (n_pos,) ln1 scales.
     """
 
     resid: Tensor
@@ -132,6 +140,9 @@ class _Run:
     pos_embed: Tensor | None
     cos: Tensor | None
     sin: Tensor | None
+    resids: list[Tensor]
+    patterns: list[Tensor]
+    scales: list[Tensor]
 
 
 class _Stop(Exception):
@@ -148,6 +159,7 @@ def qk_attribution(
     *,
     top: int | None = 20,
     graph: Graph | None = None,
+    expand_attention: bool = False,
 ) -> QKAttribution:
     """Split head ``head`` of ``layer``'s pre-softmax score from ``query_pos`` to ``key_pos``
     into query-node × key-node terms (see :class:`QKAttribution`).
@@ -155,6 +167,9 @@ def qk_attribution(
     prompt_or_capture: a prompt (text or token ids) or the Capture of one (its tokens are rerun
     once to record the attention inputs). top: how many terms to list (None: all). graph: the
     attribution graph of the same prompt and transcoders, to name each node's graph id.
+    expand_attention: replace each earlier layer's attention output by the nodes it carries
+    through its OV circuit (patterns and norm scales frozen at the run's), recursively, so
+    every term is a node at a position up to the query (key) position, or a bias.
 
     Bad input is a ValueError naming the fix: a layer, head or position out of range, a key
     after the query, a key the layer masks (sliding window), or a model whose score is not a
@@ -178,7 +193,7 @@ def qk_attribution(
         )
     if capture is None:
         capture = model.capture(tokens)
-    run = _record_run(model, capture.tokens, layer)
+    run = _record_run(model, capture.tokens, layer, expand_attention)
     actual = float(run.scores[head, query_pos, key_pos])
     if not np.isfinite(actual) or actual <= torch.finfo(run.scores.dtype).min / 2:
         raise ValueError(
@@ -189,8 +204,15 @@ def qk_attribution(
     cdt = torch.float32 if model.device.type == "mps" else torch.float64  # mps has no float64
     idx, values = capture.active_features()
     layout = NodeLayout(model.n_layers, n_pos, int(idx.shape[0]), 0)
-    q_nodes, q_vecs = _residual_terms(model, capture, run, layer, query_pos, idx, values, layout, cdt)
-    k_nodes, k_vecs = _residual_terms(model, capture, run, layer, key_pos, idx, values, layout, cdt)
+    if expand_attention:
+        nodes, spread = _expanded_terms(model, capture, run, layer, idx, values, layout, cdt)
+        q_nodes, q_vecs = _at_position(nodes, spread, query_pos)
+        k_nodes, k_vecs = _at_position(nodes, spread, key_pos)
+        _check_residual(model, run.resid[query_pos], q_vecs, layer, query_pos)
+        _check_residual(model, run.resid[key_pos], k_vecs, layer, key_pos)
+    else:
+        q_nodes, q_vecs = _residual_terms(model, capture, run, layer, query_pos, idx, values, layout, cdt)
+        k_nodes, k_vecs = _residual_terms(model, capture, run, layer, key_pos, idx, values, layout, cdt)
     Q = _project(model, run, layer, head, query_pos, q_vecs, "Q", cdt)  # (n_q + 1, d_head), bias last
     K = _project(model, run, layer, head, key_pos, k_vecs, "K", cdt)
     q_nodes.append(QKNode("bias"))
@@ -272,9 +294,9 @@ def _anchor_rtol(model: ReplacementModel) -> float:
 
 
 # ---------------------------------------------------------------------------- the run
-def _record_run(model: ReplacementModel, tokens: Tensor, layer: int) -> _Run:
-    """One forward of ``tokens`` that records what layer ``layer``'s scores are made of, and
-    stops at that layer's scores."""
+def _record_run(model: ReplacementModel, tokens: Tensor, layer: int, expand: bool = False) -> _Run:
+    """One forward of ``tokens`` that records what layer ``layer``'s scores are made of (with
+    ``expand``, also every earlier layer's attention inputs), and stops at that layer's scores."""
     store: dict[object, Tensor] = {}
     rotary = str(model.bridge.cfg.positional_embedding_type) == "rotary"
 
@@ -292,6 +314,10 @@ def _record_run(model: ReplacementModel, tokens: Tensor, layer: int) -> _Run:
         (H.attn_scores(layer), keep("scores", stop=True)),
     ]
     fwd += [(H.attn_out(src), keep(("attn", src))) for src in range(layer)]
+    if expand:
+        for src in range(layer):
+            fwd += [(H.resid_pre(src), keep(("resid", src))), (H.ln1_scale(src), keep(("scale", src)))]
+            fwd.append((f"blocks.{src}.attn.hook_pattern", keep(("pattern", src))))
     if rotary:
         cos, sin = H.rotary_cos_sin(layer)
         fwd += [(cos, keep("cos")), (sin, keep("sin"))]
@@ -315,6 +341,9 @@ def _record_run(model: ReplacementModel, tokens: Tensor, layer: int) -> _Run:
         pos_embed=store.get("pos"),
         cos=cos_t,
         sin=sin_t,
+        resids=[store[("resid", src)] for src in range(layer)] if expand else [],
+        patterns=[store[("pattern", src)] for src in range(layer)] if expand else [],
+        scales=[store[("scale", src)].reshape(n_pos) for src in range(layer)] if expand else [],
     )
 
 
@@ -363,9 +392,16 @@ def _residual_terms(
             nodes.append(QKNode("skip", layer=src, pos=pos))
             vecs.append(skip)
     stacked = torch.stack([v.to(device=cap.errors.device, dtype=cdt) for v in vecs])
-    resid = run.resid[pos].to(cdt)
-    err = float((stacked.sum(0) - resid).abs().max())
-    size = float(stacked.abs().sum(0).max()) + float(resid.abs().max())
+    _check_residual(model, run.resid[pos], stacked, layer, pos)
+    return nodes, stacked
+
+
+def _check_residual(model: ReplacementModel, resid: Tensor, terms: Tensor, layer: int, pos) -> None:
+    """The exactness anchor: ``terms`` (n, d_model) add up to the run's ``resid`` (d_model,)
+    entering ``layer`` at ``pos`` (a position, or "every position" for a whole layer)."""
+    resid = resid.to(terms.dtype)
+    err = float((terms.sum(0) - resid).abs().max())
+    size = float(terms.abs().sum(0).max()) + float(resid.abs().max())
     if err > _anchor_rtol(model) * size + 1e-12:
         raise RuntimeError(
             f"the residual stream entering layer {layer} at position {pos} is not the sum of its embeddings, "
@@ -373,7 +409,129 @@ def _residual_terms(
             "attribution does not model (post-attention/post-MLP norms, a scaled embedding), or the capture "
             "was made with other weights; recapture it with this model"
         )
-    return nodes, stacked
+
+
+def _expanded_terms(
+    model: ReplacementModel,
+    cap: Capture,
+    run: _Run,
+    layer: int,
+    idx: Tensor,
+    values: Tensor,
+    layout: NodeLayout,
+    cdt: torch.dtype,
+) -> tuple[list[QKNode], Tensor]:
+    """Every node's contribution to the residual stream entering ``layer``, at every position,
+    with earlier attention outputs expanded through their OV circuits.
+
+    Layer by layer from the embedding: each layer's attention (pattern and ln1 scale frozen at
+    the run's) moves every node's contribution from its key positions to its query positions,
+    and what it adds independent of the residual is that layer's "attention_bias" node; then
+    the layer's MLP terms are added at their positions. returns (nodes, spread (n_nodes, n_pos,
+    d_model)); memory n_nodes * n_pos * d_model.
+    """
+    tc = model.transcoders
+    n_pos = cap.n_pos
+    device = cap.errors.device
+    zero = torch.zeros(n_pos, model.d_model, dtype=cdt, device=device)
+    nodes: list[QKNode] = []
+    first: list[Tensor] = []  # each node's contribution to the embedding (n_pos, d_model)
+    for pos in range(n_pos):
+        nodes.append(QKNode("token", pos=pos, compute_node=layout.compute_token_node(pos)))
+        first.append(_at(cap.token_embeddings[pos].to(cdt), pos, n_pos))
+        if run.pos_embed is not None:
+            nodes.append(QKNode("position", pos=pos))
+            first.append(_at(run.pos_embed[pos].to(cdt), pos, n_pos))
+    # features below ``layer``: (row in nodes, layer, pos, activation x decoder rows (n_out, d_model)),
+    # each row added at its output layer's MLP step below
+    features: list[tuple[int, int, int, Tensor]] = []
+    below = (idx[:, 0] < layer).nonzero().reshape(-1)
+    for src in range(layer):
+        mine = below[idx[below, 0] == src]
+        if len(mine):
+            rows = tc.decoder_vectors(src, idx[mine, 2]).to(device=device, dtype=cdt)
+            rows = values[mine].to(cdt)[:, None, None] * rows
+            for k, i in enumerate(mine.tolist()):
+                pos = int(idx[i, 1])
+                features.append((len(nodes), src, pos, rows[k]))
+                nodes.append(QKNode("feature", layer=src, pos=pos, feature=int(idx[i, 2]), compute_node=i))
+                first.append(zero)
+    spread = torch.stack(first)
+    for src in range(layer):
+        block = model.bridge.blocks[src]
+        _check_residual(model, run.resids[src].reshape(-1), spread.reshape(len(spread), -1), src, "every position")
+        moved, bias = _through_ov(model, block, run, src, spread, cdt)
+        _check_residual(
+            model,
+            run.attn[src].reshape(-1),
+            torch.cat([moved, bias[None]]).reshape(len(spread) + 1, -1),
+            src,
+            "every position (attention output)",
+        )
+        spread = spread + moved
+        new = []  # rows of the nodes this layer adds: attention biases, errors, b_dec, skip
+        for pos in range(n_pos):
+            nodes.append(QKNode("attention_bias", layer=src, pos=pos))
+            new.append(_at(bias[pos], pos, n_pos))
+        # MLP terms of layer src: features' rows into src, then error, b_dec and skip per position
+        for row, f_layer, f_pos, dec in features:
+            out_layers = tc.output_layers(f_layer)
+            if src in out_layers:
+                spread[row, f_pos] += dec[out_layers.index(src)]
+        for pos in range(n_pos):
+            nodes.append(QKNode("error", layer=src, pos=pos, compute_node=layout.compute_error_node(src, pos)))
+            new.append(_at(cap.errors[src, pos].to(cdt), pos, n_pos))
+            nodes.append(QKNode("decoder_bias", layer=src, pos=pos))
+            new.append(_at(tc.decoder_bias(src).to(cdt), pos, n_pos))
+            skip = tc.skip(src, cap.mlp_inputs[src, pos])
+            if skip is not None:
+                nodes.append(QKNode("skip", layer=src, pos=pos))
+                new.append(_at(skip.to(cdt), pos, n_pos))
+        spread = torch.cat([spread, torch.stack(new)])
+    return nodes, spread
+
+
+def _at(vec: Tensor, pos: int, n_pos: int) -> Tensor:
+    """(n_pos, d_model): ``vec`` at ``pos``, zero elsewhere."""
+    out = vec.new_zeros(n_pos, vec.shape[-1])
+    out[pos] = vec
+    return out
+
+
+def _through_ov(model: ReplacementModel, block, run: _Run, src: int, spread: Tensor, cdt: torch.dtype):
+    """What layer ``src``'s attention writes, per node: (moved (n_nodes, n_pos, d_model), bias
+    (n_pos, d_model)), with its patterns and ln1 scales frozen at the run's."""
+    norm = block.ln1.original_component
+    weight, nbias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    x = spread
+    if model.normalization.startswith("LN"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / run.scales[src].to(cdt)[None, :, None]
+    if weight is not None:
+        x = x * weight.to(cdt)
+    attn = block.attn
+    W_V, W_O = attn.W_V.to(cdt), attn.W_O.to(cdt)  # (n_kv, d_model, d_head), (n_heads, d_head, d_model)
+    n_heads, group = W_O.shape[0], W_O.shape[0] // W_V.shape[0]
+    pattern = run.patterns[src].to(cdt)  # (n_heads, n_query, n_key)
+    moved = torch.zeros_like(spread)
+    bias = spread.new_zeros(spread.shape[1], spread.shape[2])
+    for h in range(n_heads):
+        g = h // group
+        v = x @ W_V[g]  # (n_nodes, n_pos, d_head)
+        moved += torch.einsum("ts,nsd->ntd", pattern[h], v) @ W_O[h]
+        v_bias = (nbias.to(cdt) @ W_V[g]) if nbias is not None else W_V.new_zeros(W_V.shape[-1])
+        if attn.b_V is not None:
+            v_bias = v_bias + attn.b_V[g].to(cdt)
+        bias += pattern[h].sum(-1)[:, None] * (v_bias @ W_O[h])[None]
+    if attn.b_O is not None:
+        bias += attn.b_O.to(cdt)
+    return moved, bias
+
+
+def _at_position(nodes: list[QKNode], spread: Tensor, pos: int) -> tuple[list[QKNode], Tensor]:
+    """The nodes that can reach ``pos`` (those at positions up to it) and their vectors there."""
+    keep = [i for i, node in enumerate(nodes) if node.pos is None or node.pos <= pos]
+    return [nodes[i] for i in keep], spread[keep, pos]
 
 
 # ---------------------------------------------------------------------------- linear maps

@@ -289,3 +289,113 @@ def test_attention_logit_soft_capping_is_refused(dirs, tmp_path):
     with pytest.raises(ValueError, match="soft-caps its attention logits.*use a model without") as err:
         qk_attribution(model, prompt_for(gemma), 1, 0, 3, 1)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------- expanded attention
+@pytest.mark.parametrize("kind", ["plt_skip", "clt"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_expanded_attention_terms_sum_to_the_pre_softmax_score(models, dirs, arch, kind):
+    model = models(arch, kind)
+    cap = model.capture(prompt_for(dirs[arch]))
+    n = cap.n_pos
+    worst = 0.0
+    for layer in range(model.n_layers):
+        scores, _ = run_scores(model, cap.tokens, layer)
+        for head in range(int(model.bridge.cfg.n_heads)):
+            for p, q in [(n - 1, 0), (n - 1, 3), (4, 4)]:
+                qk = qk_attribution(model, cap, layer, head, p, q, expand_attention=True)
+                assert all(node.kind != "attention" for node in qk.query_nodes + qk.key_nodes)
+                assert all(node.pos is None or node.pos <= p for node in qk.query_nodes)
+                assert all(node.pos is None or node.pos <= q for node in qk.key_nodes)
+                worst = max(worst, abs(qk.terms_sum - float(scores[head, p, q])))
+    assert worst < 1e-6, f"{arch}/{kind}: expanded terms miss the score by {worst:.3g}"
+
+
+def frozen_scores_without(model: ReplacementModel, cap: Capture, layer: int, node: QKNode, vec) -> torch.Tensor:
+    """Layer ``layer``'s scores (n_heads, n_pos, n_pos) of a rerun with every attention pattern
+    below it, every first-norm scale up to it and every MLP output below it held at the clean
+    run's, and ``node``'s output vector ``vec`` taken out where it enters the residual stream."""
+    clean: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(t, *, hook):
+            clean[name] = t.detach().clone()
+
+        return hook
+
+    frozen = [f"blocks.{src}.attn.hook_pattern" for src in range(layer)]
+    frozen += [f"blocks.{src}.ln1.hook_scale" for src in range(layer + 1)]
+    with torch.no_grad(), model.hooks([(n, keep(n)) for n in frozen]):
+        model.bridge(cap.tokens[None])
+
+    def hold(name):
+        return lambda t, *, hook: clean[name]
+
+    def minus(pos):
+        def hook(t, *, hook):
+            t = t.clone()
+            t[0, pos] -= vec
+            return t
+
+        return hook
+
+    fwd = [(n, hold(n)) for n in frozen]
+    for src in range(layer):
+        mlp_out = cap.mlp_outputs[src]
+        if node.kind == "feature" and src in model.transcoders.output_layers(node.layer):
+            act = cap.activations[node.layer, node.pos, node.feature]
+            rows = model.transcoders.decoder_vectors(node.layer, torch.tensor([node.feature]))[0]
+            row = act * rows[list(model.transcoders.output_layers(node.layer)).index(src)]
+            write = minus_at(node.pos, mlp_out, row)  # this layer's share of the feature's output
+        elif node.kind in ("error", "decoder_bias", "skip") and node.layer == src:
+            write = minus_at(node.pos, mlp_out, vec)
+        else:
+            write = minus_at(node.pos, mlp_out, torch.zeros_like(mlp_out[0]))  # held at the clean output
+        fwd.append((model.output_hooks[src], write))
+    if node.kind == "token":
+        fwd.append(("hook_embed", minus(node.pos)))
+    elif node.kind == "position":
+        fwd.append(("hook_pos_embed", minus(node.pos)))
+    elif node.kind == "attention_bias":
+        fwd.append((f"blocks.{node.layer}.hook_attn_out", minus(node.pos)))
+    out: dict[str, torch.Tensor] = {}
+    fwd.append((f"blocks.{layer}.attn.hook_attn_scores", lambda t, *, hook: out.setdefault("s", t[0].clone())))
+    with torch.no_grad(), model.hooks(fwd):
+        model.bridge(cap.tokens[None])
+    return out["s"]
+
+
+def minus_at(pos, base, row):
+    """A hook that writes ``base`` (n_pos, d_model) with ``row`` taken out at ``pos``."""
+
+    def hook(t, *, hook):
+        t = base[None].clone()
+        t[0, pos] -= row
+        return t
+
+    return hook
+
+
+@pytest.mark.parametrize("kind", ["plt_skip", "clt"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_expanded_query_term_equals_score_change_in_the_frozen_model(models, dirs, arch, kind):
+    """A node between the key and the query position reaches only the query side: removing it
+    where it enters the residual (patterns, norm scales and MLP outputs held) changes the score
+    by its row sum, through its direct path and every attention path together."""
+    model = models(arch, kind)
+    cap = model.capture(prompt_for(dirs[arch]))
+    layer, head, p, q = 1, 1, cap.n_pos - 1, 2
+    qk = qk_attribution(model, cap, layer, head, p, q, top=None, expand_attention=True)
+    scores, clean = run_scores(model, cap.tokens, layer)
+    base = float(scores[head, p, q])
+    checked = set()
+    for i, node in enumerate(qk.query_nodes[:-1]):
+        if node.pos is None or node.pos <= q:
+            continue
+        if node.kind == "attention_bias":
+            continue  # no single vector: it is the bias part of the attention output, see the sum test
+        vec = None if node.kind == "feature" else node_vector(model, cap, clean, node, layer)
+        edited = frozen_scores_without(model, cap, layer, node, vec)
+        assert float(qk.query_marginals[i]) == pytest.approx(base - float(edited[head, p, q]), abs=1e-9), node.label()
+        checked.add(node.kind)
+    assert {"token", "feature", "error", "decoder_bias"} <= checked
