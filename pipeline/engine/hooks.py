@@ -30,6 +30,36 @@ WRITE_HOOKS = frozenset({"mlp.hook_out", "hook_mlp_out"})
 EMBED = "hook_embed"  # token embedding, before positional embeddings are added
 UNEMBED_IN = "unembed.hook_in"  # TL2's unembed.hook_pre: after the final norm
 
+POS_EMBED = "hook_pos_embed"  # learned positional embedding (GPT-2); rotary models never fire it
+
+
+# Per-layer locations that QK attribution (pipeline/engine/qk.py) reads.
+def resid_pre(layer: int) -> str:
+    """The residual stream entering block ``layer`` (the first norm's input)."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def attn_out(layer: int) -> str:
+    """What block ``layer``'s attention adds to the residual stream (output bias included)."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def ln1_scale(layer: int) -> str:
+    """The scale block ``layer``'s first norm divides by: (batch, n_pos, 1)."""
+    return f"blocks.{layer}.ln1.hook_scale"
+
+
+def attn_scores(layer: int) -> str:
+    """Pre-softmax scores (batch, n_heads, n_query, n_key) of block ``layer``: already times the
+    model's score scaling (1/sqrt(d_head) on GPT-2 and Llama), masked positions at finfo.min."""
+    return f"blocks.{layer}.attn.hook_attn_scores"
+
+
+def rotary_cos_sin(layer: int) -> tuple[str, str]:
+    """The rotary tables (batch, n_pos, rotary_dim) block ``layer`` applied (rotary models only)."""
+    return f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin"
+
+
 # Every normalisation scale: ln1, ln2, post-norms (Gemma-2's ln1_post / ln2_post), ln_final.
 _SCALE_HOOK = re.compile(r"(^|\.)ln\w*\.hook_scale$")
 
