@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ __all__ = [
     "graph_capture",
     "head_loadings",
     "layers_on_the_way",
+    "pair_shares",
     "read_head_loadings",
     "source_sweep",
     "source_vector",
@@ -111,11 +112,15 @@ class SourceSweep:
     z: per layer (n, n_heads, d_head) the heads' outputs before W_O
     reads: per layer (n, d_model) the transcoders' read locations
     unembed: (n, d_model) the unembedding's input
+    v: per layer (n, n_kv_heads, d_head) the value vectors (empty when the model has no
+    ``attn.hook_v``); patterns: per layer (n_heads, n, n) the clean attention patterns (no tangent)
     """
 
     z: list[Tensor]
     reads: list[Tensor]
     unembed: Tensor
+    v: list[Tensor] = field(default_factory=list)
+    patterns: list[Tensor] = field(default_factory=list)
 
     def read(self, target: TargetVector) -> Tensor:
         """The target's change (0-d): its read vector . the tangent where it reads."""
@@ -148,6 +153,8 @@ def source_sweep(
     reads: dict[int, Tensor] = {}
     live: dict[int, Tensor] = {}
     unembed: list[Tensor] = []
+    values: dict[int, Tensor] = {}
+    patterns: dict[int, Tensor] = {}
 
     def placed(vector: Tensor) -> Tensor:
         """``vector`` at the source's position of a (1, n, d_model) zero tensor."""
@@ -162,6 +169,18 @@ def source_sweep(
         if source.embed is None:
             return None
         return fwAD.make_dual(tensor.detach(), placed(source.embed))
+
+    def value(layer: int):
+        def hook(tensor: Tensor, *, hook) -> None:
+            values[layer] = _tangent(tensor)
+
+        return hook
+
+    def pattern(layer: int):
+        def hook(tensor: Tensor, *, hook) -> None:
+            patterns[layer] = fwAD.unpack_dual(tensor).primal[0]
+
+        return hook
 
     def heads(layer: int):
         def hook(tensor: Tensor, *, hook) -> Tensor | None:
@@ -195,6 +214,10 @@ def source_sweep(
     fwd: list = [(name, primal_only) for name in model.pattern_hooks + model.scale_hooks]
     fwd.append((H.EMBED, embed))
     for layer in range(model.n_layers):
+        if f"blocks.{layer}.attn.hook_v" in model.bridge.hook_dict:
+            fwd.append((f"blocks.{layer}.attn.hook_v", value(layer)))
+        if f"blocks.{layer}.attn.hook_pattern" in model.bridge.hook_dict:
+            fwd.append((f"blocks.{layer}.attn.hook_pattern", pattern(layer)))
         fwd.append((H.attention_heads_hook(layer), heads(layer)))
         fwd.append((model.input_hooks[layer], read(layer)))
         fwd.append((model.output_hooks[layer], write(layer)))
@@ -202,7 +225,13 @@ def source_sweep(
     with torch.no_grad(), fwAD.dual_level(), model.hooks(fwd):
         model.bridge(capture.tokens[None, :n])
     layers = range(model.n_layers)
-    return SourceSweep([z[layer] for layer in layers], [reads[layer] for layer in layers], unembed[0])
+    return SourceSweep(
+        [z[layer] for layer in layers],
+        [reads[layer] for layer in layers],
+        unembed[0],
+        v=[values[layer] for layer in layers] if len(values) == model.n_layers else [],
+        patterns=[patterns[layer] for layer in layers] if len(patterns) == model.n_layers else [],
+    )
 
 
 def target_gradients(
@@ -266,6 +295,31 @@ def split_edge(sweep: SourceSweep, grads: list[Tensor], layers: list[int]) -> Te
         rows.append((grads[layer][:n] * sweep.z[layer][:n].to(grads[layer].dtype)).sum(dim=(0, 2)))
     n_heads = int(sweep.z[0].shape[1])
     return torch.stack(rows) if rows else sweep.z[0].new_zeros((0, n_heads))
+
+
+def pair_shares(sweep: SourceSweep, grads: list[Tensor], layer: int) -> Tensor:
+    """One edge's loading of each head of ``layer`` split by (query, key) position:
+    (n_heads, n, n), ``share[h, p, k]`` the part carried by what head h moved from key
+    position k into its output at query position p.
+
+    With the pattern A frozen, z[p, h] = sum_k A[h, p, k] v[k, g(h)] (the value bias has no
+    tangent), so ``share[h, p, k] = A[h, p, k] * grad[p, h] . dv[k, g(h)]`` and
+    ``share[h].sum() == split_edge(...)[h]``; g(h) is the key/value head of query head h.
+    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient.
+    """
+    if not sweep.v or not sweep.patterns:
+        raise HeadLoadingsError(
+            "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
+            "split by position (write_head_loadings without positions=True still works)"
+        )
+    grad = grads[layer]
+    n = min(len(grad), len(sweep.z[layer]))
+    dv = sweep.v[layer][:n].to(grad.dtype)
+    n_heads = int(grad.shape[1])
+    if dv.shape[1] != n_heads:  # grouped-query attention: query head h reads key/value head h // group
+        dv = dv.repeat_interleave(n_heads // int(dv.shape[1]), dim=1)
+    pattern = sweep.patterns[layer][:, :n, :n].to(grad.dtype)
+    return pattern * torch.einsum("phd,khd->hpk", grad[:n], dv)
 
 
 # ---------------------------------------------------------------------------- graph nodes
@@ -512,12 +566,17 @@ def _chunk_name(index: int) -> str:
     return f"chunk_{index:06d}"
 
 
-def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edges: np.ndarray) -> dict[str, np.ndarray]:
+def _compute_chunk(
+    graph: Graph, model: ReplacementModel, capture: Capture, edges: np.ndarray, positions: bool = False
+) -> dict[str, np.ndarray]:
     """The loadings of ``edges`` (B, 2): one backward sweep for all their targets (vmapped), and
     per distinct source one forward sweep plus one cut sweep per layer on the way.
 
     returns heads (B, n_layers, n_heads), bypass (B, n_layers), on_way (B, n_layers) bool
-    (layers off an edge's way hold zeros), edge (B,) float64, graph_edge (B,) float32
+    (layers off an edge's way hold zeros), edge (B,) float64, graph_edge (B,) float32; with
+    ``positions`` also pair_abs (n_layers, n_heads, n_pos, n_pos): the sum over the chunk's
+    edges of |pair_shares| (each edge's loading split by query and key position), checked to
+    add up to the loadings
     """
     n_layers = model.n_layers
     targets = {int(t): target_vector(graph, int(t), model) for t in np.unique(edges[:, 1])}
@@ -531,6 +590,8 @@ def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edge
         "edge": np.zeros(B),
         "graph_edge": np.zeros(B, dtype=np.float32),
     }
+    if positions:
+        out["pair_abs"] = np.zeros((n_layers, n_heads, capture.n_pos, capture.n_pos))
     for s in np.unique(edges[:, 0]).tolist():
         rows = np.nonzero(edges[:, 0] == s)[0]
         src = source_vector(graph, s, model, capture)
@@ -545,6 +606,11 @@ def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edge
             layers = layers_on_the_way(src.layer, tgt.layer, n_layers)
             b = column[int(edges[i, 1])]
             out["heads"][i, layers] = split_edge(sweep, [g[b] for g in grads], layers).double().cpu().numpy()
+            for layer in layers if positions else []:
+                share = pair_shares(sweep, [g[b] for g in grads], layer).double().cpu().numpy()
+                _check_pair_sums(share, out["heads"][i, layer], model)
+                k = share.shape[-1]
+                out["pair_abs"][layer, :, :k, :k] += np.abs(share)
             out["bypass"][i, layers] = [float(cuts[layer].read(tgt)) for layer in layers]
             out["on_way"][i, layers] = True
             out["edge"][i] = float(sweep.read(tgt))
@@ -553,6 +619,19 @@ def _compute_chunk(graph: Graph, model: ReplacementModel, capture: Capture, edge
         hit = np.nonzero(cols == s)[0]
         out["graph_edge"][i] = vals[hit[0]] if len(hit) else 0.0
     return out
+
+
+def _check_pair_sums(share: np.ndarray, heads: np.ndarray, model: ReplacementModel) -> None:
+    """The exactness anchor of :func:`pair_shares`: each head's shares add up to its loading
+    (a RuntimeError otherwise: an attention this module does not describe)."""
+    rtol = 1e-6 if model.dtype == torch.float64 else 1e-3
+    scale = np.abs(share).sum(axis=(1, 2)) + np.abs(heads) + 1e-30
+    gap = np.abs(share.sum(axis=(1, 2)) - heads)
+    if (gap > rtol * scale).any():
+        raise RuntimeError(
+            f"a head's (query, key) position shares do not add up to its loading (gap {gap.max():.3g}): this "
+            "model's attention is not z = pattern @ v with a frozen pattern; compute loadings without positions"
+        )
 
 
 def _write_group_dir(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -567,11 +646,23 @@ def _write_group_dir(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_head_loadings(
-    graph: Graph, edges, *, model: ReplacementModel, chunk_size: int = 64, capture: Capture | None = None
+    graph: Graph,
+    edges,
+    *,
+    model: ReplacementModel,
+    chunk_size: int = 64,
+    capture: Capture | None = None,
+    out: str | Path | None = None,
+    positions: bool = False,
 ) -> Path:
     """Head loadings of every [source, target] row of ``edges`` ((k, 2) graph-order ids, e.g.
     :func:`top_edges`), streamed into ``<store>/head_loadings/`` one chunk of ``chunk_size``
     edges at a time; read them back with :func:`read_head_loadings`. Returns the group's path.
+
+    out: write the group as a Zarr store of its own at this path instead (the graph's store is
+    then only read: it may be another process's output). positions: also store, per chunk,
+    ``pair_abs`` (n_layers, n_heads, n_pos, n_pos): the sum over its edges of |each head's
+    loading split by query and key position| (:func:`pair_shares`).
 
     Resumable: each chunk appears complete (renamed into place) or not at all, so a rerun with
     the same request skips the chunks already written. A group left by another request (other
@@ -589,7 +680,7 @@ def write_head_loadings(
         except HeadLoadingsError as exc:
             raise HeadLoadingsError(f"edges[{i}]: {exc}") from None
     check_same_weights(graph, model)
-    group = graph.path / GROUP
+    group = graph.path / GROUP if out is None else Path(out)
     request = {
         "graph": graph.fingerprint,
         "model": model.digest(),
@@ -598,6 +689,8 @@ def write_head_loadings(
         "edges": hashlib.sha256(edges.tobytes()).hexdigest(),
         "chunk_size": chunk_size,
     }
+    if positions:  # only then: the fingerprints of requests without it stay as they were
+        request["positions"] = True
     meta = {
         "format": GROUP_FORMAT,
         "version": GROUP_VERSION,
@@ -608,13 +701,15 @@ def write_head_loadings(
         "n_heads": int(model.bridge.cfg.n_heads),
         "dtype": str(model.dtype),
     }
+    if positions:
+        meta["positions"] = True
     n_chunks = -(-len(edges) // chunk_size)
-    with StoreLock(graph.path):
+    with StoreLock(graph.path if out is None else group):
         found = _group_meta(group)
         if found is None:
             if group.exists():  # a crash before its metadata: nothing in it is recorded
                 shutil.rmtree(group)
-            group.mkdir()
+            group.mkdir(parents=True)
             _write_group_dir(group / "edges", {"edges": edges})
             # the metadata last: its presence says the edges beside it are the request's
             _io.atomic_write_bytes(
@@ -633,7 +728,7 @@ def write_head_loadings(
             if capture is None:
                 capture = graph_capture(graph, model)
             chunk = edges[k * chunk_size : (k + 1) * chunk_size]
-            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk))
+            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk, positions))
     return group
 
 
@@ -653,6 +748,8 @@ class HeadLoadingsTable:
     edges: (E, 2) [source, target]; on_way: (E, n_layers) the layers on each edge's way
     heads: (E, n_layers, n_heads) and bypass: (E, n_layers), zero off the way
     edge: (E,) recomputed in the model's dtype; graph_edge: (E,) as the graph stores it
+    pair_abs: (n_layers, n_heads, n_pos, n_pos) the sum over the edges of |pair_shares| when
+    written with ``positions=True``, else None
     """
 
     edges: np.ndarray
@@ -661,6 +758,7 @@ class HeadLoadingsTable:
     bypass: np.ndarray
     edge: np.ndarray
     graph_edge: np.ndarray
+    pair_abs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.edges)
@@ -679,14 +777,15 @@ class HeadLoadingsTable:
         )
 
 
-def read_head_loadings(graph: Graph) -> HeadLoadingsTable:
-    """The head loadings stored in ``graph``'s store (every chunk checksummed on read); an
-    error naming the fix when there are none or a run has not finished them."""
-    group = graph.path / GROUP
+def read_head_loadings(graph: Graph, out: str | Path | None = None) -> HeadLoadingsTable:
+    """The head loadings stored in ``graph``'s store, or in the store ``out`` that
+    ``write_head_loadings(..., out=out)`` wrote (every chunk checksummed on read); an error
+    naming the fix when there are none or a run has not finished them."""
+    group = graph.path / GROUP if out is None else Path(out)
     meta = _group_meta(group)
     if meta is None:
-        raise HeadLoadingsError(f"{graph.path} holds no head loadings: compute them with write_head_loadings")
-    store = LocalStore(graph.path, read_only=True)
+        raise HeadLoadingsError(f"{group} holds no head loadings: compute them with write_head_loadings")
+    store = LocalStore(group, read_only=True)
     n_chunks = -(-int(meta["n_edges"]) // int(meta["chunk_size"]))
     missing = [k for k in range(n_chunks) if not (group / _chunk_name(k) / "zarr.json").is_file()]
     if missing:
@@ -695,8 +794,14 @@ def read_head_loadings(graph: Graph) -> HeadLoadingsTable:
             "write_head_loadings with the same edges to resume"
         )
     names = ("heads", "bypass", "on_way", "edge", "graph_edge")
-    chunks = [{k: read_array(store, f"{GROUP}/{_chunk_name(c)}/{k}") for k in names} for c in range(n_chunks)]
+    chunks = [{k: read_array(store, f"{_chunk_name(c)}/{k}") for k in names} for c in range(n_chunks)]
+    pair_abs = None
+    if meta.get("positions"):
+        pair_abs = read_array(store, f"{_chunk_name(0)}/pair_abs")
+        for c in range(1, n_chunks):
+            pair_abs = pair_abs + read_array(store, f"{_chunk_name(c)}/pair_abs")
     return HeadLoadingsTable(
-        edges=read_array(store, f"{GROUP}/edges/edges"),
+        edges=read_array(store, "edges/edges"),
         **{k: np.concatenate([c[k] for c in chunks]) for k in names},
+        pair_abs=pair_abs,
     )

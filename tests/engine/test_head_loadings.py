@@ -367,7 +367,7 @@ def test_streaming_resumes_skipping_finished_chunks(graph_copy, monkeypatch):
         read_head_loadings(graph)
     computed = []
     real = HL._compute_chunk
-    monkeypatch.setattr(HL, "_compute_chunk", lambda g, m, c, e: computed.append(e.copy()) or real(g, m, c, e))
+    monkeypatch.setattr(HL, "_compute_chunk", lambda g, m, c, e, *a: computed.append(e.copy()) or real(g, m, c, e, *a))
     write_head_loadings(graph, edges, model=model, chunk_size=3, capture=capture)
     assert len(computed) == 1 and np.array_equal(computed[0], edges[3:6])
     again = read_head_loadings(graph)
