@@ -19,6 +19,7 @@ config can check (str, int, float, bool, Optional, List, Tuple, Dict, nested dat
       attribution   AttributionSpec      pipeline.engine.attribution.AttributionConfig + load dtype
       pruning       PruningSpec          node/edge thresholds
       export        ExportSpec           graph files
+      qk            QKSpec               head loadings of the top edges, QK attributions of the top heads
       features      FeaturesSpec         feature dashboards: corpus and what they record
       organism      OrganismSpec         the embedded toy world, its model and transcoders
       selectivity   SelectivitySpec      which features fire for one state / language only
@@ -239,6 +240,36 @@ class ExportSpec:
             )
 
 
+@dataclass
+class QKSpec:
+    """The qk stage (``pipeline.analysis.attention.explain_attention``): which attention heads
+    carry the pruned graph's top edges, and why they attend where they do.
+
+    edges: the top kept edges (by edge score) split across attention heads (head loadings).
+    heads: how many of the heads carrying the most |loading| get a QK attribution.
+    terms: how many query x key terms (and query / key marginals) each attribution lists.
+    expand_attention: trace earlier layers' attention outputs through their OV circuits.
+    chunk_size: edges per head-loadings chunk (one backward sweep each; lower it for memory).
+    """
+
+    edges: int = field(default=200, metadata={"help": "top pruned-graph edges to split across heads", "check": "positive"})
+    heads: int = field(default=8, metadata={"help": "heads that get a QK attribution", "check": "positive"})
+    terms: int = field(default=20, metadata={"help": "terms listed per QK attribution", "check": "positive"})
+    expand_attention: bool = field(
+        default=False, metadata={"help": "trace earlier attention outputs through their OV circuits"}
+    )
+    chunk_size: int = field(default=64, metadata={"help": "edges per head-loadings chunk", "check": "positive"})
+
+    def __post_init__(self) -> None:
+        for name in ("edges", "heads", "terms", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"qk.{name} must be a positive integer, got {value!r}: set it in conf/qk/default.yaml "
+                    f"or override it (dvc exp run -S qk.{name}=N)"
+                )
+
+
 FEATURE_CORPORA: tuple[str, ...] = ("organism", "file", "hf")
 
 
@@ -339,6 +370,7 @@ class PipelineConfig:
     attribution: AttributionSpec = field(default_factory=AttributionSpec)
     pruning: PruningSpec = field(default_factory=PruningSpec)
     export: ExportSpec = field(default_factory=ExportSpec)
+    qk: QKSpec = field(default_factory=QKSpec)
     features: FeaturesSpec = field(default_factory=FeaturesSpec)
     organism: OrganismSpec = field(default_factory=OrganismSpec)
     selectivity: SelectivitySpec = field(default_factory=SelectivitySpec)
