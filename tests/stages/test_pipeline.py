@@ -34,8 +34,8 @@ from pipeline.run.compose import ConfigError, load_config, register_configs  # n
 
 TINY = ["experiment=tiny"]
 PROMPTS = ("two_hop_dallas_en", "capital_texas_en", "state_dallas_toy")
-PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "export", "intervene")
-AFTER_PRUNE = ("prune", "export", "intervene")  # what a pruning parameter reruns
+PER_PROMPT = ("tokenize", "capture", "attribute", "prune", "qk", "export", "intervene")
+AFTER_PRUNE = ("prune", "qk", "export", "intervene")  # what a pruning parameter reruns
 #: stages over all prompts: dashboards (before export), selectivity (before intervene) and the
 #: interventions' summary (after)
 GLOBAL = ("split_params", "features", "selectivity", "intervene_summary")
