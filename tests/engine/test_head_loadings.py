@@ -383,3 +383,82 @@ def test_a_bad_edge_in_a_batch_is_refused_naming_its_row(graph_copy):
     with pytest.raises(HeadLoadingsError, match=r"edges\[1\]: source logit node .* is a logit"):
         write_head_loadings(graph, edges, model=model, capture=capture)
     assert not (graph.path / HL.GROUP).exists()
+
+
+# ---------------------------------------------------------------------------- split by position
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pair_shares_equal_the_edge_through_one_query_key_pair(attributed, arch):
+    """share[h, p, k] is the target's change when a clean run gets, at head h's output of
+    query position p, only what the pattern moved there from key position k of the source's
+    value change (v recorded by hand in two frozen runs); they add up to the head's loading."""
+    model, graph, capture = attributed(arch, "plt")
+    ref = HandFrozen(model, graph)
+
+    def values(additions):
+        vs = {}
+
+        def keep(layer):
+            def hook(tensor, *, hook):
+                vs[layer] = tensor[0].clone()
+
+            return hook
+
+        with model.hooks([(f"blocks.{layer}.attn.hook_v", keep(layer)) for layer in range(model.n_layers)]):
+            ref.run(additions)
+        return vs
+
+    v_clean = values({})
+    checked = 0
+    for source, target in sample_edges(graph, per_kind=1):
+        hl = head_loadings(graph, source, target, model=model, capture=capture)
+        src, tgt = HL.source_vector(graph, source, model, capture), HL.target_vector(graph, target, model)
+        n = tgt.pos + 1
+        sweep = HL.source_sweep(model, capture, src, n)
+        grads = [g[0] for g in HL.target_gradients(model, capture, [tgt], n)]
+        dv_all = {layer: v - v_clean[layer] for layer, v in values(ref.additions(source)).items()}
+        scale = max(abs(hl.edge), np.abs(hl.heads).max(initial=0.0))
+        for i, layer in enumerate(hl.layers.tolist()):
+            share = HL.pair_shares(sweep, grads, layer).numpy()
+            assert share.shape == (N_HEADS, n, n)
+            np.testing.assert_allclose(share.sum(axis=(1, 2)), hl.heads[i], rtol=1e-9, atol=1e-12 * scale)
+            pattern = ref.frozen[f"blocks.{layer}.attn.hook_pattern"][0]
+            dv = dv_all[layer]
+            group = N_HEADS // dv.shape[1]  # Llama fixture: grouped-query attention
+            for h in range(N_HEADS):
+                for flat in np.argsort(-np.abs(share[h]), axis=None)[:2]:
+                    p, k = (int(x) for x in np.unravel_index(flat, (n, n)))
+
+                    def only_pair(z, h=h, p=p, k=k, dv=dv, pattern=pattern):
+                        z[p, h] += pattern[h, p, k] * dv[k, h // group]
+                        return z
+
+                    through = ref.change(target, {}, (layer, only_pair))
+                    assert close(share[h, p, k], through, scale) <= 1e-6, (source, target, layer, h, p, k)
+                    checked += 1
+    assert checked > 0 and np.abs(share).max() > 0
+
+
+def test_an_output_store_leaves_the_graph_store_untouched_and_sums_abs_pair_shares(graph_copy, tmp_path):
+    """out=: the group is a store of its own (the graph's store, another stage's output, is not
+    written: same files, same bytes); positions=True: pair_abs is the sum over the edges of
+    |pair_shares|, here recomputed edge by edge."""
+    model, graph, capture = graph_copy
+    before = {p: p.read_bytes() for p in graph.path.rglob("*") if p.is_file()}
+    edges = top_edges(prune_graph(graph, node_threshold=0.9, edge_threshold=0.95), 7)
+    out = tmp_path / "attention" / "head_loadings.zarr"
+    group = write_head_loadings(graph, edges, model=model, chunk_size=3, capture=capture, out=out, positions=True)
+    assert group == out and {p: p.read_bytes() for p in graph.path.rglob("*") if p.is_file()} == before
+    table = read_head_loadings(graph, out=out)
+    with pytest.raises(HeadLoadingsError, match="holds no head loadings"):
+        read_head_loadings(graph)  # nothing in the graph's own store
+    expected = np.zeros((graph.n_layers, N_HEADS, graph.n_pos, graph.n_pos))
+    for i, (s, t) in enumerate(edges.tolist()):
+        src, tgt = HL.source_vector(graph, s, model, capture), HL.target_vector(graph, t, model)
+        n = tgt.pos + 1
+        sweep = HL.source_sweep(model, capture, src, n)
+        grads = [g[0] for g in HL.target_gradients(model, capture, [tgt], n)]
+        for layer in np.nonzero(table.on_way[i])[0].tolist():
+            expected[layer, :, :n, :n] += np.abs(HL.pair_shares(sweep, grads, layer).numpy())
+    assert table.pair_abs is not None and table.pair_abs.max() > 0
+    np.testing.assert_allclose(table.pair_abs, expected, rtol=1e-9, atol=1e-15)
+    assert verify_store(graph.path) == []
