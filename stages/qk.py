@@ -18,6 +18,7 @@ then moved into place whole.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
         (tmp / "attention.json").write_bytes(json_bytes(doc))
         shutil.copytree(partial, tmp / "head_loadings.zarr")
     shutil.rmtree(partial.parent)
+    with contextlib.suppress(OSError):  # the prompt's partial folder, when nothing else is in it
+        partial.parent.parent.rmdir()
     heads = ", ".join(f"L{h['layer']}H{h['head']}" for h in doc["heads"])
     print(f"attention: {run / 'attention' / 'attention.json'}  {len(doc['edges'])} edges  heads {heads or '-'}")
 
