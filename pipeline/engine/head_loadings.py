@@ -134,8 +134,18 @@ def _tangent(t: Tensor) -> Tensor:
     return torch.zeros_like(primal[0]) if tangent is None else tangent[0]
 
 
+class _Stop(Exception):
+    """Raised once a sweep has recorded the last read it needs: later layers are not computed."""
+
+
 def source_sweep(
-    model: ReplacementModel, capture: Capture, source: SourceVector, n_pos: int, *, cut_layer: int | None = None
+    model: ReplacementModel,
+    capture: Capture,
+    source: SourceVector,
+    n_pos: int,
+    *,
+    cut_layer: int | None = None,
+    last_read: int | None = None,
 ) -> SourceSweep:
     """One forward-mode pass of the frozen model over the first ``n_pos`` tokens, the tangent
     entering at the source's write locations.
@@ -144,6 +154,9 @@ def source_sweep(
     their clean values and carry no tangent; an MLP output carries the source's vector (when the
     source writes there) plus the change of the transcoder's skip term. With ``cut_layer`` the
     heads of that layer pass no tangent on, so what reaches the reads bypasses its attention.
+    With ``last_read`` (a read layer; ``n_layers``: the unembedding's input) the pass stops once
+    that read is recorded: later layers' tensors are zeros (no target there can see them). The
+    unembedding itself is never computed.
     """
     n = int(n_pos)
     if not source.pos < n <= capture.n_pos:
@@ -193,6 +206,8 @@ def source_sweep(
         def hook(tensor: Tensor, *, hook) -> None:
             live[layer] = tensor
             reads[layer] = _tangent(tensor)
+            if layer == last_read:
+                raise _Stop
 
         return hook
 
@@ -210,6 +225,7 @@ def source_sweep(
 
     def grab_unembed(tensor: Tensor, *, hook) -> None:
         unembed.append(_tangent(tensor))
+        raise _Stop  # the logits themselves are not needed
 
     fwd: list = [(name, primal_only) for name in model.pattern_hooks + model.scale_hooks]
     fwd.append((H.EMBED, embed))
@@ -222,16 +238,29 @@ def source_sweep(
         fwd.append((model.input_hooks[layer], read(layer)))
         fwd.append((model.output_hooks[layer], write(layer)))
     fwd.append((H.UNEMBED_IN, grab_unembed))
-    with torch.no_grad(), fwAD.dual_level(), model.hooks(fwd):
-        model.bridge(capture.tokens[None, :n])
+    try:
+        with torch.no_grad(), fwAD.dual_level(), model.hooks(fwd):
+            model.bridge(capture.tokens[None, :n])
+    except _Stop:
+        pass
     layers = range(model.n_layers)
+    cfg = model.bridge.cfg
+    z_shape = (n, int(cfg.n_heads), int(cfg.d_head))
     return SourceSweep(
-        [z[layer] for layer in layers],
-        [reads[layer] for layer in layers],
-        unembed[0],
-        v=[values[layer] for layer in layers] if len(values) == model.n_layers else [],
-        patterns=[patterns[layer] for layer in layers] if len(patterns) == model.n_layers else [],
+        [z[layer] if layer in z else torch.zeros(z_shape, dtype=dtype, device=device) for layer in layers],
+        [reads[layer] if layer in reads else torch.zeros(n, model.d_model, dtype=dtype, device=device) for layer in layers],
+        unembed[0] if unembed else torch.zeros(n, model.d_model, dtype=dtype, device=device),
+        v=_every_layer(values, model.n_layers),
+        patterns=_every_layer(patterns, model.n_layers),
     )
+
+
+def _every_layer(recorded: dict[int, Tensor], n_layers: int) -> list[Tensor]:
+    """``recorded`` per layer, zeros for the layers after a stopped pass; [] when the model
+    exposes no such hook (layer 0, before any stop, never recorded)."""
+    if 0 not in recorded:
+        return []
+    return [recorded[layer] if layer in recorded else torch.zeros_like(recorded[0]) for layer in range(n_layers)]
 
 
 def target_gradients(
@@ -531,10 +560,10 @@ def head_loadings(
     tgt = target_vector(graph, target, model)
     n = tgt.pos + 1  # causal: nothing after the target's position can reach it
     layers = layers_on_the_way(src.layer, tgt.layer, model.n_layers)
-    sweep = source_sweep(model, capture, src, n)
+    sweep = source_sweep(model, capture, src, n, last_read=tgt.layer)
     grads = [g[0] for g in target_gradients(model, capture, [tgt], n)]
     heads = split_edge(sweep, grads, layers)
-    bypass = [source_sweep(model, capture, src, n, cut_layer=layer).read(tgt) for layer in layers]
+    bypass = [source_sweep(model, capture, src, n, cut_layer=layer, last_read=tgt.layer).read(tgt) for layer in layers]
     cols, vals = graph.row(target)
     hit = np.nonzero(cols == source)[0]
     return HeadLoadings(
@@ -597,9 +626,10 @@ def _compute_chunk(
         src = source_vector(graph, s, model, capture)
         its = [targets[int(edges[i, 1])] for i in rows]
         n = max(t.pos for t in its) + 1
-        sweep = source_sweep(model, capture, src, n)
+        last = max(t.layer for t in its)
+        sweep = source_sweep(model, capture, src, n, last_read=last)
         cuts = {
-            layer: source_sweep(model, capture, src, n, cut_layer=layer)
+            layer: source_sweep(model, capture, src, n, cut_layer=layer, last_read=last)
             for layer in layers_on_the_way(src.layer, max(t.layer for t in its), n_layers)
         }
         for i, tgt in zip(rows.tolist(), its):
