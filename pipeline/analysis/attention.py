@@ -59,8 +59,10 @@ def qk_node_record(
         "node_id": ids[g] if g is not None and bool(kept[g]) else None,
         "label": node.label(),
     }
-    if labels is not None and node.kind == "feature" and (node.layer, node.feature) in labels:
-        record["clerp"] = labels[(node.layer, node.feature)]
+    if labels is not None and node.kind == "feature" and node.layer is not None and node.feature is not None:
+        key = (node.layer, node.feature)
+        if key in labels:
+            record["clerp"] = labels[key]
     return record
 
 
@@ -138,7 +140,9 @@ def explain_attention(
     (layer, feature) -> text, added to feature nodes as ``clerp``. Nodes are named by the
     export's node ids (:func:`graph_node_ids`), None for those the pruned graph does not keep.
     """
-    n_edges, n_heads_wanted, n_terms = (_positive(k, v) for k, v in (("edges", edges), ("heads", heads), ("terms", terms)))
+    n_edges, n_heads_wanted, n_terms = (
+        _positive(k, v) for k, v in (("edges", edges), ("heads", heads), ("terms", terms))
+    )
     result = pruned.result if isinstance(pruned, PrunedGraph) else pruned
     if result.n_nodes != int(graph.n_nodes) or result.n_features != int(graph.n_selected):
         raise ValueError(
@@ -224,7 +228,12 @@ def explain_attention(
         "tokens": tokens,
         "n_layers": int(model.n_layers),
         "n_heads": int(model.bridge.cfg.n_heads),
-        "config": {"edges": n_edges, "heads": n_heads_wanted, "terms": n_terms, "expand_attention": bool(expand_attention)},
+        "config": {
+            "edges": n_edges,
+            "heads": n_heads_wanted,
+            "terms": n_terms,
+            "expand_attention": bool(expand_attention),
+        },
         "edges": edge_records,
         "heads": head_records,
     }

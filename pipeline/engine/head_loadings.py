@@ -248,7 +248,10 @@ def source_sweep(
     z_shape = (n, int(cfg.n_heads), int(cfg.d_head))
     return SourceSweep(
         [z[layer] if layer in z else torch.zeros(z_shape, dtype=dtype, device=device) for layer in layers],
-        [reads[layer] if layer in reads else torch.zeros(n, model.d_model, dtype=dtype, device=device) for layer in layers],
+        [
+            reads[layer] if layer in reads else torch.zeros(n, model.d_model, dtype=dtype, device=device)
+            for layer in layers
+        ],
         unembed[0] if unembed else torch.zeros(n, model.d_model, dtype=dtype, device=device),
         v=_every_layer(values, model.n_layers),
         patterns=_every_layer(patterns, model.n_layers),

@@ -252,7 +252,9 @@ class QKSpec:
     chunk_size: edges per head-loadings chunk (one backward sweep each; lower it for memory).
     """
 
-    edges: int = field(default=200, metadata={"help": "top pruned-graph edges to split across heads", "check": "positive"})
+    edges: int = field(
+        default=200, metadata={"help": "top pruned-graph edges to split across heads", "check": "positive"}
+    )
     heads: int = field(default=8, metadata={"help": "heads that get a QK attribution", "check": "positive"})
     terms: int = field(default=20, metadata={"help": "terms listed per QK attribution", "check": "positive"})
     expand_attention: bool = field(

@@ -82,7 +82,7 @@ def test_the_heads_are_a_brute_force_ranking_of_single_edge_loadings(setup):
                 total[layer, h] += abs(row[h])
                 if row[h] != 0:
                     carried.setdefault((layer, h), []).append(i)
-    ranking = sorted(((-total[l, h], l, h) for l in range(N_LAYERS) for h in range(N_HEADS) if total[l, h] > 0))
+    ranking = sorted((-total[l, h], l, h) for l in range(N_LAYERS) for h in range(N_HEADS) if total[l, h] > 0)
     got = [(rec["layer"], rec["head"]) for rec in doc["heads"]]
     assert got == [(l, h) for _, l, h in ranking[: len(got)]] and len(got) == min(5, len(ranking))
     for rec in doc["heads"]:

@@ -428,7 +428,7 @@ def test_pair_shares_equal_the_edge_through_one_query_key_pair(attributed, arch)
                 for flat in np.argsort(-np.abs(share[h]), axis=None)[:2]:
                     p, k = (int(x) for x in np.unravel_index(flat, (n, n)))
 
-                    def only_pair(z, h=h, p=p, k=k, dv=dv, pattern=pattern):
+                    def only_pair(z, h=h, p=p, k=k, dv=dv, pattern=pattern, group=group):
                         z[p, h] += pattern[h, p, k] * dv[k, h // group]
                         return z
 

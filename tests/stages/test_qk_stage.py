@@ -54,7 +54,9 @@ def study(tiny_gpt2_dir, plt_dir, tmp_path_factory):
 
 
 def digest_tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in path.rglob("*") if p.is_file()
+    }
 
 
 def test_stage_writes_the_attention_folder_and_leaves_the_graph_store(study, monkeypatch):
