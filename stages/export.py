@@ -6,7 +6,11 @@ The folder holds ``<slug>.json`` (circuit-tracer / Neuronpedia graph JSON), its
 feature in the pruned graph (what the viewer's node pane fetches). Serve it with
 ``circuit-pipeline serve`` or circuit-tracer's viewer, or upload to Neuronpedia.
 Everything comes from the pruned graph and the features stage's dashboards store (the
-features' ``clerp`` labels: its automatic labels); the tokenizer only names the tokens.
+features' ``clerp`` labels: its automatic labels); the tokenizer only names the tokens. When the
+``qk`` stage has written ``results/<id>/attention/attention.json``, its head loadings and QK
+attributions go into the graph JSON's optional fields (``head_loadings`` on links,
+``attention_heads``) and the picture gains a panel of the top heads; without it the files are
+exactly what they were.
 
 The picture is drawn from that graph JSON (``pipeline.analysis.figures``: layers bottom to top, tokens
 left to right, nodes sized by influence, edges coloured by sign and sized by weight, the
@@ -25,7 +29,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from pipeline._io import atomic_path
+from pipeline._io import atomic_path, read_json
 from pipeline.analysis.dashboards import Dashboards, export_feature_json
 from pipeline.analysis.export import GRAPH_METADATA_FILE, create_graph_files, neuronpedia_name
 from pipeline.analysis.figures import write_graph_figures
@@ -67,6 +71,11 @@ def kept_features(pruned) -> list[tuple[int, int]]:
     return sorted({(int(l), int(f)) for l, _pos, f in info.tolist()})
 
 
+def attention_path(prompt_id: str) -> Path:
+    """The qk stage's per-prompt attention file (optional input)."""
+    return prompt_dir(prompt_id) / "attention" / "attention.json"
+
+
 def outputs(prompt_id: str) -> tuple[Path, ...]:
     """What this stage writes (dvc.yaml's outs)."""
     run = prompt_dir(prompt_id)
@@ -83,10 +92,19 @@ def main(argv=None) -> None:
     slug = f"{cfg.export.slug_prefix}{args.prompt_id}"
     dash = Dashboards.open(dashboards_path(cfg.features))
     labels = {key: dash.label(*key) for key in kept_features(pruned)}
+    attention_file = attention_path(args.prompt_id)
+    attention = read_json(attention_file) if attention_file.is_file() else None
     out = run / "graph"
     with atomic_path(out) as tmp:
         path = create_graph_files(
-            None, slug, tmp, pruned=pruned, tokenizer=load_tokenizer(cfg), scan=scan, labels=labels
+            None,
+            slug,
+            tmp,
+            pruned=pruned,
+            tokenizer=load_tokenizer(cfg),
+            scan=scan,
+            labels=labels,
+            attention=attention,
         )
         features = export_feature_json(dash, path, tmp)  # the graph's feature nodes only
         for extra in tmp.iterdir():  # keep the graph, its index and features/ (the library's lock file goes)
@@ -95,6 +113,8 @@ def main(argv=None) -> None:
     figures = write_graph_figures(out / path.name, run, stem="graph")  # atomic, deterministic
     print(f"graph files: {out / path.name}  ({len(features)} feature dashboards in {out / 'features'})")
     print(f"figures: {'  '.join(str(p) for p in figures.values())}")
+    if attention is not None:
+        print(f"attention: {len(attention.get('edges', []))} edges with head loadings, from {attention_file}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ feature's (warned). Deliberate differences from circuit-tracer: a list ``scan`` 
 ``scan``, ``transcoder_list`` comes from ``graph.attrs`` when present; float32 values are
 written with their shortest float32 repr; ``graph-metadata.json`` is sorted by slug.
 
+Optional attention fields (``attention=``: the per-prompt ``attention.json`` of the ``qk`` stage,
+docs/formats.md#attention-fields-in-the-graph-json): ``head_loadings`` on each link that is one of
+the file's edges and a top-level ``attention_heads`` (the heads' QK attributions, their nodes
+labelled). Neuronpedia's schema and circuit-tracer's models accept and ignore keys they do not
+know; without ``attention`` the file is unchanged.
+
 Fixed key order and float formatting, no timestamps: the same graph, pruning and labels give
 byte-identical files, each written atomically.
 """
@@ -42,9 +48,11 @@ from pipeline.graph.pruning import PruneResult, prune_graph
 
 __all__ = [
     "FEATURE_TYPES",
+    "ATTENTION_FORMAT",
     "GRAPH_METADATA_FILE",
     "NODE_FIELDS",
     "SCHEMA_VERSION",
+    "attention_fields",
     "build_graph_json",
     "cantor_pairing",
     "create_graph_files",
@@ -86,6 +94,8 @@ NODE_FIELDS = (
     "activation",
 )
 LINK_FIELDS = ("source", "target", "weight")
+#: the per-prompt attention file export reads (written by the ``qk`` stage)
+ATTENTION_FORMAT = ("circuit-pipeline/attention", 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,9 +345,10 @@ def _resolve_pruned(graph, pruned, node_threshold, edge_threshold):
 
 
 def build_graph_json(
-    graph, slug: str, pruned: PruneResult, *, tokenizer=None, labels=None, scan=None
+    graph, slug: str, pruned: PruneResult, *, tokenizer=None, labels=None, scan=None, attention=None
 ) -> dict[str, Any]:
-    """The graph JSON as a dict (see the module docstring)."""
+    """The graph JSON as a dict (see the module docstring); ``attention``: see
+    :func:`attention_fields`."""
     n_layers, n_pos = int(graph.n_layers), int(graph.n_pos)
     n_features = pruned.n_features
     error_end = n_features + n_layers * n_pos
@@ -449,7 +460,143 @@ def build_graph_json(
         "schema_version": SCHEMA_VERSION,
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
-    return {"metadata": metadata, "qParams": qparams, "nodes": used_nodes, "links": links}
+    doc = {"metadata": metadata, "qParams": qparams, "nodes": used_nodes, "links": links}
+    if attention is not None:
+
+        def label_of(ref: Mapping[str, Any]) -> str:
+            nid = ref.get("node_id")
+            if nid is not None and nid in by_id:
+                return by_id[nid]
+            if ref.get("kind") == "feature" and ref.get("layer") is not None and ref.get("feature") is not None:
+                return by_feature.get((int(ref["layer"]), int(ref["feature"])), "")
+            return ""
+
+        pruned_ids = {node["node_id"] for node in nodes.values()}
+        doc["attention_heads"] = attention_fields(attention, links, pruned_ids, n_layers, label_of)
+    return doc
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: head loadings on links, the heads' QK attributions
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_error(problem: str) -> ValueError:
+    return ValueError(
+        f"attention file: {problem}; it must be the qk stage's attention.json of this prompt's "
+        "pruned graph (rerun qk@<id>, or export without it)"
+    )
+
+
+def _node_ref(ref, pruned_ids: set[str], label_of) -> dict[str, Any]:
+    """``{"node_id", "label", "clerp"}`` of an attention NODE: its export id (``None`` when the
+    pruned graph lacks it), its structural label (``feature L0 p3 #12``) and the export's label."""
+    if not isinstance(ref, Mapping) or "node_id" not in ref or not isinstance(ref.get("label"), str):
+        raise _attention_error(f"a node reference {ref!r} lacks node_id / label")
+    nid = ref["node_id"]
+    if nid is not None and (not isinstance(nid, str) or nid not in pruned_ids):
+        raise _attention_error(f"node {nid!r} is not a node of the pruned graph")
+    return {"node_id": nid, "label": ref["label"], "clerp": label_of(ref)}
+
+
+def attention_fields(
+    attention: Mapping[str, Any],
+    links: list[dict[str, Any]],
+    pruned_ids: set[str],
+    n_layers: int,
+    label_of=lambda ref: "",
+) -> dict[str, Any]:
+    """Attach the attention file's head loadings to ``links`` (in place) and return the
+    top-level ``attention_heads`` field.
+
+    Each link that is one of the file's edges gets ``head_loadings = {"edge": recomputed edge,
+    "layers": [{"layer", "heads": [n_heads floats], "bypass"}, ...]}`` (per layer: heads + bypass
+    = edge). ``attention_heads = {"n_layers", "n_heads", "config", "heads": [HEAD, ...]}``, HEAD
+    as in the file with ``edges`` as ``[source, target]`` pairs and every node reference as
+    ``{"node_id", "label", "clerp"}`` (``clerp``: the export's label of that node or feature).
+    Refuses, naming the fix, a file of another format or model, an edge that is not a link (or
+    whose weight differs), a node the pruned graph does not hold, a missing or malformed field.
+    """
+    try:
+        return _attention_fields(attention, links, pruned_ids, n_layers, label_of)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise _attention_error(f"a missing or malformed field ({type(exc).__name__}: {exc})") from exc
+
+
+def _attention_fields(attention, links, pruned_ids, n_layers, label_of) -> dict[str, Any]:
+    if not isinstance(attention, Mapping):
+        raise _attention_error(f"expected a JSON object, got {type(attention).__name__}")
+    fmt = (attention.get("format"), attention.get("version"))
+    if fmt != ATTENTION_FORMAT:
+        raise _attention_error(f"format {fmt} is not {ATTENTION_FORMAT}")
+    if attention.get("n_layers") != n_layers:
+        raise _attention_error(f"n_layers {attention.get('n_layers')!r} but the graph has {n_layers}")
+    n_heads = attention.get("n_heads")
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise _attention_error(f"n_heads {n_heads!r} is not a positive integer")
+
+    by_pair = {(lk["source"], lk["target"]): lk for lk in links}
+    pairs: list[list[str]] = []
+    for i, edge in enumerate(attention.get("edges", [])):
+        pair = (edge.get("source"), edge.get("target"))
+        link = by_pair.get(pair)
+        if link is None:
+            raise _attention_error(f"edge {i} {pair[0]} -> {pair[1]} is not a link of the exported graph")
+        if np.float32(edge["weight"]) != np.float32(link["weight"]):
+            raise _attention_error(f"edge {i} has weight {edge['weight']} but the graph's link has {link['weight']}")
+        layers = []
+        for rec in edge["layers"]:
+            heads = [_float(h) for h in rec["heads"]]
+            if len(heads) != n_heads or not 0 <= int(rec["layer"]) < n_layers:
+                raise _attention_error(f"edge {i}: layer {rec['layer']} with {len(heads)} heads (n_heads {n_heads})")
+            layers.append({"layer": int(rec["layer"]), "heads": heads, "bypass": _float(rec["bypass"])})
+        link["head_loadings"] = {"edge": _float(edge["edge"]), "layers": layers}
+        pairs.append([pair[0], pair[1]])
+
+    heads_out = []
+    for head in attention.get("heads", []):
+        if not 0 <= int(head["layer"]) < n_layers or not 0 <= int(head["head"]) < n_heads:
+            raise _attention_error(f"head L{head['layer']} H{head['head']} is out of range")
+        edges = [int(e) for e in head["edges"]]
+        if any(not 0 <= e < len(pairs) for e in edges):
+            raise _attention_error(
+                f"head L{head['layer']} H{head['head']} names an edge index outside 0..{len(pairs) - 1}"
+            )
+        heads_out.append(
+            {
+                "layer": int(head["layer"]),
+                "head": int(head["head"]),
+                "loading": _float(head["loading"]),
+                "edges": [pairs[e] for e in edges],
+                "query_pos": int(head["query_pos"]),
+                "key_pos": int(head["key_pos"]),
+                "pattern": _float(head["pattern"]),
+                "score": _float(head["score"]),
+                "terms_sum": _float(head["terms_sum"]),
+                "terms": [
+                    {
+                        "query": _node_ref(t["query"], pruned_ids, label_of),
+                        "key": _node_ref(t["key"], pruned_ids, label_of),
+                        "value": _float(t["value"]),
+                    }
+                    for t in head["terms"]
+                ],
+                **{
+                    side: [
+                        {"node": _node_ref(m["node"], pruned_ids, label_of), "value": _float(m["value"])}
+                        for m in head[side]
+                    ]
+                    for side in ("query_marginals", "key_marginals")
+                },
+            }
+        )
+    config = attention.get("config", {})
+    return {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "config": dict(config) if isinstance(config, Mapping) else {},
+        "heads": heads_out,
+    }
 
 
 def _check_slug(slug: str) -> None:
@@ -506,6 +653,7 @@ def create_graph_files(
     labels=None,
     pruned=None,
     scan=None,
+    attention=None,
 ) -> Path:
     """Write ``output_dir/{slug}.json`` and update ``output_dir/graph-metadata.json``.
 
@@ -517,11 +665,14 @@ def create_graph_files(
     a pruning result must equal the ones it used.  ``tokenizer``: see :func:`_token_decoder`.
     ``labels``: see :func:`load_labels` (become the nodes' ``clerp``).  ``scan``: overrides
     ``graph.attrs["scan"]``; a list of transcoder names gives ``transcoder_list``.
-    Returns the graph JSON's path.
+    ``attention``: the ``qk`` stage's ``attention.json`` (a dict or its path), or ``None``; see
+    :func:`attention_fields`. Returns the graph JSON's path.
     """
     _check_slug(slug)
     graph, result = _resolve_pruned(graph, pruned, node_threshold, edge_threshold)
-    doc = build_graph_json(graph, slug, result, tokenizer=tokenizer, labels=labels, scan=scan)
+    if isinstance(attention, (str, os.PathLike)):
+        attention = read_json(attention)
+    doc = build_graph_json(graph, slug, result, tokenizer=tokenizer, labels=labels, scan=scan, attention=attention)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"{slug}.json"

@@ -20,6 +20,12 @@ conventions (``pipeline/viewer/static/viewer.js``):
 Every node of the graph JSON is drawn exactly once (``GraphDrawing.n_nodes``), and every
 link whose ends are in it.
 
+Optional panel: when the graph JSON carries the export's ``attention_heads`` field (the qk
+stage's attention file was exported with it), a panel to the right lists the top heads (layer,
+head, summed |loading| over the exported edges, the query -> key positions, score and pattern)
+with each head's top query x key pairs, named by their labels. Without the field (or with
+``attention_panel=False``) the figure is exactly the graph alone.
+
 Determinism: the same graph gives byte-identical files. Figures are built on the Agg canvas
 (no pyplot, no global state), with one font family (DejaVu Sans, bundled with matplotlib),
 SVG text as paths with a fixed ``svg.hashsalt`` (``RC``), and saved by :func:`figure_bytes`
@@ -65,6 +71,8 @@ RC: dict[RcKeyType, Any] = {
 SAVE_METADATA = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}}
 FORMATS = ("png", "svg")
 
+PANEL_HEADS = 4  # heads listed in the attention panel
+PANEL_TERMS = 3  # query x key pairs per head
 POSITIVE = "#2166ac"  # blue, as the viewer
 NEGATIVE = "#b2182b"  # red
 STYLE = {  # feature_type -> (marker, face colour, edge colour)
@@ -87,6 +95,7 @@ class GraphDrawing:
     positions: list[tuple[float, float]] = field(default_factory=list)
     n_nodes: int = 0
     n_links: int = 0
+    n_heads: int = 0  # heads listed in the attention panel (0: no panel)
 
 
 def figure_bytes(fig: Figure, formats: Sequence[str], dpi: int) -> dict[str, bytes]:
@@ -198,9 +207,43 @@ def _short(text: str, limit: int = 14) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
-    """Draw a graph JSON (dict or path) on a new matplotlib ``Figure`` (Agg canvas)."""
+def _panel_heads(graph: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    field_ = graph.get("attention_heads")
+    heads = field_.get("heads") if isinstance(field_, Mapping) else None
+    return [h for h in heads if isinstance(h, Mapping)][:PANEL_HEADS] if isinstance(heads, list) else []
+
+
+def _ref_name(ref: Mapping[str, Any]) -> str:
+    return _short(str(ref.get("clerp") or ref.get("label") or ref.get("node_id") or "?"), 26)
+
+
+def _draw_attention_panel(ax, heads: Sequence[Mapping[str, Any]]) -> None:
+    """The top heads and their top query x key pairs, as text (top to bottom)."""
+    ax.axis("off")
+    lines: list[tuple[str, str]] = [("Top heads: query × key (QK)", "bold")]
+    for head in heads:
+        lines.append(
+            (
+                f"L{head['layer']} H{head['head']}  |loading| {float(head['loading']):.3g}  "
+                f"p{head['query_pos']}→p{head['key_pos']}  score {float(head['score']):.3g}  "
+                f"pattern {float(head['pattern']):.2f}",
+                "bold",
+            )
+        )
+        for term in list(head.get("terms", []))[:PANEL_TERMS]:
+            lines.append(
+                (f"  {float(term['value']):+.3g}  {_ref_name(term['query'])} × {_ref_name(term['key'])}", "normal")
+            )
+    step = min(0.06, 1.0 / (len(lines) + 1))
+    for i, (text, weight) in enumerate(lines):
+        ax.text(0.0, 1.0 - i * step, text, transform=ax.transAxes, ha="left", va="top", fontsize=7, fontweight=weight)
+
+
+def draw_graph(graph, *, title: str | None = None, attention_panel: bool = True) -> GraphDrawing:
+    """Draw a graph JSON (dict or path) on a new matplotlib ``Figure`` (Agg canvas); with the
+    attention panel when the graph carries ``attention_heads`` and ``attention_panel``."""
     graph = _load(graph)
+    heads = _panel_heads(graph) if attention_panel else []
     nodes = list(graph.get("nodes", []))
     links = list(graph.get("links", []))
     meta = graph.get("metadata", {}) or {}
@@ -208,9 +251,19 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
     n_pos = len(columns)
     own = _own_influence(nodes)
 
-    fig = Figure(figsize=(min(40.0, max(5.0, 1.0 * width + 1.5)), max(3.5, 0.9 * (n_layers + 2) + 2.0)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    graph_w = min(40.0, max(5.0, 1.0 * width + 1.5))
+    fig_h = max(3.5, 0.9 * (n_layers + 2) + 2.0)
+    if heads:
+        panel_w = 4.5
+        fig = Figure(figsize=(graph_w + panel_w, fig_h))
+        FigureCanvasAgg(fig)
+        grid = fig.add_gridspec(1, 2, width_ratios=[graph_w, panel_w])
+        ax = fig.add_subplot(grid[0, 0])
+        _draw_attention_panel(fig.add_subplot(grid[0, 1]), heads)
+    else:
+        fig = Figure(figsize=(graph_w, fig_h))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
 
     # edges, weakest first so the strong ones are on top
     index: dict[str, int] = {}
@@ -300,13 +353,15 @@ def draw_graph(graph, *, title: str | None = None) -> GraphDrawing:
         bbox_to_anchor=(0.0, -0.12 if tokens else -0.05),
     )
     fig.tight_layout()
-    return GraphDrawing(figure=fig, positions=positions, n_nodes=drawn, n_links=n_links)
+    return GraphDrawing(figure=fig, positions=positions, n_nodes=drawn, n_links=n_links, n_heads=len(heads))
 
 
-def render_graph(graph, *, formats=FORMATS, dpi: int = 150, title: str | None = None) -> dict[str, bytes]:
+def render_graph(
+    graph, *, formats=FORMATS, dpi: int = 150, title: str | None = None, attention_panel: bool = True
+) -> dict[str, bytes]:
     """``{format: bytes}`` of the graph's figure (``png`` and / or ``svg``), deterministic."""
     with matplotlib.rc_context(RC):
-        return figure_bytes(draw_graph(graph, title=title).figure, formats, dpi)
+        return figure_bytes(draw_graph(graph, title=title, attention_panel=attention_panel).figure, formats, dpi)
 
 
 def write_graph_figures(

@@ -73,3 +73,50 @@ def test_write_graph_figures_from_a_file(pruned_doc, tmp_path):
     assert paths["png"].read_bytes() == render_graph(doc)["png"]
     with pytest.raises(ValueError, match="pdf"):
         render_graph(doc, formats=("pdf",))
+
+
+# --------------------------------------------------------------------------------------------
+# The optional attention panel
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_docs():
+    from tests.attention_fixtures import LABELS, attention_file, attention_graph
+
+    graph = attention_graph()
+    pruned = prune_graph(graph, 1.0, 1.0)
+    plain = build_graph_json(graph, "attn-toy", pruned, labels=LABELS)
+    with_heads = build_graph_json(graph, "attn-toy", pruned, labels=LABELS, attention=attention_file())
+    return plain, with_heads
+
+
+def test_attention_panel_only_with_attention_data(attention_docs):
+    plain, with_heads = attention_docs
+    bare = draw_graph(plain)
+    assert bare.n_heads == 0 and len(bare.figure.axes) == 1
+    drawing = draw_graph(with_heads)
+    assert drawing.n_heads == 2 and len(drawing.figure.axes) == 2
+    assert (drawing.n_nodes, drawing.n_links) == (bare.n_nodes, bare.n_links)
+    lines = [t.get_text() for t in drawing.figure.axes[1].texts]
+    assert lines == [
+        "Top heads: query × key (QK)",
+        "L1 H0  |loading| 1.62  p1→p0  score 2.5  pattern 0.75",
+        "  +2  token p1 × Dallas",
+        "  -0.75  city (not in the graph) × error L0 p0",
+        "  +0.5  bias × Dallas",
+        "L0 H0  |loading| 0.5  p1→p1  score 0.375  pattern 1.00",
+        "  +0.375  token p1 × position p1",
+    ]
+    # the panel adds width, the graph keeps its own
+    assert drawing.figure.get_figwidth() == pytest.approx(bare.figure.get_figwidth() + 4.5)
+
+
+def test_attention_panel_bytes_deterministic_and_off_without_it(attention_docs):
+    plain, with_heads = attention_docs
+    a, b = render_graph(with_heads), render_graph(with_heads)
+    assert a == b
+    base = render_graph(plain)
+    assert a["png"] != base["png"] and a["svg"] != base["svg"]
+    # without the panel the other fields change nothing: the graph's own figure, byte for byte
+    assert render_graph(with_heads, attention_panel=False) == base

@@ -394,6 +394,68 @@ def test_export_stage_draws_the_pruned_graph_deterministically(stage_run):
     assert (run / "graph" / "p.json").read_bytes() == graph_json
 
 
+def test_export_stage_takes_the_attention_file_when_present(stage_run):
+    """results/<id>/attention/attention.json (the qk stage's) goes into the graph JSON's optional
+    fields and the figure's panel; removed again, the export is byte for byte what it was."""
+    from stages import export
+
+    run = stage_run / "results" / "p"
+    files = [run / "graph" / "p.json", run / "graph.png", run / "graph.svg"]
+    before = [f.read_bytes() for f in files]
+    doc = json.loads(before[0])
+    n_layers = next(int(n["layer"]) for n in doc["nodes"] if n["feature_type"] == "logit") - 1
+    links = sorted(doc["links"], key=lambda lk: -abs(lk["weight"]))[:2]
+    ref = {"kind": "token", "layer": None, "pos": 0, "feature": None, "node_id": None, "label": "token p0"}
+    attention = {
+        "format": "circuit-pipeline/attention",
+        "version": 1,
+        "n_layers": n_layers,
+        "n_heads": 2,
+        "config": {"edges": 2, "heads": 1, "terms": 1, "expand_attention": False},
+        "edges": [
+            {**{k: lk[k] for k in ("source", "target", "weight")}, "edge": lk["weight"], "layers": []} for lk in links
+        ],
+        "heads": [
+            {
+                "layer": 0,
+                "head": 1,
+                "loading": 0.5,
+                "edges": [0],
+                "query_pos": 0,
+                "key_pos": 0,
+                "pattern": 1.0,
+                "score": 0.25,
+                "terms_sum": 0.25,
+                "terms": [{"query": ref, "key": ref, "value": 0.25}],
+                "query_marginals": [{"node": ref, "value": 0.25}],
+                "key_marginals": [{"node": ref, "value": 0.25}],
+            }
+        ],
+    }
+    path = export.attention_path("p")
+    assert path == Path("results") / "p" / "attention" / "attention.json"
+    (stage_run / path).parent.mkdir(parents=True)
+    (stage_run / path).write_text(json.dumps(attention))
+    cwd = os.getcwd()
+    os.chdir(stage_run)
+    try:
+        export.main(["--prompt-id", "p"])
+        with_attention = json.loads(files[0].read_text())
+        after = [f.read_bytes() for f in files]
+        (stage_run / path).unlink()
+        export.main(["--prompt-id", "p"])
+    finally:
+        os.chdir(cwd)
+        (stage_run / path).unlink(missing_ok=True)
+    carried = [(lk["source"], lk["target"]) for lk in with_attention["links"] if "head_loadings" in lk]
+    assert sorted(carried) == sorted((lk["source"], lk["target"]) for lk in links)
+    assert [h["edges"] for h in with_attention["attention_heads"]["heads"]] == [
+        [[links[0]["source"], links[0]["target"]]]
+    ]
+    assert all(a != b for a, b in zip(after, before))  # graph JSON and both figures (the panel)
+    assert [f.read_bytes() for f in files] == before
+
+
 def test_dvc_yaml_features_export_intervene_dependencies():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     feat = stages["features"]

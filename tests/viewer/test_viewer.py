@@ -865,3 +865,126 @@ def test_feature_dashboard_missing_broken_and_non_features(dash_site, page):
     click_node(page, dash_site["shown"]["node_id"])
     assert fd.get_attribute("data-state") == "ok"
     assert fd.locator(".fd-label").text_content() == dash_site["record"]["label"]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: the heads that carry an edge, a head's QK attribution
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attn_site(tmp_path_factory):
+    """The hand-made attention graph exported with its hand-written attention file (a feature
+    label with markup among the QK terms), and the same graph without it."""
+    from tests.attention_fixtures import LABELS, attention_file, attention_graph
+
+    graphs = tmp_path_factory.mktemp("viewer-attn") / "graphs"
+    labels = {**LABELS, (0, 9): IMG_LABEL}
+    path = create_graph_files(attention_graph(), "attn", graphs, 1.0, 1.0, labels=labels, attention=attention_file())
+    create_graph_files(attention_graph(), "plain", graphs, 1.0, 1.0, labels=labels)
+    server = make_server(graphs, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": server.url, "port": server.server_address[1], "graphs": graphs, "doc": json.loads(path.read_text())}
+    server.shutdown()
+    server.server_close()
+
+
+def test_attention_fields_served_with_the_graph(attn_site):
+    status, headers, body = req(attn_site, "GET", "/data/attn.json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert body == (attn_site["graphs"] / "attn.json").read_bytes()
+    doc = json.loads(body)
+    assert [h["layer"] for h in doc["attention_heads"]["heads"]] == [1, 0]
+    assert sum("head_loadings" in lk for lk in doc["links"]) == 2
+
+
+def _link(page, source, target):
+    return page.locator(f'#graph line.link[data-source="{source}"][data-target="{target}"]')
+
+
+def test_clicking_an_edge_shows_its_heads_and_a_head_its_qk_pairs(attn_site, page):
+    from tests.attention_fixtures import E00, F0, F1, T0, T1
+
+    page.goto(f"{attn_site['url']}?slug=attn")
+    page.wait_for_selector('body[data-ready="1"]', timeout=10_000)
+    assert page.locator("#edge-pane").is_hidden() and page.locator("#head-pane").is_hidden()
+    # the heads list: every head of the file, most loading first
+    assert page.locator("#heads-list .head-row .hl-name").all_text_contents() == ["L1 H0", "L0 H0"]
+    assert page.locator("#graph line.link.has-heads").count() == 2
+
+    # an edge crossing one layer: heads by |loading|, the bypass, the sum check
+    _link(page, F0, F1).dispatch_event("click")
+    assert page.text_content("#edge-title") == "Dallas → Texas"
+    assert page.locator("#graph line.link.edge-selected").count() == 1
+    assert page.locator("#edge-body .hl-layer").evaluate_all("els => els.map(e => e.dataset.layer)") == ["1"]
+    assert page.locator("#edge-body .hl-head .hl-name").all_text_contents() == ["H0", "H1"]
+    assert page.locator("#edge-body .hl-head .weight").all_text_contents() == ["1.50", "-0.250"]
+    assert page.text_content("#edge-body .hl-bypass .weight") == "0.750"
+    check = page.text_content("#edge-body .hl-sum")
+    assert check.startswith("Σ heads + bypass = 2.00 · edge 2.00 · |Δ| ")
+    expected = abs((1.5 + -0.25) + 0.7500001 - 2.0000001)
+    assert float(check.rsplit(" ", 1)[1]) == pytest.approx(expected, rel=0.1, abs=1e-15)
+
+    # an edge crossing two layers: layer 1's heads reorder by |loading|; only L1 H0 has QK terms
+    _link(page, T1, F1).dispatch_event("click")
+    assert page.locator("#edge-body .hl-layer").evaluate_all("els => els.map(e => e.dataset.layer)") == ["0", "1"]
+    layer1 = page.locator('#edge-body .hl-layer[data-layer="1"]')
+    assert layer1.locator(".hl-head .hl-name").all_text_contents() == ["H1", "H0"]
+    assert layer1.locator(".hl-head.has-qk .hl-name").all_text_contents() == ["H0"]
+    layer1.locator(".hl-head.has-qk").click()
+
+    # the head: position pair with tokens, score, pattern, its top pairs with their labels
+    assert page.text_content("#head-title") == "Head L1 H0"
+    fields = page.locator("#head-body .head-fields dd").all_text_contents()
+    assert fields == ['p1 " is" → p0 "Dallas"', "2.50 (terms sum 2.50)", "0.750", "1.63 over 2 edge(s)"]
+    rows = page.locator("#head-body .qk-term")
+    assert rows.count() == 3
+    cells = [rows.nth(i).locator("td").all_text_contents() for i in range(3)]
+    assert cells == [
+        ["2.00", "token p1", "×", "Dallas"],
+        ["-0.750", IMG_LABEL, "×", "error L0 p0"],
+        ["0.500", "bias", "×", "Dallas"],
+    ]
+    assert page.locator("#head-body .qk-term .qk-node.in-graph").evaluate_all("els => els.map(e => e.dataset.id)") == [
+        T1,
+        F0,
+        E00,
+        F0,
+    ]
+    assert page.locator("#heads-list .head-row.active").get_attribute("data-key") == "1:0"
+    # the edges it carries lead back to their edge
+    page.locator("#head-body .head-edges .edge-row").first.click()
+    assert page.get_attribute("#edge-body", "data-source") == F0
+    # a term's node in the graph selects that node
+    page.locator("#head-body .qk-node.in-graph").nth(1).click()
+    assert page.locator("#graph g.node.selected").get_attribute("data-id") == F0
+    # the other head from the list
+    page.locator('#heads-list .head-row[data-key="0:0"]').click()
+    assert page.text_content("#head-title") == "Head L0 H0"
+    assert page.locator("#head-body .qk-term td").all_text_contents() == ["0.375", "token p1", "×", "position p1"]
+
+    # the node pane marks edges with head loadings; its button opens the edge
+    page.locator(f'#graph g.node[data-id="{F1}"]').dispatch_event("click")
+    assert page.locator("#edges-in .edge-heads").count() == 2
+    page.locator("#edges-in .edge-heads").first.click()
+    assert page.get_attribute("#edge-body", "data-source") == F0
+    # an edge without loadings says why
+    _link(page, T0, F0).dispatch_event("click")
+    assert page.text_content("#edge-body .no-heads") == "No head loadings: not one of the attention file's top edges."
+    assert page.evaluate("typeof window.pwned") == "undefined" and page.locator("body img").count() == 0
+
+
+def test_graph_without_attention_has_no_heads(attn_site, page):
+    from tests.attention_fixtures import F0, F1
+
+    page.goto(f"{attn_site['url']}?slug=plain")
+    page.wait_for_selector('body[data-ready="1"]', timeout=10_000)
+    assert page.locator("#heads-pane").is_hidden()
+    assert page.locator("#graph line.link.has-heads").count() == 0
+    _link(page, F0, F1).dispatch_event("click")
+    assert page.locator("#edge-pane").is_visible()
+    assert page.text_content("#edge-body .no-heads").startswith("No head loadings: the graph was exported without")
+    # a click on the background clears the edge
+    page.locator("#graph").dispatch_event("click")
+    assert page.locator("#edge-pane").is_hidden()

@@ -20,6 +20,15 @@
 // visible edge are hidden too.
 //
 // URL: ?slug=<slug>&pinnedIds=<id>,<id>&clickedId=<id>&nodeThreshold=<x>&edgeThreshold=<x>
+//
+// Attention (optional fields export writes from the qk stage's attention file): a link may carry
+// head_loadings = {edge, layers: [{layer, heads: [n_heads], bypass}]}, and the top level
+// attention_heads = {n_layers, n_heads, config, heads: [{layer, head, loading, edges:
+// [[source, target]], query_pos, key_pos, pattern, score, terms_sum, terms: [{query, key,
+// value}], query_marginals, key_marginals}]} with node references {node_id, label, clerp}.
+// Clicking an edge shows, per attention layer on its way, the heads sorted by |loading|, the
+// bypass and the sum check; a head (from there or the heads list) shows its top query x key
+// pairs with their labels, the score and the pattern.
 "use strict";
 
 (() => {
@@ -56,6 +65,11 @@
     pos: new Map(),       // node id -> {x, y, r}
     nodeEls: new Map(),   // node id -> its <g> in the main graph
     featureCache: new Map(),
+    heads: [],            // attention_heads.heads (QK attributions), most loading first
+    headByKey: new Map(), // "layer:head" -> head
+    linkByKey: new Map(), // "source\0target" -> link
+    edge: null,           // the clicked link
+    head: "",             // the shown head, "layer:head"
   };
   window.circuitViewer = { state };
 
@@ -114,6 +128,15 @@
     let m = 1e-12;
     for (const x of xs) if (x > m) m = x;
     return m;
+  }
+
+  // a link's head_loadings field, checked: {edge, layers: [{layer, heads: [numbers], bypass}]} or null
+  function headLoadings(x) {
+    if (!x || typeof x !== "object" || !Array.isArray(x.layers)) return null;
+    const layers = x.layers
+      .filter((r) => r && Number.isInteger(r.layer) && Array.isArray(r.heads))
+      .map((r) => ({ layer: r.layer, heads: r.heads.map(Number), bypass: Number(r.bypass) }));
+    return { edge: Number(x.edge), layers };
   }
 
   function clamp01(x, fallback) {
@@ -190,7 +213,7 @@
       if (!l || !state.byId.has(l.source) || !state.byId.has(l.target)) continue;
       const w = Number(l.weight);
       if (!isFinite(w)) continue;
-      const link = { source: l.source, target: l.target, weight: w, el: null };
+      const link = { source: l.source, target: l.target, weight: w, el: null, loadings: headLoadings(l.head_loadings) };
       state.links.push(link);
       state.outLinks.get(l.source).push(link);
       state.inLinks.get(l.target).push(link);
@@ -198,6 +221,13 @@
     for (const list of [...state.inLinks.values(), ...state.outLinks.values()]) {
       list.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight));
     }
+    state.linkByKey = new Map(state.links.map((l) => [`${l.source}\u0000${l.target}`, l]));
+    const att = doc.attention_heads && typeof doc.attention_heads === "object" ? doc.attention_heads : {};
+    state.heads = (Array.isArray(att.heads) ? att.heads : [])
+      .filter((hd) => hd && typeof hd === "object" && Number.isInteger(hd.layer) && Number.isInteger(hd.head));
+    state.headByKey = new Map(state.heads.map((hd) => [`${hd.layer}:${hd.head}`, hd]));
+    state.edge = null;
+    state.head = "";
     // own influence from the cumulative scores
     const ranked = state.nodes.filter((n) => typeof n.influence === "number")
       .sort((a, b) => a.influence - b.influence);
@@ -474,6 +504,9 @@
         "stroke-width": (0.35 + 3.2 * Math.sqrt(Math.abs(l.weight) / maxW)).toFixed(2),
         "data-source": l.source, "data-target": l.target,
       });
+      if (l.loadings) e.classList.add("has-heads");
+      if (l === state.edge) e.classList.add("edge-selected");
+      e.addEventListener("click", (ev) => { ev.stopPropagation(); selectEdge(l); });
       l.el = e;
       gl.append(e);
     }
@@ -594,6 +627,11 @@
       const li = h("li", { class: "edge-row", "data-id": other.node_id, tabindex: "0" });
       li.append(h("span", { class: `weight ${l.weight >= 0 ? "pos" : "neg"}` }, fmt(l.weight)));
       li.append(h("span", { class: "edge-label" }, label(other)));
+      if (l.loadings) {
+        const b = h("button", { type: "button", class: "edge-heads", title: "the heads that carry this edge" }, "heads");
+        b.addEventListener("click", (ev) => { ev.stopPropagation(); selectEdge(l); });
+        li.append(b);
+      }
       li.addEventListener("click", () => select(other.node_id));
       li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") select(other.node_id); });
       ol.append(li);
@@ -915,6 +953,184 @@
   }
 
   // ---------------------------------------------------------------------------------------
+  // attention: the heads that carry an edge, a head's QK attribution, the heads list
+  // ---------------------------------------------------------------------------------------
+
+  const HEADS_SHOWN = 8;  // per layer, by |loading|; the rest are counted
+
+  function nodeName(id) {
+    const n = state.byId.get(id);
+    return n ? label(n) : id;
+  }
+
+  function headKey(layer, head) { return `${layer}:${head}`; }
+
+  function selectEdge(l) {
+    state.edge = l || null;
+    for (const x of state.links) if (x.el) x.el.classList.toggle("edge-selected", x === state.edge);
+    renderEdge();
+  }
+
+  function selectHead(key) {
+    state.head = state.headByKey.has(key) ? key : "";
+    renderHead();
+    renderHeadsList();
+  }
+
+  function renderEdge() {
+    const pane = $("edge-pane");
+    const l = state.edge;
+    if (!l) { pane.hidden = true; return; }
+    pane.hidden = false;
+    $("edge-title").textContent = `${nodeName(l.source)} → ${nodeName(l.target)}`;
+    const body = $("edge-body");
+    body.replaceChildren();
+    body.dataset.source = l.source;
+    body.dataset.target = l.target;
+    body.append(h("div", { class: "edge-weight" }, `weight ${fmt(l.weight)} · ${l.source} → ${l.target}`));
+    const hl = l.loadings;
+    if (!hl) {
+      const any = state.links.some((x) => x.loadings);
+      body.append(h("div", { class: "muted no-heads" }, any
+        ? "No head loadings: not one of the attention file's top edges."
+        : "No head loadings: the graph was exported without an attention file (the qk stage's attention.json)."));
+      return;
+    }
+    body.append(h("div", { class: "muted" }, `recomputed edge ${sig(hl.edge)}; per layer, heads + bypass = edge`));
+    if (!hl.layers.length) body.append(h("div", { class: "muted" }, "crosses no attention layer"));
+    for (const r of hl.layers) {
+      const sec = h("div", { class: "hl-layer", "data-layer": String(r.layer) });
+      const sum = r.heads.reduce((a, b) => a + b, 0) + r.bypass;
+      sec.append(h("h3", {}, `Layer ${r.layer}`));
+      sec.append(h("div", { class: "hl-sum muted" },
+        `Σ heads + bypass = ${sig(sum)} · edge ${sig(hl.edge)} · |Δ| ${Math.abs(sum - hl.edge).toExponential(1)}`));
+      const maxAbs = maxOf([...r.heads.map(Math.abs), Math.abs(r.bypass)]);
+      const ol = h("ol", { class: "hl-rows" });
+      const bar = (v) => {
+        const b = h("span", { class: `hl-bar ${v >= 0 ? "pos" : "neg"}` });
+        b.style.width = `${(60 * Math.min(1, Math.abs(v) / maxAbs)).toFixed(1)}px`;
+        return b;
+      };
+      const order = r.heads.map((v, i) => [i, v]).sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]) || a[0] - b[0]);
+      for (const [i, v] of order.slice(0, HEADS_SHOWN)) {
+        const key = headKey(r.layer, i);
+        const li = h("li", { class: "hl-row hl-head", "data-head": String(i) });
+        li.append(h("span", { class: "hl-name" }, `H${i}`), h("span", { class: `weight ${v >= 0 ? "pos" : "neg"}` }, sig(v)), bar(v));
+        if (state.headByKey.has(key)) {
+          li.classList.add("has-qk");
+          li.title = "show this head's QK attribution";
+          li.tabIndex = 0;
+          li.addEventListener("click", () => selectHead(key));
+          li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") selectHead(key); });
+        }
+        ol.append(li);
+      }
+      if (order.length > HEADS_SHOWN) ol.append(h("li", { class: "muted" }, `… ${order.length - HEADS_SHOWN} more head(s)`));
+      const by = h("li", { class: "hl-row hl-bypass" });
+      by.append(h("span", { class: "hl-name" }, "bypass"), h("span", { class: `weight ${r.bypass >= 0 ? "pos" : "neg"}` }, sig(r.bypass)), bar(r.bypass));
+      ol.append(by);
+      sec.append(ol);
+      body.append(sec);
+    }
+  }
+
+  // a node reference of a QK term: its label (the export's clerp, else the structural label)
+  function refName(ref) {
+    if (!ref || typeof ref !== "object") return "?";
+    return String(ref.clerp || ref.label || ref.node_id || "?");
+  }
+
+  function refSpan(ref) {
+    const id = ref && typeof ref.node_id === "string" ? ref.node_id : null;
+    const span = h("span", { class: "qk-node" }, refName(ref));
+    span.title = `${String((ref && ref.label) || "")}${id ? ` · ${id}` : " · not in the graph"}`;
+    if (id && state.byId.has(id)) {
+      span.classList.add("in-graph");
+      span.dataset.id = id;
+      span.addEventListener("click", () => select(id));
+    }
+    return span;
+  }
+
+  function renderHead() {
+    const pane = $("head-pane");
+    const hd = state.headByKey.get(state.head);
+    if (!hd) { pane.hidden = true; return; }
+    pane.hidden = false;
+    $("head-title").textContent = `Head L${hd.layer} H${hd.head}`;
+    const body = $("head-body");
+    body.replaceChildren();
+    body.dataset.key = state.head;
+    const dl = h("dl", { class: "head-fields" });
+    const field = (k, v) => { dl.append(h("dt", {}, k), h("dd", {}, v)); };
+    field("query → key", `p${hd.query_pos} "${showToken(tokenAt(hd.query_pos))}" → p${hd.key_pos} "${showToken(tokenAt(hd.key_pos))}"`);
+    field("score", `${sig(num(hd.score))} (terms sum ${sig(num(hd.terms_sum))})`);
+    field("pattern", fmt(num(hd.pattern)));
+    const edges = arr(hd.edges);
+    field("|loading|", `${sig(num(hd.loading))} over ${edges.length} edge(s)`);
+    body.append(dl);
+    body.append(h("h3", {}, "Top query × key pairs"));
+    const table = h("table", { class: "qk-terms" });
+    for (const t of arr(hd.terms)) {
+      if (!t || typeof t !== "object") continue;
+      const tr = h("tr", { class: "qk-term" });
+      const v = num(t.value);
+      tr.append(h("td", { class: `weight ${v !== null && v < 0 ? "neg" : "pos"}` }, sig(v)));
+      const q = h("td", {});
+      q.append(refSpan(t.query));
+      const k = h("td", {});
+      k.append(refSpan(t.key));
+      tr.append(q, h("td", { class: "muted" }, "×"), k);
+      table.append(tr);
+    }
+    body.append(table);
+    for (const [side, title] of [["query_marginals", "Top query-side terms (row sums)"],
+      ["key_marginals", "Top key-side terms (column sums)"]]) {
+      const list = arr(hd[side]).filter((m) => m && typeof m === "object");
+      if (!list.length) continue;
+      body.append(h("h3", {}, title));
+      const ol = h("ol", { class: `qk-marginals ${side}` });
+      for (const m of list) {
+        const li = h("li", {});
+        const v = num(m.value);
+        li.append(h("span", { class: `weight ${v !== null && v < 0 ? "neg" : "pos"}` }, sig(v)), refSpan(m.node));
+        ol.append(li);
+      }
+      body.append(ol);
+    }
+    if (edges.length) {
+      body.append(h("h3", {}, "Edges it carries"));
+      const ol = h("ol", { class: "edge-list head-edges" });
+      for (const e of edges) {
+        if (!Array.isArray(e) || e.length !== 2) continue;
+        const l = state.linkByKey.get(`${e[0]}\u0000${e[1]}`);
+        const li = h("li", { class: "edge-row" }, `${nodeName(e[0])} → ${nodeName(e[1])}`);
+        if (l) li.addEventListener("click", () => selectEdge(l));
+        ol.append(li);
+      }
+      body.append(ol);
+    }
+  }
+
+  function renderHeadsList() {
+    const pane = $("heads-pane");
+    pane.hidden = state.heads.length === 0;
+    $("heads-count").textContent = `(${state.heads.length})`;
+    const ol = $("heads-list");
+    ol.replaceChildren();
+    for (const hd of state.heads) {
+      const key = headKey(hd.layer, hd.head);
+      const li = h("li", { class: "head-row", "data-key": key, tabindex: "0" });
+      if (key === state.head) li.classList.add("active");
+      li.append(h("span", { class: "hl-name" }, `L${hd.layer} H${hd.head}`),
+        h("span", { class: "muted" }, ` |loading| ${sig(num(hd.loading))} · p${hd.query_pos}→p${hd.key_pos} · pattern ${fmt(num(hd.pattern), 2)}`));
+      li.addEventListener("click", () => selectHead(key));
+      li.addEventListener("keydown", (ev) => { if (ev.key === "Enter") selectHead(key); });
+      ol.append(li);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
   // subgraph pane: pinned nodes, supernodes
   // ---------------------------------------------------------------------------------------
 
@@ -1042,6 +1258,9 @@
     $("edge-threshold-value").textContent = state.edgeThreshold.toFixed(2);
     renderGraph();
     renderDetails();
+    renderEdge();
+    renderHead();
+    renderHeadsList();
     renderPinned();
     $("stats").textContent = `${state.visible.size} / ${state.nodes.length} nodes · `
       + `${state.visibleLinks.length} / ${state.links.length} links${filtering ? " (filtered)" : ""}`;
@@ -1183,7 +1402,10 @@
         sliderTimer = setTimeout(() => save(), 150);
       });
     }
-    $("graph").addEventListener("click", () => { if (state.clicked) select(""); });
+    $("graph").addEventListener("click", () => {
+      if (state.edge) selectEdge(null);
+      if (state.clicked) select("");
+    });
     $("pin-toggle").addEventListener("click", () => { if (state.clicked) togglePin(state.clicked); });
     $("label-save").addEventListener("click", () => saveLabel($("label-input").value));
     $("label-input").addEventListener("keydown", (ev) => {
