@@ -95,6 +95,7 @@ def remove_qk_nodes(
     *,
     query_nodes: Sequence[QKNode] = (),
     key_nodes: Sequence[QKNode] = (),
+    attributions: Sequence[QKAttribution] | None = None,
 ) -> QKRemoval:
     """Remove ``query_nodes``' contributions from head ``head``'s query at ``query_pos`` and
     ``key_nodes``' from its key at ``key_pos`` (layer ``layer``), in the model's forward.
@@ -106,6 +107,10 @@ def remove_qk_nodes(
     group); the bias node's is the norm's bias through it plus b_Q (b_K). It is subtracted at
     ``blocks.L.attn.hook_q`` / ``hook_k`` (before rotary: the model rotates what is left), for
     this head and position only. Returns a :class:`QKRemoval`.
+
+    attributions: ``qk_attribution(model, capture, layer, head, query_pos, k)`` for every
+    ``k`` in ``0..query_pos`` (in order), to reuse across many removals on the same capture;
+    computed here when None.
 
     Bad input is a ValueError naming the fix: a layer, head or position out of range, a key after
     the query, a node that is not a term of the residual at that side's position.
@@ -123,7 +128,15 @@ def remove_qk_nodes(
         )
 
     # the QK matrices at (query_pos, k) for every key k <= query_pos: the prediction
-    per_key = [qk_attribution(model, capture, layer, head, query_pos, k, top=0) for k in range(query_pos + 1)]
+    if attributions is None:
+        attributions = [qk_attribution(model, capture, layer, head, query_pos, k, top=0) for k in range(query_pos + 1)]
+    per_key = list(attributions)
+    where = [(a.layer, a.head, a.query_pos, a.key_pos) for a in per_key]
+    if where != [(layer, head, query_pos, k) for k in range(query_pos + 1)]:
+        raise ValueError(
+            f"attributions must be qk_attribution at layer {layer}, head {head}, query_pos {query_pos} and "
+            f"key_pos 0..{query_pos} in order; got {where}"
+        )
     at_key = per_key[key_pos]
     q_rows = _rows_of(query_nodes, at_key.query_nodes, "query", query_pos)
     k_cols = _rows_of(key_nodes, at_key.key_nodes, "key", key_pos)

@@ -237,3 +237,16 @@ def test_bad_input_is_a_clear_error(models, args, nodes, message):
     model, cap = models("gpt2", "plt_skip")
     with pytest.raises(ValueError, match=message):
         remove_qk_nodes(model, cap, *args, **nodes)
+
+
+def test_reused_attributions_give_the_same_removal_and_wrong_ones_are_refused(models):
+    model, cap = models("gpt2", "clt")
+    q = cap.n_pos - 1
+    per_key = [qk_attribution(model, cap, LAYER, HEAD, q, k, top=0) for k in range(q + 1)]
+    node = feature_nodes(per_key[2].query_nodes)[0]
+    a = remove_qk_nodes(model, cap, LAYER, HEAD, q, 2, query_nodes=[node])
+    b = remove_qk_nodes(model, cap, LAYER, HEAD, q, 2, query_nodes=[node], attributions=per_key)
+    assert torch.equal(a.scores_predicted, b.scores_predicted)
+    assert torch.equal(a.scores_after, b.scores_after)
+    with pytest.raises(ValueError, match="attributions must be qk_attribution at layer 1, head 1"):
+        remove_qk_nodes(model, cap, LAYER, HEAD, q, 2, query_nodes=[node], attributions=per_key[:-1])
