@@ -34,6 +34,16 @@ def flips(metrics: Path) -> str:
     return f"(experiments: {k}/{n} flipped)" if n else ""
 
 
+def heads_line(path: Path) -> str:
+    """The heads that carry the most of the top edges, as the qk stage ranked them."""
+    if not path.is_file():
+        return "(missing: run dvc repro)"
+    heads = read_json(path)["heads"][:3]
+    return (
+        "(top heads: " + ", ".join(f"L{h['layer']}H{h['head']} {h['query_pos']}->{h['key_pos']}" for h in heads) + ")"
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__, argv=argv)
     cfg = load_config(args.params)
@@ -65,6 +75,9 @@ def main(argv=None) -> int:
         print(f"      report     {run / 'report' / 'report.md'}  {flips(run / 'report' / 'metrics.json')}")
         print(f"      pruned     {run / 'pruned.npz'}  (full graph {run / 'graph.zarr'})")
         print(f"      capture    {run / 'capture.safetensors'}")
+        print(
+            f"      attention  {run / 'attention' / 'attention.json'}  {heads_line(run / 'attention' / 'attention.json')}"
+        )
     dashboards = dashboards_path(cfg.features)
     print(f"\nfeature dashboards: {dashboards}{'' if dashboards.exists() else '  (missing: run dvc repro)'}")
     summary = Path("metrics/interventions.json")
