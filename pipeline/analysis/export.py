@@ -535,15 +535,23 @@ def _attention_fields(attention, links, pruned_ids, n_layers, label_of) -> dict[
     if not isinstance(n_heads, int) or n_heads < 1:
         raise _attention_error(f"n_heads {n_heads!r} is not a positive integer")
 
-    by_pair = {(lk["source"], lk["target"]): lk for lk in links}
+    # circuit-tracer's id format can give two nodes one id (export warns), so a (source, target)
+    # pair may name several links: an edge goes to the unclaimed one with its weight
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    for lk in links:
+        by_pair.setdefault((lk["source"], lk["target"]), []).append(lk)
     pairs: list[list[str]] = []
     for i, edge in enumerate(attention.get("edges", [])):
         pair = (edge.get("source"), edge.get("target"))
-        link = by_pair.get(pair)
-        if link is None:
+        candidates = by_pair.get(pair)
+        if not candidates:
             raise _attention_error(f"edge {i} {pair[0]} -> {pair[1]} is not a link of the exported graph")
-        if np.float32(edge["weight"]) != np.float32(link["weight"]):
-            raise _attention_error(f"edge {i} has weight {edge['weight']} but the graph's link has {link['weight']}")
+        weight = np.float32(edge["weight"])
+        same = [lk for lk in candidates if np.float32(lk["weight"]) == weight and "head_loadings" not in lk]
+        if not same:
+            found = ", ".join(str(lk["weight"]) for lk in candidates)
+            raise _attention_error(f"edge {i} has weight {edge['weight']} but the graph's link has {found}")
+        link = same[0]
         layers = []
         for rec in edge["layers"]:
             heads = [_float(h) for h in rec["heads"]]

@@ -361,3 +361,21 @@ def test_ct_load_graph_script_is_plain_python():
     # it runs in circuit-tracer's venv: no import of this project
     text = (ROOT / "bench" / "ct_load_graph.py").read_text()
     assert "pipeline" not in re.findall(r"^\s*(?:from|import)\s+(\w+)", text, re.M)
+
+
+def test_edge_goes_to_the_link_with_its_weight_when_two_links_share_ids():
+    # circuit-tracer's id format can give two nodes one id: their links then share a pair
+    from pipeline.analysis.export import _attention_fields
+
+    att = attention_file()
+    att["heads"] = []
+    first = {"source": F0, "target": F1, "weight": 0.5}
+    second = {"source": F0, "target": F1, "weight": 2.0}
+    other = {"source": T1, "target": F1, "weight": 1.0}
+    _attention_fields(att, [second, first, other], set(), 2, lambda node_id: "")
+    assert "head_loadings" not in first
+    assert second["head_loadings"]["edge"] == 2.0000001
+    # and with no link of that weight, the error lists the weights there are
+    att["edges"][0]["weight"] = 3.0
+    with pytest.raises(ValueError, match=r"edge 0 has weight 3.0 but the graph's link has 2.0, 0.5"):
+        _attention_fields(att, [dict(second), dict(first), dict(other)], set(), 2, lambda node_id: "")
