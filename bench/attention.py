@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=8, help="heads given a QK attribution")
     ap.add_argument("--mfn", type=int, default=256, help="attribution's max_feature_nodes (0: every active feature)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="cProfile the head-loadings case")
     ap.add_argument("--child", help=argparse.SUPPRESS)

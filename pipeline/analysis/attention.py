@@ -120,7 +120,7 @@ def explain_attention(
     labels: Mapping[tuple[int, int], str] | None = None,
     progress: bool = True,
     store: str | Path | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 512,
     prompt_id: str | None = None,
 ) -> dict:
     """The attention file (a dict, see ``docs/qk-attributions.md``) of ``graph`` and its pruning.

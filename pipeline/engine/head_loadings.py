@@ -3,9 +3,9 @@
 The frozen replacement model is linear in every source's output vector, so an edge is a sum over
 paths. At an attention layer L between source and target, the paths through head h carry
 ``(d target / d z[L, h]) . dz[L, h]`` (z: the heads' outputs before W_O) and the others bypass
-L's attention. ``dz`` comes from one forward-mode sweep from the source, ``d target / d z`` from
-one backward sweep from the target, and each layer's bypass from one more forward sweep with
-that layer's heads cut: ``heads.sum() + bypass == edge`` is a check, not a definition.
+L's attention, so ``bypass = edge - heads.sum()``. One frozen forward serves a whole batch of
+edges: a backward pass vmapped over the targets gives ``d target / d z`` and the edges, and a
+double backward (the transpose of the transpose) vmapped over the sources gives every ``dz``.
 Spec: ``docs/head-loadings.md``.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,11 @@ __all__ = [
     "SourceSweep",
     "SourceVector",
     "TargetVector",
+    "EdgeSweeper",
+    "EdgeSweeps",
+    "SourceBlock",
+    "TargetSide",
+    "sweep_edges",
     "check_edge",
     "check_same_weights",
     "describe",
@@ -49,8 +55,6 @@ __all__ = [
     "read_head_loadings",
     "source_sweep",
     "source_vector",
-    "split_edge",
-    "target_gradients",
     "target_vector",
     "top_edges",
     "write_head_loadings",
@@ -144,17 +148,15 @@ def source_sweep(
     source: SourceVector,
     n_pos: int,
     *,
-    cut_layer: int | None = None,
     last_read: int | None = None,
 ) -> SourceSweep:
     """One forward-mode pass of the frozen model over the first ``n_pos`` tokens, the tangent
-    entering at the source's write locations.
+    entering at the source's write locations: one source at a time, with no autograd graph (the
+    independent route :func:`sweep_edges` is checked against, and :func:`pair_shares`' input).
 
     Frozen as in ``ReplacementModel.frozen_forward``: attention patterns and norm scales keep
     their clean values and carry no tangent; an MLP output carries the source's vector (when the
-    source writes there) plus the change of the transcoder's skip term. With ``cut_layer`` the
-    heads of that layer pass no tangent on, so what reaches the reads bypasses its attention.
-    With ``last_read`` (a read layer; ``n_layers``: the unembedding's input) the pass stops once
+    source writes there) plus the change of the transcoder's skip term. With ``last_read`` (a read layer; ``n_layers``: the unembedding's input) the pass stops once
     that read is recorded: later layers' tensors are zeros (no target there can see them). The
     unembedding itself is never computed.
     """
@@ -196,9 +198,8 @@ def source_sweep(
         return hook
 
     def heads(layer: int):
-        def hook(tensor: Tensor, *, hook) -> Tensor | None:
+        def hook(tensor: Tensor, *, hook) -> None:
             z[layer] = _tangent(tensor)
-            return fwAD.unpack_dual(tensor).primal if layer == cut_layer else None
 
         return hook
 
@@ -266,67 +267,231 @@ def _every_layer(recorded: dict[int, Tensor], n_layers: int) -> list[Tensor]:
     return [recorded[layer] if layer in recorded else torch.zeros_like(recorded[0]) for layer in range(n_layers)]
 
 
-def target_gradients(
-    model: ReplacementModel, capture: Capture, targets: list[TargetVector], n_pos: int
-) -> list[Tensor]:
-    """d (target read) / d z for every target and layer: per layer (B, n_pos, n_heads, d_head).
+@dataclass
+class EdgeSweeps:
+    """Both sides of a batch of edges, from one frozen forward over the first n positions.
 
-    One backward pass of ``ReplacementModel.frozen_forward`` over the first ``n_pos`` tokens,
-    vmapped over the B targets (as ``rows.compute_rows`` does), with the heads' outputs recorded
-    as they pass; a layer no target can see gets zeros.
+    grads: per layer (T, n, n_heads, d_head) d target / d z, one row per target
+    dz: per layer (S, n, n_heads, d_head) each source's change of the heads' outputs
+    dv: per layer (S, n, n_kv_heads, d_head) each source's change of the value vectors ([] unless
+    asked for, or when the model has no ``attn.hook_v``); patterns: per layer (n_heads, n, n) the
+    clean attention patterns (with ``dv``)
+    edges: (S, T) every source's edge into every target, computed as attribution computes it
     """
-    if not targets:
-        raise ValueError("target_gradients needs at least one target")
-    if max(t.pos for t in targets) >= n_pos:
-        raise ValueError(f"a target lies outside the first {n_pos} positions")
-    z: dict[int, Tensor] = {}
 
-    def grab(layer: int):
-        def hook(tensor: Tensor, *, hook) -> Tensor:
-            # the tensor this hook is given is off the bridge's autograd path (its gradient stays
-            # None); the copy returned here is what the rest of the layer is computed from
-            z[layer] = tensor.clone()
-            return z[layer]
-
-        return hook
-
-    # installed around frozen_forward's own hooks: the heads' outputs are recorded in its graph
-    with model.hooks([(H.attention_heads_hook(layer), grab(layer)) for layer in range(model.n_layers)]):
-        ff = model.frozen_forward(capture, batch=1, n_pos=n_pos)
-    B = len(targets)
-    outputs, grad_outputs = [], []
-    for layer in sorted({t.layer for t in targets}):
-        read = ff.unembed_in if layer == model.n_layers else ff.mlp_inputs[layer]
-        g = read.new_zeros((B, *read.shape))
-        for i, t in enumerate(targets):
-            if t.layer == layer:
-                g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
-        outputs.append(read)
-        grad_outputs.append(g)
-    layers = range(model.n_layers)
-    raw = torch.autograd.grad(
-        outputs, [z[layer] for layer in layers], grad_outputs, allow_unused=True, is_grads_batched=True
-    )
-    return [
-        torch.zeros((B, *z[layer].shape[1:]), dtype=z[layer].dtype, device=z[layer].device) if g is None else g[:, 0]
-        for layer, g in zip(layers, raw)
-    ]
+    grads: list[Tensor]
+    dz: list[Tensor]
+    dv: list[Tensor]
+    patterns: list[Tensor]
+    edges: Tensor
 
 
-def split_edge(sweep: SourceSweep, grads: list[Tensor], layers: list[int]) -> Tensor:
-    """Each head's share of one edge: (len(layers), n_heads).
+@dataclass
+class TargetSide:
+    """What a batch of targets reads. grads: per layer (T, n, n_heads, d_head) d target / d z;
+    rows: per write location (embedding, then each layer's MLP output) (T, n, d_model) the
+    targets' gradients there, or None where no target depends on it."""
 
-    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient
-    (``target_gradients(...)[layer][b]``). Head h of layer L carries sum over positions and
-    head dimensions of grad * dz: the model is linear downstream of z, and a path crosses a
-    layer's attention at most once.
+    grads: list[Tensor]
+    rows: list[Tensor | None]
+
+
+@dataclass
+class SourceBlock:
+    """Some sources' changes. index: (k,) their places in the list swept; dz: per layer
+    (k, n, n_heads, d_head) and dv: per layer (k, n, n_kv_heads, d_head) (empty without values),
+    None where they change nothing."""
+
+    index: Tensor
+    dz: list[Tensor | None]
+    dv: list[Tensor | None]
+
+
+def _placed(x: Tensor, sources: list[SourceVector], vector_at) -> Tensor:
+    """(S, *x.shape): source i's vector ``vector_at(source)`` (or nothing) at its position of a
+    zero copy of ``x`` (1, n, d_model)."""
+    out = x.new_zeros((len(sources), *x.shape))
+    for i, src in enumerate(sources):
+        vector = vector_at(src)
+        if vector is not None:
+            out[i, 0, src.pos] = vector.to(device=x.device, dtype=x.dtype)
+    return out
+
+
+class EdgeSweeper:
+    """The frozen model over the first ``n_pos`` tokens of a prompt, kept to answer any number
+    of edge batches: :meth:`target_side` and :meth:`source_blocks` give both sides of every
+    (source, target) pair of a batch.
+
+    Built from one ``ReplacementModel.frozen_forward`` (batch 1) with the heads' outputs z (and,
+    with ``values``, the value vectors v and the clean patterns) recorded on its autograd graph,
+    and the transpose of its Jacobian from the write locations to z (and v), ``J.T @ u`` for a
+    zero ``u``, kept differentiable in ``u``. Then per batch:
+
+    1. targets: one backward pass vmapped over them gives ``d target / d z`` and, at the write
+       locations, the targets' rows (the edges, as attribution computes them);
+    2. sources: ``J @ vector`` at z (and v) as the gradient of ``vector . J.T u`` in ``u``, vmapped
+       over blocks of them (the frozen model is linear, so this is exactly what a forward-mode
+       sweep from each source computes).
     """
-    rows = []
-    for layer in layers:
-        n = min(len(grads[layer]), len(sweep.z[layer]))
-        rows.append((grads[layer][:n] * sweep.z[layer][:n].to(grads[layer].dtype)).sum(dim=(0, 2)))
-    n_heads = int(sweep.z[0].shape[1])
-    return torch.stack(rows) if rows else sweep.z[0].new_zeros((0, n_heads))
+
+    def __init__(self, model: ReplacementModel, capture: Capture, n_pos: int, *, values: bool = False):
+        self.model, self.n = model, int(n_pos)
+        n_layers = model.n_layers
+        z: dict[int, Tensor] = {}
+        v: dict[int, Tensor] = {}
+        patterns: dict[int, Tensor] = {}
+
+        def grab(store: dict[int, Tensor], layer: int):
+            def hook(tensor: Tensor, *, hook) -> Tensor:
+                # the tensor a hook is given is off the bridge's autograd path; the copy returned
+                # here is what the rest of the layer is computed from
+                store[layer] = tensor.clone()
+                return store[layer]
+
+            return hook
+
+        def pattern(layer: int):
+            def hook(tensor: Tensor, *, hook) -> None:
+                patterns[layer] = tensor.detach()[0]
+
+            return hook
+
+        fwd: list = [(H.attention_heads_hook(layer), grab(z, layer)) for layer in range(n_layers)]
+        names = model.bridge.hook_dict
+        self.values = values and all(f"blocks.{layer}.attn.hook_v" in names for layer in range(n_layers))
+        if self.values:
+            for layer in range(n_layers):
+                fwd.append((f"blocks.{layer}.attn.hook_v", grab(v, layer)))
+                fwd.append((f"blocks.{layer}.attn.hook_pattern", pattern(layer)))
+        # installed around frozen_forward's own hooks: z and v are recorded in its graph
+        with model.hooks(fwd):
+            self.ff = model.frozen_forward(capture, batch=1, n_pos=self.n)
+        self.writes = [self.ff.embed, *self.ff.mlp_outputs]  # where sources enter: below layer 0, after each MLP
+        self.zs = [z[layer] for layer in range(n_layers)]
+        self.vs = [v[layer] for layer in range(n_layers)] if self.values else []
+        self.patterns = [patterns[layer] for layer in range(n_layers)] if self.values else []
+        ys = self.zs + self.vs
+        self.us = [torch.zeros_like(y, requires_grad=True) for y in ys]
+        with torch.enable_grad():
+            transposed = torch.autograd.grad(ys, self.writes, self.us, create_graph=True, allow_unused=True)
+        # the write locations some z or v depends on (the last MLP's output feeds no attention)
+        self.reached = [i for i, g in enumerate(transposed) if g is not None and g.requires_grad]
+        self.transposed = [transposed[i] for i in self.reached]
+
+    def target_side(self, targets: list[TargetVector]) -> TargetSide:
+        """``d target / d z`` and the targets' rows: one backward pass vmapped over the targets."""
+        if not targets:
+            raise ValueError("a sweep needs at least one target")
+        if max(t.pos for t in targets) >= self.n:
+            raise ValueError(f"a target lies outside the first {self.n} positions")
+        n_layers, ff, zs = self.model.n_layers, self.ff, self.zs
+        T = len(targets)
+        outputs, grad_outputs = [], []
+        for layer in sorted({t.layer for t in targets}):
+            read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
+            g = read.new_zeros((T, *read.shape))
+            for i, t in enumerate(targets):
+                if t.layer == layer:
+                    g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
+            outputs.append(read)
+            grad_outputs.append(g)
+        raw = torch.autograd.grad(
+            outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
+        )
+        grads = [
+            zs[layer].new_zeros((T, *zs[layer].shape[1:])) if g is None else g[:, 0].detach()
+            for layer, g in enumerate(raw[:n_layers])
+        ]
+        return TargetSide(grads, [None if r is None else r[:, 0].detach() for r in raw[n_layers:]])
+
+    def edges(self, sources: list[SourceVector], side: TargetSide) -> Tensor:
+        """(S, T) each source's edge into each target: its vectors against the targets' rows
+        where it writes (as attribution computes edges)."""
+        rows = side.rows
+        edges = side.grads[0].new_zeros((len(sources), len(side.grads[0])))
+        for i, src in enumerate(sources):
+            if src.embed is not None and rows[0] is not None:
+                edges[i] += rows[0][:, src.pos] @ src.embed.to(edges.dtype)
+            for layer, vector in src.writes.items():
+                if rows[layer + 1] is not None:
+                    edges[i] += rows[layer + 1][:, src.pos] @ vector.to(edges.dtype)
+        return edges
+
+    def source_blocks(self, sources: list[SourceVector], block: int = 32) -> Iterator[SourceBlock]:
+        """Each source's change of z (and v): ``J @ vector = d (vector . J.T u) / d u``, vmapped
+        over blocks of at most ``block`` sources that write to the same layer, so that a block's
+        backward starts at its own writes and skips the layers below them. Blocks come in order
+        of that layer; every source is in exactly one."""
+        if sources and max(s.pos for s in sources) >= self.n:
+            raise ValueError(f"a source lies outside the first {self.n} positions")
+        n_layers = self.model.n_layers
+        for first in sorted({src.layer + 1 for src in sources}):  # a write index: 0 the embedding
+            group = [i for i, src in enumerate(sources) if src.layer + 1 == first]
+            for start in range(0, len(group), block):
+                index = group[start : start + block]
+                members = [sources[i] for i in index]
+                # where these sources write (a cross-layer feature: several layers)
+                written = {0} if first == 0 else {layer + 1 for src in members for layer in src.writes}
+                roots = [(k, i) for k, i in enumerate(self.reached) if i in written]
+                found: tuple = (None,) * len(self.us)
+                if roots:  # else written after the last attention layer: no head sees them
+                    vectors = [
+                        _placed(self.writes[0], members, lambda src: src.embed)
+                        if i == 0
+                        else _placed(self.writes[i], members, lambda src, layer=i - 1: src.writes.get(layer))
+                        for _, i in roots
+                    ]
+                    with torch.enable_grad():
+                        found = torch.autograd.grad(
+                            [self.transposed[k] for k, _ in roots],
+                            self.us,
+                            vectors,
+                            allow_unused=True,
+                            is_grads_batched=True,
+                            retain_graph=True,
+                        )
+                tangents = [None if t is None else t[:, 0].detach() for t in found]
+                yield SourceBlock(torch.as_tensor(index), tangents[:n_layers], tangents[n_layers:])
+
+    def sweep(self, sources: list[SourceVector], targets: list[TargetVector]) -> EdgeSweeps:
+        """Both sides of every (source, target) pair, the sources' tangents gathered into dense
+        (S, ...) tensors (for a few edges; :func:`_compute_chunk` uses the blocks as they come)."""
+        if not sources:
+            raise ValueError("a sweep needs at least one source")
+        side = self.target_side(targets)
+        ys = self.zs + self.vs
+        dense = [y.new_zeros((len(sources), *y.shape[1:])) for y in ys]
+        for blk in self.source_blocks(sources):
+            for out, t in zip(dense, blk.dz + blk.dv):
+                if t is not None:
+                    out[blk.index] = t
+        n_layers = self.model.n_layers
+        return EdgeSweeps(side.grads, dense[:n_layers], dense[n_layers:], self.patterns, self.edges(sources, side))
+
+
+def sweep_edges(
+    model: ReplacementModel,
+    capture: Capture,
+    sources: list[SourceVector],
+    targets: list[TargetVector],
+    n_pos: int,
+    *,
+    values: bool = False,
+) -> EdgeSweeps:
+    """Every (source, target) pair's ingredients over the first ``n_pos`` tokens: one
+    :class:`EdgeSweeper`, one sweep."""
+    return EdgeSweeper(model, capture, n_pos, values=values).sweep(sources, targets)
+
+
+def _position_shares(pattern: Tensor, grad: Tensor, dv: Tensor) -> Tensor:
+    """``pattern[h, p, k] * grad[e, p, h] . dv[e, k, g(h)]``: (E, n_heads, n, n) from pattern
+    (n_heads, n, n), grad (E, n, n_heads, d_head), dv (E, n, n_kv_heads, d_head)."""
+    dv = dv.to(grad.dtype)
+    n_heads = int(grad.shape[2])
+    if dv.shape[2] != n_heads:  # grouped-query attention: query head h reads key/value head h // group
+        dv = dv.repeat_interleave(n_heads // int(dv.shape[2]), dim=2)
+    return pattern.to(grad.dtype)[None] * torch.einsum("ephd,ekhd->ehpk", grad, dv)
 
 
 def pair_shares(sweep: SourceSweep, grads: list[Tensor], layer: int) -> Tensor:
@@ -336,22 +501,17 @@ def pair_shares(sweep: SourceSweep, grads: list[Tensor], layer: int) -> Tensor:
 
     With the pattern A frozen, z[p, h] = sum_k A[h, p, k] v[k, g(h)] (the value bias has no
     tangent), so ``share[h, p, k] = A[h, p, k] * grad[p, h] . dv[k, g(h)]`` and
-    ``share[h].sum() == split_edge(...)[h]``; g(h) is the key/value head of query head h.
-    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient.
+    ``share[h].sum()`` is head h's loading; g(h) is the key/value head of query head h.
+    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient
+    (``sweep_edges(...).grads[layer][b]``).
     """
     if not sweep.v or not sweep.patterns:
         raise HeadLoadingsError(
             "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
             "split by position (write_head_loadings without positions=True still works)"
         )
-    grad = grads[layer]
-    n = min(len(grad), len(sweep.z[layer]))
-    dv = sweep.v[layer][:n].to(grad.dtype)
-    n_heads = int(grad.shape[1])
-    if dv.shape[1] != n_heads:  # grouped-query attention: query head h reads key/value head h // group
-        dv = dv.repeat_interleave(n_heads // int(dv.shape[1]), dim=1)
-    pattern = sweep.patterns[layer][:, :n, :n].to(grad.dtype)
-    return pattern * torch.einsum("phd,khd->hpk", grad[:n], dv)
+    n = min(len(grads[layer]), len(sweep.z[layer]))
+    return _position_shares(sweep.patterns[layer][:, :n, :n], grads[layer][None, :n], sweep.v[layer][None, :n])[0]
 
 
 # ---------------------------------------------------------------------------- graph nodes
@@ -409,8 +569,13 @@ def source_vector(graph: Graph, node: int, model: ReplacementModel, capture: Cap
     )
 
 
-def target_vector(graph: Graph, node: int, model: ReplacementModel) -> TargetVector:
-    """Where graph-order target ``node`` reads, and its read vector in the model's dtype."""
+def target_vector(
+    graph: Graph, node: int, model: ReplacementModel, *, unembed_mean: Tensor | None = None
+) -> TargetVector:
+    """Where graph-order target ``node`` reads, and its read vector in the model's dtype.
+
+    unembed_mean: ``model.W_U.mean(dim=-1)`` when the caller has it (a mean over the vocabulary:
+    worth computing once for many logit targets)."""
     node = _node_id(graph, node, "target")
     kind = graph.node_kind(node)
     dtype, device = model.dtype, model.device
@@ -427,7 +592,8 @@ def target_vector(graph: Graph, node: int, model: ReplacementModel) -> TargetVec
             # a token target's vector is its de-meaned unembedding column: recomputed in the model's
             # dtype when it is the one stored (a pair or custom direction keeps the stored float32)
             W_U = model.W_U
-            exact = (W_U[:, token] - W_U.mean(dim=-1)).detach()
+            mean = W_U.mean(dim=-1) if unembed_mean is None else unembed_mean
+            exact = (W_U[:, token] - mean).detach()
             if np.array_equal(exact.float().cpu().numpy(), stored):
                 vector = exact.to(dtype)
         return TargetVector(kind, graph.n_layers, graph.n_pos - 1, vector)
@@ -559,24 +725,16 @@ def head_loadings(
         capture = graph_capture(graph, model)  # checks the weights too
     else:
         check_same_weights(graph, model)
-    src = source_vector(graph, source, model, capture)
-    tgt = target_vector(graph, target, model)
-    n = tgt.pos + 1  # causal: nothing after the target's position can reach it
-    layers = layers_on_the_way(src.layer, tgt.layer, model.n_layers)
-    sweep = source_sweep(model, capture, src, n, last_read=tgt.layer)
-    grads = [g[0] for g in target_gradients(model, capture, [tgt], n)]
-    heads = split_edge(sweep, grads, layers)
-    bypass = [source_sweep(model, capture, src, n, cut_layer=layer, last_read=tgt.layer).read(tgt) for layer in layers]
-    cols, vals = graph.row(target)
-    hit = np.nonzero(cols == source)[0]
+    chunk = _compute_chunk(graph, model, capture, np.array([[source, target]], dtype=np.int64))
+    on_way = chunk["on_way"][0]
     return HeadLoadings(
         source=source,
         target=target,
-        layers=np.asarray(layers, dtype=np.int64),
-        heads=heads.detach().double().cpu().numpy(),
-        bypass=np.array([float(b) for b in bypass], dtype=np.float64),
-        edge=float(sweep.read(tgt)),
-        graph_edge=float(vals[hit[0]]) if len(hit) else 0.0,
+        layers=np.nonzero(on_way)[0].astype(np.int64),
+        heads=chunk["heads"][0, on_way],
+        bypass=chunk["bypass"][0, on_way],
+        edge=float(chunk["edge"][0]),
+        graph_edge=float(chunk["graph_edge"][0]),
     )
 
 
@@ -599,67 +757,101 @@ def _chunk_name(index: int) -> str:
 
 
 def _compute_chunk(
-    graph: Graph, model: ReplacementModel, capture: Capture, edges: np.ndarray, positions: bool = False
+    graph: Graph,
+    model: ReplacementModel,
+    capture: Capture,
+    edges: np.ndarray,
+    positions: bool = False,
+    sweeper: EdgeSweeper | None = None,
 ) -> dict[str, np.ndarray]:
-    """The loadings of ``edges`` (B, 2): one backward sweep for all their targets (vmapped), and
-    per distinct source one forward sweep plus one cut sweep per layer on the way.
+    """The loadings of ``edges`` (B, 2) from one sweep over their distinct sources and targets:
+    each on-the-way layer's heads are ``grad . dz`` summed over positions and head dimensions,
+    its bypass the rest of the edge. sweeper: the prompt's :class:`EdgeSweeper` (with values
+    when ``positions``), shared by a caller's chunks; built here when None.
 
     returns heads (B, n_layers, n_heads), bypass (B, n_layers), on_way (B, n_layers) bool
     (layers off an edge's way hold zeros), edge (B,) float64, graph_edge (B,) float32; with
     ``positions`` also pair_abs (n_layers, n_heads, n_pos, n_pos): the sum over the chunk's
-    edges of |pair_shares| (each edge's loading split by query and key position), checked to
+    edges of |their loadings split by query and key position| (as :func:`pair_shares`), checked to
     add up to the loadings
     """
     n_layers = model.n_layers
-    targets = {int(t): target_vector(graph, int(t), model) for t in np.unique(edges[:, 1])}
-    column = {t: i for i, t in enumerate(targets)}
-    grads = target_gradients(model, capture, list(targets.values()), capture.n_pos)
-    B, n_heads = len(edges), int(grads[0].shape[2])
+    source_ids, si = np.unique(edges[:, 0], return_inverse=True)
+    target_ids, ti = np.unique(edges[:, 1], return_inverse=True)
+    sources = [source_vector(graph, int(s), model, capture) for s in source_ids]
+    mean = model.W_U.mean(dim=-1).detach() if any(graph.node_kind(int(t)) == "logit" for t in target_ids) else None
+    targets = [target_vector(graph, int(t), model, unembed_mean=mean) for t in target_ids]
+    if sweeper is None:
+        n = max(t.pos for t in targets) + 1  # causal: nothing after the last target's position matters
+        sweeper = EdgeSweeper(model, capture, n, values=positions)
+    if positions and not sweeper.values:
+        raise HeadLoadingsError(
+            "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
+            "split by position (write_head_loadings without positions=True still works)"
+        )
+    side = sweeper.target_side(targets)
+    edge_matrix = sweeper.edges(sources, side)
+    B, n, n_heads = len(edges), sweeper.n, int(side.grads[0].shape[2])
+    on_way = np.zeros((B, n_layers), dtype=bool)
+    for i in range(B):
+        on_way[i, layers_on_the_way(sources[si[i]].layer, targets[ti[i]].layer, n_layers)] = True
+    heads = np.zeros((B, n_layers, n_heads))
+    pair_abs = np.zeros((n_layers, n_heads, capture.n_pos, capture.n_pos)) if positions else None
+    grads = [g.permute(2, 0, 1, 3).flatten(2) for g in side.grads]  # per layer (n_heads, T, n * d_head)
+    local = np.full(len(sources), -1)
+    for blk in sweeper.source_blocks(sources):
+        local[blk.index.numpy()] = np.arange(len(blk.index))
+        rows = np.nonzero(np.isin(si, blk.index.numpy()))[0]  # this block's edges
+        s_local, t_index = torch.as_tensor(local[si[rows]]), torch.as_tensor(ti[rows])
+        for layer in range(n_layers):
+            if blk.dz[layer] is None:
+                continue
+            # every (source, target) pair of the block at once, head by head: (n_heads, k, T)
+            dz = blk.dz[layer].permute(2, 0, 1, 3).flatten(2)
+            pairs = torch.bmm(dz, grads[layer].to(dz.dtype).transpose(1, 2))
+            heads[rows, layer] = pairs[:, s_local, t_index].T.double().cpu().numpy()
+        heads[rows] *= on_way[rows, :, None]
+        if pair_abs is None:
+            continue
+        step = max(1, 2**22 // (n_heads * n * n))  # edges per einsum: about 4M shares at a time
+        for layer in range(n_layers):
+            if blk.dv[layer] is None:
+                continue
+            on = np.nonzero(on_way[rows, layer])[0]
+            for start in range(0, len(on), step):
+                e = on[start : start + step]
+                share = _position_shares(
+                    sweeper.patterns[layer], side.grads[layer][t_index[e]], blk.dv[layer][s_local[e]]
+                )
+                share = share.double().cpu().numpy()
+                _check_pair_sums(share, heads[rows[e], layer], model)
+                pair_abs[layer, :, :n, :n] += np.abs(share).sum(axis=0)
+    edge = edge_matrix[torch.as_tensor(si), torch.as_tensor(ti)].double().cpu().numpy()
     out = {
-        "heads": np.zeros((B, n_layers, n_heads)),
-        "bypass": np.zeros((B, n_layers)),
-        "on_way": np.zeros((B, n_layers), dtype=bool),
-        "edge": np.zeros(B),
+        "heads": heads,
+        "bypass": (edge[:, None] - heads.sum(axis=2)) * on_way,
+        "on_way": on_way,
+        "edge": edge,
         "graph_edge": np.zeros(B, dtype=np.float32),
     }
-    if positions:
-        out["pair_abs"] = np.zeros((n_layers, n_heads, capture.n_pos, capture.n_pos))
-    for s in np.unique(edges[:, 0]).tolist():
-        rows = np.nonzero(edges[:, 0] == s)[0]
-        src = source_vector(graph, s, model, capture)
-        its = [targets[int(edges[i, 1])] for i in rows]
-        n = max(t.pos for t in its) + 1
-        last = max(t.layer for t in its)
-        sweep = source_sweep(model, capture, src, n, last_read=last)
-        cuts = {
-            layer: source_sweep(model, capture, src, n, cut_layer=layer, last_read=last)
-            for layer in layers_on_the_way(src.layer, max(t.layer for t in its), n_layers)
-        }
-        for i, tgt in zip(rows.tolist(), its):
-            layers = layers_on_the_way(src.layer, tgt.layer, n_layers)
-            b = column[int(edges[i, 1])]
-            out["heads"][i, layers] = split_edge(sweep, [g[b] for g in grads], layers).double().cpu().numpy()
-            for layer in layers if positions else []:
-                share = pair_shares(sweep, [g[b] for g in grads], layer).double().cpu().numpy()
-                _check_pair_sums(share, out["heads"][i, layer], model)
-                k = share.shape[-1]
-                out["pair_abs"][layer, :, :k, :k] += np.abs(share)
-            out["bypass"][i, layers] = [float(cuts[layer].read(tgt)) for layer in layers]
-            out["on_way"][i, layers] = True
-            out["edge"][i] = float(sweep.read(tgt))
-    for i, (s, t) in enumerate(edges.tolist()):
-        cols, vals = graph.row(t)
-        hit = np.nonzero(cols == s)[0]
-        out["graph_edge"][i] = vals[hit[0]] if len(hit) else 0.0
+    if pair_abs is not None:
+        out["pair_abs"] = pair_abs
+    for t in target_ids.tolist():
+        cols, vals = graph.row(int(t))
+        stored = dict(zip(cols.tolist(), vals.tolist()))
+        for i in np.nonzero(edges[:, 1] == t)[0]:
+            out["graph_edge"][i] = stored.get(int(edges[i, 0]), 0.0)
     return out
 
 
 def _check_pair_sums(share: np.ndarray, heads: np.ndarray, model: ReplacementModel) -> None:
-    """The exactness anchor of :func:`pair_shares`: each head's shares add up to its loading
-    (a RuntimeError otherwise: an attention this module does not describe)."""
+    """The exactness anchor of the position shares: each head's (query, key) shares add up to
+    its loading, which came from ``dz`` rather than ``dv`` (a RuntimeError otherwise: an
+    attention this module does not describe). share: (E, n_heads, n, n); heads: (E, n_heads)."""
     rtol = 1e-6 if model.dtype == torch.float64 else 1e-3
-    scale = np.abs(share).sum(axis=(1, 2)) + np.abs(heads) + 1e-30
-    gap = np.abs(share.sum(axis=(1, 2)) - heads)
+    # rounding scales with everything the edge's layer moved, not with one head's (maybe tiny) part
+    scale = (np.abs(share).sum(axis=(1, 2, 3)) + np.abs(heads).sum(axis=1))[:, None] + 1e-30
+    gap = np.abs(share.sum(axis=(2, 3)) - heads)
     if (gap > rtol * scale).any():
         raise RuntimeError(
             f"a head's (query, key) position shares do not add up to its loading (gap {gap.max():.3g}): this "
@@ -683,7 +875,7 @@ def write_head_loadings(
     edges,
     *,
     model: ReplacementModel,
-    chunk_size: int = 64,
+    chunk_size: int = 512,
     capture: Capture | None = None,
     out: str | Path | None = None,
     positions: bool = False,
@@ -737,6 +929,7 @@ def write_head_loadings(
     if positions:
         meta["positions"] = True
     n_chunks = -(-len(edges) // chunk_size)
+    sweeper: EdgeSweeper | None = None
     with StoreLock(graph.path if out is None else group):
         found = _group_meta(group)
         if found is None:
@@ -760,8 +953,11 @@ def write_head_loadings(
                 continue  # written by an earlier run: a chunk is renamed into place complete
             if capture is None:
                 capture = graph_capture(graph, model)
+            if sweeper is None:  # one frozen forward for every chunk of this run
+                n = max(_location(graph, int(t))[1] for t in edges[:, 1]) + 1
+                sweeper = EdgeSweeper(model, capture, n, values=positions)
             chunk = edges[k * chunk_size : (k + 1) * chunk_size]
-            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk, positions))
+            _write_group_dir(path, _compute_chunk(graph, model, capture, chunk, positions, sweeper))
     return group
 
 

@@ -249,7 +249,7 @@ class QKSpec:
     heads: how many of the heads carrying the most |loading| get a QK attribution.
     terms: how many query x key terms (and query / key marginals) each attribution lists.
     expand_attention: trace earlier layers' attention outputs through their OV circuits.
-    chunk_size: edges per head-loadings chunk (one backward sweep each; lower it for memory).
+    chunk_size: edges per head-loadings chunk (one sweep each; lower it for memory on long prompts).
     """
 
     edges: int = field(
@@ -260,7 +260,7 @@ class QKSpec:
     expand_attention: bool = field(
         default=False, metadata={"help": "trace earlier attention outputs through their OV circuits"}
     )
-    chunk_size: int = field(default=64, metadata={"help": "edges per head-loadings chunk", "check": "positive"})
+    chunk_size: int = field(default=512, metadata={"help": "edges per head-loadings chunk", "check": "positive"})
 
     def __post_init__(self) -> None:
         for name in ("edges", "heads", "terms", "chunk_size"):

@@ -99,7 +99,7 @@ def test_each_head_is_attributed_at_the_pair_carrying_most_of_its_loading(setup)
         src, tgt = HL.source_vector(graph, s, model, capture), HL.target_vector(graph, t, model)
         n = tgt.pos + 1
         sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.target_gradients(model, capture, [tgt], n)]
+        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
         for layer in HL.layers_on_the_way(src.layer, tgt.layer, N_LAYERS):
             pairs[layer, :, :n, :n] += np.abs(HL.pair_shares(sweep, grads, layer).numpy())
     for rec in doc["heads"]:

@@ -205,7 +205,11 @@ def close(a: float, b: float, scale: float) -> float:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_head_loadings_sum_to_the_edge(attributed, arch, kind):
+    """Each layer's heads plus the edge with that layer's heads pinned clean (computed by hand,
+    forward only) add up to the edge: the bypass the library reports is that remainder."""
     model, graph, capture = attributed(arch, kind)
+    ref = HandFrozen(model, graph)
+    z_clean = ref.clean[2]
     edges = sample_edges(graph, per_kind=4)
     assert {graph.node_kind(s) for s, _ in edges} == {"feature", "error", "token"}
     n_layers_seen = set()
@@ -213,9 +217,12 @@ def test_head_loadings_sum_to_the_edge(attributed, arch, kind):
         hl = head_loadings(graph, source, target, model=model, capture=capture)
         n_layers_seen.add(len(hl.layers))
         assert hl.heads.shape == (len(hl.layers), N_HEADS) and hl.bypass.shape == (len(hl.layers),)
-        for i in range(len(hl.layers)):
-            total = hl.heads[i].sum() + hl.bypass[i]
-            assert close(total, hl.edge, abs(hl.edge)) <= 1e-6, (source, target, hl.layers[i], total, hl.edge)
+        add = ref.additions(source)
+        for i, layer in enumerate(hl.layers.tolist()):
+            pinned = ref.change(target, add, (layer, lambda z, layer=layer: z_clean[layer].clone()))
+            total = hl.heads[i].sum() + pinned
+            assert close(total, hl.edge, abs(hl.edge)) <= 1e-6, (source, target, layer, total, hl.edge)
+            assert close(hl.bypass[i], pinned, abs(hl.edge)) <= 1e-6, (source, target, layer)
         # and the edge is the graph's (stored in float32)
         assert abs(hl.edge - hl.graph_edge) <= 1e-6 * abs(hl.edge) + 1e-12, (source, target)
     assert max(n_layers_seen) == N_LAYERS  # a token source crosses every layer's attention
@@ -247,16 +254,44 @@ def test_each_head_loading_equals_the_edge_through_that_head_alone(attributed, a
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bypass_equals_the_edge_with_that_layers_heads_pinned_clean(attributed, arch):
-    model, graph, capture = attributed(arch, "plt_skip")
-    ref = HandFrozen(model, graph)
-    z_clean = ref.clean[2]
-    for source, target in sample_edges(graph, per_kind=1):
-        hl = head_loadings(graph, source, target, model=model, capture=capture)
-        add = ref.additions(source)
-        for i, layer in enumerate(hl.layers.tolist()):
-            pinned = ref.change(target, add, (layer, lambda z, layer=layer: z_clean[layer].clone()))
-            assert close(hl.bypass[i], pinned, abs(hl.edge)) <= 1e-6, (source, target, layer)
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_source_tangents_equal_one_forward_mode_sweep_per_source(attributed, arch, kind):
+    """sweep_edges gets every source's dz and dv from one double backward; source_sweep gets one
+    source's from forward-mode autodiff of a hooked forward: two routes to the same tangents."""
+    model, graph, capture = attributed(arch, kind)
+    edges = sample_edges(graph, per_kind=3)
+    sources = [HL.source_vector(graph, s, model, capture) for s in sorted({s for s, _ in edges})]
+    targets = [HL.target_vector(graph, t, model) for t in sorted({t for _, t in edges})]
+    n = graph.n_pos
+    sweeps = HL.sweep_edges(model, capture, sources, targets, n, values=True)
+    assert len(sweeps.dv) == N_LAYERS
+    largest = 0.0
+    for i, src in enumerate(sources):
+        ref = HL.source_sweep(model, capture, src, n)
+        for layer in range(N_LAYERS):
+            largest = max(largest, float(ref.z[layer].abs().max()))
+            assert torch.allclose(sweeps.dz[layer][i], ref.z[layer], rtol=1e-9, atol=1e-12), (i, layer)
+            assert torch.allclose(sweeps.dv[layer][i], ref.v[layer], rtol=1e-9, atol=1e-12), (i, layer)
+        for j, tgt in enumerate(targets):
+            if tgt.pos >= src.pos:
+                assert abs(float(sweeps.edges[i, j]) - float(ref.read(tgt))) <= 1e-9 * max(
+                    1.0, abs(float(ref.read(tgt)))
+                )
+    assert largest > 0  # the sources do move the heads
+    # blocks of two sources each: the same tangents, every source in exactly one block
+    sweeper = HL.EdgeSweeper(model, capture, n, values=True)
+    seen = []
+    for blk in sweeper.source_blocks(sources, block=2):
+        assert len(blk.index) <= 2
+        seen += blk.index.tolist()
+        for layer in range(N_LAYERS):
+            for got, dense in ((blk.dz[layer], sweeps.dz[layer]), (blk.dv[layer], sweeps.dv[layer])):
+                expected = dense[blk.index]
+                if got is None:
+                    assert not expected.any()
+                else:
+                    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)
+    assert sorted(seen) == list(range(len(sources)))
 
 
 def test_an_edge_with_no_attention_layer_on_its_way_is_all_bypass(attributed):
@@ -414,7 +449,7 @@ def test_pair_shares_equal_the_edge_through_one_query_key_pair(attributed, arch)
         src, tgt = HL.source_vector(graph, source, model, capture), HL.target_vector(graph, target, model)
         n = tgt.pos + 1
         sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.target_gradients(model, capture, [tgt], n)]
+        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
         dv_all = {layer: v - v_clean[layer] for layer, v in values(ref.additions(source)).items()}
         scale = max(abs(hl.edge), np.abs(hl.heads).max(initial=0.0))
         for i, layer in enumerate(hl.layers.tolist()):
@@ -456,7 +491,7 @@ def test_an_output_store_leaves_the_graph_store_untouched_and_sums_abs_pair_shar
         src, tgt = HL.source_vector(graph, s, model, capture), HL.target_vector(graph, t, model)
         n = tgt.pos + 1
         sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.target_gradients(model, capture, [tgt], n)]
+        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
         for layer in np.nonzero(table.on_way[i])[0].tolist():
             expected[layer, :, :n, :n] += np.abs(HL.pair_shares(sweep, grads, layer).numpy())
     assert table.pair_abs is not None and table.pair_abs.max() > 0
