@@ -414,8 +414,9 @@ class EdgeSweeper:
             if src.embed is not None and rows[0] is not None:
                 edges[i] += rows[0][:, src.pos] @ src.embed.to(edges.dtype)
             for layer, vector in src.writes.items():
-                if rows[layer + 1] is not None:
-                    edges[i] += rows[layer + 1][:, src.pos] @ vector.to(edges.dtype)
+                row = rows[layer + 1]
+                if row is not None:
+                    edges[i] += row[:, src.pos] @ vector.to(edges.dtype)
         return edges
 
     def source_blocks(self, sources: list[SourceVector], block: int = 32) -> Iterator[SourceBlock]:
@@ -803,27 +804,25 @@ def _compute_chunk(
         local[blk.index.numpy()] = np.arange(len(blk.index))
         rows = np.nonzero(np.isin(si, blk.index.numpy()))[0]  # this block's edges
         s_local, t_index = torch.as_tensor(local[si[rows]]), torch.as_tensor(ti[rows])
-        for layer in range(n_layers):
-            if blk.dz[layer] is None:
+        for layer, block_dz in enumerate(blk.dz):
+            if block_dz is None:
                 continue
             # every (source, target) pair of the block at once, head by head: (n_heads, k, T)
-            dz = blk.dz[layer].permute(2, 0, 1, 3).flatten(2)
+            dz = block_dz.permute(2, 0, 1, 3).flatten(2)
             pairs = torch.bmm(dz, grads[layer].to(dz.dtype).transpose(1, 2))
             heads[rows, layer] = pairs[:, s_local, t_index].T.double().cpu().numpy()
         heads[rows] *= on_way[rows, :, None]
         if pair_abs is None:
             continue
         step = max(1, 2**22 // (n_heads * n * n))  # edges per einsum: about 4M shares at a time
-        for layer in range(n_layers):
-            if blk.dv[layer] is None:
+        for layer, block_dv in enumerate(blk.dv):
+            if block_dv is None:
                 continue
             on = np.nonzero(on_way[rows, layer])[0]
             for start in range(0, len(on), step):
                 e = on[start : start + step]
-                share = _position_shares(
-                    sweeper.patterns[layer], side.grads[layer][t_index[e]], blk.dv[layer][s_local[e]]
-                )
-                share = share.double().cpu().numpy()
+                shares = _position_shares(sweeper.patterns[layer], side.grads[layer][t_index[e]], block_dv[s_local[e]])
+                share = shares.double().cpu().numpy()
                 _check_pair_sums(share, heads[rows[e], layer], model)
                 pair_abs[layer, :, :n, :n] += np.abs(share).sum(axis=0)
     edge = edge_matrix[torch.as_tensor(si), torch.as_tensor(ti)].double().cpu().numpy()
@@ -839,8 +838,8 @@ def _compute_chunk(
     for t in target_ids.tolist():
         cols, vals = graph.row(int(t))
         stored = dict(zip(cols.tolist(), vals.tolist()))
-        for i in np.nonzero(edges[:, 1] == t)[0]:
-            out["graph_edge"][i] = stored.get(int(edges[i, 0]), 0.0)
+        for row in np.nonzero(edges[:, 1] == t)[0].tolist():
+            out["graph_edge"][row] = stored.get(int(edges[row, 0]), 0.0)
     return out
 
 
