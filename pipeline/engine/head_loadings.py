@@ -5,7 +5,7 @@ paths. At an attention layer L between source and target, the paths through head
 ``(d target / d z[L, h]) . dz[L, h]`` (z: the heads' outputs before W_O) and the others bypass
 L's attention, so ``bypass = edge - heads.sum()``. One frozen forward serves a whole batch of
 edges: a backward pass vmapped over the targets gives ``d target / d z`` and the edges, and a
-double backward (the transpose of the transpose) vmapped over the sources gives every ``dz``.
+double backward vmapped over the sources gives every ``dz`` (``pipeline.engine.edge_sweeps``).
 Spec: ``docs/head-loadings.md``.
 """
 
@@ -14,20 +14,25 @@ from __future__ import annotations
 import hashlib
 import operator
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 import zarr
 from torch import Tensor
 from zarr.storage import LocalStore
 
 from pipeline import _io
 from pipeline._io import StoreLock
-from pipeline.engine import hooks as H
+from pipeline.engine.edge_sweeps import (
+    EdgeSweeper,
+    HeadLoadingsError,
+    SourceVector,
+    TargetVector,
+    layers_on_the_way,
+    position_shares,
+)
 from pipeline.engine.replacement import Capture, ReplacementModel
 from pipeline.graph.pruning import PruneResult
 from pipeline.graph.store import Graph, read_array
@@ -37,482 +42,17 @@ __all__ = [
     "HeadLoadings",
     "HeadLoadingsError",
     "HeadLoadingsTable",
-    "SourceSweep",
-    "SourceVector",
-    "TargetVector",
-    "EdgeSweeper",
-    "EdgeSweeps",
-    "SourceBlock",
-    "TargetSide",
-    "sweep_edges",
     "check_edge",
     "check_same_weights",
     "describe",
     "graph_capture",
     "head_loadings",
-    "layers_on_the_way",
-    "pair_shares",
     "read_head_loadings",
-    "source_sweep",
     "source_vector",
     "target_vector",
     "top_edges",
     "write_head_loadings",
 ]
-
-
-class HeadLoadingsError(ValueError):
-    """A request a graph cannot answer: a bad node id, a pair with no edge, other weights."""
-
-
-# ---------------------------------------------------------------------------- endpoints
-@dataclass
-class SourceVector:
-    """What a source node adds to the residual stream of the frozen model, and where.
-
-    kind: "feature" | "error" | "token"; layer: its layer (-1 for a token); pos: its position
-    writes: write layer -> (d_model,) added to that layer's MLP output at ``pos`` (a cross-layer
-    transcoder's feature writes into every layer from its own on)
-    embed: (d_model,) added to the token embedding at ``pos`` (token sources), else None
-    """
-
-    kind: str
-    layer: int
-    pos: int
-    writes: dict[int, Tensor]
-    embed: Tensor | None = None
-
-
-@dataclass
-class TargetVector:
-    """Where a target node reads, and the direction it reads.
-
-    kind: "feature" | "logit"; layer: the read layer (a feature's transcoder input, read after
-    that layer's attention; ``n_layers`` for a logit, read at the unembedding's input)
-    pos: its position; vector: (d_model,) the encoder row or the logit direction
-    """
-
-    kind: str
-    layer: int
-    pos: int
-    vector: Tensor
-
-
-def layers_on_the_way(source_layer: int, target_layer: int, n_layers: int) -> list[int]:
-    """The attention layers an edge can pass: source layer < L <= target's read layer.
-
-    A feature or error of layer l writes after layer l's attention, a token below layer 0; a
-    feature target of layer m reads after layer m's attention, a logit after the last layer.
-    """
-    return list(range(source_layer + 1, min(target_layer, n_layers - 1) + 1))
-
-
-# ---------------------------------------------------------------------------- sweeps
-@dataclass
-class SourceSweep:
-    """The change one source makes in the frozen model over its first n positions
-    (forward-mode tangents; exact, no finite differences).
-
-    z: per layer (n, n_heads, d_head) the heads' outputs before W_O
-    reads: per layer (n, d_model) the transcoders' read locations
-    unembed: (n, d_model) the unembedding's input
-    v: per layer (n, n_kv_heads, d_head) the value vectors (empty when the model has no
-    ``attn.hook_v``); patterns: per layer (n_heads, n, n) the clean attention patterns (no tangent)
-    """
-
-    z: list[Tensor]
-    reads: list[Tensor]
-    unembed: Tensor
-    v: list[Tensor] = field(default_factory=list)
-    patterns: list[Tensor] = field(default_factory=list)
-
-    def read(self, target: TargetVector) -> Tensor:
-        """The target's change (0-d): its read vector . the tangent where it reads."""
-        at = self.unembed if target.layer == len(self.reads) else self.reads[target.layer]
-        return at[target.pos] @ target.vector.to(at.dtype)
-
-
-def _tangent(t: Tensor) -> Tensor:
-    """The forward-mode tangent of ``t`` without its batch dimension (zeros when none reached it)."""
-    primal, tangent = fwAD.unpack_dual(t)
-    return torch.zeros_like(primal[0]) if tangent is None else tangent[0]
-
-
-class _Stop(Exception):
-    """Raised once a sweep has recorded the last read it needs: later layers are not computed."""
-
-
-def source_sweep(
-    model: ReplacementModel,
-    capture: Capture,
-    source: SourceVector,
-    n_pos: int,
-    *,
-    last_read: int | None = None,
-) -> SourceSweep:
-    """One forward-mode pass of the frozen model over the first ``n_pos`` tokens, the tangent
-    entering at the source's write locations: one source at a time, with no autograd graph (the
-    independent route :func:`sweep_edges` is checked against, and :func:`pair_shares`' input).
-
-    Frozen as in ``ReplacementModel.frozen_forward``: attention patterns and norm scales keep
-    their clean values and carry no tangent; an MLP output carries the source's vector (when the
-    source writes there) plus the change of the transcoder's skip term. With ``last_read`` (a read layer; ``n_layers``: the unembedding's input) the pass stops once
-    that read is recorded: later layers' tensors are zeros (no target there can see them). The
-    unembedding itself is never computed.
-    """
-    n = int(n_pos)
-    if not source.pos < n <= capture.n_pos:
-        raise ValueError(f"n_pos must be in [{source.pos + 1}, {capture.n_pos}] for a source at position {source.pos}")
-    dtype, device = capture.mlp_outputs.dtype, capture.mlp_outputs.device
-    z: dict[int, Tensor] = {}
-    reads: dict[int, Tensor] = {}
-    live: dict[int, Tensor] = {}
-    unembed: list[Tensor] = []
-    values: dict[int, Tensor] = {}
-    patterns: dict[int, Tensor] = {}
-
-    def placed(vector: Tensor) -> Tensor:
-        """``vector`` at the source's position of a (1, n, d_model) zero tensor."""
-        out = torch.zeros(1, n, model.d_model, dtype=dtype, device=device)
-        out[0, source.pos] = vector.to(device=device, dtype=dtype)
-        return out
-
-    def primal_only(tensor: Tensor, *, hook) -> Tensor:
-        return fwAD.unpack_dual(tensor).primal
-
-    def embed(tensor: Tensor, *, hook) -> Tensor | None:
-        if source.embed is None:
-            return None
-        return fwAD.make_dual(tensor.detach(), placed(source.embed))
-
-    def value(layer: int):
-        def hook(tensor: Tensor, *, hook) -> None:
-            values[layer] = _tangent(tensor)
-
-        return hook
-
-    def pattern(layer: int):
-        def hook(tensor: Tensor, *, hook) -> None:
-            patterns[layer] = fwAD.unpack_dual(tensor).primal[0]
-
-        return hook
-
-    def heads(layer: int):
-        def hook(tensor: Tensor, *, hook) -> None:
-            z[layer] = _tangent(tensor)
-
-        return hook
-
-    def read(layer: int):
-        def hook(tensor: Tensor, *, hook) -> None:
-            live[layer] = tensor
-            reads[layer] = _tangent(tensor)
-            if layer == last_read:
-                raise _Stop
-
-        return hook
-
-    def write(layer: int):
-        def hook(tensor: Tensor, *, hook) -> Tensor:
-            out = capture.mlp_outputs[layer][None, :n].clone()
-            if layer in source.writes:
-                out = fwAD.make_dual(out, placed(source.writes[layer]))
-            skip = model.transcoders.skip(layer, live[layer])
-            if skip is not None:  # value unchanged (x - x == 0 exactly); tangent: the skip's change
-                out = out + (skip - fwAD.unpack_dual(skip).primal)
-            return out
-
-        return hook
-
-    def grab_unembed(tensor: Tensor, *, hook) -> None:
-        unembed.append(_tangent(tensor))
-        raise _Stop  # the logits themselves are not needed
-
-    fwd: list = [(name, primal_only) for name in model.pattern_hooks + model.scale_hooks]
-    fwd.append((H.EMBED, embed))
-    for layer in range(model.n_layers):
-        if f"blocks.{layer}.attn.hook_v" in model.bridge.hook_dict:
-            fwd.append((f"blocks.{layer}.attn.hook_v", value(layer)))
-        if f"blocks.{layer}.attn.hook_pattern" in model.bridge.hook_dict:
-            fwd.append((f"blocks.{layer}.attn.hook_pattern", pattern(layer)))
-        fwd.append((H.attention_heads_hook(layer), heads(layer)))
-        fwd.append((model.input_hooks[layer], read(layer)))
-        fwd.append((model.output_hooks[layer], write(layer)))
-    fwd.append((H.UNEMBED_IN, grab_unembed))
-    try:
-        with torch.no_grad(), fwAD.dual_level(), model.hooks(fwd):
-            model.bridge(capture.tokens[None, :n])
-    except _Stop:
-        pass
-    layers = range(model.n_layers)
-    cfg = model.bridge.cfg
-    z_shape = (n, int(cfg.n_heads), int(cfg.d_head))
-    return SourceSweep(
-        [z[layer] if layer in z else torch.zeros(z_shape, dtype=dtype, device=device) for layer in layers],
-        [
-            reads[layer] if layer in reads else torch.zeros(n, model.d_model, dtype=dtype, device=device)
-            for layer in layers
-        ],
-        unembed[0] if unembed else torch.zeros(n, model.d_model, dtype=dtype, device=device),
-        v=_every_layer(values, model.n_layers),
-        patterns=_every_layer(patterns, model.n_layers),
-    )
-
-
-def _every_layer(recorded: dict[int, Tensor], n_layers: int) -> list[Tensor]:
-    """``recorded`` per layer, zeros for the layers after a stopped pass; [] when the model
-    exposes no such hook (layer 0, before any stop, never recorded)."""
-    if 0 not in recorded:
-        return []
-    return [recorded[layer] if layer in recorded else torch.zeros_like(recorded[0]) for layer in range(n_layers)]
-
-
-@dataclass
-class EdgeSweeps:
-    """Both sides of a batch of edges, from one frozen forward over the first n positions.
-
-    grads: per layer (T, n, n_heads, d_head) d target / d z, one row per target
-    dz: per layer (S, n, n_heads, d_head) each source's change of the heads' outputs
-    dv: per layer (S, n, n_kv_heads, d_head) each source's change of the value vectors ([] unless
-    asked for, or when the model has no ``attn.hook_v``); patterns: per layer (n_heads, n, n) the
-    clean attention patterns (with ``dv``)
-    edges: (S, T) every source's edge into every target, computed as attribution computes it
-    """
-
-    grads: list[Tensor]
-    dz: list[Tensor]
-    dv: list[Tensor]
-    patterns: list[Tensor]
-    edges: Tensor
-
-
-@dataclass
-class TargetSide:
-    """What a batch of targets reads. grads: per layer (T, n, n_heads, d_head) d target / d z;
-    rows: per write location (embedding, then each layer's MLP output) (T, n, d_model) the
-    targets' gradients there, or None where no target depends on it."""
-
-    grads: list[Tensor]
-    rows: list[Tensor | None]
-
-
-@dataclass
-class SourceBlock:
-    """Some sources' changes. index: (k,) their places in the list swept; dz: per layer
-    (k, n, n_heads, d_head) and dv: per layer (k, n, n_kv_heads, d_head) (empty without values),
-    None where they change nothing."""
-
-    index: Tensor
-    dz: list[Tensor | None]
-    dv: list[Tensor | None]
-
-
-def _placed(x: Tensor, sources: list[SourceVector], vector_at) -> Tensor:
-    """(S, *x.shape): source i's vector ``vector_at(source)`` (or nothing) at its position of a
-    zero copy of ``x`` (1, n, d_model)."""
-    out = x.new_zeros((len(sources), *x.shape))
-    for i, src in enumerate(sources):
-        vector = vector_at(src)
-        if vector is not None:
-            out[i, 0, src.pos] = vector.to(device=x.device, dtype=x.dtype)
-    return out
-
-
-class EdgeSweeper:
-    """The frozen model over the first ``n_pos`` tokens of a prompt, kept to answer any number
-    of edge batches: :meth:`target_side` and :meth:`source_blocks` give both sides of every
-    (source, target) pair of a batch.
-
-    Built from one ``ReplacementModel.frozen_forward`` (batch 1) with the heads' outputs z (and,
-    with ``values``, the value vectors v and the clean patterns) recorded on its autograd graph,
-    and the transpose of its Jacobian from the write locations to z (and v), ``J.T @ u`` for a
-    zero ``u``, kept differentiable in ``u``. Then per batch:
-
-    1. targets: one backward pass vmapped over them gives ``d target / d z`` and, at the write
-       locations, the targets' rows (the edges, as attribution computes them);
-    2. sources: ``J @ vector`` at z (and v) as the gradient of ``vector . J.T u`` in ``u``, vmapped
-       over blocks of them (the frozen model is linear, so this is exactly what a forward-mode
-       sweep from each source computes).
-    """
-
-    def __init__(self, model: ReplacementModel, capture: Capture, n_pos: int, *, values: bool = False):
-        self.model, self.n = model, int(n_pos)
-        n_layers = model.n_layers
-        z: dict[int, Tensor] = {}
-        v: dict[int, Tensor] = {}
-        patterns: dict[int, Tensor] = {}
-
-        def grab(store: dict[int, Tensor], layer: int):
-            def hook(tensor: Tensor, *, hook) -> Tensor:
-                # the tensor a hook is given is off the bridge's autograd path; the copy returned
-                # here is what the rest of the layer is computed from
-                store[layer] = tensor.clone()
-                return store[layer]
-
-            return hook
-
-        def pattern(layer: int):
-            def hook(tensor: Tensor, *, hook) -> None:
-                patterns[layer] = tensor.detach()[0]
-
-            return hook
-
-        fwd: list = [(H.attention_heads_hook(layer), grab(z, layer)) for layer in range(n_layers)]
-        names = model.bridge.hook_dict
-        self.values = values and all(f"blocks.{layer}.attn.hook_v" in names for layer in range(n_layers))
-        if self.values:
-            for layer in range(n_layers):
-                fwd.append((f"blocks.{layer}.attn.hook_v", grab(v, layer)))
-                fwd.append((f"blocks.{layer}.attn.hook_pattern", pattern(layer)))
-        # installed around frozen_forward's own hooks: z and v are recorded in its graph
-        with model.hooks(fwd):
-            self.ff = model.frozen_forward(capture, batch=1, n_pos=self.n)
-        self.writes = [self.ff.embed, *self.ff.mlp_outputs]  # where sources enter: below layer 0, after each MLP
-        self.zs = [z[layer] for layer in range(n_layers)]
-        self.vs = [v[layer] for layer in range(n_layers)] if self.values else []
-        self.patterns = [patterns[layer] for layer in range(n_layers)] if self.values else []
-        ys = self.zs + self.vs
-        self.us = [torch.zeros_like(y, requires_grad=True) for y in ys]
-        with torch.enable_grad():
-            transposed = torch.autograd.grad(ys, self.writes, self.us, create_graph=True, allow_unused=True)
-        # the write locations some z or v depends on (the last MLP's output feeds no attention)
-        self.reached = [i for i, g in enumerate(transposed) if g is not None and g.requires_grad]
-        self.transposed = [transposed[i] for i in self.reached]
-
-    def target_side(self, targets: list[TargetVector]) -> TargetSide:
-        """``d target / d z`` and the targets' rows: one backward pass vmapped over the targets."""
-        if not targets:
-            raise ValueError("a sweep needs at least one target")
-        if max(t.pos for t in targets) >= self.n:
-            raise ValueError(f"a target lies outside the first {self.n} positions")
-        n_layers, ff, zs = self.model.n_layers, self.ff, self.zs
-        T = len(targets)
-        outputs, grad_outputs = [], []
-        for layer in sorted({t.layer for t in targets}):
-            read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
-            g = read.new_zeros((T, *read.shape))
-            for i, t in enumerate(targets):
-                if t.layer == layer:
-                    g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
-            outputs.append(read)
-            grad_outputs.append(g)
-        raw = torch.autograd.grad(
-            outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
-        )
-        grads = [
-            zs[layer].new_zeros((T, *zs[layer].shape[1:])) if g is None else g[:, 0].detach()
-            for layer, g in enumerate(raw[:n_layers])
-        ]
-        return TargetSide(grads, [None if r is None else r[:, 0].detach() for r in raw[n_layers:]])
-
-    def edges(self, sources: list[SourceVector], side: TargetSide) -> Tensor:
-        """(S, T) each source's edge into each target: its vectors against the targets' rows
-        where it writes (as attribution computes edges)."""
-        rows = side.rows
-        edges = side.grads[0].new_zeros((len(sources), len(side.grads[0])))
-        for i, src in enumerate(sources):
-            if src.embed is not None and rows[0] is not None:
-                edges[i] += rows[0][:, src.pos] @ src.embed.to(edges.dtype)
-            for layer, vector in src.writes.items():
-                row = rows[layer + 1]
-                if row is not None:
-                    edges[i] += row[:, src.pos] @ vector.to(edges.dtype)
-        return edges
-
-    def source_blocks(self, sources: list[SourceVector], block: int = 32) -> Iterator[SourceBlock]:
-        """Each source's change of z (and v): ``J @ vector = d (vector . J.T u) / d u``, vmapped
-        over blocks of at most ``block`` sources that write to the same layer, so that a block's
-        backward starts at its own writes and skips the layers below them. Blocks come in order
-        of that layer; every source is in exactly one."""
-        if sources and max(s.pos for s in sources) >= self.n:
-            raise ValueError(f"a source lies outside the first {self.n} positions")
-        n_layers = self.model.n_layers
-        for first in sorted({src.layer + 1 for src in sources}):  # a write index: 0 the embedding
-            group = [i for i, src in enumerate(sources) if src.layer + 1 == first]
-            for start in range(0, len(group), block):
-                index = group[start : start + block]
-                members = [sources[i] for i in index]
-                # where these sources write (a cross-layer feature: several layers)
-                written = {0} if first == 0 else {layer + 1 for src in members for layer in src.writes}
-                roots = [(k, i) for k, i in enumerate(self.reached) if i in written]
-                found: tuple = (None,) * len(self.us)
-                if roots:  # else written after the last attention layer: no head sees them
-                    vectors = [
-                        _placed(self.writes[0], members, lambda src: src.embed)
-                        if i == 0
-                        else _placed(self.writes[i], members, lambda src, layer=i - 1: src.writes.get(layer))
-                        for _, i in roots
-                    ]
-                    with torch.enable_grad():
-                        found = torch.autograd.grad(
-                            [self.transposed[k] for k, _ in roots],
-                            self.us,
-                            vectors,
-                            allow_unused=True,
-                            is_grads_batched=True,
-                            retain_graph=True,
-                        )
-                tangents = [None if t is None else t[:, 0].detach() for t in found]
-                yield SourceBlock(torch.as_tensor(index), tangents[:n_layers], tangents[n_layers:])
-
-    def sweep(self, sources: list[SourceVector], targets: list[TargetVector]) -> EdgeSweeps:
-        """Both sides of every (source, target) pair, the sources' tangents gathered into dense
-        (S, ...) tensors (for a few edges; :func:`_compute_chunk` uses the blocks as they come)."""
-        if not sources:
-            raise ValueError("a sweep needs at least one source")
-        side = self.target_side(targets)
-        ys = self.zs + self.vs
-        dense = [y.new_zeros((len(sources), *y.shape[1:])) for y in ys]
-        for blk in self.source_blocks(sources):
-            for out, t in zip(dense, blk.dz + blk.dv):
-                if t is not None:
-                    out[blk.index] = t
-        n_layers = self.model.n_layers
-        return EdgeSweeps(side.grads, dense[:n_layers], dense[n_layers:], self.patterns, self.edges(sources, side))
-
-
-def sweep_edges(
-    model: ReplacementModel,
-    capture: Capture,
-    sources: list[SourceVector],
-    targets: list[TargetVector],
-    n_pos: int,
-    *,
-    values: bool = False,
-) -> EdgeSweeps:
-    """Every (source, target) pair's ingredients over the first ``n_pos`` tokens: one
-    :class:`EdgeSweeper`, one sweep."""
-    return EdgeSweeper(model, capture, n_pos, values=values).sweep(sources, targets)
-
-
-def _position_shares(pattern: Tensor, grad: Tensor, dv: Tensor) -> Tensor:
-    """``pattern[h, p, k] * grad[e, p, h] . dv[e, k, g(h)]``: (E, n_heads, n, n) from pattern
-    (n_heads, n, n), grad (E, n, n_heads, d_head), dv (E, n, n_kv_heads, d_head)."""
-    dv = dv.to(grad.dtype)
-    n_heads = int(grad.shape[2])
-    if dv.shape[2] != n_heads:  # grouped-query attention: query head h reads key/value head h // group
-        dv = dv.repeat_interleave(n_heads // int(dv.shape[2]), dim=2)
-    return pattern.to(grad.dtype)[None] * torch.einsum("ephd,ekhd->ehpk", grad, dv)
-
-
-def pair_shares(sweep: SourceSweep, grads: list[Tensor], layer: int) -> Tensor:
-    """One edge's loading of each head of ``layer`` split by (query, key) position:
-    (n_heads, n, n), ``share[h, p, k]`` the part carried by what head h moved from key
-    position k into its output at query position p.
-
-    With the pattern A frozen, z[p, h] = sum_k A[h, p, k] v[k, g(h)] (the value bias has no
-    tangent), so ``share[h, p, k] = A[h, p, k] * grad[p, h] . dv[k, g(h)]`` and
-    ``share[h].sum()`` is head h's loading; g(h) is the key/value head of query head h.
-    sweep: the source's change; grads: per layer (n, n_heads, d_head) one target's gradient
-    (``sweep_edges(...).grads[layer][b]``).
-    """
-    if not sweep.v or not sweep.patterns:
-        raise HeadLoadingsError(
-            "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
-            "split by position (write_head_loadings without positions=True still works)"
-        )
-    n = min(len(grads[layer]), len(sweep.z[layer]))
-    return _position_shares(sweep.patterns[layer][:, :n, :n], grads[layer][None, :n], sweep.v[layer][None, :n])[0]
 
 
 # ---------------------------------------------------------------------------- graph nodes
@@ -821,7 +361,7 @@ def _compute_chunk(
             on = np.nonzero(on_way[rows, layer])[0]
             for start in range(0, len(on), step):
                 e = on[start : start + step]
-                shares = _position_shares(sweeper.patterns[layer], side.grads[layer][t_index[e]], block_dv[s_local[e]])
+                shares = position_shares(sweeper.patterns[layer], side.grads[layer][t_index[e]], block_dv[s_local[e]])
                 share = shares.double().cpu().numpy()
                 _check_pair_sums(share, heads[rows[e], layer], model)
                 pair_abs[layer, :, :n, :n] += np.abs(share).sum(axis=0)

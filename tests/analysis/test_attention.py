@@ -14,6 +14,7 @@ import torch
 from pipeline import testing
 from pipeline.analysis import attention as A
 from pipeline.analysis.export import build_graph_json
+from pipeline.engine import edge_sweeps as ES
 from pipeline.engine import head_loadings as HL
 from pipeline.engine.attribution import attribute
 from pipeline.engine.replacement import ReplacementModel
@@ -98,10 +99,10 @@ def test_each_head_is_attributed_at_the_pair_carrying_most_of_its_loading(setup)
     for s, t in HL.top_edges(pruned, N_EDGES).tolist():
         src, tgt = HL.source_vector(graph, s, model, capture), HL.target_vector(graph, t, model)
         n = tgt.pos + 1
-        sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
-        for layer in HL.layers_on_the_way(src.layer, tgt.layer, N_LAYERS):
-            pairs[layer, :, :n, :n] += np.abs(HL.pair_shares(sweep, grads, layer).numpy())
+        sweep = ES.source_sweep(model, capture, src, n)
+        grads = [g[0] for g in ES.sweep_edges(model, capture, [src], [tgt], n).grads]
+        for layer in ES.layers_on_the_way(src.layer, tgt.layer, N_LAYERS):
+            pairs[layer, :, :n, :n] += np.abs(ES.pair_shares(sweep, grads, layer).numpy())
     for rec in doc["heads"]:
         m = pairs[rec["layer"], rec["head"]]
         assert m[rec["query_pos"], rec["key_pos"]] == pytest.approx(m.max(), rel=1e-12)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pipeline import testing
+from pipeline.engine import edge_sweeps as ES
 from pipeline.engine import head_loadings as HL
 from pipeline.engine import hooks as H
 from pipeline.engine.attribution import attribute
@@ -263,11 +264,11 @@ def test_batched_source_tangents_equal_one_forward_mode_sweep_per_source(attribu
     sources = [HL.source_vector(graph, s, model, capture) for s in sorted({s for s, _ in edges})]
     targets = [HL.target_vector(graph, t, model) for t in sorted({t for _, t in edges})]
     n = graph.n_pos
-    sweeps = HL.sweep_edges(model, capture, sources, targets, n, values=True)
+    sweeps = ES.sweep_edges(model, capture, sources, targets, n, values=True)
     assert len(sweeps.dv) == N_LAYERS
     largest = 0.0
     for i, src in enumerate(sources):
-        ref = HL.source_sweep(model, capture, src, n)
+        ref = ES.source_sweep(model, capture, src, n)
         for layer in range(N_LAYERS):
             largest = max(largest, float(ref.z[layer].abs().max()))
             assert torch.allclose(sweeps.dz[layer][i], ref.z[layer], rtol=1e-9, atol=1e-12), (i, layer)
@@ -279,7 +280,7 @@ def test_batched_source_tangents_equal_one_forward_mode_sweep_per_source(attribu
                 )
     assert largest > 0  # the sources do move the heads
     # blocks of two sources each: the same tangents, every source in exactly one block
-    sweeper = HL.EdgeSweeper(model, capture, n, values=True)
+    sweeper = ES.EdgeSweeper(model, capture, n, values=True)
     seen = []
     for blk in sweeper.source_blocks(sources, block=2):
         assert len(blk.index) <= 2
@@ -448,12 +449,12 @@ def test_pair_shares_equal_the_edge_through_one_query_key_pair(attributed, arch)
         hl = head_loadings(graph, source, target, model=model, capture=capture)
         src, tgt = HL.source_vector(graph, source, model, capture), HL.target_vector(graph, target, model)
         n = tgt.pos + 1
-        sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
+        sweep = ES.source_sweep(model, capture, src, n)
+        grads = [g[0] for g in ES.sweep_edges(model, capture, [src], [tgt], n).grads]
         dv_all = {layer: v - v_clean[layer] for layer, v in values(ref.additions(source)).items()}
         scale = max(abs(hl.edge), np.abs(hl.heads).max(initial=0.0))
         for i, layer in enumerate(hl.layers.tolist()):
-            share = HL.pair_shares(sweep, grads, layer).numpy()
+            share = ES.pair_shares(sweep, grads, layer).numpy()
             assert share.shape == (N_HEADS, n, n)
             np.testing.assert_allclose(share.sum(axis=(1, 2)), hl.heads[i], rtol=1e-9, atol=1e-12 * scale)
             pattern = ref.frozen[f"blocks.{layer}.attn.hook_pattern"][0]
@@ -490,10 +491,10 @@ def test_an_output_store_leaves_the_graph_store_untouched_and_sums_abs_pair_shar
     for i, (s, t) in enumerate(edges.tolist()):
         src, tgt = HL.source_vector(graph, s, model, capture), HL.target_vector(graph, t, model)
         n = tgt.pos + 1
-        sweep = HL.source_sweep(model, capture, src, n)
-        grads = [g[0] for g in HL.sweep_edges(model, capture, [src], [tgt], n).grads]
+        sweep = ES.source_sweep(model, capture, src, n)
+        grads = [g[0] for g in ES.sweep_edges(model, capture, [src], [tgt], n).grads]
         for layer in np.nonzero(table.on_way[i])[0].tolist():
-            expected[layer, :, :n, :n] += np.abs(HL.pair_shares(sweep, grads, layer).numpy())
+            expected[layer, :, :n, :n] += np.abs(ES.pair_shares(sweep, grads, layer).numpy())
     assert table.pair_abs is not None and table.pair_abs.max() > 0
     np.testing.assert_allclose(table.pair_abs, expected, rtol=1e-9, atol=1e-15)
     assert verify_store(graph.path) == []
