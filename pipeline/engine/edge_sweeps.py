@@ -42,6 +42,12 @@ class HeadLoadingsError(ValueError):
     """A request a graph cannot answer: a bad node id, a pair with no edge, other weights."""
 
 
+NO_VALUE_HOOKS = (
+    "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
+    "split by position (write_head_loadings without positions=True still works)"
+)
+
+
 # ---------------------------------------------------------------------------- endpoints
 @dataclass
 class SourceVector:
@@ -58,6 +64,15 @@ class SourceVector:
     pos: int
     writes: dict[int, Tensor]
     embed: Tensor | None = None
+
+    def write_indices(self) -> list[int]:
+        """Where it writes, as indices of the frozen run's write locations: 0 the embedding,
+        ``l + 1`` layer l's MLP output."""
+        return [0] if self.embed is not None else [layer + 1 for layer in self.writes]
+
+    def vector_at(self, index: int) -> Tensor | None:
+        """Its vector at write location ``index`` (as :meth:`write_indices`), or None."""
+        return self.embed if index == 0 else self.writes.get(index - 1)
 
 
 @dataclass
@@ -163,21 +178,15 @@ def source_sweep(
             return None
         return fwAD.make_dual(tensor.detach(), placed(source.embed))
 
-    def value(layer: int):
+    def tangent_to(store: dict[int, Tensor], layer: int):
         def hook(tensor: Tensor, *, hook) -> None:
-            values[layer] = _tangent(tensor)
+            store[layer] = _tangent(tensor)
 
         return hook
 
     def pattern(layer: int):
         def hook(tensor: Tensor, *, hook) -> None:
             patterns[layer] = fwAD.unpack_dual(tensor).primal[0]
-
-        return hook
-
-    def heads(layer: int):
-        def hook(tensor: Tensor, *, hook) -> None:
-            z[layer] = _tangent(tensor)
 
         return hook
 
@@ -210,10 +219,10 @@ def source_sweep(
     fwd.append((H.EMBED, embed))
     for layer in range(model.n_layers):
         if f"blocks.{layer}.attn.hook_v" in model.bridge.hook_dict:
-            fwd.append((f"blocks.{layer}.attn.hook_v", value(layer)))
+            fwd.append((f"blocks.{layer}.attn.hook_v", tangent_to(values, layer)))
         if f"blocks.{layer}.attn.hook_pattern" in model.bridge.hook_dict:
             fwd.append((f"blocks.{layer}.attn.hook_pattern", pattern(layer)))
-        fwd.append((H.attention_heads_hook(layer), heads(layer)))
+        fwd.append((H.attention_heads_hook(layer), tangent_to(z, layer)))
         fwd.append((model.input_hooks[layer], read(layer)))
         fwd.append((model.output_hooks[layer], write(layer)))
     fwd.append((H.UNEMBED_IN, grab_unembed))
@@ -285,12 +294,12 @@ class SourceBlock:
     dv: list[Tensor | None]
 
 
-def _placed(x: Tensor, sources: list[SourceVector], vector_at) -> Tensor:
-    """(S, *x.shape): source i's vector ``vector_at(source)`` (or nothing) at its position of a
-    zero copy of ``x`` (1, n, d_model)."""
+def _placed(x: Tensor, sources: list[SourceVector], index: int) -> Tensor:
+    """(S, *x.shape): source i's vector at write location ``index`` (or nothing) at its
+    position of a zero copy of ``x`` (1, n, d_model)."""
     out = x.new_zeros((len(sources), *x.shape))
     for i, src in enumerate(sources):
-        vector = vector_at(src)
+        vector = src.vector_at(index)
         if vector is not None:
             out[i, 0, src.pos] = vector.to(device=x.device, dtype=x.dtype)
     return out
@@ -389,11 +398,9 @@ class EdgeSweeper:
         rows = side.rows
         edges = side.grads[0].new_zeros((len(sources), len(side.grads[0])))
         for i, src in enumerate(sources):
-            if src.embed is not None and rows[0] is not None:
-                edges[i] += rows[0][:, src.pos] @ src.embed.to(edges.dtype)
-            for layer, vector in src.writes.items():
-                row = rows[layer + 1]
-                if row is not None:
+            for index in src.write_indices():
+                row, vector = rows[index], src.vector_at(index)
+                if row is not None and vector is not None:
                     edges[i] += row[:, src.pos] @ vector.to(edges.dtype)
         return edges
 
@@ -411,16 +418,11 @@ class EdgeSweeper:
                 index = group[start : start + block]
                 members = [sources[i] for i in index]
                 # where these sources write (a cross-layer feature: several layers)
-                written = {0} if first == 0 else {layer + 1 for src in members for layer in src.writes}
+                written = {i for src in members for i in src.write_indices()}
                 roots = [(k, i) for k, i in enumerate(self.reached) if i in written]
                 found: tuple = (None,) * len(self.us)
                 if roots:  # else written after the last attention layer: no head sees them
-                    vectors = [
-                        _placed(self.writes[0], members, lambda src: src.embed)
-                        if i == 0
-                        else _placed(self.writes[i], members, lambda src, layer=i - 1: src.writes.get(layer))
-                        for _, i in roots
-                    ]
+                    vectors = [_placed(self.writes[i], members, i) for _, i in roots]
                     with torch.enable_grad():
                         found = torch.autograd.grad(
                             [self.transposed[k] for k, _ in roots],
@@ -485,9 +487,6 @@ def pair_shares(sweep: SourceSweep, grads: list[Tensor], layer: int) -> Tensor:
     (``sweep_edges(...).grads[layer][b]``).
     """
     if not sweep.v or not sweep.patterns:
-        raise HeadLoadingsError(
-            "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
-            "split by position (write_head_loadings without positions=True still works)"
-        )
+        raise HeadLoadingsError(NO_VALUE_HOOKS)
     n = min(len(grads[layer]), len(sweep.z[layer]))
     return position_shares(sweep.patterns[layer][:, :n, :n], grads[layer][None, :n], sweep.v[layer][None, :n])[0]

@@ -26,6 +26,7 @@ from zarr.storage import LocalStore
 from pipeline import _io
 from pipeline._io import StoreLock
 from pipeline.engine.edge_sweeps import (
+    NO_VALUE_HOOKS,
     EdgeSweeper,
     HeadLoadingsError,
     SourceVector,
@@ -326,10 +327,7 @@ def _compute_chunk(
         n = max(t.pos for t in targets) + 1  # causal: nothing after the last target's position matters
         sweeper = EdgeSweeper(model, capture, n, values=positions)
     if positions and not sweeper.values:
-        raise HeadLoadingsError(
-            "this model's attention exposes no attn.hook_v / attn.hook_pattern hooks: head loadings cannot be "
-            "split by position (write_head_loadings without positions=True still works)"
-        )
+        raise HeadLoadingsError(NO_VALUE_HOOKS)
     side = sweeper.target_side(targets)
     edge_matrix = sweeper.edges(sources, side)
     B, n, n_heads = len(edges), sweeper.n, int(side.grads[0].shape[2])
