@@ -10,7 +10,8 @@ two-hop prompts (every state, two cities each, English) the attribution graph, i
 circuit and the intervene checks of the default prompt set's recipes (pipeline.analysis.evaluation):
 the constrained state swap at the city (state features x-4, a donor city of the next state x10,
 layer 0), and on toy-language prompts (one city per state) the open-ended x-2 steer of the
-toy-language features. The library's own code runs everything; this script only loops and counts.
+toy-language features (those active on the prompt, as the default prompt set selects them, and
+only those the pruned circuit kept). The library's own code runs everything; this script only loops and counts.
 Writes bench/results/organism_seeds.json.
 """
 
@@ -60,14 +61,19 @@ def swap_experiment(donor_id: str, answer: str, donor_answer: str) -> dict:
     }
 
 
-def steer_experiment(answer: str) -> dict:
+def steer_experiment(answer: str, *, in_graph: bool = False) -> dict:
+    """The default prompt set's steer (the toy-language-selective features active on the
+    prompt), or with ``in_graph`` only those its pruned circuit kept (group
+    ``language_steer_in_graph``)."""
+    rule = {"select": "selective", "label": "language", "value": "toy", "role": "any", "in_graph": in_graph}
+    name = "language_steer_in_graph" if in_graph else "language_steer"
     return {
-        "name": "language_steer",
-        "group": "language_steer",
+        "name": name,
+        "group": name,
         "kind": "steer",
         "open_ended": True,
         "max_new_tokens": 5,
-        "source": [{"select": "selective", "label": "language", "value": "toy", "role": "any", "in_graph": True}],
+        "source": [rule],
         "source_factor": -2,
         "expected_before": answer,
         "expected_language": "en",
@@ -90,7 +96,8 @@ def prompts_of(world, n_cities: int) -> dict[str, dict]:
             out[pid] = {**item, "experiments": [swap_experiment(donor_id, item["answer"], donor["answer"])]}
             out.setdefault(donor_id, {**donor, "experiments": []})
         toy = bank[(state.cities[0], "toy")]
-        out[f"{state.cities[0]}_toy"] = {**toy, "experiments": [steer_experiment(toy["answer"])]}
+        steers = [steer_experiment(toy["answer"]), steer_experiment(toy["answer"], in_graph=True)]
+        out[f"{state.cities[0]}_toy"] = {**toy, "experiments": steers}
     return out
 
 
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"seed {seed} {kind}: intermediate node {row[kind]['intermediate_node_rate']}  "
                     f"state swap {g.get('state_swap', {}).get('flip_rate')}  "
-                    f"language steer {g.get('language_steer', {}).get('flip_rate')}",
+                    f"language steer {g.get('language_steer', {}).get('flip_rate')} "
+                    f"(in graph {g.get('language_steer_in_graph', {}).get('flip_rate')})",
                     flush=True,
                 )
         results["seeds"][str(seed)] = row
@@ -182,6 +190,8 @@ MEASURES = (
     "state_swap:wrong_position",
     "language_steer",
     "language_steer:random",
+    "language_steer_in_graph",
+    "language_steer_in_graph:random",
 )
 
 

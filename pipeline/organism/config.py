@@ -81,6 +81,10 @@ class TrainConfig(TrainSettings):
     threads: int = 2
 
 
+#: the transcoders' training tokens (TranscoderTrainSettings.contexts)
+CONTEXTS: Tuple[str, ...] = ("sentence", "prefix")
+
+
 # The pipeline's config schema uses TranscoderTrainSettings as its organism.plt / organism.clt
 # nodes, hence typing's Optional (the form OmegaConf 2.3 documents) and a plain str for
 # skip_init (OmegaConf has no Literal).
@@ -114,7 +118,10 @@ class TranscoderTrainSettings:
     skip: bool = True
     skip_init: str = "zero"
     skip_l2: float = 0.01
-    #: cap on the training contexts (None: all distinct contexts, a few thousand)
+    #: the training tokens: every non-BOS position of every distinct sentence ("sentence": a
+    #: prefix k sentences share counts k times, as in a corpus) or each distinct prefix once
+    #: ("prefix"); and a cap on their number (None: all, some 11 thousand)
+    contexts: str = "sentence"
     n_tokens: Optional[int] = None
     seed: int = 0
 
@@ -123,6 +130,8 @@ class TranscoderTrainSettings:
             raise ValueError("d_transcoder, steps and batch_size must be >= 1")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be > 0")
+        if self.contexts not in CONTEXTS:
+            raise ValueError(f"contexts must be one of {CONTEXTS}, got {self.contexts!r}")
 
 
 @dataclass

@@ -3,10 +3,14 @@
 1. Collect activations with plain forward hooks on the Hugging Face model: the MLP input
    ``x_l`` = output of ``transformer.h[l].ln_2`` (after the LayerNorm weight and bias, TL2's
    ``ln2.hook_normalized``) and the MLP output ``y_l`` = output of ``transformer.h[l].mlp``
-   (``hook_mlp_out``), at every non-BOS position of every distinct context (prefix) of the
-   world's sentences: all training sentences plus the held-out two-hop sentences, since the
-   transcoders must reconstruct the model on every prompt of the default set. ``<bos>`` is
-   left out: downstream, features are zeroed there and its MLP output is an error node.
+   (``hook_mlp_out``), at every non-BOS position of the world's distinct sentences: all
+   training sentences plus the held-out two-hop sentences, since the transcoders must
+   reconstruct the model on every prompt of the default set. ``contexts="sentence"`` keeps
+   every position of every sentence (a prefix that k sentences share counts k times, as in a
+   corpus: the toy language's tag opens a third of them); ``"prefix"`` keeps each distinct
+   prefix once (the tag's context then weighs one token in thousands and is reconstructed by
+   a dense code of a hundred features). ``<bos>`` is left out: downstream, features are zeroed
+   there and its MLP output is an error node.
 2. Standardize: x and y of each layer are divided by a scalar so that E||x||^2 = d_model
    (the scales are folded back into the saved weights).
 3. Train, full precision, AdamW with warmup and cosine decay, minibatches of tokens:
@@ -61,7 +65,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
 from ._util import atomic_directory, torch_scope, write_json
-from .config import TranscoderTrainConfig
+from .config import CONTEXTS, TranscoderTrainConfig
 from .tokenizer import load_tokenizer
 from .train_model import encode_texts
 from .world import World
@@ -80,11 +84,16 @@ def _contexts(world: World, tokenizer: PreTrainedTokenizerFast) -> tuple[Tensor,
 
 
 @torch.no_grad()
-def collect_activations(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """MLP inputs and outputs at every distinct non-BOS context.
+def collect_activations(
+    model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor, contexts: str = "sentence"
+) -> tuple[Tensor, Tensor]:
+    """MLP inputs and outputs at the non-BOS positions of the sentences ``ids``: every one
+    (``contexts="sentence"``) or each distinct prefix once (``"prefix"``).
 
-    returns x, y: (n_layers, n_tokens, d_model), rows in a fixed order (first occurrence).
+    returns x, y: (n_layers, n_tokens, d_model), rows in a fixed order (sentence, position).
     """
+    if contexts not in CONTEXTS:
+        raise ValueError(f"contexts must be one of {CONTEXTS}, got {contexts!r}")
     blocks = model.transformer.h
     xs: list[Tensor] = []
     ys: list[Tensor] = []
@@ -98,16 +107,17 @@ def collect_activations(model: GPT2LMHeadModel, ids: Tensor, lengths: Tensor) ->
     finally:
         for h in handles:
             h.remove()
-    # keep each distinct prefix once (identical prefixes have identical activations)
     seen: set[tuple[int, ...]] = set()
     rows: list[tuple[int, int]] = []
     for i in range(len(ids)):
         row = ids[i].tolist()
         for p in range(1, int(lengths[i])):
-            key = tuple(row[: p + 1])
-            if key not in seen:
+            if contexts == "prefix":  # identical prefixes have identical activations
+                key = tuple(row[: p + 1])
+                if key in seen:
+                    continue
                 seen.add(key)
-                rows.append((i, p))
+            rows.append((i, p))
     ri = torch.tensor([r for r, _ in rows])
     pi = torch.tensor([p for _, p in rows])
     x = torch.stack([t[ri, pi] for t in xs])
@@ -494,7 +504,7 @@ def train_transcoders(
         hf.eval()
         tokenizer = load_tokenizer(model_dir)
         ids, lengths = _contexts(world, tokenizer)
-        x, y = collect_activations(hf, ids, lengths)
+        x, y = collect_activations(hf, ids, lengths, cfg.contexts)
         if cfg.n_tokens is not None and cfg.n_tokens < x.shape[1]:
             keep = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_tokens]
             x, y = x[:, keep.sort().values], y[:, keep.sort().values]

@@ -3,11 +3,14 @@
 Names are fixed, human-readable US names (``Texas``/``Austin``/``Dallas``, ...), so that a
 committed prompt configuration can name them; the seed only chooses the held-out two-hop
 split and the order in which sentences are sampled. The second language ("toy") is a
-deterministic transform of the first: its own template words, and its own spelling of every
-state and capital (vowels rotated, ``Austin`` -> ``Easton``, ``Texas`` -> ``Tixes``), so the
-language of an answer is visible from the next token alone. City names are shared between
-the languages, as proper nouns usually are: the city -> state lookup is then
-language-independent, and the language of the answer is decided by the template words only.
+deterministic transform of the first: its own spelling of every state and capital (vowels
+rotated, ``Austin`` -> ``Easton``, ``Texas`` -> ``Tixes``), so the language of an answer is
+visible from the next token alone, and a mark that says a sentence is in it
+(``WorldConfig.language_marking``): by default one tag word before the English template words
+(``lingvo the capital of Texas is Easton``), so that the language is one token's business;
+or (``words``) template words of its own (``la kapitalo de Tixes esta Easton``). City names are
+shared between the languages, as proper nouns usually are: the city -> state lookup is then
+language-independent, and only the mark decides the answer's language.
 
 Sentence kinds (every sentence ends with its answer, one word):
 
@@ -109,7 +112,19 @@ TOY_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 LANGUAGES: tuple[str, ...] = ("en", "toy")
-_TEMPLATES = {"en": EN_TEMPLATES, "toy": TOY_TEMPLATES}
+#: the toy language's mark under ``language_marking="tag"``: its first word
+TOY_TAG = "lingvo"
+LANGUAGE_MARKINGS: tuple[str, ...] = ("tag", "words")
+
+
+def template_table(language: str, marking: str = "tag") -> dict[str, tuple[str, ...]]:
+    """The templates of ``language`` per sentence kind: English's; the toy language's own words
+    (``marking="words"``) or English's after the tag word (``"tag"``)."""
+    if language == "en":
+        return EN_TEMPLATES
+    if marking == "words":
+        return TOY_TEMPLATES
+    return {kind: tuple(f"{TOY_TAG} {t}" for t in ts) for kind, ts in EN_TEMPLATES.items()}
 
 _VOWEL_ROTATION = str.maketrans("aeiouAEIOU", "eiouaEIOUA")
 
@@ -139,6 +154,10 @@ class WorldConfig:
         default and the toy language as marked: ablating toy-language features then tends to
         give English, as in the multilingual case study of the paper.
     pinned_trained: cities that are never held out (the default prompt set's Dallas).
+    language_marking: how a toy-language sentence says so: ``tag`` (a tag word, ``lingvo``,
+        before English template words: the language is carried by one token, whose features
+        mark it and nothing else) or ``words`` (template words of its own, ``la kapitalo de``:
+        every word marks the language and its role in the sentence at once).
     """
 
     seed: int = 0
@@ -150,6 +169,7 @@ class WorldConfig:
     kind_weights: Tuple[float, float, float, float] = (1.0, 1.0, 2.0, 2.0)
     language_weights: Tuple[float, ...] = (1.0, 0.5)
     pinned_trained: Tuple[str, ...] = ("Dallas", "Fresno")
+    language_marking: str = "tag"
 
     def __post_init__(self) -> None:
         self.templates_per_kind = tuple(int(t) for t in self.templates_per_kind)  # type: ignore[assignment]
@@ -173,6 +193,8 @@ class WorldConfig:
                 raise ValueError(f"templates_per_kind for {kind} must be in {least}..{len(EN_TEMPLATES[kind])}")
         if any(w < 0 for w in self.kind_weights) or sum(self.kind_weights) <= 0:
             raise ValueError("kind_weights must be non-negative with a positive sum")
+        if self.language_marking not in LANGUAGE_MARKINGS:
+            raise ValueError(f"language_marking must be one of {LANGUAGE_MARKINGS}, got {self.language_marking!r}")
         if len(self.language_weights) < self.languages or any(w <= 0 for w in self.language_weights[: self.languages]):
             raise ValueError("language_weights needs one positive weight per language")
 
@@ -240,7 +262,11 @@ class World:
 
     def templates(self, kind: str, language: str) -> tuple[str, ...]:
         n = self.config.templates_per_kind[SENTENCE_KINDS.index(kind)]
-        return _TEMPLATES[language][kind][:n]
+        return self.template_table(language)[kind][:n]
+
+    def template_table(self, language: str) -> dict[str, tuple[str, ...]]:
+        """Every template of ``language`` per kind (:func:`template_table` for this world's marking)."""
+        return template_table(language, self.config.language_marking)
 
     def vocabulary(self) -> list[str]:
         """Every word the world can produce, in a fixed order (template words, then names)."""
@@ -254,7 +280,7 @@ class World:
 
         for lang in self.languages:
             for kind in SENTENCE_KINDS:
-                for t in _TEMPLATES[lang][kind]:
+                for t in self.template_table(lang)[kind]:
                     for w in t.split():
                         if not w.startswith("{"):
                             add(w)
@@ -273,7 +299,7 @@ class World:
         are left out: they say nothing about the language of a text."""
         words: dict[str, set[str]] = {}
         for lang in self.languages:
-            own = {w for kind in SENTENCE_KINDS for t in _TEMPLATES[lang][kind] for w in t.split()}
+            own = {w for kind in SENTENCE_KINDS for t in self.template_table(lang)[kind] for w in t.split()}
             own |= {self.spell(n, lang) for s in self.states for n in (s.name, s.capital)}
             for w in own - {"{city}", "{state}", "{capital}"}:
                 words.setdefault(w, set()).add(lang)
@@ -281,7 +307,7 @@ class World:
 
     # --- sentences ---------------------------------------------------------------------------
     def _make(self, kind: str, language: str, template: int, state: State, city: str) -> Sentence:
-        t = _TEMPLATES[language][kind][template]
+        t = self.template_table(language)[kind][template]
         filled = t.format(
             city=city, state=self.spell(state.name, language), capital=self.spell(state.capital, language)
         )
@@ -468,7 +494,7 @@ def make_world(cfg: WorldConfig | None = None) -> World:
     names = [world.spell(n, lang) for lang in world.languages for s in states for n in (s.name, s.capital)]
     names += [c for s in states for c in s.cities]
     template_words = {
-        w for lang in world.languages for k in SENTENCE_KINDS for t in _TEMPLATES[lang][k] for w in t.split()
+        w for lang in world.languages for k in SENTENCE_KINDS for t in world.template_table(lang)[k] for w in t.split()
     }
     if len(names) != len(set(names)) or set(names) & template_words:  # pragma: no cover - fixed tables
         raise ValueError("names collide with each other or with template words")

@@ -18,7 +18,7 @@ from pipeline.organism.config import ModelConfig, TrainConfig, TranscoderTrainCo
 from pipeline.organism.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from pipeline.organism.train_model import encode_texts, train_model
 from pipeline.organism.train_transcoders import collect_activations, train_clt, train_plt
-from pipeline.organism.world import WorldConfig, make_world
+from pipeline.organism.world import SENTENCE_KINDS, TOY_TAG, WorldConfig, make_world
 
 TINY_WORLD = WorldConfig(n_states=3, cities_per_state=3, held_out_per_state=1, seed=1)
 TINY_MODEL = ModelConfig(n_layers=2, d_model=32, n_heads=2, n_ctx=16)
@@ -110,11 +110,31 @@ def test_default_prompt_set_names_the_case_studies():
 def test_word_languages_mark_the_words_one_language_writes():
     world = make_world()
     langs = world.word_languages()
-    assert langs["Austin"] == langs["is"] == "en" and langs["Easton"] == langs["esta"] == "toy"
-    assert "Dallas" not in langs  # city names are shared
+    assert langs["Austin"] == "en" and langs["Easton"] == langs["lingvo"] == "toy"
+    assert "Dallas" not in langs and "is" not in langs  # city names and (tagged) template words are shared
     for p in world.prompt_set():
-        marked = [langs[w] for w in p["prompt"].split() if w in langs]
-        assert marked and set(marked) == {p["language"]}, p["id"]
+        marked = {langs[w] for w in p["prompt"].split() if w in langs}
+        # English is the unmarked language: its prompts may carry no language-specific word
+        assert marked == {"toy"} if p["language"] == "toy" else marked <= {"en"}, p["id"]
+    words = make_world(WorldConfig(language_marking="words")).word_languages()
+    assert words["is"] == "en" and words["esta"] == "toy" and "lingvo" not in words
+
+
+def test_toy_language_is_english_after_its_tag_or_its_own_words():
+    """The default marking writes a toy sentence as the tag word then the English sentence with
+    the toy spelling of its state and capital; ``words`` keeps the toy language's own words."""
+    tagged, words = make_world(), make_world(WorldConfig(language_marking="words"))
+    for kind in SENTENCE_KINDS:
+        for en, toy in zip(tagged.sentences(kind, languages=("en",)), tagged.sentences(kind, languages=("toy",))):
+            *words_en, answer = en.text.split()
+            # states are spelled the toy way wherever they stand, a capital only as the answer (as
+            # the subject of "Austin is in Texas" it is a city, and city names are shared)
+            expected = [TOY_TAG] + [tagged.spell(w, "toy") if w == en.state else w for w in words_en]
+            assert toy.text.split() == expected + [tagged.spell(answer, "toy")]
+    toy = words.sentences("two_hop", languages=("toy",), canonical_only=True)[0]
+    assert toy.prompt == "la kapitalo de la stato kun Dallas esta" and toy.answer == "Easton"
+    with pytest.raises(ValueError, match="language_marking"):
+        WorldConfig(language_marking="accent")
 
 
 def test_world_config_rejects_bad_values():
@@ -221,6 +241,34 @@ def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world
     assert json.loads((tmp_path / kind / "metrics.json").read_text())["fve"] == metrics["fve"]
 
 
+def test_training_tokens_are_every_position_of_every_sentence_or_each_prefix_once(tiny_world, tiny_model_dir):
+    """contexts="sentence" keeps a prefix that k sentences share k times (as a corpus would);
+    "prefix" keeps it once, at its first sentence."""
+    from transformers import GPT2LMHeadModel
+
+    model_dir, _ = tiny_model_dir
+    hf = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    texts = sorted({s.text for s in tiny_world.training_sentences()})
+    ids, lengths = encode_texts(load_tokenizer(model_dir), texts)
+    x_all, y_all = collect_activations(hf, ids, lengths, "sentence")
+    x_once, y_once = collect_activations(hf, ids, lengths, "prefix")
+    words = [t.split() for t in texts]
+    assert x_all.shape[1] == sum(len(w) for w in words)  # every word after BOS
+    first: dict[tuple[str, ...], int] = {}
+    row = 0
+    for w in words:
+        for p in range(1, len(w) + 1):
+            first.setdefault(tuple(w[:p]), row)
+            row += 1
+    assert x_once.shape[1] == len(first) < x_all.shape[1]
+    keep = torch.tensor(sorted(first.values()))
+    assert torch.equal(x_once, x_all[:, keep]) and torch.equal(y_once, y_all[:, keep])
+    with pytest.raises(ValueError, match="contexts"):
+        collect_activations(hf, ids, lengths, "tokens")
+    with pytest.raises(ValueError, match="contexts"):
+        TranscoderTrainConfig(contexts="tokens")
+
+
 def test_transcoder_training_is_deterministic(tmp_path, tiny_world, tiny_model_dir):
     model_dir, _ = tiny_model_dir
     cfg = TranscoderTrainConfig(**{**TINY_TC.__dict__, "steps": 10})
@@ -233,10 +281,12 @@ def test_transcoder_training_is_deterministic(tmp_path, tiny_world, tiny_model_d
 # --- the full default build ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_organism_meets_its_targets(tmp_path):
-    """The default build: its facts, its transcoders, and the case study it exists for — on one
+    """The default build: its facts, its transcoders, and the case studies it exists for. On one
     English two-hop prompt per state, the pruned graph has the intermediate state node at the
-    city, and the constrained state swap at the city flips the answer (bench/organism_seeds.py
-    measures the same over seeds)."""
+    city, and the constrained state swap at the city flips the answer far more often than random
+    feature sets of the same size do; on one toy-language two-hop prompt per state, the open-ended
+    x-2 steer of the toy-language features switches the answer to English, and random sets of as
+    many active features do not (bench/organism_seeds.py measures the same over seeds)."""
     from pipeline.analysis.evaluation import evaluate
     from pipeline.analysis.evaluation_spec import EvaluationSpec, PromptContext
     from pipeline.analysis.selectivity import compute_selectivity
@@ -253,24 +303,29 @@ def test_default_organism_meets_its_targets(tmp_path):
     for kind in ("plt", "clt"):
         assert m[kind]["agreement_answer_positions"] >= 0.90
         assert min(m[kind]["fve_per_layer"]) >= 0.9
-    assert m["total_wall_time_s"] > 0  # reported in metrics; timing targets live in bench/, not in tests
     assert (tmp_path / "prompts.json").is_file()
 
     world = make_world(OrganismConfig().world)
     bank = world.labeled_prompts()
-    english = {b["labels"]["city"]: b for b in bank if b["labels"]["language"] == "en"}
-    prompts = {}
+    by_city = {(b["labels"]["city"], b["labels"]["language"]): b for b in bank}
+    swaps, steers = {}, {}
     for i, state in enumerate(world.states):
         donor = world.states[(i + 1) % len(world.states)].cities[0]
-        prompts[state.cities[1]] = (english[state.cities[1]], english[donor])
+        swaps[state.cities[1]] = (by_city[state.cities[1], "en"], by_city[donor, "en"])
+        steers[state.cities[0]] = by_city[state.cities[0], "toy"]
     swap_rule = {"select": "contrast", "label": "state", "role": "city"}
+    steer_rule = {"select": "selective", "label": "language", "value": "toy", "role": "any"}
     for kind in ("plt", "clt"):
         model = ReplacementModel.from_pretrained(tmp_path / "model", tmp_path / kind)
         table = compute_selectivity(model, bank)
-        hops = flips = 0
-        for city, (item, donor) in prompts.items():
-            graph = attribute(item["prompt"], model, store=tmp_path / f"{kind}_{city}.zarr", verbose=False)
-            save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), tmp_path / f"{kind}_{city}.npz")
+
+        def pruned(item: dict, name: str):
+            graph = attribute(item["prompt"], model, store=tmp_path / f"{kind}_{name}.zarr", verbose=False)
+            save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), tmp_path / f"{kind}_{name}.npz")
+            return load_pruned_graph(tmp_path / f"{kind}_{name}.npz")
+
+        hops = flips = random_flips = random_runs = 0
+        for city, (item, donor) in swaps.items():
             swap = {
                 "name": "state_swap",
                 "kind": "swap",
@@ -283,10 +338,41 @@ def test_default_organism_meets_its_targets(tmp_path):
                 "expected_before": item["answer"],
                 "expected_after": donor["answer"],
             }
-            spec = EvaluationSpec(experiments=[swap], top_k=0, faithfulness=False, max_new_tokens=0, baselines=[])
+            spec = EvaluationSpec(
+                experiments=[swap], top_k=0, faithfulness=False, max_new_tokens=0, baselines=["random"], n_random=20
+            )
             context = PromptContext(prompt=item, prompts={"donor": donor}, selectivity=table, bank=bank)
-            report = evaluate(model, load_pruned_graph(tmp_path / f"{kind}_{city}.npz"), spec, context=context)
+            report = evaluate(model, pruned(item, city), spec, context=context)
             hops += bool(report["intermediate_node"]["found"])
             flips += bool(report["experiments"][0]["flipped"])
-        assert hops >= 0.9 * len(prompts), (kind, hops, len(prompts))
-        assert flips >= 0.8 * len(prompts), (kind, flips, len(prompts))
+            random = report["experiments"][0]["baselines"]["random"]
+            random_flips, random_runs = random_flips + random["n_flipped"], random_runs + random["n_runs"]
+        assert hops >= 0.9 * len(swaps), (kind, hops, len(swaps))
+        assert flips >= 0.9 * len(swaps), (kind, flips, len(swaps))
+        # the goal is 5 %; this build measures 10-16 % (docs/organism.md): a ceiling that fails
+        # when the swap stops being specific, not a claim that the goal is met
+        assert random_runs >= 10 * len(swaps) and random_flips <= 0.25 * random_runs, (kind, random_flips, random_runs)
+
+        switched = steer_random_flips = steer_random_runs = 0
+        for city, item in steers.items():
+            steer = {
+                "name": "language_steer",
+                "kind": "steer",
+                "open_ended": True,
+                "max_new_tokens": 5,
+                "source": [steer_rule],
+                "source_factor": -2,
+                "expected_before": item["answer"],
+                "expected_language": "en",
+            }
+            spec = EvaluationSpec(
+                experiments=[steer], top_k=0, faithfulness=False, max_new_tokens=0, baselines=["random"], n_random=20
+            )
+            context = PromptContext(prompt=item, selectivity=table, bank=bank, word_languages=world.word_languages())
+            report = evaluate(model, pruned(item, f"{city}_toy"), spec, context=context)
+            switched += bool(report["experiments"][0]["flipped"])
+            random = report["experiments"][0]["baselines"]["random"]
+            steer_random_flips += random["n_flipped"]
+            steer_random_runs += random["n_runs"]
+        assert switched >= 0.9 * len(steers), (kind, switched, len(steers))
+        assert steer_random_flips <= 0.1 * steer_random_runs, (kind, steer_random_flips, steer_random_runs)

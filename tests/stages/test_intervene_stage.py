@@ -320,10 +320,6 @@ def test_default_prompt_sets_have_the_organism_experiments():
         if "language_steer" in kinds:
             e = kinds["language_steer"]
             assert (e.source_factor, e.open_ended, e.expected_language) == (-2, True, "en")
-            assert e.source[0] == {
-                "select": "selective",
-                "label": "language",
-                "value": "toy",
-                "role": "any",
-                "in_graph": True,
-            }
+            # the toy-language features active on the prompt (the pruned circuit keeps too few of
+            # the tag's features to steer: docs/interventions.md)
+            assert e.source[0] == {"select": "selective", "label": "language", "value": "toy", "role": "any"}

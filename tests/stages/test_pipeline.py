@@ -576,7 +576,7 @@ def test_second_repro_recomputes_nothing(repo):
 @pytest.mark.slow
 def test_editing_one_prompt_reruns_only_that_prompts_stages(repo):
     conf = repo / "conf" / "prompts" / "organism_small.yaml"
-    conf.write_text(conf.read_text().replace("prompt: Dallas esta en", "prompt: Dallas esta urbo en"))
+    conf.write_text(conf.read_text().replace("prompt: lingvo Dallas is in", "prompt: lingvo Dallas is a city in"))
     set_params(repo, [])
     proc = dvc(repo, "repro")
     assert ran(proc) - ALWAYS == per_prompt("state_dallas_toy")
