@@ -126,6 +126,7 @@ def template_table(language: str, marking: str = "tag") -> dict[str, tuple[str, 
         return TOY_TEMPLATES
     return {kind: tuple(f"{TOY_TAG} {t}" for t in ts) for kind, ts in EN_TEMPLATES.items()}
 
+
 _VOWEL_ROTATION = str.maketrans("aeiouAEIOU", "eiouaEIOUA")
 
 

@@ -319,7 +319,7 @@ def test_default_organism_meets_its_targets(tmp_path):
         model = ReplacementModel.from_pretrained(tmp_path / "model", tmp_path / kind)
         table = compute_selectivity(model, bank)
 
-        def pruned(item: dict, name: str):
+        def pruned(item: dict, name: str, model=model, kind=kind):
             graph = attribute(item["prompt"], model, store=tmp_path / f"{kind}_{name}.zarr", verbose=False)
             save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), tmp_path / f"{kind}_{name}.npz")
             return load_pruned_graph(tmp_path / f"{kind}_{name}.npz")
