@@ -424,7 +424,8 @@ def draw(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(results["kinds"])
+    order = ("plt", "clt")  # the same panel order from a run and from its JSON (keys sorted)
+    kinds = sorted(results["kinds"], key=lambda k: (order.index(k) if k in order else len(order), k))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.25, 1]})
     ax = axes[0]
     ticks, names = [], []
@@ -451,8 +452,10 @@ def draw(results: dict, path: Path) -> None:
     )
     ax.axhline(0, color="k", lw=0.5)
 
-    # the term matrix of the first prompt of the first kind
-    row = results["kinds"][kinds[0]]["prompts"][0]
+    # the term matrix of the first prompt, for the kind with the most query features there (a
+    # single query row says less)
+    shown = max(kinds, key=lambda k: len(results["kinds"][k]["prompts"][0]["matrix_top"]["query"]))
+    row = results["kinds"][shown]["prompts"][0]
     mt = row["matrix_top"]
     vals = np.array(mt["values"])
     ax = axes[1]
@@ -462,7 +465,7 @@ def draw(results: dict, path: Path) -> None:
     ax.set_xticks(range(len(mt["key"])), mt["key"], fontsize=6, rotation=70)
     ax.set_ylabel(f'query side ("{row["prompt"].split()[-1]}")', fontsize=8)
     ax.set_xlabel(f'key side ("{row["city"]}")', fontsize=8)
-    ax.set_title(f'{kinds[0]}: L{row["layer"]} H{row["head"]} QK terms, "{row["prompt"]}"', fontsize=8)
+    ax.set_title(f'{shown}: L{row["layer"]} H{row["head"]} QK terms, "{row["prompt"]}"', fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.7)
     fig.tight_layout()
     atomic_write_bytes(path, figure_bytes(fig, ["png"], dpi=130)["png"])
