@@ -122,8 +122,24 @@ def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) 
         "intermediate_node_rate": metrics["intermediate_node_rate"],
         "n_intermediate_checked": metrics["n_intermediate_checked"],
         "by_group": metrics["by_group"],
+        "steer_answer_kept_rate": steer_answer_kept(world, prompts, reports),
         "selective_features": table.n_selective(),
     }
+
+
+def steer_answer_kept(world, prompts: dict[str, dict], reports: list[dict]) -> float | None:
+    """Share of the default steers (group ``language_steer``) whose steered first token is the
+    clean answer's English twin (``Easton`` -> ``Austin``): the language switched and the answer
+    survived, which the steer's own measure (the continuation's language) does not ask."""
+    english = {world.spell(s.capital, "toy"): s.capital for s in world.states}
+    english.update({world.spell(s.name, "toy"): s.name for s in world.states})
+    kept = n = 0
+    for report in reports:
+        for e in report["experiments"]:
+            if e["group"] == "language_steer" and e["after"]:
+                n += 1
+                kept += e["after"][0]["token"] == english.get(e["expected_before"])
+    return round(kept / n, 4) if n else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
 def _rate(row: dict, kind: str, what: str) -> float | None:
     if what == "intermediate_node":
         return row[kind]["intermediate_node_rate"]
+    if what == "language_steer:answer_kept":
+        return row[kind].get("steer_answer_kept_rate")
     group, _, baseline = what.partition(":")
     counts = row[kind]["by_group"].get(group)
     if counts is None:
@@ -190,6 +208,7 @@ MEASURES = (
     "state_swap:wrong_position",
     "language_steer",
     "language_steer:random",
+    "language_steer:answer_kept",
     "language_steer_in_graph",
     "language_steer_in_graph:random",
 )
@@ -203,7 +222,8 @@ def summarize(seeds: dict) -> dict:
         for what in MEASURES:
             vals = [_rate(row, kind, what) for row in seeds.values()]
             vals = [v for v in vals if v is not None]
-            worst = (max if ":" in what else min)(vals) if vals else None
+            baseline = ":" in what and not what.endswith(":answer_kept")  # lower is better
+            worst = (max if baseline else min)(vals) if vals else None
             out[f"{kind} {what}"] = {
                 "per_seed": vals,
                 "mean": round(sum(vals) / len(vals), 4) if vals else None,
