@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
 def _rate(row: dict, kind: str, what: str) -> float | None:
     if what == "intermediate_node":
         return row[kind]["intermediate_node_rate"]
-    if what == "language_steer:answer_kept":
+    if what == "steer_answer_kept":
         return row[kind].get("steer_answer_kept_rate")
     group, _, baseline = what.partition(":")
     counts = row[kind]["by_group"].get(group)
@@ -208,7 +208,7 @@ MEASURES = (
     "state_swap:wrong_position",
     "language_steer",
     "language_steer:random",
-    "language_steer:answer_kept",
+    "steer_answer_kept",
     "language_steer_in_graph",
     "language_steer_in_graph:random",
 )
@@ -222,8 +222,7 @@ def summarize(seeds: dict) -> dict:
         for what in MEASURES:
             vals = [_rate(row, kind, what) for row in seeds.values()]
             vals = [v for v in vals if v is not None]
-            baseline = ":" in what and not what.endswith(":answer_kept")  # lower is better
-            worst = (max if baseline else min)(vals) if vals else None
+            worst = (max if ":" in what else min)(vals) if vals else None
             out[f"{kind} {what}"] = {
                 "per_seed": vals,
                 "mean": round(sum(vals) / len(vals), 4) if vals else None,
