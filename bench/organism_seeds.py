@@ -34,6 +34,7 @@ from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.evaluation import evaluate, study_metrics  # noqa: E402
 from pipeline.analysis.evaluation_spec import EvaluationSpec, PromptContext  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
+from pipeline.devices import mkl_cbwr_mode, pin_cpu_arithmetic  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph  # noqa: E402
@@ -151,9 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work" / "organism_seeds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "organism_seeds.json")
     args = ap.parse_args(argv)
+    pin_cpu_arithmetic()  # as the stages do: the trained bits (and the rates) depend on MKL's code path
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    results: dict = {"seeds": {}, "machine": machine_info(args.threads), "pipeline": pipeline_version()}
+    machine = machine_info(args.threads) | {"mkl_cbwr_mode": mkl_cbwr_mode()}
+    results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version()}
     for seed in args.seeds:
         world_cfg = WorldConfig(seed=seed, n_states=3 if args.quick else 12)
         cfg = OrganismConfig(

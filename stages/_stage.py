@@ -21,6 +21,7 @@ import torch
 
 from pipeline import _io
 from pipeline._io import read_json
+from pipeline.devices import pin_cpu_arithmetic
 from pipeline.memory import release_freed_buffers
 from pipeline.organism.world import World, WorldConfig, make_world
 from pipeline.run.compose import PARAMS_FILE
@@ -84,6 +85,7 @@ def setup_torch(runtime: RuntimeConfig, seed: int = 0) -> None:
     # deterministic cuBLAS on a GPU (runtime.device: cuda) needs a fixed workspace, set before
     # the first CUDA call; a CPU run ignores it
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    pin_cpu_arithmetic()  # the same bytes from a forced rerun, on any CPU MKL serves
     torch.set_num_threads(runtime.threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

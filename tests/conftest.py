@@ -17,6 +17,11 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from pipeline import testing  # noqa: E402
+from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
+
+# before the first matrix product of the run: tests that compare two trainings bit for bit
+# hold on every CPU MKL serves
+pin_cpu_arithmetic()
 
 N_LAYERS = 2
 D_MODEL = 16

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import torch
 
+from pipeline.devices import pin_cpu_arithmetic
+
 
 @contextlib.contextmanager
 def torch_scope(threads: int, deterministic: bool = True) -> Iterator[None]:
-    """Set torch's thread count and deterministic mode for the block; restore them after."""
+    """Set torch's thread count and deterministic mode for the block; restore them after.
+    MKL's reproducible mode (:func:`pipeline.devices.pin_cpu_arithmetic`) stays for the process."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    pin_cpu_arithmetic()
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     old_warn = torch.is_deterministic_algorithms_warn_only_enabled()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.devices import check_device_dtype
+from pipeline.devices import check_device_dtype, pin_cpu_arithmetic
 from pipeline.run.config import DTYPES, AttributionSpec, PruningSpec
 
 # A subcommand imports the library modules it runs inside its function: building the parser
@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    pin_cpu_arithmetic()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:

@@ -16,7 +16,9 @@ graph's largest edge over the nodes both graphs have, the same features selected
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,13 +31,15 @@ from torch.utils._device import _device_constructors
 from pipeline import testing
 from pipeline.analysis import dashboards as D
 from pipeline.analysis.evaluation import evaluate
-from pipeline.devices import DeviceError, check_device_dtype, parse_dtype, same_device
+from pipeline.devices import DeviceError, check_device_dtype, mkl_cbwr_mode, parse_dtype, same_device
 from pipeline.engine.attribution import attribute
 from pipeline.engine.interventions import Scale
 from pipeline.engine.replacement import ReplacementModel
 from pipeline.graph.store import Graph, GraphStoreMismatchError
 from pipeline.transcoders import load_transcoders
 from tests.analysis.evaluation_fixtures import spec_for, tiny_setup
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -354,3 +358,43 @@ def test_transcoders_in_another_dtype_than_the_model_are_refused(dirs):
     with pytest.raises(ValueError, match="load both with the same device and dtype") as info:
         ReplacementModel.from_pretrained("no/such-model", other)  # refused before the model loads
     _one_line(info)
+
+
+# --- MKL's reproducible mode -------------------------------------------------------------------
+def _mkl_mode_in_fresh_python(code: str, env_mode: str | None = None) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter (MKL reads its mode once per process); stdout, stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    if env_mode is not None:
+        env["MKL_CBWR"] = env_mode
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return proc.stdout.strip(), proc.stderr
+
+
+_PIN_THEN_MULTIPLY = (
+    "import torch\n"
+    "from pipeline.devices import mkl_cbwr_mode, pin_cpu_arithmetic\n"
+    "{before}"
+    "ok = pin_cpu_arithmetic()\n"
+    "torch.randn(40, 50) @ torch.randn(50, 60)\n"
+    "print(ok, mkl_cbwr_mode())\n"
+)
+
+
+@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
+def test_pinned_before_the_first_product_mkl_computes_in_auto_mode():
+    out, err = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before=""))
+    assert out == "True 2"  # MKL_CBWR_AUTO
+    assert "MKL" not in err
+
+
+@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
+def test_pinned_after_a_product_warns_with_the_fix_and_reports_off():
+    out, err = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before="torch.randn(4, 5) @ torch.randn(5, 6)\n"))
+    assert out == "False 1"
+    assert "MKL_CBWR=AUTO " in err
+
+
+@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
+def test_a_mode_the_user_set_is_kept():
+    out, _ = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before=""), env_mode="COMPATIBLE")
+    assert out == "True 3"
