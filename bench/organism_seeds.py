@@ -3,6 +3,7 @@ rate and the language-steer switch rate, each with its baselines, for PLT and CL
 
     python bench/organism_seeds.py                    # seeds 0 1 2 (about 25 min on 2 cores)
     python bench/organism_seeds.py --seeds 0 --quick  # one seed, a few prompts (smoke test)
+    python bench/organism_seeds.py --transcoder 'matryoshka=[16, 64]' --out OTHER.json  # a variant
 
 Per seed, the organism is built from that seed (world split, model and transcoders); then, for
 each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
@@ -18,12 +19,14 @@ Writes bench/results/organism_seeds.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -149,21 +152,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cities", type=int, default=2, help="English two-hop prompts per state")
     ap.add_argument("--quick", action="store_true", help="3 states, 1 city each, short training (smoke test)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--transcoder",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a transcoder training setting for both sets (YAML value), e.g. --transcoder 'matryoshka=[16, 64]'",
+    )
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work" / "organism_seeds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "organism_seeds.json")
     args = ap.parse_args(argv)
+    overrides = dict(_setting(text) for text in args.transcoder)
     pin_cpu_arithmetic()  # as the stages do: the trained bits (and the rates) depend on MKL's code path
     torch.set_num_threads(args.threads)
     t0 = time.time()
     machine = machine_info(args.threads) | {"mkl_cbwr_mode": mkl_cbwr_mode()}
-    results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version()}
+    results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version(), "transcoder_settings": overrides}
     for seed in args.seeds:
         world_cfg = WorldConfig(seed=seed, n_states=3 if args.quick else 12)
         cfg = OrganismConfig(
             world=world_cfg,
             train=TrainConfig(seed=seed, steps=60 if args.quick else TrainConfig.steps),
-            plt=TranscoderTrainConfig(seed=seed, steps=60 if args.quick else TranscoderTrainConfig.steps),
-            clt=TranscoderTrainConfig(seed=seed, skip=False, steps=60 if args.quick else TranscoderTrainConfig.steps),
+            plt=TranscoderTrainConfig(
+                **({"seed": seed, "steps": 60 if args.quick else TranscoderTrainConfig.steps} | overrides)
+            ),
+            clt=TranscoderTrainConfig(
+                **(
+                    {"seed": seed, "skip": False, "steps": 60 if args.quick else TranscoderTrainConfig.steps}
+                    | overrides
+                )
+            ),
             threads=args.threads,
         )
         out = args.workdir / f"seed{seed}"
@@ -189,6 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.out}  ({results['wall_time_s']} s)")
     for line in table_lines(results["summary"]):
         print(line)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (a transcoder training setting; VALUE read as YAML)."""
+    key, sep, value = text.partition("=")
+    names = {f.name for f in dataclasses.fields(TranscoderTrainConfig)}
+    if not sep or key not in names:
+        raise SystemExit(f"--transcoder {text!r}: use KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+    return key, yaml.safe_load(value)
 
 
 def _rate(row: dict, kind: str, what: str) -> float | None:

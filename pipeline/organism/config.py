@@ -4,7 +4,7 @@ can use them as its ``organism.*`` nodes without importing the training code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 
 # ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
@@ -123,6 +123,11 @@ class TranscoderTrainSettings:
     #: ("prefix"); and a cap on their number (None: all, some 11 thousand)
     contexts: str = "sentence"
     n_tokens: Optional[int] = None
+    #: Matryoshka training: feature-count prefixes (e.g. [16, 64]) whose features alone must
+    #: also reconstruct the MLP output; the loss averages the reconstruction over them and the
+    #: whole dictionary. Meant against feature absorption: a city feature whose decoder also
+    #: writes its state, so that any of them transplants the state. None: plain training
+    matryoshka: Optional[List[int]] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,6 +137,13 @@ class TranscoderTrainSettings:
             raise ValueError("bandwidth and threshold_init must be > 0")
         if self.contexts not in CONTEXTS:
             raise ValueError(f"contexts must be one of {CONTEXTS}, got {self.contexts!r}")
+        if self.matryoshka is not None:
+            sizes = list(self.matryoshka)
+            if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] >= self.d_transcoder:
+                raise ValueError(
+                    f"matryoshka must list increasing feature counts between 1 and d_transcoder - 1 "
+                    f"({self.d_transcoder - 1}), e.g. [16, 64]; got {self.matryoshka!r}"
+                )
 
 
 @dataclass

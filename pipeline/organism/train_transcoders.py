@@ -31,7 +31,9 @@
    linear part of the MLP, and in this model that part already holds the state and the
    language at the last position (the MLP input is ~75 % state), so the features would
    not carry them and a feature swap could not flip the answer (measured: state swap 3 %
-   with a least-squares skip, 97 % with the default penalty).
+   with a least-squares skip, 97 % with the default penalty). With ``matryoshka`` prefix
+   sizes m_1 < m_2 < ..., the reconstruction term is the mean of the terms above computed
+   from the first m_i features alone and from all of them (nested dictionaries).
 4. Evaluate (metrics below), save with ``pipeline.transcoders`` writers
    (``feature_input_hook="ln2.hook_normalized"``, ``feature_output_hook="hook_mlp_out"``),
    plus ``metrics.json``.
@@ -240,6 +242,9 @@ def _fit(
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
     cursor = 0
+    # Matryoshka: the reconstruction from each prefix of the dictionary, and from all of it
+    prefixes: list[Tensor | None] = [(torch.arange(cfg.d_transcoder) < m).to(x.dtype) for m in (cfg.matryoshka or [])]
+    prefixes.append(None)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
@@ -251,8 +256,11 @@ def _fit(
         cursor += cfg.batch_size
         xb, yb = x[:, idx], y[:, idx]
         a = model.activations(xb)
-        yhat = model.reconstruct(xb, a)
-        recon = ((yhat - yb).pow(2).sum(-1).mean(1) / var).sum()
+        terms = [
+            ((model.reconstruct(xb, a if keep is None else a * keep) - yb).pow(2).sum(-1).mean(1) / var).sum()
+            for keep in prefixes
+        ]
+        recon = terms[0] if len(terms) == 1 else torch.stack(terms).mean()
         ramp = min(1.0, (step + 1) / max(1.0, cfg.sparsity_warmup * cfg.steps))
         sparsity = torch.tanh(cfg.tanh_scale * a * model.decoder_norms()[:, None, :]).sum(-1).mean(1).sum()
         loss = recon + cfg.sparsity_coefficient * ramp * sparsity
