@@ -117,8 +117,9 @@ def pin_cpu_arithmetic() -> bool:
     already names a mode); return whether MKL computes in a reproducible mode now.
 
     Without it MKL may pick another code path for the same product from one process to the
-    next on some CPUs, so a retrained organism need not give the same bytes. MKL reads the setting at its first call: call this before any matrix product
-    of the process. Too late, it warns naming the fix. A torch without MKL has nothing to pin.
+    next on some CPUs, so a retrained organism need not give the same bytes. MKL reads the
+    setting at its first call: call this before any matrix product of the process. Too late,
+    it warns naming the fix. A torch without MKL has nothing to pin.
     """
     os.environ.setdefault("MKL_CBWR", MKL_REPRODUCIBLE)
     mode = mkl_cbwr_mode()
@@ -126,8 +127,9 @@ def pin_cpu_arithmetic() -> bool:
         return True
     if mode == _MKL_CBWR_BRANCH_OFF:
         warnings.warn(
-            "MKL already ran in this process without a reproducible mode, so reruns may differ in the "
-            f"last bits: set MKL_CBWR={MKL_REPRODUCIBLE} in the environment before starting Python",
+            "MKL computes without a reproducible mode in this process (it ran before MKL_CBWR was set, or "
+            "MKL_CBWR names no mode), so reruns may differ in the last bits: set "
+            f"MKL_CBWR={MKL_REPRODUCIBLE} in the environment before starting Python",
             RuntimeWarning,
             stacklevel=2,
         )
