@@ -658,9 +658,13 @@ def test_rerunning_stages_gives_byte_identical_outputs(repo):
     pid = "capital_texas_en"
     stages = ["organism_model", "organism_transcoders@plt", f"capture@{pid}", f"attribute@{pid}"]
     proc = dvc(repo, "repro", "--force", "--single-item", *stages)
-    assert ran(proc) == set(stages)
-    assert lock_outs(repo) == before
-    assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+    try:
+        assert ran(proc) == set(stages)
+        assert lock_outs(repo) == before
+        assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+    except AssertionError:
+        dvc(repo, "repro")  # other bytes leave later stages stale: bring them up to date for the next tests
+        raise
 
 
 @pytest.mark.slow
