@@ -1,0 +1,143 @@
+"""Where the state swap's random flips come from: one donor feature x10 at the city, on every
+other state's two-hop prompts, per donor state.
+
+    python bench/swap_attractors.py                  # the main job's organism (after dvc repro)
+    python bench/swap_attractors.py --kind clt --cities 2
+
+For every state, the first of its cities is the donor. Each layer-0 feature active at the
+donor's city is set to 10x its activation there (the swap's target recipe: constrained to layer
+0, circuit-tracer's intervention semantics), alone, at the city of the other states' English
+two-hop prompts. A feature is state-selective when it fires at the city on >= 90 % of its state's
+prompts and <= 5 % of the others' (the selectivity table's definition, counted on these prompts);
+the random baseline draws from the other ones. Per feature: the share of prompts whose answer
+becomes the donor's capital (a transplant) and the share that goes to the most frequent other
+answer (an attractor, the same whoever the donor is). Writes bench/results/swap_attractors.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._common import machine_info  # noqa: E402
+from pipeline._io import write_json  # noqa: E402
+from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
+from pipeline.engine.replacement import ReplacementModel  # noqa: E402
+from pipeline.organism.train_model import load_organism  # noqa: E402
+from pipeline.transcoders import load_transcoders  # noqa: E402
+
+HI, LO, FACTOR = 0.9, 0.05, 10.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--organism", type=Path, default=REPO / "models" / "organism")
+    ap.add_argument("--kind", choices=("plt", "clt"), default="plt")
+    ap.add_argument("--cities", type=int, default=3, help="two-hop prompts per state")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "swap_attractors.json")
+    args = ap.parse_args(argv)
+    pin_cpu_arithmetic()
+    torch.set_num_threads(args.threads)
+    _, _, world = load_organism(args.organism / "model")
+    model = ReplacementModel.from_pretrained(
+        str(args.organism / "model"), load_transcoders(args.organism / args.kind), dtype=torch.float32
+    )
+
+    # 1. the prompts: per state, its first cities' English two-hop prompts; the city's position
+    prompts: dict[str, list[tuple[str, str, int]]] = {}
+    for s in world.sentences("two_hop", split="all", canonical_only=True):
+        if s.language == "en" and len(prompts.setdefault(s.state, [])) < args.cities:
+            words = s.text.split()
+            prompts[s.state].append((" ".join(words[:-1]), words[-1], 1 + words.index(s.city)))
+    states = sorted(prompts)
+
+    # 2. clean runs: the answer and the layer-0 features active at the city
+    active: dict[tuple[str, int], set[int]] = {}
+    acts_at: dict[str, torch.Tensor] = {}
+    for st in states:
+        for i, (p, ans, city) in enumerate(prompts[st]):
+            logits, acts = model.feature_intervention(p, [])
+            if model.tokenizer.decode([int(logits[-1].argmax())]).strip() != ans:
+                raise SystemExit(f"the organism answers {p!r} wrongly: rebuild it (dvc repro)")
+            active[(st, i)] = set(torch.nonzero(acts[0, city] > 0).flatten().tolist())
+            if i == 0:
+                acts_at[st] = acts[0, city]
+
+    def fires_on(f: int, st: str) -> float:
+        return sum(f in active[(st, i)] for i in range(len(prompts[st]))) / len(prompts[st])
+
+    # 3. each donor feature x10 alone, on every other state's prompts
+    rows = []
+    for donor in states:
+        donor_answer = prompts[donor][0][1]
+        for f in sorted(active[(donor, 0)]):
+            others = [fires_on(f, st) for st in states if st != donor]
+            selective = fires_on(f, donor) >= HI and max(others) <= LO
+            answers: Counter = Counter()
+            for st in states:
+                if st == donor:
+                    continue
+                for p, ans, city in prompts[st]:
+                    value = FACTOR * float(acts_at[donor][f])
+                    logits, _ = model.feature_intervention(p, [(0, city, f, value)], constrained_layers=[0])
+                    top = model.tokenizer.decode([int(logits[-1].argmax())]).strip()
+                    answers["kept" if top == ans else top] += 1
+            n = sum(answers.values())
+            moved = {k: v for k, v in answers.items() if k != "kept"}
+            attractor = max((k for k in moved if k != donor_answer), key=lambda k: moved[k], default=None)
+            rows.append(
+                {
+                    "donor": donor,
+                    "feature": f,
+                    "state_selective": selective,
+                    "fires_on_other_states": round(sum(o > 0 for o in others) / len(others), 3),
+                    "to_donor_capital": round(answers[donor_answer] / n, 3),
+                    "attractor": attractor,
+                    "to_attractor": round(moved[attractor] / n, 3) if attractor else 0.0,
+                    "kept": round(answers["kept"] / n, 3),
+                }
+            )
+        print(f"{donor}: {len(active[(donor, 0)])} features", flush=True)
+
+    # 4. summary: the random pool's features (not state-selective) against the selective ones
+    summary = {}
+    for name, sel in (("state_selective", True), ("other", False)):
+        rs = [r for r in rows if r["state_selective"] == sel]
+        if rs:
+            summary[name] = {
+                "n_features": len(rs),
+                "mean_to_donor_capital": round(sum(r["to_donor_capital"] for r in rs) / len(rs), 3),
+                "mean_to_attractor": round(sum(r["to_attractor"] for r in rs) / len(rs), 3),
+            }
+    by_attractor: Counter = Counter()
+    for r in rows:
+        if not r["state_selective"] and r["to_attractor"] >= 0.2:
+            by_attractor[(r["feature"], r["attractor"])] += 1
+    summary["attractors_across_donors"] = [
+        {"feature": f, "attractor": a, "n_donors": k} for (f, a), k in by_attractor.most_common(10)
+    ]
+    result = {"kind": args.kind, "machine": machine_info(args.threads), "summary": summary, "rows": rows}
+    write_json(args.out, result)
+    print(args.out)
+    for name in ("state_selective", "other"):
+        if name in summary:
+            s = summary[name]
+            print(
+                f"{name}: {s['n_features']} donor features; to the donor's capital {s['mean_to_donor_capital']:.3f}, "
+                f"to the most frequent other answer {s['mean_to_attractor']:.3f}"
+            )
+    for a in summary["attractors_across_donors"]:
+        print(f"  feature {a['feature']} -> {a['attractor']} (>= 20 % of prompts) from {a['n_donors']} donor states")
+
+
+if __name__ == "__main__":
+    main()
