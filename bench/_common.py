@@ -37,8 +37,27 @@ def set_threads(n: int) -> None:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process so far, or since :func:`reset_peak_rss` (VmHWM;
+    ru_maxrss, in KiB, where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak-RSS high-water mark afresh from now (Linux: ``/proc/self/clear_refs``), so
+    that :func:`peak_rss_mib` covers only what follows; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_mib() -> float:
