@@ -276,11 +276,11 @@ class EdgeSweeps:
 @dataclass
 class TargetSide:
     """What a batch of targets reads. grads: per layer (T, n, n_heads, d_head) d target / d z;
-    edges: (S, T) each source's edge into each target, as attribution computes it (the source's
-    vectors against the targets' gradients where it writes)."""
+    rows: per write location (embedding, then each layer's MLP output) (T, n, d_model) the
+    targets' gradients there, or None where no target depends on it."""
 
     grads: list[Tensor]
-    edges: Tensor
+    rows: list[Tensor | None]
 
 
 @dataclass
@@ -316,7 +316,7 @@ class EdgeSweeper:
     zero ``u``, kept differentiable in ``u``. Then per batch:
 
     1. targets: one backward pass vmapped over them gives ``d target / d z`` and, at the write
-       locations, the targets' rows, hence the edges (as attribution computes them);
+       locations, the targets' rows (the edges, as attribution computes them);
     2. sources: ``J @ vector`` at z (and v) as the gradient of ``vector . J.T u`` in ``u``, vmapped
        over blocks of them (the frozen model is linear, so this is exactly what a forward-mode
        sweep from each source computes).
@@ -366,44 +366,43 @@ class EdgeSweeper:
         self.reached = [i for i, g in enumerate(transposed) if g is not None and g.requires_grad]
         self.transposed = [transposed[i] for i in self.reached]
 
-    def target_side(self, targets: list[TargetVector], sources: list[SourceVector], block: int = 32) -> TargetSide:
-        """``d target / d z`` and every source's edge into every target: one backward pass
-        vmapped over each block of at most ``block`` targets (the batched backward's temporaries
-        grow with the block; the targets' gradients at the write locations are used for the
-        edges and dropped block by block)."""
+    def target_side(self, targets: list[TargetVector]) -> TargetSide:
+        """``d target / d z`` and the targets' rows: one backward pass vmapped over the targets."""
         if not targets:
             raise ValueError("a sweep needs at least one target")
         if max(t.pos for t in targets) >= self.n:
             raise ValueError(f"a target lies outside the first {self.n} positions")
         n_layers, ff, zs = self.model.n_layers, self.ff, self.zs
         T = len(targets)
-        grads = [z.new_zeros((T, *z.shape[1:])) for z in zs]
-        edges = zs[0].new_zeros((len(sources), T))
-        for start in range(0, T, block):
-            members = targets[start : start + block]
-            outputs, grad_outputs = [], []
-            for layer in sorted({t.layer for t in members}):
-                read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
-                g = read.new_zeros((len(members), *read.shape))
-                for i, t in enumerate(members):
-                    if t.layer == layer:
-                        g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
-                outputs.append(read)
-                grad_outputs.append(g)
-            raw = torch.autograd.grad(
-                outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
-            )
-            cols = slice(start, start + len(members))
-            for layer, g in enumerate(raw[:n_layers]):
-                if g is not None:
-                    grads[layer][cols] = g[:, 0].detach()
-            rows = raw[n_layers:]  # per write location (block, 1, n, d_model)
-            for i, src in enumerate(sources):
-                for index in src.write_indices():
-                    row, vector = rows[index], src.vector_at(index)
-                    if row is not None and vector is not None:
-                        edges[i, cols] += row[:, 0, src.pos].detach() @ vector.to(edges.dtype)
-        return TargetSide(grads, edges)
+        outputs, grad_outputs = [], []
+        for layer in sorted({t.layer for t in targets}):
+            read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
+            g = read.new_zeros((T, *read.shape))
+            for i, t in enumerate(targets):
+                if t.layer == layer:
+                    g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
+            outputs.append(read)
+            grad_outputs.append(g)
+        raw = torch.autograd.grad(
+            outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
+        )
+        grads = [
+            zs[layer].new_zeros((T, *zs[layer].shape[1:])) if g is None else g[:, 0].detach()
+            for layer, g in enumerate(raw[:n_layers])
+        ]
+        return TargetSide(grads, [None if r is None else r[:, 0].detach() for r in raw[n_layers:]])
+
+    def edges(self, sources: list[SourceVector], side: TargetSide) -> Tensor:
+        """(S, T) each source's edge into each target: its vectors against the targets' rows
+        where it writes (as attribution computes edges)."""
+        rows = side.rows
+        edges = side.grads[0].new_zeros((len(sources), len(side.grads[0])))
+        for i, src in enumerate(sources):
+            for index in src.write_indices():
+                row, vector = rows[index], src.vector_at(index)
+                if row is not None and vector is not None:
+                    edges[i] += row[:, src.pos] @ vector.to(edges.dtype)
+        return edges
 
     def source_blocks(self, sources: list[SourceVector], block: int = 32) -> Iterator[SourceBlock]:
         """Each source's change of z (and v): ``J @ vector = d (vector . J.T u) / d u``, vmapped
@@ -441,7 +440,7 @@ class EdgeSweeper:
         (S, ...) tensors (for a few edges; :func:`_compute_chunk` uses the blocks as they come)."""
         if not sources:
             raise ValueError("a sweep needs at least one source")
-        side = self.target_side(targets, sources)
+        side = self.target_side(targets)
         ys = self.zs + self.vs
         dense = [y.new_zeros((len(sources), *y.shape[1:])) for y in ys]
         for blk in self.source_blocks(sources):
@@ -449,7 +448,7 @@ class EdgeSweeper:
                 if t is not None:
                     out[blk.index] = t
         n_layers = self.model.n_layers
-        return EdgeSweeps(side.grads, dense[:n_layers], dense[n_layers:], self.patterns, side.edges)
+        return EdgeSweeps(side.grads, dense[:n_layers], dense[n_layers:], self.patterns, self.edges(sources, side))
 
 
 def sweep_edges(

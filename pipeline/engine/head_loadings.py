@@ -328,8 +328,8 @@ def _compute_chunk(
         sweeper = EdgeSweeper(model, capture, n, values=positions)
     if positions and not sweeper.values:
         raise HeadLoadingsError(NO_VALUE_HOOKS)
-    side = sweeper.target_side(targets, sources)
-    edge_matrix = side.edges
+    side = sweeper.target_side(targets)
+    edge_matrix = sweeper.edges(sources, side)
     B, n, n_heads = len(edges), sweeper.n, int(side.grads[0].shape[2])
     on_way = np.zeros((B, n_layers), dtype=bool)
     for i in range(B):
