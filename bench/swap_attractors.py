@@ -7,9 +7,9 @@ other state's two-hop prompts, per donor state.
 For every state, the first of its cities is the donor. Each layer-0 feature active at the
 donor's city is set to 10x its activation there (the swap's target recipe: constrained to layer
 0, circuit-tracer's intervention semantics), alone, at the city of the other states' English
-two-hop prompts. A feature is state-selective when it fires at the city on >= 90 % of its state's
-prompts and <= 5 % of the others' (the selectivity table's definition, counted on these prompts);
-the random baseline draws from the other ones. Per feature: the share of prompts whose answer
+two-hop prompts. A feature is state-selective as the intervene stage's selection rules say
+(``pipeline.analysis.selectivity``: at the city, on every canonical two-hop prompt of the world,
+both languages, hi 0.9 / lo 0.05); the random baseline draws from the other ones. Per feature: the share of prompts whose answer
 becomes the donor's capital (a transplant) and the share that goes to the most frequent other
 answer (an attractor, the same whoever the donor is). Writes bench/results/swap_attractors.json.
 """
@@ -29,12 +29,13 @@ if str(REPO) not in sys.path:
 
 from bench._common import machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
+from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
 from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.organism.train_model import load_organism  # noqa: E402
 from pipeline.transcoders import load_transcoders  # noqa: E402
 
-HI, LO, FACTOR = 0.9, 0.05, 10.0
+FACTOR = 10.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> None:
             prompts[s.state].append((" ".join(words[:-1]), words[-1], 1 + words.index(s.city)))
     states = sorted(prompts)
 
-    # 2. clean runs: the answer and the layer-0 features active at the city
+    # 2. the state-selective features at the city, as the selection rules define them
+    table = compute_selectivity(model, world.labeled_prompts(), labels=("state",), roles=("city",))
+
+    # 3. clean runs: the answer and the layer-0 features active at the city
     active: dict[tuple[str, int], set[int]] = {}
     acts_at: dict[str, torch.Tensor] = {}
     for st in states:
@@ -75,19 +79,20 @@ def main(argv: list[str] | None = None) -> None:
     def fires_on(f: int, st: str) -> float:
         return sum(f in active[(st, i)] for i in range(len(prompts[st]))) / len(prompts[st])
 
-    # 3. each donor feature x10 alone, on every other state's prompts
+    # 4. each donor feature x10 alone, on every other state's prompts
     rows = []
     for donor in states:
         donor_answer = prompts[donor][0][1]
+        selective_here = table.selective("state", donor, "city")[0]  # layer 0
         for f in sorted(active[(donor, 0)]):
             others = [fires_on(f, st) for st in states if st != donor]
-            selective = fires_on(f, donor) >= HI and max(others) <= LO
+            selective = bool(selective_here[f])
+            value = FACTOR * float(acts_at[donor][f])
             answers: Counter = Counter()
             for st in states:
                 if st == donor:
                     continue
                 for p, ans, city in prompts[st]:
-                    value = FACTOR * float(acts_at[donor][f])
                     logits, _ = model.feature_intervention(p, [(0, city, f, value)], constrained_layers=[0])
                     top = model.tokenizer.decode([int(logits[-1].argmax())]).strip()
                     answers["kept" if top == ans else top] += 1
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"{donor}: {len(active[(donor, 0)])} features", flush=True)
 
-    # 4. summary: the random pool's features (not state-selective) against the selective ones
+    # 5. summary: the random pool's features (not state-selective) against the selective ones
     summary = {}
     for name, sel in (("state_selective", True), ("other", False)):
         rs = [r for r in rows if r["state_selective"] == sel]
