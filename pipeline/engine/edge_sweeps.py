@@ -275,12 +275,32 @@ class EdgeSweeps:
 
 @dataclass
 class TargetSide:
-    """What a batch of targets reads. grads: per layer (T, n, n_heads, d_head) d target / d z;
-    rows: per write location (embedding, then each layer's MLP output) (T, n, d_model) the
-    targets' gradients there, or None where no target depends on it."""
+    """What a batch of T targets reads, and every source's edge into each.
+
+    grads: per layer L (T_L, n, n_heads, d_head) d target / d z for the targets that read at or
+    above L, in the order of ``readers[L]`` (the others read below L: their gradient there is 0)
+    readers: per layer L (T_L,) those targets' indices in the batch
+    edges: (S, T) each source's edge into each target, as attribution computes it (the source's
+    vectors against the targets' gradients where it writes)
+    """
 
     grads: list[Tensor]
-    rows: list[Tensor | None]
+    readers: list[Tensor]
+    edges: Tensor
+
+    def slots(self, layer: int) -> Tensor:
+        """(T,) each target's row in ``grads[layer]``, -1 for a target reading below ``layer``."""
+        n_targets = self.edges.shape[1]
+        out = torch.full((n_targets,), -1, dtype=torch.long)
+        out[self.readers[layer]] = torch.arange(len(self.readers[layer]))
+        return out
+
+    def dense_grads(self, layer: int) -> Tensor:
+        """(T, n, n_heads, d_head) every target's ``d target / d z`` at ``layer``, zeros included."""
+        g = self.grads[layer]
+        out = g.new_zeros((self.edges.shape[1], *g.shape[1:]))
+        out[self.readers[layer]] = g
+        return out
 
 
 @dataclass
@@ -315,8 +335,8 @@ class EdgeSweeper:
     and the transpose of its Jacobian from the write locations to z (and v), ``J.T @ u`` for a
     zero ``u``, kept differentiable in ``u``. Then per batch:
 
-    1. targets: one backward pass vmapped over them gives ``d target / d z`` and, at the write
-       locations, the targets' rows (the edges, as attribution computes them);
+    1. targets: a backward pass vmapped over a block of them gives ``d target / d z`` and, at
+       the write locations, the targets' rows (the edges, as attribution computes them);
     2. sources: ``J @ vector`` at z (and v) as the gradient of ``vector . J.T u`` in ``u``, vmapped
        over blocks of them (the frozen model is linear, so this is exactly what a forward-mode
        sweep from each source computes).
@@ -366,45 +386,65 @@ class EdgeSweeper:
         self.reached = [i for i, g in enumerate(transposed) if g is not None and g.requires_grad]
         self.transposed = [transposed[i] for i in self.reached]
 
-    def target_side(self, targets: list[TargetVector]) -> TargetSide:
-        """``d target / d z`` and the targets' rows: one backward pass vmapped over the targets."""
+    def target_side(self, targets: list[TargetVector], sources: list[SourceVector], block: int = 8) -> TargetSide:
+        """``d target / d z`` and every source's edge into every target: one backward pass
+        vmapped over each block of at most ``block`` targets, blocks taken in order of the read
+        layer (a block's backward starts at its highest read and skips the layers above it).
+
+        Memory: the batched backward's temporaries grow with the block, not with T; the
+        targets' gradients at the write locations give the block's edges and are dropped; of
+        ``d target / d z`` only the layers at or below each target's read are kept."""
         if not targets:
             raise ValueError("a sweep needs at least one target")
         if max(t.pos for t in targets) >= self.n:
             raise ValueError(f"a target lies outside the first {self.n} positions")
+        if sources and max(s.pos for s in sources) >= self.n:
+            raise ValueError(f"a source lies outside the first {self.n} positions")
         n_layers, ff, zs = self.model.n_layers, self.ff, self.zs
-        T = len(targets)
-        outputs, grad_outputs = [], []
-        for layer in sorted({t.layer for t in targets}):
-            read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
-            g = read.new_zeros((T, *read.shape))
-            for i, t in enumerate(targets):
-                if t.layer == layer:
-                    g[i, 0, t.pos] = t.vector.to(device=g.device, dtype=g.dtype)
-            outputs.append(read)
-            grad_outputs.append(g)
-        raw = torch.autograd.grad(
-            outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
-        )
-        grads = [
-            zs[layer].new_zeros((T, *zs[layer].shape[1:])) if g is None else g[:, 0].detach()
-            for layer, g in enumerate(raw[:n_layers])
-        ]
-        return TargetSide(grads, [None if r is None else r[:, 0].detach() for r in raw[n_layers:]])
+        readers = [[i for i, t in enumerate(targets) if t.layer >= layer] for layer in range(n_layers)]
+        slot = [{target: row for row, target in enumerate(r)} for r in readers]
+        grads = [z.new_zeros((len(r), *z.shape[1:])) for z, r in zip(zs, readers)]
+        edges = zs[0].new_zeros((len(sources), len(targets)))
+        # per write location: the sources writing there, their positions and vectors (k, d_model)
+        written = []
+        for index, w in enumerate(self.writes):
+            found = [(i, v) for i, src in enumerate(sources) if (v := src.vector_at(index)) is not None]
+            if found:
+                vectors = torch.stack([v.to(device=w.device, dtype=w.dtype) for _, v in found])
+                at = torch.as_tensor([i for i, _ in found])
+                written.append((index, at, torch.as_tensor([sources[i].pos for i, _ in found]), vectors))
+        order = sorted(range(len(targets)), key=lambda i: (targets[i].layer, i))
+        for start in range(0, len(order), block):
+            members = order[start : start + block]
+            outputs, grad_outputs = [], []
+            for layer in sorted({targets[i].layer for i in members}):
+                read = ff.unembed_in if layer == n_layers else ff.mlp_inputs[layer]
+                g = read.new_zeros((len(members), *read.shape))
+                for b, i in enumerate(members):
+                    if targets[i].layer == layer:
+                        g[b, 0, targets[i].pos] = targets[i].vector.to(device=g.device, dtype=g.dtype)
+                outputs.append(read)
+                grad_outputs.append(g)
+            raw = torch.autograd.grad(
+                outputs, zs + self.writes, grad_outputs, allow_unused=True, is_grads_batched=True, retain_graph=True
+            )
+            for layer, g in enumerate(raw[:n_layers]):
+                if g is None:
+                    continue
+                kept = [(b, slot[layer][i]) for b, i in enumerate(members) if i in slot[layer]]
+                if kept:
+                    b_rows, g_rows = (torch.as_tensor(x) for x in zip(*kept))
+                    grads[layer][g_rows] = g[b_rows, 0].detach()
+            cols = torch.as_tensor(members)
+            for index, at, where, vectors in written:
+                row = raw[n_layers + index]  # (block, 1, n, d_model) or None: no target depends on it
+                if row is not None:
+                    # edges[s, t] += row_t[pos_s] . vector_s, for every source writing here
+                    part = torch.einsum("bkd,kd->kb", row[:, 0, where].detach(), vectors.to(row.dtype))
+                    edges[at[:, None], cols[None, :]] += part
+        return TargetSide(grads, [torch.as_tensor(r, dtype=torch.long) for r in readers], edges)
 
-    def edges(self, sources: list[SourceVector], side: TargetSide) -> Tensor:
-        """(S, T) each source's edge into each target: its vectors against the targets' rows
-        where it writes (as attribution computes edges)."""
-        rows = side.rows
-        edges = side.grads[0].new_zeros((len(sources), len(side.grads[0])))
-        for i, src in enumerate(sources):
-            for index in src.write_indices():
-                row, vector = rows[index], src.vector_at(index)
-                if row is not None and vector is not None:
-                    edges[i] += row[:, src.pos] @ vector.to(edges.dtype)
-        return edges
-
-    def source_blocks(self, sources: list[SourceVector], block: int = 32) -> Iterator[SourceBlock]:
+    def source_blocks(self, sources: list[SourceVector], block: int = 8) -> Iterator[SourceBlock]:
         """Each source's change of z (and v): ``J @ vector = d (vector . J.T u) / d u``, vmapped
         over blocks of at most ``block`` sources that write to the same layer, so that a block's
         backward starts at its own writes and skips the layers below them. Blocks come in order
@@ -440,7 +480,7 @@ class EdgeSweeper:
         (S, ...) tensors (for a few edges; :func:`_compute_chunk` uses the blocks as they come)."""
         if not sources:
             raise ValueError("a sweep needs at least one source")
-        side = self.target_side(targets)
+        side = self.target_side(targets, sources)
         ys = self.zs + self.vs
         dense = [y.new_zeros((len(sources), *y.shape[1:])) for y in ys]
         for blk in self.source_blocks(sources):
@@ -448,7 +488,8 @@ class EdgeSweeper:
                 if t is not None:
                     out[blk.index] = t
         n_layers = self.model.n_layers
-        return EdgeSweeps(side.grads, dense[:n_layers], dense[n_layers:], self.patterns, self.edges(sources, side))
+        grads = [side.dense_grads(layer) for layer in range(n_layers)]
+        return EdgeSweeps(grads, dense[:n_layers], dense[n_layers:], self.patterns, side.edges)
 
 
 def sweep_edges(

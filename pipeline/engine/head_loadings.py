@@ -328,42 +328,43 @@ def _compute_chunk(
         sweeper = EdgeSweeper(model, capture, n, values=positions)
     if positions and not sweeper.values:
         raise HeadLoadingsError(NO_VALUE_HOOKS)
-    side = sweeper.target_side(targets)
-    edge_matrix = sweeper.edges(sources, side)
+    side = sweeper.target_side(targets, sources)
     B, n, n_heads = len(edges), sweeper.n, int(side.grads[0].shape[2])
     on_way = np.zeros((B, n_layers), dtype=bool)
     for i in range(B):
         on_way[i, layers_on_the_way(sources[si[i]].layer, targets[ti[i]].layer, n_layers)] = True
     heads = np.zeros((B, n_layers, n_heads))
     pair_abs = np.zeros((n_layers, n_heads, capture.n_pos, capture.n_pos)) if positions else None
-    grads = [g.permute(2, 0, 1, 3).flatten(2) for g in side.grads]  # per layer (n_heads, T, n * d_head)
+    grads = [g.permute(2, 0, 1, 3).flatten(2) for g in side.grads]  # per layer (n_heads, T_L, n * d_head)
+    slots = [side.slots(layer).numpy() for layer in range(n_layers)]  # target -> row of grads[layer], or -1
     local = np.full(len(sources), -1)
     for blk in sweeper.source_blocks(sources):
         local[blk.index.numpy()] = np.arange(len(blk.index))
         rows = np.nonzero(np.isin(si, blk.index.numpy()))[0]  # this block's edges
-        s_local, t_index = torch.as_tensor(local[si[rows]]), torch.as_tensor(ti[rows])
         for layer, block_dz in enumerate(blk.dz):
-            if block_dz is None:
+            way = rows[on_way[rows, layer]]  # this block's edges through this layer (their targets read at or above it)
+            if block_dz is None or not len(way):
                 continue
-            # every (source, target) pair of the block at once, head by head: (n_heads, k, T)
+            s_local, t_slot = torch.as_tensor(local[si[way]]), torch.as_tensor(slots[layer][ti[way]])
+            # every (source, target) pair of the block at once, head by head: (n_heads, k, T_L)
             dz = block_dz.permute(2, 0, 1, 3).flatten(2)
             pairs = torch.bmm(dz, grads[layer].to(dz.dtype).transpose(1, 2))
-            heads[rows, layer] = pairs[:, s_local, t_index].T.double().cpu().numpy()
-        heads[rows] *= on_way[rows, :, None]
+            heads[way, layer] = pairs[:, s_local, t_slot].T.double().cpu().numpy()
         if pair_abs is None:
             continue
-        step = max(1, 2**22 // (n_heads * n * n))  # edges per einsum: about 4M shares at a time
+        step = max(1, 2**20 // (n_heads * n * n))  # edges per einsum: about 1M shares at a time
         for layer, block_dv in enumerate(blk.dv):
-            if block_dv is None:
+            way = rows[on_way[rows, layer]]
+            if block_dv is None or not len(way):
                 continue
-            on = np.nonzero(on_way[rows, layer])[0]
-            for start in range(0, len(on), step):
-                e = on[start : start + step]
-                shares = position_shares(sweeper.patterns[layer], side.grads[layer][t_index[e]], block_dv[s_local[e]])
+            for start in range(0, len(way), step):
+                e = way[start : start + step]
+                g = side.grads[layer][torch.as_tensor(slots[layer][ti[e]])]
+                shares = position_shares(sweeper.patterns[layer], g, block_dv[torch.as_tensor(local[si[e]])])
                 share = shares.double().cpu().numpy()
-                _check_pair_sums(share, heads[rows[e], layer], model)
+                _check_pair_sums(share, heads[e, layer], model)
                 pair_abs[layer, :, :n, :n] += np.abs(share).sum(axis=0)
-    edge = edge_matrix[torch.as_tensor(si), torch.as_tensor(ti)].double().cpu().numpy()
+    edge = side.edges[torch.as_tensor(si), torch.as_tensor(ti)].double().cpu().numpy()
     out = {
         "heads": heads,
         "bypass": (edge[:, None] - heads.sum(axis=2)) * on_way,

@@ -293,6 +293,18 @@ def test_batched_source_tangents_equal_one_forward_mode_sweep_per_source(attribu
                 else:
                     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-15)
     assert sorted(seen) == list(range(len(sources)))
+    # targets in blocks of one: the same gradients and edges as every target in one backward;
+    # a target's gradient is kept only at the layers it reads at or above (zero elsewhere)
+    assert len(targets) > 1
+    one, whole = (sweeper.target_side(targets, sources, block=b) for b in (1, len(targets)))
+    for layer in range(N_LAYERS):
+        dense = one.dense_grads(layer)
+        assert torch.allclose(dense, whole.dense_grads(layer), rtol=1e-12, atol=1e-15)
+        assert torch.allclose(dense, sweeps.grads[layer], rtol=1e-12, atol=1e-15)
+        below = [j for j, t in enumerate(targets) if t.layer < layer]
+        assert not dense[below].any()
+        assert len(one.grads[layer]) == len(targets) - len(below)
+    assert torch.allclose(one.edges, whole.edges, rtol=1e-12, atol=1e-15)
 
 
 def test_an_edge_with_no_attention_layer_on_its_way_is_all_bypass(attributed):
