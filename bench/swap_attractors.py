@@ -11,7 +11,9 @@ two-hop prompts. A feature is state-selective as the intervene stage's selection
 (``pipeline.analysis.selectivity``: at the city, on every canonical two-hop prompt of the world,
 both languages, hi 0.9 / lo 0.05); the random baseline draws from the other ones. Per feature: the share of prompts whose answer
 becomes the donor's capital (a transplant) and the share that goes to the most frequent other
-answer (an attractor, the same whoever the donor is). Writes bench/results/swap_attractors.json.
+answer (an attractor, the same whoever the donor is), and both again in direct-effects mode
+(norm scales and every MLP frozen: the model made linear), which tells an attractor its decoder
+writes from one the live model makes of a swamped residual. Writes bench/results/swap_attractors.json.
 """
 
 from __future__ import annotations
@@ -89,26 +91,35 @@ def main(argv: list[str] | None = None) -> None:
             selective = bool(selective_here[f])
             value = FACTOR * float(acts_at[donor][f])
             answers: Counter = Counter()
+            direct: Counter = Counter()  # the same change in direct-effects mode: the model linear
             for st in states:
                 if st == donor:
                     continue
                 for p, ans, city in prompts[st]:
-                    logits, _ = model.feature_intervention(p, [(0, city, f, value)], constrained_layers=[0])
-                    top = model.tokenizer.decode([int(logits[-1].argmax())]).strip()
-                    answers["kept" if top == ans else top] += 1
+                    for counts, how in ((answers, {"constrained_layers": [0]}), (direct, {"direct_effects": True})):
+                        logits, _ = model.feature_intervention(p, [(0, city, f, value)], **how)
+                        top = model.tokenizer.decode([int(logits[-1].argmax())]).strip()
+                        counts["kept" if top == ans else top] += 1
             n = sum(answers.values())
             moved = {k: v for k, v in answers.items() if k != "kept"}
             attractor = max((k for k in moved if k != donor_answer), key=lambda k: moved[k], default=None)
+            fires = [float(acts_at[st][f]) for st in states]
             rows.append(
                 {
                     "donor": donor,
                     "feature": f,
                     "state_selective": selective,
                     "fires_on_other_states": round(sum(o > 0 for o in others) / len(others), 3),
+                    "activation_at_first_cities": [round(min(fires), 2), round(max(fires), 2)],
                     "to_donor_capital": round(answers[donor_answer] / n, 3),
                     "attractor": attractor,
                     "to_attractor": round(moved[attractor] / n, 3) if attractor else 0.0,
                     "kept": round(answers["kept"] / n, 3),
+                    "direct": {
+                        "to_donor_capital": round(direct[donor_answer] / n, 3),
+                        "to_attractor": round(direct[attractor] / n, 3) if attractor else 0.0,
+                        "kept": round(direct["kept"] / n, 3),
+                    },
                 }
             )
         print(f"{donor}: {len(active[(donor, 0)])} features", flush=True)
@@ -122,14 +133,29 @@ def main(argv: list[str] | None = None) -> None:
                 "n_features": len(rs),
                 "mean_to_donor_capital": round(sum(r["to_donor_capital"] for r in rs) / len(rs), 3),
                 "mean_to_attractor": round(sum(r["to_attractor"] for r in rs) / len(rs), 3),
+                "direct_mean_to_donor_capital": round(sum(r["direct"]["to_donor_capital"] for r in rs) / len(rs), 3),
+                "direct_mean_to_attractor": round(sum(r["direct"]["to_attractor"] for r in rs) / len(rs), 3),
             }
     by_attractor: Counter = Counter()
     for r in rows:
         if not r["state_selective"] and r["to_attractor"] >= 0.2:
             by_attractor[(r["feature"], r["attractor"])] += 1
-    summary["attractors_across_donors"] = [
-        {"feature": f, "attractor": a, "n_donors": k} for (f, a), k in by_attractor.most_common(10)
-    ]
+
+    def attractor_row(f: int, a: str, k: int) -> dict:
+        rs = [r for r in rows if r["feature"] == f and r["attractor"] == a]
+        lo, hi = rs[0]["activation_at_first_cities"]
+        return {
+            "feature": f,
+            "attractor": a,
+            "n_donors": k,
+            "fires_at_first_cities": sum(float(acts_at[st][f]) > 0 for st in states),
+            "activation_at_first_cities": [lo, hi],
+            # how much of the pull survives with the model made linear (norms and later MLPs frozen)
+            "mean_to_attractor": round(sum(r["to_attractor"] for r in rs) / len(rs), 3),
+            "mean_to_attractor_direct": round(sum(r["direct"]["to_attractor"] for r in rs) / len(rs), 3),
+        }
+
+    summary["attractors_across_donors"] = [attractor_row(f, a, k) for (f, a), k in by_attractor.most_common(10)]
     result = {"kind": args.kind, "machine": machine_info(args.threads), "summary": summary, "rows": rows}
     write_json(args.out, result)
     print(args.out)
@@ -138,10 +164,15 @@ def main(argv: list[str] | None = None) -> None:
             s = summary[name]
             print(
                 f"{name}: {s['n_features']} donor features; to the donor's capital {s['mean_to_donor_capital']:.3f}, "
-                f"to the most frequent other answer {s['mean_to_attractor']:.3f}"
+                f"to the most frequent other answer {s['mean_to_attractor']:.3f} (direct effects: "
+                f"{s['direct_mean_to_donor_capital']:.3f}, {s['direct_mean_to_attractor']:.3f})"
             )
     for a in summary["attractors_across_donors"]:
-        print(f"  feature {a['feature']} -> {a['attractor']} (>= 20 % of prompts) from {a['n_donors']} donor states")
+        print(
+            f"  feature {a['feature']} -> {a['attractor']} (>= 20 % of prompts) from {a['n_donors']} donor states; "
+            f"fires at {a['fires_at_first_cities']} of {len(states)} first cities; to it {a['mean_to_attractor']:.2f} "
+            f"(direct effects {a['mean_to_attractor_direct']:.2f})"
+        )
 
 
 if __name__ == "__main__":
