@@ -78,6 +78,40 @@ def main(argv: list[str] | None = None) -> None:
             if i == 0:
                 acts_at[st] = acts[0, city]
 
+    # the geometry the transcoders reconstruct: MLP 0's output at the city of every canonical
+    # English two-hop prompt, split into the mean over all cities (generic), each state's offset
+    # from it, and each city's offset from its state's mean
+    outs, labels = [], []
+    for s in world.sentences("two_hop", split="all", canonical_only=True):
+        if s.language == "en":
+            words = s.text.split()
+            outs.append(model.capture(" ".join(words[:-1])).mlp_outputs[0, 1 + words.index(s.city)])
+            labels.append(states.index(s.state))
+    Y, label = torch.stack(outs), torch.as_tensor(labels)
+    generic = Y.mean(0)
+    means = torch.stack([Y[label == i].mean(0) for i in range(len(states))])
+    offsets = torch.nn.functional.normalize(means - generic, dim=1)
+    cosines = offsets @ offsets.T
+    off_diagonal = cosines[~torch.eye(len(states), dtype=torch.bool)]
+    geometry = {
+        "n_cities": len(Y),
+        "generic_norm": round(float(generic.norm()), 2),
+        "mean_state_offset_norm": round(float((means - generic).norm(dim=1).mean()), 2),
+        "mean_city_offset_norm": round(float((Y - means[label]).norm(dim=1).mean()), 2),
+        "state_offset_cosine_mean": round(float(off_diagonal.mean()), 3),
+        "state_offset_cosine_max": round(float(off_diagonal.max()), 3),
+    }
+
+    def decoder_cosines(f: int) -> dict:
+        """cos(f's layer-0 decoder, the generic city direction) and its largest with a state's offset."""
+        d = model.transcoders.decoder_vectors(0, torch.tensor([f]))[0].reshape(-1, model.d_model)[0].float()
+        to_states = offsets @ (d / d.norm())
+        return {
+            "decoder_cos_generic": round(float(d @ generic / (d.norm() * generic.norm())), 2),
+            "decoder_best_state": states[int(to_states.argmax())],
+            "decoder_cos_best_state": round(float(to_states.max()), 2),
+        }
+
     def fires_on(f: int, st: str) -> float:
         return sum(f in active[(st, i)] for i in range(len(prompts[st]))) / len(prompts[st])
 
@@ -153,9 +187,14 @@ def main(argv: list[str] | None = None) -> None:
             # how much of the pull survives with the model made linear (norms and later MLPs frozen)
             "mean_to_attractor": round(sum(r["to_attractor"] for r in rs) / len(rs), 3),
             "mean_to_attractor_direct": round(sum(r["direct"]["to_attractor"] for r in rs) / len(rs), 3),
+            **decoder_cosines(f),
         }
 
     summary["attractors_across_donors"] = [attractor_row(f, a, k) for (f, a), k in by_attractor.most_common(10)]
+    summary["geometry"] = geometry
+    summary["state_selective_decoders"] = [
+        {"feature": f, **decoder_cosines(f)} for f in sorted({r["feature"] for r in rows if r["state_selective"]})
+    ]
     result = {"kind": args.kind, "machine": machine_info(args.threads), "summary": summary, "rows": rows}
     write_json(args.out, result)
     print(args.out)
@@ -171,8 +210,16 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  feature {a['feature']} -> {a['attractor']} (>= 20 % of prompts) from {a['n_donors']} donor states; "
             f"fires at {a['fires_at_first_cities']} of {len(states)} first cities; to it {a['mean_to_attractor']:.2f} "
-            f"(direct effects {a['mean_to_attractor_direct']:.2f})"
+            f"(direct effects {a['mean_to_attractor_direct']:.2f}); decoder cos generic {a['decoder_cos_generic']:+.2f}, "
+            f"{a['decoder_best_state']} {a['decoder_cos_best_state']:+.2f}"
         )
+    print("MLP 0 at the city:", geometry)
+    sel = summary["state_selective_decoders"]
+    print(
+        "state-selective decoders: cos generic "
+        f"{min(d['decoder_cos_generic'] for d in sel):+.2f}..{max(d['decoder_cos_generic'] for d in sel):+.2f}, "
+        f"best state {min(d['decoder_cos_best_state'] for d in sel):+.2f}..{max(d['decoder_cos_best_state'] for d in sel):+.2f}"
+    )
 
 
 if __name__ == "__main__":
