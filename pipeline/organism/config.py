@@ -118,6 +118,10 @@ class TranscoderTrainSettings:
     skip: bool = True
     skip_init: str = "zero"
     skip_l2: float = 0.01
+    #: a skip of at most this rank (W_skip = U V, trained as the two factors; saved as the
+    #: product, so the on-disk format is the same). Room for a few directions common to many
+    #: tokens (the part of MLP 0's output every city shares), none for 12 states. None: full rank
+    skip_rank: Optional[int] = None
     #: the training tokens: every non-BOS position of every distinct sentence ("sentence": a
     #: prefix k sentences share counts k times, as in a corpus) or each distinct prefix once
     #: ("prefix"); and a cap on their number (None: all, some 11 thousand)
@@ -135,6 +139,8 @@ class TranscoderTrainSettings:
             raise ValueError("d_transcoder, steps and batch_size must be >= 1")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be > 0")
+        if self.skip_rank is not None and self.skip_rank < 1:
+            raise ValueError(f"skip_rank must be a positive rank or None (a full-rank skip), got {self.skip_rank!r}")
         if self.contexts not in CONTEXTS:
             raise ValueError(f"contexts must be one of {CONTEXTS}, got {self.contexts!r}")
         if self.matryoshka is not None:

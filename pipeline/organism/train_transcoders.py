@@ -177,7 +177,25 @@ class JumpReLUTranscoders(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, Fn))
         self.log_theta = nn.Parameter(torch.full((L, Fn), math.log(cfg.threshold_init)))
         self.b_dec = nn.Parameter(b_dec_init.clone())
-        self.W_skip = nn.Parameter(skip_init.clone()) if skip_init is not None else None
+        self.skip_full: nn.Parameter | None = None
+        self.skip_factors: nn.ParameterList | None = None
+        if skip_init is not None and cfg.skip_rank is not None:
+            # the best rank-r start (the truncated SVD): U s (L, d, r) and V (L, r, d); from a zero
+            # init, U is zero and V the first r input coordinates, so the skip starts at zero
+            r = min(cfg.skip_rank, d)
+            u, sv, vh = torch.linalg.svd(skip_init)
+            self.skip_factors = nn.ParameterList(
+                [nn.Parameter(u[..., :r] * sv[:, None, :r]), nn.Parameter(vh[:, :r].clone())]
+            )
+        elif skip_init is not None:
+            self.skip_full = nn.Parameter(skip_init.clone())
+
+    @property
+    def W_skip(self) -> Tensor | None:
+        """(L, d, d) the skip, or None: the trained matrix, or the product of its factors."""
+        if self.skip_factors is not None:
+            return self.skip_factors[0] @ self.skip_factors[1]
+        return self.skip_full
 
     def activations(self, x: Tensor) -> Tensor:
         """x (L, n, d) -> a (L, n, F)."""
@@ -192,6 +210,7 @@ class JumpReLUTranscoders(nn.Module):
     def reconstruct(self, x: Tensor, a: Tensor) -> Tensor:
         """(L, n, d) predictions of every layer's MLP output."""
         L = x.shape[0]
+        skip = self.W_skip
         outs = []
         for lo in range(L):
             if self.cross_layer:
@@ -199,8 +218,8 @@ class JumpReLUTranscoders(nn.Module):
             else:
                 y = a[lo] @ self.W_dec[lo][:, 0]
             y = y + self.b_dec[lo]
-            if self.W_skip is not None:
-                y = y + x[lo] @ self.W_skip[lo].T
+            if skip is not None:
+                y = y + x[lo] @ skip[lo].T
             outs.append(y)
         return torch.stack(outs)
 
@@ -264,8 +283,9 @@ def _fit(
         ramp = min(1.0, (step + 1) / max(1.0, cfg.sparsity_warmup * cfg.steps))
         sparsity = torch.tanh(cfg.tanh_scale * a * model.decoder_norms()[:, None, :]).sum(-1).mean(1).sum()
         loss = recon + cfg.sparsity_coefficient * ramp * sparsity
-        if model.W_skip is not None and cfg.skip_l2 > 0:
-            loss = loss + cfg.skip_l2 * model.W_skip.pow(2).sum()
+        skip = model.W_skip
+        if skip is not None and cfg.skip_l2 > 0:
+            loss = loss + cfg.skip_l2 * skip.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

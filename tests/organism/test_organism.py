@@ -309,6 +309,25 @@ def test_matryoshka_training_makes_the_first_features_reconstruct_alone(tmp_path
             TranscoderTrainConfig(**{**base, "matryoshka": bad})
 
 
+def test_a_low_rank_skip_is_saved_as_a_matrix_of_that_rank(tmp_path, tiny_world, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    model_dir, _ = tiny_model_dir
+    base = {**TINY_TC.__dict__, "steps": 100, "skip_l2": 0.0}  # unpenalized: the skip takes what it can
+    ranks = {}
+    for name, rank in (("full", None), ("rank2", 2)):
+        train_plt(
+            model_dir, tiny_world, TranscoderTrainConfig(**{**base, "skip_rank": rank}), tmp_path / name, progress=False
+        )
+        skips = [load_file(tmp_path / name / f"layer_{layer}.safetensors")["W_skip"] for layer in range(2)]
+        assert all(float(w.norm()) > 0 for w in skips)  # it learned something
+        ranks[name] = [int(torch.linalg.matrix_rank(w.double(), rtol=1e-6)) for w in skips]
+    assert ranks["rank2"] == [2, 2]
+    assert min(ranks["full"]) > 2
+    with pytest.raises(ValueError, match="skip_rank"):
+        TranscoderTrainConfig(**{**base, "skip_rank": 0})
+
+
 # --- the full default build ----------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_organism_meets_its_targets(tmp_path):
