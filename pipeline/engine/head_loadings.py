@@ -328,13 +328,74 @@ def _compute_chunk(
         sweeper = EdgeSweeper(model, capture, n, values=positions)
     if positions and not sweeper.values:
         raise HeadLoadingsError(NO_VALUE_HOOKS)
-    side = sweeper.target_side(targets, sources)
-    B, n, n_heads = len(edges), sweeper.n, int(side.grads[0].shape[2])
+    B, n_heads = len(edges), int(model.bridge.cfg.n_heads)
     on_way = np.zeros((B, n_layers), dtype=bool)
     for i in range(B):
         on_way[i, layers_on_the_way(sources[si[i]].layer, targets[ti[i]].layer, n_layers)] = True
     heads = np.zeros((B, n_layers, n_heads))
+    edge = np.zeros(B)
     pair_abs = np.zeros((n_layers, n_heads, capture.n_pos, capture.n_pos)) if positions else None
+    # the targets' gradients are kept for a group at a time; each group sweeps the sources it needs
+    for first in range(0, len(targets), TARGET_GROUP):
+        group = np.arange(first, min(first + TARGET_GROUP, len(targets)))
+        rows = np.nonzero(np.isin(ti, group))[0]
+        used, s_group = np.unique(si[rows], return_inverse=True)
+        heads[rows], edge[rows], shares = _group_loadings(
+            sweeper,
+            model,
+            [sources[k] for k in used],
+            [targets[k] for k in group],
+            s_group,
+            ti[rows] - first,
+            on_way[rows],
+            positions,
+        )
+        if pair_abs is not None and shares is not None:
+            pair_abs[:, :, : sweeper.n, : sweeper.n] += shares
+    out = {
+        "heads": heads,
+        "bypass": (edge[:, None] - heads.sum(axis=2)) * on_way,
+        "on_way": on_way,
+        "edge": edge,
+        "graph_edge": np.zeros(B, dtype=np.float32),
+    }
+    if pair_abs is not None:
+        out["pair_abs"] = pair_abs
+    for t in target_ids.tolist():
+        cols, vals = graph.row(int(t))
+        stored = dict(zip(cols.tolist(), vals.tolist()))
+        for row in np.nonzero(edges[:, 1] == t)[0].tolist():
+            out["graph_edge"][row] = stored.get(int(edges[row, 0]), 0.0)
+    return out
+
+
+#: targets whose gradients ``d target / d z`` one sweep keeps at once (at most TARGET_GROUP x
+#: n_layers x n_pos x d_model numbers: 75 MB in float32 at the GPT-2-small shape and 32 tokens);
+#: a chunk with more distinct targets sweeps its sources once per group of them
+TARGET_GROUP = 64
+
+
+def _group_loadings(
+    sweeper: EdgeSweeper,
+    model: ReplacementModel,
+    sources: list[SourceVector],
+    targets: list[TargetVector],
+    si: np.ndarray,
+    ti: np.ndarray,
+    on_way: np.ndarray,
+    positions: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The loadings of E edges, edge e from ``sources[si[e]]`` into ``targets[ti[e]]``: one
+    target side and one pass over the sources' blocks. on_way: (E, n_layers).
+
+    returns heads (E, n_layers, n_heads) (zero off the way), edge (E,) float64 and, with
+    ``positions``, the sum over the edges of |their (query, key) shares|: (n_layers, n_heads, n, n)
+    """
+    n_layers = model.n_layers
+    side = sweeper.target_side(targets, sources)
+    E, n, n_heads = len(si), sweeper.n, int(side.grads[0].shape[2])
+    heads = np.zeros((E, n_layers, n_heads))
+    pair_abs = np.zeros((n_layers, n_heads, n, n)) if positions else None
     grads = [g.permute(2, 0, 1, 3).flatten(2) for g in side.grads]  # per layer (n_heads, T_L, n * d_head)
     slots = [side.slots(layer).numpy() for layer in range(n_layers)]  # target -> row of grads[layer], or -1
     local = np.full(len(sources), -1)
@@ -363,23 +424,9 @@ def _compute_chunk(
                 shares = position_shares(sweeper.patterns[layer], g, block_dv[torch.as_tensor(local[si[e]])])
                 share = shares.double().cpu().numpy()
                 _check_pair_sums(share, heads[e, layer], model)
-                pair_abs[layer, :, :n, :n] += np.abs(share).sum(axis=0)
+                pair_abs[layer] += np.abs(share).sum(axis=0)
     edge = side.edges[torch.as_tensor(si), torch.as_tensor(ti)].double().cpu().numpy()
-    out = {
-        "heads": heads,
-        "bypass": (edge[:, None] - heads.sum(axis=2)) * on_way,
-        "on_way": on_way,
-        "edge": edge,
-        "graph_edge": np.zeros(B, dtype=np.float32),
-    }
-    if pair_abs is not None:
-        out["pair_abs"] = pair_abs
-    for t in target_ids.tolist():
-        cols, vals = graph.row(int(t))
-        stored = dict(zip(cols.tolist(), vals.tolist()))
-        for row in np.nonzero(edges[:, 1] == t)[0].tolist():
-            out["graph_edge"][row] = stored.get(int(edges[row, 0]), 0.0)
-    return out
+    return heads, edge, pair_abs
 
 
 def _check_pair_sums(share: np.ndarray, heads: np.ndarray, model: ReplacementModel) -> None:

@@ -486,6 +486,25 @@ def test_pair_shares_equal_the_edge_through_one_query_key_pair(attributed, arch)
     assert checked > 0 and np.abs(share).max() > 0
 
 
+def test_a_chunk_split_into_target_groups_gives_the_same_loadings(graph_copy, tmp_path, monkeypatch):
+    """TARGET_GROUP bounds the targets whose gradients a sweep keeps; groups of one target (each
+    sweeping its own sources) store the same numbers as the whole chunk in one sweep."""
+    model, graph, capture = graph_copy
+    edges = top_edges(prune_graph(graph, node_threshold=0.9, edge_threshold=0.95), 12)
+    assert len(np.unique(edges[:, 1])) > 1
+    tables = []
+    for group in (HL.TARGET_GROUP, 1):
+        monkeypatch.setattr(HL, "TARGET_GROUP", group)
+        out = tmp_path / f"group_{group}"
+        write_head_loadings(graph, edges, model=model, chunk_size=12, capture=capture, out=out, positions=True)
+        tables.append(read_head_loadings(graph, out=out))
+    whole, split = tables
+    assert np.abs(whole.heads).max() > 0
+    np.testing.assert_array_equal(split.on_way, whole.on_way)
+    for name in ("heads", "bypass", "edge", "pair_abs"):
+        np.testing.assert_allclose(getattr(split, name), getattr(whole, name), rtol=1e-12, atol=1e-15)
+
+
 def test_an_output_store_leaves_the_graph_store_untouched_and_sums_abs_pair_shares(graph_copy, tmp_path):
     """out=: the group is a store of its own (the graph's store, another stage's output, is not
     written: same files, same bytes); positions=True: pair_abs is the sum over the edges of
