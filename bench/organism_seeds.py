@@ -4,6 +4,8 @@ rate and the language-steer switch rate, each with its baselines, for PLT and CL
     python bench/organism_seeds.py                    # seeds 0 1 2 (about 25 min on 2 cores)
     python bench/organism_seeds.py --seeds 0 --quick  # one seed, a few prompts (smoke test)
     python bench/organism_seeds.py --transcoder 'matryoshka=[16, 64]' --out OTHER.json  # a variant
+    python bench/organism_seeds.py --train mlp_out_l2=0.001 --out OTHER.json  # a training variant
+    python bench/organism_seeds.py --model d_mlp=128 --out OTHER.json        # an architecture variant
 
 Per seed, the organism is built from that seed (world split, model and transcoders); then, for
 each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
@@ -43,7 +45,7 @@ from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph  # noqa: E402
 from pipeline.graph.pruning import prune_graph  # noqa: E402
 from pipeline.organism.build import OrganismConfig, build_organism  # noqa: E402
-from pipeline.organism.config import TrainConfig, TranscoderTrainConfig  # noqa: E402
+from pipeline.organism.config import ModelConfig, TrainConfig, TranscoderTrainConfig  # noqa: E402
 from pipeline.organism.world import WorldConfig, make_world  # noqa: E402
 
 SWAP_RULE = {"select": "contrast", "label": "state", "role": "city"}
@@ -159,20 +161,39 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="a transcoder training setting for both sets (YAML value), e.g. --transcoder 'matryoshka=[16, 64]'",
     )
+    ap.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model training setting (YAML value), e.g. --train mlp_out_l2=0.001",
+    )
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model architecture setting (YAML value), e.g. --model d_mlp=128",
+    )
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work" / "organism_seeds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "organism_seeds.json")
     args = ap.parse_args(argv)
-    overrides = dict(_setting(text) for text in args.transcoder)
+    overrides = dict(_setting(text, TranscoderTrainConfig, "--transcoder") for text in args.transcoder)
+    train_overrides = dict(_setting(text, TrainConfig, "--train") for text in args.train)
+    model_overrides = dict(_setting(text, ModelConfig, "--model") for text in args.model)
     pin_cpu_arithmetic()  # as the stages do: the trained bits (and the rates) depend on MKL's code path
     torch.set_num_threads(args.threads)
     t0 = time.time()
     machine = machine_info(args.threads) | {"mkl_cbwr_mode": mkl_cbwr_mode()}
     results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version(), "transcoder_settings": overrides}
+    results["train_settings"] = train_overrides
+    results["model_settings"] = model_overrides
     for seed in args.seeds:
         world_cfg = WorldConfig(seed=seed, n_states=3 if args.quick else 12)
         cfg = OrganismConfig(
             world=world_cfg,
-            train=TrainConfig(seed=seed, steps=60 if args.quick else TrainConfig.steps),
+            model=ModelConfig(**model_overrides),
+            train=TrainConfig(**({"seed": seed, "steps": 60 if args.quick else TrainConfig.steps} | train_overrides)),
             plt=TranscoderTrainConfig(
                 **({"seed": seed, "steps": 60 if args.quick else TranscoderTrainConfig.steps} | overrides)
             ),
@@ -209,12 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
 
 
-def _setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` (a transcoder training setting; VALUE read as YAML)."""
+def _setting(text: str, settings: type, option: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (a field of ``settings``; VALUE read as YAML)."""
     key, sep, value = text.partition("=")
-    names = {f.name for f in dataclasses.fields(TranscoderTrainConfig)}
+    names = {f.name for f in dataclasses.fields(settings)} - {"threads"}
     if not sep or key not in names:
-        raise SystemExit(f"--transcoder {text!r}: use KEY=VALUE with KEY one of {', '.join(sorted(names))}")
+        raise SystemExit(f"{option} {text!r}: use KEY=VALUE with KEY one of {', '.join(sorted(names))}")
     return key, yaml.safe_load(value)
 
 

@@ -61,10 +61,17 @@ class TrainSettings:
     seed: int = 0
     curriculum_fraction: float = 0.5
     curriculum_kind_weights: Tuple[float, ...] = (0.0, 1.0, 0.0, 1.0)
+    #: an L2 penalty on the MLP outputs of ``mlp_out_l2_blocks``: weight x the mean over real
+    #: tokens of ||MLP output||^2 / d_model, added to the loss. 0: none (the default)
+    mlp_out_l2: float = 0.0
+    mlp_out_l2_blocks: Tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.curriculum_kind_weights = tuple(float(w) for w in self.curriculum_kind_weights)
+        self.mlp_out_l2_blocks = tuple(int(b) for b in self.mlp_out_l2_blocks)
+        if self.mlp_out_l2 < 0:
+            raise ValueError(f"mlp_out_l2 must be >= 0, got {self.mlp_out_l2}")
         if not 0.0 <= self.curriculum_fraction < 1.0:
             raise ValueError(f"curriculum_fraction must be in [0, 1), got {self.curriculum_fraction}")
         if self.steps < 1 or self.batch_size < 1:

@@ -208,6 +208,16 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         lr=cfg.lr,
         betas=cfg.betas,
     )
+    penalized: dict[int, Tensor] = {}
+    if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
+        raise ValueError(
+            f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
+        )
+    if cfg.mlp_out_l2 > 0:
+        for b in cfg.mlp_out_l2_blocks:
+            model.transformer.h[b].get_submodule("mlp").register_forward_hook(
+                lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
+            )
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -215,9 +225,15 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
             g["lr"] = lr_at(step, cfg)
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         width = int(lengths[rows].max())
-        out = model(input_ids=ids[rows, :width], attention_mask=attn[rows, :width], labels=labels[rows, :width])
+        mask = attn[rows, :width]
+        out = model(input_ids=ids[rows, :width], attention_mask=mask, labels=labels[rows, :width])
+        loss = out.loss
+        if penalized:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
+            real = mask.bool()
+            for y in penalized.values():
+                loss = loss + cfg.mlp_out_l2 * y[real].pow(2).mean()
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

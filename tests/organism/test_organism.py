@@ -197,6 +197,27 @@ def test_model_training_is_deterministic(tmp_path, tiny_world, tiny_model_dir):
     assert _sha(tmp_path / "again" / "model.safetensors") == _sha(out / "model.safetensors")
 
 
+def test_an_mlp_output_penalty_shrinks_that_blocks_output(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    from transformers import GPT2LMHeadModel
+
+    def block0_output_norm(model_dir: Path) -> float:
+        model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+        ids, _ = encode_texts(
+            build_tokenizer(tiny_world.vocabulary()), [s.text for s in tiny_world.training_sentences()]
+        )
+        seen: list[torch.Tensor] = []
+        model.transformer.h[0].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        with torch.no_grad():
+            model(input_ids=ids)
+        return float(seen[0].norm(dim=-1).mean())
+
+    out, _ = tiny_model_dir
+    train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, mlp_out_l2=100.0), tmp_path / "l2", progress=False)
+    assert block0_output_norm(tmp_path / "l2") < 0.5 * block0_output_norm(out)
+
+
 # --- transcoders ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world, tiny_model_dir, kind):
