@@ -130,6 +130,20 @@ def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) 
         "by_group": metrics["by_group"],
         "steer_answer_kept_rate": steer_answer_kept(world, prompts, reports),
         "selective_features": table.n_selective(),
+        # per state swap: the selected sets' sizes beside the random draws' flips (the draws
+        # have the selected sets' shape, so larger sets make larger random sets)
+        "swaps": [
+            {
+                "prompt": r["prompt"],
+                "n_source": e["n_source_features"],
+                "n_target": e["n_target_features"],
+                "flipped": e.get("flipped"),
+                "random_flipped": e["baselines"].get("random", {}).get("n_flipped"),
+            }
+            for r in reports
+            for e in r["experiments"]
+            if e["group"] == "state_swap"
+        ],
     }
 
 
