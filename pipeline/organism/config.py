@@ -65,11 +65,18 @@ class TrainSettings:
     #: tokens of ||MLP output||^2 / d_model, added to the loss. 0: none (the default)
     mlp_out_l2: float = 0.0
     mlp_out_l2_blocks: Tuple[int, ...] = (0,)
+    #: Gaussian noise of this standard deviation (per coordinate) added in training to the
+    #: residual stream entering ``residual_noise_block``, at every position: the later blocks
+    #: must read what they need from it robustly. 0: none (the default)
+    residual_noise: float = 0.0
+    residual_noise_block: int = 1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.curriculum_kind_weights = tuple(float(w) for w in self.curriculum_kind_weights)
         self.mlp_out_l2_blocks = tuple(int(b) for b in self.mlp_out_l2_blocks)
+        if self.residual_noise < 0:
+            raise ValueError(f"residual_noise must be >= 0, got {self.residual_noise}")
         if self.mlp_out_l2 < 0:
             raise ValueError(f"mlp_out_l2 must be >= 0, got {self.mlp_out_l2}")
         if not 0.0 <= self.curriculum_fraction < 1.0:

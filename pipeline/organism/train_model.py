@@ -218,6 +218,18 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
             model.transformer.h[b].get_submodule("mlp").register_forward_hook(
                 lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
             )
+    if cfg.residual_noise > 0:
+        if not 0 < cfg.residual_noise_block < model_cfg.n_layers:
+            raise ValueError(f"residual_noise_block must be a block of 1..{model_cfg.n_layers - 1}")
+        noise = torch.Generator().manual_seed(cfg.seed + 2000)
+
+        def add_noise(_m, args):
+            if not model.training:
+                return None
+            h = args[0]
+            return (h + cfg.residual_noise * torch.randn(h.shape, generator=noise), *args[1:])
+
+        model.transformer.h[cfg.residual_noise_block].register_forward_pre_hook(add_noise)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:

@@ -218,6 +218,19 @@ def test_an_mlp_output_penalty_shrinks_that_blocks_output(tmp_path, tiny_world, 
     assert block0_output_norm(tmp_path / "l2") < 0.5 * block0_output_norm(out)
 
 
+def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    out, _ = tiny_model_dir
+    noisy = replace(TINY_TRAIN, residual_noise=1.0)
+    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "a", progress=False)
+    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "b", progress=False)
+    assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
+    assert _sha(tmp_path / "a" / "model.safetensors") != _sha(out / "model.safetensors")
+    with pytest.raises(ValueError, match="residual_noise_block"):
+        train_model(tiny_world, TINY_MODEL, replace(noisy, residual_noise_block=0), None, progress=False)
+
+
 # --- transcoders ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world, tiny_model_dir, kind):

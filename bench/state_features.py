@@ -1,0 +1,119 @@
+"""Why a state has (or lacks) a state-selective feature at the city: per state, the selective
+features, the nearest misses, and how well a linear read of MLP 0's input separates its cities.
+
+    python bench/state_features.py                                   # the main job's organism
+    python bench/state_features.py --organism bench/.work/organism_seeds/seed1 --kind clt
+
+A feature is state-selective as the intervene stage's selection rules say
+(``pipeline.analysis.selectivity``: at the city, on every canonical two-hop prompt of the world,
+both languages, hi 0.9 / lo 0.05). The nearest misses are the layer-0 features with the largest
+(share of the state's prompts it fires on) - (share of the others'). The margin: a linear
+max-margin fit (hinge loss, light L2) of "this state's cities" against the rest on MLP 0's input
+(``ln2.hook_normalized`` of block 0) at the city of the canonical English two-hop prompts,
+centered; the smallest signed distance to the fitted plane (positive: every city on its side).
+A transcoder feature reads that input linearly, so a state whose cities a plane separates only
+narrowly would be hard for one feature to cover. Writes bench/results/state_features.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench._common import machine_info  # noqa: E402
+from pipeline._io import write_json  # noqa: E402
+from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
+from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
+from pipeline.engine.replacement import ReplacementModel  # noqa: E402
+from pipeline.organism.train_model import load_organism  # noqa: E402
+from pipeline.transcoders import load_transcoders  # noqa: E402
+
+
+def separation_margin(x: torch.Tensor, inside: torch.Tensor, steps: int = 3000) -> float:
+    """x (n, d), inside (n,) bool -> the smallest signed distance of a point to a fitted
+    separating plane (positive: every point on its own side)."""
+    sign = inside.float() * 2 - 1
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=0.01)
+    for _ in range(steps):
+        loss = torch.relu(1 - sign * (x @ w + b)).mean() + 1e-4 * w.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((sign * (x @ w + b)).min() / w.norm())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--organism", type=Path, default=REPO / "models" / "organism")
+    ap.add_argument("--kind", choices=("plt", "clt"), default="plt")
+    ap.add_argument("--misses", type=int, default=3, help="nearest misses listed per state")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "state_features.json")
+    args = ap.parse_args(argv)
+    pin_cpu_arithmetic()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    _, _, world = load_organism(args.organism / "model")
+    model = ReplacementModel.from_pretrained(
+        str(args.organism / "model"), load_transcoders(args.organism / args.kind), dtype=torch.float32
+    )
+
+    # 1. the selectivity table and each state's features at the city
+    table = compute_selectivity(model, world.labeled_prompts(), labels=("state",), roles=("city",))
+
+    # 2. MLP 0's input at the city of every canonical English two-hop prompt
+    inputs, states = [], []
+    for s in world.sentences("two_hop", split="all", canonical_only=True):
+        if s.language == "en":
+            words = s.text.split()
+            capture = model.capture(" ".join(words[:-1]))
+            inputs.append(capture.mlp_inputs[0, 1 + words.index(s.city)].float())
+            states.append(s.state)
+    x = torch.stack(inputs)
+    x = x - x.mean(0)
+
+    rows = []
+    for state in table.labels["state"]:
+        inside, outside = (f[0] for f in table.firing_fraction("state", state, "city"))
+        selective = np.nonzero((inside >= table.hi) & (outside <= table.lo))[0]
+        order = np.argsort(-(inside - outside))
+        misses = [int(f) for f in order if f not in set(selective.tolist())][: args.misses]
+        rows.append(
+            {
+                "state": state,
+                "selective": [int(f) for f in selective],
+                "nearest_misses": [
+                    {
+                        "feature": f,
+                        "fires_inside": round(float(inside[f]), 3),
+                        "fires_outside": round(float(outside[f]), 3),
+                    }
+                    for f in misses
+                ],
+                "margin": round(separation_margin(x, torch.tensor([st == state for st in states])), 3),
+            }
+        )
+        miss = "; ".join(
+            f"#{m['feature']} {m['fires_inside']:.2f}/{m['fires_outside']:.3f}" for m in rows[-1]["nearest_misses"]
+        )
+        print(f"{state:13s} selective {rows[-1]['selective']!s:12s} margin {rows[-1]['margin']:.3f}  misses {miss}")
+    write_json(
+        args.out,
+        {"organism": str(args.organism), "kind": args.kind, "machine": machine_info(args.threads), "states": rows},
+    )
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
