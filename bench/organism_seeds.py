@@ -147,6 +147,29 @@ def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) 
     }
 
 
+def random_flips_by_state(world, swaps: list[dict]) -> dict | None:
+    """How the swaps' random flips gather by the prompt's state (whose two prompts share a donor
+    state): the share of the flips' variance over the swaps that lies between states, and the
+    share of all flips held by the 3 states with the most."""
+    state_of = {city: s.name for s in world.states for city in s.cities}
+    by_state: dict[str, list[float]] = {}
+    for sw in swaps:
+        if sw["random_flipped"] is not None:
+            city = next(w for w in sw["prompt"].split() if w in state_of)
+            by_state.setdefault(state_of[city], []).append(float(sw["random_flipped"]))
+    flips = [x for xs in by_state.values() for x in xs]
+    if not flips or not sum(flips):
+        return None
+    mean = sum(flips) / len(flips)
+    total = sum((x - mean) ** 2 for x in flips)
+    within = sum((x - sum(xs) / len(xs)) ** 2 for xs in by_state.values() for x in xs)
+    top = sorted((sum(xs) for xs in by_state.values()), reverse=True)[:3]
+    return {
+        "between_state_variance_share": round(1 - within / total, 3) if total else None,
+        "top3_states_share": round(sum(top) / sum(flips), 3),
+    }
+
+
 def steer_answer_kept(world, prompts: dict[str, dict], reports: list[dict]) -> float | None:
     """Share of the default steers (group ``language_steer``) whose steered first token is the
     clean answer's English twin (``Easton`` -> ``Austin``): the language switched and the answer
@@ -227,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(dir=args.workdir) as work:
             for kind in ("plt", "clt"):
                 row[kind] = run_kind(out, kind, world, prompts, Path(work))
+                row[kind]["random_by_state"] = random_flips_by_state(world, row[kind]["swaps"])
                 g = row[kind]["by_group"]
                 print(
                     f"seed {seed} {kind}: intermediate node {row[kind]['intermediate_node_rate']}  "
