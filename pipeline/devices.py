@@ -125,10 +125,6 @@ def pin_cpu_arithmetic() -> bool:
     mode = mkl_cbwr_mode()
     if mode is None:
         return True
-    if "MKL_DYNAMIC" not in os.environ:
-        # MKL's reproducible modes hold at a fixed thread count only; MKL_DYNAMIC (on by default,
-        # and read when torch loads, too early for the environment) lets it use fewer threads
-        _mkl_library().mkl_serv_set_dynamic(0)
     if mode == _MKL_CBWR_BRANCH_OFF:
         warnings.warn(
             "MKL computes without a reproducible mode in this process (it ran before MKL_CBWR was set, or "
@@ -145,23 +141,9 @@ def mkl_cbwr_mode() -> int | None:
     """MKL's reproducibility mode in this process (its ``mkl_cbwr_get``: 1 off, 2 AUTO,
     3 COMPATIBLE, +65536 STRICT), or None when this torch carries no MKL."""
     try:
-        get = _mkl_library().mkl_serv_cbwr_get
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get
     except (OSError, AttributeError):
         return None
     get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
     return int(get(-1))  # MKL_CBWR_ALL: the branch and the STRICT flag
-
-
-def mkl_dynamic() -> bool | None:
-    """Whether MKL may use fewer threads than asked (``MKL_DYNAMIC``), or None without MKL."""
-    try:
-        get = _mkl_library().mkl_serv_get_dynamic
-    except (OSError, AttributeError):
-        return None
-    get.restype = ctypes.c_int
-    return bool(get())
-
-
-def _mkl_library() -> ctypes.CDLL:
-    """The library that carries torch's MKL (its service functions are exported there)."""
-    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))

@@ -381,17 +381,6 @@ _PIN_THEN_MULTIPLY = (
 
 
 @pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
-def test_pinned_mkl_keeps_the_thread_count_it_is_given():
-    code = "from pipeline.devices import mkl_dynamic, pin_cpu_arithmetic\nb = mkl_dynamic()\npin_cpu_arithmetic()\nprint(b, mkl_dynamic())\n"
-    env = {k: v for k, v in os.environ.items() if k != "MKL_DYNAMIC"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True False"
-    env["MKL_DYNAMIC"] = "TRUE"  # the user's choice is kept
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True True"
-
-
-@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
 def test_pinned_before_the_first_product_mkl_computes_in_auto_mode():
     out, err = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before=""))
     assert out == "True 2"  # MKL_CBWR_AUTO
