@@ -149,6 +149,22 @@ def _cpu_model() -> str | None:
     return None
 
 
+def load_organism_replacement(organism: Path, kind: str):
+    """An organism directory (``model/``, ``plt/``, ``clt/``) -> (its world, the float32
+    ReplacementModel of its model with the ``kind`` transcoders)."""
+    import torch
+
+    from pipeline.engine.replacement import ReplacementModel
+    from pipeline.organism.train_model import load_organism
+    from pipeline.transcoders import load_transcoders
+
+    _, _, world = load_organism(organism / "model")
+    model = ReplacementModel.from_pretrained(
+        str(organism / "model"), load_transcoders(organism / kind), dtype=torch.float32
+    )
+    return world, model
+
+
 def run_child(script: Path, params: dict, *, threads: int, label: str) -> dict:
     """Run ``script --child PARAMS`` in a fresh interpreter; return its result dict."""
     env = dict(os.environ)

@@ -111,10 +111,11 @@ def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) 
     model = ReplacementModel.from_pretrained(out / "model", out / kind)
     bank = world.labeled_prompts()
     table = compute_selectivity(model, bank)
-    reports = []
+    reports, states = [], []
     for pid, item in prompts.items():
         if not item["experiments"]:
             continue
+        states.append(item["labels"]["state"])
         graph = attribute(item["prompt"], model, store=work / f"{kind}_{pid}.zarr", verbose=False)
         save_pruned_graph(graph, prune_graph(graph, 0.8, 0.98), work / f"{kind}_{pid}.npz")
         pruned = load_pruned_graph(work / f"{kind}_{pid}.npz")
@@ -135,28 +136,27 @@ def run_kind(out: Path, kind: str, world, prompts: dict[str, dict], work: Path) 
         "swaps": [
             {
                 "prompt": r["prompt"],
+                "state": state,
                 "n_source": e["n_source_features"],
                 "n_target": e["n_target_features"],
                 "flipped": e.get("flipped"),
                 "random_flipped": e["baselines"].get("random", {}).get("n_flipped"),
             }
-            for r in reports
+            for r, state in zip(reports, states)
             for e in r["experiments"]
             if e["group"] == "state_swap"
         ],
     }
 
 
-def random_flips_by_state(world, swaps: list[dict]) -> dict | None:
+def random_flips_by_state(swaps: list[dict]) -> dict | None:
     """How the swaps' random flips gather by the prompt's state (whose two prompts share a donor
     state): the share of the flips' variance over the swaps that lies between states, and the
     share of all flips held by the 3 states with the most."""
-    state_of = {city: s.name for s in world.states for city in s.cities}
     by_state: dict[str, list[float]] = {}
     for sw in swaps:
         if sw["random_flipped"] is not None:
-            city = next(w for w in sw["prompt"].split() if w in state_of)
-            by_state.setdefault(state_of[city], []).append(float(sw["random_flipped"]))
+            by_state.setdefault(sw["state"], []).append(float(sw["random_flipped"]))
     flips = [x for xs in by_state.values() for x in xs]
     if not flips or not sum(flips):
         return None
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(dir=args.workdir) as work:
             for kind in ("plt", "clt"):
                 row[kind] = run_kind(out, kind, world, prompts, Path(work))
-                row[kind]["random_by_state"] = random_flips_by_state(world, row[kind]["swaps"])
+                row[kind]["random_by_state"] = random_flips_by_state(row[kind]["swaps"])
                 g = row[kind]["by_group"]
                 print(
                     f"seed {seed} {kind}: intermediate node {row[kind]['intermediate_node_rate']}  "

@@ -28,13 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import machine_info  # noqa: E402
+from bench._common import load_organism_replacement, machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
 from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
-from pipeline.engine.replacement import ReplacementModel  # noqa: E402
-from pipeline.organism.train_model import load_organism  # noqa: E402
-from pipeline.transcoders import load_transcoders  # noqa: E402
 
 
 def separation_margin(x: torch.Tensor, inside: torch.Tensor, steps: int = 3000) -> float:
@@ -64,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     pin_cpu_arithmetic()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    _, _, world = load_organism(args.organism / "model")
-    model = ReplacementModel.from_pretrained(
-        str(args.organism / "model"), load_transcoders(args.organism / args.kind), dtype=torch.float32
-    )
+    world, model = load_organism_replacement(args.organism, args.kind)
 
     # 1. the selectivity table and each state's features at the city
     table = compute_selectivity(model, world.labeled_prompts(), labels=("state",), roles=("city",))
@@ -88,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         inside, outside = (f[0] for f in table.firing_fraction("state", state, "city"))
         selective = np.nonzero((inside >= table.hi) & (outside <= table.lo))[0]
         order = np.argsort(-(inside - outside))
-        misses = [int(f) for f in order if f not in set(selective.tolist())][: args.misses]
+        misses = [int(f) for f in order[~np.isin(order, selective)][: args.misses]]
         rows.append(
             {
                 "state": state,

@@ -29,13 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench._common import machine_info  # noqa: E402
+from bench._common import load_organism_replacement, machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
 from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
-from pipeline.engine.replacement import ReplacementModel  # noqa: E402
-from pipeline.organism.train_model import load_organism  # noqa: E402
-from pipeline.transcoders import load_transcoders  # noqa: E402
 
 FACTOR = 10.0
 
@@ -50,10 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     pin_cpu_arithmetic()
     torch.set_num_threads(args.threads)
-    _, _, world = load_organism(args.organism / "model")
-    model = ReplacementModel.from_pretrained(
-        str(args.organism / "model"), load_transcoders(args.organism / args.kind), dtype=torch.float32
-    )
+    world, model = load_organism_replacement(args.organism, args.kind)
 
     # 1. the prompts: per state, its first cities' English two-hop prompts; the city's position
     prompts: dict[str, list[tuple[str, str, int]]] = {}

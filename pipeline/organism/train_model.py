@@ -208,28 +208,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         lr=cfg.lr,
         betas=cfg.betas,
     )
-    penalized: dict[int, Tensor] = {}
-    if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
-        raise ValueError(
-            f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
-        )
-    if cfg.mlp_out_l2 > 0:
-        for b in cfg.mlp_out_l2_blocks:
-            model.transformer.h[b].get_submodule("mlp").register_forward_hook(
-                lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
-            )
-    if cfg.residual_noise > 0:
-        if not 0 < cfg.residual_noise_block < model_cfg.n_layers:
-            raise ValueError(f"residual_noise_block must be a block of 1..{model_cfg.n_layers - 1}")
-        noise = torch.Generator().manual_seed(cfg.seed + 2000)
-
-        def add_noise(_m, args):
-            if not model.training:
-                return None
-            h = args[0]
-            return (h + cfg.residual_noise * torch.randn(h.shape, generator=noise), *args[1:])
-
-        model.transformer.h[cfg.residual_noise_block].register_forward_pre_hook(add_noise)
+    penalized = _training_hooks(model, model_cfg, cfg)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -265,6 +244,34 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     metrics["n_distinct_sentences"] = len(distinct)
     metrics["steps"] = cfg.steps
     return model, tokenizer, metrics
+
+
+def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[int, Tensor]:
+    """Register the optional training hooks: ``mlp_out_l2`` (returns the dict where each penalized
+    block's MLP output lands at every forward) and ``residual_noise`` (added while training only)."""
+    penalized: dict[int, Tensor] = {}
+    if cfg.mlp_out_l2 > 0:
+        if any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
+            raise ValueError(
+                f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
+            )
+        for b in cfg.mlp_out_l2_blocks:
+            model.transformer.h[b].get_submodule("mlp").register_forward_hook(
+                lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
+            )
+    if cfg.residual_noise > 0:
+        if not 0 < cfg.residual_noise_block < model_cfg.n_layers:
+            raise ValueError(f"residual_noise_block must be a block of 1..{model_cfg.n_layers - 1}")
+        noise = torch.Generator().manual_seed(cfg.seed + 2000)
+
+        def add_noise(_m, args):
+            if not model.training:
+                return None
+            h = args[0]
+            return (h + cfg.residual_noise * torch.randn(h.shape, generator=noise), *args[1:])
+
+        model.transformer.h[cfg.residual_noise_block].register_forward_pre_hook(add_noise)
+    return penalized
 
 
 def load_organism(model_dir: str | Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, World]:
