@@ -6,6 +6,7 @@ rate and the language-steer switch rate, each with its baselines, for PLT and CL
     python bench/organism_seeds.py --transcoder 'matryoshka=[16, 64]' --out OTHER.json  # a variant
     python bench/organism_seeds.py --train mlp_out_l2=0.001 --out OTHER.json  # a training variant
     python bench/organism_seeds.py --model d_mlp=128 --out OTHER.json        # an architecture variant
+    python bench/organism_seeds.py --world n_states=16 --out OTHER.json      # a world variant
 
 Per seed, the organism is built from that seed (world split, model and transcoders); then, for
 each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
@@ -48,18 +49,19 @@ from pipeline.organism.build import OrganismConfig, build_organism  # noqa: E402
 from pipeline.organism.config import ModelConfig, TrainConfig, TranscoderTrainConfig  # noqa: E402
 from pipeline.organism.world import WorldConfig, make_world  # noqa: E402
 
-SWAP_RULE = {"select": "contrast", "label": "state", "role": "city"}
 
-
-def swap_experiment(donor_id: str, answer: str, donor_answer: str) -> dict:
+def swap_experiment(donor_id: str, answer: str, donor_answer: str, select: str = "contrast") -> dict:
+    """The default prompt set's constrained state swap at the city; ``select`` names the rule
+    (``contrast``, the default prompt set's, or ``selective``)."""
+    rule = {"select": select, "label": "state", "role": "city"}
     return {
         "name": "state_swap",
         "group": "state_swap",
         "kind": "swap",
         "constrained_layers": [0],
-        "source": [{**SWAP_RULE, "in_graph": True}],
+        "source": [{**rule, "in_graph": True}],
         "source_factor": -4,
-        "target": [SWAP_RULE],
+        "target": [rule],
         "target_factor": 10,
         "donor": donor_id,
         "expected_before": answer,
@@ -86,7 +88,7 @@ def steer_experiment(answer: str, *, in_graph: bool = False) -> dict:
     }
 
 
-def prompts_of(world, n_cities: int) -> dict[str, dict]:
+def prompts_of(world, n_cities: int, swap_select: str = "contrast") -> dict[str, dict]:
     """id -> labeled prompt with its experiments: English two-hop prompts (n_cities per state)
     with a state swap from the same position of the next state, toy ones (one per state) with
     the language steer."""
@@ -99,7 +101,10 @@ def prompts_of(world, n_cities: int) -> dict[str, dict]:
             donor_city = donor_state.cities[j % len(donor_state.cities)]
             pid, donor_id = f"{city}_en", f"{donor_city}_en"
             item, donor = bank[(city, "en")], bank[(donor_city, "en")]
-            out[pid] = {**item, "experiments": [swap_experiment(donor_id, item["answer"], donor["answer"])]}
+            out[pid] = {
+                **item,
+                "experiments": [swap_experiment(donor_id, item["answer"], donor["answer"], swap_select)],
+            }
             out.setdefault(donor_id, {**donor, "experiments": []})
         toy = bank[(state.cities[0], "toy")]
         steers = [steer_experiment(toy["answer"]), steer_experiment(toy["answer"], in_graph=True)]
@@ -212,12 +217,26 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="a model architecture setting (YAML value), e.g. --model d_mlp=128",
     )
+    ap.add_argument(
+        "--world",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a world setting (YAML value), e.g. --world n_states=16",
+    )
+    ap.add_argument(
+        "--swap-select",
+        choices=("contrast", "selective"),
+        default="contrast",
+        help="the swap's selection rule (the default prompt set's: contrast)",
+    )
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work" / "organism_seeds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "organism_seeds.json")
     args = ap.parse_args(argv)
     overrides = dict(_setting(text, TranscoderTrainConfig, "--transcoder") for text in args.transcoder)
     train_overrides = dict(_setting(text, TrainConfig, "--train") for text in args.train)
     model_overrides = dict(_setting(text, ModelConfig, "--model") for text in args.model)
+    world_overrides = dict(_setting(text, WorldConfig, "--world") for text in args.world)
     pin_cpu_arithmetic()  # as the stages do: the trained bits (and the rates) depend on MKL's code path
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -225,8 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version(), "transcoder_settings": overrides}
     results["train_settings"] = train_overrides
     results["model_settings"] = model_overrides
+    results["world_settings"] = world_overrides
+    results["swap_select"] = args.swap_select
     for seed in args.seeds:
-        world_cfg = WorldConfig(seed=seed, n_states=3 if args.quick else 12)
+        world_cfg = WorldConfig(**({"seed": seed, "n_states": 3 if args.quick else 12} | world_overrides))
         cfg = OrganismConfig(
             world=world_cfg,
             model=ModelConfig(**model_overrides),
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.workdir / f"seed{seed}"
         metrics = build_organism(out, cfg, progress=False)
         world = make_world(world_cfg)
-        prompts = prompts_of(world, 1 if args.quick else args.cities)
+        prompts = prompts_of(world, 1 if args.quick else args.cities, args.swap_select)
         row = {"two_hop_heldout_accuracy": metrics["model"]["two_hop_heldout_accuracy"]}
         with tempfile.TemporaryDirectory(dir=args.workdir) as work:
             for kind in ("plt", "clt"):

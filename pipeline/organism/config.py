@@ -70,6 +70,14 @@ class TrainSettings:
     #: must read what they need from it robustly. 0: none (the default)
     residual_noise: float = 0.0
     residual_noise_block: int = 1
+    #: a penalty on how much block 0's MLP output differs between the cities of one state: weight
+    #: x the share of its variance over the batch's city tokens that lies within states (scale-free:
+    #: it falls only as the state explains more of that output), added to the loss. 0: none (the default)
+    state_spread: float = 0.0
+    #: a penalty on how far the states' mean block-0 MLP outputs at their cities are from a regular
+    #: simplex (every pair of states equally far apart): weight x the mean over pairs of states of
+    #: (cosine + 1/(k-1))^2, added to the loss. 0: none (the default)
+    state_simplex: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -77,6 +85,10 @@ class TrainSettings:
         self.mlp_out_l2_blocks = tuple(int(b) for b in self.mlp_out_l2_blocks)
         if self.residual_noise < 0:
             raise ValueError(f"residual_noise must be >= 0, got {self.residual_noise}")
+        if self.state_simplex < 0:
+            raise ValueError(f"state_simplex must be >= 0, got {self.state_simplex}")
+        if self.state_spread < 0:
+            raise ValueError(f"state_spread must be >= 0, got {self.state_spread}")
         if self.mlp_out_l2 < 0:
             raise ValueError(f"mlp_out_l2 must be >= 0, got {self.mlp_out_l2}")
         if not 0.0 <= self.curriculum_fraction < 1.0:

@@ -209,6 +209,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         betas=cfg.betas,
     )
     penalized = _training_hooks(model, model_cfg, cfg)
+    state_of_token = _city_states(world, tokenizer)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -219,10 +220,14 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         mask = attn[rows, :width]
         out = model(input_ids=ids[rows, :width], attention_mask=mask, labels=labels[rows, :width])
         loss = out.loss
-        if penalized:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
+        if cfg.mlp_out_l2 > 0:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
             real = mask.bool()
-            for y in penalized.values():
-                loss = loss + cfg.mlp_out_l2 * y[real].pow(2).mean()
+            for b in cfg.mlp_out_l2_blocks:
+                loss = loss + cfg.mlp_out_l2 * penalized[b][real].pow(2).mean()
+        if cfg.state_spread > 0:
+            loss = loss + cfg.state_spread * state_spread(penalized[0], state_of_token[ids[rows, :width]])
+        if cfg.state_simplex > 0:
+            loss = loss + cfg.state_simplex * state_simplex(penalized[0], state_of_token[ids[rows, :width]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -246,16 +251,70 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     return model, tokenizer, metrics
 
 
+def _city_states(world: World, tokenizer: PreTrainedTokenizerFast) -> Tensor:
+    """token id -> index of the state the city belongs to, -1 for a token that is no city. (vocab,)"""
+    table = torch.full((len(tokenizer),), -1, dtype=torch.long)
+    for i, state in enumerate(world.states):
+        for city in state.cities:
+            table[tokenizer.convert_tokens_to_ids(city)] = i
+    return table
+
+
+def state_spread(y: Tensor, state: Tensor) -> Tensor:
+    """The share of y's variance over city tokens that lies within states: the mean squared distance
+    of each city token's y to the mean y of its state's city tokens, over the mean squared distance
+    to the mean of all city tokens. In [0, 1]; scale-free, so that it falls only as the state
+    explains more of y, never by shrinking y.
+
+    y: (batch, pos, d_model) an MLP's output; state: (batch, pos) the state index of each token's
+    city, -1 where the token is no city. 0 when the batch holds fewer than two city tokens."""
+    y, state = y[state >= 0], state[state >= 0]
+    if len(state) < 2:
+        return y.sum() * 0
+    n = int(state.max()) + 1
+    sums = torch.zeros(n, y.shape[-1], dtype=y.dtype).index_add_(0, state, y)
+    counts = torch.bincount(state, minlength=n).to(y.dtype)
+    within = (y - (sums / counts[:, None].clamp(min=1))[state]).pow(2).mean()
+    total = (y - y.mean(0)).pow(2).mean()
+    return within / total.clamp(min=1e-12)
+
+
+def state_means(y: Tensor, state: Tensor) -> Tensor:
+    """The mean y over the city tokens of each state present, minus their mean. -> (states present, d_model)"""
+    y, state = y[state >= 0], state[state >= 0]
+    present, index = torch.unique(state, return_inverse=True)
+    sums = torch.zeros(len(present), y.shape[-1], dtype=y.dtype).index_add_(0, index, y)
+    means = sums / torch.bincount(index, minlength=len(present)).to(y.dtype)[:, None]
+    return means - means.mean(0)
+
+
+def state_simplex(y: Tensor, state: Tensor) -> Tensor:
+    """How far the states' mean outputs are from a regular simplex: the mean over pairs of states of
+    (cos(mean_i, mean_j) + 1/(k-1))^2, for the k states present (means centered on their mean).
+    0 when every pair is as far apart as any other, so that no two states share a direction that a
+    feature could code for both; scale-free. y: (batch, pos, d_model); state: (batch, pos), -1: no city."""
+    c = state_means(y, state)
+    k = len(c)
+    if k < 3:
+        return y.sum() * 0
+    unit = c / c.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    off = (unit @ unit.T)[~torch.eye(k, dtype=torch.bool)]
+    return (off + 1 / (k - 1)).pow(2).mean()
+
+
 def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[int, Tensor]:
-    """Register the optional training hooks: ``mlp_out_l2`` (returns the dict where each penalized
-    block's MLP output lands at every forward) and ``residual_noise`` (added while training only)."""
+    """Register the optional training hooks: the penalties' (returns the dict where each penalized
+    block's MLP output lands at every forward: the ``mlp_out_l2_blocks``, and block 0 for
+    ``state_spread`` and ``state_simplex``) and ``residual_noise`` (added while training only)."""
     penalized: dict[int, Tensor] = {}
-    if cfg.mlp_out_l2 > 0:
-        if any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
-            raise ValueError(
-                f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
-            )
-        for b in cfg.mlp_out_l2_blocks:
+    if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
+        raise ValueError(
+            f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
+        )
+    shaped = cfg.state_spread > 0 or cfg.state_simplex > 0
+    watched = set(cfg.mlp_out_l2_blocks if cfg.mlp_out_l2 > 0 else ()) | ({0} if shaped else set())
+    if watched:
+        for b in sorted(watched):
             model.transformer.h[b].get_submodule("mlp").register_forward_hook(
                 lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
             )

@@ -218,6 +218,70 @@ def test_an_mlp_output_penalty_shrinks_that_blocks_output(tmp_path, tiny_world, 
     assert block0_output_norm(tmp_path / "l2") < 0.5 * block0_output_norm(out)
 
 
+def test_state_spread_is_the_share_of_variance_within_states():
+    from pipeline.organism.train_model import state_spread
+
+    y = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [9.0, 9.0]], [[0.0, 2.0], [0.0, 6.0], [5.0, 5.0]]])
+    state = torch.tensor([[0, 0, -1], [1, 1, -1]])  # -1: no city, ignored
+    # state 0: mean (2, 0), squared distances 1 and 1; state 1: mean (0, 4), 4 and 4
+    # all four: mean (1, 2), squared distances 0+4, 4+4, 1+0, 1+16
+    within, total = (1 + 1 + 4 + 4) / 8, (4 + 8 + 1 + 17) / 8
+    assert state_spread(y, state).item() == pytest.approx(within / total)
+    assert state_spread(10 * y, state).item() == pytest.approx(within / total)  # scale-free
+    assert state_spread(y, torch.full((2, 3), -1)).item() == 0.0
+
+
+def test_state_simplex_is_zero_for_equidistant_states_and_grows_as_states_share_directions():
+    from pipeline.organism.train_model import state_simplex
+
+    k = 4
+    simplex = torch.eye(k) * 3.0  # 4 states, each city token of a state at its own axis
+    state = torch.arange(k).repeat_interleave(2)[None]  # two city tokens per state
+    y = simplex.repeat_interleave(2, 0)[None]
+    assert state_simplex(y, state).item() == pytest.approx(0.0, abs=1e-12)
+    assert state_simplex(5 * y, state).item() == pytest.approx(0.0, abs=1e-12)  # scale-free
+    # states 0 and 1 on one line, 2 and 3 on another: cosines -1 within a line, 0 across, all other
+    # pairs off the simplex's -1/3
+    line = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]).repeat_interleave(2, 0)[None]
+    pairs = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0, -1.0])  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
+    assert state_simplex(line, state).item() == pytest.approx(float((pairs + 1 / 3).pow(2).mean()))
+    assert state_simplex(y, torch.full((1, 8), -1)).item() == 0.0
+
+
+def _block0_outputs_and_city_states(model_dir: Path, world) -> tuple[torch.Tensor, torch.Tensor]:
+    """block 0's MLP output on every training sentence (n, pos, d_model) and each token's state
+    index (-1: not a city)"""
+    from transformers import GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(world.vocabulary())
+    table = torch.full((len(tokenizer),), -1)
+    for i, st in enumerate(world.states):
+        for city in st.cities:
+            table[tokenizer.convert_tokens_to_ids(city)] = i
+    model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    ids, _ = encode_texts(tokenizer, [s.text for s in world.training_sentences()])
+    seen: list[torch.Tensor] = []
+    model.transformer.h[0].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return seen[0], table[ids]
+
+
+@pytest.mark.parametrize("penalty", ["state_spread", "state_simplex"])
+def test_a_state_shaping_penalty_lowers_what_it_measures(tmp_path, penalty):
+    from dataclasses import replace
+
+    from pipeline.organism import train_model as tm
+
+    world = make_world(replace(TINY_WORLD, n_states=5))  # with 3 states, 32-sentence batches hold too few cities
+    measure = getattr(tm, penalty)
+    train_model(world, TINY_MODEL, TINY_TRAIN, tmp_path / "default", progress=False)
+    train_model(world, TINY_MODEL, replace(TINY_TRAIN, **{penalty: 100.0}), tmp_path / "shaped", progress=False)
+    shaped = float(measure(*_block0_outputs_and_city_states(tmp_path / "shaped", world)))
+    default = float(measure(*_block0_outputs_and_city_states(tmp_path / "default", world)))
+    assert shaped < 0.5 * default
+
+
 def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
     from dataclasses import replace
 
