@@ -78,6 +78,10 @@ class TrainSettings:
     #: simplex (every pair of states equally far apart): weight x the mean over pairs of states of
     #: (cosine + 1/(k-1))^2, added to the loss. 0: none (the default)
     state_simplex: float = 0.0
+    #: an L1 penalty on block 0's MLP activations (after the nonlinearity): weight x the mean over
+    #: real tokens of their mean absolute value, added to the loss, so that few of its neurons
+    #: fire on a token. 0: none (the default)
+    mlp_hidden_l1: float = 0.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -85,6 +89,8 @@ class TrainSettings:
         self.mlp_out_l2_blocks = tuple(int(b) for b in self.mlp_out_l2_blocks)
         if self.residual_noise < 0:
             raise ValueError(f"residual_noise must be >= 0, got {self.residual_noise}")
+        if self.mlp_hidden_l1 < 0:
+            raise ValueError(f"mlp_hidden_l1 must be >= 0, got {self.mlp_hidden_l1}")
         if self.state_simplex < 0:
             raise ValueError(f"state_simplex must be >= 0, got {self.state_simplex}")
         if self.state_spread < 0:

@@ -223,11 +223,13 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         if cfg.mlp_out_l2 > 0:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
             real = mask.bool()
             for b in cfg.mlp_out_l2_blocks:
-                loss = loss + cfg.mlp_out_l2 * penalized[b][real].pow(2).mean()
+                loss = loss + cfg.mlp_out_l2 * penalized[f"mlp_out{b}"][real].pow(2).mean()
         if cfg.state_spread > 0:
-            loss = loss + cfg.state_spread * state_spread(penalized[0], state_of_token[ids[rows, :width]])
+            loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], state_of_token[ids[rows, :width]])
+        if cfg.mlp_hidden_l1 > 0:  # mean over real tokens of the mean |hidden activation|
+            loss = loss + cfg.mlp_hidden_l1 * penalized["mlp_hidden0"][mask.bool()].abs().mean()
         if cfg.state_simplex > 0:
-            loss = loss + cfg.state_simplex * state_simplex(penalized[0], state_of_token[ids[rows, :width]])
+            loss = loss + cfg.state_simplex * state_simplex(penalized["mlp_out0"], state_of_token[ids[rows, :width]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -302,22 +304,27 @@ def state_simplex(y: Tensor, state: Tensor) -> Tensor:
     return (off + 1 / (k - 1)).pow(2).mean()
 
 
-def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[int, Tensor]:
-    """Register the optional training hooks: the penalties' (returns the dict where each penalized
-    block's MLP output lands at every forward: the ``mlp_out_l2_blocks``, and block 0 for
-    ``state_spread`` and ``state_simplex``) and ``residual_noise`` (added while training only)."""
-    penalized: dict[int, Tensor] = {}
+def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Tensor]:
+    """Register the optional training hooks: the penalties' (returns the dict where what they
+    penalize lands at every forward: ``mlp_out{b}``, block b's MLP output, for the
+    ``mlp_out_l2_blocks`` and for block 0 under ``state_spread`` and ``state_simplex``;
+    ``mlp_hidden0``, block 0's MLP activations, under ``mlp_hidden_l1``) and ``residual_noise``
+    (added while training only)."""
+    penalized: dict[str, Tensor] = {}
     if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
         raise ValueError(
             f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
         )
     shaped = cfg.state_spread > 0 or cfg.state_simplex > 0
     watched = set(cfg.mlp_out_l2_blocks if cfg.mlp_out_l2 > 0 else ()) | ({0} if shaped else set())
-    if watched:
-        for b in sorted(watched):
-            model.transformer.h[b].get_submodule("mlp").register_forward_hook(
-                lambda _m, _i, out, b=b: penalized.__setitem__(b, out)
-            )
+    for b in sorted(watched):
+        model.transformer.h[b].get_submodule("mlp").register_forward_hook(
+            lambda _m, _i, out, b=b: penalized.__setitem__(f"mlp_out{b}", out)
+        )
+    if cfg.mlp_hidden_l1 > 0:  # the input of c_proj is the MLP's activations, after the nonlinearity
+        model.transformer.h[0].get_submodule("mlp.c_proj").register_forward_pre_hook(
+            lambda _m, args: penalized.__setitem__("mlp_hidden0", args[0])
+        )
     if cfg.residual_noise > 0:
         if not 0 < cfg.residual_noise_block < model_cfg.n_layers:
             raise ValueError(f"residual_noise_block must be a block of 1..{model_cfg.n_layers - 1}")

@@ -282,6 +282,27 @@ def test_a_state_shaping_penalty_lowers_what_it_measures(tmp_path, penalty):
     assert shaped < 0.5 * default
 
 
+def test_an_mlp_activation_penalty_makes_block_0s_neurons_fire_less(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    from transformers import GPT2LMHeadModel
+
+    def mean_abs_activation(model_dir: Path) -> float:
+        model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+        ids, _ = encode_texts(
+            build_tokenizer(tiny_world.vocabulary()), [s.text for s in tiny_world.training_sentences()]
+        )
+        seen: list[torch.Tensor] = []
+        model.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            model(input_ids=ids)
+        return float(seen[0].abs().mean())
+
+    out, _ = tiny_model_dir
+    train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, mlp_hidden_l1=30.0), tmp_path / "l1", progress=False)
+    assert mean_abs_activation(tmp_path / "l1") < 0.5 * mean_abs_activation(out)
+
+
 def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
     from dataclasses import replace
 
