@@ -209,7 +209,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         betas=cfg.betas,
     )
     penalized = _training_hooks(model, model_cfg, cfg)
-    state_of_token = _city_states(world, tokenizer)
+    state_of_token = city_states(world, tokenizer)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -224,12 +224,14 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
             real = mask.bool()
             for b in cfg.mlp_out_l2_blocks:
                 loss = loss + cfg.mlp_out_l2 * penalized[f"mlp_out{b}"][real].pow(2).mean()
-        if cfg.state_spread > 0:
-            loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], state_of_token[ids[rows, :width]])
+        if cfg.state_spread > 0 or cfg.state_simplex > 0:
+            cities = state_of_token[ids[rows, :width]]
+            if cfg.state_spread > 0:
+                loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], cities)
+            if cfg.state_simplex > 0:
+                loss = loss + cfg.state_simplex * state_simplex(penalized["mlp_out0"], cities)
         if cfg.mlp_hidden_l1 > 0:  # mean over real tokens of the mean |hidden activation|
             loss = loss + cfg.mlp_hidden_l1 * penalized["mlp_hidden0"][mask.bool()].abs().mean()
-        if cfg.state_simplex > 0:
-            loss = loss + cfg.state_simplex * state_simplex(penalized["mlp_out0"], state_of_token[ids[rows, :width]])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -253,13 +255,22 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     return model, tokenizer, metrics
 
 
-def _city_states(world: World, tokenizer: PreTrainedTokenizerFast) -> Tensor:
+def city_states(world: World, tokenizer: PreTrainedTokenizerFast) -> Tensor:
     """token id -> index of the state the city belongs to, -1 for a token that is no city. (vocab,)"""
     table = torch.full((len(tokenizer),), -1, dtype=torch.long)
     for i, state in enumerate(world.states):
         for city in state.cities:
             table[tokenizer.convert_tokens_to_ids(city)] = i
     return table
+
+
+def _city_tokens_by_state(y: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The city tokens' y (n, d_model), the index of each one's state among the states present
+    (n,), and each present state's mean y (states present, d_model)."""
+    y, state = y[state >= 0], state[state >= 0]
+    present, index = torch.unique(state, return_inverse=True)
+    sums = torch.zeros(len(present), y.shape[-1], dtype=y.dtype).index_add_(0, index, y)
+    return y, index, sums / torch.bincount(index, minlength=len(present)).to(y.dtype)[:, None]
 
 
 def state_spread(y: Tensor, state: Tensor) -> Tensor:
@@ -270,23 +281,17 @@ def state_spread(y: Tensor, state: Tensor) -> Tensor:
 
     y: (batch, pos, d_model) an MLP's output; state: (batch, pos) the state index of each token's
     city, -1 where the token is no city. 0 when the batch holds fewer than two city tokens."""
-    y, state = y[state >= 0], state[state >= 0]
-    if len(state) < 2:
+    if int((state >= 0).sum()) < 2:
         return y.sum() * 0
-    n = int(state.max()) + 1
-    sums = torch.zeros(n, y.shape[-1], dtype=y.dtype).index_add_(0, state, y)
-    counts = torch.bincount(state, minlength=n).to(y.dtype)
-    within = (y - (sums / counts[:, None].clamp(min=1))[state]).pow(2).mean()
+    y, index, means = _city_tokens_by_state(y, state)
+    within = (y - means[index]).pow(2).mean()
     total = (y - y.mean(0)).pow(2).mean()
     return within / total.clamp(min=1e-12)
 
 
 def state_means(y: Tensor, state: Tensor) -> Tensor:
     """The mean y over the city tokens of each state present, minus their mean. -> (states present, d_model)"""
-    y, state = y[state >= 0], state[state >= 0]
-    present, index = torch.unique(state, return_inverse=True)
-    sums = torch.zeros(len(present), y.shape[-1], dtype=y.dtype).index_add_(0, index, y)
-    means = sums / torch.bincount(index, minlength=len(present)).to(y.dtype)[:, None]
+    means = _city_tokens_by_state(y, state)[2]
     return means - means.mean(0)
 
 

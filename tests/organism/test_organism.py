@@ -197,21 +197,29 @@ def test_model_training_is_deterministic(tmp_path, tiny_world, tiny_model_dir):
     assert _sha(tmp_path / "again" / "model.safetensors") == _sha(out / "model.safetensors")
 
 
+def _block0_on_training_sentences(model_dir: Path, world, site: str = "mlp_out") -> torch.Tensor:
+    """Block 0 run on every training sentence of ``world``: its MLP output (``mlp_out``) or its
+    MLP activations after the nonlinearity (``activations``). -> (n, pos, d)"""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
+    ids, _ = encode_texts(build_tokenizer(world.vocabulary()), [s.text for s in world.training_sentences()])
+    seen: list[torch.Tensor] = []
+    mlp = model.transformer.h[0].mlp
+    if site == "mlp_out":
+        mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    else:
+        mlp.c_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return seen[0]
+
+
 def test_an_mlp_output_penalty_shrinks_that_blocks_output(tmp_path, tiny_world, tiny_model_dir):
     from dataclasses import replace
 
-    from transformers import GPT2LMHeadModel
-
     def block0_output_norm(model_dir: Path) -> float:
-        model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
-        ids, _ = encode_texts(
-            build_tokenizer(tiny_world.vocabulary()), [s.text for s in tiny_world.training_sentences()]
-        )
-        seen: list[torch.Tensor] = []
-        model.transformer.h[0].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        with torch.no_grad():
-            model(input_ids=ids)
-        return float(seen[0].norm(dim=-1).mean())
+        return float(_block0_on_training_sentences(model_dir, tiny_world).norm(dim=-1).mean())
 
     out, _ = tiny_model_dir
     train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, mlp_out_l2=100.0), tmp_path / "l2", progress=False)
@@ -251,20 +259,11 @@ def test_state_simplex_is_zero_for_equidistant_states_and_grows_as_states_share_
 def _block0_outputs_and_city_states(model_dir: Path, world) -> tuple[torch.Tensor, torch.Tensor]:
     """block 0's MLP output on every training sentence (n, pos, d_model) and each token's state
     index (-1: not a city)"""
-    from transformers import GPT2LMHeadModel
+    from pipeline.organism.train_model import city_states
 
     tokenizer = build_tokenizer(world.vocabulary())
-    table = torch.full((len(tokenizer),), -1)
-    for i, st in enumerate(world.states):
-        for city in st.cities:
-            table[tokenizer.convert_tokens_to_ids(city)] = i
-    model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
     ids, _ = encode_texts(tokenizer, [s.text for s in world.training_sentences()])
-    seen: list[torch.Tensor] = []
-    model.transformer.h[0].mlp.register_forward_hook(lambda _m, _i, out: seen.append(out))
-    with torch.no_grad():
-        model(input_ids=ids)
-    return seen[0], table[ids]
+    return _block0_on_training_sentences(model_dir, world), city_states(world, tokenizer)[ids]
 
 
 @pytest.mark.parametrize("penalty", ["state_spread", "state_simplex"])
@@ -285,18 +284,8 @@ def test_a_state_shaping_penalty_lowers_what_it_measures(tmp_path, penalty):
 def test_an_mlp_activation_penalty_makes_block_0s_neurons_fire_less(tmp_path, tiny_world, tiny_model_dir):
     from dataclasses import replace
 
-    from transformers import GPT2LMHeadModel
-
     def mean_abs_activation(model_dir: Path) -> float:
-        model = GPT2LMHeadModel.from_pretrained(str(model_dir)).eval()
-        ids, _ = encode_texts(
-            build_tokenizer(tiny_world.vocabulary()), [s.text for s in tiny_world.training_sentences()]
-        )
-        seen: list[torch.Tensor] = []
-        model.transformer.h[0].mlp.c_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        with torch.no_grad():
-            model(input_ids=ids)
-        return float(seen[0].abs().mean())
+        return float(_block0_on_training_sentences(model_dir, tiny_world, "activations").abs().mean())
 
     out, _ = tiny_model_dir
     train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, mlp_hidden_l1=30.0), tmp_path / "l1", progress=False)
