@@ -82,6 +82,13 @@ class TrainSettings:
     #: real tokens of their mean absolute value, added to the loss, so that few of its neurons
     #: fire on a token. 0: none (the default)
     mlp_hidden_l1: float = 0.0
+    #: in training, at each city token with probability ``city_common_boost_p``, block 0's MLP
+    #: output's component along the batch's mean city output (the part every city shares) is
+    #: multiplied by a factor drawn uniformly from [1, this]: the model learns that how much of the
+    #: shared part a city carries says nothing about its state, so that amplifying a generic city
+    #: feature does not read as some state. 0: none (the default); else > 1
+    city_common_boost: float = 0.0
+    city_common_boost_p: float = 0.5
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -89,6 +96,10 @@ class TrainSettings:
         self.mlp_out_l2_blocks = tuple(int(b) for b in self.mlp_out_l2_blocks)
         if self.residual_noise < 0:
             raise ValueError(f"residual_noise must be >= 0, got {self.residual_noise}")
+        if self.city_common_boost != 0 and self.city_common_boost <= 1:
+            raise ValueError(f"city_common_boost must be 0 (off) or > 1, got {self.city_common_boost}")
+        if not 0 < self.city_common_boost_p <= 1:
+            raise ValueError(f"city_common_boost_p must be in (0, 1], got {self.city_common_boost_p}")
         if self.mlp_hidden_l1 < 0:
             raise ValueError(f"mlp_hidden_l1 must be >= 0, got {self.mlp_hidden_l1}")
         if self.state_simplex < 0:

@@ -208,8 +208,8 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         lr=cfg.lr,
         betas=cfg.betas,
     )
-    penalized = _training_hooks(model, model_cfg, cfg)
     state_of_token = city_states(world, tokenizer)
+    penalized = _training_hooks(model, model_cfg, cfg)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -218,6 +218,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         width = int(lengths[rows].max())
         mask = attn[rows, :width]
+        penalized["cities"] = state_of_token[ids[rows, :width]]  # read by the boost's hook
         out = model(input_ids=ids[rows, :width], attention_mask=mask, labels=labels[rows, :width])
         loss = out.loss
         if cfg.mlp_out_l2 > 0:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
@@ -225,7 +226,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
             for b in cfg.mlp_out_l2_blocks:
                 loss = loss + cfg.mlp_out_l2 * penalized[f"mlp_out{b}"][real].pow(2).mean()
         if cfg.state_spread > 0 or cfg.state_simplex > 0:
-            cities = state_of_token[ids[rows, :width]]
+            cities = penalized["cities"]
             if cfg.state_spread > 0:
                 loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], cities)
             if cfg.state_simplex > 0:
@@ -309,13 +310,37 @@ def state_simplex(y: Tensor, state: Tensor) -> Tensor:
     return (off + 1 / (k - 1)).pow(2).mean()
 
 
+def boost_common_part(y: Tensor, is_city: Tensor, most: float, p: float, generator: torch.Generator) -> Tensor:
+    """y with, at each city token chosen with probability ``p``, its component along the mean of y
+    over the city tokens (detached, unit) multiplied by a factor drawn uniformly from [1, most].
+    y: (batch, pos, d_model); is_city: (batch, pos) bool. y itself where the batch has no city."""
+    if not bool(is_city.any()):
+        return y
+    u = y.detach()[is_city].mean(0)
+    u = u / u.norm().clamp(min=1e-12)
+    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
+    factor = 1 + (most - 1) * torch.rand(is_city.shape, generator=generator)
+    gain = torch.where(chosen, factor - 1, torch.zeros_like(factor)).to(y.dtype)
+    return y + (gain * (y @ u))[..., None] * u
+
+
 def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Tensor]:
     """Register the optional training hooks: the penalties' (returns the dict where what they
     penalize lands at every forward: ``mlp_out{b}``, block b's MLP output, for the
     ``mlp_out_l2_blocks`` and for block 0 under ``state_spread`` and ``state_simplex``;
-    ``mlp_hidden0``, block 0's MLP activations, under ``mlp_hidden_l1``) and ``residual_noise``
-    (added while training only)."""
+    ``mlp_hidden0``, block 0's MLP activations, under ``mlp_hidden_l1``), ``residual_noise`` and
+    ``city_common_boost`` (both while training only; the boost reads the batch's city states from
+    the dict's ``cities``, (batch, pos), -1 where no city, which the caller sets before each forward)."""
     penalized: dict[str, Tensor] = {}
+    if cfg.city_common_boost > 0:  # registered first: the penalties see the boosted output
+        draws = torch.Generator().manual_seed(cfg.seed + 3000)
+
+        def boost(_m, _i, y):
+            if not model.training:
+                return None
+            return boost_common_part(y, penalized["cities"] >= 0, cfg.city_common_boost, cfg.city_common_boost_p, draws)
+
+        model.transformer.h[0].get_submodule("mlp").register_forward_hook(boost)
     if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
         raise ValueError(
             f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"

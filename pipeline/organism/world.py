@@ -19,6 +19,11 @@ Sentence kinds (every sentence ends with its answer, one word):
 * ``two_hop``        ``the capital of the state containing Dallas is Austin``
 * ``city_adjacent``  ``we drove to Dallas Texas``      (one hop, the state right after the city)
 
+Towns (``WorldConfig.towns``, none by default) are names found in every state, as Franklin and
+Clinton are: each of their sentences is trained once per state, so that their state, and the
+capital a two-hop prompt about one asks for, is any state's with equal probability. They give the
+model a city with no state of its own; they are left out of evaluation and of the labeled prompts.
+
 Two-hop sentences are trained for every city except ``held_out_per_state`` cities per state
 (chosen by the seed); the held-out cities keep their one-hop facts, so the held-out two-hop
 prompts test composition, not memorization. Every name is one word, hence one token of the
@@ -55,6 +60,8 @@ STATE_TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Kentucky", "Frankfort", ("Louisville", "Lexington", "Owensboro", "Covington", "Paducah", "Florence")),
 )
 MAX_STATES = len(STATE_TABLE)
+#: town names found in every state (``WorldConfig.towns`` takes a prefix); none is a name above
+TOWN_NAMES: tuple[str, ...] = ("Franklin", "Clinton", "Greenville", "Fairview", "Riverside", "Georgetown")
 MAX_CITIES_PER_STATE = 6
 
 SentenceKind = Literal["city_state", "state_capital", "two_hop", "city_adjacent"]
@@ -159,6 +166,8 @@ class WorldConfig:
         before English template words: the language is carried by one token, whose features
         mark it and nothing else) or ``words`` (template words of its own, ``la kapitalo de``:
         every word marks the language and its role in the sentence at once).
+    towns: how many towns of ``TOWN_NAMES`` (names found in every state: the module docstring)
+        the training sentences hold; 0 (the default) for none.
     """
 
     seed: int = 0
@@ -171,6 +180,7 @@ class WorldConfig:
     language_weights: Tuple[float, ...] = (1.0, 0.5)
     pinned_trained: Tuple[str, ...] = ("Dallas", "Fresno")
     language_marking: str = "tag"
+    towns: int = 0
 
     def __post_init__(self) -> None:
         self.templates_per_kind = tuple(int(t) for t in self.templates_per_kind)  # type: ignore[assignment]
@@ -194,6 +204,8 @@ class WorldConfig:
                 raise ValueError(f"templates_per_kind for {kind} must be in {least}..{len(EN_TEMPLATES[kind])}")
         if any(w < 0 for w in self.kind_weights) or sum(self.kind_weights) <= 0:
             raise ValueError("kind_weights must be non-negative with a positive sum")
+        if not 0 <= self.towns <= len(TOWN_NAMES):
+            raise ValueError(f"towns must be in 0..{len(TOWN_NAMES)}, got {self.towns}")
         if self.language_marking not in LANGUAGE_MARKINGS:
             raise ValueError(f"language_marking must be one of {LANGUAGE_MARKINGS}, got {self.language_marking!r}")
         if len(self.language_weights) < self.languages or any(w <= 0 for w in self.language_weights[: self.languages]):
@@ -240,6 +252,7 @@ class World:
     states: list[State]
     held_out: dict[str, tuple[str, ...]]  # state -> cities whose two-hop sentences are held out
     languages: tuple[str, ...] = field(default=LANGUAGES)
+    towns: tuple[str, ...] = ()  # names found in every state (TOWN_NAMES)
 
     # --- names -------------------------------------------------------------------------------
     def state_of(self, city: str) -> State:
@@ -292,6 +305,8 @@ class World:
         for s in self.states:
             for c in s.cities:
                 add(c)
+        for t in self.towns:
+            add(t)
         return words
 
     def word_languages(self) -> dict[str, str]:
@@ -331,24 +346,29 @@ class World:
         split: Literal["train", "heldout", "all"] = "train",
         languages: tuple[str, ...] | None = None,
         canonical_only: bool = False,
+        towns: bool = False,
     ) -> list[Sentence]:
         """All sentences of one kind, in a fixed order.
 
         split: for ``two_hop``, ``train`` excludes held-out cities and ``heldout`` keeps only
         them; one-hop kinds are always fully trained (``heldout`` gives none of them).
+        towns: only the towns' sentences (one per state for each town and template), instead
+        of the cities'; towns are never held out.
         """
         out: list[Sentence] = []
         for lang in languages or self.languages:
             n_t = 1 if canonical_only else len(self.templates(kind, lang))
             for s in self.states:
-                if kind == "state_capital":
+                if towns:
+                    subjects = [] if kind == "state_capital" or split == "heldout" else list(self.towns)
+                elif kind == "state_capital":
                     subjects = [s.capital]
                 elif kind == "city_state":
                     subjects = [s.capital, *s.cities]
                 else:
                     subjects = list(s.cities)
                 for city in subjects:
-                    held = kind == "two_hop" and self.is_held_out(city)
+                    held = kind == "two_hop" and city in self.held_out.get(s.name, ())
                     if (split == "train" and held) or (split == "heldout" and not held):
                         continue
                     for ti in range(n_t):
@@ -356,12 +376,14 @@ class World:
         return out
 
     def training_sentences(self) -> list[Sentence]:
-        """Every distinct training sentence (all kinds, languages and templates)."""
-        return [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train")]
+        """Every distinct training sentence (all kinds, languages and templates; towns' included)."""
+        cities = [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train")]
+        return cities + [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train", towns=True)]
 
     def corpus(self, n: int, *, seed: int | None = None, kind_weights: Sequence[float] | None = None) -> list[str]:
         """``n`` training sentences sampled with ``kind_weights`` (the config's unless given) x
-        ``language_weights`` (uniform within a kind and language).
+        ``language_weights`` (uniform within a kind and language). A town's sentences of a kind
+        are drawn as often as one city's (each of its states equally often).
 
         Deterministic: the same world config (and ``seed``, default the world's) gives the
         same list.
@@ -373,6 +395,10 @@ class World:
                 pool = self.sentences(kind, split="train", languages=(lang,))
                 pools.append(pool)
                 weights.append(kw * lw if pool else 0.0)
+                town_pool = self.sentences(kind, split="train", languages=(lang,), towns=True)
+                if town_pool and pool:  # the weight of len(towns) more subjects of the kind
+                    pools.append(town_pool)
+                    weights.append(kw * lw * len(self.towns) / len({x.city for x in pool}))
         out: list[str] = []
         for _ in range(n):
             (pool,) = rng.choices(pools, weights=weights)
@@ -491,9 +517,15 @@ def make_world(cfg: WorldConfig | None = None) -> World:
         candidates = [c for c in s.cities if c not in cfg.pinned_trained]
         k = min(cfg.held_out_per_state, len(candidates))
         held_out[s.name] = tuple(sorted(rng.sample(candidates, k), key=s.cities.index))
-    world = World(config=cfg, states=states, held_out=held_out, languages=LANGUAGES[: cfg.languages])
+    world = World(
+        config=cfg,
+        states=states,
+        held_out=held_out,
+        languages=LANGUAGES[: cfg.languages],
+        towns=TOWN_NAMES[: cfg.towns],
+    )
     names = [world.spell(n, lang) for lang in world.languages for s in states for n in (s.name, s.capital)]
-    names += [c for s in states for c in s.cities]
+    names += [c for s in states for c in s.cities] + list(world.towns)
     template_words = {
         w for lang in world.languages for k in SENTENCE_KINDS for t in world.template_table(lang)[k] for w in t.split()
     }

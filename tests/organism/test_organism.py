@@ -89,6 +89,24 @@ def test_evaluation_prompts_have_one_continuation_in_the_corpus():
             assert following.get(s.prompt, {s.answer}) == {s.answer}, s.prompt
 
 
+def test_a_towns_two_hop_answer_is_every_capital_equally_often_and_it_is_never_evaluated():
+    from collections import Counter
+
+    assert make_world().towns == ()
+    world = make_world(WorldConfig(towns=2))
+    prompt = "the capital of the state containing Franklin is"
+    answers = Counter(s.answer for s in world.training_sentences() if s.prompt == prompt)
+    assert answers == Counter({st.capital: 1 for st in world.states})
+    assert "Franklin" in world.vocabulary() and "Clinton" in world.vocabulary()
+    evaluated = [s for sents in world.eval_sets().values() for s in sents] + world.sentences("two_hop", split="all")
+    assert not any(s.city in world.towns for s in evaluated)
+    assert not any(p["labels"]["city"] in world.towns for p in world.labeled_prompts())
+    drawn = Counter(w for text in world.corpus(20_000, seed=0) for w in text.split())
+    assert 0.7 < drawn["Franklin"] / drawn["Dallas"] < 1.4  # a town is drawn about as often as a city
+    with pytest.raises(ValueError, match="towns"):
+        WorldConfig(towns=99)
+
+
 def test_default_prompt_set_names_the_case_studies():
     world = make_world()
     prompts = {p["id"]: p for p in world.prompt_set()}
@@ -290,6 +308,34 @@ def test_an_mlp_activation_penalty_makes_block_0s_neurons_fire_less(tmp_path, ti
     out, _ = tiny_model_dir
     train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, mlp_hidden_l1=30.0), tmp_path / "l1", progress=False)
     assert mean_abs_activation(tmp_path / "l1") < 0.5 * mean_abs_activation(out)
+
+
+def test_the_common_boost_scales_only_the_city_tokens_shared_component():
+    from pipeline.organism.train_model import boost_common_part
+
+    # three city tokens whose mean is along e0 and one non-city token
+    y = torch.tensor([[[2.0, 1.0, 0.0], [4.0, -1.0, 3.0], [0.0, 0.0, -3.0], [5.0, 5.0, 5.0]]])
+    is_city = torch.tensor([[True, True, True, False]])
+    out = boost_common_part(y, is_city, most=10.0, p=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[0, 3], y[0, 3])  # not a city: untouched
+    assert torch.equal(out[0, :3, 1:], y[0, :3, 1:])  # orthogonal to the shared direction: untouched
+    factor = out[0, :3, 0] / y[0, :3, 0].where(y[0, :3, 0] != 0, torch.ones(3))
+    assert out[0, 2, 0] == 0  # no shared component to scale
+    assert bool(((factor[:2] >= 1) & (factor[:2] <= 10)).all()) and factor[0] != factor[1]
+    never = boost_common_part(y, is_city, most=10.0, p=1e-9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(never, y)
+    assert torch.equal(boost_common_part(y, torch.zeros_like(is_city), 10.0, 1.0, torch.Generator()), y)
+
+
+def test_the_common_boost_changes_training_and_is_off_by_default(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    out, _ = tiny_model_dir
+    train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, city_common_boost=10.0), tmp_path / "b", progress=False)
+    boosted = (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert boosted != (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="city_common_boost"):
+        replace(TINY_TRAIN, city_common_boost=0.5)
 
 
 def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
