@@ -10,7 +10,8 @@ The names are torch's: devices ``cpu``, ``cuda``, ``cuda:N``, ``mps``; dtypes ``
 ``float64``, ``bfloat16``, ``float16`` (:data:`DTYPES`).
 
 :func:`pin_cpu_arithmetic` asks MKL (torch's CPU matrix products on x86) for results that do
-not change from run to run on one machine.
+not change from run to run on one machine (``native``), or, in ``portable`` mode, from one x86-64
+CPU to another.
 """
 
 from __future__ import annotations
@@ -110,31 +111,81 @@ def check_device_dtype(device: str | torch.device, dtype: str | torch.dtype = to
 #: changes them, and torch's allocator aligns every buffer the same way in every run anyway
 MKL_REPRODUCIBLE = "AUTO"
 _MKL_CBWR_BRANCH_OFF = 1  # mkl_cbwr_get's answer when no reproducible mode is set
+_MKL_CBWR_COMPATIBLE = 3
+
+#: how far the CPU's arithmetic is pinned (``runtime.arithmetic``). ``native``: MKL's reproducible
+#: mode on this CPU's own instruction set and torch's kernels for it: the same bytes on every run
+#: of one machine, other bytes (another trained organism) on another CPU. ``portable``: MKL's
+#: SSE2 path (``MKL_CBWR=COMPATIBLE``) and torch's baseline kernels (``ATEN_CPU_CAPABILITY=default``),
+#: the code every x86-64 CPU runs, so that machines agree; slower (the organism's model trains in
+#: 50 s instead of 30 s on 2 cores)
+ARITHMETIC_MODES: tuple[str, ...] = ("native", "portable")
+#: the environment variable that carries the mode to later calls in the process, to the CLI and
+#: to the bench scripts (``CIRCUIT_PIPELINE_ARITHMETIC=portable python bench/...``)
+ARITHMETIC_ENV = "CIRCUIT_PIPELINE_ARITHMETIC"
+_MKL_MODE = {"native": MKL_REPRODUCIBLE, "portable": "COMPATIBLE"}
 
 
-def pin_cpu_arithmetic() -> bool:
-    """Ask MKL for run-to-run reproducible arithmetic (``MKL_CBWR``, unless the environment
-    already names a mode); return whether MKL computes in a reproducible mode now.
+def pin_cpu_arithmetic(mode: str | None = None) -> bool:
+    """Pin the CPU's arithmetic to ``mode`` of :data:`ARITHMETIC_MODES` (None: the environment's
+    ``CIRCUIT_PIPELINE_ARITHMETIC``, else ``native``); return whether it is pinned now.
 
     Without it MKL may pick another code path for the same product from one process to the
-    next on some CPUs, so a retrained organism need not give the same bytes. MKL reads the
-    setting at its first call: call this before any matrix product of the process. Too late,
-    it warns naming the fix. A torch without MKL has nothing to pin.
+    next on some CPUs, so a retrained organism need not give the same bytes. MKL reads its
+    setting (``MKL_CBWR``, unless the environment already names one) at its first call and
+    torch its kernels' instruction set (``ATEN_CPU_CAPABILITY``) at its first kernel: call this
+    before any computation of the process. Too late, it warns naming the fix. A torch without
+    MKL has no MKL to pin.
     """
-    os.environ.setdefault("MKL_CBWR", MKL_REPRODUCIBLE)
-    mode = mkl_cbwr_mode()
-    if mode is None:
-        return True
-    if mode == _MKL_CBWR_BRANCH_OFF:
+    mode = mode or os.environ.get(ARITHMETIC_ENV) or "native"
+    if mode not in ARITHMETIC_MODES:
+        raise ValueError(f"arithmetic mode {mode!r} is not one of {ARITHMETIC_MODES}")
+    os.environ[ARITHMETIC_ENV] = mode  # later calls of this process (the organism's trainers) keep it
+    os.environ.setdefault("MKL_CBWR", _MKL_MODE[mode])
+    if mode == "portable":
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+    late = []
+    mkl = mkl_cbwr_mode()
+    if mkl is not None and (
+        mkl == _MKL_CBWR_BRANCH_OFF or (mode == "portable" and mkl % 65536 != _MKL_CBWR_COMPATIBLE)
+    ):
+        late.append(f"MKL_CBWR={_MKL_MODE[mode]}")
+    if mode == "portable" and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        late.append("ATEN_CPU_CAPABILITY=default")
+    if late:
         warnings.warn(
-            "MKL computes without a reproducible mode in this process (it ran before MKL_CBWR was set, or "
-            "MKL_CBWR names no mode), so reruns may differ in the last bits: set "
-            f"MKL_CBWR={MKL_REPRODUCIBLE} in the environment before starting Python",
+            f"the {mode} arithmetic is not in force in this process (MKL or torch computed before it was "
+            "pinned, or the environment names another mode), so the bytes may differ from other runs: set "
+            f"{' '.join(late)} in the environment before starting Python",
             RuntimeWarning,
             stacklevel=2,
         )
         return False
     return True
+
+
+def arithmetic_in_force() -> dict:
+    """What computes on the CPU in this process: ``mode`` (:data:`ARITHMETIC_MODES`, as pinned),
+    ``kernels`` (torch's CPU instruction set, e.g. ``AVX512``), ``mkl_cbwr`` (MKL's mode, None
+    without MKL) and ``cpu`` (the processor's name): what a trained organism's bytes depend on."""
+    return {
+        "mode": os.environ.get(ARITHMETIC_ENV, "native"),
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": mkl_cbwr_mode(),
+        "cpu": _cpu_name(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def mkl_cbwr_mode() -> int | None:

@@ -85,7 +85,7 @@ def setup_torch(runtime: RuntimeConfig, seed: int = 0) -> None:
     # deterministic cuBLAS on a GPU (runtime.device: cuda) needs a fixed workspace, set before
     # the first CUDA call; a CPU run ignores it
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    pin_cpu_arithmetic()  # the same bytes from a forced rerun, on any CPU MKL serves
+    pin_cpu_arithmetic(runtime.arithmetic)  # the same bytes from a forced rerun (portable: on any x86-64 CPU)
     torch.set_num_threads(runtime.threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline._io import atomic_path, finite_or_none, read_json, write_json
+from pipeline.devices import arithmetic_in_force
 from pipeline.organism.config import TrainConfig
 from pipeline.organism.train_model import train_model
 from pipeline.run.compose import load_config
@@ -50,7 +51,11 @@ def main(argv=None) -> None:
         )
         metrics = strip_volatile(tmp / "metrics.json")
     write_json(METRICS, finite_or_none(scalars(metrics)))
-    print(f"organism model: {OUT}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s)")
+    a = arithmetic_in_force()
+    print(
+        f"organism model: {OUT}  {shown(metrics, SHOWN)}  (trained in {result['wall_time_s']:.1f} s, "
+        f"{a['mode']} arithmetic, torch kernels {a['kernels']}, {a['cpu']})"
+    )
 
 
 if __name__ == "__main__":

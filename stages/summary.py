@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline._io import read_json
+from pipeline.devices import arithmetic_in_force
 from pipeline.run.compose import load_config
 from stages._stage import dashboards_path, parse_args, prompt_dir, shown
 
@@ -56,6 +57,13 @@ def main(argv=None) -> int:
             else:
                 print(f"organism {name:5s} {path}  (missing: run dvc repro)")
                 missing += 1
+        a = arithmetic_in_force()
+        # the organism's bytes, and the rates measured on it, depend on the CPU unless portable
+        print(
+            f"organism arithmetic: runtime.arithmetic={cfg.runtime.arithmetic}; this machine: {a['cpu']}, "
+            f"torch kernels {a['kernels']}"
+            + ("" if cfg.runtime.arithmetic == "portable" else " (another CPU may train another organism)")
+        )
     print(f"\nprompt set {cfg.prompts.name!r}: model {cfg.model.name}, transcoders {cfg.transcoders.source}")
     for pid in cfg.prompts.items:
         run = prompt_dir(pid)

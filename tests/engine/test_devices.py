@@ -31,11 +31,20 @@ from torch.utils._device import _device_constructors
 from pipeline import testing
 from pipeline.analysis import dashboards as D
 from pipeline.analysis.evaluation import evaluate
-from pipeline.devices import DeviceError, check_device_dtype, mkl_cbwr_mode, parse_dtype, same_device
+from pipeline.devices import (
+    ARITHMETIC_ENV,
+    DeviceError,
+    check_device_dtype,
+    mkl_cbwr_mode,
+    parse_dtype,
+    pin_cpu_arithmetic,
+    same_device,
+)
 from pipeline.engine.attribution import attribute
 from pipeline.engine.interventions import Scale
 from pipeline.engine.replacement import ReplacementModel
 from pipeline.graph.store import Graph, GraphStoreMismatchError
+from pipeline.run.config import RuntimeConfig
 from pipeline.transcoders import load_transcoders
 from tests.analysis.evaluation_fixtures import spec_for, tiny_setup
 
@@ -398,3 +407,66 @@ def test_pinned_after_a_product_warns_with_the_fix_and_reports_off():
 def test_a_mode_the_user_set_is_kept():
     out, _ = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before=""), env_mode="COMPATIBLE")
     assert out == "True 3"
+
+
+# --- the portable arithmetic -------------------------------------------------------------------
+def _in_fresh_python(code: str, arithmetic: str) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter whose environment names ``arithmetic`` and no MKL or
+    torch kernel setting of its own; stdout, stderr."""
+    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {ARITHMETIC_ENV: arithmetic}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return proc.stdout.strip(), proc.stderr
+
+
+_PIN_THEN_COMPUTE = (
+    "import torch\n"
+    "from pipeline.devices import arithmetic_in_force, pin_cpu_arithmetic\n"
+    "{before}"
+    "ok = pin_cpu_arithmetic()\n"
+    "(torch.randn(40, 50) @ torch.randn(50, 60)).softmax(-1).sum()\n"
+    "a = arithmetic_in_force()\n"
+    "print(ok, a['mode'], a['mkl_cbwr'], a['kernels'])\n"
+)
+
+
+@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
+def test_portable_arithmetic_runs_mkls_compatible_path_and_torchs_baseline_kernels():
+    out, err = _in_fresh_python(_PIN_THEN_COMPUTE.format(before=""), "portable")
+    assert out == "True portable 3 DEFAULT"  # MKL_CBWR_COMPATIBLE
+    assert "not in force" not in err
+    out, _ = _in_fresh_python(_PIN_THEN_COMPUTE.format(before=""), "native")
+    assert out.startswith("True native 2 ")  # MKL_CBWR_AUTO, this CPU's own kernels
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="this CPU runs the baseline kernels anyway"
+)
+def test_portable_arithmetic_pinned_after_a_kernel_warns_with_the_fix():
+    out, err = _in_fresh_python(_PIN_THEN_COMPUTE.format(before="torch.randn(5).exp().sum()\n"), "portable")
+    assert out.startswith("False portable")
+    assert "ATEN_CPU_CAPABILITY=default" in err
+
+
+def test_an_unknown_arithmetic_is_refused_naming_the_modes():
+    with pytest.raises(ValueError, match="native.*portable"):
+        pin_cpu_arithmetic("fast")
+    with pytest.raises(ValueError, match="runtime.arithmetic"):
+        RuntimeConfig(arithmetic="fast")
+
+
+def test_portable_training_gives_the_same_bytes_in_two_processes(tmp_path):
+    code = (
+        "import hashlib, sys\n"
+        "from pipeline.devices import pin_cpu_arithmetic\n"
+        "pin_cpu_arithmetic()\n"
+        "from pipeline.organism.config import ModelConfig, TrainConfig\n"
+        "from pipeline.organism.train_model import train_model\n"
+        "from pipeline.organism.world import WorldConfig, make_world\n"
+        "world = make_world(WorldConfig(n_states=3, cities_per_state=2, held_out_per_state=1, languages=1))\n"
+        "model = ModelConfig(n_layers=2, d_model=16, n_heads=2, n_ctx=12)\n"
+        "train_model(world, model, TrainConfig(steps=20, batch_size=16), sys.argv[1], progress=False)\n"
+        "print(hashlib.sha256(open(sys.argv[1] + '/model.safetensors', 'rb').read()).hexdigest())\n"
+    )
+    digests = [_in_fresh_python(code.replace("sys.argv[1]", repr(str(tmp_path / n))), "portable")[0] for n in "ab"]
+    assert digests[0] == digests[1] and len(digests[0]) == 64
