@@ -7,6 +7,7 @@ rate and the language-steer switch rate, each with its baselines, for PLT and CL
     python bench/organism_seeds.py --train mlp_out_l2=0.001 --out OTHER.json  # a training variant
     python bench/organism_seeds.py --model d_mlp=128 --out OTHER.json        # an architecture variant
     python bench/organism_seeds.py --world n_states=16 --out OTHER.json      # a world variant
+    CIRCUIT_PIPELINE_ARITHMETIC=portable python bench/organism_seeds.py --out OTHER.json  # the portable arithmetic
 
 Per seed, the organism is built from that seed (world split, model and transcoders); then, for
 each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
@@ -40,7 +41,7 @@ from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.evaluation import evaluate, study_metrics  # noqa: E402
 from pipeline.analysis.evaluation_spec import EvaluationSpec, PromptContext  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
-from pipeline.devices import mkl_cbwr_mode, pin_cpu_arithmetic  # noqa: E402
+from pipeline.devices import arithmetic_in_force, mkl_cbwr_mode, pin_cpu_arithmetic  # noqa: E402
 from pipeline.engine.attribution import attribute  # noqa: E402
 from pipeline.engine.replacement import ReplacementModel  # noqa: E402
 from pipeline.graph.pruned import load_pruned_graph, save_pruned_graph  # noqa: E402
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     pin_cpu_arithmetic()  # as the stages do: the trained bits (and the rates) depend on MKL's code path
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    machine = machine_info(args.threads) | {"mkl_cbwr_mode": mkl_cbwr_mode()}
+    machine = machine_info(args.threads) | {"mkl_cbwr_mode": mkl_cbwr_mode(), "arithmetic": arithmetic_in_force()}
     results: dict = {"seeds": {}, "machine": machine, "pipeline": pipeline_version(), "transcoder_settings": overrides}
     results["train_settings"] = train_overrides
     results["model_settings"] = model_overrides

@@ -10,8 +10,8 @@ The names are torch's: devices ``cpu``, ``cuda``, ``cuda:N``, ``mps``; dtypes ``
 ``float64``, ``bfloat16``, ``float16`` (:data:`DTYPES`).
 
 :func:`pin_cpu_arithmetic` asks MKL (torch's CPU matrix products on x86) for results that do
-not change from run to run on one machine (``native``), or, in ``portable`` mode, from one x86-64
-CPU to another.
+not change from run to run on one machine (``native``), and, in ``portable`` mode, for code that
+every x86-64 CPU runs alike, so that machines can agree (docs/design.md says where that was checked).
 """
 
 from __future__ import annotations

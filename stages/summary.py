@@ -59,11 +59,13 @@ def main(argv=None) -> int:
                 missing += 1
         a = arithmetic_in_force()
         # the organism's bytes, and the rates measured on it, depend on the CPU unless portable
-        print(
-            f"organism arithmetic: runtime.arithmetic={cfg.runtime.arithmetic}; this machine: {a['cpu']}, "
-            f"torch kernels {a['kernels']}"
-            + ("" if cfg.runtime.arithmetic == "portable" else " (another CPU may train another organism)")
-        )
+        if cfg.runtime.arithmetic == "portable":
+            print(f"organism arithmetic: portable (the code every x86-64 CPU runs), on {a['cpu']}")
+        else:
+            print(
+                f"organism arithmetic: {cfg.runtime.arithmetic}, on {a['cpu']} with torch kernels {a['kernels']}: "
+                "another CPU may train another organism (runtime.arithmetic=portable runs the code every x86-64 CPU runs)"
+            )
     print(f"\nprompt set {cfg.prompts.name!r}: model {cfg.model.name}, transcoders {cfg.transcoders.source}")
     for pid in cfg.prompts.items:
         run = prompt_dir(pid)
