@@ -10,8 +10,8 @@ The names are torch's: devices ``cpu``, ``cuda``, ``cuda:N``, ``mps``; dtypes ``
 ``float64``, ``bfloat16``, ``float16`` (:data:`DTYPES`).
 
 :func:`pin_cpu_arithmetic` asks MKL (torch's CPU matrix products on x86) for results that do
-not change from run to run on one machine (``native``), and, in ``portable`` mode, for code that
-every x86-64 CPU runs alike, so that machines can agree (docs/design.md says where that was checked).
+not change from run to run on one machine (``native``), or, in ``portable`` mode (the default), for
+code that every x86-64 CPU runs alike, so that machines can agree (docs/design.md says where that was checked).
 """
 
 from __future__ import annotations
@@ -120,6 +120,9 @@ _MKL_CBWR_COMPATIBLE = 3
 #: the code every x86-64 CPU runs, so that machines agree; slower (the organism's model trains in
 #: 50 s instead of 30 s on 2 cores)
 ARITHMETIC_MODES: tuple[str, ...] = ("native", "portable")
+#: the mode when neither the caller nor the environment names one: ``portable``, since the default
+#: organism was chosen on it and CI machines differ in their CPUs (docs/design.md)
+DEFAULT_ARITHMETIC = "portable"
 #: the environment variable that carries the mode to later calls in the process, to the CLI and
 #: to the bench scripts (``CIRCUIT_PIPELINE_ARITHMETIC=portable python bench/...``)
 ARITHMETIC_ENV = "CIRCUIT_PIPELINE_ARITHMETIC"
@@ -128,7 +131,7 @@ _MKL_MODE = {"native": MKL_REPRODUCIBLE, "portable": "COMPATIBLE"}
 
 def pin_cpu_arithmetic(mode: str | None = None) -> bool:
     """Pin the CPU's arithmetic to ``mode`` of :data:`ARITHMETIC_MODES` (None: the environment's
-    ``CIRCUIT_PIPELINE_ARITHMETIC``, else ``native``); return whether it is pinned now.
+    ``CIRCUIT_PIPELINE_ARITHMETIC``, else :data:`DEFAULT_ARITHMETIC`); return whether it is pinned now.
 
     Without it MKL may pick another code path for the same product from one process to the
     next on some CPUs, so a retrained organism need not give the same bytes. MKL reads its
@@ -137,7 +140,7 @@ def pin_cpu_arithmetic(mode: str | None = None) -> bool:
     before any computation of the process. Too late, it warns naming the fix. A torch without
     MKL has no MKL to pin.
     """
-    mode = mode or os.environ.get(ARITHMETIC_ENV) or "native"
+    mode = mode or os.environ.get(ARITHMETIC_ENV) or DEFAULT_ARITHMETIC
     if mode not in ARITHMETIC_MODES:
         raise ValueError(f"arithmetic mode {mode!r} is not one of {ARITHMETIC_MODES}")
     os.environ[ARITHMETIC_ENV] = mode  # later calls of this process (the organism's trainers) keep it
@@ -169,7 +172,7 @@ def arithmetic_in_force() -> dict:
     ``kernels`` (torch's CPU instruction set, e.g. ``AVX512``), ``mkl_cbwr`` (MKL's mode, None
     without MKL) and ``cpu`` (the processor's name): what a trained organism's bytes depend on."""
     return {
-        "mode": os.environ.get(ARITHMETIC_ENV, "native"),
+        "mode": os.environ.get(ARITHMETIC_ENV, DEFAULT_ARITHMETIC),
         "kernels": torch.backends.cpu.get_cpu_capability(),
         "mkl_cbwr": mkl_cbwr_mode(),
         "cpu": _cpu_name(),

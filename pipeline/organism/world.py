@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Tuple
 
+from pipeline.organism.config import ORGANISM_SEED
+
 # ---------------------------------------------------------------------------------------------
 # Fixed name lists: (state, capital, cities). Every name is a single word and unique across
 # the table. The order is fixed; ``WorldConfig.n_states`` takes a prefix, so Texas and
@@ -170,7 +172,7 @@ class WorldConfig:
         the training sentences hold; 0 (the default) for none.
     """
 
-    seed: int = 0
+    seed: int = ORGANISM_SEED
     n_states: int = 12
     cities_per_state: int = 6
     languages: int = 2

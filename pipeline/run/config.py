@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from pipeline.analysis.options import DashboardConfig, InterventionSettings
-from pipeline.devices import ARITHMETIC_MODES, DTYPES, DeviceError, parse_device
+from pipeline.devices import ARITHMETIC_MODES, DEFAULT_ARITHMETIC, DTYPES, DeviceError, parse_device
 from pipeline.engine.options import AttributionConfig
 from pipeline.organism.config import ModelConfig, TrainSettings, TranscoderTrainSettings
 from pipeline.organism.world import WorldConfig
@@ -55,13 +55,13 @@ class RuntimeConfig:
     several torch processes sharing a few cores slow each other down many times over).
     device: where the stages that run the model compute (cpu, cuda, cuda:N, mps); the
     organism stages train on the CPU whatever it says. arithmetic: how the CPU's arithmetic is
-    pinned (pipeline.devices.ARITHMETIC_MODES): ``native`` (this CPU's fastest reproducible code,
-    the default) or ``portable`` (code every x86-64 CPU runs, so that machines train the same
-    organism; slower)."""
+    pinned (pipeline.devices.ARITHMETIC_MODES): ``portable`` (the default: code every x86-64 CPU
+    runs, so that machines train the same organism) or ``native`` (this CPU's fastest reproducible
+    code: faster, but another CPU trains another organism)."""
 
     threads: int = 2
     device: str = "cpu"
-    arithmetic: str = "native"
+    arithmetic: str = DEFAULT_ARITHMETIC
 
     def __post_init__(self) -> None:
         if self.arithmetic not in ARITHMETIC_MODES:

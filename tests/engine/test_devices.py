@@ -371,8 +371,10 @@ def test_transcoders_in_another_dtype_than_the_model_are_refused(dirs):
 
 # --- MKL's reproducible mode -------------------------------------------------------------------
 def _mkl_mode_in_fresh_python(code: str, env_mode: str | None = None) -> tuple[str, str]:
-    """Run ``code`` in a fresh interpreter (MKL reads its mode once per process); stdout, stderr."""
-    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    """Run ``code`` in a fresh interpreter (MKL reads its mode once per process) in the native
+    arithmetic; stdout, stderr."""
+    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | {ARITHMETIC_ENV: "native"}
     if env_mode is not None:
         env["MKL_CBWR"] = env_mode
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -390,7 +392,7 @@ _PIN_THEN_MULTIPLY = (
 
 
 @pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
-def test_pinned_before_the_first_product_mkl_computes_in_auto_mode():
+def test_native_pinned_before_the_first_product_mkl_computes_in_auto_mode():
     out, err = _mkl_mode_in_fresh_python(_PIN_THEN_MULTIPLY.format(before=""))
     assert out == "True 2"  # MKL_CBWR_AUTO
     assert "MKL" not in err
@@ -410,11 +412,11 @@ def test_a_mode_the_user_set_is_kept():
 
 
 # --- the portable arithmetic -------------------------------------------------------------------
-def _in_fresh_python(code: str, arithmetic: str) -> tuple[str, str]:
-    """Run ``code`` in a fresh interpreter whose environment names ``arithmetic`` and no MKL or
-    torch kernel setting of its own; stdout, stderr."""
+def _in_fresh_python(code: str, arithmetic: str | None) -> tuple[str, str]:
+    """Run ``code`` in a fresh interpreter whose environment names ``arithmetic`` (None: no mode)
+    and no MKL or torch kernel setting of its own; stdout, stderr."""
     drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
-    env = {k: v for k, v in os.environ.items() if k not in drop} | {ARITHMETIC_ENV: arithmetic}
+    env = {k: v for k, v in os.environ.items() if k not in drop} | ({ARITHMETIC_ENV: arithmetic} if arithmetic else {})
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return proc.stdout.strip(), proc.stderr
 
@@ -439,10 +441,16 @@ def test_portable_arithmetic_runs_mkls_compatible_path_and_torchs_baseline_kerne
     assert out.startswith("True native 2 ")  # MKL_CBWR_AUTO, this CPU's own kernels
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="this CPU runs the baseline kernels anyway"
-)
+@pytest.mark.skipif(mkl_cbwr_mode() is None, reason="this torch carries no MKL")
+def test_the_arithmetic_no_one_names_is_the_portable_one():
+    out, _ = _in_fresh_python(_PIN_THEN_COMPUTE.format(before=""), None)
+    assert out == "True portable 3 DEFAULT"
+
+
 def test_portable_arithmetic_pinned_after_a_kernel_warns_with_the_fix():
+    native, _ = _in_fresh_python(_PIN_THEN_COMPUTE.format(before=""), "native")
+    if native.endswith(" DEFAULT"):  # this process runs portable: ask a native one what the CPU has
+        pytest.skip("this CPU runs the baseline kernels anyway")
     out, err = _in_fresh_python(_PIN_THEN_COMPUTE.format(before="torch.randn(5).exp().sum()\n"), "portable")
     assert out.startswith("False portable")
     assert "ATEN_CPU_CAPABILITY=default" in err
