@@ -7,7 +7,7 @@ rate and the language-steer switch rate, each with its baselines, for PLT and CL
     python bench/organism_seeds.py --train mlp_out_l2=0.001 --out OTHER.json  # a training variant
     python bench/organism_seeds.py --model d_mlp=128 --out OTHER.json        # an architecture variant
     python bench/organism_seeds.py --world n_states=16 --out OTHER.json      # a world variant
-    CIRCUIT_PIPELINE_ARITHMETIC=portable python bench/organism_seeds.py --out OTHER.json  # the portable arithmetic
+    CIRCUIT_PIPELINE_ARITHMETIC=native python bench/organism_seeds.py --out OTHER.json  # this CPU's own arithmetic
 
 Per seed, the organism is built from that seed (world split, model and transcoders); then, for
 each transcoder set, the selectivity table over the world's labeled prompts, and for a sample of
