@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .build import OrganismConfig, build_organism
+from .config import ORGANISM_SEED, TrainConfig, TranscoderTrainConfig
 from .world import WorldConfig
 
 _SUMMARY = {
@@ -37,10 +38,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.organism", description=__doc__)
     ap.add_argument("out_dir", nargs="?", default="organism")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for every stage (default 2)")
-    ap.add_argument("--seed", type=int, default=0, help="world seed")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=ORGANISM_SEED,
+        help=f"seed of world split, model and transcoders (default {ORGANISM_SEED})",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    cfg = OrganismConfig(world=WorldConfig(seed=args.seed), threads=args.threads)
+    cfg = OrganismConfig(
+        world=WorldConfig(seed=args.seed),
+        train=TrainConfig(seed=args.seed),
+        plt=TranscoderTrainConfig(seed=args.seed),
+        clt=TranscoderTrainConfig(seed=args.seed, skip=False),
+        threads=args.threads,
+    )
     m = build_organism(args.out_dir, cfg, progress=not args.quiet)
     for stage, keys in _SUMMARY.items():
         print(f"[{stage}]")

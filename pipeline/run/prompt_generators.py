@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from pipeline.organism.config import ORGANISM_SEED
 from pipeline.organism.world import WorldConfig, make_world
 from pipeline.run.prompt_sets import PromptSet, expand_templates, prompt_set_from_records, to_conf_yaml
 
@@ -96,7 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("set", choices=["capitals"], help="which generated set")
     ap.add_argument("-n", type=int, default=20, help="number of prompts (default 20)")
     ap.add_argument("--language", default="en", choices=["en", "toy"])
-    ap.add_argument("--seed", type=int, default=0, help="world seed (held-out split)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=ORGANISM_SEED,
+        help=f"world seed (held-out split; default {ORGANISM_SEED}, the organism's)",
+    )
     ap.add_argument("--out", default=None, help="write here (default: stdout)")
     args = ap.parse_args(argv)
     world = make_world(WorldConfig(seed=args.seed))
