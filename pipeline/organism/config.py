@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-#: the seed of the default organism (world split, model, transcoders): the draw chosen, among the
-#: ten measured in the portable arithmetic, for meeting the slow test's targets (docs/organism.md
-#: says which and what the others measure)
-ORGANISM_SEED = 1
+#: the seed of the default organism (world split, model, transcoders); docs/organism.md gives the
+#: other seeds' numbers beside it
+ORGANISM_SEED = 0
 
 
 # ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's

@@ -34,6 +34,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ._util import atomic_directory, read_json, torch_scope, write_json
 from .config import ModelConfig, TrainConfig
+from .optim import PortableAdamW
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from .world import Sentence, World, WorldConfig, make_world
 
@@ -203,7 +204,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
+    opt = PortableAdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=cfg.betas,

@@ -68,6 +68,7 @@ from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_se
 
 from ._util import atomic_directory, torch_scope, write_json
 from .config import CONTEXTS, TranscoderTrainConfig
+from .optim import PortableAdamW, exact_sqrt
 from .tokenizer import load_tokenizer
 from .train_model import encode_texts
 from .world import World
@@ -257,7 +258,7 @@ def _fit(
     else:
         S, b = None, y.mean(1)
     model = JumpReLUTranscoders(L, d, cfg, cross_layer, S, b)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = PortableAdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
     cursor = 0
@@ -537,8 +538,8 @@ def train_transcoders(
             keep = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_tokens]
             x, y = x[:, keep.sort().values], y[:, keep.sort().values]
         d = x.shape[-1]
-        sx = (x.pow(2).sum(-1).mean(1) / d).sqrt()  # (L,)
-        sy = (y.pow(2).sum(-1).mean(1) / d).sqrt()
+        sx = exact_sqrt(x.pow(2).sum(-1).mean(1) / d)  # (L,)
+        sy = exact_sqrt(y.pow(2).sum(-1).mean(1) / d)
         xs, ys = x / sx[:, None, None], y / sy[:, None, None]
         model, losses = _fit(xs, ys, cfg, cross_layer, progress, f"organism {kind}")
         metrics: dict = {"kind": kind, "d_transcoder": cfg.d_transcoder}
