@@ -167,6 +167,18 @@ def pin_cpu_arithmetic(mode: str | None = None) -> bool:
     return True
 
 
+def arithmetic_environment(mode: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) for a fresh Python process that pins
+    ``mode`` (None: names no mode, so the process takes :data:`DEFAULT_ARITHMETIC`): the variables
+    :func:`pin_cpu_arithmetic` reads or sets (``MKL_CBWR``, ``ATEN_CPU_CAPABILITY``, the mode)
+    are dropped, so this process's own pin does not leak into the new one."""
+    if mode is not None and mode not in ARITHMETIC_MODES:
+        raise ValueError(f"arithmetic mode {mode!r} is not one of {ARITHMETIC_MODES}")
+    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in drop}
+    return env | ({ARITHMETIC_ENV: mode} if mode else {})
+
+
 def arithmetic_in_force() -> dict:
     """What computes on the CPU in this process: ``mode`` (:data:`ARITHMETIC_MODES`, as pinned),
     ``kernels`` (torch's CPU instruction set, e.g. ``AVX512``), ``mkl_cbwr`` (MKL's mode, None

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .build import OrganismConfig, build_organism
-from .config import ORGANISM_SEED, TrainConfig, TranscoderTrainConfig
-from .world import WorldConfig
+from .config import ORGANISM_SEED
 
 _SUMMARY = {
     "model": [
@@ -46,13 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
-    cfg = OrganismConfig(
-        world=WorldConfig(seed=args.seed),
-        train=TrainConfig(seed=args.seed),
-        plt=TranscoderTrainConfig(seed=args.seed),
-        clt=TranscoderTrainConfig(seed=args.seed, skip=False),
-        threads=args.threads,
-    )
+    cfg = OrganismConfig(threads=args.threads).with_seed(args.seed)
     m = build_organism(args.out_dir, cfg, progress=not args.quiet)
     for stage, keys in _SUMMARY.items():
         print(f"[{stage}]")

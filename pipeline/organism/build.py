@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,17 @@ class OrganismConfig:
     def __post_init__(self) -> None:
         if self.threads is not None:
             self.train.threads = self.plt.threads = self.clt.threads = self.threads
+
+    def with_seed(self, seed: int) -> OrganismConfig:
+        """This configuration with every part that draws (world split, model, both transcoder
+        sets) seeded by ``seed``."""
+        return replace(
+            self,
+            world=replace(self.world, seed=seed),
+            train=replace(self.train, seed=seed),
+            plt=replace(self.plt, seed=seed),
+            clt=replace(self.clt, seed=seed),
+        )
 
 
 def write_prompts(path: str | Path, world) -> None:

@@ -16,7 +16,6 @@ graph's largest edge over the nodes both graphs have, the same features selected
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from pipeline import testing
 from pipeline.analysis import dashboards as D
 from pipeline.analysis.evaluation import evaluate
 from pipeline.devices import (
-    ARITHMETIC_ENV,
     DeviceError,
+    arithmetic_environment,
     check_device_dtype,
     mkl_cbwr_mode,
     parse_dtype,
@@ -373,8 +372,7 @@ def test_transcoders_in_another_dtype_than_the_model_are_refused(dirs):
 def _mkl_mode_in_fresh_python(code: str, env_mode: str | None = None) -> tuple[str, str]:
     """Run ``code`` in a fresh interpreter (MKL reads its mode once per process) in the native
     arithmetic; stdout, stderr."""
-    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
-    env = {k: v for k, v in os.environ.items() if k not in drop} | {ARITHMETIC_ENV: "native"}
+    env = arithmetic_environment("native")
     if env_mode is not None:
         env["MKL_CBWR"] = env_mode
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -415,8 +413,7 @@ def test_a_mode_the_user_set_is_kept():
 def _in_fresh_python(code: str, arithmetic: str | None) -> tuple[str, str]:
     """Run ``code`` in a fresh interpreter whose environment names ``arithmetic`` (None: no mode)
     and no MKL or torch kernel setting of its own; stdout, stderr."""
-    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
-    env = {k: v for k, v in os.environ.items() if k not in drop} | ({ARITHMETIC_ENV: arithmetic} if arithmetic else {})
+    env = arithmetic_environment(arithmetic)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return proc.stdout.strip(), proc.stderr
 

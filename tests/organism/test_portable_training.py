@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.devices import ARITHMETIC_ENV
+from pipeline.devices import arithmetic_environment
 from pipeline.organism.optim import PortableAdamW, exact_sqrt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +75,7 @@ for f in sorted(out.glob("*/*.safetensors")):
 def _digests(out: Path, emulate: str | None) -> dict[str, str]:
     """Train the tiny organism into ``out`` in a fresh process in the portable arithmetic, on this
     CPU or under ``qemu-x86_64 -cpu EMULATE``; {file: md5}."""
-    drop = {"MKL_CBWR", "ATEN_CPU_CAPABILITY", ARITHMETIC_ENV}
-    env = {k: v for k, v in os.environ.items() if k not in drop} | {ARITHMETIC_ENV: "portable"}
+    env = arithmetic_environment("portable")
     cmd = [sys.executable, "-c", _TRAIN_TINY_ORGANISM, str(out)]
     if emulate:
         cmd = ["qemu-x86_64", "-cpu", emulate, *cmd]
@@ -99,3 +98,15 @@ def test_portable_organism_trains_the_same_bytes_on_an_emulated_intel_haswell(tm
     emulated = _digests(tmp_path / "haswell", "Haswell")
     assert len(host) == 7 and "model/model.safetensors" in host  # model, 2 PLT layers, 4 CLT tensors
     assert emulated == host
+
+
+def test_with_seed_seeds_every_part_that_draws_and_keeps_the_rest():
+    from dataclasses import asdict
+
+    from pipeline.organism.build import OrganismConfig
+
+    base = OrganismConfig(threads=1)
+    seeded = base.with_seed(7)
+    assert {seeded.world.seed, seeded.train.seed, seeded.plt.seed, seeded.clt.seed} == {7}
+    assert (seeded.plt.skip, seeded.clt.skip, seeded.clt.threads) == (base.plt.skip, base.clt.skip, 1)
+    assert asdict(base.with_seed(base.world.seed)) == asdict(base)
