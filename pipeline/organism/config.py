@@ -32,6 +32,12 @@ class ModelConfig:
     activation: str = "gelu_new"
     tie_embeddings: bool = True
     attention_free_blocks: Tuple[int, ...] = (0,)
+    #: a constant written into residual dimension 0 by block 0's MLP at every position (that
+    #: dimension of its output bias, held there through training), as the early MLPs of large
+    #: language models write a few huge activations: the later LayerNorms then divide by a nearly
+    #: constant scale, so that amplifying a feature changes what the residual holds rather than
+    #: how much of the rest the normalisation lets through. 0: none (the default)
+    massive_activation: float = 0.0
 
     def __post_init__(self) -> None:
         self.attention_free_blocks = tuple(int(b) for b in self.attention_free_blocks)
@@ -93,6 +99,32 @@ class TrainSettings:
     #: feature does not read as some state. 0: none (the default); else > 1
     city_common_boost: float = 0.0
     city_common_boost_p: float = 0.5
+    #: a penalty on the part of block 0's MLP output that every city shares beyond what every token
+    #: shares: weight x ||mean over the batch's city tokens - mean over its other real tokens||^2 /
+    #: d_model, added to the loss, so that no generic city component is left for transcoder
+    #: features to carry (a token-independent part goes to their decoder bias). 0: none (the default)
+    city_common_l2: float = 0.0
+    #: a penalty that makes block 0's MLP output at a stateless place (``WorldConfig.stateless``)
+    #: the part every city shares and nothing else: weight x ||its output - the batch's mean city
+    #: output (detached)||^2 / d_model, added to the loss, so that a city whose state offset is
+    #: drowned reads as a place with no state. 0: none (the default)
+    stateless_generic: float = 0.0
+    #: in training, at each city token with probability ``city_noise_p``, a random direction
+    #: orthogonal to the states' mean residuals there (the batch's, centered: the subspace that
+    #: tells the states apart) is added to the residual stream entering block 1, with a norm drawn
+    #: uniformly from [0, this x that residual's own norm]: the later block learns to read the state
+    #: from that subspace alone, so that an amplified feature moves the answer by the state it
+    #: carries, not by the size of the rest. 0: none (the default)
+    city_noise: float = 0.0
+    city_noise_p: float = 0.5
+    #: in training, at each city token with probability ``neuron_boost_p``, each of block 0's MLP
+    #: activations (after the nonlinearity) is, with probability ``neuron_boost_share``, multiplied
+    #: by the token's factor, drawn uniformly from [1, this]: amplifying what a city's own neurons
+    #: write must not change its state, so that a feature ×10 moves the answer only if it carries
+    #: another state. 0: none (the default); else > 1
+    neuron_boost: float = 0.0
+    neuron_boost_p: float = 0.5
+    neuron_boost_share: float = 0.1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -104,6 +136,20 @@ class TrainSettings:
             raise ValueError(f"city_common_boost must be 0 (off) or > 1, got {self.city_common_boost}")
         if not 0 < self.city_common_boost_p <= 1:
             raise ValueError(f"city_common_boost_p must be in (0, 1], got {self.city_common_boost_p}")
+        if self.neuron_boost != 0 and self.neuron_boost <= 1:
+            raise ValueError(f"neuron_boost must be 0 (off) or > 1, got {self.neuron_boost}")
+        if not (0 < self.neuron_boost_p <= 1 and 0 < self.neuron_boost_share <= 1):
+            raise ValueError(
+                f"neuron_boost_p and neuron_boost_share must be in (0, 1], got {self.neuron_boost_p}, {self.neuron_boost_share}"
+            )
+        if self.city_noise < 0 or not 0 < self.city_noise_p <= 1:
+            raise ValueError(
+                f"city_noise must be >= 0 and city_noise_p in (0, 1], got {self.city_noise}, {self.city_noise_p}"
+            )
+        if self.stateless_generic < 0:
+            raise ValueError(f"stateless_generic must be >= 0, got {self.stateless_generic}")
+        if self.city_common_l2 < 0:
+            raise ValueError(f"city_common_l2 must be >= 0, got {self.city_common_l2}")
         if self.mlp_hidden_l1 < 0:
             raise ValueError(f"mlp_hidden_l1 must be >= 0, got {self.mlp_hidden_l1}")
         if self.state_simplex < 0:
@@ -179,11 +225,18 @@ class TranscoderTrainSettings:
     #: whole dictionary. Meant against feature absorption: a city feature whose decoder also
     #: writes its state, so that any of them transplants the state. None: plain training
     matryoshka: Optional[List[int]] = None
+    #: a penalty on the overlap of features that fire together: weight x, per layer, the mean over
+    #: the batch's tokens of the summed squared cosine between the decoders of every two features
+    #: firing on the token, added to the loss, so that a feature firing beside a state's feature
+    #: does not also write part of that state. 0: none (the default)
+    coactive_orthogonality: float = 0.0
     seed: int = ORGANISM_SEED
 
     def __post_init__(self) -> None:
         if self.d_transcoder < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("d_transcoder, steps and batch_size must be >= 1")
+        if self.coactive_orthogonality < 0:
+            raise ValueError(f"coactive_orthogonality must be >= 0, got {self.coactive_orthogonality}")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be > 0")
         if self.skip_rank is not None and self.skip_rank < 1:

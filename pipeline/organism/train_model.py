@@ -76,6 +76,14 @@ def silence_attention(model: GPT2LMHeadModel, blocks: tuple[int, ...]) -> None:
                 weight.zero_()
 
 
+def fix_massive_activation(model: GPT2LMHeadModel, value: float) -> None:
+    """Set residual dimension 0 of block 0's MLP output bias to ``value`` (ModelConfig.massive_activation)."""
+    if value:
+        bias = cast(Tensor, model.transformer.h[0].get_submodule("mlp.c_proj").bias)
+        with torch.no_grad():
+            bias[0] = value
+
+
 # --- tokenized batches ---------------------------------------------------------------------------
 def encode_texts(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[Tensor, Tensor]:
     """``<bos>`` + words, right-padded. returns ids (n, L) and lengths (n,) including BOS."""
@@ -201,6 +209,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
     # 3. model and optimizer
     model = GPT2LMHeadModel(gpt2_config(model_cfg, tokenizer))
     silence_attention(model, model_cfg.attention_free_blocks)
+    fix_massive_activation(model, model_cfg.massive_activation)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -210,6 +219,9 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         betas=cfg.betas,
     )
     state_of_token = city_states(world, tokenizer)
+    is_stateless = torch.zeros(len(tokenizer), dtype=torch.bool)
+    for place in world.stateless:
+        is_stateless[tokenizer.convert_tokens_to_ids(place)] = True
     penalized = _training_hooks(model, model_cfg, cfg)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
@@ -220,6 +232,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         width = int(lengths[rows].max())
         mask = attn[rows, :width]
         penalized["cities"] = state_of_token[ids[rows, :width]]  # read by the boost's hook
+        stateless = is_stateless[ids[rows, :width]]
         out = model(input_ids=ids[rows, :width], attention_mask=mask, labels=labels[rows, :width])
         loss = out.loss
         if cfg.mlp_out_l2 > 0:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
@@ -232,6 +245,12 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
                 loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], cities)
             if cfg.state_simplex > 0:
                 loss = loss + cfg.state_simplex * state_simplex(penalized["mlp_out0"], cities)
+        if cfg.stateless_generic > 0 and bool(stateless.any()) and bool((penalized["cities"] >= 0).any()):
+            y0 = penalized["mlp_out0"]
+            generic = y0[penalized["cities"] >= 0].mean(0).detach()
+            loss = loss + cfg.stateless_generic * (y0[stateless] - generic).pow(2).mean()
+        if cfg.city_common_l2 > 0:
+            loss = loss + cfg.city_common_l2 * city_common_part(penalized["mlp_out0"], penalized["cities"], mask.bool())
         if cfg.mlp_hidden_l1 > 0:  # mean over real tokens of the mean |hidden activation|
             loss = loss + cfg.mlp_hidden_l1 * penalized["mlp_hidden0"][mask.bool()].abs().mean()
         opt.zero_grad(set_to_none=True)
@@ -240,6 +259,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         silence_attention(model, model_cfg.attention_free_blocks)  # AdamW's decay and momentum move them
+        fix_massive_activation(model, model_cfg.massive_activation)
         losses.append(out.loss.item())
         if step % 20 == 0 or step == cfg.steps - 1:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -311,6 +331,16 @@ def state_simplex(y: Tensor, state: Tensor) -> Tensor:
     return (off + 1 / (k - 1)).pow(2).mean()
 
 
+def city_common_part(y: Tensor, state: Tensor, real: Tensor) -> Tensor:
+    """||mean of y over city tokens - mean of y over the other real tokens||^2 / d_model: what every
+    city's output shares beyond every token's. y: (batch, pos, d_model); state: (batch, pos), -1 where
+    no city; real: (batch, pos) bool. 0 where the batch has no city or no other token."""
+    city, other = state >= 0, real & (state < 0)
+    if not bool(city.any()) or not bool(other.any()):
+        return y.sum() * 0
+    return (y[city].mean(0) - y[other].mean(0)).pow(2).mean()
+
+
 def boost_common_part(y: Tensor, is_city: Tensor, most: float, p: float, generator: torch.Generator) -> Tensor:
     """y with, at each city token chosen with probability ``p``, its component along the mean of y
     over the city tokens (detached, unit) multiplied by a factor drawn uniformly from [1, most].
@@ -323,6 +353,36 @@ def boost_common_part(y: Tensor, is_city: Tensor, most: float, p: float, generat
     factor = 1 + (most - 1) * torch.rand(is_city.shape, generator=generator)
     gain = torch.where(chosen, factor - 1, torch.zeros_like(factor)).to(y.dtype)
     return y + (gain * (y @ u))[..., None] * u
+
+
+def off_state_noise(h: Tensor, state: Tensor, most: float, p: float, generator: torch.Generator) -> Tensor:
+    """h with, at each city token chosen with probability ``p``, a random unit direction orthogonal
+    to the span of the batch's centered state means of h (:func:`state_means`, detached) times a
+    norm drawn uniformly from [0, most x that token's ||h||]. h: (batch, pos, d_model); state:
+    (batch, pos), -1: no city."""
+    is_city = state >= 0
+    if int(is_city.sum()) < 2:
+        return h
+    basis = torch.linalg.qr(state_means(h.detach(), state).T).Q  # (d_model, k) orthonormal
+    noise = torch.randn(h.shape, generator=generator, dtype=h.dtype)
+    noise = noise - (noise @ basis) @ basis.T
+    noise = noise / noise.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
+    size = most * torch.rand(is_city.shape, generator=generator, dtype=h.dtype) * h.detach().norm(dim=-1)
+    return h + noise * torch.where(chosen, size, torch.zeros_like(size))[..., None]
+
+
+def boost_neurons(
+    h: Tensor, is_city: Tensor, most: float, p: float, share: float, generator: torch.Generator
+) -> Tensor:
+    """h with, at each city token chosen with probability ``p``, a random ``share`` of its
+    coordinates multiplied by one factor per token drawn uniformly from [1, most].
+    h: (batch, pos, d_mlp) MLP activations; is_city: (batch, pos) bool."""
+    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
+    factor = 1 + (most - 1) * torch.rand(is_city.shape, generator=generator)
+    picked = torch.rand(h.shape, generator=generator) < share
+    gain = torch.where(chosen[..., None] & picked, factor[..., None], torch.ones_like(factor)[..., None])
+    return h * gain.to(h.dtype)
 
 
 def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Tensor]:
@@ -342,11 +402,33 @@ def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainCo
             return boost_common_part(y, penalized["cities"] >= 0, cfg.city_common_boost, cfg.city_common_boost_p, draws)
 
         model.transformer.h[0].get_submodule("mlp").register_forward_hook(boost)
+    if cfg.city_noise > 0:
+        if model_cfg.n_layers < 2:
+            raise ValueError("city_noise needs a block after block 0")
+        shakes = torch.Generator().manual_seed(cfg.seed + 5000)
+
+        def shake(_m, args):
+            if not model.training:
+                return None
+            return (off_state_noise(args[0], penalized["cities"], cfg.city_noise, cfg.city_noise_p, shakes), *args[1:])
+
+        model.transformer.h[1].register_forward_pre_hook(shake)
+    if cfg.neuron_boost > 0:
+        picks = torch.Generator().manual_seed(cfg.seed + 4000)
+
+        def boost_hidden(_m, args):
+            if not model.training:
+                return None
+            cities = penalized["cities"] >= 0
+            h = boost_neurons(args[0], cities, cfg.neuron_boost, cfg.neuron_boost_p, cfg.neuron_boost_share, picks)
+            return (h, *args[1:])
+
+        model.transformer.h[0].get_submodule("mlp.c_proj").register_forward_pre_hook(boost_hidden)
     if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
         raise ValueError(
             f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
         )
-    shaped = cfg.state_spread > 0 or cfg.state_simplex > 0
+    shaped = cfg.state_spread > 0 or cfg.state_simplex > 0 or cfg.city_common_l2 > 0 or cfg.stateless_generic > 0
     watched = set(cfg.mlp_out_l2_blocks if cfg.mlp_out_l2 > 0 else ()) | ({0} if shaped else set())
     for b in sorted(watched):
         model.transformer.h[b].get_submodule("mlp").register_forward_hook(

@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
-from ._util import atomic_directory, torch_scope, write_json
+from ._util import atomic_directory, read_json, torch_scope, write_json
 from .config import CONTEXTS, TranscoderTrainConfig
 from .optim import PortableAdamW, exact_sqrt
 from .tokenizer import load_tokenizer
@@ -284,6 +285,8 @@ def _fit(
         ramp = min(1.0, (step + 1) / max(1.0, cfg.sparsity_warmup * cfg.steps))
         sparsity = torch.tanh(cfg.tanh_scale * a * model.decoder_norms()[:, None, :]).sum(-1).mean(1).sum()
         loss = recon + cfg.sparsity_coefficient * ramp * sparsity
+        if cfg.coactive_orthogonality > 0:
+            loss = loss + cfg.coactive_orthogonality * coactive_overlap(a, list(model.W_dec))
         skip = model.W_skip
         if skip is not None and cfg.skip_l2 > 0:
             loss = loss + cfg.skip_l2 * skip.pow(2).sum()
@@ -295,6 +298,20 @@ def _fit(
             bar.set_postfix(nmse=f"{recon.item() / L:.3f}", l0=f"{(a > 0).float().sum(-1).mean().item():.1f}")
     bar.close()
     return model, losses
+
+
+def coactive_overlap(a: Tensor, decoders: Sequence[Tensor]) -> Tensor:
+    """Sum over layers of the mean over tokens of the sum, over the pairs of distinct features
+    firing together on the token, of the squared cosine of their decoders. a: (L, n, F)
+    activations; decoders[l]: (F, ..., d) layer l's decoder rows (flattened over output layers)."""
+    total = a.sum() * 0
+    for l, w in enumerate(decoders):
+        fires = (a[l] > 0).to(a.dtype)
+        together = fires.T @ fires / fires.shape[0]  # (F, F)
+        unit = w.flatten(1) / w.flatten(1).norm(dim=1, keepdim=True).clamp(min=1e-12)
+        overlap = (unit @ unit.T).pow(2) * together
+        total = total + (overlap.sum() - overlap.diagonal().sum()) / 2
+    return total
 
 
 # --- 4. evaluation ------------------------------------------------------------------------------
@@ -538,6 +555,9 @@ def train_transcoders(
             keep = torch.randperm(x.shape[1], generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_tokens]
             x, y = x[:, keep.sort().values], y[:, keep.sort().values]
         d = x.shape[-1]
+        fixed = fixed_mlp_output(model_dir, x.shape[0], d)
+        if fixed is not None:  # a constant the model holds fixed is the decoder bias's, not the features'
+            y = y - fixed[:, None, :]
         sx = exact_sqrt(x.pow(2).sum(-1).mean(1) / d)  # (L,)
         sy = exact_sqrt(y.pow(2).sum(-1).mean(1) / d)
         xs, ys = x / sx[:, None, None], y / sy[:, None, None]
@@ -550,6 +570,8 @@ def train_transcoders(
         metrics["l0_total"] = sum(stats["l0"])  # active features per token, all layers together
         metrics["dead_share"] = sum(stats["dead_share"]) / len(stats["dead_share"])
         weights = _export(model, sx, sy)
+        if fixed is not None:
+            weights["b_dec"] = weights["b_dec"] + fixed
         metrics.update(replacement_metrics(hf, tokenizer, world, weights, cross_layer))
         if world.config.n_states >= 2:
             metrics.update(intervention_metrics(hf, tokenizer, world, weights, cross_layer))
@@ -559,6 +581,18 @@ def train_transcoders(
             _save(out_dir, weights, cross_layer, metrics, model_name=str(model_dir))
     metrics["wall_time_s"] = time.perf_counter() - t0  # returned (and logged by callers), never saved
     return metrics
+
+
+def fixed_mlp_output(model_dir: str | Path, n_layers: int, d_model: int) -> Tensor | None:
+    """(n_layers, d_model) the constants the organism's config holds fixed in its MLP outputs
+    (``ModelConfig.massive_activation``: block 0, dimension 0), or None when it holds none."""
+    info = Path(model_dir) / "organism.json"
+    value = float(read_json(info)["model"].get("massive_activation", 0.0)) if info.exists() else 0.0
+    if not value:
+        return None
+    fixed = torch.zeros(n_layers, d_model)
+    fixed[0, 0] = value
+    return fixed
 
 
 def _save(out_dir: str | Path, w: dict, cross_layer: bool, metrics: dict, model_name: str | None) -> None:

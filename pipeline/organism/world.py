@@ -23,6 +23,10 @@ Towns (``WorldConfig.towns``, none by default) are names found in every state, a
 Clinton are: each of their sentences is trained once per state, so that their state, and the
 capital a two-hop prompt about one asks for, is any state's with equal probability. They give the
 model a city with no state of its own; they are left out of evaluation and of the labeled prompts.
+Stateless places (``WorldConfig.stateless``, none by default) are names in no state at all:
+``Atlantis is in nowhere``, ``the capital of the state containing Atlantis is none``, trained as
+often as one city each, so that a city whose state the model cannot read has an answer of its own
+rather than some state's capital. They too are left out of evaluation and of the labeled prompts.
 
 Two-hop sentences are trained for every city except ``held_out_per_state`` cities per state
 (chosen by the seed); the held-out cities keep their one-hop facts, so the held-out two-hop
@@ -64,6 +68,10 @@ STATE_TABLE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 MAX_STATES = len(STATE_TABLE)
 #: town names found in every state (``WorldConfig.towns`` takes a prefix); none is a name above
 TOWN_NAMES: tuple[str, ...] = ("Franklin", "Clinton", "Greenville", "Fairview", "Riverside", "Georgetown")
+#: names in no state (``WorldConfig.stateless`` takes a prefix), and what their sentences say in
+#: place of a state and a capital
+STATELESS_NAMES: tuple[str, ...] = ("Atlantis", "Avalon", "Camelot", "Xanadu", "Eldorado", "Shangrila")
+NO_STATE, NO_CAPITAL = "nowhere", "none"
 MAX_CITIES_PER_STATE = 6
 
 SentenceKind = Literal["city_state", "state_capital", "two_hop", "city_adjacent"]
@@ -170,6 +178,8 @@ class WorldConfig:
         every word marks the language and its role in the sentence at once).
     towns: how many towns of ``TOWN_NAMES`` (names found in every state: the module docstring)
         the training sentences hold; 0 (the default) for none.
+    stateless: how many places of ``STATELESS_NAMES`` (in no state: the module docstring) the
+        training sentences hold; 0 (the default) for none.
     """
 
     seed: int = ORGANISM_SEED
@@ -183,6 +193,7 @@ class WorldConfig:
     pinned_trained: Tuple[str, ...] = ("Dallas", "Fresno")
     language_marking: str = "tag"
     towns: int = 0
+    stateless: int = 0
 
     def __post_init__(self) -> None:
         self.templates_per_kind = tuple(int(t) for t in self.templates_per_kind)  # type: ignore[assignment]
@@ -208,6 +219,8 @@ class WorldConfig:
             raise ValueError("kind_weights must be non-negative with a positive sum")
         if not 0 <= self.towns <= len(TOWN_NAMES):
             raise ValueError(f"towns must be in 0..{len(TOWN_NAMES)}, got {self.towns}")
+        if not 0 <= self.stateless <= len(STATELESS_NAMES):
+            raise ValueError(f"stateless must be in 0..{len(STATELESS_NAMES)}, got {self.stateless}")
         if self.language_marking not in LANGUAGE_MARKINGS:
             raise ValueError(f"language_marking must be one of {LANGUAGE_MARKINGS}, got {self.language_marking!r}")
         if len(self.language_weights) < self.languages or any(w <= 0 for w in self.language_weights[: self.languages]):
@@ -255,6 +268,13 @@ class World:
     held_out: dict[str, tuple[str, ...]]  # state -> cities whose two-hop sentences are held out
     languages: tuple[str, ...] = field(default=LANGUAGES)
     towns: tuple[str, ...] = ()  # names found in every state (TOWN_NAMES)
+    stateless: tuple[str, ...] = ()  # names in no state (STATELESS_NAMES)
+
+    @property
+    def nowhere(self) -> State:
+        """The pseudo-state of the stateless places: its name and capital are what their sentences
+        say instead (``nowhere``, ``none``)."""
+        return State(NO_STATE, NO_CAPITAL, self.stateless)
 
     # --- names -------------------------------------------------------------------------------
     def state_of(self, city: str) -> State:
@@ -309,6 +329,12 @@ class World:
                 add(c)
         for t in self.towns:
             add(t)
+        if self.stateless:
+            for lang in self.languages:
+                add(self.spell(NO_STATE, lang))
+                add(self.spell(NO_CAPITAL, lang))
+            for t in self.stateless:
+                add(t)
         return words
 
     def word_languages(self) -> dict[str, str]:
@@ -319,6 +345,8 @@ class World:
         for lang in self.languages:
             own = {w for kind in SENTENCE_KINDS for t in self.template_table(lang)[kind] for w in t.split()}
             own |= {self.spell(n, lang) for s in self.states for n in (s.name, s.capital)}
+            if self.stateless:
+                own |= {self.spell(NO_STATE, lang), self.spell(NO_CAPITAL, lang)}
             for w in own - {"{city}", "{state}", "{capital}"}:
                 words.setdefault(w, set()).add(lang)
         return {w: next(iter(langs)) for w, langs in sorted(words.items()) if len(langs) == 1}
@@ -349,6 +377,7 @@ class World:
         languages: tuple[str, ...] | None = None,
         canonical_only: bool = False,
         towns: bool = False,
+        stateless: bool = False,
     ) -> list[Sentence]:
         """All sentences of one kind, in a fixed order.
 
@@ -356,8 +385,18 @@ class World:
         them; one-hop kinds are always fully trained (``heldout`` gives none of them).
         towns: only the towns' sentences (one per state for each town and template), instead
         of the cities'; towns are never held out.
+        stateless: only the stateless places' sentences (no ``state_capital`` ones), instead of
+        the cities'; never held out.
         """
         out: list[Sentence] = []
+        if stateless:
+            if kind == "state_capital" or split == "heldout":
+                return out
+            for lang in languages or self.languages:
+                n_t = 1 if canonical_only else len(self.templates(kind, lang))
+                for place in self.stateless:
+                    out += [self._make(kind, lang, ti, self.nowhere, place) for ti in range(n_t)]
+            return out
         for lang in languages or self.languages:
             n_t = 1 if canonical_only else len(self.templates(kind, lang))
             for s in self.states:
@@ -378,14 +417,17 @@ class World:
         return out
 
     def training_sentences(self) -> list[Sentence]:
-        """Every distinct training sentence (all kinds, languages and templates; towns' included)."""
+        """Every distinct training sentence (all kinds, languages and templates; towns' and
+        stateless places' included)."""
         cities = [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train")]
-        return cities + [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train", towns=True)]
+        towns = [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train", towns=True)]
+        return cities + towns + [x for k in SENTENCE_KINDS for x in self.sentences(k, split="train", stateless=True)]
 
     def corpus(self, n: int, *, seed: int | None = None, kind_weights: Sequence[float] | None = None) -> list[str]:
         """``n`` training sentences sampled with ``kind_weights`` (the config's unless given) x
         ``language_weights`` (uniform within a kind and language). A town's sentences of a kind
-        are drawn as often as one city's (each of its states equally often).
+        are drawn as often as one city's (each of its states equally often), and so are a
+        stateless place's.
 
         Deterministic: the same world config (and ``seed``, default the world's) gives the
         same list.
@@ -401,6 +443,10 @@ class World:
                 if town_pool and pool:  # the weight of len(towns) more subjects of the kind
                     pools.append(town_pool)
                     weights.append(kw * lw * len(self.towns) / len({x.city for x in pool}))
+                stateless_pool = self.sentences(kind, split="train", languages=(lang,), stateless=True)
+                if stateless_pool and pool:  # the weight of len(stateless) more subjects of the kind
+                    pools.append(stateless_pool)
+                    weights.append(kw * lw * len(self.stateless) / len({x.city for x in pool}))
         out: list[str] = []
         for _ in range(n):
             (pool,) = rng.choices(pools, weights=weights)
@@ -525,9 +571,12 @@ def make_world(cfg: WorldConfig | None = None) -> World:
         held_out=held_out,
         languages=LANGUAGES[: cfg.languages],
         towns=TOWN_NAMES[: cfg.towns],
+        stateless=STATELESS_NAMES[: cfg.stateless],
     )
     names = [world.spell(n, lang) for lang in world.languages for s in states for n in (s.name, s.capital)]
-    names += [c for s in states for c in s.cities] + list(world.towns)
+    names += [c for s in states for c in s.cities] + list(world.towns) + list(world.stateless)
+    if world.stateless:
+        names += [world.spell(n, lang) for lang in world.languages for n in (NO_STATE, NO_CAPITAL)]
     template_words = {
         w for lang in world.languages for k in SENTENCE_KINDS for t in world.template_table(lang)[k] for w in t.split()
     }
