@@ -99,16 +99,6 @@ class TrainSettings:
     #: feature does not read as some state. 0: none (the default); else > 1
     city_common_boost: float = 0.0
     city_common_boost_p: float = 0.5
-    #: a penalty on the part of block 0's MLP output that every city shares beyond what every token
-    #: shares: weight x ||mean over the batch's city tokens - mean over its other real tokens||^2 /
-    #: d_model, added to the loss, so that no generic city component is left for transcoder
-    #: features to carry (a token-independent part goes to their decoder bias). 0: none (the default)
-    city_common_l2: float = 0.0
-    #: a penalty that makes block 0's MLP output at a stateless place (``WorldConfig.stateless``)
-    #: the part every city shares and nothing else: weight x ||its output - the batch's mean city
-    #: output (detached)||^2 / d_model, added to the loss, so that a city whose state offset is
-    #: drowned reads as a place with no state. 0: none (the default)
-    stateless_generic: float = 0.0
     #: in training, at each city token with probability ``city_noise_p``, a random direction
     #: orthogonal to the states' mean residuals there (the batch's, centered: the subspace that
     #: tells the states apart) is added to the residual stream entering block 1, with a norm drawn
@@ -117,14 +107,6 @@ class TrainSettings:
     #: carries, not by the size of the rest. 0: none (the default)
     city_noise: float = 0.0
     city_noise_p: float = 0.5
-    #: in training, at each city token with probability ``neuron_boost_p``, each of block 0's MLP
-    #: activations (after the nonlinearity) is, with probability ``neuron_boost_share``, multiplied
-    #: by the token's factor, drawn uniformly from [1, this]: amplifying what a city's own neurons
-    #: write must not change its state, so that a feature ×10 moves the answer only if it carries
-    #: another state. 0: none (the default); else > 1
-    neuron_boost: float = 0.0
-    neuron_boost_p: float = 0.5
-    neuron_boost_share: float = 0.1
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -136,20 +118,10 @@ class TrainSettings:
             raise ValueError(f"city_common_boost must be 0 (off) or > 1, got {self.city_common_boost}")
         if not 0 < self.city_common_boost_p <= 1:
             raise ValueError(f"city_common_boost_p must be in (0, 1], got {self.city_common_boost_p}")
-        if self.neuron_boost != 0 and self.neuron_boost <= 1:
-            raise ValueError(f"neuron_boost must be 0 (off) or > 1, got {self.neuron_boost}")
-        if not (0 < self.neuron_boost_p <= 1 and 0 < self.neuron_boost_share <= 1):
-            raise ValueError(
-                f"neuron_boost_p and neuron_boost_share must be in (0, 1], got {self.neuron_boost_p}, {self.neuron_boost_share}"
-            )
         if self.city_noise < 0 or not 0 < self.city_noise_p <= 1:
             raise ValueError(
                 f"city_noise must be >= 0 and city_noise_p in (0, 1], got {self.city_noise}, {self.city_noise_p}"
             )
-        if self.stateless_generic < 0:
-            raise ValueError(f"stateless_generic must be >= 0, got {self.stateless_generic}")
-        if self.city_common_l2 < 0:
-            raise ValueError(f"city_common_l2 must be >= 0, got {self.city_common_l2}")
         if self.mlp_hidden_l1 < 0:
             raise ValueError(f"mlp_hidden_l1 must be >= 0, got {self.mlp_hidden_l1}")
         if self.state_simplex < 0:

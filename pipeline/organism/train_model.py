@@ -35,6 +35,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from ._util import atomic_directory, read_json, torch_scope, write_json
 from .config import ModelConfig, TrainConfig
 from .optim import PortableAdamW
+from .shaping import register_shaping, shaping_penalty
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
 from .world import Sentence, World, WorldConfig, make_world
 
@@ -219,10 +220,7 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         betas=cfg.betas,
     )
     state_of_token = city_states(world, tokenizer)
-    is_stateless = torch.zeros(len(tokenizer), dtype=torch.bool)
-    for place in world.stateless:
-        is_stateless[tokenizer.convert_tokens_to_ids(place)] = True
-    penalized = _training_hooks(model, model_cfg, cfg)
+    seen = register_shaping(model, model_cfg, cfg)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="organism model", disable=not progress, leave=False)
     for step in bar:
@@ -231,28 +229,11 @@ def _train(world: World, model_cfg: ModelConfig, cfg: TrainConfig, progress: boo
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         width = int(lengths[rows].max())
         mask = attn[rows, :width]
-        penalized["cities"] = state_of_token[ids[rows, :width]]  # read by the boost's hook
-        stateless = is_stateless[ids[rows, :width]]
+        seen["cities"] = state_of_token[ids[rows, :width]]  # read by the shaping hooks
         out = model(input_ids=ids[rows, :width], attention_mask=mask, labels=labels[rows, :width])
         loss = out.loss
-        if cfg.mlp_out_l2 > 0:  # mean over real tokens (BOS included) of ||MLP output||^2 / d_model
-            real = mask.bool()
-            for b in cfg.mlp_out_l2_blocks:
-                loss = loss + cfg.mlp_out_l2 * penalized[f"mlp_out{b}"][real].pow(2).mean()
-        if cfg.state_spread > 0 or cfg.state_simplex > 0:
-            cities = penalized["cities"]
-            if cfg.state_spread > 0:
-                loss = loss + cfg.state_spread * state_spread(penalized["mlp_out0"], cities)
-            if cfg.state_simplex > 0:
-                loss = loss + cfg.state_simplex * state_simplex(penalized["mlp_out0"], cities)
-        if cfg.stateless_generic > 0 and bool(stateless.any()) and bool((penalized["cities"] >= 0).any()):
-            y0 = penalized["mlp_out0"]
-            generic = y0[penalized["cities"] >= 0].mean(0).detach()
-            loss = loss + cfg.stateless_generic * (y0[stateless] - generic).pow(2).mean()
-        if cfg.city_common_l2 > 0:
-            loss = loss + cfg.city_common_l2 * city_common_part(penalized["mlp_out0"], penalized["cities"], mask.bool())
-        if cfg.mlp_hidden_l1 > 0:  # mean over real tokens of the mean |hidden activation|
-            loss = loss + cfg.mlp_hidden_l1 * penalized["mlp_hidden0"][mask.bool()].abs().mean()
+        for term in shaping_penalty(cfg, seen, mask.bool()):
+            loss = loss + term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -284,173 +265,6 @@ def city_states(world: World, tokenizer: PreTrainedTokenizerFast) -> Tensor:
         for city in state.cities:
             table[tokenizer.convert_tokens_to_ids(city)] = i
     return table
-
-
-def _city_tokens_by_state(y: Tensor, state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The city tokens' y (n, d_model), the index of each one's state among the states present
-    (n,), and each present state's mean y (states present, d_model)."""
-    y, state = y[state >= 0], state[state >= 0]
-    present, index = torch.unique(state, return_inverse=True)
-    sums = torch.zeros(len(present), y.shape[-1], dtype=y.dtype).index_add_(0, index, y)
-    return y, index, sums / torch.bincount(index, minlength=len(present)).to(y.dtype)[:, None]
-
-
-def state_spread(y: Tensor, state: Tensor) -> Tensor:
-    """The share of y's variance over city tokens that lies within states: the mean squared distance
-    of each city token's y to the mean y of its state's city tokens, over the mean squared distance
-    to the mean of all city tokens. In [0, 1]; scale-free, so that it falls only as the state
-    explains more of y, never by shrinking y.
-
-    y: (batch, pos, d_model) an MLP's output; state: (batch, pos) the state index of each token's
-    city, -1 where the token is no city. 0 when the batch holds fewer than two city tokens."""
-    if int((state >= 0).sum()) < 2:
-        return y.sum() * 0
-    y, index, means = _city_tokens_by_state(y, state)
-    within = (y - means[index]).pow(2).mean()
-    total = (y - y.mean(0)).pow(2).mean()
-    return within / total.clamp(min=1e-12)
-
-
-def state_means(y: Tensor, state: Tensor) -> Tensor:
-    """The mean y over the city tokens of each state present, minus their mean. -> (states present, d_model)"""
-    means = _city_tokens_by_state(y, state)[2]
-    return means - means.mean(0)
-
-
-def state_simplex(y: Tensor, state: Tensor) -> Tensor:
-    """How far the states' mean outputs are from a regular simplex: the mean over pairs of states of
-    (cos(mean_i, mean_j) + 1/(k-1))^2, for the k states present (means centered on their mean).
-    0 when every pair is as far apart as any other, so that no two states share a direction that a
-    feature could code for both; scale-free. y: (batch, pos, d_model); state: (batch, pos), -1: no city."""
-    c = state_means(y, state)
-    k = len(c)
-    if k < 3:
-        return y.sum() * 0
-    unit = c / c.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    off = (unit @ unit.T)[~torch.eye(k, dtype=torch.bool)]
-    return (off + 1 / (k - 1)).pow(2).mean()
-
-
-def city_common_part(y: Tensor, state: Tensor, real: Tensor) -> Tensor:
-    """||mean of y over city tokens - mean of y over the other real tokens||^2 / d_model: what every
-    city's output shares beyond every token's. y: (batch, pos, d_model); state: (batch, pos), -1 where
-    no city; real: (batch, pos) bool. 0 where the batch has no city or no other token."""
-    city, other = state >= 0, real & (state < 0)
-    if not bool(city.any()) or not bool(other.any()):
-        return y.sum() * 0
-    return (y[city].mean(0) - y[other].mean(0)).pow(2).mean()
-
-
-def boost_common_part(y: Tensor, is_city: Tensor, most: float, p: float, generator: torch.Generator) -> Tensor:
-    """y with, at each city token chosen with probability ``p``, its component along the mean of y
-    over the city tokens (detached, unit) multiplied by a factor drawn uniformly from [1, most].
-    y: (batch, pos, d_model); is_city: (batch, pos) bool. y itself where the batch has no city."""
-    if not bool(is_city.any()):
-        return y
-    u = y.detach()[is_city].mean(0)
-    u = u / u.norm().clamp(min=1e-12)
-    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
-    factor = 1 + (most - 1) * torch.rand(is_city.shape, generator=generator)
-    gain = torch.where(chosen, factor - 1, torch.zeros_like(factor)).to(y.dtype)
-    return y + (gain * (y @ u))[..., None] * u
-
-
-def off_state_noise(h: Tensor, state: Tensor, most: float, p: float, generator: torch.Generator) -> Tensor:
-    """h with, at each city token chosen with probability ``p``, a random unit direction orthogonal
-    to the span of the batch's centered state means of h (:func:`state_means`, detached) times a
-    norm drawn uniformly from [0, most x that token's ||h||]. h: (batch, pos, d_model); state:
-    (batch, pos), -1: no city."""
-    is_city = state >= 0
-    if int(is_city.sum()) < 2:
-        return h
-    basis = torch.linalg.qr(state_means(h.detach(), state).T).Q  # (d_model, k) orthonormal
-    noise = torch.randn(h.shape, generator=generator, dtype=h.dtype)
-    noise = noise - (noise @ basis) @ basis.T
-    noise = noise / noise.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
-    size = most * torch.rand(is_city.shape, generator=generator, dtype=h.dtype) * h.detach().norm(dim=-1)
-    return h + noise * torch.where(chosen, size, torch.zeros_like(size))[..., None]
-
-
-def boost_neurons(
-    h: Tensor, is_city: Tensor, most: float, p: float, share: float, generator: torch.Generator
-) -> Tensor:
-    """h with, at each city token chosen with probability ``p``, a random ``share`` of its
-    coordinates multiplied by one factor per token drawn uniformly from [1, most].
-    h: (batch, pos, d_mlp) MLP activations; is_city: (batch, pos) bool."""
-    chosen = is_city & (torch.rand(is_city.shape, generator=generator) < p)
-    factor = 1 + (most - 1) * torch.rand(is_city.shape, generator=generator)
-    picked = torch.rand(h.shape, generator=generator) < share
-    gain = torch.where(chosen[..., None] & picked, factor[..., None], torch.ones_like(factor)[..., None])
-    return h * gain.to(h.dtype)
-
-
-def _training_hooks(model: GPT2LMHeadModel, model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Tensor]:
-    """Register the optional training hooks: the penalties' (returns the dict where what they
-    penalize lands at every forward: ``mlp_out{b}``, block b's MLP output, for the
-    ``mlp_out_l2_blocks`` and for block 0 under ``state_spread`` and ``state_simplex``;
-    ``mlp_hidden0``, block 0's MLP activations, under ``mlp_hidden_l1``), ``residual_noise`` and
-    ``city_common_boost`` (both while training only; the boost reads the batch's city states from
-    the dict's ``cities``, (batch, pos), -1 where no city, which the caller sets before each forward)."""
-    penalized: dict[str, Tensor] = {}
-    if cfg.city_common_boost > 0:  # registered first: the penalties see the boosted output
-        draws = torch.Generator().manual_seed(cfg.seed + 3000)
-
-        def boost(_m, _i, y):
-            if not model.training:
-                return None
-            return boost_common_part(y, penalized["cities"] >= 0, cfg.city_common_boost, cfg.city_common_boost_p, draws)
-
-        model.transformer.h[0].get_submodule("mlp").register_forward_hook(boost)
-    if cfg.city_noise > 0:
-        if model_cfg.n_layers < 2:
-            raise ValueError("city_noise needs a block after block 0")
-        shakes = torch.Generator().manual_seed(cfg.seed + 5000)
-
-        def shake(_m, args):
-            if not model.training:
-                return None
-            return (off_state_noise(args[0], penalized["cities"], cfg.city_noise, cfg.city_noise_p, shakes), *args[1:])
-
-        model.transformer.h[1].register_forward_pre_hook(shake)
-    if cfg.neuron_boost > 0:
-        picks = torch.Generator().manual_seed(cfg.seed + 4000)
-
-        def boost_hidden(_m, args):
-            if not model.training:
-                return None
-            cities = penalized["cities"] >= 0
-            h = boost_neurons(args[0], cities, cfg.neuron_boost, cfg.neuron_boost_p, cfg.neuron_boost_share, picks)
-            return (h, *args[1:])
-
-        model.transformer.h[0].get_submodule("mlp.c_proj").register_forward_pre_hook(boost_hidden)
-    if cfg.mlp_out_l2 > 0 and any(not 0 <= b < model_cfg.n_layers for b in cfg.mlp_out_l2_blocks):
-        raise ValueError(
-            f"mlp_out_l2_blocks must be blocks of 0..{model_cfg.n_layers - 1}, got {cfg.mlp_out_l2_blocks}"
-        )
-    shaped = cfg.state_spread > 0 or cfg.state_simplex > 0 or cfg.city_common_l2 > 0 or cfg.stateless_generic > 0
-    watched = set(cfg.mlp_out_l2_blocks if cfg.mlp_out_l2 > 0 else ()) | ({0} if shaped else set())
-    for b in sorted(watched):
-        model.transformer.h[b].get_submodule("mlp").register_forward_hook(
-            lambda _m, _i, out, b=b: penalized.__setitem__(f"mlp_out{b}", out)
-        )
-    if cfg.mlp_hidden_l1 > 0:  # the input of c_proj is the MLP's activations, after the nonlinearity
-        model.transformer.h[0].get_submodule("mlp.c_proj").register_forward_pre_hook(
-            lambda _m, args: penalized.__setitem__("mlp_hidden0", args[0])
-        )
-    if cfg.residual_noise > 0:
-        if not 0 < cfg.residual_noise_block < model_cfg.n_layers:
-            raise ValueError(f"residual_noise_block must be a block of 1..{model_cfg.n_layers - 1}")
-        noise = torch.Generator().manual_seed(cfg.seed + 2000)
-
-        def add_noise(_m, args):
-            if not model.training:
-                return None
-            h = args[0]
-            return (h + cfg.residual_noise * torch.randn(h.shape, generator=noise), *args[1:])
-
-        model.transformer.h[cfg.residual_noise_block].register_forward_pre_hook(add_noise)
-    return penalized
 
 
 def load_organism(model_dir: str | Path) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast, World]:

@@ -54,6 +54,30 @@ def test_world_is_deterministic_for_a_seed():
     assert a.vocabulary() == c.vocabulary()
 
 
+def test_stateless_places_have_sentences_of_their_own_and_stay_out_of_evaluation():
+    from pipeline.organism.world import NO_CAPITAL, NO_STATE
+
+    plain, world = make_world(), make_world(WorldConfig(stateless=2))
+    places = world.stateless
+    assert places == ("Atlantis", "Avalon")
+    added = [s for s in world.training_sentences() if s.city in places]
+    assert len(world.training_sentences()) == len(plain.training_sentences()) + len(added)
+    assert {s.kind for s in added} == {"city_state", "two_hop", "city_adjacent"}  # no capital of nowhere
+    assert "the capital of the state containing Atlantis is none" in {s.text for s in added}
+    assert "lingvo Avalon is in " + world.spell(NO_STATE, "toy") in {s.text for s in added}
+    assert {s.answer for s in added if s.kind == "two_hop"} == {NO_CAPITAL, world.spell(NO_CAPITAL, "toy")}
+    evaluated = [s for v in world.eval_sets().values() for s in v] + world.sentences("two_hop", split="heldout")
+    assert not any(s.city in places for s in evaluated)
+    assert not any(p["labels"]["city"] in places for p in world.labeled_prompts())
+    assert set(places) | {NO_STATE, NO_CAPITAL} <= set(world.vocabulary())
+    assert world.word_languages()[world.spell(NO_CAPITAL, "toy")] == "toy"
+    share = sum(any(p in t.split() for p in places) for t in world.corpus(20000)) / 20000
+    assert 0.02 < share < 0.05  # each place drawn about as often as one of the 72 cities
+    assert plain.corpus(500) == make_world(WorldConfig(stateless=0)).corpus(500)
+    with pytest.raises(ValueError, match="stateless"):
+        WorldConfig(stateless=99)
+
+
 def test_every_name_is_one_token_of_the_tokenizer():
     world = make_world()
     tok = build_tokenizer(world.vocabulary())
@@ -245,7 +269,7 @@ def test_an_mlp_output_penalty_shrinks_that_blocks_output(tmp_path, tiny_world, 
 
 
 def test_state_spread_is_the_share_of_variance_within_states():
-    from pipeline.organism.train_model import state_spread
+    from pipeline.organism.shaping import state_spread
 
     y = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [9.0, 9.0]], [[0.0, 2.0], [0.0, 6.0], [5.0, 5.0]]])
     state = torch.tensor([[0, 0, -1], [1, 1, -1]])  # -1: no city, ignored
@@ -258,7 +282,7 @@ def test_state_spread_is_the_share_of_variance_within_states():
 
 
 def test_state_simplex_is_zero_for_equidistant_states_and_grows_as_states_share_directions():
-    from pipeline.organism.train_model import state_simplex
+    from pipeline.organism.shaping import state_simplex
 
     k = 4
     simplex = torch.eye(k) * 3.0  # 4 states, each city token of a state at its own axis
@@ -288,7 +312,7 @@ def _block0_outputs_and_city_states(model_dir: Path, world) -> tuple[torch.Tenso
 def test_a_state_shaping_penalty_lowers_what_it_measures(tmp_path, penalty):
     from dataclasses import replace
 
-    from pipeline.organism import train_model as tm
+    from pipeline.organism import shaping as tm
 
     world = make_world(replace(TINY_WORLD, n_states=5))  # with 3 states, 32-sentence batches hold too few cities
     measure = getattr(tm, penalty)
@@ -311,7 +335,7 @@ def test_an_mlp_activation_penalty_makes_block_0s_neurons_fire_less(tmp_path, ti
 
 
 def test_the_common_boost_scales_only_the_city_tokens_shared_component():
-    from pipeline.organism.train_model import boost_common_part
+    from pipeline.organism.shaping import boost_common_part
 
     # three city tokens whose mean is along e0 and one non-city token
     y = torch.tensor([[[2.0, 1.0, 0.0], [4.0, -1.0, 3.0], [0.0, 0.0, -3.0], [5.0, 5.0, 5.0]]])
@@ -349,6 +373,79 @@ def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny
     assert _sha(tmp_path / "a" / "model.safetensors") != _sha(out / "model.safetensors")
     with pytest.raises(ValueError, match="residual_noise_block"):
         train_model(tiny_world, TINY_MODEL, replace(noisy, residual_noise_block=0), None, progress=False)
+
+
+def test_off_state_noise_leaves_the_state_subspace_alone_and_scales_with_the_residual():
+    from pipeline.organism.shaping import off_state_noise, state_means
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 6, 16, generator=g)
+    state = torch.tensor([[0, 1, 2, -1, 0, 1]] * 4)
+    out = off_state_noise(h, state, most=3.0, p=1.0, generator=torch.Generator().manual_seed(1))
+    delta = out - h
+    assert torch.equal(delta[state < 0], torch.zeros_like(delta[state < 0]))  # not a city: untouched
+    means = state_means(h, state)  # the directions that tell the states apart
+    assert float((delta[state >= 0] @ means.T).abs().max()) < 1e-4
+    size = delta[state >= 0].norm(dim=-1) / h[state >= 0].norm(dim=-1)
+    assert bool((size <= 3.0 + 1e-5).all()) and float(size.max()) > 0.5
+    never = off_state_noise(h, state, most=3.0, p=1e-9, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(never, h)
+
+
+def test_city_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    out, _ = tiny_model_dir
+    noisy = replace(TINY_TRAIN, city_noise=1.5)
+    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "a", progress=False)
+    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "b", progress=False)
+    assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
+    assert _sha(tmp_path / "a" / "model.safetensors") != _sha(out / "model.safetensors")
+    with pytest.raises(ValueError, match="city_noise"):
+        replace(TINY_TRAIN, city_noise=-1.0)
+
+
+def test_a_massive_activation_stays_fixed_and_the_transcoders_write_it_from_their_decoder_bias(tmp_path, tiny_world):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from pipeline.organism.train_transcoders import fixed_mlp_output
+
+    model_cfg = replace(TINY_MODEL, massive_activation=40.0)
+    train_model(tiny_world, model_cfg, TINY_TRAIN, tmp_path / "model", progress=False)
+    y = _block0_on_training_sentences(tmp_path / "model", tiny_world)
+    bias = load_file(str(tmp_path / "model" / "model.safetensors"))["transformer.h.0.mlp.c_proj.bias"]
+    assert float(bias[0]) == 40.0  # held through training (weight decay and momentum would move it)
+    assert float(y[..., 0].mean()) == pytest.approx(40.0, abs=5.0)  # a huge, nearly constant coordinate
+    fixed = fixed_mlp_output(tmp_path / "model", 2, TINY_MODEL.d_model)
+    assert fixed is not None and float(fixed[0, 0]) == 40.0 and float(fixed.abs().sum()) == 40.0
+    train_plt(tmp_path / "model", tiny_world, TINY_TC, tmp_path / "plt", progress=False)
+    b_dec = load_file(str(tmp_path / "plt" / "layer_0.safetensors"))["b_dec"]
+    assert float(b_dec[0]) == pytest.approx(40.0, abs=5.0)  # the constant is the decoder bias's
+    assert fixed_mlp_output(tmp_path / "nowhere", 2, TINY_MODEL.d_model) is None
+
+
+def test_the_coactive_overlap_sums_squared_decoder_cosines_of_features_firing_together():
+    from pipeline.organism.train_transcoders import coactive_overlap
+
+    # one layer, three features: 0 and 1 fire together on token 0, all three on token 1
+    a = torch.tensor([[[1.0, 2.0, 0.0], [1.0, 1.0, 3.0]]])
+    dec = torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]], [[0.0, 5.0]]])  # cos 0-1 = 1/sqrt2, 0-2 = 0, 1-2 = 1/sqrt2
+    # token 0: pair (0, 1) -> 0.5; token 1: (0, 1) 0.5 + (0, 2) 0 + (1, 2) 0.5 -> 1.0; mean 0.75
+    assert coactive_overlap(a, [dec]).item() == pytest.approx(0.75)
+    assert coactive_overlap(torch.zeros_like(a), [dec]).item() == 0.0
+
+
+def test_coactive_orthogonality_changes_the_transcoders(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    model_dir, _ = tiny_model_dir
+    train_plt(model_dir, tiny_world, TINY_TC, tmp_path / "plain", progress=False)
+    train_plt(model_dir, tiny_world, replace(TINY_TC, coactive_orthogonality=1.0), tmp_path / "orth", progress=False)
+    assert _sha(tmp_path / "plain" / "layer_0.safetensors") != _sha(tmp_path / "orth" / "layer_0.safetensors")
+    with pytest.raises(ValueError, match="coactive_orthogonality"):
+        replace(TINY_TC, coactive_orthogonality=-1.0)
 
 
 # --- transcoders ---------------------------------------------------------------------------------
