@@ -362,17 +362,26 @@ def test_the_common_boost_changes_training_and_is_off_by_default(tmp_path, tiny_
         replace(TINY_TRAIN, city_common_boost=0.5)
 
 
-def test_residual_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("setting", "bad", "match"),
+    [
+        ({"residual_noise": 1.0}, {"residual_noise": 1.0, "residual_noise_block": 0}, "residual_noise_block"),
+        ({"city_noise": 1.5}, {"city_noise": -1.0}, "city_noise"),
+    ],
+)
+def test_a_training_perturbation_changes_training_reproducibly(
+    tmp_path, tiny_world, tiny_model_dir, setting, bad, match
+):
     from dataclasses import replace
 
     out, _ = tiny_model_dir
-    noisy = replace(TINY_TRAIN, residual_noise=1.0)
-    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "a", progress=False)
-    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "b", progress=False)
+    perturbed = replace(TINY_TRAIN, **setting)
+    train_model(tiny_world, TINY_MODEL, perturbed, tmp_path / "a", progress=False)
+    train_model(tiny_world, TINY_MODEL, perturbed, tmp_path / "b", progress=False)
     assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
     assert _sha(tmp_path / "a" / "model.safetensors") != _sha(out / "model.safetensors")
-    with pytest.raises(ValueError, match="residual_noise_block"):
-        train_model(tiny_world, TINY_MODEL, replace(noisy, residual_noise_block=0), None, progress=False)
+    with pytest.raises(ValueError, match=match):
+        train_model(tiny_world, TINY_MODEL, replace(TINY_TRAIN, **bad), None, progress=False)
 
 
 def test_off_state_noise_leaves_the_state_subspace_alone_and_scales_with_the_residual():
@@ -390,19 +399,6 @@ def test_off_state_noise_leaves_the_state_subspace_alone_and_scales_with_the_res
     assert bool((size <= 3.0 + 1e-5).all()) and float(size.max()) > 0.5
     never = off_state_noise(h, state, most=3.0, p=1e-9, generator=torch.Generator().manual_seed(1))
     assert torch.equal(never, h)
-
-
-def test_city_noise_changes_training_reproducibly(tmp_path, tiny_world, tiny_model_dir):
-    from dataclasses import replace
-
-    out, _ = tiny_model_dir
-    noisy = replace(TINY_TRAIN, city_noise=1.5)
-    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "a", progress=False)
-    train_model(tiny_world, TINY_MODEL, noisy, tmp_path / "b", progress=False)
-    assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
-    assert _sha(tmp_path / "a" / "model.safetensors") != _sha(out / "model.safetensors")
-    with pytest.raises(ValueError, match="city_noise"):
-        replace(TINY_TRAIN, city_noise=-1.0)
 
 
 def test_a_massive_activation_stays_fixed_and_the_transcoders_write_it_from_their_decoder_bias(tmp_path, tiny_world):
