@@ -93,9 +93,10 @@ def swap_draws(model, report: dict, e: dict, spec: dict, prompt_id: str) -> dict
         return top_answer(model, report["prompt"], ivs, layers)
 
     src, tgt = e["selected"]["source"], e["selected"]["target"]
-    if run(src, tgt) != e["after"][0]["token"]:
+    selected_after = run(src, tgt)
+    if selected_after != e["after"][0]["token"]:
         raise SystemExit(
-            f"{prompt_id}: the selected swap gives {run(src, tgt)!r} here, the report {e['after'][0]['token']!r}"
+            f"{prompt_id}: the selected swap gives {selected_after!r} here, the report {e['after'][0]['token']!r}"
         )
     s_cells, t_cells = pools(src, acts), pools(tgt, donor_acts)
     answers: Counter = Counter()

@@ -10,6 +10,9 @@ from typing import List, Optional, Tuple
 #: other seeds' numbers beside it
 ORGANISM_SEED = 0
 
+#: the residual dimension that ``ModelConfig.massive_activation`` holds (written by block 0's MLP)
+MASSIVE_ACTIVATION_DIM = 0
+
 
 # ModelConfig, TrainSettings: the nodes organism.model and organism.train of the pipeline's
 # config schema, hence typing's Optional and Tuple (the forms OmegaConf 2.3 documents) and a
@@ -32,11 +35,11 @@ class ModelConfig:
     activation: str = "gelu_new"
     tie_embeddings: bool = True
     attention_free_blocks: Tuple[int, ...] = (0,)
-    #: a constant written into residual dimension 0 by block 0's MLP at every position (that
-    #: dimension of its output bias, held there through training), as the early MLPs of large
-    #: language models write a few huge activations: the later LayerNorms then divide by a nearly
-    #: constant scale, so that amplifying a feature changes what the residual holds rather than
-    #: how much of the rest the normalisation lets through. 0: none (the default)
+    #: a constant written into residual dimension MASSIVE_ACTIVATION_DIM by block 0's MLP at every
+    #: position (that dimension of its output bias, held there through training), as the early MLPs
+    #: of large language models write a few huge activations: the later LayerNorms then divide by a
+    #: nearly constant scale, so that amplifying a feature changes what the residual holds rather
+    #: than how much of the rest the normalisation lets through. 0: none (the default)
     massive_activation: float = 0.0
 
     def __post_init__(self) -> None:

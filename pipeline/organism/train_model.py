@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ._util import atomic_directory, read_json, torch_scope, write_json
-from .config import ModelConfig, TrainConfig
+from .config import MASSIVE_ACTIVATION_DIM, ModelConfig, TrainConfig
 from .optim import PortableAdamW
 from .shaping import register_shaping, shaping_penalty
 from .tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
@@ -78,11 +78,12 @@ def silence_attention(model: GPT2LMHeadModel, blocks: tuple[int, ...]) -> None:
 
 
 def fix_massive_activation(model: GPT2LMHeadModel, value: float) -> None:
-    """Set residual dimension 0 of block 0's MLP output bias to ``value`` (ModelConfig.massive_activation)."""
+    """Set dimension MASSIVE_ACTIVATION_DIM of block 0's MLP output bias to ``value``
+    (ModelConfig.massive_activation)."""
     if value:
         bias = cast(Tensor, model.transformer.h[0].get_submodule("mlp.c_proj").bias)
         with torch.no_grad():
-            bias[0] = value
+            bias[MASSIVE_ACTIVATION_DIM] = value
 
 
 # --- tokenized batches ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 from pipeline.transcoders import save_cross_layer_transcoder, save_transcoder_set
 
 from ._util import atomic_directory, read_json, torch_scope, write_json
-from .config import CONTEXTS, TranscoderTrainConfig
+from .config import CONTEXTS, MASSIVE_ACTIVATION_DIM, TranscoderTrainConfig
 from .optim import PortableAdamW, exact_sqrt
 from .tokenizer import load_tokenizer
 from .train_model import encode_texts
@@ -585,13 +585,14 @@ def train_transcoders(
 
 def fixed_mlp_output(model_dir: str | Path, n_layers: int, d_model: int) -> Tensor | None:
     """(n_layers, d_model) the constants the organism's config holds fixed in its MLP outputs
-    (``ModelConfig.massive_activation``: block 0, dimension 0), or None when it holds none."""
+    (``ModelConfig.massive_activation``: block 0, dimension MASSIVE_ACTIVATION_DIM), or None when it
+    holds none."""
     info = Path(model_dir) / "organism.json"
     value = float(read_json(info)["model"].get("massive_activation", 0.0)) if info.exists() else 0.0
     if not value:
         return None
     fixed = torch.zeros(n_layers, d_model)
-    fixed[0, 0] = value
+    fixed[0, MASSIVE_ACTIVATION_DIM] = value
     return fixed
 
 

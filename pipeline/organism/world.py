@@ -389,19 +389,15 @@ class World:
         the cities'; never held out.
         """
         out: list[Sentence] = []
-        if stateless:
-            if kind == "state_capital" or split == "heldout":
-                return out
-            for lang in languages or self.languages:
-                n_t = 1 if canonical_only else len(self.templates(kind, lang))
-                for place in self.stateless:
-                    out += [self._make(kind, lang, ti, self.nowhere, place) for ti in range(n_t)]
-            return out
         for lang in languages or self.languages:
             n_t = 1 if canonical_only else len(self.templates(kind, lang))
-            for s in self.states:
-                if towns:
-                    subjects = [] if kind == "state_capital" or split == "heldout" else list(self.towns)
+            for s in [self.nowhere] if stateless else self.states:
+                if towns or stateless:  # subjects of no state-capital sentence, never held out
+                    subjects = (
+                        []
+                        if kind == "state_capital" or split == "heldout"
+                        else list(s.cities if stateless else self.towns)
+                    )
                 elif kind == "state_capital":
                     subjects = [s.capital]
                 elif kind == "city_state":
@@ -439,14 +435,11 @@ class World:
                 pool = self.sentences(kind, split="train", languages=(lang,))
                 pools.append(pool)
                 weights.append(kw * lw if pool else 0.0)
-                town_pool = self.sentences(kind, split="train", languages=(lang,), towns=True)
-                if town_pool and pool:  # the weight of len(towns) more subjects of the kind
-                    pools.append(town_pool)
-                    weights.append(kw * lw * len(self.towns) / len({x.city for x in pool}))
-                stateless_pool = self.sentences(kind, split="train", languages=(lang,), stateless=True)
-                if stateless_pool and pool:  # the weight of len(stateless) more subjects of the kind
-                    pools.append(stateless_pool)
-                    weights.append(kw * lw * len(self.stateless) / len({x.city for x in pool}))
+                for extra, names in (({"towns": True}, self.towns), ({"stateless": True}, self.stateless)):
+                    extra_pool = self.sentences(kind, split="train", languages=(lang,), **extra)
+                    if extra_pool and pool:  # the weight of len(names) more subjects of the kind
+                        pools.append(extra_pool)
+                        weights.append(kw * lw * len(names) / len({x.city for x in pool}))
         out: list[str] = []
         for _ in range(n):
             (pool,) = rng.choices(pools, weights=weights)
