@@ -14,7 +14,9 @@ moves the organism's answer.
    themselves are rerun as a check that this script runs the experiment as the stage did.
 2. Perturbations added to block 0's MLP output at the city of every canonical English two-hop
    prompt of the world: random directions, the mean city output's direction (the part every
-   city shares) and its negative, at several norms; how many answers change, and to what.
+   city shares) and its negative, at several norms; how many answers change, and to what. And
+   the model's default answer: what it says when the city's output is the mean city output (no
+   state), where a draw that erases the state rather than moving it lands.
 
 Writes bench/results/swap_random_pool.json. The library does the work; this script enumerates
 and counts.
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     y = seen["y"][rows, city]
     common = y.mean(0) / y.mean(0).norm()
     clean = answers_with(torch.zeros_like(y))
+    # the model's default: its answers when every city's output is the mean city output, which
+    # says "a city" and not which; a perturbation that erases the state lands there
+    default = Counter(answers_with(y.mean(0) - y))
+    print(f"answers with the mean city output at every city: {dict(default.most_common(4))}", flush=True)
     g = torch.Generator().manual_seed(0)
     perturbations = []
     for norm in args.norms:
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             "n_prompts": len(ids),
             "mean_norm": round(float(y.norm(dim=-1).mean()), 2),
             "common_norm": round(float(y.mean(0).norm()), 2),
+            "answers_with_mean_output": dict(default.most_common()),
         },
         "perturbations": perturbations,
     }

@@ -205,6 +205,14 @@ class TranscoderTrainSettings:
     #: firing on the token, added to the loss, so that a feature firing beside a state's feature
     #: does not also write part of that state. 0: none (the default)
     coactive_orthogonality: float = 0.0
+    #: a penalty on the state that features other than state features write at the city: weight
+    #: x the mean over layer-0 features of w_f x the share of f's layer-0 decoder (squared) in the
+    #: span of the states' mean MLP outputs at their cities (centered), where w_f is the share of
+    #: f's firings that are at cities times how little f tells one state from the others (1 minus
+    #: the gap between the shares of the two states' cities it fires on most, refreshed every 50
+    #: steps), so that a generic, group or single-city feature written larger moves no state.
+    #: 0: none (the default)
+    state_tint: float = 0.0
     seed: int = ORGANISM_SEED
 
     def __post_init__(self) -> None:
@@ -212,6 +220,8 @@ class TranscoderTrainSettings:
             raise ValueError("d_transcoder, steps and batch_size must be >= 1")
         if self.coactive_orthogonality < 0:
             raise ValueError(f"coactive_orthogonality must be >= 0, got {self.coactive_orthogonality}")
+        if self.state_tint < 0:
+            raise ValueError(f"state_tint must be >= 0, got {self.state_tint}")
         if self.bandwidth <= 0 or self.threshold_init <= 0:
             raise ValueError("bandwidth and threshold_init must be > 0")
         if self.skip_rank is not None and self.skip_rank < 1:

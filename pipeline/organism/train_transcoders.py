@@ -71,7 +71,7 @@ from ._util import atomic_directory, read_json, torch_scope, write_json
 from .config import CONTEXTS, MASSIVE_ACTIVATION_DIM, TranscoderTrainConfig
 from .optim import PortableAdamW, exact_sqrt
 from .tokenizer import load_tokenizer
-from .train_model import encode_texts
+from .train_model import city_states, encode_texts
 from .world import World
 
 FEATURE_INPUT_HOOK = "ln2.hook_normalized"
@@ -111,6 +111,15 @@ def collect_activations(
     finally:
         for h in handles:
             h.remove()
+    ri, pi = token_rows(ids, lengths, contexts)
+    x = torch.stack([t[ri, pi] for t in xs])
+    y = torch.stack([t[ri, pi] for t in ys])
+    return x, y
+
+
+def token_rows(ids: Tensor, lengths: Tensor, contexts: str = "sentence") -> tuple[Tensor, Tensor]:
+    """The (sentence, position) of each row :func:`collect_activations` returns, in its order:
+    every non-BOS position, or (``"prefix"``) the first of identical prefixes. -> two (n_tokens,)"""
     seen: set[tuple[int, ...]] = set()
     rows: list[tuple[int, int]] = []
     for i in range(len(ids)):
@@ -122,11 +131,7 @@ def collect_activations(
                     continue
                 seen.add(key)
             rows.append((i, p))
-    ri = torch.tensor([r for r, _ in rows])
-    pi = torch.tensor([p for _, p in rows])
-    x = torch.stack([t[ri, pi] for t in xs])
-    y = torch.stack([t[ri, pi] for t in ys])
-    return x, y
+    return torch.tensor([r for r, _ in rows]), torch.tensor([p for _, p in rows])
 
 
 # --- 3. the JumpReLU transcoder ----------------------------------------------------------------
@@ -246,8 +251,16 @@ def _least_squares_skip(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _fit(
-    x: Tensor, y: Tensor, cfg: TranscoderTrainConfig, cross_layer: bool, progress: bool, desc: str
+    x: Tensor,
+    y: Tensor,
+    cfg: TranscoderTrainConfig,
+    cross_layer: bool,
+    progress: bool,
+    desc: str,
+    city_state: Tensor | None = None,
 ) -> tuple[JumpReLUTranscoders, list[float]]:
+    """city_state: (n,) the state index of each row's token when it is a city, else -1 (read by
+    ``cfg.state_tint``)."""
     torch.manual_seed(cfg.seed)
     L, n, d = x.shape
     var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)  # (L,)
@@ -266,11 +279,16 @@ def _fit(
     # Matryoshka: the reconstruction from each prefix of the dictionary, and from all of it
     prefixes: list[Tensor | None] = [(torch.arange(cfg.d_transcoder) < m).to(x.dtype) for m in (cfg.matryoshka or [])]
     prefixes.append(None)
+    tinted = city_state if cfg.state_tint > 0 else None
+    tint_basis = state_basis(y[0], tinted) if tinted is not None else None
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, cfg)
+        if tinted is not None and step % 50 == 0:
+            with torch.no_grad():
+                unselective = state_unselectivity(model.activations(x)[0], tinted)
         if cursor + cfg.batch_size > n:
             perm, cursor = torch.randperm(n, generator=g), 0
         idx = perm[cursor : cursor + cfg.batch_size]
@@ -287,6 +305,8 @@ def _fit(
         loss = recon + cfg.sparsity_coefficient * ramp * sparsity
         if cfg.coactive_orthogonality > 0:
             loss = loss + cfg.coactive_orthogonality * coactive_overlap(a, list(model.W_dec))
+        if tint_basis is not None:
+            loss = loss + cfg.state_tint * state_tint(model.W_dec[0], tint_basis, unselective)
         skip = model.W_skip
         if skip is not None and cfg.skip_l2 > 0:
             loss = loss + cfg.skip_l2 * skip.pow(2).sum()
@@ -312,6 +332,39 @@ def coactive_overlap(a: Tensor, decoders: Sequence[Tensor]) -> Tensor:
         overlap = (unit @ unit.T).pow(2) * together
         total = total + (overlap.sum() - overlap.diagonal().sum()) / 2
     return total
+
+
+def state_basis(y: Tensor, city_state: Tensor) -> Tensor:
+    """An orthonormal basis of the span of the states' mean ``y`` over their city rows, centered
+    on the mean of those means. y: (n, d); city_state: (n,), -1: no city -> (d, k)"""
+    present = torch.unique(city_state[city_state >= 0])
+    means = torch.stack([y[city_state == s].mean(0) for s in present.tolist()])
+    u, sv, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+    return vh[sv > sv[0] * 1e-6].T
+
+
+def state_unselectivity(a: Tensor, city_state: Tensor) -> Tensor:
+    """Per feature, how much of it the tint penalty weighs: the share of its firings that are at
+    city rows x (1 - the gap between the two largest per-state shares of cities it fires on).
+    A state's feature (fires on its cities, no other's) -> ~0; a generic, group or single-city
+    feature -> its city share. a: (n, F) activations; city_state: (n,), -1: no city -> (F,)"""
+    fires = (a > 0).to(a.dtype)
+    present = torch.unique(city_state[city_state >= 0])
+    if len(present) < 2:
+        raise ValueError("state_tint needs the cities of at least two states in the training tokens")
+    share = torch.stack([fires[city_state == s].mean(0) for s in present.tolist()])  # (k, F)
+    top2 = share.topk(2, dim=0).values
+    at_city = fires[city_state >= 0].sum(0) / fires.sum(0).clamp(min=1)
+    return at_city * (1 - (top2[0] - top2[1]))
+
+
+def state_tint(w_dec: Tensor, basis: Tensor, weight: Tensor) -> Tensor:
+    """The weighted mean over features of the share of each decoder's squared norm (into the
+    first output layer) in ``basis``'s span. w_dec: (F, d) or (F, L_out, d); basis: (d, k)
+    orthonormal; weight: (F,)"""
+    w = w_dec if w_dec.dim() == 2 else w_dec[:, 0]
+    inside = (w @ basis).pow(2).sum(-1) / w.pow(2).sum(-1).clamp(min=1e-12)
+    return (weight * inside).mean()
 
 
 # --- 4. evaluation ------------------------------------------------------------------------------
@@ -561,7 +614,13 @@ def train_transcoders(
         sx = exact_sqrt(x.pow(2).sum(-1).mean(1) / d)  # (L,)
         sy = exact_sqrt(y.pow(2).sum(-1).mean(1) / d)
         xs, ys = x / sx[:, None, None], y / sy[:, None, None]
-        model, losses = _fit(xs, ys, cfg, cross_layer, progress, f"organism {kind}")
+        city_state = None
+        if cfg.state_tint > 0:
+            ri, pi = token_rows(ids, lengths, cfg.contexts)
+            city_state = city_states(world, tokenizer)[ids[ri, pi]]
+            if cfg.n_tokens is not None and cfg.n_tokens < len(city_state):
+                city_state = city_state[keep.sort().values]
+        model, losses = _fit(xs, ys, cfg, cross_layer, progress, f"organism {kind}", city_state)
         metrics: dict = {"kind": kind, "d_transcoder": cfg.d_transcoder}
         stats = _layer_stats(model, xs, ys)
         metrics.update({f"{k}_per_layer": v for k, v in stats.items() if k != "n_tokens"})

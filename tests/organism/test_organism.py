@@ -444,6 +444,58 @@ def test_coactive_orthogonality_changes_the_transcoders(tmp_path, tiny_world, ti
         replace(TINY_TC, coactive_orthogonality=-1.0)
 
 
+def test_the_state_basis_spans_the_centered_state_means_of_the_city_rows():
+    from pipeline.organism.train_transcoders import state_basis
+
+    # two states, two city rows each, and one row that is no city (far away, must not count)
+    y = torch.tensor([[1.0, 0.0, 5.0], [3.0, 0.0, 5.0], [-1.0, 0.0, 5.0], [-3.0, 0.0, 5.0], [0.0, 9.0, 0.0]])
+    basis = state_basis(y, torch.tensor([0, 0, 1, 1, -1]))
+    assert basis.shape == (3, 1)  # means (2, 0, 5) and (-2, 0, 5): centered, one direction, e_0
+    assert basis[:, 0].abs().tolist() == pytest.approx([1.0, 0.0, 0.0])
+
+
+def test_state_unselectivity_spares_a_states_feature_and_weighs_the_others_by_their_city_share():
+    from pipeline.organism.train_transcoders import state_unselectivity
+
+    # rows: two cities of state 0, two of state 1, two non-city tokens
+    state = torch.tensor([0, 0, 1, 1, -1, -1])
+    a = torch.tensor(
+        [
+            # f0 state 0's; f1 every city; f2 one city of state 0; f3 every city and both non-cities
+            [1.0, 1.0, 1.0, 1.0],
+            [1.0, 1.0, 0.0, 1.0],
+            [0.0, 1.0, 0.0, 1.0],
+            [0.0, 1.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    # f0: gap 1 - 0 -> 0; f1: gap 0, all at cities -> 1; f2: gap 0.5 -> 0.5; f3: 4 of 6 at cities -> 2/3
+    assert state_unselectivity(a, state).tolist() == pytest.approx([0.0, 1.0, 0.5, 2 / 3])
+
+
+def test_the_state_tint_is_the_weighted_share_of_each_decoder_in_the_state_span():
+    from pipeline.organism.train_transcoders import state_tint
+
+    basis = torch.tensor([[1.0], [0.0]])  # the state span: e_0
+    w_dec = torch.tensor([[[3.0, 4.0]], [[0.0, 2.0]]])  # shares 9/25 and 0
+    assert state_tint(w_dec, basis, torch.tensor([1.0, 1.0])).item() == pytest.approx(9 / 50)
+    assert state_tint(w_dec, basis, torch.tensor([0.0, 1.0])).item() == 0.0
+
+
+def test_the_state_tint_penalty_changes_the_transcoders(tmp_path, tiny_world, tiny_model_dir):
+    from dataclasses import replace
+
+    model_dir, _ = tiny_model_dir
+    train_plt(model_dir, tiny_world, TINY_TC, tmp_path / "plain", progress=False)
+    train_plt(model_dir, tiny_world, replace(TINY_TC, state_tint=10.0), tmp_path / "untinted", progress=False)
+    assert _sha(tmp_path / "plain" / "layer_0.safetensors") != _sha(tmp_path / "untinted" / "layer_0.safetensors")
+    # the penalty is on layer 0's decoders only: a per-layer transcoder's layer 1 trains as before
+    assert _sha(tmp_path / "plain" / "layer_1.safetensors") == _sha(tmp_path / "untinted" / "layer_1.safetensors")
+    with pytest.raises(ValueError, match="state_tint"):
+        replace(TINY_TC, state_tint=-1.0)
+
+
 # --- transcoders ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["plt", "clt"])
 def test_transcoders_load_and_reconstruct_with_reported_fve(tmp_path, tiny_world, tiny_model_dir, kind):
