@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 #: the seed of the default organism (world split, model, transcoders); docs/organism.md gives the
 #: other seeds' numbers beside it
-ORGANISM_SEED = 0
+ORGANISM_SEED = 1
 
 #: the residual dimension that ``ModelConfig.massive_activation`` holds (written by block 0's MLP)
 MASSIVE_ACTIVATION_DIM = 0
@@ -211,8 +211,8 @@ class TranscoderTrainSettings:
     #: f's firings that are at cities times how little f tells one state from the others (1 minus
     #: the gap between the shares of the two states' cities it fires on most, refreshed every 50
     #: steps), so that a generic, group or single-city feature written larger moves no state.
-    #: 0: none (the default)
-    state_tint: float = 0.0
+    #: 0: none; the default 1.0 (docs/organism.md#the-transcoders)
+    state_tint: float = 1.0
     seed: int = ORGANISM_SEED
 
     def __post_init__(self) -> None:
