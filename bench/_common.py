@@ -149,10 +149,16 @@ def _cpu_model() -> str | None:
     return None
 
 
-def load_organism_replacement(organism: Path, kind: str):
+def load_organism_replacement(organism: Path, kind: str, threads: int):
     """An organism directory (``model/``, ``plt/``, ``clt/``) -> (its world, the float32
-    ReplacementModel of its model with the ``kind`` transcoders)."""
+    ReplacementModel of its model with the ``kind`` transcoders), with this process's CPU
+    arithmetic pinned (as the pipeline pins it) and torch on ``threads`` threads."""
     import torch
+
+    from pipeline.devices import pin_cpu_arithmetic
+
+    pin_cpu_arithmetic()
+    torch.set_num_threads(threads)
 
     from pipeline.engine.replacement import ReplacementModel
     from pipeline.organism.train_model import load_organism

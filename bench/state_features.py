@@ -39,7 +39,6 @@ if str(REPO) not in sys.path:
 from bench._common import load_organism_replacement, machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
-from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
 
 
 def separation_margin(x: torch.Tensor, inside: torch.Tensor, steps: int = 3000) -> float:
@@ -100,10 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "state_features.json")
     args = ap.parse_args(argv)
-    pin_cpu_arithmetic()
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    world, model = load_organism_replacement(args.organism, args.kind)
+    world, model = load_organism_replacement(args.organism, args.kind, args.threads)
 
     # 1. the selectivity table and each state's features at the city
     table = compute_selectivity(model, world.labeled_prompts(), labels=("state",), roles=("city",))

@@ -32,7 +32,6 @@ if str(REPO) not in sys.path:
 from bench._common import load_organism_replacement, machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
 from pipeline.analysis.selectivity import compute_selectivity  # noqa: E402
-from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
 
 FACTOR = 10.0
 
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "swap_attractors.json")
     args = ap.parse_args(argv)
-    pin_cpu_arithmetic()
-    torch.set_num_threads(args.threads)
-    world, model = load_organism_replacement(args.organism, args.kind)
+    world, model = load_organism_replacement(args.organism, args.kind, args.threads)
 
     # 1. the prompts: per state, its first cities' English two-hop prompts; the city's position
     prompts: dict[str, list[tuple[str, str, int]]] = {}

@@ -39,7 +39,6 @@ if str(REPO) not in sys.path:
 
 from bench._common import load_organism_replacement, machine_info  # noqa: E402
 from pipeline._io import write_json  # noqa: E402
-from pipeline.devices import pin_cpu_arithmetic  # noqa: E402
 from pipeline.organism.train_model import encode_texts, load_organism  # noqa: E402
 
 
@@ -147,9 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "swap_random_pool.json")
     args = ap.parse_args(argv)
-    pin_cpu_arithmetic()
-    torch.set_num_threads(args.threads)
-    world, model = load_organism_replacement(args.organism, args.kind)
+    world, model = load_organism_replacement(args.organism, args.kind, args.threads)
 
     # 1. every random draw of every swap
     swaps = []

@@ -205,9 +205,10 @@ class JumpReLUTranscoders(nn.Module):
         return self.skip_full
 
     def activations(self, x: Tensor) -> Tensor:
-        """x (L, n, d) -> a (L, n, F)."""
-        pre = torch.einsum("lnd,lfd->lnf", x, self.W_enc) + self.b_enc[:, None, :]
-        theta = self.log_theta.exp()[:, None, :]
+        """x (L', n, d), the inputs of the first L' <= L layers -> a (L', n, F)."""
+        k = x.shape[0]
+        pre = torch.einsum("lnd,lfd->lnf", x, self.W_enc[:k]) + self.b_enc[:k, None, :]
+        theta = self.log_theta[:k].exp()[:, None, :]
         return _JumpReLU.apply(pre, theta, self.eps)
 
     def decoder_norms(self) -> Tensor:
@@ -259,8 +260,8 @@ def _fit(
     desc: str,
     city_state: Tensor | None = None,
 ) -> tuple[JumpReLUTranscoders, list[float]]:
-    """city_state: (n,) the state index of each row's token when it is a city, else -1 (read by
-    ``cfg.state_tint``)."""
+    """city_state: (n,) the state index of each row's token when it is a city, else -1; given,
+    ``cfg.state_tint`` weighs the tint penalty on layer 0."""
     torch.manual_seed(cfg.seed)
     L, n, d = x.shape
     var = (y - y.mean(1, keepdim=True)).pow(2).sum(-1).mean(1)  # (L,)
@@ -279,16 +280,16 @@ def _fit(
     # Matryoshka: the reconstruction from each prefix of the dictionary, and from all of it
     prefixes: list[Tensor | None] = [(torch.arange(cfg.d_transcoder) < m).to(x.dtype) for m in (cfg.matryoshka or [])]
     prefixes.append(None)
-    tinted = city_state if cfg.state_tint > 0 else None
-    tint_basis = state_basis(y[0], tinted) if tinted is not None else None
+    # the states' span at the city is fixed by the data; the features' selectivity is refreshed
+    tint_basis = state_basis(y[0], city_state) if city_state is not None else None
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, cfg)
-        if tinted is not None and step % 50 == 0:
-            with torch.no_grad():
-                unselective = state_unselectivity(model.activations(x)[0], tinted)
+        if city_state is not None and step % 50 == 0:
+            with torch.no_grad():  # layer 0 only: the penalty is on layer 0's decoders
+                unselective = state_unselectivity(model.activations(x[:1])[0], city_state)
         if cursor + cfg.batch_size > n:
             perm, cursor = torch.randperm(n, generator=g), 0
         idx = perm[cursor : cursor + cfg.batch_size]
@@ -336,10 +337,12 @@ def coactive_overlap(a: Tensor, decoders: Sequence[Tensor]) -> Tensor:
 
 def state_basis(y: Tensor, city_state: Tensor) -> Tensor:
     """An orthonormal basis of the span of the states' mean ``y`` over their city rows, centered
-    on the mean of those means. y: (n, d); city_state: (n,), -1: no city -> (d, k)"""
+    on the mean of those means. y: (n, d); city_state: (n,), -1: no city -> (d, rank)"""
+    # the same means as shaping.state_means, summed per state here: its index_add rounds
+    # otherwise, and the default transcoders' bytes were trained with this sum
     present = torch.unique(city_state[city_state >= 0])
     means = torch.stack([y[city_state == s].mean(0) for s in present.tolist()])
-    u, sv, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
+    _, sv, vh = torch.linalg.svd(means - means.mean(0), full_matrices=False)
     return vh[sv > sv[0] * 1e-6].T
 
 
